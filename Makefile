@@ -1,0 +1,33 @@
+# Two commands: `make demo` and `make test`. Each sets up its own virtual environment first.
+# On a GPU machine pick a CUDA torch: `make demo TORCH="torch==2.13.0 --index-url <your CUDA index>"`
+# or install torch into .venv yourself before the first `make`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test lint setup clean-demo
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet $(TORCH)
+	$(VENV)/bin/pip install --quiet -e '.[dev,quality]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(VENV)/.installed lint
+	WANDB_MODE=disabled $(PY) -m pytest
+
+demo: $(VENV)/.installed
+	$(PY) -m lightning_mia.experiment demo
+
+clean-demo:
+	rm -rf runs/demo

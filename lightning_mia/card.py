@@ -1,0 +1,79 @@
+"""The run card: what a checkpoint says about itself, so `attack.py --ckpt X` needs nothing else.
+
+Every family LightningModule stores `checkpoint["lightning_mia"] = card.to_dict()` in
+`on_save_checkpoint`; `read_card(path)` reads it back without building the model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CARD_KEY = "lightning_mia"
+FAMILIES = ("diffusion", "seq2seq", "autoencoder", "encoder")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or not what the caller needs."""
+
+
+@dataclass
+class RunCard:
+    """Identity and provenance of one trained model."""
+
+    family: str  # "diffusion" | "seq2seq" (| "autoencoder" | "encoder")
+    preset: str  # "tiny", "ldm-256", "dalle-mini", "pretrained", ...
+    model_index: int  # row of splits.json: 0 = target, 1..K = shadows
+    splits_hash: str  # hash of splits.json the model was trained on
+    experiment: str  # experiment folder (as given at training time)
+    role: str = ""  # "target" | "shadow" (derived from model_index when empty)
+    autoencoder: str = ""  # folder of the frozen image autoencoder / VQGAN tokenizer
+    tokenizer: str = ""  # folder of the caption tokenizer ("" = built in code by the preset)
+    train_steps_per_image: float = 0.0  # optimizer steps x batch size / members
+    augmentation: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from lightning_mia.paths import role_of
+
+        if not self.role:
+            self.role = role_of(self.model_index)
+
+    @property
+    def run_name(self) -> str:
+        from lightning_mia.paths import run_name
+
+        return run_name(self.family, self.model_index)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunCard:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a Lightning checkpoint safely (`weights_only=True`) with one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        raise CheckpointError(f"checkpoint {path}: not a readable checkpoint ({err})") from err
+
+
+def read_card(path: str | os.PathLike) -> RunCard:
+    """The run card of a lightning_mia checkpoint; CheckpointError for anything else."""
+    ckpt = load_checkpoint(path)
+    if CARD_KEY not in ckpt:
+        raise CheckpointError(
+            f"checkpoint {path}: not a lightning_mia checkpoint (no '{CARD_KEY}' entry)"
+        )
+    return RunCard.from_dict(ckpt[CARD_KEY])

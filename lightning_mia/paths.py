@@ -1,0 +1,90 @@
+"""The experiment folder: one place that knows where every stage reads and writes.
+
+    runs/<experiment>/
+      splits.json  autoencoder/  encoder/  <family>-<role>-<index:03d>/  queries/<run>/  attack/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROLES = ("target", "shadow")
+
+
+def role_of(model_index: int) -> str:
+    """Row 0 of the splits is the target; rows 1..K are shadows."""
+    if model_index < 0:
+        raise ValueError(f"model_index must be >= 0, got {model_index}")
+    return "target" if model_index == 0 else "shadow"
+
+
+def run_name(family: str, model_index: int) -> str:
+    """`{family}-{role}-{index:03d}`, e.g. `diffusion-target-000`, `seq2seq-shadow-002`."""
+    return f"{family}-{role_of(model_index)}-{model_index:03d}"
+
+
+@dataclass(frozen=True)
+class ExperimentLayout:
+    """Paths inside one experiment folder (nothing is created until a stage writes)."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits.json"
+
+    @property
+    def autoencoder(self) -> Path:
+        return self.root / "autoencoder"
+
+    @property
+    def encoder(self) -> Path:
+        return self.root / "encoder"
+
+    @property
+    def attack(self) -> Path:
+        return self.root / "attack"
+
+    def run_dir(self, family: str, model_index: int) -> Path:
+        return self.root / run_name(family, model_index)
+
+    def queries(self, name: str) -> Path:
+        return self.root / "queries" / name
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and a rename.
+
+    A reader never sees a half-written file, and a crash leaves the old file (if any) intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """`atomic_write_bytes` for a JSON document (sorted keys, indented, trailing newline)."""
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
