@@ -1,0 +1,1 @@
+"""Query stage: generate for members and non-members, compute features, write shards."""
