@@ -1,0 +1,35 @@
+"""Load any family module from its checkpoint by reading the run card first."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from lightning_mia.card import CheckpointError, read_card
+from lightning_mia.models.base import TextToImageModule
+
+FAMILY_CLASSES = {
+    "diffusion": "lightning_mia.models.diffusion:LatentDiffusionModule",
+    "seq2seq": "lightning_mia.models.seq2seq:Seq2SeqModule",
+}
+
+
+def family_class(family: str) -> type[TextToImageModule]:
+    """The LightningModule class of a family name."""
+    if family not in FAMILY_CLASSES:
+        raise CheckpointError(
+            f"family {family!r} is not a text-to-image family (known: {sorted(FAMILY_CLASSES)})"
+        )
+    module, name = FAMILY_CLASSES[family].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_family_module(
+    ckpt_path: str | os.PathLike, map_location: str = "cpu"
+) -> TextToImageModule:
+    """Rebuild the trained model of a lightning_mia checkpoint, in eval mode."""
+    card = read_card(ckpt_path)
+    cls = family_class(card.family)
+    model = cls.load_from_checkpoint(ckpt_path, map_location=map_location, weights_only=True)
+    model.card = card
+    return model.eval()
