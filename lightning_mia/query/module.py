@@ -1,0 +1,141 @@
+"""`QueryModule`: query one trained text-to-image model with its members and non-members.
+
+    python train.py predict --config configs/query/default.yaml \
+        --model.ckpt runs/demo/diffusion-shadow-001/checkpoints/last.ckpt
+
+For every sample of the model's row of splits.json, the caption goes to `generate` with
+`num_images` images and a seed derived from (seed, sample_id) — so the result does not depend
+on batching, ranks or interruptions — and the features of the requested groups are computed
+from (query image, generated images, caption). `ShardWriter` writes them as shards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+
+from lightning_mia.models.registry import load_family_module
+from lightning_mia.paths import ExperimentLayout
+from lightning_mia.query.writer import to_uint8
+
+DEFAULT_GROUPS = ("pixel", "semantic", "text", "quality", "blind")
+ENCODER_GROUPS = ("semantic", "text", "blind")
+SEED_STRIDE = 2**32
+
+
+class QueryError(ValueError):
+    """A query that cannot run as configured (missing encoder, unknown feature group...)."""
+
+
+def sample_seeds(seed: int, sample_ids: torch.Tensor) -> list[int]:
+    """One generation seed per sample, a function of (seed, sample_id) only."""
+    return [(seed * SEED_STRIDE + int(s)) % 2**63 for s in sample_ids.tolist()]
+
+
+class QueryModule(LightningModule):
+    """Generate and extract features for one model's members and non-members (predict only)."""
+
+    def __init__(
+        self,
+        ckpt: str,
+        num_images: int = 4,
+        seed: int = 0,
+        feature_groups: list[str] | None = None,
+        encoder: str = "",
+        captioner: str = "",
+        save_images: bool = False,
+    ) -> None:
+        """
+        Args:
+            ckpt: checkpoint of the target or shadow model to query.
+            num_images: images generated per caption (N, the queries per sample).
+            seed: base seed; sample i is generated with a seed derived from (seed, sample_id).
+            feature_groups: feature groups to compute; None = pixel, semantic, text, quality,
+                blind.
+            encoder: folder of a CLIP model (transformers format); "" = the experiment's
+                trained attacker encoder (`<experiment>/encoder`).
+            captioner: folder of a BLIP captioner: query with its captions of the image
+                instead of the ground-truth caption (the attacker holds only the image).
+            save_images: also write the generated images as PNG under the query folder.
+        """
+        super().__init__()
+        feature_groups = list(DEFAULT_GROUPS if feature_groups is None else feature_groups)
+        self.save_hyperparameters()
+        self.hparams.feature_groups = feature_groups
+        if num_images < 1:
+            raise QueryError(f"num_images must be >= 1, got {num_images}")
+        self.model = load_family_module(ckpt)
+        self.model.requires_grad_(False)
+        self.card = self.model.card
+        self.extractor = self._build_extractor(feature_groups, encoder)
+        self.captioner = None
+        if captioner:
+            from lightning_mia.models.captioner import Captioner
+
+            self.captioner = Captioner(captioner)
+
+    def _build_extractor(self, groups: list[str], encoder: str) -> torch.nn.Module:
+        from lightning_mia.features.extractor import FEATURE_GROUPS, FeatureExtractor
+
+        unknown = sorted(set(groups) - set(FEATURE_GROUPS))
+        if unknown:
+            raise QueryError(f"unknown feature groups {unknown}; known: {sorted(FEATURE_GROUPS)}")
+        clip = None
+        if set(groups) & set(ENCODER_GROUPS):
+            from lightning_mia.models.encoder import load_encoder
+
+            folder = Path(encoder) if encoder else ExperimentLayout(self.card.experiment).encoder
+            if not folder.is_dir():
+                raise QueryError(
+                    f"encoder folder {folder} does not exist: feature groups "
+                    f"{sorted(set(groups) & set(ENCODER_GROUPS))} need an image-text encoder. "
+                    "Train the attacker's encoder (python train.py fit --config "
+                    "configs/encoder/tiny.yaml) or pass --model.encoder <local CLIP folder>."
+                )
+            clip = load_encoder(str(folder))
+        return FeatureExtractor(clip, groups=list(groups))
+
+    @property
+    def run_name(self) -> str:
+        return self.card.run_name
+
+    def shard_metadata(self) -> dict[str, str]:
+        """What every shard of this query records (checked before resuming into a folder)."""
+        hp = self.hparams
+        return {
+            "splits_hash": self.card.splits_hash,
+            "run_name": self.card.run_name,
+            "family": self.card.family,
+            "preset": self.card.preset,
+            "experiment": str(Path(self.card.experiment)),
+            "model_index": str(self.card.model_index),
+            "num_images": str(hp.num_images),
+            "seed": str(hp.seed),
+            "feature_groups": ",".join(sorted(hp.feature_groups)),
+            "captions": "captioner" if hp.captioner else "ground-truth",
+            "train_steps_per_image": f"{self.card.train_steps_per_image:.4f}",
+        }
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        query = batch["pixel_values"]  # (B, 3, H, W) in [-1, 1]
+        captions = list(batch["caption"])
+        if self.captioner is not None:
+            captions = self.captioner.caption(query)
+        seeds = sample_seeds(self.hparams.seed, batch["sample_id"])
+        generated = self.model.generate(captions, self.hparams.num_images, seed=seeds)
+        features = self.extractor(query, generated, captions)  # name -> (B,)
+        out = {
+            "sample_id": batch["sample_id"],
+            "is_member": batch["is_member"],
+            "model_index": self.card.model_index,
+            "features": features,
+            "query": query[:2].cpu(),
+            "generated": generated[:2].cpu(),
+            "caption": captions[:2],
+        }
+        if self.hparams.save_images:
+            out["images"] = to_uint8(generated)  # (B, N, H, W, 3)
+        return out

@@ -1,0 +1,151 @@
+"""Run a query to completion: resume from complete shards, refuse foreign ones, mark done.
+
+    table = run_query("runs/demo/diffusion-target-000/checkpoints/last.ckpt")
+
+Re-running a complete query does nothing; a killed one is completed by querying only the
+sample ids that no shard holds yet (per-sample seeds make the result equal to one run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_mia.paths import ExperimentLayout
+from lightning_mia.query.module import QueryError, QueryModule
+from lightning_mia.query.shards import (
+    QueryTable,
+    ShardError,
+    load_query_table,
+    mark_complete,
+    read_complete,
+    read_shard,
+    shard_paths,
+)
+from lightning_mia.query.writer import ShardWriter
+
+
+def query_folder(module: QueryModule) -> Path:
+    """`<experiment>/queries/<run-name>/` of the queried model."""
+    return ExperimentLayout(module.card.experiment).queries(module.run_name)
+
+
+def done_sample_ids(folder: Path, metadata: dict[str, str]) -> set[int]:
+    """Sample ids already in `folder`'s shards; ShardError if a shard is of another query."""
+    done: set[int] = set()
+    for path in shard_paths(folder):
+        tensors, meta = read_shard(path)
+        diff = {k: (meta.get(k), v) for k, v in metadata.items() if meta.get(k) != v}
+        if diff:
+            detail = "; ".join(
+                f"{k}: shard has {a!r}, this query {b!r}" for k, (a, b) in diff.items()
+            )
+            raise ShardError(
+                f"query folder {folder} holds shards of another query ({path.name}: {detail}). "
+                "Nothing was overwritten: remove the folder or query into another one."
+            )
+        done.update(tensors["sample_id"].tolist())
+    return done
+
+
+def expected_sample_ids(datamodule: object, model_index: int) -> list[int]:
+    """Members and non-members of the model's row of splits.json."""
+    row = datamodule.splits.rows[model_index]
+    return sorted([*row.members, *row.nonmembers])
+
+
+def execute_query(module: QueryModule, datamodule: object, trainer: Trainer) -> QueryTable | None:
+    """Query what is missing with `trainer`, then merge, check and mark the folder complete.
+
+    Returns the merged table on global rank 0 (None elsewhere).
+    """
+    folder = query_folder(module)
+    meta = module.shard_metadata()
+    if datamodule.model_index != module.card.model_index:
+        raise QueryError(
+            f"data.model_index is {datamodule.model_index} but {module.hparams.ckpt} is model "
+            f"{module.card.model_index}"
+        )
+    datamodule.prepare_data()
+    datamodule.setup("predict")
+    if datamodule.splits.hash != module.card.splits_hash:
+        raise QueryError(
+            f"{module.hparams.ckpt} was trained on splits {module.card.splits_hash[:12]}, but "
+            f"{datamodule.layout.splits} has hash {datamodule.splits.hash[:12]}: the checkpoint "
+            "belongs to another experiment"
+        )
+    complete = read_complete(folder)
+    if complete is not None and all(complete.get(k) == v for k, v in meta.items()):
+        rank_zero_info(f"query {folder} is complete; nothing to do")
+        return load_query_table(folder) if trainer.is_global_zero else None
+    done = done_sample_ids(folder, meta)
+    expected = expected_sample_ids(datamodule, module.card.model_index)
+    datamodule.exclude_ids = done
+    missing = len(set(expected) - done)
+    rank_zero_info(f"querying {module.run_name}: {missing} of {len(expected)} samples to go")
+    if missing:
+        writer = ShardWriter(folder, meta)
+        trainer.callbacks.append(writer)
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        trainer.callbacks.remove(writer)
+    trainer.strategy.barrier()
+    if not trainer.is_global_zero:
+        return None
+    table = load_query_table(folder)
+    got = set(table.sample_id.tolist())
+    if got != set(expected):
+        raise ShardError(
+            f"query folder {folder}: holds {len(got)} samples, expected {len(expected)} "
+            f"({len(set(expected) - got)} missing, {len(got - set(expected))} foreign)"
+        )
+    mark_complete(folder, len(table), meta)
+    _log_query(trainer, table)
+    return table
+
+
+def _log_query(trainer: Trainer, table: QueryTable) -> None:
+    from lightning_mia.reporting import log_feature_histograms
+
+    log_feature_histograms(trainer.logger, table.features, table.is_member)
+
+
+def run_query(
+    ckpt: str,
+    num_images: int = 4,
+    seed: int = 0,
+    feature_groups: list[str] | None = None,
+    encoder: str = "",
+    save_images: bool = False,
+    batch_size: int | None = None,
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    precision: str | None = None,
+    progress: bool = True,
+) -> QueryTable | None:
+    """Query the model of `ckpt` for its row of splits.json (see `execute_query`)."""
+    from lightning_mia.data.datamodule import MembershipDataModule
+
+    module = QueryModule(
+        ckpt,
+        num_images=num_images,
+        seed=seed,
+        feature_groups=feature_groups,
+        encoder=encoder,
+        save_images=save_images,
+    )
+    datamodule = MembershipDataModule.from_experiment(
+        module.card.experiment, model_index=module.card.model_index, query_batch_size=batch_size
+    )
+    trainer = Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        precision=precision,
+        logger=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        default_root_dir=str(query_folder(module)),
+        use_distributed_sampler=False,
+    )
+    return execute_query(module, datamodule, trainer)
