@@ -1,0 +1,164 @@
+"""Run a whole experiment, stage by stage, resumably: `python -m lightning_mia.experiment demo`.
+
+    python -m lightning_mia.experiment demo                         # configs/experiments/demo.yaml
+    python -m lightning_mia.experiment configs/experiments/coco-diffusion.yaml \
+        --trainer_args '[--trainer.devices=8, --trainer.strategy=ddp]' --isolate true
+
+Stages, each skipped when its folder says it is done (`DONE.json`, `COMPLETE.json`):
+autoencoder -> attacker's encoder -> target (row 0) and shadows (rows 1..K) -> queries -> attack.
+A stage interrupted midway resumes from its `last.ckpt` (training) or its shards (queries).
+With `isolate: true` each training stage runs as its own `python train.py` process, which is
+what multi-GPU DDP (`strategy: ddp`) and clusters need; otherwise they run in this process.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_mia.cli import DONE_MARKER, run_attack_command, train_main
+from lightning_mia.paths import ExperimentLayout
+
+CONFIG_DIR = Path("configs/experiments")
+OVERFIT_NOTE = (
+    "Note: this experiment is a deliberately overfit regime (few members, hundreds of training "
+    "steps per image), where leakage is large by design. For a realistic regime (about 20 "
+    "steps per image with crop/flip augmentation) run: "
+    "python -m lightning_mia.experiment shapes-diffusion-realistic"
+)
+
+
+def fit_stage(
+    folder: Path,
+    config: str,
+    args: list[str],
+    isolate: bool,
+) -> None:
+    """Train one stage unless `folder` is done; resume from its last.ckpt if it has one."""
+    if (folder / DONE_MARKER).is_file():
+        rank_zero_info(f"[skip] {folder} is done")
+        return
+    argv = ["fit", "--config", config, *args]
+    if (folder / "checkpoints" / "last.ckpt").is_file():
+        argv += ["--ckpt_path", str(folder / "checkpoints" / "last.ckpt")]
+    rank_zero_info(f"[fit] {folder.name}: {' '.join(argv)}")
+    start = time.perf_counter()
+    if isolate:
+        subprocess.run([sys.executable, "train.py", *argv], check=True)
+    else:
+        train_main(argv)
+    rank_zero_info(f"[fit] {folder.name} done in {time.perf_counter() - start:.0f} s")
+
+
+def run_experiment(
+    experiment: str = "runs/demo",
+    family: str = "diffusion",
+    num_shadows: int = 2,
+    autoencoder: str = "configs/autoencoder/tiny.yaml",
+    encoder: str = "configs/encoder/tiny.yaml",
+    clip: str = "",
+    model: str = "configs/diffusion/tiny.yaml",
+    data_args: list[str] | None = None,
+    model_args: list[str] | None = None,
+    trainer_args: list[str] | None = None,
+    num_images: int = 4,
+    attacks: list[str] | None = None,
+    settings: list[str] | None = None,
+    known_fraction: float = 0.5,
+    seed: int = 0,
+    isolate: bool = False,
+    overfit: bool = False,
+) -> dict:
+    """Run every stage of one experiment in order and return the last attack report.
+
+    Args:
+        experiment: experiment folder (splits, runs, queries, attack report).
+        family: model family of target and shadows: diffusion | seq2seq.
+        num_shadows: shadow models trained (rows 1..K of splits.json).
+        autoencoder: config of the image autoencoder stage ("" = use the model config's
+            `autoencoder` folder as is, e.g. a pretrained one).
+        encoder: config of the attacker's encoder stage ("" when `clip` is given).
+        clip: local folder of a pretrained CLIP model to use instead of training an encoder.
+        model: config of the target/shadow model stage.
+        data_args: extra CLI arguments for the data of every stage (`--data.source...`).
+        model_args: extra CLI arguments for the target/shadow stage only.
+        trainer_args: extra CLI arguments for every training stage (devices, strategy...).
+        num_images: images generated per query (N).
+        attacks: attacks to run (default pixel, semantic, text, combined).
+        settings: attacker settings to report: shadow and/or partial.
+        known_fraction: fraction of the target's queries known in the partial setting.
+        seed: seed of queries and attack training.
+        isolate: run each training stage as its own process (needed for strategy=ddp).
+        overfit: print the note that this is a deliberately overfit regime.
+    """
+    layout = ExperimentLayout(experiment)
+    common = [f"--data.experiment={experiment}", *(data_args or []), *(trainer_args or [])]
+    if autoencoder:
+        fit_stage(layout.autoencoder, autoencoder, common, isolate)
+    if encoder and not clip:
+        fit_stage(layout.encoder, encoder, common, isolate)
+    for index in range(num_shadows + 1):
+        from lightning_mia.paths import run_name
+
+        folder = layout.root / run_name(family, index)
+        args = [*common, f"--data.model_index={index}", *(model_args or [])]
+        fit_stage(folder, model, args, isolate)
+    target = layout.run_dir(family, 0) / "checkpoints" / "last.ckpt"
+    report: dict = {}
+    for setting in settings or ["shadow"]:
+        ns = SimpleNamespace(
+            ckpt=str(target),
+            experiment=experiment,
+            attacks=list(attacks or ["pixel", "semantic", "text", "combined"]),
+            setting=setting,
+            known_fraction=known_fraction,
+            num_images=num_images,
+            seed=seed,
+            max_epochs=200,
+            encoder=clip,
+            accelerator="auto",
+            devices="auto",
+            progress=True,
+        )
+        report = run_attack_command(ns)
+    if overfit:
+        print(OVERFIT_NOTE)
+    return report
+
+
+def config_path(name: str) -> str:
+    """A named experiment (`demo`) or a path to its YAML."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        return str(path)
+    named = CONFIG_DIR / f"{name}.yaml"
+    if not named.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise SystemExit(f"error: no experiment {name!r} ({named} missing); known: {known}")
+    return str(named)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`python -m lightning_mia.experiment <name | config.yaml> [--key value ...]`."""
+    from jsonargparse import CLI
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit("usage: python -m lightning_mia.experiment <name | config.yaml> [...]")
+    from lightning_mia.cli import run_cli
+
+    start = time.perf_counter()
+    report = run_cli(
+        lambda: CLI(run_experiment, args=["--config", config_path(argv[0]), *argv[1:]])
+    )
+    print(f"experiment {argv[0]} finished in {time.perf_counter() - start:.0f} s")
+    return report
+
+
+if __name__ == "__main__":
+    main()
