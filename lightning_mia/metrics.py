@@ -1,0 +1,274 @@
+"""Membership-inference metrics: pure tensor functions, bootstrap intervals, one `evaluate`.
+
+Score convention: higher = more likely a member; `labels` are 1/True for members. A threshold
+`t` admits (predicts "member" for) every sample with `score >= t`, so tied scores are always
+admitted together.
+
+Every metric takes optional resampling `weights` (B, S): how many times each sample is drawn in
+each of B bootstrap resamples. With weights it returns (B,) values, without a 0-d tensor. That
+is what makes `bootstrap_interval` fast (1,000 resamples of 10k scores in about a second): no
+resample is materialised, all are evaluated at once from one sort of the scores.
+
+We compute the ROC ourselves rather than with torchmetrics' `binary_roc`/`binary_auroc`: those
+squash scores outside [0, 1] through a sigmoid, which saturates in float32 and turns distinct
+raw scores (PSNR, logits > 17) into ties, exactly where TPR at low FPR is read.
+
+    TPR@FPR: read at the lowest threshold whose FPR does not exceed the budget, i.e. the ROC
+    point with the largest FPR <= budget (never the nearest FPR, never interpolated).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+METRIC_NAMES = ("accuracy", "auc", "tpr@1%fpr", "tpr@0.1%fpr")
+FPR_BUDGETS = {"tpr@1%fpr": 0.01, "tpr@0.1%fpr": 0.001}
+_BOOT_CHUNK = 128  # resamples evaluated at once: bounds memory at ~CHUNK x S float64
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric value with its bootstrap 95% interval; `value` is None when not resolvable."""
+
+    value: float | None
+    low: float | None = None
+    high: float | None = None
+    resolvable: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Metric:
+        return cls(d.get("value"), d.get("low"), d.get("high"), bool(d.get("resolvable", True)))
+
+    def format(self, digits: int = 3) -> str:
+        """`0.912 [0.890, 0.931]`, or `n/r` when not resolvable."""
+        if not self.resolvable or self.value is None:
+            return "n/r"
+        text = f"{self.value:.{digits}f}"
+        if self.low is not None and self.high is not None:
+            text += f" [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+        return text
+
+
+def _check(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = torch.as_tensor(scores).detach().reshape(-1).to("cpu", torch.float64)
+    labels = torch.as_tensor(labels).detach().reshape(-1).to("cpu").bool()
+    if scores.numel() != labels.numel():
+        raise ValueError(f"{scores.numel()} scores for {labels.numel()} labels")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinite values")
+    return scores, labels
+
+
+def _weights(labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return torch.ones(1, labels.numel(), dtype=torch.float64)
+    return weights.to(torch.float64).reshape(-1, labels.numel())
+
+
+def _per_value(
+    scores: torch.Tensor, labels: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct scores ascending (U,) and member / non-member weight at each, (B, U) each."""
+    values, inv = torch.unique(scores, sorted=True, return_inverse=True)
+    pos = torch.zeros(w.shape[0], values.numel(), dtype=torch.float64)
+    neg = torch.zeros_like(pos)
+    pos.index_add_(1, inv[labels], w[:, labels])
+    neg.index_add_(1, inv[~labels], w[:, ~labels])
+    return values, pos, neg
+
+
+def _squeeze(out: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return out[0] if weights is None else out
+
+
+def roc_auc(
+    scores: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Area under the ROC curve (ties count one half), as scikit-learn's `roc_auc_score`."""
+    scores, labels = _check(scores, labels)
+    w = _weights(labels, weights)
+    _, pos, neg = _per_value(scores, labels, w)  # (B, U)
+    below = torch.cumsum(neg, dim=1) - neg  # non-member weight strictly below each value
+    hits = (pos * (below + 0.5 * neg)).sum(1)
+    return _squeeze(hits / (pos.sum(1) * neg.sum(1)), weights)
+
+
+def roc_curve(
+    scores: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fpr, tpr, thresholds), one point per distinct score, descending thresholds from +inf.
+
+    Equals scikit-learn's `roc_curve(labels, scores, drop_intermediate=False)`.
+    """
+    scores, labels = _check(scores, labels)
+    values, pos, neg = _per_value(scores, labels, _weights(labels, None))
+    tp = torch.flip(torch.cumsum(torch.flip(pos[0], [0]), 0), [0])  # admitted at each value
+    fp = torch.flip(torch.cumsum(torch.flip(neg[0], [0]), 0), [0])
+    zero = torch.zeros(1, dtype=torch.float64)
+    tpr = torch.cat([zero, torch.flip(tp, [0]) / max(int(labels.sum()), 1)])
+    fpr = torch.cat([zero, torch.flip(fp, [0]) / max(int((~labels).sum()), 1)])
+    thresholds = torch.cat([torch.tensor([math.inf], dtype=torch.float64), torch.flip(values, [0])])
+    return fpr, tpr, thresholds
+
+
+def is_resolvable(labels: torch.Tensor, fpr_budget: float) -> bool:
+    """TPR@FPR needs at least 1/budget non-members, or the budget admits no false positive."""
+    num_negative = int((~torch.as_tensor(labels).reshape(-1).bool()).sum())
+    return num_negative * fpr_budget >= 1.0 - _EPS
+
+
+def tpr_at_fpr(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    fpr_budget: float,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """TPR at the lowest threshold whose FPR is <= `fpr_budget`; NaN when not resolvable.
+
+    Thresholds are the distinct scores (a threshold admits all samples with score >= it), so
+    the ROC point read is the one with the largest FPR not above the budget.
+    """
+    scores, labels = _check(scores, labels)
+    w = _weights(labels, weights)
+    if not is_resolvable(labels, fpr_budget):
+        return _squeeze(torch.full((w.shape[0],), math.nan, dtype=torch.float64), weights)
+    _, pos, neg = _per_value(scores, labels, w)
+    # Cumulated from the highest score down: admitted weight as the threshold is lowered.
+    tp = torch.cumsum(torch.flip(pos, [1]), 1)  # (B, U), non-decreasing
+    fp = torch.cumsum(torch.flip(neg, [1]), 1)
+    allowed = torch.floor(fpr_budget * neg.sum(1, keepdim=True) + _EPS)  # (B, 1)
+    count = torch.searchsorted(fp.contiguous(), allowed, right=True)  # thresholds with fp<=allowed
+    tp_at = torch.where(count > 0, tp.gather(1, (count - 1).clamp(min=0)), torch.zeros_like(count))
+    return _squeeze((tp_at[:, 0] / pos.sum(1)).to(torch.float64), weights)
+
+
+def accuracy(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    threshold: float,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fraction of samples classified right by `score >= threshold` -> member."""
+    scores, labels = _check(scores, labels)
+    w = _weights(labels, weights)
+    correct = ((scores >= threshold) == labels).to(torch.float64)  # (S,)
+    return _squeeze((w * correct).sum(1) / w.sum(1), weights)
+
+
+def threshold_from(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """The accuracy-maximising threshold on (training/shadow) data, never on test labels.
+
+    Returned as the midpoint between the lowest admitted distinct score and the next lower one,
+    so it classifies the fitting data exactly as the chosen cut and generalises symmetrically.
+    """
+    scores, labels = _check(scores, labels)
+    values, pos, neg = _per_value(scores, labels, _weights(labels, None))
+    pos, neg = pos[0], neg[0]  # (U,)
+    tp = torch.flip(torch.cumsum(torch.flip(pos, [0]), 0), [0])  # admitted at threshold values[k]
+    tn = torch.cumsum(neg, 0) - neg  # rejected: strictly below values[k]
+    correct = torch.cat([tp + tn, neg.sum().reshape(1)])  # last candidate: admit nothing
+    k = int(torch.argmax(correct))
+    if k == values.numel():
+        return math.nextafter(float(values[-1]), math.inf)
+    if k == 0:
+        return float(values[0])
+    mid = 0.5 * (float(values[k - 1]) + float(values[k]))
+    return mid if mid > float(values[k - 1]) else float(values[k])
+
+
+def _bootstrap_weights(
+    labels: torch.Tensor, n_boot: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Stratified resampling counts (n_boot, S): members and non-members drawn separately."""
+    counts = torch.zeros(n_boot, labels.numel(), dtype=torch.float64)
+    for group in (labels, ~labels):
+        idx = torch.nonzero(group).reshape(-1)  # (n,)
+        if idx.numel() == 0:
+            continue
+        draws = torch.randint(0, idx.numel(), (n_boot, idx.numel()), generator=generator)
+        counts.scatter_add_(1, idx[draws], torch.ones(draws.shape, dtype=torch.float64))
+    return counts
+
+
+def _accepts_weights(fn: Callable) -> bool:
+    try:
+        return "weights" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def bootstrap_interval(
+    metric_fn: Callable[..., torch.Tensor],
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile interval of `metric_fn(scores, labels)` over stratified bootstrap resamples.
+
+    `metric_fn` taking a `weights` argument (every metric here, or a `functools.partial` of one)
+    is evaluated on all resamples at once; any other callable is called once per resample.
+    Returns (nan, nan) when the metric is undefined (NaN) on every resample.
+    """
+    scores, labels = _check(scores, labels)
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for start in range(0, n_boot, _BOOT_CHUNK):
+        w = _bootstrap_weights(labels, min(_BOOT_CHUNK, n_boot - start), generator)
+        if _accepts_weights(metric_fn):
+            values.append(
+                torch.as_tensor(metric_fn(scores, labels, weights=w), dtype=torch.float64)
+            )
+            continue
+        for row in w.long():
+            idx = torch.repeat_interleave(torch.arange(labels.numel()), row)
+            values.append(torch.as_tensor(metric_fn(scores[idx], labels[idx])).reshape(1))
+    boot = torch.cat(values).to(torch.float64)
+    boot = boot[torch.isfinite(boot)]
+    if boot.numel() == 0:
+        return math.nan, math.nan
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(boot, torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
+    return float(low), float(high)
+
+
+def evaluate(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    threshold: float,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Metric]:
+    """Accuracy at `threshold`, ROC-AUC, TPR@1%FPR and TPR@0.1%FPR, each with a 95% interval.
+
+    All four use the same bootstrap resamples (same seed). A TPR@FPR with fewer than 1/budget
+    non-members is marked not resolvable (value None).
+    """
+    scores, labels = _check(scores, labels)
+    if labels.all() or not labels.any():
+        raise ValueError("evaluation needs both members and non-members")
+    fns: dict[str, Callable[..., torch.Tensor]] = {
+        "accuracy": lambda s, y, weights=None: accuracy(s, y, threshold, weights),
+        "auc": roc_auc,
+    }
+    for name, budget in FPR_BUDGETS.items():
+        fns[name] = lambda s, y, weights=None, b=budget: tpr_at_fpr(s, y, b, weights)
+    out = {}
+    for name in METRIC_NAMES:
+        if name in FPR_BUDGETS and not is_resolvable(labels, FPR_BUDGETS[name]):
+            out[name] = Metric(None, None, None, resolvable=False)
+            continue
+        value = float(fns[name](scores, labels))
+        low, high = bootstrap_interval(fns[name], scores, labels, n_boot=n_boot, seed=seed)
+        out[name] = Metric(value, low, high, resolvable=True)
+    return out

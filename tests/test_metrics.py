@@ -1,0 +1,114 @@
+"""Metrics against scikit-learn and brute force, on fixed inputs with ties."""
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.metrics import roc_curve as sk_roc_curve
+
+from lightning_mia import metrics as M
+
+
+def _tied_inputs(n=400, levels=25, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.rand(n, generator=g) < 0.45
+    scores = torch.randint(0, levels, (n,), generator=g).float() + 3.0 * labels.float()
+    return scores, labels
+
+
+def _brute_tpr_at_fpr(scores, labels, budget):
+    """Max TPR over thresholds t (admit score >= t) with FPR <= budget; t=+inf admits none."""
+    s, y = scores.numpy(), labels.numpy()
+    best = 0.0
+    for t in np.unique(s):
+        pred = s >= t
+        fpr = (pred & ~y).sum() / (~y).sum()
+        if fpr <= budget + 1e-12:
+            best = max(best, (pred & y).sum() / y.sum())
+    return best
+
+
+def test_auc_and_roc_curve_equal_sklearn_with_ties():
+    scores, labels = _tied_inputs()
+    assert float(M.roc_auc(scores, labels)) == pytest.approx(
+        roc_auc_score(labels.numpy(), scores.numpy()), abs=1e-12
+    )
+    fpr, tpr, thr = M.roc_curve(scores, labels)
+    sk_fpr, sk_tpr, sk_thr = sk_roc_curve(labels.numpy(), scores.numpy(), drop_intermediate=False)
+    np.testing.assert_allclose(fpr.numpy(), sk_fpr)
+    np.testing.assert_allclose(tpr.numpy(), sk_tpr)
+    np.testing.assert_allclose(thr.numpy(), sk_thr)
+
+
+@pytest.mark.parametrize("budget", [0.01, 0.05, 0.1, 0.3])
+def test_tpr_at_fpr_equals_brute_force(budget):
+    scores, labels = _tied_inputs(n=2000, levels=60, seed=1)
+    got = float(M.tpr_at_fpr(scores, labels, budget))
+    assert got == pytest.approx(_brute_tpr_at_fpr(scores, labels, budget), abs=1e-12)
+
+
+def test_tpr_at_fpr_is_not_the_nearest_fpr():
+    # 190 non-members: FPR steps are 1/190 = 0.0053 and 2/190 = 0.0105; the point nearest to
+    # 1% is over budget and has a higher TPR (three members tie the second non-member at 8).
+    neg = torch.cat([torch.tensor([10.0, 8.0]), torch.linspace(-5, 0, 188)])
+    pos = torch.cat([torch.tensor([11.0, 9.0, 9.0, 9.0, 8.0, 8.0, 8.0]), torch.linspace(-5, 0, 93)])
+    scores = torch.cat([pos, neg])
+    labels = torch.cat([torch.ones(100), torch.zeros(190)]).bool()
+    fpr, tpr, _ = M.roc_curve(scores, labels)
+    nearest = int(torch.argmin((fpr - 0.01).abs()))
+    assert float(fpr[nearest]) > 0.01 and float(tpr[nearest]) == pytest.approx(0.07)
+    got = float(M.tpr_at_fpr(scores, labels, 0.01))
+    assert got == pytest.approx(0.04)  # threshold 9: members 11, 9, 9, 9; one FP (score 10)
+    assert got == pytest.approx(_brute_tpr_at_fpr(scores, labels, 0.01))
+
+
+def test_tied_block_is_admitted_together():
+    # A tie of one member and two non-members straddles the budget: it cannot be half admitted.
+    scores = torch.tensor([5.0, 3.0, 3.0, 3.0] + [0.0] * 97)
+    labels = torch.tensor([1, 1, 0, 0] + [0] * 97).bool()
+    # 99 non-members < 100: 1% not resolvable; use 2% (allowed FP = 1).
+    assert float(M.tpr_at_fpr(scores, labels, 0.02)) == pytest.approx(0.5)
+
+
+def test_not_resolvable_with_few_non_members():
+    scores, labels = _tied_inputs(n=150)
+    assert (~labels).sum() < 1000
+    assert math.isnan(float(M.tpr_at_fpr(scores, labels, 0.001)))
+    report = M.evaluate(scores, labels, threshold=10.0, n_boot=50)
+    assert report["tpr@0.1%fpr"] == M.Metric(None, None, None, resolvable=False)
+    assert report["tpr@0.1%fpr"].format() == "n/r"
+    assert report["auc"].resolvable and report["auc"].low <= report["auc"].value
+
+
+def test_accuracy_and_threshold_from():
+    scores, labels = _tied_inputs(seed=3)
+    t = M.threshold_from(scores, labels)
+    acc = float(M.accuracy(scores, labels, t))
+    assert acc == pytest.approx(accuracy_score(labels.numpy(), (scores >= t).numpy()))
+    best = max(
+        accuracy_score(labels.numpy(), (scores >= c).numpy())
+        for c in [*scores.unique().tolist(), math.inf]
+    )
+    assert acc == pytest.approx(best)
+
+
+def test_vectorised_bootstrap_equals_loop():
+    scores, labels = _tied_inputs(n=300, seed=4)
+    fast = M.bootstrap_interval(M.roc_auc, scores, labels, n_boot=60, seed=7)
+    slow = M.bootstrap_interval(lambda s, y: M.roc_auc(s, y), scores, labels, n_boot=60, seed=7)
+    assert fast == pytest.approx(slow, abs=1e-12)
+    value = float(M.roc_auc(scores, labels))
+    assert fast[0] < value < fast[1]
+
+
+def test_bootstrap_is_fast():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.rand(10_000, generator=g) < 0.5
+    scores = torch.randn(10_000, generator=g) + labels.float()
+    start = time.perf_counter()
+    low, high = M.bootstrap_interval(M.roc_auc, scores, labels, n_boot=1000, seed=0)
+    assert time.perf_counter() - start < 10.0  # ~1 s idle; generous on a loaded machine
+    assert 0.70 < low < high < 0.82
