@@ -1,0 +1,180 @@
+"""The attack classifier: an MLP over standardised features, trained on shadow rows.
+
+    model = AttackModule(num_features=X.shape[1], feature_names=names)
+    best = fit_attack(model, AttackDataModule(train, val), "runs/demo/attack/combined")
+    logits = best.score(X_target)  # (S,), higher = more likely a member
+
+The feature mean/std are fitted on the training rows only and stored as buffers, so a saved
+attack (`AttackModule.load_from_checkpoint(path, weights_only=True)`) standardises new shards
+the same way. Early stopping watches the held-out part of the training (shadow) data, never
+the target's labels.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_mia.attack.data import AttackDataModule
+from lightning_mia.metrics import roc_auc
+
+_MIN_STD = 1e-6  # a constant feature is centred, not divided by ~0
+
+
+class AttackModule(LightningModule):
+    """Binary member / non-member classifier over a fixed list of scalar features."""
+
+    def __init__(
+        self,
+        num_features: int,
+        hidden: Sequence[int] = (64, 64),
+        dropout: float = 0.1,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-2,
+        feature_names: Sequence[str] = (),
+        metric_prefix: str = "attack",
+    ) -> None:
+        """
+        Args:
+            num_features: width F of the feature rows.
+            hidden: widths of the hidden layers (empty = logistic regression).
+            dropout: dropout after each hidden layer.
+            lr: AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            feature_names: names of the F features, in column order (kept with the weights).
+            metric_prefix: logged keys are `<prefix>/train_loss`, `/val_loss`, `/val_auc`.
+        """
+        super().__init__()
+        if feature_names and len(feature_names) != num_features:
+            raise ValueError(f"{len(feature_names)} feature names for {num_features} features")
+        self.save_hyperparameters()
+        layers: list[nn.Module] = []
+        width = num_features
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.GELU(), nn.Dropout(dropout)]
+            width = size
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+        self.register_buffer("mean", torch.zeros(num_features))
+        self.register_buffer("std", torch.ones(num_features))
+        self._val_logits: list[torch.Tensor] = []
+        self._val_labels: list[torch.Tensor] = []
+
+    def fit_standardizer(self, x: torch.Tensor) -> None:
+        """Set the feature mean/std from training rows x (S, F)."""
+        std = x.float().std(0, unbiased=False)
+        self.mean.copy_(x.float().mean(0))
+        self.std.copy_(torch.where(std > _MIN_STD, std, torch.ones_like(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Member logits (B,) of raw feature rows x (B, F)."""
+        return self.net((x - self.mean) / self.std).squeeze(-1)
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor, batch_size: int = 65536) -> torch.Tensor:
+        """Member logits (S,) of x (S, F) in eval mode (logits, not probabilities: no ties)."""
+        was_training = self.training
+        self.eval()
+        x = x.to(self.device, torch.float32)
+        out = torch.cat([self(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+        self.train(was_training)
+        return out.cpu()
+
+    def _prefix(self, name: str) -> str:
+        return f"{self.hparams.metric_prefix}/{name}"
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch  # (B, F), (B,)
+        loss = F.binary_cross_entropy_with_logits(self(x), y.float())
+        self.log(self._prefix("train_loss"), loss, on_step=False, on_epoch=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_logits.clear()
+        self._val_labels.clear()
+
+    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.binary_cross_entropy_with_logits(logits, y.float())
+        self.log(self._prefix("val_loss"), loss, on_epoch=True, prog_bar=True)
+        self._val_logits.append(logits.detach().cpu())
+        self._val_labels.append(y.detach().cpu())
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_labels:
+            return
+        labels = torch.cat(self._val_labels).bool()
+        if labels.all() or not labels.any():
+            return  # AUC undefined with one class
+        auc = roc_auc(torch.cat(self._val_logits), labels)
+        self.log(self._prefix("val_auc"), auc.float(), prog_bar=True)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Member probability (B,) of the feature rows in `batch` ((X,), (X, y) or X)."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return torch.sigmoid(self(x))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+
+
+def fit_attack(
+    module: AttackModule,
+    datamodule: AttackDataModule,
+    folder: str | os.PathLike,
+    max_epochs: int = 200,
+    patience: int = 10,
+    logger: Logger | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    filename: str = "best",
+) -> AttackModule:
+    """Train on `datamodule.train`, early-stop on `.val`; return the best checkpoint, reloaded.
+
+    The checkpoint is `<folder>/<filename>.ckpt`; the standardiser is fitted on the train rows.
+    """
+    lightning.seed_everything(seed, verbose=False)
+    module.fit_standardizer(datamodule.train[0])
+    folder = Path(folder)
+    stale = folder / f"{filename}.ckpt"
+    if stale.exists():
+        stale.unlink()  # a previous run's attack of the same name: replaced, never mixed
+    monitor = module._prefix("val_loss")
+    checkpoint = ModelCheckpoint(
+        dirpath=folder, filename=filename, monitor=monitor, mode="min", save_top_k=1,
+        enable_version_counter=False, auto_insert_metric_name=False,
+    )  # fmt: skip
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        deterministic=True,
+        max_epochs=max_epochs,
+        logger=logger if logger is not None else False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        default_root_dir=str(folder),
+        callbacks=[EarlyStopping(monitor=monitor, mode="min", patience=patience), checkpoint],
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(module, datamodule=datamodule)
+    if not checkpoint.best_model_path:
+        return module.eval()
+    return AttackModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True).eval()
