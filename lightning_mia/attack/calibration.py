@@ -1,0 +1,157 @@
+"""LiRA: per-sample shadow calibration of any scalar membership score (Carlini et al. 2022).
+
+A raw score (pixel error, denoising loss, ...) mixes "is a member" with "is an easy sample".
+Shadow models that did (IN) and did not (OUT) train on a sample show how its score is
+distributed either way; LiRA fits one Gaussian per sample and side and asks how unusual the
+target's score is:
+
+    offline = -log P(Z >= x),      Z ~ N(mean_out, std_out)       (needs OUT shadows only)
+    online  = log N(x; mean_in, std_in) - log N(x; mean_out, std_out)
+
+Both are "higher = member" for a score whose larger values mean member (`direction` flips it).
+With few shadows per sample the variance is one global value: the pooled within-sample
+variance of all shadow scores (Carlini et al.'s "fixed variance"). This needs shadows trained
+on the target's own query samples (match by sample_id), i.e. an experiment whose shadow rows
+draw from the target pool; the default splits (shadows on a disjoint auxiliary pool) give none,
+and `lira_scores` says so.
+
+    scores = lira_scores(target, shadows, "loss/mean", online=True)  # (S,) for target rows
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lightning_mia.attack import AttackError
+from lightning_mia.query.shards import QueryTable
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class Gaussians:
+    """Per-sample IN / OUT Gaussians, each (S,), and how many shadows each side rests on."""
+
+    mean_in: torch.Tensor
+    std_in: torch.Tensor
+    mean_out: torch.Tensor
+    std_out: torch.Tensor
+    n_in: torch.Tensor  # (S,) int
+    n_out: torch.Tensor  # (S,) int
+
+
+def _side(
+    scores: torch.Tensor, mask: torch.Tensor, min_count: int, fixed_variance: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean (S,), std (S,) and count (S,) of the masked entries of scores (M, S), per column."""
+    m = mask.double()
+    n = m.sum(0)  # (S,)
+    mean = (scores * m).sum(0) / n.clamp(min=1)
+    resid = (scores - mean) * m  # (M, S), zero where unobserved
+    var = (resid**2).sum(0) / (n - 1).clamp(min=1)
+    dof = (n - 1).clamp(min=0).sum()
+    global_var = (resid**2).sum() / dof if dof > 0 else torch.tensor(math.nan)
+    use_global = torch.full_like(n, True, dtype=torch.bool) if fixed_variance else n < min_count
+    var = torch.where(use_global, global_var, var)
+    mean = torch.where(n > 0, mean, torch.nan)
+    return mean, var.clamp(min=1e-12).sqrt(), n.long()
+
+
+def fit_gaussians(
+    scores: torch.Tensor,
+    is_in: torch.Tensor,
+    observed: torch.Tensor | None = None,
+    min_count: int = 4,
+    fixed_variance: bool = False,
+) -> Gaussians:
+    """Fit IN/OUT Gaussians per sample from shadow scores (M, S) and membership (M, S).
+
+    `observed` (M, S) marks which shadow scored which sample (default: all). A side with fewer
+    than `min_count` shadows, or every side when `fixed_variance`, uses the global variance.
+    A sample no OUT shadow saw gets the average OUT mean; one no IN shadow saw gets its OUT
+    mean plus the average IN-OUT shift.
+    """
+    scores = scores.double()
+    min_count = max(min_count, 2)  # one score has no spread of its own
+    observed = torch.ones_like(is_in, dtype=torch.bool) if observed is None else observed.bool()
+    is_in = is_in.bool()
+    mean_in, std_in, n_in = _side(scores, is_in & observed, min_count, fixed_variance)
+    mean_out, std_out, n_out = _side(scores, ~is_in & observed, min_count, fixed_variance)
+    if not (n_out > 0).any():
+        raise AttackError("LiRA: no shadow model left out any of the samples (no OUT scores)")
+    mean_out = torch.where(n_out > 0, mean_out, mean_out[n_out > 0].mean())
+    both = (n_in > 0) & (n_out > 0)
+    shift = (mean_in[both] - mean_out[both]).mean() if both.any() else torch.tensor(math.nan)
+    mean_in = torch.where(n_in > 0, mean_in, mean_out + shift)
+    std_in = torch.where(std_in.isnan(), std_out, std_in)  # no IN spread at all: borrow OUT's
+    return Gaussians(mean_in, std_in, mean_out, std_out, n_in, n_out)
+
+
+def _log_normal(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return -0.5 * ((x - mean) / std) ** 2 - std.log() - _LOG_SQRT_2PI
+
+
+def lira_offline(x: torch.Tensor, g: Gaussians) -> torch.Tensor:
+    """-log P(Z >= x) under the OUT Gaussian, (S,): large when x is far above what OUT gives."""
+    return -torch.special.log_ndtr((g.mean_out - x.double()) / g.std_out)
+
+
+def lira_online(x: torch.Tensor, g: Gaussians) -> torch.Tensor:
+    """Log-likelihood ratio IN vs OUT, (S,); NaN where no IN statistics exist at all."""
+    x = x.double()
+    return _log_normal(x, g.mean_in, g.std_in) - _log_normal(x, g.mean_out, g.std_out)
+
+
+def direction_of(scores: torch.Tensor, is_in: torch.Tensor, observed: torch.Tensor) -> int:
+    """+1 if IN shadow scores are larger on average than OUT ones, else -1."""
+    inside, outside = is_in & observed, ~is_in & observed
+    if not inside.any() or not outside.any():
+        return 1
+    return 1 if scores[inside].mean() >= scores[outside].mean() else -1
+
+
+def shadow_score_matrix(
+    target: QueryTable, shadows: Sequence[QueryTable], feature: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scores, is_in, observed), each (M, S): shadow m's `feature` for target sample s."""
+    ids = target.sample_id  # (S,) sorted
+    m, s = len(shadows), ids.numel()
+    scores = torch.zeros(m, s, dtype=torch.float64)
+    is_in = torch.zeros(m, s, dtype=torch.bool)
+    observed = torch.zeros(m, s, dtype=torch.bool)
+    for i, shadow in enumerate(shadows):
+        if feature not in shadow.features:
+            raise AttackError(f"LiRA: shadow {shadow.metadata.get('run_name', i)} lacks {feature}")
+        pos = torch.searchsorted(shadow.sample_id, ids).clamp(max=len(shadow) - 1)  # (S,)
+        hit = shadow.sample_id[pos] == ids
+        observed[i] = hit
+        scores[i, hit] = shadow.features[feature][pos[hit]].double()
+        is_in[i, hit] = shadow.is_member[pos[hit]]
+    return scores, is_in, observed
+
+
+def lira_scores(
+    target: QueryTable,
+    shadows: Sequence[QueryTable],
+    feature: str,
+    online: bool = True,
+    min_count: int = 4,
+    fixed_variance: bool = False,
+) -> torch.Tensor:
+    """Calibrated member scores (S,) of the target's rows for one scalar `feature`."""
+    if feature not in target.features:
+        raise AttackError(f"LiRA: target {target.metadata.get('run_name')} lacks {feature}")
+    scores, is_in, observed = shadow_score_matrix(target, shadows, feature)
+    if not observed.any():
+        raise AttackError(
+            "LiRA: no shadow model was queried on any of the target's samples; calibration needs "
+            "shadows trained on random halves of the target's own query pool"
+        )
+    sign = direction_of(scores, is_in, observed)
+    g = fit_gaussians(sign * scores, is_in, observed, min_count, fixed_variance)
+    x = sign * target.features[feature].double()
+    return lira_online(x, g) if online else lira_offline(x, g)
