@@ -95,9 +95,9 @@ def open_image(data: bytes | str | os.PathLike, name: str) -> Image.Image:
     try:
         img = Image.open(fp)
     except UnidentifiedImageError as err:
-        raise DataError(f"image {name}: not an image file Pillow can read") from err
+        raise DataError(f"image {name}: not an image file Pillow can read (or cut short)") from err
     except (OSError, Image.DecompressionBombError) as err:
-        raise DataError(f"image {name}: cannot be opened ({err})") from err
+        raise DataError(f"image {name}: truncated or corrupt ({err})") from err
     return img
 
 

@@ -33,6 +33,7 @@ from lightning_mia.data.sources import (
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 BRACE = re.compile(r"\{([^{}]*)\}")
 MAX_ID = (1 << 63) - 1
+END_OF_ARCHIVE = 1024  # two zero blocks close every complete tar
 
 
 def expand_braces(spec: str) -> list[str]:
@@ -115,15 +116,23 @@ def _index_member(tf: tarfile.TarFile, m: tarfile.TarInfo, e: _Entry, where: str
 def index_shard(path: Path, shard_index: int) -> list[_Entry]:
     """One pass over a tar: image offsets and captions, grouped by key, in tar order."""
     entries: dict[str, _Entry] = {}
+    file_size = path.stat().st_size
     try:
         with tarfile.open(path, "r:") as tf:
             for m in tf:
+                if m.offset_data + m.size > file_size:
+                    raise DataError(
+                        f"webdataset shard {path}: truncated ({m.name} needs byte "
+                        f"{m.offset_data + m.size}, the file has {file_size})"
+                    )
                 base = posixpath.basename(m.name)
                 if not m.isfile() or "." not in base or base.startswith("."):
                     continue
                 key = posixpath.join(posixpath.dirname(m.name), base.split(".", 1)[0])
                 e = entries.setdefault(key, _Entry(shard_index, key))
                 _index_member(tf, m, e, str(path))
+            if tf.offset + END_OF_ARCHIVE > file_size:  # cut exactly between two members
+                raise DataError(f"webdataset shard {path}: truncated (no end-of-archive blocks)")
     except (tarfile.TarError, OSError, EOFError) as err:
         raise DataError(
             f"webdataset shard {path}: not a readable (uncompressed) tar ({err})"
