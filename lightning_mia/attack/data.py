@@ -132,7 +132,7 @@ class AttackDataModule(LightningDataModule):
     def _loader(self, part: XY, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         dataset = TensorDataset(part[0].float(), part[1].float())
-        return DataLoader(dataset, self.batch_size, shuffle=shuffle, generator=generator)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train, shuffle=True)

@@ -143,11 +143,30 @@ def fit_attack(
     progress: bool = True,
     seed: int = 0,
     filename: str = "best",
+    num_threads: int | None = 1,
 ) -> AttackModule:
     """Train on `datamodule.train`, early-stop on `.val`; return the best checkpoint, reloaded.
 
     The checkpoint is `<folder>/<filename>.ckpt`; the standardiser is fitted on the train rows.
+    `num_threads` caps torch's intra-op threads while training (restored after): a small MLP
+    gains nothing from more, and on a busy machine thread contention made it 10x slower.
     """
+    previous = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        return _fit(
+            module, datamodule, folder, max_epochs, patience, logger, progress, seed, filename
+        )
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fit(
+    module: AttackModule, datamodule: AttackDataModule, folder: str | os.PathLike,
+    max_epochs: int, patience: int, logger: Logger | None, progress: bool, seed: int,
+    filename: str,
+) -> AttackModule:  # fmt: skip
     lightning.seed_everything(seed, verbose=False)
     module.fit_standardizer(datamodule.train[0])
     folder = Path(folder)

@@ -1,0 +1,119 @@
+"""AttackModule, attack data and the threshold baseline on synthetic features (CPU, seconds)."""
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from lightning_mia.attack import ATTACK_GROUPS, ATTACKS, AttackError
+from lightning_mia.attack.baselines import fit_threshold_baseline
+from lightning_mia.attack.data import AttackDataModule, features_for, stratified_split
+from lightning_mia.attack.module import AttackModule, fit_attack
+from lightning_mia.metrics import bootstrap_interval, roc_auc
+from lightning_mia.query.shards import QueryTable
+
+
+def _rows(n, separation, seed, num_features=6):
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.rand(n, generator=g) < 0.5).float()
+    x = torch.randn(n, num_features, generator=g)
+    x[:, 0] += separation * y
+    x[:, 1] = 50.0 + 20.0 * x[:, 1]  # badly scaled column: the standardiser must cope
+    return x, y
+
+
+def _fit(x, y, folder, max_epochs=25):
+    keep, held = stratified_split(y, 0.2, seed=0)
+    dm = AttackDataModule((x[keep], y[keep]), (x[held], y[held]))
+    names = [f"pixel/f{i}" for i in range(x.shape[1])]
+    module = AttackModule(x.shape[1], hidden=(32, 32), feature_names=names)
+    return fit_attack(module, dm, folder, max_epochs=max_epochs, progress=False)
+
+
+def test_separable_members_are_found(tmp_path):
+    x, y = _rows(600, separation=4.0, seed=0)
+    xt, yt = _rows(400, separation=4.0, seed=1)
+    best = _fit(x, y, tmp_path)
+    assert float(roc_auc(best.score(xt), yt.bool())) > 0.95
+
+
+def test_noise_stays_at_chance(tmp_path):
+    x, y = _rows(600, separation=0.0, seed=2)
+    xt, yt = _rows(600, separation=0.0, seed=3)
+    scores = _fit(x, y, tmp_path, max_epochs=10).score(xt)
+    low, high = bootstrap_interval(roc_auc, scores, yt.bool(), n_boot=300, seed=0)
+    assert low < 0.5 < high
+
+
+def test_saved_attack_reloads_with_its_standardiser(tmp_path):
+    x, y = _rows(300, separation=3.0, seed=4)
+    best = _fit(x, y, tmp_path, max_epochs=5)
+    path = tmp_path / "best.ckpt"
+    assert path.is_file()
+    again = AttackModule.load_from_checkpoint(path, weights_only=True)
+    assert again.mean[1] == pytest.approx(float(x[:, 1].mean()), rel=0.2)  # fitted, not 0
+    assert torch.equal(again.mean, best.mean) and torch.equal(again.std, best.std)
+    assert list(again.hparams.feature_names) == [f"pixel/f{i}" for i in range(6)]
+    torch.testing.assert_close(again.score(x), best.score(x))
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    dm = AttackDataModule((x, y), (x, y), test=(x, y), batch_size=128)
+    probs = torch.cat(trainer.predict(again, datamodule=dm))
+    torch.testing.assert_close(probs, torch.sigmoid(best.score(x)))
+
+
+def test_stratified_split_is_seeded_disjoint_and_stratified():
+    y = torch.tensor([1.0] * 30 + [0.0] * 70)
+    strata = torch.arange(100) % 2
+    keep, held = stratified_split(y, 0.2, seed=5, strata=strata)
+    assert set(keep.tolist()).isdisjoint(held.tolist())
+    assert sorted(keep.tolist() + held.tolist()) == list(range(100))
+    assert int(y[held].sum()) == 6 and held.numel() == 20
+    assert int(strata[held].sum()) == 10
+    again = stratified_split(y, 0.2, seed=5, strata=strata)
+    assert torch.equal(held, again[1])
+    assert not torch.equal(held, stratified_split(y, 0.2, seed=6, strata=strata)[1])
+
+
+def _table(features, member, run_name):
+    n = member.numel()
+    return QueryTable(
+        torch.arange(n), member, 1, features=features, metadata={"run_name": run_name}
+    )
+
+
+def test_features_for_selects_groups_and_names_what_is_missing():
+    member = torch.tensor([True, False, True])
+    feats = {
+        "pixel/mse": torch.ones(3),
+        "text/clip": torch.zeros(3),
+        "quality/brisque": torch.ones(3),
+        "blind/len": torch.ones(3),
+    }
+    x, y, names = features_for([_table(feats, member, "a"), _table(feats, member, "b")], "text")
+    assert names == ["quality/brisque", "text/clip"] and x.shape == (6, 2)
+    assert torch.equal(y, torch.tensor([1.0, 0, 1, 1, 0, 1]))
+    partial = {k: v for k, v in feats.items() if k != "text/clip"}
+    with pytest.raises(AttackError, match=r"diffusion-shadow-002 lacks \['text/clip'\]"):
+        features_for([_table(feats, member, "a"), _table(partial, member, "diffusion-shadow-002")],
+                     "combined")  # fmt: skip
+    with pytest.raises(AttackError, match="unknown attack"):
+        features_for([_table(feats, member, "a")], "nope")
+
+
+def test_registry_matches_the_feature_contract():
+    assert ATTACK_GROUPS["combined"] == ["pixel", "semantic", "text", "quality"]
+    assert ATTACKS["blind"].queries({"num_images": 4}) == 0
+    assert ATTACKS["pixel"].queries({"num_images": 4}) == 4
+    assert ATTACKS["loss"].access == "gray-box"
+
+
+def test_threshold_baseline_picks_direction_and_feature():
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(400, generator=g) < 0.5).float()
+    x = torch.randn(400, 3, generator=g)
+    x[:, 2] -= 2.0 * y  # smaller = member: the strongest feature, negative direction
+    x[:, 0] += 0.5 * y
+    best = fit_threshold_baseline(x, y, ["pixel/a", "pixel/b", "pixel/c"])[0]
+    assert best.feature == "pixel/c" and best.direction == -1
+    signed = best.scores(x, ["pixel/a", "pixel/b", "pixel/c"])
+    accuracy = float(((signed >= best.threshold).float() == y).float().mean())
+    assert accuracy > 0.8 and best.train_auc > 0.85

@@ -1,0 +1,148 @@
+"""run_attacks end to end on synthetic shards (2 shadows + 1 target), and each input error."""
+
+import json
+
+import pytest
+import torch
+
+from lightning_mia.attack import AttackError
+from lightning_mia.attack.runner import run_attacks
+from lightning_mia.metrics import METRIC_NAMES
+from lightning_mia.paths import ExperimentLayout, run_name
+from lightning_mia.query.shards import load_query_table, write_shard
+from lightning_mia.reporting import REPORT_JSON, REPORT_MD, ROC_PNG, write_report
+
+FAST = dict(max_epochs=3, n_boot=100, progress=False)
+
+
+def _features(member, g):
+    """Pixel features leak membership, semantic/text a little, blind not at all."""
+    n, m = member.numel(), member.float()
+    noise = lambda: torch.randn(n, generator=g)  # noqa: E731
+    return {
+        "pixel/mse_mean": noise() - 2.5 * m,
+        "pixel/ssim_mean": noise() + 1.5 * m,
+        "semantic/cos_mean": noise() + 0.5 * m,
+        "text/clip_mean": noise() + 0.3 * m,
+        "quality/brisque": noise(),
+        "blind/caption_length": noise(),
+    }
+
+
+def _write_table(layout, index, n=160, seed=0, family="diffusion", splits="abc123", drop=()):
+    g = torch.Generator().manual_seed(seed + index)
+    member = torch.arange(n) % 2 == 0
+    ids = torch.arange(n) + 1000 * index
+    features = {k: v for k, v in _features(member, g).items() if k not in drop}
+    name = run_name(family, index)
+    meta = {"splits_hash": splits, "run_name": name, "family": family, "experiment": "x",
+            "num_images": "4", "train_steps_per_image": "300.0"}  # fmt: skip
+    folder = layout.queries(name)
+    half = n // 2  # two shards, as two ranks would write
+    for k, part in enumerate((slice(0, half), slice(half, n))):
+        feats = {f: v[part] for f, v in features.items()}
+        write_shard(folder / f"shard-{k:03d}.safetensors", ids[part], member[part], index, feats,
+                    meta)  # fmt: skip
+    return load_query_table(folder)
+
+
+@pytest.fixture
+def world(tmp_path):
+    layout = ExperimentLayout(tmp_path / "exp")
+    target = _write_table(layout, 0)
+    shadows = [_write_table(layout, 1), _write_table(layout, 2)]
+    return layout, target, shadows
+
+
+def test_shadow_setting_end_to_end(world):
+    layout, target, shadows = world
+    context = {"seeds": {"query": 3}, "target": {"augmentation": {"flip": False}}}
+    report = run_attacks(layout, target, shadows, ["pixel", "combined"], context=context, **FAST)
+    assert set(report.attacks) == {"pixel", "combined"}
+    assert set(report.baselines) == {"threshold", "blind"}
+    assert report.attacks["pixel"].metrics["auc"].value > 0.9
+    assert report.baselines["threshold"].details["feature"].startswith("pixel/")
+    assert (layout.attack / "pixel" / "shadow.ckpt").is_file()
+    write_report(layout.attack, report)
+    for name in (REPORT_JSON, REPORT_MD, ROC_PNG):
+        assert (layout.attack / name).stat().st_size > 0
+    doc = json.loads((layout.attack / REPORT_JSON).read_text())
+    assert doc["setting"] == "shadow" and doc["family"] == "diffusion"
+    assert doc["num_images"] == 4 and doc["num_shadows"] == 2 and doc["splits_hash"] == "abc123"
+    assert doc["seeds"] == {"query": 3, "attack": 0}
+    assert doc["target"] == {"run_name": "diffusion-target-000", "train_steps_per_image": 300.0,
+                             "augmentation": {"flip": False}}  # fmt: skip
+    assert doc["test_samples"] == {"members": 80, "non_members": 80}
+    for section in ("attacks", "baselines"):
+        for entry in doc[section].values():
+            assert set(entry["metrics"]) == set(METRIC_NAMES)
+            assert entry["metrics"]["tpr@0.1%fpr"] == {"value": None, "low": None, "high": None,
+                                                       "resolvable": False}  # fmt: skip
+            assert entry["metrics"]["auc"]["low"] <= entry["metrics"]["auc"]["value"]
+    assert doc["attacks"]["pixel"]["queries_per_sample"] == 4
+    assert doc["baselines"]["blind"]["queries_per_sample"] == 0
+    assert doc["attacks"]["pixel"]["features"] == ["pixel/mse_mean", "pixel/ssim_mean"]
+    assert "n/r" in (layout.attack / REPORT_MD).read_text()
+    assert (layout.attack / ROC_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_partial_setting_trains_on_known_target_rows(world):
+    layout, target, _ = world
+    report = run_attacks(layout, target, [], ["pixel"], setting="partial", known_fraction=0.5,
+                         **FAST)  # fmt: skip
+    assert report.known_fraction == 0.5
+    assert report.test_samples == {"members": 40, "non_members": 40}
+    tested = set(report.attacks["pixel"].sample_id.tolist())
+    assert len(tested) == 80 and tested < set(target.sample_id.tolist())
+    assert (layout.attack / "pixel" / "partial.ckpt").is_file()
+
+
+def test_threshold_is_chosen_without_target_labels(world):
+    layout, target, shadows = world
+    first = run_attacks(layout, target, shadows, ["pixel"], **FAST).baselines["threshold"]
+    target.is_member = ~target.is_member
+    flipped = run_attacks(layout, target, shadows, ["pixel"], **FAST).baselines["threshold"]
+    assert flipped.details == first.details
+    assert flipped.metrics["auc"].value == pytest.approx(1 - first.metrics["auc"].value)
+
+
+def _error(world, **overrides):
+    layout, target, shadows = world
+    args = dict(target=target, shadows=shadows, attacks=["pixel"], **FAST)
+    args.update(overrides)
+    with pytest.raises(AttackError) as info:
+        run_attacks(layout, **args)
+    assert not layout.attack.exists()  # nothing trained or written before the error
+    return str(info.value)
+
+
+def test_no_shadows(world):
+    assert "no shadow tables" in _error(world, shadows=[])
+
+
+def test_mixed_family_and_splits(world):
+    layout = world[0]
+    other = _write_table(layout, 3, family="seq2seq", splits="zzz")
+    message = _error(world, shadows=[*world[2], other])
+    assert "family='seq2seq'" in message and "splits_hash='zzz'" in message
+
+
+def test_unknown_attack_lists_known_ones(world):
+    message = _error(world, attacks=["pixel", "pixle"])
+    assert "unknown attacks ['pixle']" in message and "'combined'" in message
+
+
+def test_missing_features_say_how_to_compute(world):
+    layout = world[0]
+    lacking = _write_table(layout, 4, drop=("semantic/cos_mean",))
+    message = _error(world, shadows=[world[2][0], lacking], attacks=["semantic"])
+    assert "diffusion-shadow-004 lacks ['semantic/cos_mean']" in message
+    assert "feature_groups" in message
+
+
+def test_target_needs_both_classes(world):
+    _, target, _ = world
+    target.is_member = torch.ones_like(target.is_member)
+    message = _error(world, target=target, attacks=["pixel", "pixle"])
+    assert "the target table has 160 members and 0 non-members" in message
+    assert "pixle" in message  # every problem in one error
