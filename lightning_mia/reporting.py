@@ -253,9 +253,11 @@ def write_report(folder: str | os.PathLike, report: AttackReport) -> Path:
 
 def _wandb_loggers(logger: Any) -> list[Any]:
     """The WandbLoggers among `logger` (a logger, a list of them, or None)."""
+    loggers = logger if isinstance(logger, (list, tuple)) else [logger]
+    if all(lg is None for lg in loggers):
+        return []
     from lightning.pytorch.loggers import WandbLogger
 
-    loggers = logger if isinstance(logger, (list, tuple)) else [logger]
     return [lg for lg in loggers if isinstance(lg, WandbLogger)]
 
 
