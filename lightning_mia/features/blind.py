@@ -1,0 +1,70 @@
+"""The blind baseline: features of the query (x, c) alone, without querying any model.
+
+    blind_features(query, query_emb, text_emb, captions)  # -> {"blind/...": (B,)}
+
+Members and non-members are drawn IID from one pool, so an attack on these features should sit
+at chance; if it does not, the split leaks (distribution shift) and every other attack's number
+is inflated by as much. Features:
+- `blind/query_cos`: cosine(E_txt(c), E_img(x)), how well the encoder matches the pair;
+- `blind/{mean,std}_{r,g,b}`: per-channel mean and std of x in [-1, 1];
+- `blind/hf_energy`: mean squared Laplacian of the luminance, high-frequency content;
+- `blind/img_emb_{0..3}`, `blind/txt_emb_{0..3}`: the first coordinates of the unit-norm image
+  and text embeddings, a crude low-dimensional view of where the pair sits in the encoder space;
+- `blind/caption_chars`, `blind/caption_words`: caption length (when captions are given).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EMBEDDING_COORDS = 4  # leading embedding coordinates kept
+CHANNELS = ("r", "g", "b")
+LUMA = (0.299, 0.587, 0.114)
+
+
+def image_statistics(query: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-channel mean/std and high-frequency energy of (B, 3, H, W) images in [-1, 1]."""
+    x = query.float()
+    out: dict[str, torch.Tensor] = {}
+    for i, c in enumerate(CHANNELS):
+        out[f"blind/mean_{c}"] = x[:, i].mean(dim=(1, 2))
+        out[f"blind/std_{c}"] = x[:, i].std(dim=(1, 2), correction=0)
+    luma = torch.einsum("bchw,c->bhw", x, torch.tensor(LUMA, device=x.device))[:, None]
+    laplace = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]], device=x.device)
+    hf = F.conv2d(F.pad(luma, (1, 1, 1, 1), mode="replicate"), laplace.view(1, 1, 3, 3))
+    out["blind/hf_energy"] = hf.square().mean(dim=(1, 2, 3))
+    return out
+
+
+@torch.no_grad()
+def blind_features(
+    query: torch.Tensor,
+    query_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    captions: list[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Features of the query image and caption alone (see the module docstring for names).
+
+    query: (B, 3, H, W) in [-1, 1]; query_emb, text_emb: (B, D); captions: B strings or None.
+    """
+    if query.ndim != 4 or query_emb.shape != text_emb.shape or len(query) != len(query_emb):
+        raise ValueError(
+            "expected query (B, 3, H, W), query_emb and text_emb (B, D), got "
+            f"{tuple(query.shape)}, {tuple(query_emb.shape)}, {tuple(text_emb.shape)}"
+        )
+    q = F.normalize(query_emb.float(), dim=-1)
+    t = F.normalize(text_emb.float(), dim=-1)
+    out = {"blind/query_cos": (q * t).sum(-1), **image_statistics(query)}
+    for i in range(min(EMBEDDING_COORDS, q.shape[-1])):
+        out[f"blind/img_emb_{i}"] = q[:, i]
+        out[f"blind/txt_emb_{i}"] = t[:, i]
+    if captions is not None:
+        if len(captions) != len(query):
+            raise ValueError(f"got {len(captions)} captions for {len(query)} query images")
+        dev = query.device
+        out["blind/caption_chars"] = torch.tensor([float(len(c)) for c in captions], device=dev)
+        out["blind/caption_words"] = torch.tensor(
+            [float(len(c.split())) for c in captions], device=dev
+        )
+    return out

@@ -1,0 +1,36 @@
+"""Attack III: how faithful the generated images are to the caption c.
+
+    text_features(text_emb, query_emb, gen_emb)  # (B, D), (B, D), (B, N, D) -> 5 features (B,)
+
+Per k: cosine(E_txt(c), E_img(g_k)), aggregated over k (mean, min, max, std); and
+cosine(E_txt(c), E_img(x)), the same score of the query image itself, a reference for how well
+the encoder matches this caption at all. ATTACKS.md puts the quality of g_k under attack III too:
+that is its own group, `quality/*` (lightning_mia.features.quality), which the `text` attack
+includes (`ATTACK_GROUPS["text"] == ["text", "quality"]`), so each group stays one concept.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lightning_mia.features.pixel import aggregate_over_images
+from lightning_mia.features.semantic import check_embeddings
+
+
+@torch.no_grad()
+def text_features(
+    text_emb: torch.Tensor, query_emb: torch.Tensor, gen_emb: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Caption-image cosine of each g_k (aggregated) and of the query image.
+
+    text_emb, query_emb: (B, D); gen_emb: (B, N, D).
+    Names: `text/gen_cos_{mean,min,max,std}`, `text/query_cos`.
+    """
+    check_embeddings(query_emb, gen_emb)
+    check_embeddings(text_emb, gen_emb)
+    t = F.normalize(text_emb.float(), dim=-1)  # (B, D)
+    g = F.normalize(gen_emb.float(), dim=-1)  # (B, N, D)
+    q = F.normalize(query_emb.float(), dim=-1)  # (B, D)
+    gen_cos = (t[:, None] * g).sum(-1)  # (B, N)
+    return {**aggregate_over_images(gen_cos, "text/gen_cos"), "text/query_cos": (t * q).sum(-1)}
