@@ -229,6 +229,9 @@ def _bad_folder(tmp_path, case):
     if case == "non-text caption jsonl":
         (root / "metadata.jsonl").write_text('{"file_name": "0.png", "text": null}\n')
         return build, "metadata.jsonl line 1"
+    if case == "empty metadata":
+        (root / "metadata.jsonl").write_text("\n")
+        return build, "metadata.jsonl: lists no images"
     if case == "no metadata":
         (root / "metadata.jsonl").unlink()
         return build, str(root)
@@ -266,7 +269,7 @@ BAD = {
              "zero-byte image", "empty caption", "non-text caption", "truncated image",
              "not an image"],
     "folder": ["malformed jsonl", "malformed csv", "csv missing column", "non-text caption jsonl",
-               "no metadata", "missing folder"],
+               "empty metadata", "no metadata", "missing folder"],
     "shard": ["not a tar", "no shards", "truncated tar", "tar cut between members",
               "missing caption", "malformed json member", "missing image"],
 }  # fmt: skip

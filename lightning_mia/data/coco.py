@@ -109,6 +109,8 @@ class CocoSource(ImageCaptionSource):
             raise DataError(f"COCO image folder {self.images_root}: no such folder")
         files, captions = self._read_annotations(subsets)
         self._ids = sorted(files)
+        if not self._ids:
+            raise DataError(f"{self.annotations}: lists no images")
         self._paths = {i: self._resolve(files[i]) for i in self._ids}
         self._captions: dict[int, list] = {}
         self._chosen: dict[int, Any] = {}

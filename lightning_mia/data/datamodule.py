@@ -211,10 +211,14 @@ class MembershipDataModule(pl.LightningDataModule):
         """The row's queries in sample-id order, each served once across ranks (no padding)."""
         dataset = self.query_dataset()
         rank, world = self._rank_and_world()
+        sampler = ShardedSampler(dataset, num_replicas=world, rank=rank)
+        if len(sampler) == 0 and self.trainer is not None and self.trainer.lightning_module:
+            # fewer queries left than ranks (e.g. a resumed run): this rank has nothing to do
+            self.trainer.lightning_module.allow_zero_length_dataloader_with_multiple_devices = True
         return DataLoader(
             dataset,
             batch_size=self.query_batch_size,
-            sampler=ShardedSampler(dataset, num_replicas=world, rank=rank),
+            sampler=sampler,
             collate_fn=collate_samples,
             num_workers=self.num_workers,
         )

@@ -124,6 +124,8 @@ class ImageFolderSource(ImageCaptionSource):
         for index, (line, row) in enumerate(rows):
             self._add_row(index, line, row)
         self._ids = sorted(self._paths)
+        if not self._ids:
+            raise DataError(f"{self.metadata}: lists no images")
 
     def _metadata_file(self) -> Path:
         if not self.root.is_dir():

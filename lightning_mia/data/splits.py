@@ -138,6 +138,26 @@ def _split(pool: list[int], member_fraction: float, rng: random.Random) -> Split
     return SplitRow(sorted(order[:k]), sorted(order[k:]))
 
 
+def _config_problems(
+    num_shadows: int, member_fraction: float, shadow_pool: str, t: int, a: int, n: int
+) -> list[str]:
+    """Every problem with the asked split settings (all reported at once)."""
+    problems = []
+    if num_shadows < 0:
+        problems.append(f"num_shadows must be >= 0, got {num_shadows}")
+    if not 0.0 < member_fraction < 1.0:
+        problems.append(f"member_fraction must be in (0, 1), got {member_fraction}")
+    if shadow_pool not in SHADOW_POOLS:
+        problems.append(f"shadow_pool must be one of {SHADOW_POOLS}, got {shadow_pool!r}")
+    if t < 2:
+        problems.append(f"target_size must be >= 2, got {t}")
+    if num_shadows > 0 and a < 2:
+        problems.append(f"aux_size must be >= 2 when there are shadows, got {a}")
+    if t + a > n:
+        problems.append(f"target_size {t} + aux_size {a} > the {n} usable samples")
+    return problems
+
+
 def make_splits(
     source: ImageCaptionSource,
     num_shadows: int = 2,
@@ -166,19 +186,7 @@ def make_splits(
             )
     ids = source.valid_ids()
     t, a = _resolve_sizes(len(ids), target_size, aux_size)
-    problems = []
-    if num_shadows < 0:
-        problems.append(f"num_shadows must be >= 0, got {num_shadows}")
-    if not 0.0 < member_fraction < 1.0:
-        problems.append(f"member_fraction must be in (0, 1), got {member_fraction}")
-    if shadow_pool not in SHADOW_POOLS:
-        problems.append(f"shadow_pool must be one of {SHADOW_POOLS}, got {shadow_pool!r}")
-    if t < 2:
-        problems.append(f"target_size must be >= 2, got {t}")
-    if num_shadows > 0 and a < 2:
-        problems.append(f"aux_size must be >= 2 when there are shadows, got {a}")
-    if t + a > len(ids):
-        problems.append(f"target_size {t} + aux_size {a} > the {len(ids)} usable samples")
+    problems = _config_problems(num_shadows, member_fraction, shadow_pool, t, a, len(ids))
     if problems:
         raise ValueError(f"cannot make splits of {source}: " + "; ".join(problems))
 

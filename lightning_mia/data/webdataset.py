@@ -164,6 +164,8 @@ class WebDatasetSource(ImageCaptionSource):
             for e in index_shard(path, k):
                 self._add(e)
         self._ids = sorted(self._entries)
+        if not self._ids:
+            raise DataError(f"webdataset shards {shards!r}: hold no samples")
         self._by_shard: list[list[_Entry]] = [[] for _ in self.shards]
         for e in self._entries.values():
             self._by_shard[e.shard].append(e)
