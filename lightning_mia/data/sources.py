@@ -24,6 +24,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from lightning_mia.paths import atomic_write_json
+
 log = logging.getLogger("lightning_mia.data")
 
 SOURCES: dict[str, type[ImageCaptionSource]] = {}
@@ -162,8 +164,6 @@ def file_digests(
     Digests are cached per folder and `kind`, keyed by (size, mtime_ns), so a big dataset is read
     once and a file rewritten since is read again. The cache is best effort (unwritable: uncached).
     """
-    from lightning_mia.paths import atomic_write_json
-
     out: dict[Path, str] = {}
     by_folder: dict[Path, list[Path]] = {}
     for p in paths:
