@@ -71,6 +71,15 @@ def collate_samples(items: list[dict[str, Any]]) -> dict[str, Any]:
 class MembershipDataModule(pl.LightningDataModule):
     """Training and query data of one model (row `model_index` of splits.json)."""
 
+    SPLIT_KEYS = (
+        "num_shadows",
+        "target_size",
+        "aux_size",
+        "member_fraction",
+        "seed",
+        "shadow_pool",
+    )
+
     def __init__(
         self,
         experiment: str = "runs/demo",
@@ -133,6 +142,25 @@ class MembershipDataModule(pl.LightningDataModule):
         self.layout = ExperimentLayout(experiment)
         self.splits: Splits | None = None
         self.exclude_ids: set[int] = set()  # query ids already done (resumed query runs)
+
+    @classmethod
+    def from_experiment(
+        cls, experiment: str, model_index: int = 0, query_batch_size: int | None = None
+    ) -> MembershipDataModule:
+        """The DataModule of an existing experiment, rebuilt from what splits.json records
+        (the source and the split config), so later stages need only the experiment folder."""
+        import lightning_mia.data  # noqa: F401  (registers every source with build_source)
+        from lightning_mia.data.sources import DataError, build_source
+
+        layout = ExperimentLayout(experiment)
+        if not layout.splits.is_file():
+            raise DataError(f"{layout.splits}: no such file (is {experiment} an experiment?)")
+        splits = load_splits(layout.splits)
+        source = build_source(splits.dataset["source"])
+        kwargs = {k: splits.config[k] for k in cls.SPLIT_KEYS if k in splits.config}
+        if query_batch_size is not None:
+            kwargs["query_batch_size"] = query_batch_size
+        return cls(experiment, source, model_index=model_index, **kwargs)
 
     # ---- splits ----
     def prepare_data(self) -> None:
