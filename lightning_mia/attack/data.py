@@ -110,7 +110,7 @@ class AttackDataModule(LightningDataModule):
         train: XY,
         val: XY,
         test: XY | None = None,
-        batch_size: int = 256,
+        batch_size: int = 64,
         seed: int = 0,
     ) -> None:
         """

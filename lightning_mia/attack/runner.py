@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import lightning
 import torch
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info
@@ -178,6 +179,7 @@ def _train_one(
     strata = rows.strata if rows.train_rows is None else None
     keep, held = stratified_split(y, VAL_FRACTION, seed + 1, strata)
     dm = AttackDataModule((x[keep], y[keep]), (x[held], y[held]), (xt, yt), seed=seed)
+    lightning.seed_everything(seed, verbose=False)  # initial weights: same seed, same attack
     module = AttackModule(len(names), feature_names=names, metric_prefix=f"attack/{spec.name}")
     rank_zero_info(f"attack {spec.name}: {len(names)} features, {len(keep)} training rows")
     best = fit_attack(module, dm, folder / spec.name, seed=seed, filename=setting, **fit)
