@@ -1,0 +1,495 @@
+"""DALL-E-mini-style text-to-image: BART predicts the VQGAN codes of an image from its caption.
+
+    python train.py fit --config configs/seq2seq/tiny.yaml                        # target
+    python train.py fit --config configs/seq2seq/tiny.yaml --data.model_index 1   # shadow 1
+
+The image tokenizer is the experiment's frozen VQ autoencoder (a diffusers `VQModel` folder, kept
+out of the checkpoint); the caption tokenizer is a byte-level BPE that rank 0 trains on the
+training captions at fit start and writes to `<run>/tokenizer/`. BART reads caption tokens and
+writes image codes in one unified vocabulary (`seq2seq_presets`); its output head is restricted
+to the code rows, so the model is a distribution over codes only. Each training image is encoded
+once and its codes cached by `sample_id` in memory. Caption dropout trains the unconditional
+path that super-conditioning (`condition_scale`) uses at sampling time.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import VQModel
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import BartForConditionalGeneration, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.models.bart.modeling_bart import BartDecoder
+
+from lightning_mia.card import CheckpointError
+from lightning_mia.models.autoencoder import (
+    check_resolution,
+    decode_codes,
+    encode_codes,
+    load_autoencoder,
+)
+from lightning_mia.models.bart_tokenizer import (
+    check_tokenizer_captions,
+    load_caption_tokenizer,
+    train_caption_tokenizer,
+)
+from lightning_mia.models.base import TextToImageModule, caption_seeds, per_caption_rand
+from lightning_mia.models.seq2seq_presets import bart_config, get_preset
+
+# transformers 5 renamed the decoder's `past_key_values` argument to `cache`
+_CACHE_KWARG = (
+    "cache" if "cache" in inspect.signature(BartDecoder.forward).parameters else ("past_key_values")
+)
+ARCHITECTURE_HPARAMS = ("preset", "caption_vocab_size", "max_caption_length")
+
+
+class Seq2SeqError(ValueError):
+    """A seq2seq model that cannot run as configured (autoencoder, tokenizer, inputs)."""
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How codes are drawn: top-k (0 = off), top-p (1 = off), temperature (0 = greedy) and
+    super-conditioning (1 = off): logits = uncond + condition_scale * (cond - uncond)."""
+
+    top_k: int = 0
+    top_p: float = 1.0
+    temperature: float = 1.0
+    condition_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if problems:
+            raise Seq2SeqError("; ".join(problems))
+
+    @property
+    def guided(self) -> bool:
+        return self.condition_scale != 1.0
+
+
+def sample_from_logits(
+    logits: torch.Tensor, uniform: torch.Tensor, settings: SamplingSettings
+) -> torch.Tensor:
+    """One index per row of `logits` (R, K), by inverse CDF of the filtered distribution.
+
+    `uniform` (R,) in [0, 1) is the row's pre-drawn random number: the draw depends only on the
+    row's own logits and number, never on the other rows of the batch.
+    """
+    if settings.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / settings.temperature
+    if 0 < settings.top_k < logits.shape[-1]:
+        values, index = logits.topk(settings.top_k, dim=-1)  # (R, k), sorted descending
+    else:
+        values, index = logits.sort(dim=-1, descending=True, stable=True)  # (R, K)
+    probs = values.softmax(-1)
+    if settings.top_p < 1.0:  # nucleus: drop tokens once the mass before them reaches top_p
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= settings.top_p, 0.0)
+    cdf = probs.cumsum(-1)  # (R, k)
+    threshold = uniform.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]  # (R, 1)
+    pos = torch.searchsorted(cdf, threshold, right=True).clamp_max(cdf.shape[-1] - 1)
+    return index.gather(-1, pos).squeeze(-1)
+
+
+def training_captions(datamodule: Any) -> list[str]:
+    """The captions of the training set of a `MembershipDataModule` (after its setup)."""
+    if not (hasattr(datamodule, "train_ids") and hasattr(datamodule, "source")):
+        raise Seq2SeqError(
+            "the seq2seq model trains its caption tokenizer on the datamodule's training "
+            "captions (train_ids + source): train with a MembershipDataModule or pass "
+            "model.tokenizer=<folder of a trained tokenizer>"
+        )
+    return [datamodule.source.caption(i) for i in datamodule.train_ids]
+
+
+class Seq2SeqModule(TextToImageModule):
+    """BART from caption tokens to VQGAN image codes (DALL-E mini), with batched sampling."""
+
+    family = "seq2seq"
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        autoencoder: str = "",
+        tokenizer: str = "",
+        caption_vocab_size: int = 0,
+        max_caption_length: int = 0,
+        caption_dropout: float = 0.1,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        temperature: float = 1.0,
+        condition_scale: float = 1.0,
+        cache_codes: bool = True,
+        sample_every_n_steps: int = 0,
+        num_preview_images: int = 2,
+    ) -> None:
+        """
+        Args:
+            preset: model size, "tiny" or "dalle-mini" (see seq2seq_presets.PRESETS).
+            autoencoder: diffusers VQModel folder (the image tokenizer); "" = the experiment's
+                autoencoder/ folder, found through the datamodule at fit start.
+            tokenizer: caption BPE folder to reuse; "" = train one on the training captions
+                into <run>/tokenizer/ at fit start (reused on resume).
+            caption_vocab_size: caption vocabulary (BPE trained up to it); 0 = the preset's.
+            max_caption_length: caption tokens kept; 0 = the preset's.
+            caption_dropout: probability of training on the empty caption (unconditional path).
+            lr: AdamW peak learning rate.
+            weight_decay: AdamW weight decay (not on biases and norms).
+            warmup_steps: linear learning-rate warm-up, in optimizer steps.
+            top_k: sampling default, keep the k most likely codes (0 = off).
+            top_p: sampling default, nucleus mass (1 = off).
+            temperature: sampling default (0 = greedy).
+            condition_scale: sampling default super-conditioning scale (1 = off).
+            cache_codes: encode each training image once and keep its codes by sample_id.
+            sample_every_n_steps: log a sample grid every this many steps (0 = never).
+            num_preview_images: images per preview caption in the sample grid.
+        """
+        super().__init__(sample_every_n_steps, num_preview_images)
+        self.save_hyperparameters()
+        self.spec = get_preset(preset, caption_vocab_size, max_caption_length)
+        self.resolution = self.spec.resolution
+        self.sampling = SamplingSettings(top_k, top_p, temperature, condition_scale)
+        if not 0.0 <= caption_dropout < 1.0:
+            raise Seq2SeqError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        self.bart = BartForConditionalGeneration(bart_config(self.spec))
+        self.vq: VQModel | None = None  # frozen, kept out of the checkpoint (hooks below)
+        self.code_grid = (0, 0)
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._code_cache: dict[int, torch.Tensor] = {}  # sample_id -> (L,) codes, CPU
+        self.register_state_dict_post_hook(_drop_vq_keys)
+        self.register_load_state_dict_post_hook(_ignore_missing_vq_keys)
+        if autoencoder:
+            self.attach_autoencoder(autoencoder)
+        if tokenizer:
+            self.attach_tokenizer(tokenizer)
+
+    # --- the frozen parts ------------------------------------------------------------------
+    def attach_autoencoder(self, folder: str | Path) -> None:
+        """Load the VQ image tokenizer and check it against the preset's code grid."""
+        vq = load_autoencoder(folder)
+        if not isinstance(vq, VQModel):
+            raise Seq2SeqError(
+                f"autoencoder {folder} is a {type(vq).__name__}; the seq2seq family needs a "
+                "VQModel (discrete codes)"
+            )
+        spec, name = self.spec, self.hparams.preset
+        side = check_resolution(vq, spec.resolution, f"autoencoder {folder}")
+        problems = []
+        if vq.config.num_vq_embeddings != spec.num_codes:
+            problems.append(
+                f"its codebook has {vq.config.num_vq_embeddings} codes, preset {name!r} "
+                f"expects {spec.num_codes}"
+            )
+        if side * side != spec.image_tokens:
+            problems.append(
+                f"it makes {side}x{side} = {side * side} codes per {spec.resolution}px image, "
+                f"preset {name!r} expects {spec.image_tokens}"
+            )
+        if problems:
+            raise Seq2SeqError(
+                f"autoencoder {folder} does not fit the seq2seq model: {'; '.join(problems)}"
+                " (train the autoencoder to match or choose another preset)"
+            )
+        self.vq = vq.requires_grad_(False).eval().to(self.device)
+        self.code_grid = (side, side)
+        self.hparams.autoencoder = str(folder)
+
+    def attach_tokenizer(self, folder: str | Path) -> None:
+        """Load the caption BPE from `folder` (and record it for the checkpoint)."""
+        self._tokenizer = load_caption_tokenizer(
+            folder, self.spec.caption_vocab_size, self.spec.max_caption_length
+        )
+        self.hparams.tokenizer = str(folder)
+
+    @property
+    def caption_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            raise Seq2SeqError(
+                "no caption tokenizer: fit the model (it trains one) or pass tokenizer=<folder>"
+            )
+        return self._tokenizer
+
+    def _vq(self) -> VQModel:
+        if self.vq is None:
+            raise Seq2SeqError(
+                "no autoencoder: pass autoencoder=<VQModel folder> or fit with a datamodule "
+                "whose experiment holds one"
+            )
+        return self.vq
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.vq is None and getattr(dm, "layout", None) is not None:
+            self.attach_autoencoder(dm.layout.autoencoder)
+        if self._tokenizer is None and stage == "fit":
+            self._prepare_tokenizer(dm)
+        super().setup(stage)
+
+    def _prepare_tokenizer(self, dm: Any) -> None:
+        """Rank 0 trains the BPE into the run folder (unless there from an earlier start)."""
+        if getattr(dm, "layout", None) is not None:
+            folder = dm.layout.run_dir(self.family, dm.model_index) / "tokenizer"
+        else:
+            folder = Path(self.trainer.default_root_dir) / "tokenizer"
+        captions = training_captions(dm)
+        if self.trainer.is_global_zero and not (folder / "vocab.json").is_file():
+            train_caption_tokenizer(captions, self.spec.caption_vocab_size, folder)
+            rank_zero_info(f"caption tokenizer trained on {len(captions)} captions: {folder}")
+        self.trainer.strategy.barrier("seq2seq_tokenizer")
+        check_tokenizer_captions(folder, captions)
+        self.attach_tokenizer(folder)
+
+    def card_references(self) -> dict[str, str]:
+        return {"autoencoder": self.hparams.autoencoder, "tokenizer": self.hparams.tokenizer}
+
+    def train(self, mode: bool = True) -> Seq2SeqModule:
+        super().train(mode)
+        if self.vq is not None:
+            self.vq.eval()  # frozen: never in training mode
+        return self
+
+    # --- tokens and codes ------------------------------------------------------------------
+    def tokenize(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Caption ids and attention mask, (B, S) each, padded to the longest caption."""
+        enc = self.caption_tokenizer(
+            list(captions),
+            padding="longest",
+            truncation=True,
+            max_length=self.spec.max_caption_length,
+            return_tensors="pt",
+        )
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """VQGAN codes (B, L) int64 of images (B, 3, R, R) in [-1, 1]."""
+        r = self.spec.resolution
+        if tuple(pixel_values.shape[-2:]) != (r, r):
+            raise Seq2SeqError(
+                f"images are {tuple(pixel_values.shape[-2:])} but preset "
+                f"{self.hparams.preset!r} expects {r}x{r}: set data.resolution={r}"
+            )
+        with torch.autocast(self.device.type, enabled=False):  # codes from fp32 distances
+            return encode_codes(self._vq(), pixel_values.float())
+
+    def image_codes(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Codes (B, L) int64 of the batch's images, encoded once per sample_id and cached."""
+        if not self.hparams.cache_codes:
+            return self.encode_images(batch["pixel_values"])
+        ids = [int(i) for i in batch["sample_id"]]
+        missing = [i for i, sid in enumerate(ids) if sid not in self._code_cache]
+        if missing:
+            dtype = torch.int16 if self.spec.num_codes <= 2**15 else torch.int32
+            new = self.encode_images(batch["pixel_values"][missing]).to("cpu", dtype)
+            self._code_cache.update({ids[i]: c for i, c in zip(missing, new)})
+        return torch.stack([self._code_cache[s] for s in ids]).to(self.device, torch.long)
+
+    def drop_captions(self, captions: Sequence[str]) -> list[str]:
+        """Replace each caption by "" with probability `caption_dropout` (training only)."""
+        keep = torch.rand(len(captions)) >= self.hparams.caption_dropout
+        return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+    # --- likelihood ------------------------------------------------------------------------
+    def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the image codes only (..., K) from decoder states (..., D)."""
+        lo, hi = self.spec.code_offset, self.spec.image_start_id
+        return F.linear(
+            hidden, self.bart.lm_head.weight[lo:hi], self.bart.final_logits_bias[0, lo:hi]
+        )
+
+    def per_token_nll(self, captions: Sequence[str], codes: torch.Tensor) -> torch.Tensor:
+        """NLL (B, L) of each image code given the caption and the codes before it."""
+        length, k = self.spec.image_tokens, self.spec.num_codes
+        if codes.ndim != 2 or codes.shape != (len(captions), length):
+            raise Seq2SeqError(
+                f"codes must be (B={len(captions)}, L={length}), got {tuple(codes.shape)}"
+            )
+        if codes.numel() and (codes.min() < 0 or codes.max() >= k):
+            raise Seq2SeqError(f"codes must lie in [0, {k}), got [{codes.min()}, {codes.max()}]")
+        codes = codes.to(self.device, torch.long)
+        input_ids, mask = self.tokenize(captions)
+        start = torch.full_like(codes[:, :1], self.spec.image_start_id)
+        decoder_input_ids = torch.cat([start, codes[:, :-1] + self.spec.code_offset], dim=1)
+        hidden = self.bart.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            decoder_input_ids=decoder_input_ids,
+            use_cache=False,
+        ).last_hidden_state  # (B, L, D)
+        logits = self.code_logits(hidden).float()  # (B, L, K)
+        return F.cross_entropy(logits.transpose(1, 2), codes, reduction="none")  # (B, L)
+
+    def per_sample_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Mean NLL (B,) of the image codes given the caption (teacher forcing)."""
+        codes = self.image_codes(batch)
+        captions = list(batch["caption"])
+        if self.training and self.hparams.caption_dropout > 0:
+            captions = self.drop_captions(captions)
+        return self.per_token_nll(captions, codes).mean(dim=1)
+
+    # --- sampling --------------------------------------------------------------------------
+    def sampling_settings(
+        self,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float | None = None,
+        condition_scale: float | None = None,
+    ) -> SamplingSettings:
+        """The configured sampler, with the given values overriding it."""
+        d = self.sampling
+        return SamplingSettings(
+            d.top_k if top_k is None else top_k,
+            d.top_p if top_p is None else top_p,
+            d.temperature if temperature is None else temperature,
+            d.condition_scale if condition_scale is None else condition_scale,
+        )
+
+    @torch.no_grad()
+    def sample_codes(
+        self,
+        captions: Sequence[str],
+        num_images: int = 4,
+        seed: int | Sequence[int] = 0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float | None = None,
+        condition_scale: float | None = None,
+    ) -> torch.Tensor:
+        """Image codes (B, N, L) int64 in [0, K), batched over captions x N, KV-cached."""
+        settings = self.sampling_settings(top_k, top_p, temperature, condition_scale)
+        b, n, length = len(captions), num_images, self.spec.image_tokens
+        seeds = caption_seeds(b, seed)
+        uniform = per_caption_rand(seeds, (n, length), self.device).reshape(b * n, length)
+        memory, memory_mask = self._encode_for_sampling(captions, n, settings.guided)
+        codes = self._decode_codes(memory, memory_mask, uniform, settings)  # (B*N, L)
+        return codes.reshape(b, n, length)
+
+    def _encode_for_sampling(
+        self, captions: Sequence[str], n: int, guided: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder states once per caption, repeated N times: (R, S, D) and mask (R, S), R =
+        B*N, or 2*B*N with the empty caption's states (the unconditional half) after them."""
+        b = len(captions)
+        ids, mask = self.tokenize(list(captions) + ([""] if guided else []))
+        hidden = self.bart.model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        memory = hidden[:b].repeat_interleave(n, dim=0)  # (B*N, S, D)
+        memory_mask = mask[:b].repeat_interleave(n, dim=0)
+        if guided:
+            memory = torch.cat([memory, hidden[b:].expand(b * n, -1, -1)])
+            memory_mask = torch.cat([memory_mask, mask[b:].expand(b * n, -1)])
+        return memory, memory_mask
+
+    def _decode_codes(
+        self,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+        uniform: torch.Tensor,
+        settings: SamplingSettings,
+    ) -> torch.Tensor:
+        """The autoregressive loop: one code per step for all rows, (B*N, L)."""
+        rows, (bn, length) = memory.shape[0], uniform.shape
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        token = torch.full((rows, 1), self.spec.image_start_id, device=memory.device)
+        codes = torch.empty(bn, length, dtype=torch.long, device=memory.device)
+        for t in range(length):
+            hidden = self.bart.model.decoder(
+                input_ids=token,
+                encoder_hidden_states=memory,
+                encoder_attention_mask=memory_mask,
+                use_cache=True,
+                **{_CACHE_KWARG: cache},
+            ).last_hidden_state[:, -1]  # (R, D)
+            logits = self.code_logits(hidden).float()  # (R, K)
+            if settings.guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + settings.condition_scale * (cond - uncond)
+            codes[:, t] = sample_from_logits(logits, uniform[:, t], settings)
+            token = (codes[:, t] + self.spec.code_offset).repeat(rows // bn).unsqueeze(1)
+        return codes
+
+    def decode_images(self, codes: torch.Tensor) -> torch.Tensor:
+        """Images (B, N, 3, R, R) in [-1, 1] from codes (B, N, L)."""
+        b, n, length = codes.shape
+        with torch.autocast(self.device.type, enabled=False):
+            images = decode_codes(self._vq(), codes.reshape(b * n, length), self.code_grid)
+        return images.reshape(b, n, *images.shape[1:])
+
+    @torch.no_grad()
+    def generate(
+        self,
+        captions: list[str],
+        num_images: int = 4,
+        seed: int | Sequence[int] = 0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float | None = None,
+        condition_scale: float | None = None,
+    ) -> torch.Tensor:
+        """Images (B, N, 3, R, R) in [-1, 1]; None = the module's configured sampler.
+
+        Caption i's draws come only from its own seed, so a caption gives the same images
+        alone or in any batch.
+        """
+        codes = self.sample_codes(
+            captions, num_images, seed, top_k, top_p, temperature, condition_scale
+        )
+        return self.decode_images(codes)
+
+    # --- training --------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for p in self.bart.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on biases, norms
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams.lr,
+        )
+        warmup = max(1, self.hparams.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("hyper_parameters", {})
+        differ = [
+            f"{k}: checkpoint {saved[k]!r}, model {self.hparams[k]!r}"
+            for k in ARCHITECTURE_HPARAMS
+            if k in saved and saved[k] != self.hparams[k]
+        ]
+        if differ:
+            raise CheckpointError(f"checkpoint has another architecture ({'; '.join(differ)})")
+
+
+def _drop_vq_keys(module: Seq2SeqModule, state_dict: dict, prefix: str, meta: Any) -> None:
+    """The frozen autoencoder lives in its own folder: keep its weights out of checkpoints."""
+    for key in [k for k in state_dict if k.startswith(prefix + "vq.")]:
+        del state_dict[key]
+
+
+def _ignore_missing_vq_keys(module: Seq2SeqModule, incompatible: Any) -> None:
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if ".vq." not in f".{k}"]

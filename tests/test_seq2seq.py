@@ -1,0 +1,243 @@
+"""Seq2seq family (BART over VQGAN codes): loss, likelihoods, sampling, tokenizer, errors."""
+
+import math
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, VQModel
+
+from lightning_mia.card import CARD_KEY, CheckpointError, RunCard
+from lightning_mia.data.shapes import ShapesSource
+from lightning_mia.models.bart_tokenizer import (
+    SPECIAL_TOKENS,
+    check_tokenizer_captions,
+    load_caption_tokenizer,
+    train_caption_tokenizer,
+)
+from lightning_mia.models.seq2seq import (
+    SamplingSettings,
+    Seq2SeqError,
+    Seq2SeqModule,
+    sample_from_logits,
+)
+from lightning_mia.models.seq2seq_presets import bart_config, get_preset
+
+SOURCE = ShapesSource(num_samples=32, resolution=32, seed=0)
+CAPTIONS = [SOURCE.caption(i) for i in SOURCE.sample_ids()]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test machine is shared: two threads thrash
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_vq(num_codes=512, channels=(8, 16, 16)) -> VQModel:
+    """A random VQ autoencoder; (8, 16, 16) = f4: 32x32 -> 8x8 = 64 codes (the tiny preset)."""
+    torch.manual_seed(0)
+    n = len(channels)
+    return VQModel(
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=1,
+        latent_channels=4,
+        num_vq_embeddings=num_codes,
+        vq_embed_dim=4,
+        norm_num_groups=8,
+        sample_size=32,
+        mid_block_add_attention=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seq2seq")
+    tiny_vq().save_pretrained(root / "autoencoder")
+    train_caption_tokenizer(CAPTIONS, 512, root / "tokenizer")
+    return root
+
+
+def make_model(parts, **kwargs) -> Seq2SeqModule:
+    torch.manual_seed(0)
+    return Seq2SeqModule(
+        autoencoder=str(parts / "autoencoder"), tokenizer=str(parts / "tokenizer"), **kwargs
+    )
+
+
+def shapes_batch(ids):
+    return {
+        "pixel_values": torch.stack([SOURCE.image(i) for i in ids]),
+        "caption": [SOURCE.caption(i) for i in ids],
+        "sample_id": torch.tensor(ids, dtype=torch.int64),
+    }
+
+
+def test_loss_decreases_on_a_fixed_batch(parts):
+    model = make_model(parts, caption_dropout=0.0)
+    batch = shapes_batch([0, 1, 2, 3])
+    opt = torch.optim.AdamW(model.bart.parameters(), lr=3e-3)
+    model.train()
+    first = model.per_sample_loss(batch)
+    assert first.shape == (4,)
+    assert math.isclose(first.mean().item(), math.log(512), rel_tol=0.1)  # untrained: ~uniform
+    for _ in range(15):
+        loss = model.per_sample_loss(batch).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model.per_sample_loss(batch).mean() < 0.7 * first.mean()
+
+
+def test_per_token_nll_is_the_loss_per_code(parts):
+    model = make_model(parts).eval()
+    batch = shapes_batch([4, 5])
+    codes = model.image_codes(batch)
+    assert codes.shape == (2, 64) and codes.dtype == torch.int64
+    nll = model.per_token_nll(batch["caption"], codes)
+    assert nll.shape == (2, 64) and (nll > 0).all()
+    torch.testing.assert_close(nll.mean(1), model.per_sample_loss(batch))
+    with pytest.raises(Seq2SeqError, match="codes must be"):
+        model.per_token_nll(batch["caption"], codes[:, :10])
+    with pytest.raises(Seq2SeqError, match=r"\[0, 512\)"):
+        model.per_token_nll(batch["caption"], codes + 512)
+
+
+def test_codes_are_cached_by_sample_id_and_not_saved(parts):
+    model = make_model(parts)
+    batch = shapes_batch([6, 7])
+    codes = model.image_codes(batch)
+    garbage = dict(batch, pixel_values=torch.zeros_like(batch["pixel_values"]))
+    assert torch.equal(model.image_codes(garbage), codes)  # served from the cache
+    assert not torch.equal(Seq2SeqModule.image_codes(make_model(parts), garbage), codes)
+    keys = model.state_dict().keys()
+    assert not any(k.startswith("vq.") for k in keys) and any(k.startswith("bart.") for k in keys)
+
+
+def test_generate_shapes_range_and_seed(parts):
+    model = make_model(parts).eval()
+    images = model.generate(CAPTIONS[:2], num_images=3, seed=1)
+    assert images.shape == (2, 3, 3, 32, 32)
+    assert images.min() >= -1 and images.max() <= 1
+    codes = model.sample_codes(CAPTIONS[:2], 3, seed=1)
+    assert codes.shape == (2, 3, 64) and codes.dtype == torch.int64
+    assert codes.min() >= 0 and codes.max() < 512  # only image codes, never caption tokens
+    assert torch.equal(codes, model.sample_codes(CAPTIONS[:2], 3, seed=1))
+    assert not torch.equal(codes, model.sample_codes(CAPTIONS[:2], 3, seed=2))
+    assert not torch.equal(codes[:, 0], codes[:, 1])  # N images differ
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [{}, {"top_k": 20, "top_p": 0.9, "temperature": 0.8, "condition_scale": 3.0}],
+    ids=["plain", "topk-topp-superconditioned"],
+)
+def test_generation_does_not_depend_on_the_batch(parts, sampler):
+    model = make_model(parts).eval()
+    together = model.sample_codes(CAPTIONS[:3], 2, seed=[5, 6, 7], **sampler)
+    alone = [model.sample_codes([CAPTIONS[i]], 2, seed=[5 + i], **sampler) for i in range(3)]
+    assert torch.equal(together, torch.cat(alone))
+    shifted = model.sample_codes(CAPTIONS[:3], 2, seed=5, **sampler)  # int seed s: caption i s+i
+    assert torch.equal(shifted, together)
+
+
+def test_super_conditioning_and_module_defaults(parts):
+    model = make_model(parts, condition_scale=3.0, top_k=10).eval()
+    configured = model.sample_codes(CAPTIONS[:2], 2, seed=0)
+    explicit = model.sample_codes(CAPTIONS[:2], 2, seed=0, condition_scale=3.0, top_k=10)
+    assert torch.equal(configured, explicit)
+    plain = model.sample_codes(CAPTIONS[:2], 2, seed=0, condition_scale=1.0, top_k=10)
+    assert not torch.equal(configured, plain)  # the unconditional half changes the logits
+    with pytest.raises(Seq2SeqError, match="top_p"):
+        model.sample_codes(CAPTIONS[:1], 1, top_p=0.0)
+
+
+def test_sample_from_logits_inverse_cdf():
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log().repeat(4, 1)  # probs 0.5, 0.3, 0.2
+    u = torch.tensor([0.1, 0.6, 0.85, 0.999])
+    assert sample_from_logits(logits, u, SamplingSettings()).tolist() == [0, 1, 2, 2]
+    # top-k 2 renormalises to 0.625, 0.375
+    assert sample_from_logits(logits, u, SamplingSettings(top_k=2)).tolist() == [0, 0, 1, 1]
+    # nucleus 0.5 keeps the first token only; temperature 0 is greedy
+    assert sample_from_logits(logits, u, SamplingSettings(top_p=0.5)).tolist() == [0] * 4
+    shuffled = logits[:, [2, 0, 1]]
+    assert sample_from_logits(shuffled, u, SamplingSettings(temperature=0)).tolist() == [1] * 4
+
+
+def test_tokenizer_save_load_round_trip(tmp_path):
+    folder = train_caption_tokenizer(CAPTIONS, 400, tmp_path / "tok")
+    tok = load_caption_tokenizer(folder, max_vocab_size=400)
+    assert len(tok) <= 400
+    assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    for caption in [*CAPTIONS[:4], "an unseen caption: émoji ✓"]:
+        ids = tok(caption)["input_ids"]
+        assert ids[0] == 0 and ids[-1] == 2
+        assert tok.decode(ids, skip_special_tokens=True) == caption
+    # the learnt merges make training captions short
+    assert len(tok(CAPTIONS[0])["input_ids"]) < len(CAPTIONS[0]) / 2
+    again = load_caption_tokenizer(folder, max_vocab_size=400)
+    assert again(CAPTIONS[:2])["input_ids"] == tok(CAPTIONS[:2])["input_ids"]
+    check_tokenizer_captions(folder, list(reversed(CAPTIONS)))  # same captions, any order
+    with pytest.raises(ValueError, match="other captions"):
+        check_tokenizer_captions(folder, CAPTIONS[:5])
+    with pytest.raises(ValueError, match="caption_vocab_size"):
+        load_caption_tokenizer(folder, max_vocab_size=300)
+    with pytest.raises(FileNotFoundError, match="vocab.json"):
+        load_caption_tokenizer(tmp_path / "nothing", max_vocab_size=400)
+
+
+def test_bad_inputs_give_one_clear_error(parts, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-folder"):
+        Seq2SeqModule(autoencoder=str(tmp_path / "no-such-folder"))
+    tiny_vq(num_codes=256).save_pretrained(tmp_path / "k256")
+    with pytest.raises(Seq2SeqError, match="256 codes, preset 'tiny' expects 512"):
+        Seq2SeqModule(autoencoder=str(tmp_path / "k256"))
+    tiny_vq(channels=(8, 16)).save_pretrained(tmp_path / "f2")  # 16x16 = 256 codes per image
+    with pytest.raises(Seq2SeqError, match="16x16 = 256 codes per 32px image"):
+        Seq2SeqModule(autoencoder=str(tmp_path / "f2"))
+    AutoencoderKL(block_out_channels=(8,), norm_num_groups=8).save_pretrained(tmp_path / "kl")
+    with pytest.raises(Seq2SeqError, match="needs a VQModel"):
+        Seq2SeqModule(autoencoder=str(tmp_path / "kl"))
+    with pytest.raises(ValueError, match="unknown seq2seq preset"):
+        Seq2SeqModule(preset="huge")
+    model = make_model(parts)
+    with pytest.raises(Seq2SeqError, match="expects 32x32"):
+        model.encode_images(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(Seq2SeqError, match="no caption tokenizer"):
+        Seq2SeqModule(autoencoder=str(parts / "autoencoder")).tokenize(["a caption"])
+
+
+def test_checkpoint_of_another_family_is_refused(parts, tmp_path):
+    model = make_model(parts)
+    card = RunCard(
+        family="diffusion", preset="tiny", model_index=0, splits_hash="x", experiment="e"
+    )
+    path = tmp_path / "diffusion.ckpt"
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            CARD_KEY: card.to_dict(),
+            "pytorch-lightning_version": "2.6.6",
+        },
+        path,
+    )
+    with pytest.raises(CheckpointError, match="family 'diffusion', not 'seq2seq'"):
+        Seq2SeqModule.load_from_checkpoint(path, weights_only=True)
+
+
+def test_dalle_mini_preset_is_bart_large_sized():
+    spec = get_preset("dalle-mini")
+    config = bart_config(spec)
+    assert (config.d_model, config.encoder_layers, config.decoder_layers) == (1024, 12, 12)
+    assert config.vocab_size == 50264 + 16384 + 1
+    assert config.decoder_start_token_id == 50264 + 16384
+    assert config.max_position_embeddings >= 257 and spec.max_caption_length == 64
+    from transformers import BartForConditionalGeneration
+
+    with torch.device("meta"):  # sizes only, no memory
+        bart = BartForConditionalGeneration(config)
+    params = sum(p.numel() for p in bart.parameters())
+    assert 400e6 < params < 450e6  # BART-large (406 M) + 16385 code embeddings
