@@ -14,7 +14,6 @@ W&B logger (group = experiment, job_type = role; offline without an API key).
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -63,16 +62,6 @@ def stage_folder(model: LightningModule, datamodule: Any) -> tuple[Path, str, st
     return layout.run_dir(family, index), run_name(family, index), role_of(index)
 
 
-def wandb_offline() -> bool:
-    """Log offline unless an API key is configured (env or ~/.netrc) and W&B is not off."""
-    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
-        return True
-    if os.environ.get("WANDB_API_KEY"):
-        return False
-    netrc = Path.home() / ".netrc"
-    return not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
-
-
 class MIACLI(LightningCLI):
     """LightningCLI over any lightning_mia module (`model.class_path`) and the splits data."""
 
@@ -116,17 +105,13 @@ class MIACLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         kwargs.setdefault("default_root_dir", str(folder))
         if trainer_cfg.get("logger") in (None, True):
-            from lightning.pytorch.loggers import WandbLogger
+            from lightning_mia.reporting import make_logger
 
-            folder.mkdir(parents=True, exist_ok=True)
-            kwargs["logger"] = WandbLogger(
+            group = ExperimentLayout(self.datamodule.experiment).name
+            kwargs["logger"] = make_logger(
+                folder, f"{group}/{name}", job_type=role, group=group,
                 project=config.get("wandb_project", "lightning_mia"),
-                name=f"{ExperimentLayout(self.datamodule.experiment).name}/{name}",
-                group=ExperimentLayout(self.datamodule.experiment).name,
-                job_type=role,
-                save_dir=str(folder),
-                offline=wandb_offline(),
-            )
+            )  # fmt: skip
         if self.subcommand == "fit":
             callbacks = list(trainer_cfg.get("callbacks") or [])
             if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
@@ -225,7 +210,12 @@ def attack_parser() -> Any:
     return p
 
 
-def run_attack_command(args: Any) -> dict[str, Any]:
+def report_folder(layout: ExperimentLayout, setting: str) -> Path:
+    """`attack/` for the default shadow setting, `attack/<setting>/` for the others."""
+    return layout.attack if setting == "shadow" else layout.attack / setting
+
+
+def run_attack_command(args: Any) -> Any:
     """Query the target and shadows where needed, train and evaluate the attacks, report."""
     from lightning_mia.attack.runner import AttackError, run_attacks
     from lightning_mia.card import CheckpointError, read_card
@@ -247,7 +237,7 @@ def run_attack_command(args: Any) -> dict[str, Any]:
             f"{args.ckpt} belongs to experiment {card.experiment}, not {args.experiment}"
         )
     shadows = find_shadow_checkpoints(layout, card.family)
-    if not shadows:
+    if not shadows and args.setting == "shadow":
         others = sorted(p.name for p in layout.root.glob("*-shadow-[0-9][0-9][0-9]"))
         hint = f" (found shadows of other families: {others})" if others else ""
         raise AttackError(
@@ -289,17 +279,18 @@ def run_attack_command(args: Any) -> dict[str, Any]:
             },
         },
     )
-    roc = write_report(layout.attack, report)
+    folder = report_folder(layout, args.setting)
+    roc = write_report(folder, report)
     log_report(logger, report, roc)
     print(format_table(report))
-    print(f"report: {layout.attack / 'report.json'}, {layout.attack / 'report.md'}, {roc}")
-    note = wandb_mode_note()
+    print(f"report: {folder / 'report.json'}, {folder / 'report.md'}, {roc}")
+    note = wandb_mode_note(layout.root)
     if note:
         print(note)
     return report
 
 
-def attack_main(args: ArgsType = None) -> dict[str, Any]:
+def attack_main(args: ArgsType = None) -> Any:
     """`python attack.py --ckpt <target checkpoint> [--attacks ...] [--setting partial]`."""
     parser = attack_parser()
     return run_cli(lambda: run_attack_command(parser.parse_args(args)))
