@@ -294,3 +294,32 @@ def attack_main(args: ArgsType = None) -> Any:
     """`python attack.py --ckpt <target checkpoint> [--attacks ...] [--setting partial]`."""
     parser = attack_parser()
     return run_cli(lambda: run_attack_command(parser.parse_args(args)))
+
+
+def experiment_main(args: ArgsType = None) -> list:
+    """`python -m lightning_mia.experiment <name | config.yaml> [--key value ...]`."""
+    import time
+
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from lightning_mia.experiment import OVERFIT_NOTE, config_path, run_experiment
+
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit("usage: python -m lightning_mia.experiment <name | config.yaml> [...]")
+
+    def run() -> list:
+        parser = ArgumentParser(prog="lightning_mia.experiment")
+        parser.add_argument("--config", action=ActionConfigFile)
+        parser.add_function_arguments(run_experiment)
+        cfg = parser.parse_args(["--config", config_path(argv[0]), *argv[1:]])
+        start = time.perf_counter()
+        kwargs = cfg.as_dict()
+        kwargs.pop("config", None)
+        reports = run_experiment(**kwargs)
+        print(f"experiment {argv[0]} finished in {time.perf_counter() - start:.0f} s")
+        if cfg.overfit:
+            print(OVERFIT_NOTE)
+        return reports
+
+    return run_cli(run)

@@ -73,8 +73,8 @@ def run_experiment(
     seed: int = 0,
     isolate: bool = False,
     overfit: bool = False,
-) -> dict:
-    """Run every stage of one experiment in order and return the last attack report.
+) -> list:
+    """Run every stage of one experiment in order; returns the attack reports (one a setting).
 
     Args:
         experiment: experiment folder (splits, runs, queries, attack report).
@@ -94,8 +94,9 @@ def run_experiment(
         known_fraction: fraction of the target's queries known in the partial setting.
         seed: seed of queries and attack training.
         isolate: run each training stage as its own process (needed for strategy=ddp).
-        overfit: print the note that this is a deliberately overfit regime.
+        overfit: the experiment is a deliberately overfit regime (its output says so).
     """
+    del overfit  # read by the command line, which prints OVERFIT_NOTE
     layout = ExperimentLayout(experiment)
     common = [f"--data.experiment={experiment}", *(data_args or []), *(trainer_args or [])]
     if autoencoder:
@@ -109,7 +110,7 @@ def run_experiment(
         args = [*common, f"--data.model_index={index}", *(model_args or [])]
         fit_stage(folder, model, args, isolate)
     target = layout.run_dir(family, 0) / "checkpoints" / "last.ckpt"
-    report: dict = {}
+    reports = []
     for setting in settings or ["shadow"]:
         ns = SimpleNamespace(
             ckpt=str(target),
@@ -125,40 +126,25 @@ def run_experiment(
             devices="auto",
             progress=True,
         )
-        report = run_attack_command(ns)
-    if overfit:
-        print(OVERFIT_NOTE)
-    return report
+        reports.append(run_attack_command(ns))
+    return reports
 
 
 def config_path(name: str) -> str:
-    """A named experiment (`demo`) or a path to its YAML."""
+    """A named experiment (`demo`) or a path to its YAML; FileNotFoundError lists the names."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"experiment config {path}: no such file")
         return str(path)
     named = CONFIG_DIR / f"{name}.yaml"
     if not named.is_file():
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise SystemExit(f"error: no experiment {name!r} ({named} missing); known: {known}")
+        raise FileNotFoundError(f"no experiment {name!r} ({named} missing); known: {known}")
     return str(named)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """`python -m lightning_mia.experiment <name | config.yaml> [--key value ...]`."""
-    from jsonargparse import CLI
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-"):
-        raise SystemExit("usage: python -m lightning_mia.experiment <name | config.yaml> [...]")
-    from lightning_mia.cli import run_cli
-
-    start = time.perf_counter()
-    report = run_cli(
-        lambda: CLI(run_experiment, args=["--config", config_path(argv[0]), *argv[1:]])
-    )
-    print(f"experiment {argv[0]} finished in {time.perf_counter() - start:.0f} s")
-    return report
-
-
 if __name__ == "__main__":
-    main()
+    from lightning_mia.cli import experiment_main
+
+    experiment_main()
