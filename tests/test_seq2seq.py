@@ -14,13 +14,9 @@ from lightning_mia.models.bart_tokenizer import (
     load_caption_tokenizer,
     train_caption_tokenizer,
 )
-from lightning_mia.models.seq2seq import (
-    SamplingSettings,
-    Seq2SeqError,
-    Seq2SeqModule,
-    sample_from_logits,
-)
+from lightning_mia.models.seq2seq import Seq2SeqError, Seq2SeqModule
 from lightning_mia.models.seq2seq_presets import bart_config, get_preset
+from lightning_mia.models.seq2seq_sampling import SamplingSettings, sample_from_logits
 
 SOURCE = ShapesSource(num_samples=32, resolution=32, seed=0)
 CAPTIONS = [SOURCE.caption(i) for i in SOURCE.sample_ids()]
@@ -200,7 +196,7 @@ def test_bad_inputs_give_one_clear_error(parts, tmp_path):
     AutoencoderKL(block_out_channels=(8,), norm_num_groups=8).save_pretrained(tmp_path / "kl")
     with pytest.raises(Seq2SeqError, match="needs a VQModel"):
         Seq2SeqModule(autoencoder=str(tmp_path / "kl"))
-    with pytest.raises(ValueError, match="unknown seq2seq preset"):
+    with pytest.raises(Seq2SeqError, match="unknown seq2seq preset"):
         Seq2SeqModule(preset="huge")
     model = make_model(parts)
     with pytest.raises(Seq2SeqError, match="expects 32x32"):

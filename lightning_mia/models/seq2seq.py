@@ -14,9 +14,7 @@ path that super-conditioning (`condition_scale`) uses at sampling time.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +23,6 @@ import torch.nn.functional as F
 from diffusers import VQModel
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import BartForConditionalGeneration, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-from transformers.models.bart.modeling_bart import BartDecoder
 
 from lightning_mia.card import CheckpointError
 from lightning_mia.models.autoencoder import (
@@ -41,67 +37,15 @@ from lightning_mia.models.bart_tokenizer import (
     train_caption_tokenizer,
 )
 from lightning_mia.models.base import TextToImageModule, caption_seeds, per_caption_rand
-from lightning_mia.models.seq2seq_presets import bart_config, get_preset
-
-# transformers 5 renamed the decoder's `past_key_values` argument to `cache`
-_CACHE_KWARG = (
-    "cache" if "cache" in inspect.signature(BartDecoder.forward).parameters else ("past_key_values")
+from lightning_mia.models.seq2seq_presets import Seq2SeqError, bart_config, get_preset
+from lightning_mia.models.seq2seq_sampling import (
+    SamplingSettings,
+    autoregressive_codes,
+    code_logits,
 )
+
+__all__ = ["Seq2SeqError", "Seq2SeqModule", "training_captions"]
 ARCHITECTURE_HPARAMS = ("preset", "caption_vocab_size", "max_caption_length")
-
-
-class Seq2SeqError(ValueError):
-    """A seq2seq model that cannot run as configured (autoencoder, tokenizer, inputs)."""
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How codes are drawn: top-k (0 = off), top-p (1 = off), temperature (0 = greedy) and
-    super-conditioning (1 = off): logits = uncond + condition_scale * (cond - uncond)."""
-
-    top_k: int = 0
-    top_p: float = 1.0
-    temperature: float = 1.0
-    condition_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            problems.append(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if problems:
-            raise Seq2SeqError("; ".join(problems))
-
-    @property
-    def guided(self) -> bool:
-        return self.condition_scale != 1.0
-
-
-def sample_from_logits(
-    logits: torch.Tensor, uniform: torch.Tensor, settings: SamplingSettings
-) -> torch.Tensor:
-    """One index per row of `logits` (R, K), by inverse CDF of the filtered distribution.
-
-    `uniform` (R,) in [0, 1) is the row's pre-drawn random number: the draw depends only on the
-    row's own logits and number, never on the other rows of the batch.
-    """
-    if settings.temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / settings.temperature
-    if 0 < settings.top_k < logits.shape[-1]:
-        values, index = logits.topk(settings.top_k, dim=-1)  # (R, k), sorted descending
-    else:
-        values, index = logits.sort(dim=-1, descending=True, stable=True)  # (R, K)
-    probs = values.softmax(-1)
-    if settings.top_p < 1.0:  # nucleus: drop tokens once the mass before them reaches top_p
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= settings.top_p, 0.0)
-    cdf = probs.cumsum(-1)  # (R, k)
-    threshold = uniform.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]  # (R, 1)
-    pos = torch.searchsorted(cdf, threshold, right=True).clamp_max(cdf.shape[-1] - 1)
-    return index.gather(-1, pos).squeeze(-1)
 
 
 def training_captions(datamodule: Any) -> list[str]:
@@ -306,13 +250,6 @@ class Seq2SeqModule(TextToImageModule):
         return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
     # --- likelihood ------------------------------------------------------------------------
-    def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits over the image codes only (..., K) from decoder states (..., D)."""
-        lo, hi = self.spec.code_offset, self.spec.image_start_id
-        return F.linear(
-            hidden, self.bart.lm_head.weight[lo:hi], self.bart.final_logits_bias[0, lo:hi]
-        )
-
     def per_token_nll(self, captions: Sequence[str], codes: torch.Tensor) -> torch.Tensor:
         """NLL (B, L) of each image code given the caption and the codes before it."""
         length, k = self.spec.image_tokens, self.spec.num_codes
@@ -332,7 +269,7 @@ class Seq2SeqModule(TextToImageModule):
             decoder_input_ids=decoder_input_ids,
             use_cache=False,
         ).last_hidden_state  # (B, L, D)
-        logits = self.code_logits(hidden).float()  # (B, L, K)
+        logits = code_logits(self.bart, self.spec, hidden).float()  # (B, L, K)
         return F.cross_entropy(logits.transpose(1, 2), codes, reduction="none")  # (B, L)
 
     def per_sample_loss(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -377,7 +314,7 @@ class Seq2SeqModule(TextToImageModule):
         seeds = caption_seeds(b, seed)
         uniform = per_caption_rand(seeds, (n, length), self.device).reshape(b * n, length)
         memory, memory_mask = self._encode_for_sampling(captions, n, settings.guided)
-        codes = self._decode_codes(memory, memory_mask, uniform, settings)  # (B*N, L)
+        codes = autoregressive_codes(self.bart, self.spec, memory, memory_mask, uniform, settings)
         return codes.reshape(b, n, length)
 
     def _encode_for_sampling(
@@ -394,34 +331,6 @@ class Seq2SeqModule(TextToImageModule):
             memory = torch.cat([memory, hidden[b:].expand(b * n, -1, -1)])
             memory_mask = torch.cat([memory_mask, mask[b:].expand(b * n, -1)])
         return memory, memory_mask
-
-    def _decode_codes(
-        self,
-        memory: torch.Tensor,
-        memory_mask: torch.Tensor,
-        uniform: torch.Tensor,
-        settings: SamplingSettings,
-    ) -> torch.Tensor:
-        """The autoregressive loop: one code per step for all rows, (B*N, L)."""
-        rows, (bn, length) = memory.shape[0], uniform.shape
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        token = torch.full((rows, 1), self.spec.image_start_id, device=memory.device)
-        codes = torch.empty(bn, length, dtype=torch.long, device=memory.device)
-        for t in range(length):
-            hidden = self.bart.model.decoder(
-                input_ids=token,
-                encoder_hidden_states=memory,
-                encoder_attention_mask=memory_mask,
-                use_cache=True,
-                **{_CACHE_KWARG: cache},
-            ).last_hidden_state[:, -1]  # (R, D)
-            logits = self.code_logits(hidden).float()  # (R, K)
-            if settings.guided:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + settings.condition_scale * (cond - uncond)
-            codes[:, t] = sample_from_logits(logits, uniform[:, t], settings)
-            token = (codes[:, t] + self.spec.code_offset).repeat(rows // bn).unsqueeze(1)
-        return codes
 
     def decode_images(self, codes: torch.Tensor) -> torch.Tensor:
         """Images (B, N, 3, R, R) in [-1, 1] from codes (B, N, L)."""

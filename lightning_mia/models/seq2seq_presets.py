@@ -21,6 +21,10 @@ from transformers import BartConfig
 BOS_ID, PAD_ID, EOS_ID = 0, 1, 2
 
 
+class Seq2SeqError(ValueError):
+    """A seq2seq model that cannot run as configured (preset, autoencoder, tokenizer, inputs)."""
+
+
 @dataclass(frozen=True)
 class Seq2SeqPreset:
     """Sizes of one seq2seq model; `caption_vocab_size` is padded up to, never down."""
@@ -86,7 +90,7 @@ def get_preset(
 ) -> Seq2SeqPreset:
     """The preset `name`, with the caption vocabulary / length overridden where > 0."""
     if name not in PRESETS:
-        raise ValueError(f"unknown seq2seq preset {name!r}; known: {sorted(PRESETS)}")
+        raise Seq2SeqError(f"unknown seq2seq preset {name!r}; known: {sorted(PRESETS)}")
     preset = PRESETS[name]
     overrides = {}
     if caption_vocab_size > 0:
@@ -95,7 +99,7 @@ def get_preset(
         overrides["max_caption_length"] = max_caption_length
     preset = replace(preset, **overrides)
     if preset.caption_vocab_size < 261:  # 256 byte-level symbols + BART's 5 specials
-        raise ValueError(
+        raise Seq2SeqError(
             f"caption_vocab_size {preset.caption_vocab_size} is below 261, the smallest "
             "byte-level BPE vocabulary (256 bytes + 5 special tokens)"
         )
