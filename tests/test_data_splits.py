@@ -131,3 +131,17 @@ def test_ensure_splits_creates_once_then_checks(tmp_path):
         ensure_splits(layout, ShapesSource(160), num_shadows=2, seed=5)
     with pytest.raises(DataError, match="captions and image bytes changed"):
         ensure_splits(layout, ShapesSource(80, seed=1), num_shadows=2, seed=5)
+
+
+def test_shadow_size_draws_target_sized_shadows_from_a_large_pool():
+    splits = make_splits(ShapesSource(400), 3, target_size=40, aux_size=360, shadow_size=40)
+    assert len(splits.aux_pool) == 360  # the rest: autoencoder and encoder train on it
+    aux = set(splits.aux_pool)
+    for row in splits.rows[1:]:
+        assert len(row.members) == len(row.nonmembers) == 20
+        assert set(row.queries) <= aux
+    assert len({tuple(r.queries) for r in splits.rows[1:]}) == 3  # independent draws
+    again = make_splits(ShapesSource(400), 3, target_size=40, aux_size=360, shadow_size=40)
+    assert again.hash == splits.hash
+    with pytest.raises(ValueError, match="shadow_size must be in"):
+        make_splits(ShapesSource(100), target_size=20, aux_size=20, shadow_size=30)

@@ -92,6 +92,7 @@ class MembershipDataModule(pl.LightningDataModule):
         member_fraction: float = 0.5,
         seed: int = 0,
         shadow_pool: ShadowPool = "auxiliary",
+        shadow_size: int | None = None,
         batch_size: int = 32,
         query_batch_size: int = 64,
         num_workers: int = 0,
@@ -113,6 +114,9 @@ class MembershipDataModule(pl.LightningDataModule):
             seed: seed of the splits.
             shadow_pool: "auxiliary", or "auxiliary+queries" for shadows that also draw on the
                 target pool (LiRA online).
+            shadow_size: samples (members + non-members) each shadow draws from its pool;
+                None = the whole pool. Lets a large auxiliary pool (for the autoencoder and
+                the attacker's encoder) feed shadows sized like the target.
             batch_size: training batch size (per device).
             query_batch_size: query (predict) batch size (per device).
             num_workers: DataLoader worker processes.
@@ -134,6 +138,7 @@ class MembershipDataModule(pl.LightningDataModule):
             "member_fraction": member_fraction,
             "seed": seed,
             "shadow_pool": shadow_pool,
+            "shadow_size": shadow_size,
         }
         self.batch_size, self.query_batch_size = batch_size, query_batch_size
         self.num_workers, self.resolution, self.num_preview = num_workers, resolution, num_preview

@@ -166,6 +166,7 @@ def make_splits(
     member_fraction: float = 0.5,
     seed: int = 0,
     shadow_pool: ShadowPool = "auxiliary",
+    shadow_size: int | None = None,
 ) -> Splits:
     """Draw pools and rows from `seed`. With `source.skip_bad_samples`, every image is decoded
     first and bad samples are left out and recorded in `Splits.skipped`."""
@@ -176,6 +177,7 @@ def make_splits(
         "member_fraction": member_fraction,
         "seed": seed,
         "shadow_pool": shadow_pool,
+        "shadow_size": shadow_size,
     }
     if source.skip_bad_samples:
         source.verify()
@@ -187,6 +189,8 @@ def make_splits(
     ids = source.valid_ids()
     t, a = _resolve_sizes(len(ids), target_size, aux_size)
     problems = _config_problems(num_shadows, member_fraction, shadow_pool, t, a, len(ids))
+    if shadow_size is not None and not 2 <= shadow_size <= a:
+        problems.append(f"shadow_size must be in [2, aux_size={a}], got {shadow_size}")
     if problems:
         raise ValueError(f"cannot make splits of {source}: " + "; ".join(problems))
 
@@ -195,9 +199,14 @@ def make_splits(
     target_pool, aux_pool = sorted(order[:t]), sorted(order[t : t + a])
     shadow_candidates = aux_pool if shadow_pool == "auxiliary" else sorted(aux_pool + target_pool)
     rows = [
-        _split(pool, member_fraction, random.Random(f"lightning_mia.splits:{seed}:row:{k}"))
-        for k, pool in enumerate([target_pool] + [shadow_candidates] * num_shadows)
+        _split(target_pool, member_fraction, random.Random(f"lightning_mia.splits:{seed}:row:0"))
     ]
+    for k in range(1, num_shadows + 1):
+        rng = random.Random(f"lightning_mia.splits:{seed}:row:{k}")
+        pool = shadow_candidates
+        if shadow_size is not None:  # a shadow training set sized like the target's
+            pool = sorted(rng.sample(shadow_candidates, shadow_size))
+        rows.append(_split(pool, member_fraction, rng))
     dataset = {**source.dataset_fingerprint().to_dict(), "source": source.describe()}
     splits = Splits(seed, config, rows, target_pool, aux_pool, dataset, dict(source.bad_samples))
     return replace(splits, hash=body_hash(splits.body()))
@@ -281,6 +290,7 @@ def ensure_splits(
     member_fraction: float = 0.5,
     seed: int = 0,
     shadow_pool: ShadowPool = "auxiliary",
+    shadow_size: int | None = None,
 ) -> Splits:
     """Make and save splits.json on first use; afterwards load it, check data and config."""
     if not isinstance(layout, ExperimentLayout):
@@ -292,6 +302,7 @@ def ensure_splits(
         "member_fraction": member_fraction,
         "seed": seed,
         "shadow_pool": shadow_pool,
+        "shadow_size": shadow_size,
     }
     if layout.splits.exists():
         splits = load_splits(layout.splits, source)
