@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -136,39 +137,45 @@ class ImageTextEncoder(torch.nn.Module):
         return F.normalize(self.model.text_projection(out.pooler_output), dim=-1)
 
     def save(self, folder: str | os.PathLike, card: RunCard | None = None) -> Path:
-        """Write a transformers folder through a temporary sibling and a rename."""
+        """Write the transformers files (model, tokenizer, preprocessor, card) into `folder`.
+
+        Everything is written to a temporary sibling first, then moved in file by file
+        (`os.replace`), `config.json` last: a crash never leaves a folder that loads as a model
+        with missing parts, and other files in `folder` (checkpoints, logs) are kept.
+        """
         folder = Path(folder)
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
         try:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-            s = self.image_size
-            atomic_write_json(
-                tmp / PREPROCESSOR_FILE,
-                {
-                    "image_processor_type": "CLIPImageProcessor",
-                    "image_mean": self.mean.flatten().tolist(),
-                    "image_std": self.std.flatten().tolist(),
-                    "size": {"shortest_edge": s},
-                    "crop_size": {"height": s, "width": s},
-                    "do_center_crop": True,
-                    "do_normalize": True,
-                    "do_resize": True,
-                    "resample": 3,  # bicubic
-                    "rescale_factor": 1 / 255,
-                },
-            )
+            atomic_write_json(tmp / PREPROCESSOR_FILE, self._preprocessor_config())
             if card is not None:
                 atomic_write_json(tmp / CARD_FILE, card.to_dict())
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            if folder.exists():
-                folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
+            folder.mkdir(exist_ok=True)
+            (folder / "config.json").unlink(missing_ok=True)  # not a model while files move
+            names = sorted(p.name for p in tmp.iterdir() if p.name != "config.json")
+            for name in [*names, "config.json"]:
+                os.replace(tmp / name, folder / name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return folder
+
+    def _preprocessor_config(self) -> dict[str, Any]:
+        """A `CLIPImageProcessor` config with this encoder's size and normalisation."""
+        s = self.image_size
+        return {
+            "image_processor_type": "CLIPImageProcessor",
+            "image_mean": self.mean.flatten().tolist(),
+            "image_std": self.std.flatten().tolist(),
+            "size": {"shortest_edge": s},
+            "crop_size": {"height": s, "width": s},
+            "do_center_crop": True,
+            "do_normalize": True,
+            "do_resize": True,
+            "resample": 3,  # bicubic
+            "rescale_factor": 1 / 255,
+        }
 
 
 def _normalisation(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -188,10 +195,23 @@ def _normalisation(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(mean), tuple(std)
 
 
+def _load_tokenizer(path: Path) -> CLIPTokenizer:
+    """The folder's CLIP tokenizer (tokenizer.json or vocab.json), else the character-level one."""
+    if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        return load_clip_tokenizer("")
+    try:
+        return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - unreadable tokenizer files: one clear error
+        raise EncoderError(
+            f"encoder folder {path}: cannot load its CLIP tokenizer ({err})"
+        ) from err
+
+
 def load_encoder(folder: str) -> ImageTextEncoder:
     """Load a local transformers CLIP folder (ours or a pretrained one) in eval mode.
 
-    The tokenizer is the folder's (`vocab.json`), else the character-level one, which must fit
+    The tokenizer is the folder's (`tokenizer.json`/`vocab.json`), else the character-level one
+    (what the tiny presets use), which must fit
     the model's vocabulary. Anything else is one `EncoderError` naming the folder.
     """
     path = Path(folder)
@@ -210,8 +230,7 @@ def load_encoder(folder: str) -> ImageTextEncoder:
         model = CLIPModel.from_pretrained(str(path), local_files_only=True)
     except Exception as err:  # noqa: BLE001 - weights missing or not matching: one clear error
         raise EncoderError(f"encoder folder {path}: cannot load the CLIP model ({err})") from err
-    has_vocab = (path / "vocab.json").is_file()
-    tokenizer = load_clip_tokenizer(str(path) if has_vocab else "")
+    tokenizer = _load_tokenizer(path)
     if len(tokenizer) > model.config.text_config.vocab_size:
         raise EncoderError(
             f"encoder folder {path}: tokenizer has {len(tokenizer)} tokens but the model's text "
