@@ -181,3 +181,16 @@ def test_captioner_loads_a_blip_folder_and_captions_batches(tmp_path, one_thread
     (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "clip"}))
     with pytest.raises(CaptionerError, match="not 'blip'"):
         Captioner(str(tmp_path / "other"))
+
+
+def test_encoder_refuses_to_train_on_a_models_members(tmp_path):
+    dm = MembershipDataModule(
+        experiment=str(tmp_path / "exp"),
+        source=ShapesSource(num_samples=64, resolution=32),
+        train_split="members",
+        num_shadows=1,
+    )
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False)
+    with pytest.raises(EncoderError, match="auxiliary pool only"):
+        trainer.fit(EncoderModule(), datamodule=dm)
+    assert not (tmp_path / "exp" / "encoder").exists()
