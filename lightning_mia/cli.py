@@ -71,7 +71,6 @@ class MIACLI(LightningCLI):
             subclass_mode_model=True,
             datamodule_class=MembershipDataModule,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"parser_mode": "omegaconf"},
             args=args,
             run=run,
         )

@@ -45,7 +45,7 @@ def test_stage_config_parses(path):
 
 def test_stale_config_fails(tmp_path):
     bad = tmp_path / "bad.yaml"
-    good = (ROOT / "configs" / "diffusion" / "tiny.yaml").read_text()
+    good = (ROOT / "configs" / "encoder" / "tiny.yaml").read_text()
     bad.write_text(good.replace("init_args:", "init_args:\n    no_such_argument: 1", 1))
     with pytest.raises(SystemExit):
         ParseOnlyCLI(args=["fit", "--config", str(bad)])

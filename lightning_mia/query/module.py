@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
+from lightning_mia.features.extractor import ENCODER_GROUPS, FEATURE_GROUPS, FeatureExtractor
 from lightning_mia.models.registry import load_family_module
 from lightning_mia.paths import ExperimentLayout
 from lightning_mia.query.writer import to_uint8
 
 DEFAULT_GROUPS = ("pixel", "semantic", "text", "quality", "blind")
-ENCODER_GROUPS = ("semantic", "text", "blind")
 SEED_STRIDE = 2**32
 
 
@@ -78,8 +78,6 @@ class QueryModule(LightningModule):
             self.captioner = Captioner(captioner)
 
     def _build_extractor(self, groups: list[str], encoder: str) -> torch.nn.Module:
-        from lightning_mia.features.extractor import FEATURE_GROUPS, FeatureExtractor
-
         unknown = sorted(set(groups) - set(FEATURE_GROUPS))
         if unknown:
             raise QueryError(f"unknown feature groups {unknown}; known: {sorted(FEATURE_GROUPS)}")
