@@ -40,7 +40,8 @@ class FinalCheckpoint(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.interrupted:
             return
-        trainer.save_checkpoint(self.dirpath / "checkpoints" / "last.ckpt")
+        # full state (optimizer, loops), so a later `--ckpt_path last` can train on
+        trainer.save_checkpoint(self.dirpath / "checkpoints" / "last.ckpt", weights_only=False)
         if trainer.is_global_zero:
             atomic_write_json(
                 self.dirpath / DONE_MARKER,
@@ -119,6 +120,7 @@ class MIACLI(LightningCLI):
                         dirpath=folder / "checkpoints",
                         save_last=True,
                         save_top_k=0,
+                        enable_version_counter=False,
                         every_n_train_steps=config.get("checkpoint_every_n_steps"),
                     )
                 )
