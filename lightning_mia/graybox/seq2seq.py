@@ -1,0 +1,74 @@
+"""Gray-box membership signals of the seq2seq family: per-token NLL of the image codes.
+
+    from lightning_mia.graybox import compute_signals
+    feats = compute_signals(model, batch, ["nll", "nll_gap"], seed=0)
+
+The query image is tokenized by the model's frozen VQ tokenizer; BART scores its codes given the
+caption with teacher forcing (`Seq2SeqModule.per_token_nll`). Both signals are deterministic
+(no sampling): `seed` is accepted for a uniform signature and unused.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def low_k_mean(nll: torch.Tensor, percent: float) -> torch.Tensor:
+    """Min-K% Prob (Shi et al. 2024) in NLL form: the mean NLL (B,) of the ceil(percent% · L)
+    tokens of each row of `nll` (B, L) with the LOWEST probability (the highest NLL)."""
+    k = max(1, math.ceil(nll.shape[1] * percent / 100.0))
+    return nll.topk(k, dim=1).values.mean(dim=1)
+
+
+def code_nll(model: Any, batch: dict[str, Any], cache: dict[str, Any]) -> torch.Tensor:
+    """Per-token NLL (B, L) of the batch's image codes given its true captions (cached)."""
+    if "nll" not in cache:
+        codes = model.encode_images(batch["pixel_values"].to(model.device))  # (B, L)
+        cache["codes"] = codes
+        cache["nll"] = model.per_token_nll(list(batch["caption"]), codes).float()
+    return cache["nll"]
+
+
+def nll_signals(
+    model: Any,
+    batch: dict[str, Any],
+    seed: int,
+    percent: float = 20.0,
+    cache: dict[str, Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """NLL of the image codes given the caption. Lower = member (for all three).
+
+    `nll/mean` over the L codes; `nll/low{k}` the Min-K% mean (the k% least likely codes,
+    k = `percent`); `nll/max` the least likely code. One BART pass.
+    """
+    nll = code_nll(model, batch, {} if cache is None else cache)  # (B, L)
+    return {
+        "nll/mean": nll.mean(dim=1),
+        f"nll/low{percent:g}": low_k_mean(nll, percent),
+        "nll/max": nll.max(dim=1).values,
+    }
+
+
+def nll_gap_signals(
+    model: Any,
+    batch: dict[str, Any],
+    seed: int,
+    percent: float = 20.0,
+    cache: dict[str, Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """How much the caption helps: NLL with the null caption "" minus NLL with the true one.
+
+    Higher = member (the model memorised the caption-image pairing). `nll_gap/mean` = the gap
+    of the mean NLLs; `nll_gap/low{k}` = the gap of the Min-K% means (each taken over its own
+    least likely k% of codes). Two BART passes (one shared with `nll` when both are asked).
+    """
+    cache = {} if cache is None else cache
+    nll = code_nll(model, batch, cache)  # (B, L)
+    null = model.per_token_nll([""] * nll.shape[0], cache["codes"]).float()  # (B, L)
+    return {
+        "nll_gap/mean": null.mean(dim=1) - nll.mean(dim=1),
+        f"nll_gap/low{percent:g}": low_k_mean(null, percent) - low_k_mean(nll, percent),
+    }
