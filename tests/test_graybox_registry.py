@@ -1,0 +1,121 @@
+"""Gray-box signals without a trained model: the maths of each piece, the registry, its checks."""
+
+import pytest
+import torch
+
+from lightning_mia.attack import ATTACKS
+from lightning_mia.graybox import (
+    GRAYBOX_ATTACKS,
+    SIGNALS,
+    SignalError,
+    SignalOptions,
+    check_signals,
+    query_context,
+    signals_for,
+)
+from lightning_mia.graybox.diffusion import (
+    fixed_noise,
+    noise_seeds,
+    reduce_caption,
+    split_prediction,
+    training_target,
+)
+from lightning_mia.graybox.seq2seq import low_k_mean
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_split_prediction_inverts_the_training_target(kind):
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    abar = torch.tensor([0.99, 0.5, 0.02]).reshape(3, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    target = training_target(x0, eps, abar, kind)
+    eps_hat, x0_hat = split_prediction(target, x_t, abar, kind)
+    torch.testing.assert_close(eps_hat, eps, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x0_hat, x0, atol=1e-4, rtol=1e-4)
+
+
+def test_v_target_is_diffusers_velocity():
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    t = torch.tensor([10, 700])
+    abar = sched.alphas_cumprod[t].reshape(2, 1, 1, 1)
+    torch.testing.assert_close(
+        training_target(x0, eps, abar, "v_prediction"), sched.get_velocity(x0, eps, t)
+    )
+
+
+def test_split_prediction_rejects_unknown_type():
+    x = torch.zeros(1, 1, 1, 1)
+    with pytest.raises(ValueError, match="prediction_type 'flow'"):
+        split_prediction(x, x, x + 0.5, "flow")
+
+
+def test_fixed_noise_depends_on_sample_seed_and_timestep_only():
+    seeds = noise_seeds(3, torch.tensor([5, 9]))
+    assert seeds == noise_seeds(3, torch.tensor([5, 9]))
+    assert noise_seeds(4, torch.tensor([5]))[0] != seeds[0]
+    a = fixed_noise(seeds, 100, (2, 3, 3), "cpu")  # (2, 2, 3, 3)
+    alone = fixed_noise(seeds[1:], 100, (2, 3, 3), "cpu")
+    torch.testing.assert_close(a[1:], alone, rtol=0, atol=0)  # batch-independent
+    assert not torch.equal(a, fixed_noise(seeds, 200, (2, 3, 3), "cpu"))
+    assert not torch.equal(a[0], a[1])
+
+
+def test_low_k_mean_is_mean_of_least_likely_tokens():
+    nll = torch.tensor([[0.1, 5.0, 0.2, 3.0, 0.3], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    torch.testing.assert_close(low_k_mean(nll, 40), torch.tensor([4.0, 1.0]))  # 2 of 5
+    torch.testing.assert_close(low_k_mean(nll, 1), torch.tensor([5.0, 1.0]))  # at least one
+    torch.testing.assert_close(low_k_mean(nll, 100), nll.mean(1))
+
+
+def test_reduce_caption_keeps_leading_words():
+    assert reduce_caption("a big red circle at the top", 0.5) == "a big red"
+    assert reduce_caption("circle", 0.5) == ""
+
+
+def test_registry_families_and_query_counts():
+    assert signals_for("diffusion") == ["loss", "secmi", "pia", "clid"]
+    assert signals_for("seq2seq") == ["nll", "nll_gap"]
+    opts = SignalOptions(timesteps=(50, 100, 200), secmi_t=100, secmi_steps=5)
+    counts = query_context(list(SIGNALS), opts)
+    assert counts == {
+        "loss_queries": 3,
+        "secmi_queries": 7,
+        "pia_queries": 4,
+        "clid_queries": 9,
+        "nll_queries": 1,
+        "nll_gap_queries": 2,
+    }
+    for name, spec in GRAYBOX_ATTACKS.items():
+        assert spec.groups == (name,) and spec.access == "gray-box"
+        assert spec.queries(counts) == counts[f"{name}_queries"]
+        registered = ATTACKS[name]  # the attack registry's own entries must agree
+        assert (registered.groups, registered.access) == (spec.groups, spec.access)
+        assert registered.queries_per_sample == spec.queries_per_sample
+
+
+def test_check_signals_names_family_and_each_problem():
+    with pytest.raises(SignalError, match=r"signals \['nll'\] are not for the 'diffusion'"):
+        check_signals("diffusion", ["loss", "nll"], SignalOptions(), 1000)
+    with pytest.raises(SignalError, match=r"unknown signals \['lossy'\]"):
+        check_signals("seq2seq", ["lossy"], SignalOptions())
+    with pytest.raises(SignalError, match="no signal"):
+        check_signals("seq2seq", [], SignalOptions())
+    bad = SignalOptions(timesteps=(10, 1000, -1), secmi_t=100, secmi_steps=7, pia_p=0.0)
+    with pytest.raises(SignalError) as err:
+        check_signals("diffusion", ["loss", "secmi", "pia"], bad, 1000)
+    msg = str(err.value)
+    assert "timesteps [1000, -1]" in msg and "0 <= t < num_train_timesteps = 1000" in msg
+    assert "secmi_t 100 must be a positive multiple of secmi_steps 7" in msg
+    assert "pia_p must be > 0" in msg
+    with pytest.raises(SignalError, match="secmi_t 1000 out of the scheduler's range"):
+        check_signals("diffusion", ["secmi"], SignalOptions(secmi_t=1000), 1000)
+    with pytest.raises(SignalError, match="clid_keep_fraction must be in"):
+        check_signals("diffusion", ["clid"], SignalOptions(clid_keep_fraction=1.0), 1000)
+    with pytest.raises(SignalError, match="low_k_percent must be in"):
+        check_signals("seq2seq", ["nll"], SignalOptions(low_k_percent=0))
+    check_signals("diffusion", ["loss", "secmi", "pia", "clid"], SignalOptions(), 1000)
