@@ -282,7 +282,10 @@ def clid_signals(
     keep_fraction: float = 0.5,
     cache: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """CLiD: conditional likelihood discrepancy. Gaps and score: higher = member; loss: lower.
+    """CLiD: conditional likelihood discrepancy. Gaps and score: higher = member (the paper's
+    direction); loss: lower = member. (A tiny model that memorises its members outright also
+    memorises them through the null caption: there the gaps are near chance, the score works
+    through its loss term.)
 
     At each t and the same fixed noise as `loss`, the noise-space error ℓ(c) = ||eps -
     eps_θ(x_t, t, c)||² (mean over the latent) for the true caption c, the null caption "" and

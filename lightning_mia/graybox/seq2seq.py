@@ -61,7 +61,11 @@ def nll_gap_signals(
 ) -> dict[str, torch.Tensor]:
     """How much the caption helps: NLL with the null caption "" minus NLL with the true one.
 
-    Higher = member (the model memorised the caption-image pairing). `nll_gap/mean` = the gap
+    Direction depends on the regime: higher = member when the model learnt the caption-image
+    pairing more than the images themselves (CLiD's intuition); when it memorises the members'
+    codes outright, the null caption (trained through caption dropout) recalls them too and the
+    gap is LOWER for members (tiny model, 16 members: AUC 0.91-1.0 lower = member). The attack
+    stage learns the direction on shadow models. `nll_gap/mean` = the gap
     of the mean NLLs; `nll_gap/low{k}` = the gap of the Min-K% means (each taken over its own
     least likely k% of codes). Two BART passes (one shared with `nll` when both are asked).
     """
