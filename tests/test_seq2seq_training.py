@@ -1,0 +1,122 @@
+"""Seq2seq family under the Trainer: tokenizer at fit start, checkpoints, resume, memorisation."""
+
+import pytest
+import torch
+from diffusers import VQModel
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_mia.card import read_card
+from lightning_mia.data.datamodule import MembershipDataModule, collate_samples
+from lightning_mia.data.shapes import ShapesSource
+from lightning_mia.models.bart_tokenizer import train_caption_tokenizer
+from lightning_mia.models.registry import load_family_module
+from lightning_mia.models.seq2seq import Seq2SeqModule
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_vq() -> VQModel:
+    """A random f4 VQ autoencoder with the tiny preset's grid: 32x32 -> 8x8 codes of 512."""
+    torch.manual_seed(0)
+    return VQModel(
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        latent_channels=4,
+        num_vq_embeddings=512,
+        vq_embed_dim=4,
+        norm_num_groups=8,
+        sample_size=32,
+        mid_block_add_attention=False,
+    )
+
+
+def trainer(max_steps, callbacks=(), root=None):
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        default_root_dir=root,
+    )
+
+
+def test_fit_trains_the_tokenizer_saves_and_resumes(tmp_path):
+    dm = MembershipDataModule(
+        str(tmp_path), ShapesSource(num_samples=32, resolution=32), num_shadows=1, batch_size=4
+    )
+    tiny_vq().save_pretrained(dm.layout.autoencoder)
+    run = dm.layout.run_dir("seq2seq", 0)
+    checkpoints = ModelCheckpoint(
+        dirpath=run / "checkpoints", save_last=True, every_n_train_steps=1
+    )
+    seed_everything(0)
+    model = Seq2SeqModule(warmup_steps=2)  # autoencoder and tokenizer from the experiment
+    trainer(3, [checkpoints], run).fit(model, datamodule=dm)
+    vocab = run / "tokenizer" / "vocab.json"
+    assert vocab.is_file() and model.hparams.tokenizer == str(run / "tokenizer")
+    last = run / "checkpoints" / "last.ckpt"
+    card = read_card(last)
+    assert (card.family, card.role, card.run_name) == ("seq2seq", "target", "seq2seq-target-000")
+    assert card.autoencoder == str(dm.layout.autoencoder)
+    assert card.tokenizer == str(run / "tokenizer")
+    assert card.train_steps_per_image == pytest.approx(3 * 4 / 8)  # 8 members, batch 4
+    saved = torch.load(last, weights_only=True)
+    assert not any(k.startswith("vq.") for k in saved["state_dict"])
+    mtime = vocab.stat().st_mtime_ns
+
+    resumed = Seq2SeqModule(warmup_steps=2)
+    t = trainer(5, [ModelCheckpoint(dirpath=run / "checkpoints", save_last=True)], run)
+    t.fit(resumed, datamodule=dm, ckpt_path=str(last))
+    assert t.global_step == 5
+    assert resumed.train_steps_per_image == pytest.approx(5 * 4 / 8)
+    assert vocab.stat().st_mtime_ns == mtime  # reused, not retrained
+
+    loaded = load_family_module(last)  # rebuilt from the checkpoint alone
+    assert isinstance(loaded, Seq2SeqModule) and not loaded.training
+    images = loaded.generate(["a big red circle in the center"], num_images=2, seed=0)
+    assert images.shape == (1, 2, 3, 32, 32)
+
+
+def test_tiny_preset_memorises_its_training_pairs(tmp_path):
+    source = ShapesSource(num_samples=16, resolution=32, seed=3)
+    members, others = list(range(8)), list(range(8, 16))
+    tiny_vq().save_pretrained(tmp_path / "autoencoder")
+    captions = [source.caption(i) for i in members]
+    train_caption_tokenizer(captions, 512, tmp_path / "tokenizer")
+    items = [
+        {"pixel_values": source.image(i), "caption": source.caption(i), "sample_id": i}
+        for i in members
+    ]
+    loader = DataLoader(items, batch_size=8, shuffle=True, collate_fn=collate_samples)
+    seed_everything(0)
+    model = Seq2SeqModule(
+        autoencoder=str(tmp_path / "autoencoder"),
+        tokenizer=str(tmp_path / "tokenizer"),
+        caption_dropout=0.0,
+        lr=1e-3,
+        warmup_steps=100,
+    )
+    # ~200 steps learn codes from earlier codes; reading the caption follows by ~300
+    trainer(300, root=tmp_path).fit(model, loader)
+    model.eval()
+
+    def token_accuracy(ids):
+        true = model.encode_images(torch.stack([source.image(i) for i in ids]))  # (B, L)
+        greedy = model.sample_codes([source.caption(i) for i in ids], 1, temperature=0)
+        return (greedy[:, 0] == true).float().mean().item()
+
+    seen, unseen = token_accuracy(members), token_accuracy(others)
+    assert seen > 0.5 and seen > unseen + 0.3, (seen, unseen)
