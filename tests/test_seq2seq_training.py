@@ -120,3 +120,27 @@ def test_tiny_preset_memorises_its_training_pairs(tmp_path):
 
     seen, unseen = token_accuracy(members), token_accuracy(others)
     assert seen > 0.5 and seen > unseen + 0.3, (seen, unseen)
+
+
+def test_ddp_rank_zero_trains_the_tokenizer_and_both_ranks_use_it(tmp_path):
+    dm = MembershipDataModule(
+        str(tmp_path), ShapesSource(num_samples=32, resolution=32), num_shadows=1, batch_size=2
+    )
+    tiny_vq().save_pretrained(dm.layout.autoencoder)
+    run = dm.layout.run_dir("seq2seq", 0)
+    t = Trainer(
+        accelerator="cpu",
+        strategy="ddp_spawn",
+        devices=2,
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=run / "checkpoints", save_last=True)],
+    )
+    t.fit(Seq2SeqModule(), datamodule=dm)
+    assert (run / "tokenizer" / "vocab.json").is_file()
+    assert not list(run.glob(".tokenizer.tmp-*"))  # no leftovers of a second writer
+    card = read_card(run / "checkpoints" / "last.ckpt")
+    assert card.tokenizer == str(run / "tokenizer")
+    assert card.train_steps_per_image == pytest.approx(2 * 2 * 2 / 8)  # 2 ranks x batch 2
