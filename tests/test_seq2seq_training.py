@@ -12,7 +12,7 @@ from lightning_mia.data.datamodule import MembershipDataModule, collate_samples
 from lightning_mia.data.shapes import ShapesSource
 from lightning_mia.models.bart_tokenizer import train_caption_tokenizer
 from lightning_mia.models.registry import load_family_module
-from lightning_mia.models.seq2seq import Seq2SeqModule
+from lightning_mia.models.seq2seq import Seq2SeqError, Seq2SeqModule
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -144,3 +144,13 @@ def test_ddp_rank_zero_trains_the_tokenizer_and_both_ranks_use_it(tmp_path):
     card = read_card(run / "checkpoints" / "last.ckpt")
     assert card.tokenizer == str(run / "tokenizer")
     assert card.train_steps_per_image == pytest.approx(2 * 2 * 2 / 8)  # 2 ranks x batch 2
+
+
+def test_data_of_another_resolution_is_refused_at_fit_start(tmp_path):
+    dm = MembershipDataModule(
+        str(tmp_path), ShapesSource(num_samples=16, resolution=64), num_shadows=1, batch_size=4
+    )
+    tiny_vq().save_pretrained(dm.layout.autoencoder)
+    with pytest.raises(Seq2SeqError, match="data is 64px but preset 'tiny' expects 32px"):
+        trainer(1, root=tmp_path).fit(Seq2SeqModule(), datamodule=dm)
+    assert not dm.layout.run_dir("seq2seq", 0).exists()  # nothing half-written

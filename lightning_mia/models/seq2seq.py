@@ -182,6 +182,14 @@ class Seq2SeqModule(TextToImageModule):
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
+        size = getattr(dm, "resolution", None) or getattr(
+            getattr(dm, "source", None), "resolution", 0
+        )
+        if size and size != self.spec.resolution:
+            raise Seq2SeqError(
+                f"the data is {size}px but preset {self.hparams.preset!r} expects "
+                f"{self.spec.resolution}px: set data.resolution={self.spec.resolution}"
+            )
         if self.vq is None and getattr(dm, "layout", None) is not None:
             self.attach_autoencoder(dm.layout.autoencoder)
         if self._tokenizer is None and stage == "fit":
@@ -232,8 +240,9 @@ class Seq2SeqModule(TextToImageModule):
                 f"images are {tuple(pixel_values.shape[-2:])} but preset "
                 f"{self.hparams.preset!r} expects {r}x{r}: set data.resolution={r}"
             )
-        with torch.autocast(self.device.type, enabled=False):  # codes from fp32 distances
-            return encode_codes(self._vq(), pixel_values.float())
+        vq = self._vq()
+        with torch.autocast(self.device.type, enabled=False):  # codes from unrounded distances
+            return encode_codes(vq, pixel_values.to(vq.dtype))
 
     def image_codes(self, batch: dict[str, Any]) -> torch.Tensor:
         """Codes (B, L) int64 of the batch's images, encoded once per sample_id and cached."""
