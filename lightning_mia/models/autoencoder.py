@@ -1,0 +1,465 @@
+"""The image autoencoder stage: a VQGAN-style tokenizer shared by both text-to-image families.
+
+    python train.py fit --config configs/autoencoder/tiny.yaml
+
+`AutoencoderModule` trains a diffusers `VQModel` (or `AutoencoderKL`) on the auxiliary pool with
+an L1 (+ L2) reconstruction loss, the codebook/commitment loss (or a KL term) and, optionally,
+a hinge PatchGAN loss switched on after `disc_start_step`. At the end of `fit`, rank 0 writes the
+diffusers folder (`save_pretrained`) into the experiment's `autoencoder/`; the diffusion family
+loads it as its frozen latent space, the seq2seq family as its image tokenizer. The helpers
+`encode_latents` / `decode_latents` / `encode_codes` / `decode_codes` are the only way the other
+modules talk to it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, VQModel
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_mia.card import CARD_KEY, RunCard
+
+Autoencoder = VQModel | AutoencoderKL
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+class AutoencoderError(ValueError):
+    """An autoencoder folder that is missing or unusable, or an input it cannot take."""
+
+
+AUTOENCODER_CLASSES = {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}
+
+
+# --- the patch discriminator (hinge GAN loss, as in VQGAN) --------------------------------------
+class PatchDiscriminator(nn.Module):
+    """A small PatchGAN: strided 4x4 convolutions, one real/fake logit per patch."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 32, num_layers: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        ch = channels
+        for _ in range(1, num_layers):
+            layers += [
+                nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False),
+                nn.GroupNorm(min(32, ch * 2 // 4), ch * 2),  # no BatchNorm: DDP-safe
+                nn.LeakyReLU(0.2),
+            ]
+            ch *= 2
+        layers.append(nn.Conv2d(ch, 1, 3, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch logits (B, 1, h, w) of images (B, 3, H, W)."""
+        return self.net(x)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def adaptive_weight(
+    rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor
+) -> torch.Tensor:
+    """VQGAN's balance: |grad rec| / |grad gan| at the decoder's last layer, clamped."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+# --- helpers used by both families -----------------------------------------------------------
+def downsampling_factor(ae: Autoencoder) -> int:
+    """Pixels per latent position along one side (each encoder block but the last halves)."""
+    return 2 ** (len(ae.config.block_out_channels) - 1)
+
+
+def check_resolution(ae: Autoencoder, resolution: int, where: str = "the autoencoder") -> int:
+    """Latent side for `resolution`; AutoencoderError when the autoencoder cannot take it."""
+    factor = downsampling_factor(ae)
+    if resolution <= 0 or resolution % factor != 0:
+        raise AutoencoderError(
+            f"resolution {resolution} is not a positive multiple of {where}'s downsampling "
+            f"factor {factor}; use e.g. {max(factor, resolution // factor * factor)}"
+        )
+    return resolution // factor
+
+
+def load_autoencoder(folder: str | os.PathLike) -> Autoencoder:
+    """Load a diffusers `VQModel` / `AutoencoderKL` folder (by `config.json`'s `_class_name`)."""
+    path = Path(folder)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise AutoencoderError(
+            f"autoencoder folder {path}: no config.json (train one with "
+            "`train.py fit --config configs/autoencoder/tiny.yaml` or give a diffusers folder)"
+        )
+    try:
+        class_name = json.loads(config_file.read_text(encoding="utf-8")).get("_class_name")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise AutoencoderError(f"autoencoder folder {path}: config.json is not valid JSON") from err
+    if class_name not in AUTOENCODER_CLASSES:
+        raise AutoencoderError(
+            f"autoencoder folder {path}: _class_name {class_name!r} is not one of "
+            f"{sorted(AUTOENCODER_CLASSES)}"
+        )
+    try:
+        ae = AUTOENCODER_CLASSES[class_name].from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise AutoencoderError(f"autoencoder folder {path}: cannot load weights ({err})") from err
+    return ae.eval()
+
+
+def encode_latents(ae: Autoencoder, x: torch.Tensor) -> torch.Tensor:
+    """Scaled latents of images x (B, 3, H, W) in [-1, 1] -> (B, C, h, w).
+
+    VQ: the pre-quantization latents (the diffusion works in the continuous space, the decoder
+    quantizes); KL: the posterior mean. Both multiplied by `ae.config.scaling_factor`.
+    """
+    if isinstance(ae, VQModel):
+        z = ae.encode(x).latents
+    else:
+        z = ae.encode(x).latent_dist.mean
+    return z * ae.config.scaling_factor
+
+
+def decode_latents(ae: Autoencoder, z: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] from scaled latents (B, C, h, w)."""
+    images = ae.decode(z / ae.config.scaling_factor).sample
+    return images.clamp(-1, 1)
+
+
+def encode_codes(vq: VQModel, x: torch.Tensor) -> torch.Tensor:
+    """Codebook indices (B, h*w) int64 of images x (B, 3, H, W), row-major over (h, w)."""
+    h = vq.encode(x).latents  # (B, D, h, w)
+    _, _, (_, _, indices) = vq.quantize(h)
+    return indices.reshape(x.shape[0], -1).long()
+
+
+def decode_codes(vq: VQModel, codes: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] from codebook indices (B, h*w) laid out as `hw`."""
+    b = codes.shape[0]
+    shape = (b, hw[0], hw[1], vq.quantize.vq_embed_dim)
+    if vq.config.lookup_from_codebook:
+        images = vq.decode(codes.reshape(-1), force_not_quantize=True, shape=shape).sample
+    else:
+        z_q = vq.quantize.get_codebook_entry(codes.reshape(-1), shape)  # (B, D, h, w)
+        images = vq.decode(z_q, force_not_quantize=True).sample
+    return images.clamp(-1, 1)
+
+
+def write_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call `write(tmp)` on a temporary sibling of `folder`, then rename it into place.
+
+    A reader never sees a half-written folder; an existing one is replaced only on success.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        write(tmp)
+        old = None
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+            os.replace(folder, old / folder.name)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def save_autoencoder(ae: Autoencoder, folder: str | os.PathLike) -> Path:
+    """`save_pretrained` the autoencoder into `folder`, file by file atomically.
+
+    The folder may hold other things (the training run's checkpoints/ and logs), so files are
+    written to a temporary subfolder and renamed into place, weights first, config.json last:
+    a folder with a config.json always has matching weights.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".save-"))
+    try:
+        ae.save_pretrained(str(tmp), safe_serialization=True)
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in sorted(names, key=lambda n: n == "config.json"):
+            os.replace(tmp / name, folder / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# --- the training module -----------------------------------------------------------------------
+class AutoencoderModule(LightningModule):
+    """Train a VQGAN-style image autoencoder (diffusers `VQModel` by default)."""
+
+    family = "autoencoder"
+
+    def __init__(
+        self,
+        kind: Literal["vq", "kl"] = "vq",
+        preset: str = "tiny",
+        resolution: int = 32,
+        block_out_channels: tuple[int, ...] = (32, 64, 64),  # downsampling f = 2^(len - 1)
+        layers_per_block: int = 1,
+        norm_num_groups: int = 16,
+        latent_channels: int = 8,
+        num_vq_embeddings: int = 512,
+        vq_embed_dim: int = 8,
+        mid_block_add_attention: bool = False,
+        scaling_factor: float = 0.0,  # 0: 1 / std of the latents, measured while training
+        lr: float = 1e-3,
+        final_lr_fraction: float = 0.05,  # cosine decay to lr * this by trainer.max_steps
+        l1_weight: float = 1.0,
+        l2_weight: float = 0.0,
+        codebook_weight: float = 1.0,
+        kl_weight: float = 1e-6,
+        restart_dead_codes_every: int = 50,  # re-seed unused codes from the batch; 0 = off
+        disc_weight: float = 0.0,  # 0 = no discriminator
+        disc_start_step: int = 0,
+        disc_channels: int = 32,
+        disc_layers: int = 2,
+        gradient_clip: float = 0.0,  # manual optimization: clipping is done here, not by Trainer
+        output: str = "",  # "" = the experiment's autoencoder/ folder
+        sample_every_n_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.ae = self._build(kind, resolution)
+        check_resolution(self.ae, resolution)
+        self.discriminator = (
+            PatchDiscriminator(3, disc_channels, disc_layers) if disc_weight > 0 else None
+        )
+        # Running moments of the latents (for the scaling factor) and code usage counts.
+        self.register_buffer("latent_moments", torch.tensor([0.0, 1.0], dtype=torch.float64))
+        self.register_buffer("code_usage", torch.zeros(num_vq_embeddings))
+        self.card: RunCard | None = None
+
+    def _build(self, kind: str, resolution: int) -> Autoencoder:
+        hp = self.hparams
+        common = dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(hp.block_out_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(hp.block_out_channels),
+            block_out_channels=tuple(hp.block_out_channels),
+            layers_per_block=hp.layers_per_block,
+            latent_channels=hp.latent_channels,
+            norm_num_groups=hp.norm_num_groups,
+            sample_size=resolution,
+            mid_block_add_attention=hp.mid_block_add_attention,
+        )
+        if kind == "vq":
+            vq = VQModel(
+                num_vq_embeddings=hp.num_vq_embeddings, vq_embed_dim=hp.vq_embed_dim, **common
+            )
+            # diffusers keeps taming's swapped weights by default (commitment 1, codebook 0.25);
+            # the VQ-VAE form (codebook 1, commitment 0.25) trains faster. Training-only flag.
+            vq.quantize.legacy = False
+            return vq
+        if kind == "kl":
+            return AutoencoderKL(**common)
+        raise AutoencoderError(f"autoencoder kind {kind!r} is not 'vq' or 'kl'")
+
+    # --- losses ------------------------------------------------------------------------------
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction (B,3,H,W), regularizer loss (), unscaled latents (B,C,h,w))."""
+        if isinstance(self.ae, VQModel):
+            h = self.ae.encode(x).latents
+            z_q, qloss, (_, _, idx) = self.ae.quantize(h)
+            self._count_codes(idx, h)
+            rec = self.ae.decoder(self.ae.post_quant_conv(z_q))
+            return rec, self.hparams.codebook_weight * qloss, h
+        posterior = self.ae.encode(x).latent_dist
+        z = posterior.sample()
+        rec = self.ae.decode(z).sample
+        return rec, self.hparams.kl_weight * posterior.kl().mean(), posterior.mean
+
+    def _count_codes(self, idx: torch.Tensor, h: torch.Tensor) -> None:
+        if not self.training or self.hparams.restart_dead_codes_every <= 0:
+            return
+        self.code_usage += torch.bincount(idx.flatten(), minlength=self.code_usage.numel())
+        self._last_latents = h.detach()
+
+    @torch.no_grad()
+    def _restart_dead_codes(self) -> None:
+        """Re-seed never-used codebook entries from random latents of the last batch.
+
+        Keeps the codebook alive in short trainings (the classic VQ collapse); every rank
+        draws the same entries because the batch latents are gathered first.
+        """
+        dead = (self.code_usage == 0).nonzero().flatten()
+        self.code_usage.zero_()
+        latents = getattr(self, "_last_latents", None)
+        if dead.numel() == 0 or latents is None:
+            return
+        flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])  # (B*h*w, D)
+        if self._trainer is not None:
+            flat = self.all_gather(flat).reshape(-1, latents.shape[1])
+        gen = torch.Generator().manual_seed(int(self.global_step))
+        pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=gen)
+        self.ae.quantize.embedding.weight.data[dead] = flat[pick.to(flat.device)].to(
+            self.ae.quantize.embedding.weight.dtype
+        )
+
+    def _update_moments(self, z: torch.Tensor, decay: float = 0.99) -> None:
+        z = z.detach().double()
+        new = torch.stack([z.mean(), z.var()])
+        first = self.global_step == 0
+        self.latent_moments.copy_(new if first else decay * self.latent_moments + (1 - decay) * new)
+
+    def _disc_active(self) -> bool:
+        return self.discriminator is not None and self.global_step >= self.hparams.disc_start_step
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        x = batch["pixel_values"]  # (B, 3, H, W)
+        opts = self.optimizers()
+        opt_ae, opt_d = (opts[0], opts[1]) if isinstance(opts, list) else (opts, None)
+        rec, reg_loss, z = self.reconstruct(x)
+        self._update_moments(z)
+        rec_l1 = (rec - x).abs().mean()
+        rec_l2 = (rec - x).pow(2).mean()
+        rec_loss = hp.l1_weight * rec_l1 + hp.l2_weight * rec_l2
+        loss = rec_loss + reg_loss
+        logs = {"train/rec_loss": rec_loss, "train/l1": rec_l1, "train/reg_loss": reg_loss}
+        if self._disc_active():
+            g_loss = -self.discriminator(rec).mean()
+            last = self.ae.decoder.conv_out.weight
+            weight = hp.disc_weight * adaptive_weight(rec_loss, g_loss, last)
+            loss = loss + weight * g_loss
+            logs |= {"train/g_loss": g_loss, "train/disc_weight": weight}
+        self._set_lr(opts if isinstance(opts, list) else [opts])
+        self._step(opt_ae, loss)
+        if self._disc_active() and opt_d is not None:
+            d_loss = hinge_d_loss(self.discriminator(x), self.discriminator(rec.detach()))
+            self._step(opt_d, d_loss)
+            logs["train/d_loss"] = d_loss
+        every = hp.restart_dead_codes_every
+        if isinstance(self.ae, VQModel) and every > 0 and (self.global_step + 1) % every == 0:
+            self._restart_dead_codes()
+        logs["train/psnr"] = psnr(rec.detach(), x)
+        self.log_dict(logs, prog_bar=False, batch_size=x.shape[0])
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        return loss
+
+    def _set_lr(self, optimizers: list[Any]) -> None:
+        """Cosine decay over the run (manual optimization: no Lightning LR scheduler)."""
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        progress = min(1.0, self.global_step / total) if 0 < total < float("inf") else 0.0
+        low = self.hparams.final_lr_fraction
+        factor = low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = self.hparams.lr * factor
+
+    def _step(self, opt: Any, loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.hparams.gradient_clip > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip)
+        opt.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        betas = (0.5, 0.9) if self.discriminator is not None else (0.9, 0.999)  # VQGAN's w/ GAN
+        opts = [torch.optim.Adam(self.ae.parameters(), lr=self.hparams.lr, betas=betas)]
+        if self.discriminator is not None:
+            opts.append(
+                torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.lr, betas=betas)
+            )
+        return opts
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = self.hparams.sample_every_n_steps
+        if every > 0 and self.global_step % every == 0 and self.trainer.is_global_zero:
+            self._log_reconstructions(batch["pixel_values"][:8], batch.get("caption"))
+
+    def _log_reconstructions(self, x: torch.Tensor, captions: list[str] | None) -> None:
+        try:
+            from lightning_mia.reporting import log_image_grid
+        except ImportError:
+            return
+        if self.logger is None:
+            return
+        with torch.no_grad():
+            rec = self.reconstruct(x)[0].clamp(-1, 1)
+        grid = torch.stack([x, rec], dim=1)  # (B, 2, 3, H, W): original, reconstruction
+        names = list(captions[: x.shape[0]]) if captions else [""] * x.shape[0]
+        log_image_grid(self.logger, "reconstructions", grid, names, self.global_step)
+
+    # --- output ------------------------------------------------------------------------------
+    def finalized_autoencoder(self) -> Autoencoder:
+        """The diffusers model with its scaling factor set (measured unless configured)."""
+        factor = self.hparams.scaling_factor
+        if factor <= 0:
+            factor = float(1.0 / self.latent_moments[1].clamp_min(1e-12).sqrt())
+        self.ae.register_to_config(scaling_factor=factor)
+        return self.ae
+
+    def output_folder(self) -> Path | None:
+        if self.hparams.output:
+            return Path(self.hparams.output)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        layout = getattr(dm, "layout", None)
+        return Path(layout.autoencoder) if layout is not None else None
+
+    def on_fit_end(self) -> None:
+        folder = self.output_folder()
+        if folder is not None and self.trainer.is_global_zero:
+            save_autoencoder(self.finalized_autoencoder(), folder)
+            rank_zero_info(f"autoencoder saved to {folder}")
+        self.trainer.strategy.barrier("autoencoder_saved")
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        splits = getattr(dm, "splits", None)
+        layout = getattr(dm, "layout", None)
+        self.card = RunCard(
+            family=self.family,
+            preset=self.hparams.preset,
+            model_index=0,
+            role="autoencoder",
+            splits_hash=getattr(splits, "hash", ""),
+            experiment=str(getattr(layout, "root", "")),
+            autoencoder=str(self.output_folder() or ""),
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.card is not None:
+            checkpoint[CARD_KEY] = self.card.to_dict()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean PSNR (dB) between image batches in [-1, 1]."""
+    mse = (a.clamp(-1, 1) - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)  # (B,)
+    return (10 * torch.log10(4.0 / mse)).mean()
+
+
+__all__ = [
+    "AutoencoderError",
+    "AutoencoderModule",
+    "check_resolution",
+    "decode_codes",
+    "decode_latents",
+    "downsampling_factor",
+    "encode_codes",
+    "encode_latents",
+    "load_autoencoder",
+    "psnr",
+    "save_autoencoder",
+    "write_folder_atomically",
+]

@@ -1,0 +1,371 @@
+"""Latent diffusion text-to-image family: UNet + frozen autoencoder + CLIP text encoder.
+
+    python train.py fit --config configs/diffusion/tiny.yaml                        # target
+    python train.py fit --config configs/diffusion/tiny.yaml --data.model_index 1   # shadow 1
+
+Training is DDPM (epsilon or v-prediction) on the autoencoder's scaled latents with caption
+dropout for classifier-free guidance; sampling is DDIM (or any diffusers scheduler) batched over
+captions x images in one denoising loop, each caption's noise drawn from its own seed. The parts
+stay separate (`unet`, `vae`, `text_encoder`, `tokenizer`, `noise_scheduler`) so gray-box
+attacks can query each; `save_pipeline` writes a StableDiffusionPipeline folder and
+`preset: pretrained` fine-tunes one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from torch import nn
+
+from lightning_mia.card import CheckpointError
+from lightning_mia.models.autoencoder import (
+    check_resolution,
+    decode_latents,
+    encode_latents,
+    load_autoencoder,
+    write_folder_atomically,
+)
+from lightning_mia.models.base import TextToImageModule, caption_seeds, per_caption_randn
+from lightning_mia.models.diffusion_presets import (
+    LatentSpec,
+    build_text_encoder,
+    build_unet,
+    preset_config,
+    sampling_scheduler,
+    scheduler_class,
+)
+from lightning_mia.models.ema import EMAWeights
+from lightning_mia.models.tokenizers import load_clip_tokenizer
+
+VAE_PREFIX = "vae."
+
+
+class LatentDiffusionModule(TextToImageModule):
+    """Text-to-image latent diffusion (LDM / Stable Diffusion architecture) on diffusers."""
+
+    family = "diffusion"
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        autoencoder: str = "runs/demo/autoencoder",  # diffusers folder ("" with pretrained)
+        tokenizer: str = "",  # CLIP tokenizer folder; "" = offline char-level (or pretrained's)
+        pretrained: str = "",  # local StableDiffusionPipeline folder for preset "pretrained"
+        resolution: int = 32,
+        train_text_encoder: bool = True,
+        prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction",
+        beta_schedule: str = "squaredcos_cap_v2",
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        num_train_timesteps: int = 1000,
+        caption_dropout: float = 0.1,  # empty caption with this probability (for CFG)
+        scheduler: str = "DDIMScheduler",  # sampler: any diffusers scheduler class name
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        generation_batch_size: int = 256,  # images per denoising loop (CFG doubles it)
+        ema_decay: float = 0.0,  # 0 = off; else sampling uses the EMA weights
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+        random_crop: bool = False,
+        random_flip: bool = False,
+        sample_every_n_steps: int = 0,
+        num_preview_images: int = 2,
+    ) -> None:
+        super().__init__(sample_every_n_steps, num_preview_images)
+        self.save_hyperparameters()
+        scheduler_class(scheduler)  # unknown names fail now, not at the first sample grid
+        self._autoencoder_folder = autoencoder or (f"{pretrained}/vae" if pretrained else "")
+        if not self._autoencoder_folder:
+            raise ValueError("LatentDiffusionModule needs `autoencoder: <diffusers folder>`")
+        self._tokenizer_folder = tokenizer or (
+            f"{pretrained}/tokenizer" if preset == "pretrained" else ""
+        )
+        self.tokenizer = load_clip_tokenizer(self._tokenizer_folder)
+        self.vae = load_autoencoder(self._autoencoder_folder).requires_grad_(False)
+        latent_size = check_resolution(self.vae, resolution, f"autoencoder {autoencoder}")
+        spec = LatentSpec(
+            latent_channels=self.vae.config.latent_channels,
+            latent_size=latent_size,
+            vocab_size=len(self.tokenizer),
+            max_length=self.tokenizer.model_max_length,
+            bos_token_id=self.tokenizer.bos_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            pretrained=pretrained,
+        )
+        config = preset_config(preset, spec)
+        self.unet = build_unet(config)
+        self.text_encoder = build_text_encoder(config).requires_grad_(train_text_encoder)
+        self.noise_scheduler = DDPMScheduler(
+            num_train_timesteps=num_train_timesteps,
+            beta_schedule=beta_schedule,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            prediction_type=prediction_type,
+            clip_sample=False,
+        )
+        self.ema = EMAWeights(self._trained_parts(), ema_decay) if ema_decay > 0 else None
+        self.resolution = resolution
+        self.latent_shape = (spec.latent_channels, latent_size, latent_size)
+        self._token_cache: dict[str, torch.Tensor] = {}
+        self._ema_step = -1
+
+    # --- components ----------------------------------------------------------------------------
+    def _trained_parts(self) -> dict[str, nn.Module]:
+        parts: dict[str, nn.Module] = {"unet": self.unet}
+        if self.hparams.train_text_encoder:
+            parts["text_encoder"] = self.text_encoder
+        return parts
+
+    def denoiser(self, use_ema: bool | None = None) -> tuple[nn.Module, nn.Module]:
+        """(unet, text_encoder) to query: the EMA copies when EMA is on and (by default) in eval
+        mode, i.e. the released model; the live weights while training."""
+        if use_ema is None:
+            use_ema = not self.training
+        if not use_ema or self.ema is None:
+            return self.unet, self.text_encoder
+        shadow = self.ema.shadow
+        text = shadow["text_encoder"] if "text_encoder" in shadow else self.text_encoder
+        return shadow["unet"], text
+
+    def token_ids(self, captions: Sequence[str]) -> torch.Tensor:
+        """Padded CLIP token ids (B, L), cached per caption (captions repeat every epoch)."""
+        missing = [c for c in dict.fromkeys(captions) if c not in self._token_cache]
+        if missing:
+            ids = self.tokenizer(
+                missing,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            if len(self._token_cache) > 100_000:
+                self._token_cache.clear()
+            self._token_cache.update(zip(missing, ids))
+        return torch.stack([self._token_cache[c] for c in captions]).to(self.device)
+
+    def encode_text(self, captions: Sequence[str], text_encoder: nn.Module | None = None) -> Any:
+        """Caption embeddings (B, L, D) for the UNet's cross-attention."""
+        encoder = text_encoder if text_encoder is not None else self.text_encoder
+        return encoder(self.token_ids(captions))[0]
+
+    def card_references(self) -> dict[str, str]:
+        return {"autoencoder": self._autoencoder_folder, "tokenizer": self._tokenizer_folder}
+
+    def augmentation_config(self) -> dict[str, Any]:
+        hp = self.hparams
+        return {
+            "random_crop": hp.random_crop,
+            "random_flip": hp.random_flip,
+            "caption_dropout": hp.caption_dropout,
+        }
+
+    # --- training ----------------------------------------------------------------------------
+    def per_sample_loss(
+        self,
+        batch: dict[str, Any],
+        timesteps: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Denoising MSE of each sample (B,), mean over the latent's C, h, w.
+
+        Gray-box attacks pass fixed `timesteps` (B,) and `noise` (B, C, h, w); in eval mode no
+        caption is dropped and the EMA weights (if any) answer.
+        """
+        x = batch["pixel_values"]  # (B, 3, R, R)
+        if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
+            raise ValueError(
+                f"images are {tuple(x.shape[-2:])} but the model is configured for "
+                f"resolution {self.resolution}: set data.resolution to match"
+            )
+        captions = list(batch["caption"])
+        if self.training and self.hparams.caption_dropout > 0:
+            drop = torch.rand(len(captions)).lt(self.hparams.caption_dropout).tolist()
+            captions = ["" if d else c for c, d in zip(captions, drop)]
+        with torch.no_grad():
+            latents = encode_latents(self.vae, x.to(self.vae.dtype)).float()  # (B, C, h, w)
+        b = latents.shape[0]
+        if noise is None:
+            noise = torch.randn_like(latents)
+        if timesteps is None:
+            high = self.noise_scheduler.config.num_train_timesteps
+            timesteps = torch.randint(0, high, (b,), device=latents.device)
+        timesteps = timesteps.to(latents.device).long()
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        unet, text_encoder = self.denoiser()
+        context = self.encode_text(captions, text_encoder)  # (B, L, D)
+        pred = unet(noisy, timesteps, encoder_hidden_states=context).sample
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """Random resized crop (80-100% side) and horizontal flip of (B, 3, R, R), per sample."""
+        b, _, r, _ = x.shape
+        if self.hparams.random_flip:
+            flip = torch.rand(b, device=x.device).lt(0.5).view(b, 1, 1, 1)
+            x = torch.where(flip, x.flip(-1), x)
+        if self.hparams.random_crop:
+            sides = torch.randint(int(0.8 * r), r + 1, (b,)).tolist()
+            crops = []
+            for i, s in enumerate(sides):
+                top, left = torch.randint(0, r - s + 1, (2,)).tolist()
+                patch = x[i : i + 1, :, top : top + s, left : left + s]
+                crops.append(F.interpolate(patch, size=(r, r), mode="bilinear", antialias=True))
+            x = torch.cat(crops).clamp(-1, 1)
+        return x
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.hparams.random_crop or self.hparams.random_flip:
+            batch = {**batch, "pixel_values": self.augment(batch["pixel_values"])}
+        return super().training_step(batch, batch_idx)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Once per optimizer step (gradient accumulation calls this on every micro-batch).
+        if self.ema is not None and self.global_step != self._ema_step:
+            self.ema.update(self._trained_parts())
+            self._ema_step = self.global_step
+        super().on_train_batch_end(outputs, batch, batch_idx)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for part in self._trained_parts().values() for p in part.parameters()]
+        hp = self.hparams
+        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        warmup = max(1, hp.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def train(self, mode: bool = True) -> LatentDiffusionModule:
+        """The autoencoder (and a frozen text encoder) always stay in eval mode."""
+        super().train(mode)
+        self.vae.eval()
+        if not self.hparams.train_text_encoder:
+            self.text_encoder.eval()
+        return self
+
+    # --- sampling ------------------------------------------------------------------------------
+    def make_sampler(self) -> SchedulerMixin:
+        """A fresh sampling scheduler (configured class) on the training noise schedule."""
+        return sampling_scheduler(self.hparams.scheduler, self.noise_scheduler.config)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        captions: list[str],
+        num_images: int = 4,
+        seed: int | Sequence[int] = 0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> torch.Tensor:
+        """Images (B, N, 3, H, W) in [-1, 1]; caption i's images depend only on its seed."""
+        steps = num_inference_steps or self.hparams.num_inference_steps
+        scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        seeds = caption_seeds(len(captions), seed)
+        per_loop = max(1, self.hparams.generation_batch_size // max(1, num_images))
+        chunks = [
+            self._generate_chunk(captions[i : i + per_loop], seeds[i : i + per_loop],
+                                 num_images, steps, scale)
+            for i in range(0, len(captions), per_loop)
+        ]  # fmt: skip
+        return torch.cat(chunks) if chunks else torch.empty(0, num_images, 3, *self._hw)
+
+    @property
+    def _hw(self) -> tuple[int, int]:
+        return (self.resolution, self.resolution)
+
+    def _generate_chunk(
+        self, captions: list[str], seeds: list[int], n: int, steps: int, scale: float
+    ) -> torch.Tensor:
+        b = len(captions)
+        unet, text_encoder = self.denoiser()
+        sampler = self.make_sampler()
+        sampler.set_timesteps(steps, device=self.device)
+        context = self.encode_text(captions, text_encoder).repeat_interleave(n, 0)  # (B*N, L, D)
+        cfg = scale != 1.0
+        if cfg:
+            empty = self.encode_text([""], text_encoder).expand_as(context)
+            context = torch.cat([empty, context])  # (2*B*N, L, D)
+        latents = per_caption_randn(seeds, (n, *self.latent_shape), self.device)
+        latents = latents.flatten(0, 1) * sampler.init_noise_sigma  # (B*N, C, h, w)
+        step_kwargs = self._step_kwargs(sampler, seeds, n)
+        for t in sampler.timesteps:
+            model_in = torch.cat([latents, latents]) if cfg else latents
+            model_in = sampler.scale_model_input(model_in, t)
+            pred = unet(model_in, t, encoder_hidden_states=context).sample
+            if cfg:
+                uncond, cond = pred.chunk(2)
+                pred = uncond + scale * (cond - uncond)
+            latents = sampler.step(pred, t, latents, **step_kwargs).prev_sample
+        images = decode_latents(self.vae, latents.to(self.vae.dtype))  # (B*N, 3, H, W)
+        return images.float().reshape(b, n, 3, *images.shape[-2:])
+
+    @staticmethod
+    def _step_kwargs(sampler: SchedulerMixin, seeds: list[int], n: int) -> dict[str, Any]:
+        """Per-image generators for stochastic samplers, derived from each caption's seed."""
+        if "generator" not in inspect.signature(sampler.step).parameters:
+            return {}
+        gens = [
+            torch.Generator().manual_seed((s * 1_000_003 + 7_919 * (k + 1)) % 2**63)
+            for s in seeds
+            for k in range(n)
+        ]
+        return {"generator": gens}
+
+    # --- diffusers folders and checkpoints ----------------------------------------------------
+    def pipeline(self) -> StableDiffusionPipeline:
+        """The released model as a diffusers pipeline (EMA weights when EMA is on)."""
+        unet, text_encoder = self.denoiser(use_ema=True)
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=text_encoder,
+            tokenizer=self.tokenizer,
+            unet=unet,
+            scheduler=self.make_sampler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def save_pipeline(self, folder: str | Path) -> Path:
+        """Write a StableDiffusionPipeline folder (loadable with `preset: pretrained`)."""
+        pipe = self.pipeline()
+        return write_folder_atomically(folder, lambda tmp: pipe.save_pretrained(str(tmp)))
+
+    def vae_fingerprint(self) -> str:
+        """Hash of the autoencoder's weights: a checkpoint refuses a different autoencoder."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.vae.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # The frozen autoencoder lives in its own folder: keep it out of every checkpoint.
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(VAE_PREFIX)]:
+            del state[key]
+        if "lightning_mia" in checkpoint:
+            checkpoint["lightning_mia"]["extra"]["autoencoder_sha256"] = self.vae_fingerprint()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint["lightning_mia"].get("extra", {}).get("autoencoder_sha256")
+        if saved and saved != self.vae_fingerprint():
+            raise CheckpointError(
+                f"checkpoint was trained with a different autoencoder than the one now in "
+                f"{self._autoencoder_folder} (weights hash differs)"
+            )
+        vae_state = {VAE_PREFIX + k: v for k, v in self.vae.state_dict().items()}
+        checkpoint["state_dict"] = {**checkpoint["state_dict"], **vae_state}

@@ -1,0 +1,186 @@
+"""Named sizes of the latent diffusion family: `PRESETS[name](spec) -> PresetConfig`.
+
+A preset gives the configs of the two trained components (UNet, CLIP text encoder) for a given
+latent space and vocabulary; the autoencoder and tokenizer come from their folders.
+
+- `tiny`: 32x32 images, random init, ~1-2 M parameters: trains on a laptop CPU in minutes.
+- `ldm-256`: CompVis text-to-image LDM class at 256x256 (UNet 320-640-1280-1280, a 12-layer
+  768-wide text encoder), random init, trained from scratch on GPUs.
+- `pretrained`: the configs of a local diffusers folder (StableDiffusionPipeline layout:
+  unet/, vae/, text_encoder/, tokenizer/, scheduler/); its weights are loaded to fine-tune.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from transformers import CLIPTextConfig, CLIPTextModel
+
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+COMMON_SCHEDULERS = (
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
+    "EulerDiscreteScheduler",
+    "PNDMScheduler",
+    "UniPCMultistepScheduler",
+)
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    """What a preset needs to know: the latent space, the vocabulary, an optional folder."""
+
+    latent_channels: int
+    latent_size: int
+    vocab_size: int
+    max_length: int = 77
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    pad_token_id: int = 1
+    pretrained: str = ""
+
+
+@dataclass(frozen=True)
+class PresetConfig:
+    """Configs of the trained components (`UNet2DConditionModel`, `CLIPTextConfig` kwargs)."""
+
+    unet: dict[str, Any]
+    text_encoder: dict[str, Any]
+    pretrained: str = ""  # folder whose weights to load ("" = random init)
+
+
+def _text_config(spec: LatentSpec, hidden: int, layers: int, heads: int) -> dict[str, Any]:
+    return dict(
+        vocab_size=spec.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=spec.max_length,
+        bos_token_id=spec.bos_token_id,
+        eos_token_id=spec.eos_token_id,
+        pad_token_id=spec.pad_token_id,
+        projection_dim=hidden,
+    )
+
+
+def _unet_config(
+    spec: LatentSpec, channels: tuple[int, ...], cross_dim: int, **extra: Any
+) -> dict[str, Any]:
+    down = ["CrossAttnDownBlock2D"] * (len(channels) - 1) + ["DownBlock2D"]
+    up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (len(channels) - 1)
+    return dict(
+        sample_size=spec.latent_size,
+        in_channels=spec.latent_channels,
+        out_channels=spec.latent_channels,
+        block_out_channels=tuple(channels),
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        cross_attention_dim=cross_dim,
+        **extra,
+    )
+
+
+def tiny(spec: LatentSpec) -> PresetConfig:
+    """32x32 pixels (8x8 latents with the tiny f4 autoencoder); ~1.5 M-parameter UNet."""
+    unet = _unet_config(
+        spec, (32, 64, 64), 64, layers_per_block=1, attention_head_dim=8, norm_num_groups=16
+    )
+    return PresetConfig(unet=unet, text_encoder=_text_config(spec, 64, 2, 4))
+
+
+def ldm_256(spec: LatentSpec) -> PresetConfig:
+    """CompVis text-to-image LDM class at 256x256 (f4: 64x64 latents, f8: 32x32)."""
+    unet = _unet_config(spec, (320, 640, 1280, 1280), 768, layers_per_block=2, attention_head_dim=8)
+    return PresetConfig(unet=unet, text_encoder=_text_config(spec, 768, 12, 12))
+
+
+def pretrained(spec: LatentSpec) -> PresetConfig:
+    """The configs of the local diffusers folder `spec.pretrained` (weights loaded later)."""
+    folder = check_pipeline_folder(spec.pretrained)
+    unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    text = json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+    return PresetConfig(unet=unet, text_encoder=text, pretrained=str(folder))
+
+
+PRESETS: dict[str, Callable[[LatentSpec], PresetConfig]] = {
+    "tiny": tiny,
+    "ldm-256": ldm_256,
+    "pretrained": pretrained,
+}
+
+
+def preset_config(name: str, spec: LatentSpec) -> PresetConfig:
+    """`PRESETS[name](spec)` with a clear error for an unknown name."""
+    if name not in PRESETS:
+        raise ValueError(f"diffusion preset {name!r} is not one of {sorted(PRESETS)}")
+    return PRESETS[name](spec)
+
+
+def check_pipeline_folder(folder: str) -> Path:
+    """The folder, if it holds a StableDiffusionPipeline layout; otherwise a clear error."""
+    if not folder:
+        raise ValueError("preset 'pretrained' needs `pretrained: <local diffusers folder>`")
+    path = Path(folder)
+    needed = ("unet", "vae", "text_encoder")
+    missing = [p for p in needed if not (path / p / "config.json").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"pretrained folder {path}: no config.json in {missing} (expected the "
+            f"StableDiffusionPipeline layout {'/, '.join(PIPELINE_PARTS)}/)"
+        )
+    return path
+
+
+def build_unet(config: PresetConfig) -> UNet2DConditionModel:
+    """The UNet, random or with the pretrained folder's weights."""
+    if config.pretrained:
+        return UNet2DConditionModel.from_pretrained(
+            config.pretrained, subfolder="unet", local_files_only=True
+        )
+    return UNet2DConditionModel(**config.unet)
+
+
+def build_text_encoder(config: PresetConfig) -> CLIPTextModel:
+    """The CLIP text encoder, random or with the pretrained folder's weights."""
+    if config.pretrained:
+        return CLIPTextModel.from_pretrained(
+            config.pretrained, subfolder="text_encoder", local_files_only=True
+        )
+    fields = {k: v for k, v in config.text_encoder.items() if not k.startswith("_")}
+    return CLIPTextModel(CLIPTextConfig(**fields))
+
+
+def scheduler_class(name: str) -> type[SchedulerMixin]:
+    """A diffusers scheduler class by name; ValueError listing valid ones for anything else."""
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(
+            f"scheduler {name!r} is not a diffusers scheduler class; use e.g. "
+            f"{', '.join(COMMON_SCHEDULERS)}"
+        )
+    return cls
+
+
+def sampling_scheduler(name: str, noise_config: Any) -> SchedulerMixin:
+    """A sampler built on the training noise schedule; DDIM set up as diffusers recommends."""
+    cls = scheduler_class(name)
+    if name == "DDIMScheduler":
+        return cls.from_config(
+            noise_config, clip_sample=False, set_alpha_to_one=False, steps_offset=1
+        )
+    return cls.from_config(noise_config)
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    """Number of parameters (works on the meta device too)."""
+    return sum(p.numel() for p in module.parameters())
