@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet $(TORCH)
 	$(VENV)/bin/pip install --quiet -e '.[dev,quality]'
+	# taming-transformers, without its dependencies (it would pull torchvision and Lightning 1.x):
+	# only the test that checks our taming checkpoint import against taming's own VQGAN uses it
+	$(VENV)/bin/pip install --quiet --no-deps taming-transformers==0.0.1
 	touch $@
 
 setup: $(VENV)/.installed

@@ -157,6 +157,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ("lightning_mia.attack.runner", "AttackError"),
         ("lightning_mia.models.encoder", "EncoderError"),
         ("lightning_mia.models.autoencoder", "AutoencoderError"),
+        ("lightning_mia.models.seq2seq", "Seq2SeqError"),
+        ("lightning_mia.models.taming", "TamingImportError"),
+        ("lightning_mia.graybox.registry", "SignalError"),
     ):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
