@@ -208,10 +208,39 @@ def attack_parser() -> Any:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max_epochs", "--max-epochs", type=int, default=200)
     p.add_argument("--encoder", type=str, default="", help="CLIP folder (default: experiment's)")
+    p.add_argument(
+        "--signals",
+        type=list[str],
+        default=["all"],
+        help="gray-box signals computed while querying (all = every one of the family; [] none)",
+    )
+    p.add_argument("--signal_timesteps", "--signal-timesteps", type=list[int] | None, default=None)
     p.add_argument("--accelerator", type=str, default="auto")
     p.add_argument("--devices", type=int | str, default="auto")
     p.add_argument("--progress", type=bool, default=True)
     return p
+
+
+def cost_context(target: Any, folder: Path) -> dict[str, Any]:
+    """Queries and measured seconds per sample of each attack, from the target's query."""
+    import json
+
+    from lightning_mia.attack import ATTACKS
+    from lightning_mia.query.writer import seconds_per_sample
+
+    context = json.loads(target.metadata.get("signal_queries") or "{}")  # {"<signal>_queries"}
+    measured = seconds_per_sample(folder)
+    black_box = measured.get("generate", 0.0) + measured.get("features", 0.0)
+    seconds = {}
+    for name, spec in ATTACKS.items():
+        if spec.access == "black-box" and black_box:
+            seconds[name] = black_box
+        elif name in measured:
+            seconds[name] = measured[name]
+    if "features" in measured:
+        seconds["blind"] = measured["features"]  # upper bound: blind reads a subset of them
+    context["seconds_per_sample"] = seconds
+    return context
 
 
 def report_folder(layout: ExperimentLayout, setting: str) -> Path:
@@ -223,6 +252,7 @@ def run_attack_command(args: Any) -> Any:
     """Query the target and shadows where needed, train and evaluate the attacks, report."""
     from lightning_mia.attack.runner import AttackError, run_attacks
     from lightning_mia.card import CheckpointError, read_card
+    from lightning_mia.graybox import signals_for
     from lightning_mia.query.run import run_query
     from lightning_mia.reporting import (
         format_table,
@@ -248,22 +278,30 @@ def run_attack_command(args: Any) -> Any:
             f"no trained {card.family} shadow models in {layout.root}{hint}: train them with "
             f"`python train.py fit --config <config> --data.model_index K` for K = 1, 2, ..."
         )
+    signals = list(args.signals)
+    if "all" in signals:
+        signals = signals_for(card.family)
     query = dict(
         num_images=args.num_images,
         seed=args.seed,
         encoder=args.encoder,
+        signals=signals,
+        signal_timesteps=args.signal_timesteps,
         accelerator=args.accelerator,
         devices=args.devices,
         progress=args.progress,
     )
     target = run_query(args.ckpt, **query)
     shadow_tables = [run_query(str(c), **query) for c in shadows]
+    attacks = list(args.attacks)
+    if "all" in attacks:
+        attacks = ["all"]
     logger = make_logger(str(layout.root), name="attack", job_type="attack", group=layout.name)
     report = run_attacks(
         layout,
         target,
         shadow_tables,
-        attacks=args.attacks,
+        attacks=attacks,
         setting=args.setting,
         known_fraction=args.known_fraction,
         seed=args.seed,
@@ -276,6 +314,7 @@ def run_attack_command(args: Any) -> Any:
             "num_shadows": len(shadows),
             "seeds": {"query": args.seed, "attack": args.seed},
             "splits_hash": card.splits_hash,
+            **cost_context(target, layout.queries(card.run_name)),
             "target": {
                 "run_name": card.run_name,
                 "train_steps_per_image": card.train_steps_per_image,

@@ -11,6 +11,10 @@ from (query image, generated images, caption). `ShardWriter` writes them as shar
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from lightning_mia.features.extractor import ENCODER_GROUPS, FEATURE_GROUPS, FeatureExtractor
+from lightning_mia.graybox import SignalOptions, check_signals, compute_signals, query_context
 from lightning_mia.models.registry import load_family_module
 from lightning_mia.paths import ExperimentLayout
 from lightning_mia.query.writer import to_uint8
@@ -47,6 +52,8 @@ class QueryModule(LightningModule):
         encoder: str = "",
         captioner: str = "",
         save_images: bool = False,
+        signals: list[str] | None = None,
+        signal_timesteps: list[int] | None = None,
     ) -> None:
         """
         Args:
@@ -60,6 +67,9 @@ class QueryModule(LightningModule):
             captioner: folder of a BLIP captioner: query with its captions of the image
                 instead of the ground-truth caption (the attacker holds only the image).
             save_images: also write the generated images as PNG under the query folder.
+            signals: gray-box signals to compute beside the features (loss, secmi, pia, clid
+                for diffusion; nll, nll_gap for seq2seq); they read the model's weights.
+            signal_timesteps: diffusion timesteps of loss, pia and clid (None = defaults).
         """
         super().__init__()
         feature_groups = list(DEFAULT_GROUPS if feature_groups is None else feature_groups)
@@ -70,6 +80,19 @@ class QueryModule(LightningModule):
         self.model = load_family_module(ckpt)
         self.model.requires_grad_(False)
         self.card = self.model.card
+        self.signals = list(signals or [])
+        self.signal_options = SignalOptions()
+        if signal_timesteps is not None:
+            self.signal_options = replace(
+                self.signal_options, timesteps=tuple(int(t) for t in signal_timesteps)
+            )
+        if self.signals:
+            n_train = 0
+            if self.card.family == "diffusion":
+                n_train = int(self.model.noise_scheduler.config.num_train_timesteps)
+            check_signals(self.card.family, self.signals, self.signal_options, n_train)
+        self.seconds: dict[str, float] = {}  # measured cost per stage, this rank
+        self.num_queried = 0
         self.extractor = self._build_extractor(feature_groups, encoder)
         self.captioner = None
         if captioner:
@@ -115,7 +138,15 @@ class QueryModule(LightningModule):
             "feature_groups": ",".join(sorted(hp.feature_groups)),
             "captions": "captioner" if hp.captioner else "ground-truth",
             "train_steps_per_image": f"{self.card.train_steps_per_image:.4f}",
+            "signals": ",".join(self.signals),
+            "signal_queries": json.dumps(query_context(self.signals, self.signal_options)),
         }
+
+    def _timed(self, name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        out = fn()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        return out
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         query = batch["pixel_values"]  # (B, 3, H, W) in [-1, 1]
@@ -123,8 +154,21 @@ class QueryModule(LightningModule):
         if self.captioner is not None:
             captions = self.captioner.caption(query)
         seeds = sample_seeds(self.hparams.seed, batch["sample_id"])
-        generated = self.model.generate(captions, self.hparams.num_images, seed=seeds)
-        features = self.extractor(query, generated, captions)  # name -> (B,)
+        n = self.hparams.num_images
+        generated = self._timed(
+            "generate", lambda: self.model.generate(captions, n, seed=seeds)
+        )  # (B, N, 3, H, W)
+        features = self._timed("features", lambda: self.extractor(query, generated, captions))
+        for name in self.signals:  # gray-box: same fixed noise per sample for every model
+            features.update(
+                self._timed(
+                    name,
+                    lambda name=name: compute_signals(
+                        self.model, batch, [name], self.hparams.seed, options=self.signal_options
+                    ),
+                )
+            )
+        self.num_queried += len(captions)
         out = {
             "sample_id": batch["sample_id"],
             "is_member": batch["is_member"],

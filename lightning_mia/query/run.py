@@ -118,6 +118,8 @@ def run_query(
     feature_groups: list[str] | None = None,
     encoder: str = "",
     save_images: bool = False,
+    signals: list[str] | None = None,
+    signal_timesteps: list[int] | None = None,
     batch_size: int | None = None,
     accelerator: str = "auto",
     devices: int | str = "auto",
@@ -134,6 +136,8 @@ def run_query(
         feature_groups=feature_groups,
         encoder=encoder,
         save_images=save_images,
+        signals=signals,
+        signal_timesteps=signal_timesteps,
     )
     datamodule = MembershipDataModule.from_experiment(
         module.card.experiment, model_index=module.card.model_index, query_batch_size=batch_size

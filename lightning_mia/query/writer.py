@@ -9,6 +9,7 @@ the sample ids that no shard holds yet.
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
-from lightning_mia.paths import atomic_write_bytes
+from lightning_mia.paths import atomic_write_bytes, atomic_write_json
 from lightning_mia.query.shards import write_shard
 
 
@@ -74,3 +75,27 @@ class ShardWriter(BasePredictionWriter):
         )
         if len(self.examples) < 8 and "query" in prediction:
             self.examples.append({k: prediction[k] for k in ("query", "generated", "caption")})
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Add this rank's measured seconds (per stage) and sample count to its timing file."""
+        seconds = getattr(pl_module, "seconds", {})
+        path = self.folder / f"timing-r{trainer.global_rank:03d}.json"
+        total = {"seconds": {}, "samples": 0}
+        if path.is_file():
+            total = json.loads(path.read_text(encoding="utf-8"))
+        for name, value in seconds.items():
+            total["seconds"][name] = total["seconds"].get(name, 0.0) + value
+        total["samples"] += getattr(pl_module, "num_queried", 0)
+        atomic_write_json(path, total)
+
+
+def seconds_per_sample(folder: str | os.PathLike) -> dict[str, float]:
+    """Measured seconds per sample of each query stage (generate, features, each signal)."""
+    seconds: dict[str, float] = {}
+    samples = 0
+    for path in sorted(Path(folder).glob("timing-r*.json")):
+        part = json.loads(path.read_text(encoding="utf-8"))
+        samples += part["samples"]
+        for name, value in part["seconds"].items():
+            seconds[name] = seconds.get(name, 0.0) + value
+    return {k: v / samples for k, v in seconds.items()} if samples else {}
