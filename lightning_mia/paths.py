@@ -1,5 +1,7 @@
 """The experiment folder: one place that knows where every stage reads and writes.
 
+Layout::
+
     runs/<experiment>/
       splits.json  autoencoder/  encoder/  <family>-<role>-<index:03d>/  queries/<run>/  attack/
 """
