@@ -142,6 +142,8 @@ def test_secmi_inversion_then_ddim_gives_back_the_latents(model):
     assert moved > 1e-3  # the inversion went somewhere...
     assert error < 0.05 * moved  # ...and DDIM comes back to x0,
     assert error < 1e-4 * x0.pow(2).mean()  # within 1% of its scale
+    with pytest.raises(ValueError, match="timestep 100 must be a positive multiple of"):
+        ddim_invert(view, x0, cond, 100, 7)
 
 
 def test_fixed_noise_determinism_and_batch_independence(model, signals):

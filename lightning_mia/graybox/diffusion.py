@@ -183,12 +183,18 @@ def ddim_move(
     return abar.sqrt() * x0_hat + (1 - abar).sqrt() * eps
 
 
+def _step_size(t: int, num_steps: int) -> int:
+    if num_steps < 1 or t <= 0 or t % num_steps:
+        raise ValueError(f"timestep {t} must be a positive multiple of num_steps {num_steps}")
+    return t // num_steps
+
+
 def ddim_invert(
     view: DiffusionView, x0: torch.Tensor, cond: torch.Tensor, t_end: int, num_steps: int
 ) -> torch.Tensor:
     """Deterministic DDIM inversion of clean latents x0 (B, C, h, w) from timestep 0 to t_end in
     `num_steps` equal steps (x0 is taken as the sample at timestep 0)."""
-    delta = t_end // num_steps
+    delta = _step_size(t_end, num_steps)
     x = x0
     for t in range(0, t_end, delta):
         x = ddim_move(view, x, t, t + delta, cond)
@@ -199,7 +205,7 @@ def ddim_reverse(
     view: DiffusionView, x_t: torch.Tensor, cond: torch.Tensor, t_start: int, num_steps: int
 ) -> torch.Tensor:
     """Deterministic DDIM sampling from timestep t_start back to 0 in `num_steps` equal steps."""
-    delta = t_start // num_steps
+    delta = _step_size(t_start, num_steps)
     x = x_t
     for t in range(t_start, 0, -delta):
         x = ddim_move(view, x, t, t - delta, cond)
