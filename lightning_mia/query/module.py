@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,7 @@ class QueryModule(LightningModule):
             "train_steps_per_image": f"{self.card.train_steps_per_image:.4f}",
             "signals": ",".join(self.signals),
             "signal_queries": json.dumps(query_context(self.signals, self.signal_options)),
+            "signal_options": json.dumps(asdict(self.signal_options)) if self.signals else "",
         }
 
     def _timed(self, name: str, fn: Callable[[], Any]) -> Any:
