@@ -13,15 +13,16 @@ what multi-GPU DDP (`strategy: ddp`) and clusters need; otherwise they run in th
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_mia.cli import DONE_MARKER, run_attack_command, train_main
+from lightning_mia.cli import DONE_MARKER, attack_parser, run_attack_command, train_main
 from lightning_mia.paths import ExperimentLayout
 
 CONFIG_DIR = Path("configs/experiments")
@@ -51,7 +52,9 @@ def fit_stage(
     if isolate:
         subprocess.run([sys.executable, "train.py", *argv], check=True)
     else:
-        train_main(argv)
+        with warnings.catch_warnings():  # LightningCLI(args=...) inside another command line
+            warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+            train_main(argv)
     rank_zero_info(f"[fit] {folder.name} done in {time.perf_counter() - start:.0f} s")
 
 
@@ -112,21 +115,14 @@ def run_experiment(
     target = layout.run_dir(family, 0) / "checkpoints" / "last.ckpt"
     reports = []
     for setting in settings or ["shadow"]:
-        ns = SimpleNamespace(
-            ckpt=str(target),
-            experiment=experiment,
-            attacks=list(attacks or ["pixel", "semantic", "text", "combined"]),
-            setting=setting,
-            known_fraction=known_fraction,
-            num_images=num_images,
-            seed=seed,
-            max_epochs=200,
-            encoder=clip,
-            accelerator="auto",
-            devices="auto",
-            progress=True,
-        )
-        reports.append(run_attack_command(ns))
+        args = [f"--ckpt={target}", f"--experiment={experiment}", f"--setting={setting}"]
+        args += [f"--known_fraction={known_fraction}", f"--num_images={num_images}"]
+        args += [f"--seed={seed}", f"--encoder={clip}"]
+        args += [
+            "--attacks",
+            json.dumps(list(attacks or ["pixel", "semantic", "text", "combined"])),
+        ]
+        reports.append(run_attack_command(attack_parser().parse_args(args)))
     return reports
 
 

@@ -71,15 +71,6 @@ def collate_samples(items: list[dict[str, Any]]) -> dict[str, Any]:
 class MembershipDataModule(pl.LightningDataModule):
     """Training and query data of one model (row `model_index` of splits.json)."""
 
-    SPLIT_KEYS = (
-        "num_shadows",
-        "target_size",
-        "aux_size",
-        "member_fraction",
-        "seed",
-        "shadow_pool",
-    )
-
     def __init__(
         self,
         experiment: str = "runs/demo",
@@ -162,7 +153,7 @@ class MembershipDataModule(pl.LightningDataModule):
             raise DataError(f"{layout.splits}: no such file (is {experiment} an experiment?)")
         splits = load_splits(layout.splits)
         source = build_source(splits.dataset["source"])
-        kwargs = {k: splits.config[k] for k in cls.SPLIT_KEYS if k in splits.config}
+        kwargs = dict(splits.config)  # the split arguments, as they were asked
         if query_batch_size is not None:
             kwargs["query_batch_size"] = query_batch_size
         return cls(experiment, source, model_index=model_index, **kwargs)
