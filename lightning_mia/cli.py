@@ -63,6 +63,26 @@ def stage_folder(model: LightningModule, datamodule: Any) -> tuple[Path, str, st
     return layout.run_dir(family, index), run_name(family, index), role_of(index)
 
 
+def query_data_config(data: Any, ckpt: str) -> None:
+    """A query reads its data from the checkpoint's experiment: the row from the run card, the
+    source and the split settings from splits.json (so no data config is needed)."""
+    from jsonargparse import Namespace
+
+    from lightning_mia.card import read_card
+    from lightning_mia.data import SOURCES
+    from lightning_mia.data.splits import load_splits
+
+    card = read_card(ckpt)
+    data.experiment, data.model_index = card.experiment, card.model_index
+    splits = load_splits(ExperimentLayout(card.experiment).splits)
+    for key, value in splits.config.items():
+        data[key] = value
+    source = splits.dataset["source"]
+    cls = SOURCES[source["name"]]
+    class_path = f"{cls.__module__}.{cls.__qualname__}"
+    data.source = Namespace(class_path=class_path, init_args=Namespace(**source["init_args"]))
+
+
 class MIACLI(LightningCLI):
     """LightningCLI over any lightning_mia module (`model.class_path`) and the splits data."""
 
@@ -92,12 +112,7 @@ class MIACLI(LightningCLI):
         model_cfg = config.get("model")
         ckpt = getattr(getattr(model_cfg, "init_args", None), "ckpt", None)
         if ckpt and str(model_cfg.class_path).endswith("QueryModule"):
-            # a query reads its experiment and row from the checkpoint's run card
-            from lightning_mia.card import read_card
-
-            card = read_card(ckpt)
-            config.data.experiment = card.experiment
-            config.data.model_index = card.model_index
+            query_data_config(config.data, ckpt)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         folder, name, role = stage_folder(self.model, self.datamodule)

@@ -110,7 +110,10 @@ def run_experiment(
         from lightning_mia.paths import run_name
 
         folder = layout.root / run_name(family, index)
-        args = [*common, f"--data.model_index={index}", *(model_args or [])]
+        args = [*common, f"--data.model_index={index}"]
+        if autoencoder:  # the autoencoder this experiment trained, not a config's default path
+            args.append(f"--model.init_args.autoencoder={layout.autoencoder}")
+        args += model_args or []
         fit_stage(folder, model, args, isolate)
     target = layout.run_dir(family, 0) / "checkpoints" / "last.ckpt"
     reports = []

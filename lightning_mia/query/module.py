@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
+from lightning_mia.card import read_card
 from lightning_mia.features.extractor import ENCODER_GROUPS, FEATURE_GROUPS, FeatureExtractor
 from lightning_mia.graybox import SignalOptions, check_signals, compute_signals, query_context
 from lightning_mia.models.registry import load_family_module
@@ -77,47 +78,58 @@ class QueryModule(LightningModule):
         self.hparams.feature_groups = feature_groups
         if num_images < 1:
             raise QueryError(f"num_images must be >= 1, got {num_images}")
-        self.model = load_family_module(ckpt)
-        self.model.requires_grad_(False)
-        self.card = self.model.card
+        # the run card is read now; the model and encoders are built in configure_model, so a
+        # LightningCLI instantiating this module does not also instantiate the loaded model
+        self.card = read_card(ckpt)
         self.signals = list(signals or [])
         self.signal_options = SignalOptions()
         if signal_timesteps is not None:
             self.signal_options = replace(
                 self.signal_options, timesteps=tuple(int(t) for t in signal_timesteps)
             )
-        if self.signals:
-            n_train = 0
-            if self.card.family == "diffusion":
-                n_train = int(self.model.noise_scheduler.config.num_train_timesteps)
-            check_signals(self.card.family, self.signals, self.signal_options, n_train)
+        if self.signals:  # names and family now; timesteps once the scheduler is known
+            check_signals(self.card.family, self.signals, self.signal_options, 10**9)
         self.seconds: dict[str, float] = {}  # measured cost per stage, this rank
         self.num_queried = 0
-        self.extractor = self._build_extractor(feature_groups, encoder)
+        self.encoder_folder = self._encoder_folder(feature_groups, encoder)
+        self.model: torch.nn.Module | None = None
+
+    def configure_model(self) -> None:
+        """Load the queried model, the feature extractor and the captioner (once)."""
+        if self.model is not None:
+            return
+        self.model = load_family_module(self.hparams.ckpt).requires_grad_(False)
+        self.card = self.model.card
+        if self.signals and self.card.family == "diffusion":
+            n_train = int(self.model.noise_scheduler.config.num_train_timesteps)
+            check_signals(self.card.family, self.signals, self.signal_options, n_train)
+        clip = None
+        if self.encoder_folder is not None:
+            from lightning_mia.models.encoder import load_encoder
+
+            clip = load_encoder(str(self.encoder_folder))
+        self.extractor = FeatureExtractor(clip, groups=list(self.hparams.feature_groups))
         self.captioner = None
-        if captioner:
+        if self.hparams.captioner:
             from lightning_mia.models.captioner import Captioner
 
-            self.captioner = Captioner(captioner)
+            self.captioner = Captioner(self.hparams.captioner)
 
-    def _build_extractor(self, groups: list[str], encoder: str) -> torch.nn.Module:
+    def _encoder_folder(self, groups: list[str], encoder: str) -> Path | None:
         unknown = sorted(set(groups) - set(FEATURE_GROUPS))
         if unknown:
             raise QueryError(f"unknown feature groups {unknown}; known: {sorted(FEATURE_GROUPS)}")
-        clip = None
-        if set(groups) & set(ENCODER_GROUPS):
-            from lightning_mia.models.encoder import load_encoder
-
-            folder = Path(encoder) if encoder else ExperimentLayout(self.card.experiment).encoder
-            if not folder.is_dir():
-                raise QueryError(
-                    f"encoder folder {folder} does not exist: feature groups "
-                    f"{sorted(set(groups) & set(ENCODER_GROUPS))} need an image-text encoder. "
-                    "Train the attacker's encoder (python train.py fit --config "
-                    "configs/encoder/tiny.yaml) or pass --model.encoder <local CLIP folder>."
-                )
-            clip = load_encoder(str(folder))
-        return FeatureExtractor(clip, groups=list(groups))
+        if not set(groups) & set(ENCODER_GROUPS):
+            return None
+        folder = Path(encoder) if encoder else ExperimentLayout(self.card.experiment).encoder
+        if not folder.is_dir():
+            raise QueryError(
+                f"encoder folder {folder} does not exist: feature groups "
+                f"{sorted(set(groups) & set(ENCODER_GROUPS))} need an image-text encoder. "
+                "Train the attacker's encoder (python train.py fit --config "
+                "configs/encoder/tiny.yaml) or pass --model.encoder <local CLIP folder>."
+            )
+        return folder
 
     @property
     def run_name(self) -> str:
