@@ -123,6 +123,7 @@ def run_query(
     batch_size: int | None = None,
     accelerator: str = "auto",
     devices: int | str = "auto",
+    strategy: str = "auto",
     precision: str | None = None,
     progress: bool = True,
 ) -> QueryTable | None:
@@ -145,6 +146,7 @@ def run_query(
     trainer = Trainer(
         accelerator=accelerator,
         devices=devices,
+        strategy=strategy,
         precision=precision,
         logger=False,
         enable_progress_bar=progress,

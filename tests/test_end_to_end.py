@@ -1,0 +1,176 @@
+"""The whole pipeline at a small size, both families in one experiment folder.
+
+autoencoder -> attacker's encoder -> target + shadow of each family -> queries -> attack.py,
+through the real command lines. Then the query stage's guarantees on the trained models:
+every sample exactly once (also under 2-process DDP), kill-and-resume equal to one run, and
+one clear error per bad input.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_mia.cli import attack_main, train_main
+from lightning_mia.query.run import run_query
+from lightning_mia.query.shards import load_query_table, shard_paths
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = [  # small splits: 15 target queries (odd, for the DDP check), shadows of the same size
+    "--data.source.num_samples=400",
+    "--data.target_size=15",
+    "--data.aux_size=200",
+    "--data.shadow_size=15",
+    "--data.num_shadows=1",
+    "--data.batch_size=8",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.logger=false",
+]
+STEPS = {"autoencoder": 40, "encoder": 20, "diffusion": 60, "seq2seq": 60}
+
+
+def fit(config, experiment, *extra):
+    family = Path(config).parent.name
+    args = ["fit", "--config", str(ROOT / config), f"--data.experiment={experiment}", *DATA]
+    train_main([*args, f"--trainer.max_steps={STEPS[family]}", *extra])
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    exp = tmp_path_factory.mktemp("exp") / "e2e"
+    fit("configs/autoencoder/tiny.yaml", exp)
+    fit("configs/encoder/tiny.yaml", exp)
+    for family in ("diffusion", "seq2seq"):
+        for index in (0, 1):
+            fit(
+                f"configs/{family}/tiny.yaml",
+                exp,
+                f"--data.model_index={index}",
+                f"--model.init_args.autoencoder={exp / 'autoencoder'}",
+            )
+    return exp
+
+
+def ckpt(exp, family, index):
+    role = "target" if index == 0 else "shadow"
+    return exp / f"{family}-{role}-{index:03d}" / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize("family", ["diffusion", "seq2seq"])
+def test_attack_command_end_to_end(experiment, family, capsys):
+    attack_main(["--ckpt", str(ckpt(experiment, family, 0)), "--num_images=1", "--max_epochs=5",
+                 "--progress=false", "--attacks", '["all"]'])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "blind (baseline)" in out and "threshold (baseline)" in out
+    report = json.loads((experiment / "attack" / "report.json").read_text())
+    assert report["family"] == family and report["setting"] == "shadow"
+    assert report["num_shadows"] == 1 and report["num_images"] == 1
+    graybox = {"diffusion": {"loss", "secmi", "pia", "clid"}, "seq2seq": {"nll", "nll_gap"}}
+    expected = {"pixel", "semantic", "text", "combined"} | graybox[family]
+    assert set(report["attacks"]) == expected
+    assert set(report["baselines"]) == {"threshold", "blind"}
+    for name, result in {**report["attacks"], **report["baselines"]}.items():
+        assert result["access"] in ("black-box", "gray-box", "none"), name
+        metrics = result["metrics"]
+        for key in ("accuracy", "auc"):
+            assert math.isfinite(metrics[key]["value"]), (name, key)
+            assert metrics[key]["low"] <= metrics[key]["value"] <= metrics[key]["high"]
+        assert metrics["tpr@1%fpr"]["resolvable"] is False  # 7 non-members < 100
+    assert (experiment / "attack" / "roc.png").stat().st_size > 0
+    assert "| attack" in (experiment / "attack" / "report.md").read_text()
+
+
+def test_query_holds_every_sample_once_also_under_ddp(experiment):
+    target = str(ckpt(experiment, "seq2seq", 0))
+    table = run_query(target, num_images=1, progress=False)  # done by the attack test, or now
+    splits = json.loads((experiment / "splits.json").read_text())
+    row = splits["rows"][0]
+    expected = sorted(row["members"] + row["nonmembers"])
+    assert len(expected) % 2 == 1 and table.sample_id.tolist() == expected
+    assert table.is_member.tolist() == [i in row["members"] for i in expected]
+
+    folder = experiment / "queries" / "seq2seq-target-000"
+    for path in folder.iterdir():  # query again from scratch, with 2 processes
+        if path.is_file():
+            path.unlink()
+    run_query(target, num_images=1, progress=False, accelerator="cpu", devices=2,
+              strategy="ddp_spawn", batch_size=4)  # fmt: skip
+    ranks = {p.name.split("-")[1] for p in shard_paths(folder)}
+    assert ranks == {"r000", "r001"}
+    ddp = load_query_table(folder)
+    assert ddp.sample_id.tolist() == expected
+    ids = torch.cat([_ids(p) for p in shard_paths(folder)])
+    assert ids.numel() == len(expected)  # nothing written twice across ranks
+    for name, values in table.features.items():  # same seeds per sample: same features
+        torch.testing.assert_close(ddp.features[name], values, rtol=1e-4, atol=1e-4)
+
+
+def _ids(path):
+    from lightning_mia.query.shards import read_shard
+
+    return read_shard(path)[0]["sample_id"]
+
+
+def test_kill_and_resume_equals_one_run(experiment, tmp_path):
+    target = ckpt(experiment, "diffusion", 1)
+    folder = experiment / "queries" / "diffusion-shadow-001"
+    reference = run_query(str(target), num_images=2, batch_size=2, progress=False)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.unlink()
+    code = (
+        "from lightning_mia.query.run import run_query\n"
+        f"run_query({str(target)!r}, num_images=2, batch_size=2, progress=False)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT)
+    deadline = time.time() + 120
+    while len(shard_paths(folder)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (folder / "COMPLETE.json").exists(), "the run finished before it was killed"
+    partial = len(shard_paths(folder))
+    assert partial >= 2
+    resumed = run_query(str(target), num_images=2, batch_size=2, progress=False)
+    assert resumed.sample_id.tolist() == reference.sample_id.tolist()
+    for name, values in reference.features.items():
+        torch.testing.assert_close(resumed.features[name], values, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input_one_clear_error_each(experiment, tmp_path, capsys):
+    def fails(args, needle):
+        with pytest.raises(SystemExit) as err:
+            attack_main(args)
+        assert err.value.code != 0
+        message = capsys.readouterr().err
+        assert needle in message, message
+        return message
+
+    fails(["--ckpt", str(tmp_path / "none.ckpt")], "no such file")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    fails(["--ckpt", str(junk)], "not a readable checkpoint")
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {}}, plain)
+    fails(["--ckpt", str(plain)], "not a lightning_mia checkpoint")
+    fails(["--ckpt", str(ckpt(experiment, "seq2seq", 0)), "--experiment", str(tmp_path)],
+          "belongs to experiment")  # fmt: skip
+    fails(["--ckpt", str(ckpt(experiment, "seq2seq", 0)), "--num_images=1",
+           "--attacks", '["nosuch"]'], "nosuch")  # fmt: skip
+    encoder = experiment / "autoencoder" / "checkpoints" / "last.ckpt"
+    fails(["--ckpt", str(encoder)], "not a target model")
+    done = experiment / "diffusion-shadow-001" / "DONE.json"
+    done.rename(done.with_suffix(".hidden"))
+    try:
+        fails(["--ckpt", str(ckpt(experiment, "diffusion", 0))], "no trained diffusion shadow")
+    finally:
+        done.with_suffix(".hidden").rename(done)
