@@ -226,8 +226,9 @@ def attack_parser() -> Any:
     p.add_argument(
         "--signals",
         type=list[str],
-        default=["all"],
-        help="gray-box signals computed while querying (all = every one of the family; [] none)",
+        default=["auto"],
+        help="gray-box signals computed while querying: all = every one of the family; "
+        "auto = those of an existing complete target query, else all; [] = none",
     )
     p.add_argument("--signal_timesteps", "--signal-timesteps", type=list[int] | None, default=None)
     p.add_argument("--accelerator", type=str, default="auto")
@@ -258,6 +259,21 @@ def cost_context(target: Any, folder: Path) -> dict[str, Any]:
     return context
 
 
+def resolve_signals(asked: list[str], card: Any, layout: ExperimentLayout) -> list[str]:
+    """The gray-box signals to compute: `all`, `auto` (reuse a finished query's) or names."""
+    from lightning_mia.graybox import signals_for
+    from lightning_mia.query.shards import read_complete
+
+    if "auto" in asked:
+        done = read_complete(layout.queries(card.run_name))
+        if done is None:
+            return signals_for(card.family)
+        return [s for s in done.get("signals", "").split(",") if s]
+    if "all" in asked:
+        return signals_for(card.family)
+    return list(asked)
+
+
 def report_folder(layout: ExperimentLayout, setting: str) -> Path:
     """`attack/` for the default shadow setting, `attack/<setting>/` for the others."""
     return layout.attack if setting == "shadow" else layout.attack / setting
@@ -265,9 +281,9 @@ def report_folder(layout: ExperimentLayout, setting: str) -> Path:
 
 def run_attack_command(args: Any) -> Any:
     """Query the target and shadows where needed, train and evaluate the attacks, report."""
+    from lightning_mia.attack import ATTACKS
     from lightning_mia.attack.runner import AttackError, run_attacks
     from lightning_mia.card import CheckpointError, read_card
-    from lightning_mia.graybox import signals_for
     from lightning_mia.query.run import run_query
     from lightning_mia.reporting import (
         format_table,
@@ -293,9 +309,11 @@ def run_attack_command(args: Any) -> Any:
             f"no trained {card.family} shadow models in {layout.root}{hint}: train them with "
             f"`python train.py fit --config <config> --data.model_index K` for K = 1, 2, ..."
         )
-    signals = list(args.signals)
-    if "all" in signals:
-        signals = signals_for(card.family)
+    known = sorted(ATTACKS) + ["all"]
+    unknown = [a for a in args.attacks if a not in known]
+    if unknown:
+        raise AttackError(f"unknown attacks {unknown}; known: {known}")
+    signals = resolve_signals(args.signals, card, layout)
     query = dict(
         num_images=args.num_images,
         seed=args.seed,

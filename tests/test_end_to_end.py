@@ -88,19 +88,23 @@ def test_attack_command_end_to_end(experiment, family, capsys):
     assert "| attack" in (experiment / "attack" / "report.md").read_text()
 
 
+def clear(folder):
+    for path in folder.iterdir() if folder.is_dir() else []:
+        if path.is_file():
+            path.unlink()
+
+
 def test_query_holds_every_sample_once_also_under_ddp(experiment):
     target = str(ckpt(experiment, "seq2seq", 0))
-    table = run_query(target, num_images=1, progress=False)  # done by the attack test, or now
+    folder = experiment / "queries" / "seq2seq-target-000"
+    clear(folder)  # the attack test queried it with gray-box signals
+    table = run_query(target, num_images=1, progress=False)
     splits = json.loads((experiment / "splits.json").read_text())
     row = splits["rows"][0]
     expected = sorted(row["members"] + row["nonmembers"])
     assert len(expected) % 2 == 1 and table.sample_id.tolist() == expected
     assert table.is_member.tolist() == [i in row["members"] for i in expected]
-
-    folder = experiment / "queries" / "seq2seq-target-000"
-    for path in folder.iterdir():  # query again from scratch, with 2 processes
-        if path.is_file():
-            path.unlink()
+    clear(folder)  # query again from scratch, with 2 processes
     run_query(target, num_images=1, progress=False, accelerator="cpu", devices=2,
               strategy="ddp_spawn", batch_size=4)  # fmt: skip
     ranks = {p.name.split("-")[1] for p in shard_paths(folder)}
@@ -122,10 +126,9 @@ def _ids(path):
 def test_kill_and_resume_equals_one_run(experiment, tmp_path):
     target = ckpt(experiment, "diffusion", 1)
     folder = experiment / "queries" / "diffusion-shadow-001"
+    clear(folder)
     reference = run_query(str(target), num_images=2, batch_size=2, progress=False)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.unlink()
+    clear(folder)
     code = (
         "from lightning_mia.query.run import run_query\n"
         f"run_query({str(target)!r}, num_images=2, batch_size=2, progress=False)\n"
