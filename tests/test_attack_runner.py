@@ -151,3 +151,45 @@ def test_target_needs_both_classes(world):
     message = _error(world, target=target, attacks=["pixel", "pixle"])
     assert "the target table has 160 members and 0 non-members" in message
     assert "pixle" in message  # every problem in one error
+
+
+def _loss_table(layout, index, ids, member, per_sample, seed):
+    """A gray-box `loss/mean` per sample: a sample-specific difficulty, lower when trained on."""
+    g = torch.Generator().manual_seed(seed)
+    loss = per_sample[ids] - 0.6 * member.float() + 0.05 * torch.randn(ids.numel(), generator=g)
+    name = run_name("diffusion", index)
+    meta = {"splits_hash": "h", "run_name": name, "family": "diffusion", "experiment": "x",
+            "num_images": "4"}  # fmt: skip
+    feats = {"loss/mean": loss, "blind/noise": torch.randn(ids.numel(), generator=g)}
+    write_shard(layout.queries(name) / "shard-0.safetensors", ids, member, index, feats, meta)
+    return load_query_table(layout.queries(name))
+
+
+def test_lira_calibrates_gray_box_scores_when_shadows_saw_the_target_samples(tmp_path):
+    """Shadows trained on random halves of the target's pool (shadow_pool auxiliary+queries):
+    online LiRA removes the per-sample difficulty that hides membership from the raw loss."""
+    layout = ExperimentLayout(tmp_path / "exp")
+    n = 120
+    ids = torch.arange(n)
+    per_sample = 3.0 * torch.randn(n, generator=torch.Generator().manual_seed(7))
+    tables = []
+    for index in range(9):  # target + 8 shadows, each an independent half as members
+        member = torch.zeros(n, dtype=torch.bool)
+        member[
+            torch.randperm(n, generator=torch.Generator().manual_seed(100 + index))[: n // 2]
+        ] = 1
+        tables.append(_loss_table(layout, index, ids, member, per_sample, seed=index))
+    report = run_attacks(layout, tables[0], tables[1:], ["loss"], **FAST)
+    raw = report.attacks["loss"].metrics["auc"].value
+    lira = report.attacks["lira-loss"].metrics["auc"].value
+    assert lira > 0.9 and lira > raw + 0.1, (raw, lira)
+    assert report.attacks["lira-loss"].access == "gray-box"
+
+
+def test_lira_is_skipped_with_a_note_on_disjoint_shadows(world):
+    layout, target, shadows = world
+    for table in (target, *shadows):
+        table.features["loss/mean"] = torch.randn(len(table))
+    report = run_attacks(layout, target, shadows, ["loss"], **FAST)
+    assert "lira-loss" not in report.attacks
+    assert any("LiRA skipped" in note for note in report.notes)

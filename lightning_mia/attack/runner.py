@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_mia.attack import ATTACKS, BASELINE_ATTACK, AttackError, AttackSpec
 from lightning_mia.attack.baselines import fit_threshold_baseline
+from lightning_mia.attack.calibration import lira_scores, shadow_score_matrix
 from lightning_mia.attack.data import (
     AttackDataModule,
     check_features,
@@ -231,6 +232,41 @@ def _threshold_baseline(
     return result
 
 
+# The scalar score of each gray-box attack that LiRA calibrates (Carlini et al. 2022).
+LIRA_FEATURES = {
+    "loss": "loss/mean",
+    "secmi": "secmi/t_error",
+    "pia": "pia/mean",
+    "clid": "clid/score",
+    "nll": "nll/mean",
+    "nll_gap": "nll_gap/mean",
+}
+
+
+def _lira_results(
+    names: Sequence[str], target: QueryTable, shadows: Sequence[QueryTable],
+    context: Mapping[str, Any], seed: int, n_boot: int,
+) -> tuple[dict[str, AttackResult], list[str]]:  # fmt: skip
+    """Online LiRA of each gray-box score, where shadows were queried on the target's samples
+    (splits with `shadow_pool: auxiliary+queries`); a note where they were not."""
+    todo = [n for n in names if n in LIRA_FEATURES and LIRA_FEATURES[n] in target.features]
+    if not todo or not shadows:
+        return {}, []
+    _, _, observed = shadow_score_matrix(target, shadows, LIRA_FEATURES[todo[0]])
+    if not observed.any():
+        note = "LiRA skipped: no shadow was queried on the target's samples (make the splits "
+        return {}, [note + "with shadow_pool: auxiliary+queries to calibrate gray-box scores)"]
+    results = {}
+    for name in todo:
+        feature = LIRA_FEATURES[name]
+        scores = lira_scores(target, shadows, feature, online=True).float()
+        scores = torch.nan_to_num(scores, nan=-1e9)  # no IN statistics: least likely member
+        spec = AttackSpec(f"lira-{name}", (name,), "gray-box", f"{name}_queries")
+        results[spec.name] = _result(spec, scores, target.is_member, target.sample_id,
+                                     [feature], 0.0, context, seed, n_boot)  # fmt: skip
+    return results, [f"lira-*: online LiRA over {len(shadows)} shadows, threshold LR = 1"]
+
+
 def _context_defaults(
     target: QueryTable, shadows: Sequence[QueryTable], context: Mapping[str, Any], seed: int
 ) -> dict[str, Any]:
@@ -320,6 +356,10 @@ def run_attacks(
             ATTACKS[name], scores, labels, ids, used, 0.0, context, seed, n_boot
         )
         rank_zero_info(f"attack {name}: done in {time.perf_counter() - start:.1f} s")
+    if setting == "shadow":
+        lira, lira_notes = _lira_results(names, target, shadows, context, seed, n_boot)
+        results.update(lira)
+        notes = [*notes, *lira_notes]
     blind = results.pop(BASELINE_ATTACK)
     baselines = {"threshold": _threshold_baseline(rows, target, names, context, seed, n_boot)}
     baselines[BASELINE_ATTACK] = blind
