@@ -360,9 +360,9 @@ def run_attack_command(args: Any) -> Any:
     log_report(logger, report, roc)
     print(format_table(report))
     print(f"report: {folder / 'report.json'}, {folder / 'report.md'}, {roc}")
-    note = wandb_mode_note(layout.root)
-    if note:
-        print(note)
+    if wandb_mode_note(layout.root):  # offline: every stage of the experiment wrote a run
+        print(f"W&B ran offline; upload every run of the experiment with: wandb sync "
+              f"{layout.root}/wandb/offline-run-* {layout.root}/*/wandb/offline-run-*")  # fmt: skip
     return report
 
 
