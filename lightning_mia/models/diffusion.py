@@ -58,6 +58,7 @@ class LatentDiffusionModule(TextToImageModule):
         preset: str = "tiny",
         autoencoder: str = "runs/demo/autoencoder",  # diffusers folder ("" with pretrained)
         tokenizer: str = "",  # CLIP tokenizer folder; "" = offline char-level (or pretrained's)
+        max_caption_length: int = 128,  # tokens of the char-level tokenizer (folders keep theirs)
         pretrained: str = "",  # local StableDiffusionPipeline folder for preset "pretrained"
         resolution: int = 32,
         train_text_encoder: bool = True,
@@ -89,7 +90,7 @@ class LatentDiffusionModule(TextToImageModule):
         self._tokenizer_folder = tokenizer or (
             f"{pretrained}/tokenizer" if preset == "pretrained" else ""
         )
-        self.tokenizer = load_clip_tokenizer(self._tokenizer_folder)
+        self.tokenizer = load_clip_tokenizer(self._tokenizer_folder, max_caption_length)
         self.vae = load_autoencoder(self._autoencoder_folder).requires_grad_(False)
         latent_size = check_resolution(self.vae, resolution, f"autoencoder {autoencoder}")
         spec = LatentSpec(
