@@ -324,12 +324,13 @@ def run_attack_command(args: Any) -> Any:
         devices=args.devices,
         progress=args.progress,
     )
+    logger = make_logger(str(layout.root), name="attack", job_type="attack", group=layout.name)
+    query["logger"] = logger
     target = run_query(args.ckpt, **query)
     shadow_tables = [run_query(str(c), **query) for c in shadows]
     attacks = list(args.attacks)
     if "all" in attacks:
         attacks = ["all"]
-    logger = make_logger(str(layout.root), name="attack", job_type="attack", group=layout.name)
     report = run_attacks(
         layout,
         target,

@@ -213,9 +213,9 @@ class AutoencoderModule(LightningModule):
         kind: Literal["vq", "kl"] = "vq",
         preset: str = "tiny",
         resolution: int = 32,
-        block_out_channels: tuple[int, ...] = (32, 64, 64),  # downsampling f = 2^(len - 1)
+        block_out_channels: tuple[int, ...] = (16, 32, 64),  # downsampling f = 2^(len - 1)
         layers_per_block: int = 1,
-        norm_num_groups: int = 16,
+        norm_num_groups: int = 8,
         latent_channels: int = 8,
         num_vq_embeddings: int = 512,
         vq_embed_dim: int = 8,
@@ -224,7 +224,7 @@ class AutoencoderModule(LightningModule):
         lr: float = 1e-3,
         final_lr_fraction: float = 0.05,  # cosine decay to lr * this by trainer.max_steps
         l1_weight: float = 1.0,
-        l2_weight: float = 0.0,
+        l2_weight: float = 1.0,
         codebook_weight: float = 1.0,
         kl_weight: float = 1e-6,
         restart_dead_codes_every: int = 50,  # re-seed unused codes from the batch; 0 = off

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_mia.paths import ExperimentLayout
@@ -85,8 +87,8 @@ def execute_query(module: QueryModule, datamodule: object, trainer: Trainer) -> 
     datamodule.exclude_ids = done
     missing = len(set(expected) - done)
     rank_zero_info(f"querying {module.run_name}: {missing} of {len(expected)} samples to go")
+    writer = ShardWriter(folder, meta)
     if missing:
-        writer = ShardWriter(folder, meta)
         trainer.callbacks.append(writer)
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
         trainer.callbacks.remove(writer)
@@ -101,14 +103,24 @@ def execute_query(module: QueryModule, datamodule: object, trainer: Trainer) -> 
             f"({len(set(expected) - got)} missing, {len(got - set(expected))} foreign)"
         )
     mark_complete(folder, len(table), meta)
-    _log_query(trainer, table)
+    _log_query(trainer, table, writer.examples)
     return table
 
 
-def _log_query(trainer: Trainer, table: QueryTable) -> None:
-    from lightning_mia.reporting import log_feature_histograms
+def _log_query(trainer: Trainer, table: QueryTable, examples: list[dict]) -> None:
+    """W&B: feature histograms by membership, and a few query images beside their generations
+    (those this process saw; none under ddp_spawn, whose workers hold them)."""
+    from lightning_mia.reporting import log_feature_histograms, log_query_table
 
     log_feature_histograms(trainer.logger, table.features, table.is_member)
+    if examples:
+        log_query_table(
+            trainer.logger,
+            torch.cat([e["query"] for e in examples]),
+            torch.cat([e["generated"] for e in examples]),
+            [c for e in examples for c in e["caption"]],
+            torch.cat([e["is_member"].cpu() for e in examples]),
+        )
 
 
 def run_query(
@@ -126,6 +138,7 @@ def run_query(
     strategy: str = "auto",
     precision: str | None = None,
     progress: bool = True,
+    logger: Logger | bool = False,
 ) -> QueryTable | None:
     """Query the model of `ckpt` for its row of splits.json (see `execute_query`)."""
     from lightning_mia.data.datamodule import MembershipDataModule
@@ -148,7 +161,7 @@ def run_query(
         devices=devices,
         strategy=strategy,
         precision=precision,
-        logger=False,
+        logger=logger,
         enable_progress_bar=progress,
         enable_model_summary=False,
         default_root_dir=str(query_folder(module)),

@@ -74,7 +74,9 @@ class ShardWriter(BasePredictionWriter):
             self.metadata,
         )
         if len(self.examples) < 8 and "query" in prediction:
-            self.examples.append({k: prediction[k] for k in ("query", "generated", "caption")})
+            keep = ("query", "generated", "caption")
+            self.examples.append({k: prediction[k] for k in keep})
+            self.examples[-1]["is_member"] = prediction["is_member"][: len(prediction["query"])]
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Add this rank's measured seconds (per stage) and sample count to its timing file."""
