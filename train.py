@@ -1,4 +1,7 @@
-"""Train and query lightning_mia models: `python train.py fit --config configs/diffusion/tiny.yaml`."""
+"""Train and query lightning_mia models.
+
+    python train.py fit --config configs/diffusion/tiny.yaml
+"""
 
 from lightning_mia.cli import train_main
 
