@@ -1,6 +1,6 @@
 """Train and query lightning_mia models.
 
-    python train.py fit --config configs/diffusion/tiny.yaml
+python train.py fit --config configs/diffusion/tiny.yaml
 """
 
 from lightning_mia.cli import train_main
