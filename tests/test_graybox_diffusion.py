@@ -59,7 +59,9 @@ def model(tmp_path_factory):
     torch.set_num_threads(1)  # the test machine is shared: two threads thrash
     folder = random_autoencoder(tmp_path_factory.mktemp("graybox") / "autoencoder")
     torch.manual_seed(0)
-    m = LatentDiffusionModule(autoencoder=str(folder), resolution=RES, caption_dropout=0.1)
+    m = LatentDiffusionModule(
+        autoencoder=str(folder), resolution=RES, caption_dropout=0.1, max_caption_length=77
+    )
     members = shapes_batch(IDS[:MEMBERS])
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
     m.train()
