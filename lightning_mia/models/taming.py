@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from diffusers import VQModel
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_mia.models.seq2seq_presets import TAMING_VQGAN_CONFIGS
 
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         folder = convert_taming_checkpoint(args.ckpt, args.config, args.output)
     except TamingImportError as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"wrote {folder}")
+    rank_zero_info(f"wrote {folder}")
 
 
 if __name__ == "__main__":
