@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_mia.cli import DONE_MARKER, attack_parser, run_attack_command, train_main
 from lightning_mia.paths import ExperimentLayout
+from lightning_mia.reporting import finish_wandb_run
 
 CONFIG_DIR = Path("configs/experiments")
 OVERFIT_NOTE = (
@@ -55,6 +56,7 @@ def fit_stage(
         with warnings.catch_warnings():  # LightningCLI(args=...) inside another command line
             warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
             train_main(argv)
+        finish_wandb_run()  # each stage is its own W&B run, also in one process
     rank_zero_info(f"[fit] {folder.name} done in {time.perf_counter() - start:.0f} s")
 
 
@@ -126,6 +128,7 @@ def run_experiment(
             json.dumps(list(attacks or ["pixel", "semantic", "text", "combined"])),
         ]
         reports.append(run_attack_command(attack_parser().parse_args(args)))
+        finish_wandb_run()
     return reports
 
 

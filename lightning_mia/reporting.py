@@ -357,6 +357,13 @@ def log_feature_histograms(
         lg.experiment.log(logged)
 
 
+def finish_wandb_run() -> None:
+    """End the active W&B run (if any), so the next stage in this process starts its own."""
+    run = sys.modules["wandb"].run if "wandb" in sys.modules else None
+    if run is not None:
+        run.finish()
+
+
 def has_wandb_api_key() -> bool:
     """Whether W&B credentials are configured (WANDB_API_KEY or a ~/.netrc entry)."""
     if os.environ.get("WANDB_API_KEY"):
