@@ -8,7 +8,7 @@ Subclasses (`LatentDiffusionModule`, `Seq2SeqModule`) set `family`, call
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +45,26 @@ def per_caption_rand(
     """Uniform [0, 1) numbers (B, *shape), caption i's slice drawn from its own generator."""
     out = [torch.rand(*shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
     return torch.stack(out).to(device)
+
+
+def cached_by_id(
+    cache: dict[int, torch.Tensor],
+    ids: Sequence[int],
+    compute: Callable[[list[int]], torch.Tensor],
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Rows (B, ...) of a per-sample tensor, computed once per sample id and kept on the CPU.
+
+    `compute(positions)` returns the rows of the batch positions whose ids are not cached yet.
+    Used for what a frozen encoder makes of a training image (latents, VQ codes): each image is
+    encoded in its first epoch only.
+    """
+    ids = [int(i) for i in ids]
+    missing = [i for i, sid in enumerate(ids) if sid not in cache]
+    if missing:
+        new = compute(missing).detach().to("cpu", dtype)
+        cache.update({ids[i]: row for i, row in zip(missing, new)})
+    return torch.stack([cache[sid] for sid in ids])
 
 
 class TextToImageModule(LightningModule, ABC):

@@ -33,7 +33,12 @@ from lightning_mia.models.autoencoder import (
     load_autoencoder,
     write_folder_atomically,
 )
-from lightning_mia.models.base import TextToImageModule, caption_seeds, per_caption_randn
+from lightning_mia.models.base import (
+    TextToImageModule,
+    cached_by_id,
+    caption_seeds,
+    per_caption_randn,
+)
 from lightning_mia.models.diffusion_presets import (
     LatentSpec,
     build_text_encoder,
@@ -78,6 +83,7 @@ class LatentDiffusionModule(TextToImageModule):
         warmup_steps: int = 0,
         random_crop: bool = False,
         random_flip: bool = False,
+        cache_latents: bool = True,  # encode each training image once (only without crop/flip)
         sample_every_n_steps: int = 0,
         num_preview_images: int = 2,
     ) -> None:
@@ -118,6 +124,7 @@ class LatentDiffusionModule(TextToImageModule):
         self.resolution = resolution
         self.latent_shape = (spec.latent_channels, latent_size, latent_size)
         self._token_cache: dict[str, torch.Tensor] = {}
+        self._latent_cache: dict[int, torch.Tensor] = {}  # sample_id -> (C, h, w), CPU
         self._ema_step = -1
 
     # --- components ----------------------------------------------------------------------------
@@ -192,8 +199,7 @@ class LatentDiffusionModule(TextToImageModule):
         if self.training and self.hparams.caption_dropout > 0:
             drop = torch.rand(len(captions)).lt(self.hparams.caption_dropout).tolist()
             captions = ["" if d else c for c, d in zip(captions, drop)]
-        with torch.no_grad():
-            latents = encode_latents(self.vae, x.to(self.vae.dtype)).float()  # (B, C, h, w)
+        latents = self.image_latents(batch)  # (B, C, h, w)
         b = latents.shape[0]
         if noise is None:
             noise = torch.randn_like(latents)
@@ -210,6 +216,24 @@ class LatentDiffusionModule(TextToImageModule):
         else:
             target = noise
         return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+    @torch.no_grad()
+    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) float32 of images (B, 3, R, R) in [-1, 1]."""
+        return encode_latents(self.vae, x.to(self.vae.dtype)).float()
+
+    def image_latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Latents of the batch's images; in training without augmentation, encoded once per
+        sample_id and cached (the autoencoder is frozen and its latents deterministic)."""
+        hp = self.hparams
+        x = batch["pixel_values"]
+        cacheable = self.training and hp.cache_latents and "sample_id" in batch
+        if not cacheable or hp.random_crop or hp.random_flip:
+            return self.encode_images(x)
+        latents = cached_by_id(
+            self._latent_cache, batch["sample_id"], lambda rows: self.encode_images(x[rows])
+        )
+        return latents.to(self.device)
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         """Random resized crop (80-100% side) and horizontal flip of (B, 3, R, R), per sample."""

@@ -36,7 +36,12 @@ from lightning_mia.models.bart_tokenizer import (
     load_caption_tokenizer,
     train_caption_tokenizer,
 )
-from lightning_mia.models.base import TextToImageModule, caption_seeds, per_caption_rand
+from lightning_mia.models.base import (
+    TextToImageModule,
+    cached_by_id,
+    caption_seeds,
+    per_caption_rand,
+)
 from lightning_mia.models.seq2seq_presets import Seq2SeqError, bart_config, get_preset
 from lightning_mia.models.seq2seq_sampling import (
     SamplingSettings,
@@ -248,13 +253,14 @@ class Seq2SeqModule(TextToImageModule):
         """Codes (B, L) int64 of the batch's images, encoded once per sample_id and cached."""
         if not self.hparams.cache_codes:
             return self.encode_images(batch["pixel_values"])
-        ids = [int(i) for i in batch["sample_id"]]
-        missing = [i for i, sid in enumerate(ids) if sid not in self._code_cache]
-        if missing:
-            dtype = torch.int16 if self.spec.num_codes <= 2**15 else torch.int32
-            new = self.encode_images(batch["pixel_values"][missing]).to("cpu", dtype)
-            self._code_cache.update({ids[i]: c for i, c in zip(missing, new)})
-        return torch.stack([self._code_cache[s] for s in ids]).to(self.device, torch.long)
+        dtype = torch.int16 if self.spec.num_codes <= 2**15 else torch.int32
+        codes = cached_by_id(
+            self._code_cache,
+            batch["sample_id"],
+            lambda rows: self.encode_images(batch["pixel_values"][rows]),
+            dtype,
+        )
+        return codes.to(self.device, torch.long)
 
     def drop_captions(self, captions: Sequence[str]) -> list[str]:
         """Replace each caption by "" with probability `caption_dropout` (training only)."""
