@@ -223,6 +223,11 @@ class AutoencoderModule(LightningModule):
         scaling_factor: float = 0.0,  # 0: 1 / std of the latents, measured while training
         lr: float = 1e-3,
         final_lr_fraction: float = 0.05,  # cosine decay to lr * this by trainer.max_steps
+        warmup_steps: int = 0,  # linear warm-up before the cosine decay
+        betas: tuple[float, float] | None = None,  # Adam; None = VQGAN's (0.5, 0.9) with a
+        # discriminator, else (0.9, 0.99): measured on tiny shapes, beta2 0.999 with no warm-up
+        # sat on a colourless plateau (MSE 0.041 at 600 steps) that (0.9, 0.99) + 50 warm-up
+        # steps left by step ~400 (MSE 0.017-0.020 at 600)
         l1_weight: float = 1.0,
         l2_weight: float = 1.0,
         codebook_weight: float = 1.0,
@@ -363,6 +368,8 @@ class AutoencoderModule(LightningModule):
         progress = min(1.0, self.global_step / total) if 0 < total < float("inf") else 0.0
         low = self.hparams.final_lr_fraction
         factor = low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.global_step < self.hparams.warmup_steps:
+            factor *= (self.global_step + 1) / self.hparams.warmup_steps
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = self.hparams.lr * factor
@@ -375,7 +382,10 @@ class AutoencoderModule(LightningModule):
         opt.step()
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        betas = (0.5, 0.9) if self.discriminator is not None else (0.9, 0.999)  # VQGAN's w/ GAN
+        betas = self.hparams.betas
+        if betas is None:
+            betas = (0.5, 0.9) if self.discriminator is not None else (0.9, 0.99)
+        betas = tuple(betas)
         opts = [torch.optim.Adam(self.ae.parameters(), lr=self.hparams.lr, betas=betas)]
         if self.discriminator is not None:
             opts.append(
