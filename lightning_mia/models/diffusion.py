@@ -43,6 +43,7 @@ from lightning_mia.models.diffusion_presets import (
     LatentSpec,
     build_text_encoder,
     build_unet,
+    check_pipeline_folder,
     preset_config,
     sampling_scheduler,
     scheduler_class,
@@ -90,6 +91,8 @@ class LatentDiffusionModule(TextToImageModule):
         super().__init__(sample_every_n_steps, num_preview_images)
         self.save_hyperparameters()
         scheduler_class(scheduler)  # unknown names fail now, not at the first sample grid
+        if preset == "pretrained":
+            check_pipeline_folder(pretrained)  # before its tokenizer/ and vae/ are read
         self._autoencoder_folder = autoencoder or (f"{pretrained}/vae" if pretrained else "")
         if not self._autoencoder_folder:
             raise ValueError("LatentDiffusionModule needs `autoencoder: <diffusers folder>`")
@@ -125,7 +128,6 @@ class LatentDiffusionModule(TextToImageModule):
         self.latent_shape = (spec.latent_channels, latent_size, latent_size)
         self._token_cache: dict[str, torch.Tensor] = {}
         self._latent_cache: dict[int, torch.Tensor] = {}  # sample_id -> (C, h, w), CPU
-        self._ema_step = -1
 
     # --- components ----------------------------------------------------------------------------
     def _trained_parts(self) -> dict[str, nn.Module]:
@@ -256,12 +258,13 @@ class LatentDiffusionModule(TextToImageModule):
             batch = {**batch, "pixel_values": self.augment(batch["pixel_values"])}
         return super().training_step(batch, batch_idx)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Once per optimizer step (gradient accumulation calls this on every micro-batch).
-        if self.ema is not None and self.global_step != self._ema_step:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # The EMA follows each optimizer step here, not in on_train_batch_end: the Trainer runs
+        # callbacks' on_train_batch_end (ModelCheckpoint) first, so a step-N checkpoint would
+        # hold the EMA of step N-1 and a resumed run would lose one update.
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
             self.ema.update(self._trained_parts())
-            self._ema_step = self.global_step
-        super().on_train_batch_end(outputs, batch, batch_idx)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for part in self._trained_parts().values() for p in part.parameters()]
