@@ -63,6 +63,9 @@ def load_clip_tokenizer(folder: str = "", model_max_length: int = 77) -> CLIPTok
     if not folder:
         return char_clip_tokenizer(model_max_length)
     path = Path(folder)
-    if not (path / "vocab.json").is_file():
-        raise FileNotFoundError(f"tokenizer folder {path}: no vocab.json (not a CLIP tokenizer)")
+    # vocab.json + merges.txt (CLIP's release) or tokenizer.json (what transformers 5 saves)
+    if not any((path / name).is_file() for name in ("vocab.json", "tokenizer.json")):
+        raise FileNotFoundError(
+            f"tokenizer folder {path}: no vocab.json or tokenizer.json (not a CLIP tokenizer)"
+        )
     return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
