@@ -13,3 +13,51 @@ import pytest  # noqa: E402
 def _private_caches(tmp_path, monkeypatch):
     """Keep the file-digest cache inside each test's tmp_path."""
     monkeypatch.setenv("LIGHTNING_MIA_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def trained_autoencoder(tmp_path_factory):
+    """A tiny KL autoencoder shared by the autoencoder and diffusion tests: 16x16 pixels ->
+    4x4x4 latents (f4), trained 300 steps (~7 s on one core) on ids 0..191 of
+    ShapesSource(num_samples=256, resolution=16, seed=0) (192..255 are held out). Returns its
+    diffusers folder; the initial random weights are saved next to it in `../untrained`."""
+    import torch
+    from lightning.pytorch import Trainer, seed_everything
+    from torch.utils.data import DataLoader
+
+    from lightning_mia.data.datamodule import collate_samples
+    from lightning_mia.data.shapes import ShapesSource
+    from lightning_mia.models.autoencoder import AutoencoderModule, save_autoencoder
+
+    root = tmp_path_factory.mktemp("autoencoder")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    source = ShapesSource(num_samples=256, resolution=16, seed=0)
+    items = [
+        {"pixel_values": source.image(i), "caption": source.caption(i), "sample_id": i}
+        for i in range(192)
+    ]
+    seed_everything(0)
+    module = AutoencoderModule(
+        kind="kl",
+        resolution=16,
+        block_out_channels=(16, 32, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        lr=3e-3,
+        output=str(root / "trained"),
+    )
+    module.ae.register_to_config(scaling_factor=1.0)
+    save_autoencoder(module.ae, root / "untrained")
+    loader = DataLoader(items, batch_size=16, shuffle=True, collate_fn=collate_samples)
+    Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=300,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module, loader)  # on_fit_end writes root / "trained"
+    torch.set_num_threads(threads)
+    return root / "trained"
