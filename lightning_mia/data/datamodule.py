@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -24,7 +25,14 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_mia.data.samplers import ShardedSampler, current_rank_and_world
 from lightning_mia.data.shapes import ShapesSource
 from lightning_mia.data.sources import ImageCaptionSource
-from lightning_mia.data.splits import ShadowPool, Splits, check_config, ensure_splits, load_splits
+from lightning_mia.data.splits import (
+    ShadowPool,
+    SplitConfig,
+    Splits,
+    check_config,
+    ensure_splits,
+    load_splits,
+)
 from lightning_mia.paths import ExperimentLayout
 
 
@@ -122,15 +130,17 @@ class MembershipDataModule(pl.LightningDataModule):
             raise ValueError(f"model_index must be >= 0, got {model_index}")
         self.experiment, self.source, self.model_index = experiment, source, model_index
         self.train_split = train_split
-        self.split_config = {
-            "num_shadows": num_shadows,
-            "target_size": target_size,
-            "aux_size": aux_size,
-            "member_fraction": member_fraction,
-            "seed": seed,
-            "shadow_pool": shadow_pool,
-            "shadow_size": shadow_size,
-        }
+        self.split_config = asdict(
+            SplitConfig(
+                num_shadows=num_shadows,
+                target_size=target_size,
+                aux_size=aux_size,
+                member_fraction=member_fraction,
+                seed=seed,
+                shadow_pool=shadow_pool,
+                shadow_size=shadow_size,
+            )
+        )
         self.batch_size, self.query_batch_size = batch_size, query_batch_size
         self.num_workers, self.resolution, self.num_preview = num_workers, resolution, num_preview
         if skip_bad_samples:

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,6 +114,19 @@ class Splits:
         )
 
 
+@dataclass(frozen=True)
+class SplitConfig:
+    """What splits.json is drawn from, besides the data (see `make_splits`)."""
+
+    num_shadows: int = 2
+    target_size: int | None = None  # None: half the data (or what aux_size leaves)
+    aux_size: int | None = None  # None: same as target_size (or the other half)
+    member_fraction: float = 0.5
+    seed: int = 0
+    shadow_pool: ShadowPool = "auxiliary"
+    shadow_size: int | None = None  # None: each shadow splits the whole shadow pool
+
+
 def body_hash(body: dict[str, Any]) -> str:
     """sha256 of canonical JSON (sorted keys, no spaces)."""
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -160,25 +173,16 @@ def _config_problems(
 
 def make_splits(
     source: ImageCaptionSource,
-    num_shadows: int = 2,
-    target_size: int | None = None,
-    aux_size: int | None = None,
-    member_fraction: float = 0.5,
-    seed: int = 0,
-    shadow_pool: ShadowPool = "auxiliary",
-    shadow_size: int | None = None,
+    *args: Any,
+    **config: Any,
 ) -> Splits:
-    """Draw pools and rows from `seed`. With `source.skip_bad_samples`, every image is decoded
-    first and bad samples are left out and recorded in `Splits.skipped`."""
-    config = {
-        "num_shadows": num_shadows,
-        "target_size": target_size,
-        "aux_size": aux_size,
-        "member_fraction": member_fraction,
-        "seed": seed,
-        "shadow_pool": shadow_pool,
-        "shadow_size": shadow_size,
-    }
+    """Draw pools and rows from `seed`; `args`/`config` are the fields of `SplitConfig`. With
+    `source.skip_bad_samples`, every image is decoded first and bad samples are left out and
+    recorded in `Splits.skipped`."""
+    cfg = SplitConfig(*args, **config)
+    config = asdict(cfg)
+    num_shadows, member_fraction, seed = cfg.num_shadows, cfg.member_fraction, cfg.seed
+    shadow_pool, shadow_size = cfg.shadow_pool, cfg.shadow_size
     if source.skip_bad_samples:
         source.verify()
         if source.bad_samples:
@@ -187,7 +191,7 @@ def make_splits(
                 "(recorded in splits.json)"
             )
     ids = source.valid_ids()
-    t, a = _resolve_sizes(len(ids), target_size, aux_size)
+    t, a = _resolve_sizes(len(ids), cfg.target_size, cfg.aux_size)
     problems = _config_problems(num_shadows, member_fraction, shadow_pool, t, a, len(ids))
     if shadow_size is not None and not 2 <= shadow_size <= a:
         problems.append(f"shadow_size must be in [2, aux_size={a}], got {shadow_size}")
@@ -284,26 +288,15 @@ def check_config(splits: Splits, path: str | os.PathLike, **asked: Any) -> None:
 def ensure_splits(
     layout: ExperimentLayout | str | os.PathLike,
     source: ImageCaptionSource,
-    num_shadows: int = 2,
-    target_size: int | None = None,
-    aux_size: int | None = None,
-    member_fraction: float = 0.5,
-    seed: int = 0,
-    shadow_pool: ShadowPool = "auxiliary",
-    shadow_size: int | None = None,
+    *args: Any,
+    **config: Any,
 ) -> Splits:
-    """Make and save splits.json on first use; afterwards load it, check data and config."""
+    """Make and save splits.json on first use; afterwards load it, check data and config
+    (`args`/`config`: the fields of
+    `SplitConfig`)."""
     if not isinstance(layout, ExperimentLayout):
         layout = ExperimentLayout(layout)
-    config = {
-        "num_shadows": num_shadows,
-        "target_size": target_size,
-        "aux_size": aux_size,
-        "member_fraction": member_fraction,
-        "seed": seed,
-        "shadow_pool": shadow_pool,
-        "shadow_size": shadow_size,
-    }
+    config = asdict(SplitConfig(*args, **config))
     if layout.splits.exists():
         splits = load_splits(layout.splits, source)
         check_config(splits, layout.splits, **config)
