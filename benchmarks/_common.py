@@ -1,0 +1,130 @@
+"""What the family benchmarks share: arguments, random-init models, data, precision, memory.
+
+Used by bench_training.py and bench_generation.py. Models are random-init presets (a trained
+model costs the same): diffusion over a random KL autoencoder (the tiny demo's kind: diffusers'
+StableDiffusionPipeline can decode it), seq2seq over bench_signals' random VQ tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL
+
+from lightning_mia.data.shapes import ShapesSource
+
+PRESETS = {"diffusion": ("tiny", "ldm-256"), "seq2seq": ("tiny", "dalle-mini")}
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # Lightning's names
+# diffusion preset -> (resolution, KL block channels (f = 2^(n-1)), latent channels)
+KL_AUTOENCODERS = {
+    "tiny": (32, (32, 64, 64), 4),  # configs/autoencoder/tiny-kl.yaml: 8x8x4 latents
+    "ldm-256": (256, (128, 256, 512, 512), 4),  # Stable Diffusion's f8: 32x32x4 latents
+}
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """--family, --preset, --device, --precision, --threads."""
+    parser.add_argument("--family", choices=sorted(PRESETS), required=True)
+    parser.add_argument("--preset", default="tiny", help="tiny | ldm-256 | dalle-mini")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", choices=PRECISIONS, default="32-true")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One parser error for a preset of another family or a device that is not there."""
+    if args.preset not in PRESETS[args.family]:
+        parser.error(f"--preset {args.preset!r}: {args.family} presets are {PRESETS[args.family]}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
+    torch.set_num_threads(args.threads)
+
+
+def random_kl_autoencoder(preset: str, folder: Path) -> int:
+    """Save a random AutoencoderKL of the preset's size to `folder`; returns the resolution."""
+    res, channels, latent = KL_AUTOENCODERS[preset]
+    AutoencoderKL(
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        layers_per_block=1 if preset == "tiny" else 2,
+        latent_channels=latent,
+        norm_num_groups=32,
+        sample_size=res,
+        mid_block_add_attention=preset != "tiny",
+    ).save_pretrained(folder)
+    return res
+
+
+def build_model(family: str, preset: str, root: Path) -> tuple[Any, int]:
+    """(random-init family module of `preset`, its image resolution)."""
+    torch.manual_seed(0)
+    if family == "diffusion":
+        from lightning_mia.models.diffusion import LatentDiffusionModule
+
+        res = random_kl_autoencoder(preset, root / "autoencoder")
+        model = LatentDiffusionModule(
+            preset=preset, autoencoder=str(root / "autoencoder"), resolution=res
+        )
+        return model, res
+    from bench_signals import build_model as build_seq2seq  # its random VQ + caption BPE
+
+    return build_seq2seq(family, preset, root)
+
+
+def shapes_items(num_samples: int, resolution: int) -> list[dict[str, Any]]:
+    """Training items (image, caption, sample_id) of the embedded shapes data, in memory."""
+    source = ShapesSource(num_samples=num_samples, resolution=resolution, seed=0)
+    return [
+        {"pixel_values": source.image(i), "caption": source.caption(i), "sample_id": i}
+        for i in source.sample_ids()
+    ]
+
+
+def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
+    """The autocast context a hand-written loop needs to match Lightning's `precision`."""
+    dtypes = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+    if precision not in dtypes:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtypes[precision])
+
+
+def to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def stopwatch(device: str) -> Iterator[list[float]]:
+    """`with stopwatch(dev) as t: ...` then t[0] = seconds (the device synchronized)."""
+    elapsed: list[float] = []
+    synchronize(device)
+    start = time.perf_counter()
+    yield elapsed
+    synchronize(device)
+    elapsed.append(time.perf_counter() - start)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_peak_cuda(fn: Callable[[], Any], device: str) -> tuple[Any, float]:
+    """(fn(), peak CUDA memory allocated during it in MiB; 0 off CUDA)."""
+    if torch.device(device).type != "cuda":
+        return fn(), 0.0
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    return out, torch.cuda.max_memory_allocated() / 2**20
