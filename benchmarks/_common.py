@@ -39,11 +39,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """One parser error for a preset of another family or a device that is not there."""
+    """One parser error for a preset of another family, a device that is not there, or a
+    precision Lightning would replace (16-mixed on CPU runs as bf16-mixed)."""
     if args.preset not in PRESETS[args.family]:
         parser.error(f"--preset {args.preset!r}: {args.family} presets are {PRESETS[args.family]}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
+    if args.device == "cpu" and args.precision == "16-mixed":  # Lightning would run bf16
+        parser.error("--precision 16-mixed needs --device cuda (on CPU use bf16-mixed)")
     torch.set_num_threads(args.threads)
 
 
