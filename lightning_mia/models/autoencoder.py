@@ -1,6 +1,7 @@
-"""The image autoencoder stage: a VQGAN-style tokenizer shared by both text-to-image families.
+"""The image autoencoder stage: the diffusion family's latent space, the seq2seq family's tokenizer.
 
-    python train.py fit --config configs/autoencoder/tiny.yaml
+    python train.py fit --config configs/autoencoder/tiny.yaml      # VQ (both families)
+    python train.py fit --config configs/autoencoder/tiny-kl.yaml   # KL (diffusion)
 
 `AutoencoderModule` trains a diffusers `VQModel` (or `AutoencoderKL`) on the auxiliary pool with
 an L1 (+ L2) reconstruction loss, the codebook/commitment loss (or a KL term) and, optionally,
@@ -18,18 +19,16 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, VQModel
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
 
 from lightning_mia.card import CARD_KEY, RunCard
+from lightning_mia.models.patchgan import PatchDiscriminator, adaptive_weight, hinge_d_loss
 
 Autoencoder = VQModel | AutoencoderKL
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -40,43 +39,6 @@ class AutoencoderError(ValueError):
 
 
 AUTOENCODER_CLASSES = {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}
-
-
-# --- the patch discriminator (hinge GAN loss, as in VQGAN) --------------------------------------
-class PatchDiscriminator(nn.Module):
-    """A small PatchGAN: strided 4x4 convolutions, one real/fake logit per patch."""
-
-    def __init__(self, in_channels: int = 3, channels: int = 32, num_layers: int = 2) -> None:
-        super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
-        ch = channels
-        for _ in range(1, num_layers):
-            layers += [
-                nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False),
-                nn.GroupNorm(min(32, ch * 2 // 4), ch * 2),  # no BatchNorm: DDP-safe
-                nn.LeakyReLU(0.2),
-            ]
-            ch *= 2
-        layers.append(nn.Conv2d(ch, 1, 3, 1, 1))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch logits (B, 1, h, w) of images (B, 3, H, W)."""
-        return self.net(x)
-
-
-def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Discriminator hinge loss."""
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
-
-
-def adaptive_weight(
-    rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor
-) -> torch.Tensor:
-    """VQGAN's balance: |grad rec| / |grad gan| at the decoder's last layer, clamped."""
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 
 # --- helpers used by both families -----------------------------------------------------------
@@ -157,29 +119,6 @@ def decode_codes(vq: VQModel, codes: torch.Tensor, hw: tuple[int, int]) -> torch
         z_q = vq.quantize.get_codebook_entry(codes.reshape(-1), shape)  # (B, D, h, w)
         images = vq.decode(z_q, force_not_quantize=True).sample
     return images.clamp(-1, 1)
-
-
-def write_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Call `write(tmp)` on a temporary sibling of `folder`, then rename it into place.
-
-    A reader never sees a half-written folder; an existing one is replaced only on success.
-    """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
-        write(tmp)
-        old = None
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
-            os.replace(folder, old / folder.name)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
 
 
 def save_autoencoder(ae: Autoencoder, folder: str | os.PathLike) -> Path:
@@ -471,5 +410,4 @@ __all__ = [
     "load_autoencoder",
     "psnr",
     "save_autoencoder",
-    "write_folder_atomically",
 ]

@@ -31,7 +31,6 @@ from lightning_mia.models.autoencoder import (
     decode_latents,
     encode_latents,
     load_autoencoder,
-    write_folder_atomically,
 )
 from lightning_mia.models.base import (
     TextToImageModule,
@@ -50,6 +49,7 @@ from lightning_mia.models.diffusion_presets import (
 )
 from lightning_mia.models.ema import EMAWeights
 from lightning_mia.models.tokenizers import load_clip_tokenizer
+from lightning_mia.paths import write_folder_atomically
 
 VAE_PREFIX = "vae."
 
