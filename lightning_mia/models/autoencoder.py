@@ -26,6 +26,7 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from lightning_mia.card import CARD_KEY, RunCard
 from lightning_mia.models.patchgan import PatchDiscriminator, adaptive_weight, hinge_d_loss
@@ -296,7 +297,9 @@ class AutoencoderModule(LightningModule):
         every = hp.restart_dead_codes_every
         if isinstance(self.ae, VQModel) and every > 0 and (self.global_step + 1) % every == 0:
             self._restart_dead_codes()
-        logs["train/psnr"] = psnr(rec.detach(), x)
+        logs["train/psnr"] = peak_signal_noise_ratio(  # mean of per-image PSNR, as features do
+            rec.detach().clamp(-1, 1), x, data_range=2.0, dim=(1, 2, 3)
+        )
         self.log_dict(logs, prog_bar=False, batch_size=x.shape[0])
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
         return loss
@@ -392,12 +395,6 @@ class AutoencoderModule(LightningModule):
             checkpoint[CARD_KEY] = self.card.to_dict()
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean PSNR (dB) between image batches in [-1, 1]."""
-    mse = (a.clamp(-1, 1) - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)  # (B,)
-    return (10 * torch.log10(4.0 / mse)).mean()
-
-
 __all__ = [
     "AutoencoderError",
     "AutoencoderModule",
@@ -408,6 +405,5 @@ __all__ = [
     "encode_codes",
     "encode_latents",
     "load_autoencoder",
-    "psnr",
     "save_autoencoder",
 ]
