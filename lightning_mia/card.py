@@ -13,11 +13,13 @@ from typing import Any
 
 import torch
 
+from lightning_mia.errors import UserError
+
 CARD_KEY = "lightning_mia"
 FAMILIES = ("diffusion", "seq2seq", "autoencoder", "encoder")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable, or not what the caller needs."""
 
 

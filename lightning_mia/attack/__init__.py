@@ -15,10 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from lightning_mia.errors import UserError
+
 Access = Literal["black-box", "gray-box", "none"]
 
 
-class AttackError(ValueError):
+class AttackError(UserError):
     """Attack inputs that cannot give a valid result (missing features, mixed experiments...)."""
 
 

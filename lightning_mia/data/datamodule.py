@@ -33,6 +33,7 @@ from lightning_mia.data.splits import (
     ensure_splits,
     load_splits,
 )
+from lightning_mia.data.stage import StageData
 from lightning_mia.paths import ExperimentLayout
 
 
@@ -211,6 +212,21 @@ class MembershipDataModule(pl.LightningDataModule):
         ids = self.train_ids
         k = min(self.num_preview, len(ids))
         return [self.source.caption(ids[i * len(ids) // k]) for i in range(k)]
+
+    def stage_data(self) -> StageData:
+        """What the module of this stage reads of its data (after setup)."""
+        splits = self._splits()
+        ids = self.train_ids
+        return StageData(
+            layout=self.layout,
+            model_index=self.model_index,
+            splits_hash=splits.hash,
+            train_split=self.train_split,
+            resolution=int(self.resolution or self.source.resolution),
+            num_train_samples=len(ids),
+            preview_captions=tuple(self.preview_captions),
+            training_captions=lambda: [self.source.caption(i) for i in ids],
+        )
 
     def train_dataset(self) -> SampleDataset:
         return SampleDataset(self.source, self.train_ids, self.resolution)

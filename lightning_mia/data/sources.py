@@ -24,16 +24,18 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from lightning_mia.errors import UserError
 from lightning_mia.paths import atomic_write_json
+from lightning_mia.registry import Registry
 
 log = logging.getLogger("lightning_mia.data")
 
-SOURCES: dict[str, type[ImageCaptionSource]] = {}
+SOURCES: Registry[type[ImageCaptionSource]] = Registry("source")
 CACHE_ENV = "LIGHTNING_MIA_CACHE"  # folder for the file-digest cache (default ~/.cache/...)
 HASH_CHUNK = 1 << 20
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data: the message names the file (or sample) and what is wrong with it."""
 
 
@@ -42,18 +44,14 @@ def register_source(name: str) -> Callable[[type], type]:
 
     def wrap(cls: type) -> type:
         cls.registry_name = name
-        SOURCES[name] = cls
-        return cls
+        return SOURCES.register(name, cls)
 
     return wrap
 
 
 def build_source(description: dict[str, Any]) -> ImageCaptionSource:
     """Rebuild a source from `source.describe()` (e.g. the `dataset.source` of splits.json)."""
-    name = description.get("name")
-    if name not in SOURCES:
-        raise DataError(f"unknown source {name!r}; known: {sorted(SOURCES)}")
-    return SOURCES[name](**description.get("init_args", {}))
+    return SOURCES[description.get("name")](**description.get("init_args", {}))
 
 
 def caption_problem(value: object) -> str | None:

@@ -29,13 +29,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from lightning_mia.card import CARD_KEY, RunCard
+from lightning_mia.errors import UserError
 from lightning_mia.models.patchgan import PatchDiscriminator, adaptive_weight, hinge_d_loss
 
 Autoencoder = VQModel | AutoencoderKL
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
-class AutoencoderError(ValueError):
+class AutoencoderError(UserError):
     """An autoencoder folder that is missing or unusable, or an input it cannot take."""
 
 

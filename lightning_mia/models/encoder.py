@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from lightning_mia.card import CARD_KEY, RunCard
+from lightning_mia.errors import UserError
 from lightning_mia.models.tokenizers import load_clip_tokenizer
 from lightning_mia.paths import atomic_write_json
 
@@ -47,7 +48,7 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-class EncoderError(ValueError):
+class EncoderError(UserError):
     """A folder that does not hold a usable CLIP model, or an encoder misconfigured."""
 
 

@@ -17,11 +17,13 @@ from typing import Any
 
 from transformers import BartConfig
 
+from lightning_mia.errors import UserError
+
 # BART's special caption tokens, in BART's id order (the BPE trainer puts them first).
 BOS_ID, PAD_ID, EOS_ID = 0, 1, 2
 
 
-class Seq2SeqError(ValueError):
+class Seq2SeqError(UserError):
     """A seq2seq model that cannot run as configured (preset, autoencoder, tokenizer, inputs)."""
 
 

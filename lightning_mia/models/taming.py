@@ -28,6 +28,7 @@ import torch
 from diffusers import VQModel
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_mia.errors import UserError
 from lightning_mia.models.seq2seq_presets import TAMING_VQGAN_CONFIGS
 
 log = logging.getLogger("lightning_mia.taming")
@@ -35,7 +36,7 @@ TAMING_VQ_TARGETS = ("taming.models.vqgan.VQModel",)
 IGNORED_PREFIXES = ("loss.",)  # taming's LPIPS + discriminator: training only
 
 
-class TamingImportError(ValueError):
+class TamingImportError(UserError):
     """A taming checkpoint or config that cannot be converted (names the file and the problem)."""
 
 

@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from lightning_mia.card import read_card
+from lightning_mia.errors import UserError
 from lightning_mia.features.extractor import ENCODER_GROUPS, FEATURE_GROUPS, FeatureExtractor
 from lightning_mia.graybox import SignalOptions, check_signals, compute_signals, query_context
 from lightning_mia.models.registry import load_family_module
@@ -32,7 +33,7 @@ DEFAULT_GROUPS = ("pixel", "semantic", "text", "quality", "blind")
 SEED_STRIDE = 2**32
 
 
-class QueryError(ValueError):
+class QueryError(UserError):
     """A query that cannot run as configured (missing encoder, unknown feature group...)."""
 
 

@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
+from lightning_mia.errors import UserError
 from lightning_mia.paths import atomic_write_bytes, atomic_write_json
 
 SHARD_GLOB = "shard-*.safetensors"
@@ -31,7 +32,7 @@ COMPLETE = "COMPLETE.json"
 RESERVED = ("sample_id", "is_member", "model_index")
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A shard folder that is empty, corrupted, or mixes models/experiments."""
 
 
