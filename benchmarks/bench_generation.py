@@ -42,7 +42,7 @@ from _common import (
 from diffusers import VQModel
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from lightning_mia.models.autoencoder import decode_codes, decode_latents
+from lightning_mia.models.vae import decode_codes, decode_latents
 from lightning_mia.models.base import caption_seeds
 
 

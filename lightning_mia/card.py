@@ -16,7 +16,6 @@ import torch
 from lightning_mia.errors import UserError
 
 CARD_KEY = "lightning_mia"
-FAMILIES = ("diffusion", "seq2seq", "autoencoder", "encoder")
 
 
 class CheckpointError(UserError):

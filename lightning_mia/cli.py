@@ -24,10 +24,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from lightning_mia.data.datamodule import MembershipDataModule
-from lightning_mia.paths import ExperimentLayout, atomic_write_json, role_of, run_name
+from lightning_mia.errors import UserError
+from lightning_mia.paths import (
+    CHECKPOINT_DIR,
+    ExperimentLayout,
+    StagePaths,
+    atomic_write_json,
+    done_marker,
+    last_checkpoint,
+)
 
 CHECKPOINT_EVERY_N_STEPS = 500
-DONE_MARKER = "DONE.json"
 
 
 class FinalCheckpoint(Callback):
@@ -41,26 +48,22 @@ class FinalCheckpoint(Callback):
         if trainer.interrupted:
             return
         # full state (optimizer, loops), so a later `--ckpt_path last` can train on
-        trainer.save_checkpoint(self.dirpath / "checkpoints" / "last.ckpt", weights_only=False)
+        trainer.save_checkpoint(last_checkpoint(self.dirpath), weights_only=False)
         if trainer.is_global_zero:
             atomic_write_json(
-                self.dirpath / DONE_MARKER,
+                done_marker(self.dirpath),
                 {"global_step": trainer.global_step, "max_steps": trainer.max_steps},
             )
 
 
-def stage_folder(model: LightningModule, datamodule: Any) -> tuple[Path, str, str]:
-    """(folder, run name, role) of the stage that `model` runs in its experiment."""
+def stage_of(model: LightningModule, datamodule: Any) -> StagePaths:
+    """Where the stage that `model` runs in its experiment writes, its run name and role."""
+    from lightning_mia.query.module import QueryModule
+
     layout = ExperimentLayout(datamodule.experiment)
-    family = getattr(model, "family", "")
-    if family == "autoencoder":
-        return layout.autoencoder, "autoencoder", "autoencoder"
-    if family == "encoder":
-        return layout.encoder, "encoder", "attacker"
-    if hasattr(model, "card") and getattr(model, "run_name", None):  # QueryModule
-        return layout.queries(model.run_name), f"query-{model.run_name}", "query"
-    index = datamodule.model_index
-    return layout.run_dir(family, index), run_name(family, index), role_of(index)
+    if isinstance(model, QueryModule):
+        return layout.query_stage(model.run_name)
+    return layout.stage(getattr(model, "family", ""), datamodule.model_index)
 
 
 def query_data_config(data: Any, ckpt: str) -> None:
@@ -115,16 +118,16 @@ class MIACLI(LightningCLI):
             query_data_config(config.data, ckpt)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        folder, name, role = stage_folder(self.model, self.datamodule)
+        stage = stage_of(self.model, self.datamodule)
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer_cfg = self._get(self.config_init, "trainer", default={})
-        kwargs.setdefault("default_root_dir", str(folder))
+        kwargs.setdefault("default_root_dir", str(stage.folder))
         if trainer_cfg.get("logger") in (None, True):
             from lightning_mia.reporting import make_logger
 
             group = ExperimentLayout(self.datamodule.experiment).name
             kwargs["logger"] = make_logger(
-                folder, f"{group}/{name}", job_type=role, group=group,
+                stage.folder, f"{group}/{stage.name}", job_type=stage.role, group=group,
                 project=config.get("wandb_project", "lightning_mia"),
             )  # fmt: skip
         if self.subcommand == "fit":
@@ -132,14 +135,14 @@ class MIACLI(LightningCLI):
             if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
                 callbacks.append(
                     ModelCheckpoint(
-                        dirpath=folder / "checkpoints",
+                        dirpath=stage.folder / CHECKPOINT_DIR,
                         save_last=True,
                         save_top_k=0,
                         enable_version_counter=False,
                         every_n_train_steps=config.get("checkpoint_every_n_steps"),
                     )
                 )
-            callbacks.append(FinalCheckpoint(folder))
+            callbacks.append(FinalCheckpoint(stage.folder))
             kwargs["callbacks"] = callbacks
         if self.subcommand == "predict":
             kwargs["use_distributed_sampler"] = False
@@ -154,40 +157,11 @@ class MIACLI(LightningCLI):
         return self.trainer.predict(model, datamodule=datamodule, **kwargs)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's input, shown as one line without a traceback."""
-    from lightning_mia.card import CheckpointError
-    from lightning_mia.data.sources import DataError
-    from lightning_mia.query.module import QueryError
-    from lightning_mia.query.shards import ShardError
-
-    errors: list[type[BaseException]] = [
-        CheckpointError,
-        DataError,
-        QueryError,
-        ShardError,
-        FileNotFoundError,
-    ]
-    for module, name in (
-        ("lightning_mia.attack.runner", "AttackError"),
-        ("lightning_mia.models.encoder", "EncoderError"),
-        ("lightning_mia.models.autoencoder", "AutoencoderError"),
-        ("lightning_mia.models.seq2seq", "Seq2SeqError"),
-        ("lightning_mia.models.taming", "TamingImportError"),
-        ("lightning_mia.graybox.registry", "SignalError"),
-    ):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
-
-
 def run_cli(main: Callable[[], Any]) -> Any:
     """Run `main`; a user error becomes one line on stderr and exit status 1."""
     try:
         return main()
-    except user_errors() as err:
+    except (UserError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
 
@@ -197,206 +171,34 @@ def train_main(args: ArgsType = None) -> MIACLI:
     return run_cli(lambda: MIACLI(args=args))
 
 
-def find_shadow_checkpoints(layout: ExperimentLayout, family: str) -> list[Path]:
-    """`last.ckpt` of every trained shadow run of `family` in the experiment."""
-    runs = sorted(layout.root.glob(f"{family}-shadow-[0-9][0-9][0-9]"))
-    return [r / "checkpoints" / "last.ckpt" for r in runs if (r / DONE_MARKER).is_file()]
+def say(text: str) -> None:
+    """A command's own output (tables, paths, hints) on stdout, from global rank zero only."""
+    from lightning.pytorch.utilities import rank_zero_only
 
-
-def attack_parser() -> Any:
-    """Arguments of `python attack.py` (also readable from a YAML with --config)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    p = ArgumentParser(prog="attack.py", description="Membership inference against a target.")
-    p.add_argument("--config", action=ActionConfigFile)
-    p.add_argument("--ckpt", type=str, required=True, help="target model checkpoint")
-    p.add_argument("--experiment", type=str, default="", help="experiment folder (default: card)")
-    p.add_argument(
-        "--attacks",
-        type=list[str],
-        default=["pixel", "semantic", "text", "combined"],
-        help="attacks to run (pixel, semantic, text, combined, gray-box ones, or all)",
-    )
-    p.add_argument("--setting", type=str, default="shadow", help="shadow | partial")
-    p.add_argument("--known_fraction", "--known-fraction", type=float, default=0.5)
-    p.add_argument("--num_images", "--num-images", type=int, default=4, help="N per query")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max_epochs", "--max-epochs", type=int, default=200)
-    p.add_argument("--encoder", type=str, default="", help="CLIP folder (default: experiment's)")
-    p.add_argument(
-        "--signals",
-        type=list[str],
-        default=["auto"],
-        help="gray-box signals computed while querying: all = every one of the family; "
-        "auto = those of an existing complete target query, else all; [] = none",
-    )
-    p.add_argument("--signal_timesteps", "--signal-timesteps", type=list[int] | None, default=None)
-    p.add_argument("--accelerator", type=str, default="auto")
-    p.add_argument("--devices", type=int | str, default="auto")
-    p.add_argument("--progress", type=bool, default=True)
-    return p
-
-
-def cost_context(target: Any, folder: Path) -> dict[str, Any]:
-    """Queries and measured seconds per sample of each attack, from the target's query."""
-    import json
-
-    from lightning_mia.attack import ATTACKS
-    from lightning_mia.query.writer import seconds_per_sample
-
-    context = json.loads(target.metadata.get("signal_queries") or "{}")  # {"<signal>_queries"}
-    measured = seconds_per_sample(folder)
-    black_box = measured.get("generate", 0.0) + measured.get("features", 0.0)
-    seconds = {}
-    for name, spec in ATTACKS.items():
-        if spec.access == "black-box" and black_box:
-            seconds[name] = black_box
-        elif name in measured:
-            seconds[name] = measured[name]
-    if "features" in measured:
-        seconds["blind"] = measured["features"]  # upper bound: blind reads a subset of them
-    context["seconds_per_sample"] = seconds
-    return context
-
-
-def resolve_signals(asked: list[str], card: Any, layout: ExperimentLayout) -> list[str]:
-    """The gray-box signals to compute: `all`, `auto` (reuse a finished query's) or names."""
-    from lightning_mia.graybox import signals_for
-    from lightning_mia.query.shards import read_complete
-
-    if "auto" in asked:
-        done = read_complete(layout.queries(card.run_name))
-        if done is None:
-            return signals_for(card.family)
-        return [s for s in done.get("signals", "").split(",") if s]
-    if "all" in asked:
-        return signals_for(card.family)
-    return list(asked)
-
-
-def report_folder(layout: ExperimentLayout, setting: str) -> Path:
-    """`attack/` for the default shadow setting, `attack/<setting>/` for the others."""
-    return layout.attack if setting == "shadow" else layout.attack / setting
-
-
-def run_attack_command(args: Any) -> Any:
-    """Query the target and shadows where needed, train and evaluate the attacks, report."""
-    from lightning_mia.attack import ATTACKS
-    from lightning_mia.attack.runner import AttackError, run_attacks
-    from lightning_mia.card import CheckpointError, read_card
-    from lightning_mia.query.run import run_query
-    from lightning_mia.reporting import (
-        format_table,
-        log_report,
-        make_logger,
-        wandb_mode_note,
-        write_report,
-    )
-
-    card = read_card(args.ckpt)
-    if card.family not in ("diffusion", "seq2seq"):
-        raise CheckpointError(f"{args.ckpt} is a {card.family} checkpoint, not a target model")
-    layout = ExperimentLayout(args.experiment or card.experiment)
-    if args.experiment and Path(args.experiment).resolve() != Path(card.experiment).resolve():
-        raise CheckpointError(
-            f"{args.ckpt} belongs to experiment {card.experiment}, not {args.experiment}"
-        )
-    shadows = find_shadow_checkpoints(layout, card.family)
-    if not shadows and args.setting == "shadow":
-        others = sorted(p.name for p in layout.root.glob("*-shadow-[0-9][0-9][0-9]"))
-        hint = f" (found shadows of other families: {others})" if others else ""
-        raise AttackError(
-            f"no trained {card.family} shadow models in {layout.root}{hint}: train them with "
-            f"`python train.py fit --config <config> --data.model_index K` for K = 1, 2, ..."
-        )
-    known = sorted(ATTACKS) + ["all"]
-    unknown = [a for a in args.attacks if a not in known]
-    if unknown:
-        raise AttackError(f"unknown attacks {unknown}; known: {known}")
-    signals = resolve_signals(args.signals, card, layout)
-    query = dict(
-        num_images=args.num_images,
-        seed=args.seed,
-        encoder=args.encoder,
-        signals=signals,
-        signal_timesteps=args.signal_timesteps,
-        accelerator=args.accelerator,
-        devices=args.devices,
-        progress=args.progress,
-    )
-    logger = make_logger(str(layout.root), name="attack", job_type="attack", group=layout.name)
-    query["logger"] = logger
-    target = run_query(args.ckpt, **query)
-    shadow_tables = [run_query(str(c), **query) for c in shadows]
-    attacks = list(args.attacks)
-    if "all" in attacks:
-        attacks = ["all"]
-    report = run_attacks(
-        layout,
-        target,
-        shadow_tables,
-        attacks=attacks,
-        setting=args.setting,
-        known_fraction=args.known_fraction,
-        seed=args.seed,
-        max_epochs=args.max_epochs,
-        logger=logger,
-        progress=args.progress,
-        context={
-            "family": card.family,
-            "num_images": args.num_images,
-            "num_shadows": len(shadows),
-            "seeds": {"query": args.seed, "attack": args.seed},
-            "splits_hash": card.splits_hash,
-            **cost_context(target, layout.queries(card.run_name)),
-            "target": {
-                "run_name": card.run_name,
-                "train_steps_per_image": card.train_steps_per_image,
-                "augmentation": card.augmentation,
-            },
-        },
-    )
-    folder = report_folder(layout, args.setting)
-    roc = write_report(folder, report)
-    log_report(logger, report, roc)
-    print(format_table(report))
-    print(f"report: {folder / 'report.json'}, {folder / 'report.md'}, {roc}")
-    if wandb_mode_note(layout.root):  # offline: every stage of the experiment wrote a run
-        print(f"W&B ran offline; upload every run of the experiment with: wandb sync "
-              f"{layout.root}/wandb/offline-run-* {layout.root}/*/wandb/offline-run-*")  # fmt: skip
-    return report
+    rank_zero_only(print)(text)
 
 
 def attack_main(args: ArgsType = None) -> Any:
     """`python attack.py --ckpt <target checkpoint> [--attacks ...] [--setting partial]`."""
+    from lightning_mia.attack.command import attack_parser, options_from, run_attack
+
     parser = attack_parser()
-    return run_cli(lambda: run_attack_command(parser.parse_args(args)))
+    outcome = run_cli(lambda: run_attack(options_from(parser.parse_args(args))))
+    if outcome is None:  # not global rank zero
+        return None
+    show_outcome(outcome)
+    return outcome.report
 
 
-def experiment_main(args: ArgsType = None) -> list:
-    """`python -m lightning_mia.experiment <name | config.yaml> [--key value ...]`."""
-    import time
+def show_outcome(outcome: Any) -> None:
+    """The result table, where the report files are, and the `wandb sync` hint if offline."""
+    from lightning_mia.attack.render import format_table
+    from lightning_mia.attack.report import REPORT_JSON, REPORT_MD, ROC_PNG
+    from lightning_mia.reporting import wandb_mode_note
 
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from lightning_mia.experiment import OVERFIT_NOTE, config_path, run_experiment
-
-    argv = list(sys.argv[1:] if args is None else args)
-    if not argv or argv[0].startswith("-"):
-        raise SystemExit("usage: python -m lightning_mia.experiment <name | config.yaml> [...]")
-
-    def run() -> list:
-        parser = ArgumentParser(prog="lightning_mia.experiment")
-        parser.add_argument("--config", action=ActionConfigFile)
-        parser.add_function_arguments(run_experiment)
-        cfg = parser.parse_args(["--config", config_path(argv[0]), *argv[1:]])
-        start = time.perf_counter()
-        kwargs = cfg.as_dict()
-        kwargs.pop("config", None)
-        reports = run_experiment(**kwargs)
-        print(f"experiment {argv[0]} finished in {time.perf_counter() - start:.0f} s")
-        if cfg.overfit:
-            print(OVERFIT_NOTE)
-        return reports
-
-    return run_cli(run)
+    folder, root = outcome.folder, outcome.layout.root
+    say(format_table(outcome.report))
+    say(f"report: {folder / REPORT_JSON}, {folder / REPORT_MD}, {folder / ROC_PNG}")
+    if wandb_mode_note(root):  # offline: every stage of the experiment wrote a run
+        say(f"W&B ran offline; upload every run of the experiment with: wandb sync "
+            f"{root}/wandb/offline-run-* {root}/*/wandb/offline-run-*")  # fmt: skip

@@ -13,17 +13,19 @@ what multi-GPU DDP (`strategy: ddp`) and clusters need; otherwise they run in th
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
+from lightning.pytorch.cli import ArgsType
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_mia.cli import DONE_MARKER, attack_parser, run_attack_command, train_main
-from lightning_mia.paths import ExperimentLayout
+from lightning_mia.attack.catalog import paper_attacks
+from lightning_mia.attack.command import AttackOptions, AttackOutcome, run_attack
+from lightning_mia.cli import run_cli, say, show_outcome, train_main
+from lightning_mia.paths import ExperimentLayout, done_marker, last_checkpoint
 from lightning_mia.reporting import finish_wandb_run
 
 CONFIG_DIR = Path("configs/experiments")
@@ -42,12 +44,12 @@ def fit_stage(
     isolate: bool,
 ) -> None:
     """Train one stage unless `folder` is done; resume from its last.ckpt if it has one."""
-    if (folder / DONE_MARKER).is_file():
+    if done_marker(folder).is_file():
         rank_zero_info(f"[skip] {folder} is done")
         return
     argv = ["fit", "--config", config, *args]
-    if (folder / "checkpoints" / "last.ckpt").is_file():
-        argv += ["--ckpt_path", str(folder / "checkpoints" / "last.ckpt")]
+    if last_checkpoint(folder).is_file():
+        argv += ["--ckpt_path", str(last_checkpoint(folder))]
     rank_zero_info(f"[fit] {folder.name}: {' '.join(argv)}")
     start = time.perf_counter()
     if isolate:
@@ -78,8 +80,9 @@ def run_experiment(
     seed: int = 0,
     isolate: bool = False,
     overfit: bool = False,
-) -> list:
-    """Run every stage of one experiment in order; returns the attack reports (one a setting).
+) -> list[AttackOutcome | None]:
+    """Run every stage of one experiment in order; returns the attack outcomes (one a setting;
+    None on ranks other than zero).
 
     Args:
         experiment: experiment folder (splits, runs, queries, attack report).
@@ -94,7 +97,7 @@ def run_experiment(
         model_args: extra CLI arguments for the target/shadow stage only.
         trainer_args: extra CLI arguments for every training stage (devices, strategy...).
         num_images: images generated per query (N).
-        attacks: attacks to run (default pixel, semantic, text, combined).
+        attacks: attacks to run (default: the paper's four, `attack.catalog.paper_attacks`).
         settings: attacker settings to report: shadow and/or partial.
         known_fraction: fraction of the target's queries known in the partial setting.
         seed: seed of queries and attack training.
@@ -109,27 +112,20 @@ def run_experiment(
     if encoder and not clip:
         fit_stage(layout.encoder, encoder, common, isolate)
     for index in range(num_shadows + 1):
-        from lightning_mia.paths import run_name
-
-        folder = layout.root / run_name(family, index)
         args = [*common, f"--data.model_index={index}"]
         if autoencoder:  # the autoencoder this experiment trained, not a config's default path
             args.append(f"--model.init_args.autoencoder={layout.autoencoder}")
-        args += model_args or []
-        fit_stage(folder, model, args, isolate)
-    target = layout.run_dir(family, 0) / "checkpoints" / "last.ckpt"
-    reports = []
+        fit_stage(layout.run_dir(family, index), model, [*args, *(model_args or [])], isolate)
+    outcomes = []
     for setting in settings or ["shadow"]:
-        args = [f"--ckpt={target}", f"--experiment={experiment}", f"--setting={setting}"]
-        args += [f"--known_fraction={known_fraction}", f"--num_images={num_images}"]
-        args += [f"--seed={seed}", f"--encoder={clip}"]
-        args += [
-            "--attacks",
-            json.dumps(list(attacks or ["pixel", "semantic", "text", "combined"])),
-        ]
-        reports.append(run_attack_command(attack_parser().parse_args(args)))
+        options = AttackOptions(
+            ckpt=str(layout.checkpoint(family, 0)), experiment=experiment,
+            attacks=list(attacks or paper_attacks()), setting=setting,
+            known_fraction=known_fraction, num_images=num_images, seed=seed, encoder=clip,
+        )  # fmt: skip
+        outcomes.append(run_attack(options))
         finish_wandb_run()
-    return reports
+    return outcomes
 
 
 def config_path(name: str) -> str:
@@ -146,7 +142,32 @@ def config_path(name: str) -> str:
     return str(named)
 
 
-if __name__ == "__main__":
-    from lightning_mia.cli import experiment_main
+def experiment_main(args: ArgsType = None) -> list[AttackOutcome | None]:
+    """`python -m lightning_mia.experiment <name | config.yaml> [--key value ...]`."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit("usage: python -m lightning_mia.experiment <name | config.yaml> [...]")
+
+    def run() -> list[AttackOutcome | None]:
+        parser = ArgumentParser(prog="lightning_mia.experiment")
+        parser.add_argument("--config", action=ActionConfigFile)
+        parser.add_function_arguments(run_experiment)
+        cfg = parser.parse_args(["--config", config_path(argv[0]), *argv[1:]])
+        start = time.perf_counter()
+        kwargs = cfg.as_dict()
+        kwargs.pop("config", None)
+        outcomes = run_experiment(**kwargs)
+        for outcome in filter(None, outcomes):
+            show_outcome(outcome)
+        say(f"experiment {argv[0]} finished in {time.perf_counter() - start:.0f} s")
+        if cfg.overfit:
+            say(OVERFIT_NOTE)
+        return outcomes
+
+    return run_cli(run)
+
+
+if __name__ == "__main__":
     experiment_main()

@@ -27,7 +27,8 @@ def trained_autoencoder(tmp_path_factory):
 
     from lightning_mia.data.datamodule import collate_samples
     from lightning_mia.data.shapes import ShapesSource
-    from lightning_mia.models.autoencoder import AutoencoderModule, save_autoencoder
+    from lightning_mia.models.autoencoder import AutoencoderModule
+    from lightning_mia.models.vae import save_autoencoder
 
     root = tmp_path_factory.mktemp("autoencoder")
     threads = torch.get_num_threads()

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from lightning_mia.attack import AttackError
+from lightning_mia.attack.render import REPORT_JSON, REPORT_MD, ROC_PNG, write_report
+from lightning_mia.attack.report import AttackContext, TargetFacts
 from lightning_mia.attack.runner import run_attacks
 from lightning_mia.metrics import METRIC_NAMES
 from lightning_mia.paths import ExperimentLayout, run_name
 from lightning_mia.query.shards import load_query_table, write_shard
-from lightning_mia.reporting import REPORT_JSON, REPORT_MD, ROC_PNG, write_report
 
 FAST = dict(max_epochs=15, n_boot=100, progress=False)
 
@@ -56,7 +57,9 @@ def world(tmp_path):
 
 def test_shadow_setting_end_to_end(world):
     layout, target, shadows = world
-    context = {"seeds": {"query": 3}, "target": {"augmentation": {"flip": False}}}
+    facts = TargetFacts("diffusion-target-000", 300.0, {"flip": False})
+    context = AttackContext.from_tables(target, shadows, seed=0, target_facts=facts)
+    context = AttackContext(**{**context.__dict__, "seeds": {"query": 3, "attack": 0}})
     report = run_attacks(layout, target, shadows, ["pixel", "combined"], context=context, **FAST)
     assert set(report.attacks) == {"pixel", "combined"}
     assert set(report.baselines) == {"threshold", "blind"}
@@ -141,8 +144,8 @@ def test_missing_features_say_how_to_compute(world):
     layout = world[0]
     lacking = _write_table(layout, 4, drop=("semantic/cos_mean",))
     message = _error(world, shadows=[world[2][0], lacking], attacks=["semantic"])
-    assert "diffusion-shadow-004 lacks ['semantic/cos_mean']" in message
-    assert "feature_groups" in message
+    assert "diffusion-shadow-004 lacks semantic/cos_mean" in message
+    assert "compute the feature groups ['semantic'] in the query stage" in message
 
 
 def test_target_needs_both_classes(world):

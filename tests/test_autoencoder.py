@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader
 
 from lightning_mia.data.datamodule import collate_samples
 from lightning_mia.data.shapes import ShapesSource
-from lightning_mia.models.autoencoder import (
+from lightning_mia.models.autoencoder import AutoencoderModule
+from lightning_mia.models.vae import (
     AutoencoderError,
-    AutoencoderModule,
     check_resolution,
     decode_latents,
     encode_latents,

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from jsonargparse import ArgumentParser
 
-from lightning_mia.cli import MIACLI, attack_parser
+from lightning_mia.attack.command import attack_parser
+from lightning_mia.cli import MIACLI
 from lightning_mia.experiment import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader
 from lightning_mia.card import CARD_KEY, CheckpointError, RunCard, read_card
 from lightning_mia.data.datamodule import MembershipDataModule, collate_samples
 from lightning_mia.data.shapes import ShapesSource
-from lightning_mia.models.autoencoder import AutoencoderError
 from lightning_mia.models.diffusion import LatentDiffusionModule
 from lightning_mia.models.registry import load_family_module
+from lightning_mia.models.vae import AutoencoderError
 
 RES = 16
 SOURCE = ShapesSource(num_samples=16, resolution=RES, seed=3)
@@ -195,7 +195,7 @@ def test_bad_inputs_give_one_clear_error(trained_autoencoder, tmp_path):
         make_model(trained_autoencoder, resolution=18)
     with pytest.raises(ValueError, match="scheduler 'DDIM' is not a diffusers scheduler class"):
         make_model(trained_autoencoder, scheduler="DDIM")
-    with pytest.raises(ValueError, match="diffusion preset 'huge' is not one of"):
+    with pytest.raises(ValueError, match="unknown diffusion preset 'huge'; known"):
         make_model(trained_autoencoder, preset="huge")
     with pytest.raises(FileNotFoundError, match=r"no config.json in \['unet', 'vae'"):
         make_model("", preset="pretrained", pretrained=str(tmp_path))

@@ -15,6 +15,7 @@ from lightning_mia.data.shapes import ShapesSource
 from lightning_mia.features import FEATURE_GROUPS, FeatureExtractor
 from lightning_mia.models.captioner import Captioner, CaptionerError
 from lightning_mia.models.encoder import EncoderError, EncoderModule, load_encoder
+from lightning_mia.registry import UnknownNameError
 
 HELD_OUT = 32
 TRAIN_STEPS = 200
@@ -115,7 +116,7 @@ def test_non_clip_folders_fail_with_one_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}))
     with pytest.raises(EncoderError, match="cannot load the CLIP model"):
         load_encoder(str(tmp_path))
-    with pytest.raises(EncoderError, match="unknown encoder preset"):
+    with pytest.raises(UnknownNameError, match="unknown encoder preset 'huge'; known"):
         EncoderModule(preset="huge")
 
 
@@ -191,6 +192,6 @@ def test_encoder_refuses_to_train_on_a_models_members(tmp_path):
         num_shadows=1,
     )
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False)
-    with pytest.raises(EncoderError, match="auxiliary pool only"):
+    with pytest.raises(EncoderError, match="attacker's own pool only"):
         trainer.fit(EncoderModule(), datamodule=dm)
     assert not (tmp_path / "exp" / "encoder").exists()

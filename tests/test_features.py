@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_mia.features import ATTACK_GROUPS, FEATURE_GROUPS, FeatureExtractor
+from lightning_mia.attack.catalog import ATTACKS
+from lightning_mia.features import FEATURE_GROUPS, FeatureExtractor
 from lightning_mia.features.blind import blind_features
 from lightning_mia.features.pixel import MAX_PSNR_DB, aggregate_over_images, pixel_features
 from lightning_mia.features.quality import brisque_score, brisque_statistics, quality_features
@@ -185,7 +186,8 @@ def test_extractor_without_encoder_groups_and_errors():
 
 
 def test_attack_groups_name_known_feature_groups():
-    assert set(ATTACK_GROUPS) == {"pixel", "semantic", "text", "combined", "blind"}
-    for groups in ATTACK_GROUPS.values():
-        assert set(groups) <= set(FEATURE_GROUPS)
-    assert "blind" not in ATTACK_GROUPS["combined"]
+    black_box = {n for n, s in ATTACKS.items() if s.access != "gray-box"}
+    assert black_box == {"pixel", "semantic", "text", "combined", "blind"}
+    for name in black_box:
+        assert set(ATTACKS[name].groups) <= set(FEATURE_GROUPS)
+    assert "blind" not in ATTACKS["combined"].groups

@@ -14,8 +14,8 @@ from lightning_mia.graybox import SignalError, SignalOptions, compute_signals
 from lightning_mia.graybox.diffusion import DiffusionView, ddim_invert, ddim_reverse, fixed_noise
 from lightning_mia.graybox.diffusion import noise_seeds as seeds_of
 from lightning_mia.metrics import roc_auc
-from lightning_mia.models.autoencoder import encode_latents
 from lightning_mia.models.diffusion import LatentDiffusionModule
+from lightning_mia.models.vae import encode_latents
 
 RES, MEMBERS, STEPS = 16, 16, 300
 SOURCE = ShapesSource(num_samples=64, resolution=RES, seed=0)

@@ -4,8 +4,11 @@ import json
 
 import pytest
 import torch
+from wandb_offline import offline_runs
 
-from lightning_mia import reporting as R
+from lightning_mia import reporting as W
+from lightning_mia.attack import render as R
+from lightning_mia.attack.report import AttackReport, AttackResult, read_report
 from lightning_mia.metrics import evaluate
 
 
@@ -14,14 +17,14 @@ def _result(name, shift, access="black-box", seed=0, n=300):
     labels = torch.arange(n) % 2 == 0
     scores = torch.randn(n, generator=g) + shift * labels
     metrics = evaluate(scores, labels, threshold=shift / 2, n_boot=50)
-    return R.AttackResult(
+    return AttackResult(
         name, access, 4 if access == "black-box" else 0, metrics, [f"{name}/x"],
         scores=scores, labels=labels, sample_id=torch.arange(n) + 100,
     )  # fmt: skip
 
 
 def _report():
-    return R.AttackReport(
+    return AttackReport(
         setting="shadow",
         family="diffusion",
         num_images=4,
@@ -47,7 +50,7 @@ def test_report_files_and_round_trip(tmp_path):
     doc = json.loads((tmp_path / R.REPORT_JSON).read_text())
     assert doc["attacks"]["pixel"]["metrics"]["tpr@1%fpr"]["resolvable"] is True
     assert doc["attacks"]["pixel"]["metrics"]["tpr@0.1%fpr"]["value"] is None
-    again = R.read_report(tmp_path)
+    again = read_report(tmp_path)
     assert again.to_dict() == report.to_dict()
     markdown = (tmp_path / R.REPORT_MD).read_text()
     assert "| pixel | black-box | 4 |" in markdown and "n/r" in markdown and "a note" in markdown
@@ -78,26 +81,54 @@ def test_failure_writes_nothing(tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old report intact
 
 
-def test_wandb_helpers_are_noops_without_wandb(tmp_path):
+def test_wandb_helpers_are_noops_without_wandb(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     images = torch.rand(2, 3, 3, 8, 8) * 2 - 1
-    for logger in (None, object()):
-        R.log_report(logger, _report(), tmp_path / "roc.png")
-        R.log_image_grid(logger, "samples", images, ["a", "b"], step=0)
-        R.log_query_table(logger, images[:, 0], images, ["a", "b"], torch.tensor([1, 0]))
-        R.log_feature_histograms(logger, {"pixel/x": torch.randn(4)}, torch.tensor([1, 0, 1, 0]))
+    for logger in (None, object(), [None]):
+        W.log_report(logger, _report(), tmp_path / "roc.png")
+        W.log_image_grid(logger, "samples", images, ["a", "b"], step=0)
+        W.log_query_table(logger, images[:, 0], images, ["a", "b"], torch.tensor([1, 0]))
+        W.log_feature_histograms(logger, {"pixel/x": torch.randn(4)}, torch.tensor([1, 0, 1, 0]))
+    assert list(tmp_path.iterdir()) == []  # no run, no file, no wandb/ folder
 
 
-def test_make_logger_disabled_runs_every_helper(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    logger = R.make_logger(tmp_path, name="attack", job_type="attack", group="demo", offline=True)
-    assert type(logger).__name__ == "WandbLogger"
-    assert R.wandb_mode_note() is None
-    roc = R.write_report(tmp_path / "attack", _report())
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """W&B in offline mode, with every file it writes (also its caches) under tmp_path."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    yield tmp_path
+    W.finish_wandb_run()
+
+
+def test_offline_run_holds_the_report_and_the_images(offline_wandb):
+    exp = offline_wandb / "exp"
+    logger = W.make_logger(exp, name="demo/attack", job_type="attack", group="demo")
+    report = _report()
+    roc = R.write_report(exp / "attack", report)
     images = torch.rand(2, 3, 3, 8, 8) * 2 - 1
-    R.log_report(logger, _report(), roc)
-    R.log_image_grid(logger, "samples", images, ["a", "b"], step=0)
-    R.log_query_table(logger, images[:, 0], images, ["a", "b"], torch.tensor([1, 0]))
-    R.log_feature_histograms(logger, {"pixel/x": torch.randn(4)}, torch.tensor([1, 0, 1, 0]))
+    W.log_report(logger, report, roc)
+    W.log_image_grid(logger, "samples", images, ["a", "b"], step=0)
+    W.log_query_table(logger, images[:, 0], images, ["a", "b"], torch.tensor([1, 0]))
+    W.log_feature_histograms(logger, {"pixel/x": torch.randn(4)}, torch.tensor([1, 0, 1, 0]))
+    W.finish_wandb_run()
+    (run,) = offline_runs(exp / "wandb")
+    assert (run.name, run.group, run.job_type) == ("demo/attack", "demo", "attack")
+    auc = report.attacks["pixel"].metrics["auc"].value
+    assert run.summary["attack/pixel/auc"] == pytest.approx(auc)
+    assert run.summary["baseline/blind/auc"] == pytest.approx(
+        report.baselines["blind"].metrics["auc"].value
+    )
+    media = " ".join(run.files)
+    for key in ("attack/results", "attack/scores", "query/examples"):
+        assert f"media/table/{key}" in media, (key, run.files)
+    assert "media/images/attack/roc" in media and "media/images/samples" in media
+    scores = next(h for h in run.history if "attack/scores/_type" in h or "attack/scores" in h)
+    assert scores  # the per-sample scores table was logged as a history row
+    hist = run.summary["features/pixel/x/member/_type"]
+    assert hist == "histogram"
 
 
 def test_offline_without_key(tmp_path, monkeypatch):
@@ -105,10 +136,10 @@ def test_offline_without_key(tmp_path, monkeypatch):
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     monkeypatch.setenv("WANDB_MODE", "")
     (tmp_path / "netrc").write_text("machine example.com login a password b\n")
-    assert not R.has_wandb_api_key() and R.wandb_mode() == "offline"
-    assert "wandb sync" in R.wandb_mode_note(tmp_path)
+    assert not W.has_wandb_api_key() and W.wandb_mode() == "offline"
+    assert "wandb sync" in W.wandb_mode_note(tmp_path)
     (tmp_path / "netrc").write_text("machine api.wandb.ai login user password secret\n")
-    assert R.has_wandb_api_key() and R.wandb_mode() == "online"
-    assert R.wandb_mode_note() is None
+    assert W.has_wandb_api_key() and W.wandb_mode() == "online"
+    assert W.wandb_mode_note() is None
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert R.wandb_mode() == "offline"
+    assert W.wandb_mode() == "offline"

@@ -17,6 +17,7 @@ from lightning_mia.models.bart_tokenizer import (
 from lightning_mia.models.seq2seq import Seq2SeqError, Seq2SeqModule
 from lightning_mia.models.seq2seq_presets import bart_config, get_preset
 from lightning_mia.models.seq2seq_sampling import SamplingSettings, sample_from_logits
+from lightning_mia.registry import UnknownNameError
 
 SOURCE = ShapesSource(num_samples=32, resolution=32, seed=0)
 CAPTIONS = [SOURCE.caption(i) for i in SOURCE.sample_ids()]
@@ -197,7 +198,7 @@ def test_bad_inputs_give_one_clear_error(parts, tmp_path):
     AutoencoderKL(block_out_channels=(8,), norm_num_groups=8).save_pretrained(tmp_path / "kl")
     with pytest.raises(Seq2SeqError, match="needs a VQModel"):
         Seq2SeqModule(autoencoder=str(tmp_path / "kl"))
-    with pytest.raises(Seq2SeqError, match="unknown seq2seq preset"):
+    with pytest.raises(UnknownNameError, match="unknown seq2seq preset 'huge'; known"):
         Seq2SeqModule(preset="huge")
     model = make_model(parts)
     with pytest.raises(Seq2SeqError, match="expects 32x32"):

@@ -16,7 +16,6 @@ import pytest
 import torch
 import yaml
 
-from lightning_mia.models.autoencoder import decode_codes, encode_codes, load_autoencoder
 from lightning_mia.models.taming import (
     TamingImportError,
     convert_taming_checkpoint,
@@ -26,6 +25,7 @@ from lightning_mia.models.taming import (
     read_taming_config,
     taming_to_diffusers,
 )
+from lightning_mia.models.vae import decode_codes, encode_codes, load_autoencoder
 
 TAMING = "taming-transformers==0.0.1"
 TAMING_DIR = Path(sys.prefix) / "taming-transformers-0.0.1"  # `make setup` installs it here

@@ -18,6 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lightning_mia.attack.spec import AttackSpec, register_attack
+from lightning_mia.features.groups import FeatureGroup, register_group
+
 EMBEDDING_COORDS = 4  # leading embedding coordinates kept
 CHANNELS = ("r", "g", "b")
 LUMA = (0.299, 0.587, 0.114)
@@ -68,3 +71,21 @@ def blind_features(
             [float(len(c.split())) for c in captions], device=dev
         )
     return out
+
+
+register_group(
+    FeatureGroup(
+        "blind",
+        lambda x: blind_features(x.query, x.embeddings["query"], x.embeddings["text"], x.captions),
+        embeddings=("query", "text"),
+    )
+)
+register_attack(
+    AttackSpec(
+        "blind",
+        ("blind",),
+        "none",
+        "baseline: a classifier on the query image and caption alone, no model queries",
+        baseline=True,
+    )
+)

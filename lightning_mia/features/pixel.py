@@ -23,6 +23,9 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
+from lightning_mia.attack.spec import AttackSpec, register_attack
+from lightning_mia.features.groups import FeatureGroup, register_group
+
 STATS = ("mean", "min", "max", "std")
 MAX_PSNR_DB = 100.0
 
@@ -82,3 +85,15 @@ def pixel_features(query: torch.Tensor, generated: torch.Tensor) -> dict[str, to
     for name, values in (("mse", mse), ("psnr", psnr), ("ssim", ssim)):
         out.update(aggregate_over_images(values.view(b, n), f"pixel/{name}"))
     return out
+
+
+register_group(FeatureGroup("pixel", lambda x: pixel_features(x.query, x.generated)))
+register_attack(
+    AttackSpec(
+        "pixel",
+        ("pixel",),
+        "black-box",
+        "attack I: MSE, PSNR, SSIM between the query image and each of the N generated images",
+        paper=True,
+    )
+)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lightning_mia.attack.spec import AttackSpec, register_attack
+from lightning_mia.features.groups import FeatureGroup, register_group
 from lightning_mia.features.pixel import aggregate_over_images
 
 
@@ -42,3 +44,21 @@ def semantic_features(query_emb: torch.Tensor, gen_emb: torch.Tensor) -> dict[st
         **aggregate_over_images(cos, "semantic/cos"),
         **aggregate_over_images(l2, "semantic/l2"),
     }
+
+
+register_group(
+    FeatureGroup(
+        "semantic",
+        lambda x: semantic_features(x.embeddings["query"], x.embeddings["generated"]),
+        embeddings=("query", "generated"),
+    )
+)
+register_attack(
+    AttackSpec(
+        "semantic",
+        ("semantic",),
+        "black-box",
+        "attack II: cosine and L2 distance of image embeddings of query and generated images",
+        paper=True,
+    )
+)

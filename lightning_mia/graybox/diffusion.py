@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from lightning_mia.models.autoencoder import encode_latents
+from lightning_mia.graybox.spec import SignalOptions, SignalSpec, register_signal
 from lightning_mia.models.base import per_caption_randn
+from lightning_mia.models.vae import encode_latents
 
 SEED_STRIDE = 2**32
 
@@ -59,20 +60,6 @@ def split_prediction(
         return s * x_t + a * output, a * x_t - s * output
     if prediction_type == "sample":
         return (x_t - a * output) / s, output
-    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-
-
-def training_target(
-    x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor, prediction_type: str
-) -> torch.Tensor:
-    """What the model is trained to output at x_t = a·x0 + s·noise (as diffusers defines it)."""
-    a, s = abar.sqrt(), (1 - abar).sqrt()
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return a * noise - s * x0
-    if prediction_type == "sample":
-        return x0
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
@@ -147,23 +134,26 @@ def loss_signals(
 ) -> dict[str, torch.Tensor]:
     """Per-sample denoising loss at fixed timesteps and fixed noise. Lower = member.
 
-    `loss/t{t}`: the model's own training loss (`per_sample_loss` with this t and noise: MSE to
-    its training target, e.g. v); `loss/eps_t{t}`: the error in noise space, ||eps - eps_θ||²
-    (for v-prediction it is ᾱ_t times the v-loss, so only the means differ); `loss/mean` and
+    `loss/t{t}`: the model's own training loss (`LatentDiffusionModule.denoise(...).loss`, the
+    one `per_sample_loss` takes the mean of in training, here with this t and noise: MSE to its
+    training target, e.g. v); `loss/eps_t{t}`: the error in noise space, ||eps - eps_θ||² (for
+    v-prediction it is ᾱ_t times the v-loss, so only the means differ); `loss/mean` and
     `loss/eps_mean` over timesteps. One UNet pass per timestep.
     """
     c = prepared(model, batch, cache)
     view, x0, cond = c["view"], c["x0"], c["cond"]
+    b = x0.shape[0]
     seeds = noise_seeds(seed, batch["sample_id"])
     out: dict[str, torch.Tensor] = {}
     for t in timesteps:
         noise = fixed_noise(seeds, t, x0.shape[1:], x0.device)  # (B, C, h, w)
-        abar = view.alpha_bar(t, x0.shape[0])
-        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        output = view.predict(x_t, t, cond)
-        target = training_target(x0, noise, abar, view.prediction_type)
-        eps, _ = split_prediction(output, x_t, abar, view.prediction_type)
-        out[f"loss/t{t}"] = _per_sample_mean((output - target) ** 2)
+        t_batch = torch.full((b,), t, device=x0.device, dtype=torch.long)
+        denoised = model.denoise(x0, cond, t_batch, noise, view.unet)
+        abar = view.alpha_bar(t, b)
+        eps, _ = split_prediction(
+            denoised.prediction.float(), denoised.noisy, abar, view.prediction_type
+        )
+        out[f"loss/t{t}"] = denoised.loss
         out[f"loss/eps_t{t}"] = _per_sample_mean((eps - noise) ** 2)
     out["loss/mean"] = torch.stack([out[f"loss/t{t}"] for t in timesteps]).mean(0)
     out["loss/eps_mean"] = torch.stack([out[f"loss/eps_t{t}"] for t in timesteps]).mean(0)
@@ -323,3 +313,87 @@ def clid_signals(
         "clid/gap_reduced": gap_reduced,
         "clid/score": 0.5 * (gap_null + gap_reduced) - weight * loss_cond,
     }
+
+
+# --- the signals' declarations (each also declares its gray-box attack) -----------------------
+def _timestep_problems(o: SignalOptions, n_train: int) -> list[str]:
+    if not o.timesteps:
+        return ["timesteps is empty"]
+    bad = [t for t in o.timesteps if not (isinstance(t, int) and 0 <= t < n_train)]
+    if bad:
+        valid = f"0 <= t < num_train_timesteps = {n_train}"
+        return [f"timesteps {bad} out of the scheduler's range ({valid})"]
+    return []
+
+
+def _secmi_problems(o: SignalOptions, n_train: int) -> list[str]:
+    problems = []
+    if not 0 < o.secmi_t < n_train:
+        problems.append(f"secmi_t {o.secmi_t} out of the scheduler's range (0 < t < {n_train})")
+    if o.secmi_steps < 1 or o.secmi_t % o.secmi_steps:
+        problems.append(
+            f"secmi_t {o.secmi_t} must be a positive multiple of secmi_steps {o.secmi_steps}"
+        )
+    return problems
+
+
+def _pia_problems(o: SignalOptions, n_train: int) -> list[str]:
+    problems = _timestep_problems(o, n_train)
+    return problems + ([] if o.pia_p > 0 else [f"pia_p must be > 0, got {o.pia_p}"])
+
+
+def _clid_problems(o: SignalOptions, n_train: int) -> list[str]:
+    problems = _timestep_problems(o, n_train)
+    if o.clid_weight < 0:
+        problems.append(f"clid_weight must be >= 0, got {o.clid_weight}")
+    if not 0 < o.clid_keep_fraction < 1:
+        problems.append(f"clid_keep_fraction must be in (0, 1), got {o.clid_keep_fraction}")
+    return problems
+
+
+register_signal(
+    SignalSpec(
+        "loss",
+        "diffusion",
+        lambda m, b, s, o, c: loss_signals(m, b, s, o.timesteps, c),
+        lambda o: len(o.timesteps),
+        "per-sample denoising loss at fixed timesteps and noise (Matsumoto et al. 2023)",
+        score_feature="loss/mean",
+        check=_timestep_problems,
+    )
+)
+register_signal(
+    SignalSpec(
+        "secmi",
+        "diffusion",
+        lambda m, b, s, o, c: secmi_signals(m, b, s, o.secmi_t, o.secmi_steps, c),
+        lambda o: o.secmi_steps + 2,
+        "SecMI t-error after DDIM inversion to t_sec (Duan et al. ICML 2023)",
+        score_feature="secmi/t_error",
+        check=_secmi_problems,
+    )
+)
+register_signal(
+    SignalSpec(
+        "pia",
+        "diffusion",
+        lambda m, b, s, o, c: pia_signals(m, b, s, o.timesteps, o.pia_p, c),
+        lambda o: 1 + len(o.timesteps),
+        "PIA: noise prediction at t=0 as proximal initialisation (Kong et al. ICLR 2024)",
+        score_feature="pia/mean",
+        check=_pia_problems,
+    )
+)
+register_signal(
+    SignalSpec(
+        "clid",
+        "diffusion",
+        lambda m, b, s, o, c: clid_signals(
+            m, b, s, o.timesteps, o.clid_weight, o.clid_keep_fraction, c
+        ),
+        lambda o: 3 * len(o.timesteps),
+        "CLiD: loss with null / reduced caption minus loss with the caption (Zhai et al. 2024)",
+        score_feature="clid/score",
+        check=_clid_problems,
+    )
+)

@@ -3,7 +3,7 @@
     python train.py fit --config configs/autoencoder/tiny.yaml      # VQ (both families)
     python train.py fit --config configs/autoencoder/tiny-kl.yaml   # KL (diffusion)
 
-`AutoencoderModule` trains a diffusers `VQModel` (or `AutoencoderKL`) on the auxiliary pool with
+`AutoencoderModule` trains a diffusers `VQModel` (or `AutoencoderKL`) on the attacker's pool with
 an L1 (+ L2) reconstruction loss, the codebook/commitment loss (or a KL term) and, optionally,
 a hinge PatchGAN loss switched on after `disc_start_step`. At the end of `fit`, rank 0 writes the
 diffusers folder (`save_pretrained`) into the experiment's `autoencoder/`; the diffusion family
@@ -14,11 +14,7 @@ modules talk to it.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,118 +25,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from lightning_mia.card import CARD_KEY, RunCard
-from lightning_mia.errors import UserError
+from lightning_mia.data.stage import stage_data
 from lightning_mia.models.patchgan import PatchDiscriminator, adaptive_weight, hinge_d_loss
-
-Autoencoder = VQModel | AutoencoderKL
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-
-
-class AutoencoderError(UserError):
-    """An autoencoder folder that is missing or unusable, or an input it cannot take."""
-
-
-AUTOENCODER_CLASSES = {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}
-
-
-# --- helpers used by both families -----------------------------------------------------------
-def downsampling_factor(ae: Autoencoder) -> int:
-    """Pixels per latent position along one side (each encoder block but the last halves)."""
-    return 2 ** (len(ae.config.block_out_channels) - 1)
-
-
-def check_resolution(ae: Autoencoder, resolution: int, where: str = "the autoencoder") -> int:
-    """Latent side for `resolution`; AutoencoderError when the autoencoder cannot take it."""
-    factor = downsampling_factor(ae)
-    if resolution <= 0 or resolution % factor != 0:
-        raise AutoencoderError(
-            f"resolution {resolution} is not a positive multiple of {where}'s downsampling "
-            f"factor {factor}; use e.g. {max(factor, resolution // factor * factor)}"
-        )
-    return resolution // factor
-
-
-def load_autoencoder(folder: str | os.PathLike) -> Autoencoder:
-    """Load a diffusers `VQModel` / `AutoencoderKL` folder (by `config.json`'s `_class_name`)."""
-    path = Path(folder)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise AutoencoderError(
-            f"autoencoder folder {path}: no config.json (train one with "
-            "`train.py fit --config configs/autoencoder/tiny.yaml` or give a diffusers folder)"
-        )
-    try:
-        class_name = json.loads(config_file.read_text(encoding="utf-8")).get("_class_name")
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise AutoencoderError(f"autoencoder folder {path}: config.json is not valid JSON") from err
-    if class_name not in AUTOENCODER_CLASSES:
-        raise AutoencoderError(
-            f"autoencoder folder {path}: _class_name {class_name!r} is not one of "
-            f"{sorted(AUTOENCODER_CLASSES)}"
-        )
-    try:
-        ae = AUTOENCODER_CLASSES[class_name].from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise AutoencoderError(f"autoencoder folder {path}: cannot load weights ({err})") from err
-    return ae.eval()
-
-
-def encode_latents(ae: Autoencoder, x: torch.Tensor) -> torch.Tensor:
-    """Scaled latents of images x (B, 3, H, W) in [-1, 1] -> (B, C, h, w).
-
-    VQ: the pre-quantization latents (the diffusion works in the continuous space, the decoder
-    quantizes); KL: the posterior mean. Both multiplied by `ae.config.scaling_factor`.
-    """
-    if isinstance(ae, VQModel):
-        z = ae.encode(x).latents
-    else:
-        z = ae.encode(x).latent_dist.mean
-    return z * ae.config.scaling_factor
-
-
-def decode_latents(ae: Autoencoder, z: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] from scaled latents (B, C, h, w)."""
-    images = ae.decode(z / ae.config.scaling_factor).sample
-    return images.clamp(-1, 1)
-
-
-def encode_codes(vq: VQModel, x: torch.Tensor) -> torch.Tensor:
-    """Codebook indices (B, h*w) int64 of images x (B, 3, H, W), row-major over (h, w)."""
-    h = vq.encode(x).latents  # (B, D, h, w)
-    _, _, (_, _, indices) = vq.quantize(h)
-    return indices.reshape(x.shape[0], -1).long()
-
-
-def decode_codes(vq: VQModel, codes: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] from codebook indices (B, h*w) laid out as `hw`."""
-    b = codes.shape[0]
-    shape = (b, hw[0], hw[1], vq.quantize.vq_embed_dim)
-    if vq.config.lookup_from_codebook:
-        images = vq.decode(codes.reshape(-1), force_not_quantize=True, shape=shape).sample
-    else:
-        z_q = vq.quantize.get_codebook_entry(codes.reshape(-1), shape)  # (B, D, h, w)
-        images = vq.decode(z_q, force_not_quantize=True).sample
-    return images.clamp(-1, 1)
-
-
-def save_autoencoder(ae: Autoencoder, folder: str | os.PathLike) -> Path:
-    """`save_pretrained` the autoencoder into `folder`, file by file atomically.
-
-    The folder may hold other things (the training run's checkpoints/ and logs), so files are
-    written to a temporary subfolder and renamed into place, weights first, config.json last:
-    a folder with a config.json always has matching weights.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".save-"))
-    try:
-        ae.save_pretrained(str(tmp), safe_serialization=True)
-        names = sorted(p.name for p in tmp.iterdir())
-        for name in sorted(names, key=lambda n: n == "config.json"):
-            os.replace(tmp / name, folder / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+from lightning_mia.models.vae import (
+    Autoencoder,
+    AutoencoderError,
+    check_resolution,
+    save_autoencoder,
+)
 
 
 # --- the training module -----------------------------------------------------------------------
@@ -366,9 +258,8 @@ class AutoencoderModule(LightningModule):
     def output_folder(self) -> Path | None:
         if self.hparams.output:
             return Path(self.hparams.output)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        layout = getattr(dm, "layout", None)
-        return Path(layout.autoencoder) if layout is not None else None
+        data = stage_data(self._trainer)
+        return data.layout.autoencoder if data is not None else None
 
     def on_fit_end(self) -> None:
         folder = self.output_folder()
@@ -378,17 +269,16 @@ class AutoencoderModule(LightningModule):
         self.trainer.strategy.barrier("autoencoder_saved")
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        splits = getattr(dm, "splits", None)
-        layout = getattr(dm, "layout", None)
+        data = stage_data(self._trainer)
         self.card = RunCard(
             family=self.family,
             preset=self.hparams.preset,
             model_index=0,
             role="autoencoder",
-            splits_hash=getattr(splits, "hash", ""),
-            experiment=str(getattr(layout, "root", "")),
+            splits_hash=data.splits_hash if data is not None else "",
+            experiment=str(data.layout.root) if data is not None else "",
             autoencoder=str(self.output_folder() or ""),
+            extra={"train_split": data.train_split} if data is not None else {},
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -396,15 +286,4 @@ class AutoencoderModule(LightningModule):
             checkpoint[CARD_KEY] = self.card.to_dict()
 
 
-__all__ = [
-    "AutoencoderError",
-    "AutoencoderModule",
-    "check_resolution",
-    "decode_codes",
-    "decode_latents",
-    "downsampling_factor",
-    "encode_codes",
-    "encode_latents",
-    "load_autoencoder",
-    "save_autoencoder",
-]
+__all__ = ["AutoencoderError", "AutoencoderModule"]

@@ -1,21 +1,24 @@
-"""What every text-to-image family module shares: the run card, steps-per-image, sample grids,
+"""What every text-to-image family module shares: the run card, steps-per-image, caption
+dropout, learning-rate warm-up, a frozen image autoencoder kept out of checkpoints, sample grids
 and per-caption seeding.
 
-Subclasses (`LatentDiffusionModule`, `Seq2SeqModule`) set `family`, call
-`self.save_hyperparameters()` in `__init__`, and implement `per_sample_loss` and `generate`.
+Subclasses (`LatentDiffusionModule`, `Seq2SeqModule`) set `family` and `frozen_prefix`, call
+`self.save_hyperparameters()` in `__init__` (with `caption_dropout` and `warmup_steps` among
+their arguments), and implement `per_sample_loss` and `generate`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_mia.card import CARD_KEY, CheckpointError, RunCard
+from lightning_mia.data.stage import stage_data
 
 
 def caption_seeds(num_captions: int, seed: int | Sequence[int]) -> list[int]:
@@ -70,7 +73,10 @@ def cached_by_id(
 class TextToImageModule(LightningModule, ABC):
     """Base of the text-to-image families: run card, training-length accounting, sample grids."""
 
-    family: str = ""
+    family: ClassVar[str] = ""
+    # the frozen image autoencoder's attribute prefix ("vae." / "vq."): it lives in its own
+    # folder, so its weights stay out of every checkpoint and are not expected when loading
+    frozen_prefix: ClassVar[str] = ""
 
     def __init__(self, sample_every_n_steps: int = 0, num_preview_images: int = 2) -> None:
         super().__init__()
@@ -81,6 +87,9 @@ class TextToImageModule(LightningModule, ABC):
         self.register_buffer("samples_seen", torch.zeros((), dtype=torch.float64))
         self._num_train_samples = 0
         self._preview_captions: list[str] = []
+        if self.frozen_prefix:
+            self.register_state_dict_post_hook(_drop_frozen_keys)
+            self.register_load_state_dict_post_hook(_ignore_missing_frozen_keys)
 
     # --- what subclasses provide -------------------------------------------------------------
     @abstractmethod
@@ -101,33 +110,33 @@ class TextToImageModule(LightningModule, ABC):
         """Training augmentation in force (recorded in the card: it changes leakage)."""
         return {}
 
-    # --- card --------------------------------------------------------------------------------
+    # --- card ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None or not hasattr(dm, "splits"):
+        data = stage_data(self._trainer)
+        if data is None:
             return
-        if self.card is not None and self.card.splits_hash != dm.splits.hash:
+        if self.card is not None and self.card.splits_hash != data.splits_hash:
             raise CheckpointError(
                 f"checkpoint was trained on splits {self.card.splits_hash[:12]} but "
-                f"{dm.layout.splits} has hash {dm.splits.hash[:12]}: they belong to different "
+                f"{data.layout.splits} has hash {data.splits_hash[:12]}: they belong to different "
                 "experiments"
             )
-        if self.card is not None and self.card.model_index != dm.model_index:
+        if self.card is not None and self.card.model_index != data.model_index:
             raise CheckpointError(
                 f"checkpoint is model_index {self.card.model_index} but data.model_index is "
-                f"{dm.model_index}"
+                f"{data.model_index}"
             )
         self.card = RunCard(
             family=self.family,
             preset=str(self.hparams.get("preset", "")),
-            model_index=dm.model_index,
-            splits_hash=dm.splits.hash,
-            experiment=str(dm.layout.root),
+            model_index=data.model_index,
+            splits_hash=data.splits_hash,
+            experiment=str(data.layout.root),
             augmentation=self.augmentation_config(),
             **self.card_references(),
         )
-        self._num_train_samples = int(getattr(dm, "num_train_samples", 0))
-        self._preview_captions = list(getattr(dm, "preview_captions", []))
+        self._num_train_samples = data.num_train_samples
+        self._preview_captions = list(data.preview_captions)
 
     @property
     def train_steps_per_image(self) -> float:
@@ -150,6 +159,27 @@ class TextToImageModule(LightningModule, ABC):
         self.card = card
 
     # --- training loop pieces ------------------------------------------------------------------
+    def drop_captions(self, captions: Sequence[str]) -> list[str]:
+        """In training, replace each caption by "" with probability `caption_dropout` (the
+        unconditional path that classifier-free guidance / super-conditioning samples with)."""
+        p = float(self.hparams.get("caption_dropout", 0.0))
+        if not self.training or p <= 0:
+            return list(captions)
+        drop = torch.rand(len(captions)).lt(p).tolist()
+        return ["" if d else c for c, d in zip(captions, drop)]
+
+    def warmup_schedule(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """`configure_optimizers`' answer: `optimizer` with a linear warm-up over
+        `warmup_steps` optimizer steps to its configured learning rate, then constant."""
+        warmup = max(1, int(self.hparams.get("warmup_steps", 0)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.per_sample_loss(batch).mean()
         batch_size = len(batch["sample_id"])
@@ -176,3 +206,16 @@ class TextToImageModule(LightningModule, ABC):
             images = self.generate(self._preview_captions, self.num_preview_images, seed=0)
         self.train(was_training)
         log_image_grid(self.logger, "samples", images, self._preview_captions, self.global_step)
+
+
+def _drop_frozen_keys(module: TextToImageModule, state_dict: dict, prefix: str, meta: Any) -> None:
+    """State-dict post hook: leave the frozen autoencoder's weights out."""
+    frozen = prefix + module.frozen_prefix
+    for key in [k for k in state_dict if k.startswith(frozen)]:
+        del state_dict[key]
+
+
+def _ignore_missing_frozen_keys(module: TextToImageModule, incompatible: Any) -> None:
+    """Load post hook: the frozen autoencoder comes from its folder, not the checkpoint."""
+    marker = "." + module.frozen_prefix
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if marker not in f".{k}"]

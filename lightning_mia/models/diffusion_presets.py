@@ -24,6 +24,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from lightning_mia.registry import Registry
+
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 COMMON_SCHEDULERS = (
     "DDIMScheduler",
@@ -112,17 +114,14 @@ def pretrained(spec: LatentSpec) -> PresetConfig:
     return PresetConfig(unet=unet, text_encoder=text, pretrained=str(folder))
 
 
-PRESETS: dict[str, Callable[[LatentSpec], PresetConfig]] = {
-    "tiny": tiny,
-    "ldm-256": ldm_256,
-    "pretrained": pretrained,
-}
+PRESETS: Registry[Callable[[LatentSpec], PresetConfig]] = Registry("diffusion preset")
+PRESETS.register("tiny", tiny)
+PRESETS.register("ldm-256", ldm_256)
+PRESETS.register("pretrained", pretrained)
 
 
 def preset_config(name: str, spec: LatentSpec) -> PresetConfig:
-    """`PRESETS[name](spec)` with a clear error for an unknown name."""
-    if name not in PRESETS:
-        raise ValueError(f"diffusion preset {name!r} is not one of {sorted(PRESETS)}")
+    """`PRESETS[name](spec)`; an unknown name lists the known ones."""
     return PRESETS[name](spec)
 
 

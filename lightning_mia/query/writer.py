@@ -89,15 +89,3 @@ class ShardWriter(BasePredictionWriter):
             total["seconds"][name] = total["seconds"].get(name, 0.0) + value
         total["samples"] += getattr(pl_module, "num_queried", 0)
         atomic_write_json(path, total)
-
-
-def seconds_per_sample(folder: str | os.PathLike) -> dict[str, float]:
-    """Measured seconds per sample of each query stage (generate, features, each signal)."""
-    seconds: dict[str, float] = {}
-    samples = 0
-    for path in sorted(Path(folder).glob("timing-r*.json")):
-        part = json.loads(path.read_text(encoding="utf-8"))
-        samples += part["samples"]
-        for name, value in part["seconds"].items():
-            seconds[name] = seconds.get(name, 0.0) + value
-    return {k: v / samples for k, v in seconds.items()} if samples else {}

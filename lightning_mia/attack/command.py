@@ -1,0 +1,190 @@
+"""`python attack.py`: query the target and its shadows where needed, run the attacks, report.
+
+    python attack.py --ckpt runs/demo/diffusion-target-000/checkpoints/last.ckpt
+    python attack.py --ckpt ... --attacks all                 # + the gray-box attacks
+    python attack.py --ckpt ... --attacks pixel semantic      # or '[pixel, semantic]'
+    python attack.py --ckpt ... --setting partial --known-fraction 0.5
+
+`AttackOptions` is the command's whole configuration (its fields are the command line, built by
+`attack_parser`); `run_attack(options)` is what `attack.py` and the experiment runner call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning_mia.attack.catalog import ATTACKS, paper_attacks
+from lightning_mia.attack.render import write_report
+from lightning_mia.attack.report import AttackContext, AttackReport, TargetFacts
+from lightning_mia.attack.runner import SETTINGS, run_attacks
+from lightning_mia.attack.spec import AttackError
+from lightning_mia.card import CheckpointError, RunCard, read_card
+from lightning_mia.graybox import signals_for
+from lightning_mia.models.registry import FAMILIES
+from lightning_mia.paths import ExperimentLayout, last_checkpoint
+from lightning_mia.query.run import run_query
+from lightning_mia.query.shards import read_complete
+from lightning_mia.reporting import log_report, make_logger
+
+
+def _help(text: str, default: Any = dataclasses.MISSING) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class AttackOptions:
+    """Everything `attack.py` takes (each field is a `--flag`; `--config` reads them from YAML)."""
+
+    ckpt: str = _help("target model checkpoint (its run card names the experiment)")
+    experiment: str = _help("experiment folder (default: the checkpoint's)", "")
+    attacks: list[str] = _help(
+        "attacks: names, `all`, or a list ('[pixel, semantic]')", tuple(paper_attacks())
+    )
+    setting: str = _help(f"attacker setting: {' | '.join(SETTINGS)}", "shadow")
+    known_fraction: float = _help("partial setting: share of the target's rows known", 0.5)
+    num_images: int = _help("images generated per query caption (N)", 4)
+    seed: int = _help("seed of queries, attack data splits, attack init and bootstrap", 0)
+    max_epochs: int = _help("attack training cap (early stopping usually ends it)", 200)
+    encoder: str = _help("local CLIP folder (default: the experiment's encoder/)", "")
+    signals: list[str] = _help(
+        "gray-box signals computed while querying: all | auto (those of a finished target "
+        "query, else all) | names; none = no --signals values",
+        ("auto",),
+    )
+    signal_timesteps: list[int] | None = _help("diffusion timesteps of loss, pia, clid", None)
+    accelerator: str = _help("Lightning accelerator of the queries", "auto")
+    devices: int | str = _help("Lightning devices of the queries", "auto")
+    strategy: str = _help("Lightning strategy of the queries", "auto")
+    progress: bool = _help("show progress bars", True)
+
+
+def split_names(values: Any) -> list[str]:
+    """`['all']`, `['pixel', 'semantic']`, `['[pixel, semantic]']` or `'a,b'` -> a list."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    names = []
+    for value in values:
+        text = str(value).strip().strip("[]")
+        names += [part.strip().strip("'\"") for part in text.split(",") if part.strip()]
+    return names
+
+
+def attack_parser() -> Any:
+    """The `attack.py` argument parser, one flag per `AttackOptions` field (also `--a-b`)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="attack.py", description="Membership inference on a target.")
+    parser.add_argument("--config", action=ActionConfigFile)
+    hints = typing.get_type_hints(AttackOptions)
+    for f in dataclasses.fields(AttackOptions):
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        kind, extra = hints[f.name], {}
+        args = typing.get_args(kind)
+        if typing.get_origin(kind) in (typing.Union, types.UnionType) and list in map(
+            typing.get_origin, args
+        ):
+            kind = next(a for a in args if typing.get_origin(a) is list)
+        if typing.get_origin(kind) is list:
+            extra = {"nargs": "*", "type": typing.get_args(kind)[0]}
+        else:
+            extra = {"type": kind}
+        required = f.default is dataclasses.MISSING
+        default = None if required else f.default
+        default = list(default) if isinstance(default, tuple) else default
+        parser.add_argument(*flags, help=f.metadata["help"], required=required, default=default,
+                            **extra)  # fmt: skip
+    return parser
+
+
+def options_from(namespace: Any) -> AttackOptions:
+    """`AttackOptions` of a parsed namespace (names split, `--config` dropped)."""
+    values = {f.name: namespace[f.name] for f in dataclasses.fields(AttackOptions)}
+    values["attacks"] = split_names(values["attacks"])
+    values["signals"] = split_names(values["signals"])
+    return AttackOptions(**values)
+
+
+def resolve_signals(asked: list[str], card: RunCard, layout: ExperimentLayout) -> list[str]:
+    """The gray-box signals to compute: `all`, `auto` (reuse a finished query's) or names."""
+    if "auto" in asked:
+        done = read_complete(layout.queries(card.run_name))
+        if done is None:
+            return signals_for(card.family)
+        return [s for s in done.get("signals", "").split(",") if s]
+    if "all" in asked:
+        return signals_for(card.family)
+    return list(asked)
+
+
+def _target_card(options: AttackOptions) -> tuple[RunCard, ExperimentLayout]:
+    card = read_card(options.ckpt)
+    if card.family not in FAMILIES:
+        raise CheckpointError(f"{options.ckpt} is a {card.family} checkpoint, not a target model")
+    layout = ExperimentLayout(options.experiment or card.experiment)
+    if options.experiment and Path(options.experiment).resolve() != Path(card.experiment).resolve():
+        raise CheckpointError(
+            f"{options.ckpt} belongs to experiment {card.experiment}, not {options.experiment}"
+        )
+    return card, layout
+
+
+def _shadow_checkpoints(options: AttackOptions, card: RunCard, layout: ExperimentLayout) -> list:
+    shadows = [last_checkpoint(r) for r in layout.finished_runs(card.family, "shadow")]
+    if not shadows and options.setting == "shadow":
+        others = sorted(p.name for p in layout.root.glob("*-shadow-[0-9][0-9][0-9]"))
+        hint = f" (found shadows of other families: {others})" if others else ""
+        raise AttackError(
+            f"no trained {card.family} shadow models in {layout.root}{hint}: train them with "
+            f"`python train.py fit --config <config> --data.model_index K` for K = 1, 2, ..."
+        )
+    problems = ATTACKS.check([a for a in options.attacks if a != "all"])
+    if problems:
+        raise AttackError(problems[0])
+    return shadows
+
+
+@dataclass(frozen=True)
+class AttackOutcome:
+    """A finished attack run: the report and where its files are."""
+
+    report: AttackReport
+    folder: Path  # report.json, report.md, roc.png
+    layout: ExperimentLayout
+
+
+def run_attack(options: AttackOptions) -> AttackOutcome | None:
+    """Query the target and shadows where needed, train and evaluate the attacks and write
+    the report (rank 0); None on the other ranks of a multi-device query."""
+    card, layout = _target_card(options)
+    shadows = _shadow_checkpoints(options, card, layout)
+    logger = make_logger(str(layout.root), name="attack", job_type="attack", group=layout.name)
+    query = dict(
+        num_images=options.num_images, seed=options.seed, encoder=options.encoder,
+        signals=resolve_signals(options.signals, card, layout),
+        signal_timesteps=options.signal_timesteps, accelerator=options.accelerator,
+        devices=options.devices, strategy=options.strategy, progress=options.progress,
+        logger=logger,
+    )  # fmt: skip
+    target = run_query(options.ckpt, **query)
+    shadow_tables = [run_query(str(c), **query) for c in shadows]
+    if target is None:  # not global rank zero: rank 0 trains the attacks and reports
+        return None
+    attacks = ["all"] if "all" in options.attacks else list(options.attacks)
+    facts = TargetFacts(card.run_name, card.train_steps_per_image, dict(card.augmentation))
+    context = AttackContext.from_tables(target, shadow_tables, options.seed, facts)
+    report = run_attacks(
+        layout, target, shadow_tables, attacks=attacks, setting=options.setting,
+        known_fraction=options.known_fraction, seed=options.seed,
+        max_epochs=options.max_epochs, logger=logger, progress=options.progress,
+        context=context,
+    )  # fmt: skip
+    folder = layout.report_dir(options.setting)
+    log_report(logger, report, write_report(folder, report))
+    return AttackOutcome(report, folder, layout)
