@@ -42,8 +42,8 @@ from _common import (
 from diffusers import VQModel
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from lightning_mia.models.vae import decode_codes, decode_latents
 from lightning_mia.models.base import caption_seeds
+from lightning_mia.models.vae import decode_codes, decode_latents
 
 
 # --- diffusion: diffusers' StableDiffusionPipeline, once per caption ---------------------------
