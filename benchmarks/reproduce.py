@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_mia.cli import experiment_main
+from lightning_mia.experiment import experiment_main
 
 EXPERIMENTS = {"diffusion": "shapes-diffusion", "seq2seq": "shapes-seq2seq"}
 COLUMNS = (("auc", "AUC"), ("tpr@1%fpr", "TPR@1%FPR"), ("accuracy", "accuracy"))
