@@ -202,3 +202,7 @@ def show_outcome(outcome: Any) -> None:
     if wandb_mode_note(root):  # offline: every stage of the experiment wrote a run
         say(f"W&B ran offline; upload every run of the experiment with: wandb sync "
             f"{root}/wandb/offline-run-* {root}/*/wandb/offline-run-*")  # fmt: skip
+
+
+if __name__ == "__main__":  # `python -m lightning_mia.cli fit ...` = `python train.py fit ...`
+    train_main()

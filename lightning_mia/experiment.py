@@ -7,8 +7,9 @@
 Stages, each skipped when its folder says it is done (`DONE.json`, `COMPLETE.json`):
 autoencoder -> attacker's encoder -> target (row 0) and shadows (rows 1..K) -> queries -> attack.
 A stage interrupted midway resumes from its `last.ckpt` (training) or its shards (queries).
-With `isolate: true` each training stage runs as its own `python train.py` process, which is
-what multi-GPU DDP (`strategy: ddp`) and clusters need; otherwise they run in this process.
+With `isolate: true` each training stage runs as its own `python -m lightning_mia.cli fit ...`
+process (the same command line as `python train.py fit ...`), which is what multi-GPU DDP
+(`strategy: ddp`) and clusters need; otherwise they run in this process.
 """
 
 from __future__ import annotations
@@ -25,10 +26,17 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_mia.attack.catalog import paper_attacks
 from lightning_mia.attack.command import AttackOptions, AttackOutcome, run_attack
 from lightning_mia.cli import run_cli, say, show_outcome, train_main
+from lightning_mia.errors import UserError
 from lightning_mia.paths import ExperimentLayout, done_marker, last_checkpoint
 from lightning_mia.reporting import finish_wandb_run
 
 CONFIG_DIR = Path("configs/experiments")
+
+
+class StageError(UserError):
+    """A stage run as its own process failed (that process printed why)."""
+
+
 OVERFIT_NOTE = (
     "Note: this experiment is a deliberately overfit regime (few members, hundreds of training "
     "steps per image), where leakage is large by design. For a realistic regime (about 20 "
@@ -52,8 +60,10 @@ def fit_stage(
         argv += ["--ckpt_path", str(last_checkpoint(folder))]
     rank_zero_info(f"[fit] {folder.name}: {' '.join(argv)}")
     start = time.perf_counter()
-    if isolate:
-        subprocess.run([sys.executable, "train.py", *argv], check=True)
+    if isolate:  # its own process (what DDP's launcher and clusters need), from any folder
+        code = subprocess.run([sys.executable, "-m", "lightning_mia.cli", *argv]).returncode
+        if code:
+            raise StageError(f"stage {folder.name} failed (exit code {code}; its error is above)")
     else:
         with warnings.catch_warnings():  # LightningCLI(args=...) inside another command line
             warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
