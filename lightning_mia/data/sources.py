@@ -3,7 +3,13 @@
 A source lists sample ids, gives each id's caption and image (3, R, R) in [-1, 1], and a
 fingerprint of its content (ids, captions, image bytes) that splits.json records so a changed
 dataset is refused later. Bad input raises one `DataError` naming the file and the problem; with
-`skip_bad_samples=True` the sample is skipped instead, logged and kept in `bad_samples`.
+`skip_bad_samples=True` the sample is skipped instead, logged and kept in `bad_samples` (a file
+skipped whole, such as an unreadable tar shard, in `skipped_files`).
+
+Registering a dataset (`make_splits`) calls `verify()`: every caption must be usable text and
+every image must decode in full (`image_problems`, in parallel and cached by file content, see
+`lightning_mia.data.checks`); `image_digests` gives each sample's image content digest, from
+which duplicates are found.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ log = logging.getLogger("lightning_mia.data")
 SOURCES: Registry[type[ImageCaptionSource]] = Registry("source")
 CACHE_ENV = "LIGHTNING_MIA_CACHE"  # folder for the file-digest cache (default ~/.cache/...)
 HASH_CHUNK = 1 << 20
+DIGEST_BYTES = 16  # per-sample image digests (duplicate detection): the first 16 bytes of sha256
 
 
 class DataError(UserError):
@@ -60,6 +67,12 @@ def caption_problem(value: object) -> str | None:
         return f"caption is not text (got {type(value).__name__})"
     if not value.strip():
         return "caption is empty"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. "\ud800" in JSON: no tokenizer takes it
+        return "caption is not valid Unicode (lone surrogate)"
+    if not any(c.isprintable() and not c.isspace() for c in value):
+        return "caption has no printable characters"
     return None
 
 
@@ -145,10 +158,14 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def cache_root() -> Path:
+    """The folder of lightning_mia's caches: $LIGHTNING_MIA_CACHE, else ~/.cache/lightning_mia."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lightning_mia")
+
+
 def _cache_file(folder: Path, kind: str) -> Path:
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lightning_mia")
     key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()
-    return root / "file_digests" / f"{key}.{kind}.json"
+    return cache_root() / "file_digests" / f"{key}.{kind}.json"
 
 
 def file_digests(
@@ -208,10 +225,11 @@ class ImageCaptionSource(ABC):
 
     def __init__(self, resolution: int, skip_bad_samples: bool = False) -> None:
         if not isinstance(resolution, int) or resolution < 1:
-            raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+            raise DataError(f"resolution must be a positive int, got {resolution!r}")
         self.resolution = resolution
         self.skip_bad_samples = skip_bad_samples
         self.bad_samples: dict[int, str] = {}  # sample_id -> reason, in skip mode
+        self.skipped_files: dict[str, str] = {}  # file skipped whole (e.g. a shard) -> reason
         self._init_args: dict[str, Any] = {}
         self._fingerprint: DatasetFingerprint | None = None
 
@@ -253,29 +271,58 @@ class ImageCaptionSource(ABC):
             self.bad_samples[sample_id] = reason
             log.warning("skipping sample %d: %s", sample_id, reason)
 
-    def verify(self, ids: Sequence[int] | None = None, num_threads: int = 8) -> dict[int, str]:
-        """Decode every image of `ids` (default: all valid), reporting failures as bad samples."""
-        ids = list(self.valid_ids() if ids is None else ids)
+    def verify(self, ids: Sequence[int] | None = None) -> dict[int, str]:
+        """Check `ids` (default: every sample not found bad yet) as registering a dataset must:
+        each caption is usable text and each image decodes in full (`image_problems`).
 
-        def check(sid: int) -> str | None:
+        Without `skip_bad_samples` the first bad sample raises `DataError` naming its file and
+        the problem; with it every bad sample is recorded in `bad_samples` (so left out of the
+        splits). Returns `bad_samples`.
+        """
+        ids = list(self.valid_ids() if ids is None else ids)
+        for sid in ids:
+            problem = caption_problem(self.raw_caption(sid))
+            if problem:
+                self.report_bad(sid, f"sample {sid} of {self}: {problem}")
+        ids = [i for i in ids if i not in self.bad_samples]
+        problems = self.image_problems(ids, stop_early=not self.skip_bad_samples)
+        for sid in sorted(problems):
+            self.report_bad(sid, problems[sid])
+        return dict(self.bad_samples)
+
+    def image_problems(self, ids: Sequence[int], stop_early: bool = False) -> dict[int, str]:
+        """sample id -> why its image does not decode, for the bad ones among `ids`; with
+        `stop_early` it may stop at the first found. This default decodes through `image()` in
+        threads, uncached; sources of image files override it with a check cached by content."""
+        from lightning_mia.data.images import CHECK_RESOLUTION
+
+        def problem(sid: int) -> str:
             try:
-                self.caption(sid)
-                self.image(sid, resolution=8)
+                self.image(sid, resolution=CHECK_RESOLUTION)
             except DataError as err:
                 return str(err)
-            return None
+            return ""
 
-        with ThreadPoolExecutor(num_threads) as pool:
-            for sid, problem in zip(ids, pool.map(check, ids)):
-                if problem:
-                    self.report_bad(sid, problem)
-        return dict(self.bad_samples)
+        with ThreadPoolExecutor() as pool:  # decoders release the GIL
+            found = dict(zip(ids, pool.map(problem, ids)))
+        return {sid: p for sid, p in found.items() if p}
+
+    def image_digests(self, ids: Sequence[int]) -> np.ndarray:
+        """The content digest of each sample's image (`S16`: first 16 bytes of a sha256), aligned
+        with `ids`; equal digests mean equal images. This default hashes the decoded pixels;
+        sources of image files hash the file bytes."""
+
+        def digest(sid: int) -> bytes:
+            pixels = self.image(sid).numpy().tobytes()  # (3, R, R) float32
+            return hashlib.sha256(pixels).digest()[:DIGEST_BYTES]
+
+        return np.array([digest(i) for i in ids], dtype=f"S{DIGEST_BYTES}")
 
     def captions_sha256(self) -> str:
         h = hashlib.sha256()
         for sid in self.sample_ids():
             raw = json.dumps(self.raw_caption(sid), ensure_ascii=False, default=repr)
-            h.update(f"{sid}\t{raw}\n".encode())
+            h.update(f"{sid}\t{raw}\n".encode("utf-8", "surrogatepass"))  # bad text hashes too
         return h.hexdigest()
 
     def dataset_fingerprint(self) -> DatasetFingerprint:
