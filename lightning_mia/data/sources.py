@@ -21,7 +21,7 @@ import logging
 import os
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +88,7 @@ def read_json(path: Path, what: str) -> Any:
 
 def encode_ids(ids: Sequence[int]) -> str:
     """Sorted int ids -> compact text (delta-coded int64, zlib, base64) for splits.json."""
-    arr = np.asarray(sorted(ids), dtype=np.int64)
+    arr = np.sort(np.asarray(ids, dtype=np.int64))
     deltas = np.diff(arr, prepend=np.int64(0)).astype("<i8")
     return base64.b64encode(zlib.compress(deltas.tobytes(), 9)).decode("ascii")
 
@@ -99,11 +99,11 @@ def decode_ids(text: str) -> list[int]:
     return np.cumsum(deltas).tolist()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DatasetFingerprint:
     """What a dataset held: its ids and hashes of its captions and image bytes."""
 
-    ids: tuple[int, ...]
+    ids: Sequence[int]  # a tuple, or (millions of samples) a read-only int64 array
     ids_sha256: str
     captions_sha256: str
     images_sha256: str
@@ -144,6 +144,15 @@ class DatasetFingerprint:
         if new.images_sha256 != self.images_sha256:
             changed.append("image bytes")
         return f"same {len(new_ids)} sample ids, but the {' and '.join(changed)} changed"
+
+
+def captions_digest(pairs: Iterable[tuple[int, object]]) -> str:
+    """sha256 over (sample id, caption as stored) pairs, in id order: the fingerprint's part."""
+    h = hashlib.sha256()
+    for sid, caption in pairs:
+        raw = json.dumps(caption, ensure_ascii=False, default=repr)
+        h.update(f"{sid}\t{raw}\n".encode("utf-8", "surrogatepass"))  # bad text hashes too
+    return h.hexdigest()
 
 
 def sha256_of_ids(ids: Sequence[int]) -> str:
@@ -319,11 +328,7 @@ class ImageCaptionSource(ABC):
         return np.array([digest(i) for i in ids], dtype=f"S{DIGEST_BYTES}")
 
     def captions_sha256(self) -> str:
-        h = hashlib.sha256()
-        for sid in self.sample_ids():
-            raw = json.dumps(self.raw_caption(sid), ensure_ascii=False, default=repr)
-            h.update(f"{sid}\t{raw}\n".encode("utf-8", "surrogatepass"))  # bad text hashes too
-        return h.hexdigest()
+        return captions_digest((sid, self.raw_caption(sid)) for sid in self.sample_ids())
 
     def dataset_fingerprint(self) -> DatasetFingerprint:
         """Ids and content hashes, computed on first use and kept."""

@@ -26,7 +26,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,11 +35,13 @@ import numpy as np
 
 from lightning_mia.data.sources import DataError, cache_root
 from lightning_mia.data.wds_scan import ROW, ShardScan, scan_shard
+from lightning_mia.paths import atomic_write_json
 
 log = logging.getLogger("lightning_mia.data")
 
 INDEX_VERSION = 1  # bump when the layout or the scan changes: older indexes are rebuilt
-ARRAYS = ("ids", "rows", "digests")  # .npy files; captions.bin and keys.bin are raw bytes
+DTYPES = {"ids": np.dtype("<i8"), "rows": ROW, "digests": np.dtype("S16")}  # the .npy files
+SORT_CHUNK = 1 << 18  # samples written per step when sorting the index by id
 
 
 def _stamp(path: Path) -> list[Any]:
@@ -74,13 +76,19 @@ class ShardIndex:
         self.meta, self.folder = meta, folder
 
     @classmethod
-    def load(cls, folder: Path) -> ShardIndex:
-        """Map an index folder read-only."""
-        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+    def load(cls, folder: Path, meta: dict[str, Any] | None = None) -> ShardIndex:
+        """Map an index folder read-only (`meta`: instead of reading meta.json)."""
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in DTYPES}
         arrays["captions"] = _map(folder / "captions.bin")
         arrays["keys"] = _map(folder / "keys.bin")
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        if meta is None:
+            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         return cls(arrays, meta, folder)
+
+    def in_memory(self) -> ShardIndex:
+        """A copy whose arrays live in memory (when the folder is about to go)."""
+        names = ("ids", "rows", "digests", "captions", "keys")
+        return ShardIndex({n: np.array(getattr(self, n)) for n in names}, self.meta, None)
 
     def __getstate__(self) -> dict[str, Any]:  # spawned workers map the folder, not a copy
         if self.folder is not None:
@@ -114,6 +122,18 @@ class ShardIndex:
             return None
         text = self.captions[row["caption_start"] : row["caption_end"]].tobytes().decode("utf-8")
         return text if kind == 1 else json.loads(text)
+
+    def cached(self, name: str, compute: Callable[[], Any]) -> Any:
+        """`compute()`, kept as JSON file `name` in the index folder (best effort): for values
+        that depend on the indexed shards alone, such as their fingerprint."""
+        path = self.folder / name if self.folder is not None else None
+        if path is not None and path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+        value = compute()
+        if path is not None:
+            with contextlib.suppress(OSError):
+                atomic_write_json(path, value)
+        return value
 
     def image_name(self, pos: int) -> str:
         """The image member's name in its tar ("" when there is none)."""
@@ -149,56 +169,68 @@ def scan_shards(paths: Sequence[Path], num_workers: int | None = None) -> Iterat
         yield from pool.map(scan_shard, paths)
 
 
-def _merge(paths: Sequence[Path], out: Path, num_workers: int | None) -> dict[str, np.ndarray]:
-    """Scan every shard and write the index into folder `out`; returns the in-memory arrays."""
-    ids, rows, digests, shards, problems = [], [], [], [], []
+def _merge(paths: Sequence[Path], out: Path, num_workers: int | None) -> None:
+    """Scan every shard and write the index into folder `out`.
+
+    Shard by shard, the arrays are appended to raw files (nothing is held for all samples but
+    the ids); then they are written in id order in chunks, through memory maps.
+    """
+    shards, problems = [], []
     caption_base = key_base = 0
-    with open(out / "captions.bin", "wb") as cap_f, open(out / "keys.bin", "wb") as key_f:
+    with contextlib.ExitStack() as stack:
+        raw = {name: stack.enter_context(open(out / f"{name}.raw", "wb")) for name in DTYPES}
+        cap_f = stack.enter_context(open(out / "captions.bin", "wb"))
+        key_f = stack.enter_context(open(out / "keys.bin", "wb"))
         for k, scan in enumerate(scan_shards(paths, num_workers)):
             shards.append({"images_sha256": scan.images_sha256, "broken": scan.broken})
             if scan.broken:
                 continue
-            r = scan.rows.copy()
-            r["shard"] = k
+            rows = scan.rows.copy()
+            rows["shard"] = k
             for start, end, base in (("caption_start", "caption_end", caption_base),
                                      ("key_start", "key_end", key_base)):  # fmt: skip
-                r[start] += base
-                r[end] += base
+                rows[start] += base
+                rows[end] += base
             caption_base += cap_f.write(scan.captions)
             key_base += key_f.write(scan.keys)
-            ids.append(scan.ids)
-            rows.append(r)
-            digests.append(scan.digests)
-            problems += [[k, int(ids[-1][pos]), text] for pos, text in scan.problems]
-    all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    order = np.argsort(all_ids, kind="stable")
-    arrays = {
-        "ids": all_ids[order],
-        "rows": (np.concatenate(rows) if rows else np.zeros(0, ROW))[order],
-        "digests": (np.concatenate(digests) if digests else np.zeros(0, "S16"))[order],
-    }
-    _check_collisions(arrays, out, paths)
-    for name in ARRAYS:
-        np.save(out / f"{name}.npy", arrays[name])
+            for name, array in (("ids", scan.ids), ("rows", rows), ("digests", scan.digests)):
+                raw[name].write(array.tobytes())
+            problems += [[k, int(scan.ids[pos]), text] for pos, text in scan.problems]
+    _write_sorted(out)
+    _check_collisions(ShardIndex.load(out, meta={}), paths)
     meta = {"version": INDEX_VERSION, "shards": shards, "problems": problems}
     (out / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-    return arrays
 
 
-def _check_collisions(arrays: dict[str, np.ndarray], out: Path, paths: Sequence[Path]) -> None:
-    same = np.flatnonzero(arrays["ids"][1:] == arrays["ids"][:-1])
+def _write_sorted(out: Path) -> None:
+    """`<name>.raw` (shard order) -> `<name>.npy` (sample-id order), chunk by chunk."""
+    ids = np.fromfile(out / "ids.raw", dtype=DTYPES["ids"])  # (N,)
+    order = np.argsort(ids, kind="stable")  # (N,): equal ids keep shard order
+    del ids
+    for name, dtype in DTYPES.items():
+        path = out / f"{name}.raw"
+        if not len(order):
+            np.save(out / f"{name}.npy", np.zeros(0, dtype))
+        else:
+            src = np.memmap(path, dtype=dtype, mode="r")
+            dst = np.lib.format.open_memmap(out / f"{name}.npy", "w+", dtype, (len(order),))
+            for start in range(0, len(order), SORT_CHUNK):
+                dst[start : start + SORT_CHUNK] = src[order[start : start + SORT_CHUNK]]
+            dst.flush()
+            del src, dst
+        path.unlink()
+
+
+def _check_collisions(index: ShardIndex, paths: Sequence[Path]) -> None:
+    """Two samples with one id: an error naming both keys and shards."""
+    same = np.flatnonzero(index.ids[1:] == index.ids[:-1])
     if not len(same):
         return
-    keys = np.fromfile(out / "keys.bin", dtype=np.uint8)
-    first, second = (arrays["rows"][int(same[0]) + d] for d in (0, 1))  # stable: shard order
-
-    def key(row: np.void) -> str:
-        return keys[row["key_start"] : row["key_end"]].tobytes().decode()
-
-    sid = int(arrays["ids"][same[0]])
+    first, second = int(same[0]), int(same[0]) + 1  # sorted stably: shard order
+    shard = index.rows["shard"]
     raise DataError(
-        f"webdataset: sample id {sid} of key {key(second)!r} in {paths[second['shard']]} "
-        f"collides with key {key(first)!r} in {paths[first['shard']]}"
+        f"webdataset: sample id {int(index.ids[first])} of key {index.key(second)!r} in "
+        f"{paths[shard[second]]} collides with key {index.key(first)!r} in {paths[shard[first]]}"
     )
 
 
@@ -217,11 +249,8 @@ def open_index(paths: Sequence[Path], num_workers: int | None = None) -> ShardIn
     except OSError as err:
         log.warning("webdataset index not cached (%s); building it in memory", err)
     with tempfile.TemporaryDirectory() as tmp:
-        arrays = _merge(paths, Path(tmp), num_workers)
-        arrays["captions"] = np.fromfile(Path(tmp) / "captions.bin", dtype=np.uint8)
-        arrays["keys"] = np.fromfile(Path(tmp) / "keys.bin", dtype=np.uint8)
-        meta = json.loads((Path(tmp) / "meta.json").read_text(encoding="utf-8"))
-    return ShardIndex(arrays, meta, None)
+        _merge(paths, Path(tmp), num_workers)
+        return ShardIndex.load(Path(tmp)).in_memory()
 
 
 def _build(paths: Sequence[Path], folder: Path, num_workers: int | None) -> None:

@@ -24,7 +24,15 @@ import torch
 
 from lightning_mia.data.checks import cached_map
 from lightning_mia.data.images import decode_image, image_problem
-from lightning_mia.data.sources import DataError, ImageCaptionSource, log, register_source
+from lightning_mia.data.sources import (
+    DataError,
+    DatasetFingerprint,
+    ImageCaptionSource,
+    captions_digest,
+    log,
+    register_source,
+    sha256_of_ids,
+)
 from lightning_mia.data.wds_index import ShardIndex, open_index
 from lightning_mia.data.wds_scan import IMAGE_EXTENSIONS, key_to_id
 
@@ -177,6 +185,22 @@ class WebDatasetSource(ImageCaptionSource):
     def image_digests(self, ids: Sequence[int]) -> np.ndarray:
         """Each sample's image digest, from the index (hashed while scanning)."""
         return self.index.digests[[self.index.position(i) for i in ids]]
+
+    def captions_sha256(self) -> str:
+        """As the base class, walking the index in id order (no lookup per sample)."""
+        ids = self.index.ids.tolist()
+        return captions_digest((sid, self.index.caption(pos)) for pos, sid in enumerate(ids))
+
+    def dataset_fingerprint(self) -> DatasetFingerprint:
+        """As the base class, with the ids left in the mapped index and the hashes kept beside
+        it (the index is rebuilt whenever a shard changes, and so are they)."""
+        if self._fingerprint is None:
+            parts = self.index.cached("fingerprint.json", self._fingerprint_parts)
+            self._fingerprint = DatasetFingerprint(self.index.ids, *parts)
+        return self._fingerprint
+
+    def _fingerprint_parts(self) -> list[str]:
+        return [sha256_of_ids(self.index.ids), self.captions_sha256(), self.images_sha256()]
 
     def images_sha256(self) -> str:
         """Hash of every sample's image bytes, from per-shard digests taken while indexing."""
