@@ -22,11 +22,12 @@ from typing import Any
 import PIL
 
 from lightning_mia.data.images import image_problem
-from lightning_mia.data.sources import cache_root, file_digests
+from lightning_mia.data.sources import UNREADABLE, cache_root, file_digests
 
 log = logging.getLogger("lightning_mia.data")
 
 CHECK_VERSION = 1  # bump when a check changes: older results are then ignored
+NOT_CONTENT = ("missing", UNREADABLE)  # file_digests values that are no digest: checked uncached
 CHUNK_PER_THREAD = 16  # work handed out per round; results are appended to the cache per round
 
 
@@ -119,7 +120,7 @@ def file_image_problems(
     digests = file_digests(paths)
     first_path: dict[str, Path] = {}
     for path, digest in zip(paths, digests):
-        if digest != "missing":
+        if digest not in NOT_CONTENT:
             first_path.setdefault(digest, path)
     results = cached_map(
         list(first_path),
@@ -128,8 +129,8 @@ def file_image_problems(
         stop_when=bool if stop_early else None,
     )
     problems = {}
-    for sid, digest in zip(ids, digests):
-        problem = "no such file" if digest == "missing" else results.get(digest)
+    for sid, path, digest in zip(ids, paths, digests):
+        problem = image_problem(path) if digest in NOT_CONTENT else results.get(digest)
         if problem:
             problems[sid] = f"image {name_of(sid)}: {problem}"
     return problems

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_mia.data.checks import file_image_problems
+from lightning_mia.data.checks import NOT_CONTENT, file_image_problems
 from lightning_mia.data.images import decode_image
 from lightning_mia.data.sources import DIGEST_BYTES, ImageCaptionSource, file_digests
 
@@ -37,5 +37,5 @@ class ImageFileSource(ImageCaptionSource):
     def image_digests(self, ids: Sequence[int]) -> np.ndarray:
         """The sha256 of each image file (its first 16 bytes, `S16`), cached by size and mtime."""
         hexes = file_digests([self.image_path(i) for i in ids])
-        raw = [bytes.fromhex(h)[:DIGEST_BYTES] if h != "missing" else b"" for h in hexes]
+        raw = [bytes.fromhex(h)[:DIGEST_BYTES] if h not in NOT_CONTENT else b"" for h in hexes]
         return np.array(raw, dtype=f"S{DIGEST_BYTES}")

@@ -159,11 +159,17 @@ def sha256_of_ids(ids: Sequence[int]) -> str:
     return hashlib.sha256(np.asarray(ids, dtype="<i8").tobytes()).hexdigest()
 
 
+UNREADABLE = "unreadable"  # the digest of a file that exists but cannot be read (never cached)
+
+
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(HASH_CHUNK):
+                h.update(chunk)
+    except OSError:
+        return UNREADABLE
     return h.hexdigest()
 
 
@@ -183,7 +189,8 @@ def file_digests(
     kind: str = "sha256",
     num_threads: int = 8,
 ) -> list[str]:
-    """`digest(path)` of each file, by default the sha256 of its bytes ("missing" if absent).
+    """`digest(path)` of each file, by default the sha256 of its bytes ("missing" if absent,
+    `UNREADABLE` if it cannot be read).
 
     Digests are cached per folder and `kind`, keyed by (size, mtime_ns), so a big dataset is read
     once and a file rewritten since is read again. The cache is best effort (unwritable: uncached).
@@ -214,7 +221,8 @@ def file_digests(
         with ThreadPoolExecutor(num_threads) as pool:  # hashlib releases the GIL
             for p, value in zip(todo, pool.map(digest, todo)):
                 out[p] = value
-                cache[p.name] = [*keys[p], value]
+                if value != UNREADABLE:  # a permission fixed later keeps size and mtime
+                    cache[p.name] = [*keys[p], value]
         if todo:
             try:
                 atomic_write_json(cache_path, cache)
