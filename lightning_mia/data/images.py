@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from lightning_mia.data.sources import DataError
+from lightning_mia.data.sources import CHECK_RESOLUTION, DataError
 
 WHITE = (255, 255, 255)
 RESAMPLE = Image.Resampling.BICUBIC  # antialiased when downscaling (Pillow filters by scale)
@@ -114,7 +114,6 @@ def decode_image(data: bytes | str | os.PathLike, resolution: int, name: str) ->
     return pil_to_tensor(img)
 
 
-CHECK_RESOLUTION = 8  # the registration check converts and resizes too, at this side
 
 
 def image_problem(data: bytes | str | os.PathLike) -> str | None:

@@ -39,6 +39,7 @@ log = logging.getLogger("lightning_mia.data")
 SOURCES: Registry[type[ImageCaptionSource]] = Registry("source")
 CACHE_ENV = "LIGHTNING_MIA_CACHE"  # folder for the file-digest cache (default ~/.cache/...)
 HASH_CHUNK = 1 << 20
+CHECK_RESOLUTION = 8  # the registration check converts and resizes too, at this side
 DIGEST_BYTES = 16  # per-sample image digests (duplicate detection): the first 16 bytes of sha256
 
 
@@ -311,8 +312,6 @@ class ImageCaptionSource(ABC):
         """sample id -> why its image does not decode, for the bad ones among `ids`; with
         `stop_early` it may stop at the first found. This default decodes through `image()` in
         threads, uncached; sources of image files override it with a check cached by content."""
-        from lightning_mia.data.images import CHECK_RESOLUTION
-
         def problem(sid: int) -> str:
             try:
                 self.image(sid, resolution=CHECK_RESOLUTION)

@@ -40,7 +40,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the learned temperature
 PREPROCESSOR_FILE = "preprocessor_config.json"
 CARD_FILE = "card.json"
-ATTACKER_POOLS = ("auxiliary",)  # training splits the attacker's own components may use
+ATTACKER_POOLS = ("auxiliary", "public")  # training splits of the attacker's own components
 
 PRESETS: Registry[dict[str, int]] = Registry("encoder preset")
 # ViT patch 4 on 32x32 (64 patches) and a 2-layer text transformer over characters
