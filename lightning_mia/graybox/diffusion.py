@@ -1,0 +1,87 @@
+"""Gray-box membership signals of the latent-diffusion family: loss, SecMI, PIA and CLiD.
+
+    from lightning_mia.graybox import compute_signals
+    feats = compute_signals(model, batch, ["loss", "secmi", "pia", "clid"], seed=0)
+
+This module declares `loss`, then imports the modules that declare the others, in this order:
+`graybox/secmi.py`, `graybox/pia.py`, `graybox/clid.py`; what they share (fixed noise, the
+model's parts, eps/x0 from any prediction type, guidance) is in `graybox/denoiser.py`. Each
+signal returns raw per-sample statistics; which direction means "member" is learned by the
+attack stage on shadow models (the expected direction is in each docstring), and each docstring
+names its reference and what still differs from it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lightning_mia.graybox.denoiser import (
+    fixed_noise,
+    noise_seeds,
+    per_sample_mean,
+    prepared,
+    split_prediction,
+    timestep_problems,
+)
+from lightning_mia.graybox.spec import SignalOptions, SignalSpec, register_signal
+
+SIGNAL_MODULES = ("secmi", "pia", "clid")  # declared after `loss`, in this order
+
+
+# --- loss (Matsumoto et al. 2023; Hu & Pang 2023) -------------------------------------------------
+def loss_signals(
+    model: Any,
+    batch: dict[str, Any],
+    seed: int,
+    timesteps: Sequence[int],
+    cache: dict[str, Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-sample denoising loss at fixed timesteps and fixed noise. Lower = member.
+
+    `loss/t{t}`: the model's own training loss (`LatentDiffusionModule.denoise(...).loss`, the
+    one `per_sample_loss` takes the mean of in training, here with this t and noise: MSE to its
+    training target, e.g. v); `loss/eps_t{t}`: the error in noise space, ||eps - eps_θ||² (for
+    v-prediction it is ᾱ_t times the v-loss, so only the means differ); `loss/mean` and
+    `loss/eps_mean` over timesteps. One UNet pass per timestep.
+    """
+    c = prepared(model, batch, cache)
+    view, x0, cond = c["view"], c["x0"], c["cond"]
+    b = x0.shape[0]
+    seeds = noise_seeds(seed, batch["sample_id"])
+    out: dict[str, torch.Tensor] = {}
+    for t in timesteps:
+        noise = fixed_noise(seeds, t, x0.shape[1:], x0.device)  # (B, C, h, w)
+        t_batch = torch.full((b,), t, device=x0.device, dtype=torch.long)
+        denoised = model.denoise(x0, cond, t_batch, noise, view.unet)
+        abar = view.alpha_bar(t, b)
+        eps, _ = split_prediction(
+            denoised.prediction.float(), denoised.noisy, abar, view.prediction_type
+        )
+        out[f"loss/t{t}"] = denoised.loss
+        out[f"loss/eps_t{t}"] = per_sample_mean((eps - noise) ** 2)
+    out["loss/mean"] = torch.stack([out[f"loss/t{t}"] for t in timesteps]).mean(0)
+    out["loss/eps_mean"] = torch.stack([out[f"loss/eps_t{t}"] for t in timesteps]).mean(0)
+    return out
+
+
+def _loss_problems(o: SignalOptions, n_train: int) -> list[str]:
+    return timestep_problems("timesteps", o.timesteps, n_train)
+
+
+register_signal(
+    SignalSpec(
+        "loss",
+        "diffusion",
+        lambda m, b, s, o, c: loss_signals(m, b, s, o.timesteps, c),
+        lambda o: len(o.timesteps),
+        "per-sample denoising loss at fixed timesteps and noise (Matsumoto et al. 2023)",
+        score_feature="loss/mean",
+        check=_loss_problems,
+    )
+)
+for _module in SIGNAL_MODULES:
+    importlib.import_module(f"lightning_mia.graybox.{_module}")
