@@ -12,8 +12,8 @@ the caption's conditioning. Noise is fixed per sample and timestep: drawn from a
 by (seed, sample_id, t), so the target and every shadow see the same noise for a sample, whatever
 the batch and whatever other timesteps are asked for. The model's output is converted to noise
 (eps) and clean-latent (x0) predictions whatever its `prediction_type` (epsilon, v_prediction or
-sample). Signals (the `register_signal` declarations beside each one): `loss` and `pia` in
-`graybox/diffusion.py`, `secmi` in `graybox/secmi.py`, `clid` in `graybox/clid.py`.
+sample). The signals, each declared (`register_signal`) beside its code: `loss` in
+`graybox/diffusion.py`, `secmi`, `pia` and `clid` in `graybox/secmi.py`, `pia.py`, `clid.py`.
 """
 
 from __future__ import annotations
