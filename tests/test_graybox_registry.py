@@ -14,12 +14,7 @@ from lightning_mia.graybox import (
     signal_queries,
     signals_for,
 )
-from lightning_mia.graybox.diffusion import (
-    fixed_noise,
-    noise_seeds,
-    reduce_caption,
-    split_prediction,
-)
+from lightning_mia.graybox.denoiser import fixed_noise, noise_seeds, split_prediction
 from lightning_mia.graybox.seq2seq import low_k_mean
 from lightning_mia.models.diffusion import training_target
 
@@ -73,17 +68,16 @@ def test_low_k_mean_is_mean_of_least_likely_tokens():
     torch.testing.assert_close(low_k_mean(nll, 100), nll.mean(1))
 
 
-def test_reduce_caption_keeps_leading_words():
-    assert reduce_caption("a big red circle at the top", 0.5) == "a big red"
-    assert reduce_caption("circle", 0.5) == ""
-
-
 def test_registry_families_and_query_counts():
     assert signals_for("diffusion") == ["loss", "secmi", "pia", "clid"]
     assert signals_for("seq2seq") == ["nll", "nll_gap"]
     opts = SignalOptions(timesteps=(50, 100, 200), secmi_t=100, secmi_steps=5)
     counts = signal_queries(SIGNALS.names(), opts)
-    assert counts == {"loss": 3, "secmi": 7, "pia": 4, "clid": 9, "nll": 1, "nll_gap": 2}
+    # secmi: 4 steps up to t - Δ, one up, one down; pia: (1 + 3) guided passes (2 each);
+    # clid: 3 default timesteps x (caption, null, 3 reduced captions)
+    assert counts == {"loss": 3, "secmi": 6, "pia": 8, "clid": 15, "nll": 1, "nll_gap": 2}
+    unguided = SignalOptions(timesteps=(50,), pia_guidance=1.0, clid_cut_rates=(0.5,))
+    assert signal_queries(["pia", "clid"], unguided) == {"pia": 2, "clid": 9}
     costs = QueryCosts(num_images=4, signal_queries=counts)
     for name, spec in SIGNALS.items():  # each signal declared its attack, which agrees
         attack = ATTACKS[name]
@@ -100,17 +94,22 @@ def test_check_signals_names_family_and_each_problem():
         check_signals("seq2seq", ["lossy"], SignalOptions())
     with pytest.raises(SignalError, match="no signal"):
         check_signals("seq2seq", [], SignalOptions())
-    bad = SignalOptions(timesteps=(10, 1000, -1), secmi_t=100, secmi_steps=7, pia_p=0.0)
+    bad = SignalOptions(
+        timesteps=(10, 1000, -1), secmi_t=100, secmi_steps=7, pia_p=0.0, pia_guidance=0.0,
+        clid_timesteps=(), clid_cut_rates=(0.3, 1.0, 0.301),
+    )  # fmt: skip
     with pytest.raises(SignalError) as err:
-        check_signals("diffusion", ["loss", "secmi", "pia"], bad, 1000)
+        check_signals("diffusion", ["loss", "secmi", "pia", "clid"], bad, 1000)
     msg = str(err.value)
     assert "timesteps [1000, -1]" in msg and "0 <= t < num_train_timesteps = 1000" in msg
     assert "secmi_t 100 must be a positive multiple of secmi_steps 7" in msg
-    assert "pia_p must be > 0" in msg
+    assert "pia_p must be > 0" in msg and "pia_guidance must be > 0" in msg
+    assert "clid_timesteps is empty" in msg and "clid_cut_rates [1.0] must each be in (0, 1)" in msg
+    assert "clid_cut_rates [0.3, 1.0, 0.301] must differ in percent" in msg
     with pytest.raises(SignalError, match="secmi_t 1000 out of the scheduler's range"):
         check_signals("diffusion", ["secmi"], SignalOptions(secmi_t=1000), 1000)
-    with pytest.raises(SignalError, match="clid_keep_fraction must be in"):
-        check_signals("diffusion", ["clid"], SignalOptions(clid_keep_fraction=1.0), 1000)
+    with pytest.raises(SignalError, match=r"clid_timesteps \[1000\] out of the scheduler's"):
+        check_signals("diffusion", ["clid"], SignalOptions(clid_timesteps=(450, 1000)), 1000)
     with pytest.raises(SignalError, match="low_k_percent must be in"):
         check_signals("seq2seq", ["nll"], SignalOptions(low_k_percent=0))
     check_signals("diffusion", ["loss", "secmi", "pia", "clid"], SignalOptions(), 1000)
