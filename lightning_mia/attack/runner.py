@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_mia.attack.baselines import fit_threshold_baseline
 from lightning_mia.attack.calibration import lira_scores, shadow_score_matrix
 from lightning_mia.attack.catalog import ATTACKS, baseline_attack, lira_features
+from lightning_mia.attack.clid import CLID_FEATURES, fit_clid_threshold
 from lightning_mia.attack.data import AttackDataModule, Rows, stratified_split
 from lightning_mia.attack.module import AttackModule, fit_attack
 from lightning_mia.attack.report import AttackContext, AttackReport, AttackResult
@@ -202,6 +203,18 @@ def _threshold_baseline(
     return result
 
 
+def _clid_threshold(plan: AttackPlan, costs: QueryCosts, seed: int, n_boot: int) -> AttackResult:
+    """CLiD_th (Zhai et al. 2024): loss and CLiD terms robust-scaled on the training rows, α
+    and the threshold chosen there (`attack.clid`)."""
+    x, y, xt, yt, ids, names = plan.matrices(ATTACKS["clid"].groups)
+    choice = fit_clid_threshold(x, y, names)
+    spec = AttackSpec("clid-th", ATTACKS["clid"].groups, "gray-box")
+    result = _result(spec, choice.scores(xt, names), yt.bool(), ids, list(CLID_FEATURES),
+                     choice.threshold, costs, seed, n_boot, measured=False)  # fmt: skip
+    result.details = choice.to_dict()
+    return result
+
+
 def _lira_results(
     names: Sequence[str], target: QueryTable, shadows: Sequence[QueryTable], costs: QueryCosts,
     seed: int, n_boot: int,
@@ -290,6 +303,8 @@ def run_attacks(
         scores, labels, ids, used = _train_one(spec, plan, experiment.attack, setting, seed, fit)
         results[name] = _result(spec, scores, labels, ids, used, 0.0, costs, seed, n_boot)
         rank_zero_info(f"attack {name}: done in {time.perf_counter() - start:.1f} s")
+    if "clid" in names:  # the reference's calibrated combination, beside the learned attack
+        results["clid-th"] = _clid_threshold(plan, costs, seed, n_boot)
     if setting == "shadow":
         lira, lira_notes = _lira_results(names, target, shadows, costs, seed, n_boot)
         results.update(lira)

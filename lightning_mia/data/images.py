@@ -114,8 +114,6 @@ def decode_image(data: bytes | str | os.PathLike, resolution: int, name: str) ->
     return pil_to_tensor(img)
 
 
-
-
 def image_problem(data: bytes | str | os.PathLike) -> str | None:
     """Why an image file (or its bytes) cannot be used, after decoding all of it; None if it can.
 

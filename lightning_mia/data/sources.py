@@ -312,6 +312,7 @@ class ImageCaptionSource(ABC):
         """sample id -> why its image does not decode, for the bad ones among `ids`; with
         `stop_early` it may stop at the first found. This default decodes through `image()` in
         threads, uncached; sources of image files override it with a check cached by content."""
+
         def problem(sid: int) -> str:
             try:
                 self.image(sid, resolution=CHECK_RESOLUTION)

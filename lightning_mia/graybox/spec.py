@@ -3,7 +3,8 @@
 A signal is a batched function of (model, batch, seed, options, cache) returning flat features
 `"<group>/<name>" -> Tensor (B,)`; the group is the signal's name. `register_signal` declares the
 signal and its attack (`lightning_mia.attack.spec.ATTACKS`, access "gray-box", one group) in one
-call, beside the signal's code (`graybox/diffusion.py`, `graybox/seq2seq.py`).
+call, beside the signal's code (`graybox/diffusion.py`, `secmi.py`, `pia.py`, `clid.py`,
+`seq2seq.py`).
 """
 
 from __future__ import annotations
