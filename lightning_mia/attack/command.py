@@ -56,7 +56,9 @@ class AttackOptions:
         "query, else all) | names; none = no --signals values",
         ("auto",),
     )
-    signal_timesteps: list[int] | None = _help("diffusion timesteps of loss and pia (CLiD has its own)", None)
+    signal_timesteps: list[int] | None = _help(
+        "diffusion timesteps of loss and pia (CLiD has its own)", None
+    )
     accelerator: str = _help("Lightning accelerator of the queries", "auto")
     devices: int | str = _help("Lightning devices of the queries", "auto")
     strategy: str = _help("Lightning strategy of the queries", "auto")

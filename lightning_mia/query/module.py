@@ -71,7 +71,8 @@ class QueryModule(LightningModule):
             save_images: also write the generated images as PNG under the query folder.
             signals: gray-box signals to compute beside the features (loss, secmi, pia, clid
                 for diffusion; nll, nll_gap for seq2seq); they read the model's weights.
-            signal_timesteps: diffusion timesteps of loss and pia (None = defaults; CLiD has its own).
+            signal_timesteps: diffusion timesteps of loss and pia (None = defaults; CLiD has
+                its own).
         """
         super().__init__()
         if feature_groups is None:
