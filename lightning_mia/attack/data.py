@@ -4,6 +4,7 @@ rows = Rows.stack([shadow_1, shadow_2])          # every feature (S,), labels, s
 names, problems = rows.check(("pixel",))         # which features, and what is wrong
 x, y = rows.matrix(names), rows.labels           # (S, F), (S,)
 keep, held = stratified_split(y, fraction=0.2, seed=0, strata=rows.source)
+fold = stratified_folds(y, folds=5, seed=0)     # (S,) fold of each row, for cross-validation
 dm = AttackDataModule((x[keep], y[keep]), (x[held], y[held]), test=(x_t, y_t))
 """
 
@@ -107,6 +108,26 @@ def stratified_split(
         held.append(idx[:n_held])
         kept.append(idx[n_held:])
     return torch.sort(torch.cat(kept)).values, torch.sort(torch.cat(held)).values
+
+
+def stratified_folds(y: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """Seeded stratified k-fold assignment: the fold (S,) int64 of each row, in 0..folds-1.
+
+    Each label's rows are shuffled and dealt to the folds in turn (the second label continuing
+    where the first stopped), so every fold holds both labels in proportion, within one row.
+    """
+    if folds < 2:
+        raise AttackError(f"cross-validation needs >= 2 folds, got {folds}")
+    y = y.long().reshape(-1)
+    generator = torch.Generator().manual_seed(seed)
+    fold = torch.empty_like(y)
+    offset = 0
+    for value in torch.unique(y):
+        idx = torch.nonzero(y == value).reshape(-1)
+        idx = idx[torch.randperm(idx.numel(), generator=generator)]
+        fold[idx] = (torch.arange(idx.numel()) + offset) % folds
+        offset += idx.numel()
+    return fold
 
 
 class AttackDataModule(LightningDataModule):

@@ -1,7 +1,11 @@
 """An attack report as people read it: the terminal table, report.md, roc.png; `write_report`.
 
-roc = write_report(layout.report_dir("shadow"), report)  # report.json, report.md, roc.png
+roc = write_report(layout.report_dir("shadow"), report)  # report.json/.md, roc.png, scores.csv
 print(format_table(report))
+
+Rows: attacks, then `threshold (baseline)` and `blind (diagnostic)`. An attack whose AUC interval
+lies wholly below 0.5 is marked `!` and named under the table ("ranks the target backwards").
+Each TPR@FPR cell holds the value, its interval and the false positives it admits.
 """
 
 from __future__ import annotations
@@ -11,7 +15,15 @@ import json
 import os
 from pathlib import Path
 
-from lightning_mia.attack.report import REPORT_JSON, REPORT_MD, ROC_PNG, AttackReport
+from lightning_mia.attack.report import (
+    BACKWARDS,
+    REPORT_JSON,
+    REPORT_MD,
+    ROC_PNG,
+    AttackReport,
+    AttackResult,
+)
+from lightning_mia.attack.scores import SCORES_CSV, render_scores_csv
 from lightning_mia.metrics import METRIC_NAMES, roc_curve
 from lightning_mia.paths import atomic_write_bytes
 
@@ -23,26 +35,46 @@ METRIC_LABELS = {
 }
 
 
+def label(kind: str, result: AttackResult) -> str:
+    """The row name: `pixel`, `threshold (baseline)`, `blind (diagnostic)`; `!` if flagged."""
+    name = result.name
+    if result.is_diagnostic:
+        name += " (diagnostic)"
+    elif kind == "baseline":
+        name += " (baseline)"
+    return name + (" !" if BACKWARDS in result.flags else "")
+
+
+def _header(report: AttackReport) -> list[str]:
+    labels = dict(METRIC_LABELS)
+    if report.accuracy_is_balanced:
+        labels["accuracy"] = "balanced accuracy"
+    return ["attack", "access", "queries", *(labels[m] for m in METRIC_NAMES)]
+
+
 def _rows(report: AttackReport) -> list[list[str]]:
     rows = []
     for kind, r in report.results():
         q = "-" if r.queries_per_sample is None else str(r.queries_per_sample)
         cells = [r.metrics[m].format() if m in r.metrics else "-" for m in METRIC_NAMES]
-        rows.append([r.name if kind == "attack" else f"{r.name} (baseline)", r.access, q, *cells])
+        rows.append([label(kind, r), r.access, q, *cells])
     return rows
 
 
-_HEADER = ["attack", "access", "queries", *(METRIC_LABELS[m] for m in METRIC_NAMES)]
+def flag_lines(report: AttackReport) -> list[str]:
+    """One line per flagged result, for under the table."""
+    return [f"! {r.name}: {flag}" for _, r in report.results() for flag in r.flags]
 
 
 def format_table(report: AttackReport) -> str:
     """The attack x metric table as aligned plain text, for the terminal."""
-    rows = [_HEADER, *_rows(report)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
+    header = _header(report)
+    rows = [header, *_rows(report)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     title = f"{report.setting} setting, {report.family}, {report.num_shadows} shadow model(s)"
-    return "\n".join([title, *lines])
+    return "\n".join([title, *lines, *flag_lines(report)])
 
 
 def render_markdown(report: AttackReport) -> str:
@@ -58,10 +90,14 @@ def render_markdown(report: AttackReport) -> str:
         f"- test samples: {report.test_samples}; seeds: {json.dumps(report.seeds, sort_keys=True)}",
         f"- splits hash: `{report.splits_hash}`; created {report.created}",
     ]
-    table = ["| " + " | ".join(_HEADER) + " |", "|" + "---|" * len(_HEADER)]
+    header = _header(report)
+    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(row) + " |" for row in _rows(report)]
+    table += ["", *(f"**{line}**" for line in flag_lines(report))] if flag_lines(report) else []
     notes = [f"- {n}" for n in report.notes]
-    parts = ["# Membership inference report", "", *facts, "", *table, "", "![ROC](roc.png)"]
+    scores = f"Per-sample scores: [{SCORES_CSV}]({SCORES_CSV})."
+    parts = ["# Membership inference report", "", *facts, "", *table, "", "![ROC](roc.png)", "",
+             scores]  # fmt: skip
     if notes:
         parts += ["", "## Notes", "", *notes]
     return "\n".join(parts) + "\n"
@@ -82,11 +118,11 @@ def render_roc_png(report: AttackReport) -> bytes:
             continue
         fpr, tpr, _ = roc_curve(r.scores, r.labels)
         auc = r.metrics.get("auc")
-        label = f"{r.name}{' (baseline)' if kind == 'baseline' else ''}"
+        text = label(kind, r)
         if auc is not None and auc.value is not None:
-            label += f" AUC {auc.value:.3f}"
+            text += f" AUC {auc.value:.3f}"
         ax.plot(fpr.clamp(min=floor), tpr.clamp(min=floor), "-" if kind == "attack" else "--",
-                label=label, linewidth=1.4)  # fmt: skip
+                label=text, linewidth=1.4)  # fmt: skip
     ax.plot([floor, 1], [floor, 1], ":", color="gray", label="chance")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -103,9 +139,10 @@ def render_roc_png(report: AttackReport) -> bytes:
 
 
 def write_report(folder: str | os.PathLike, report: AttackReport) -> Path:
-    """Write report.json, report.md and roc.png into `folder`; returns the roc.png path.
+    """Write report.json, report.md, roc.png and scores.csv into `folder`; returns roc.png's
+    path.
 
-    All three are rendered before anything is written, and each is written atomically, so a
+    All four are rendered before anything is written, and each is written atomically, so a
     failure leaves no partial report (and an older complete one untouched).
     """
     folder = Path(folder)
@@ -113,6 +150,7 @@ def write_report(folder: str | os.PathLike, report: AttackReport) -> Path:
         REPORT_JSON: (json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n").encode(),
         REPORT_MD: render_markdown(report).encode(),
         ROC_PNG: render_roc_png(report),
+        SCORES_CSV: render_scores_csv(report),
     }
     for name, data in files.items():
         atomic_write_bytes(folder / name, data)

@@ -11,6 +11,12 @@ Settings (ATTACKS.md):
 Nothing is chosen on test labels: learned attacks classify at probability 0.5, the threshold
 baseline at the cut chosen on the training rows. Attack checkpoints go to
 `<experiment>/attack/<name>/<setting>.ckpt`.
+
+Beside the attacks, in every report: the `threshold` baseline; the `blind` diagnostic,
+cross-validated on the target's own rows (`attack.blind`); in the shadow setting, LiRA of every
+attack (`attack.lira`) from `calibration` tables (each shadow queried on the target's samples)
+or from shadows that hold target samples. An attack whose AUC interval lies wholly below 0.5 is
+flagged (`report.BACKWARDS`). Target and shadow queries must agree on `CHECKED_METADATA`.
 """
 
 from __future__ import annotations
@@ -20,28 +26,32 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import lightning
 import torch
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_mia.attack.baselines import fit_threshold_baseline
-from lightning_mia.attack.calibration import lira_scores, shadow_score_matrix
-from lightning_mia.attack.catalog import ATTACKS, baseline_attack, lira_features
+from lightning_mia.attack.blind import BLIND_FOLDS, blind_diagnostic
+from lightning_mia.attack.catalog import ATTACKS, baseline_attack
 from lightning_mia.attack.clid import CLID_FEATURES, fit_clid_threshold
-from lightning_mia.attack.data import AttackDataModule, Rows, stratified_split
-from lightning_mia.attack.module import AttackModule, fit_attack
-from lightning_mia.attack.report import AttackContext, AttackReport, AttackResult
+from lightning_mia.attack.data import Rows, stratified_split
+from lightning_mia.attack.lira import lira_results
+from lightning_mia.attack.module import AttackModule
+from lightning_mia.attack.report import BACKWARDS, AttackContext, AttackReport, AttackResult
 from lightning_mia.attack.spec import AttackError, AttackSpec, QueryCosts
-from lightning_mia.metrics import FPR_BUDGETS, evaluate, is_resolvable
+from lightning_mia.attack.training import FitOptions, fit_on_rows
+from lightning_mia.metrics import FPR_BUDGETS, is_resolvable
 from lightning_mia.paths import ExperimentLayout
 from lightning_mia.query.shards import QueryTable
 
 __all__ = ["AttackError", "SETTINGS", "run_attacks"]
 
 SETTINGS = ("shadow", "partial")
-CHECKED_METADATA = ("family", "splits_hash", "num_images")  # must agree target vs shadows
-VAL_FRACTION = 0.2  # held-out part of the training rows, for early stopping
+# shard metadata target and shadow queries must agree on (QueryModule.shard_metadata)
+CHECKED_METADATA = (
+    "family", "splits_hash", "num_images", "seed", "captions", "encoder", "signal_options",
+)  # fmt: skip
+CHECKED_WHEN_SET = ("num_images", "signal_options")  # compared where both tables record one
 
 
 @dataclass(frozen=True)
@@ -68,16 +78,41 @@ def _check_labels(y: torch.Tensor, what: str, minimum: int) -> list[str]:
     return []
 
 
-def _check_tables(target: QueryTable, shadows: Sequence[QueryTable]) -> list[str]:
+def _check_tables(target: QueryTable, others: Sequence[QueryTable], what: str) -> list[str]:
+    """One line per table of `others` whose query settings differ from the target's."""
     problems = []
-    for i, shadow in enumerate(shadows):
+    for i, table in enumerate(others):
+        diffs = []
         for key in CHECKED_METADATA:
-            a, b = target.metadata.get(key), shadow.metadata.get(key)
-            if key == "num_images" and (a is None or b is None):
-                continue
-            if (a or "") != (b or ""):
-                name = shadow.metadata.get("run_name", f"shadow {i}")
-                problems.append(f"{name} has {key}={b!r} but the target has {key}={a!r}")
+            a, b = target.metadata.get(key) or "", table.metadata.get(key) or ""
+            if a != b and not (key in CHECKED_WHEN_SET and "" in (a, b)):
+                diffs.append(f"{key}={b!r} (target {key}={a!r})")
+        if diffs:
+            name = table.metadata.get("run_name") or f"{what} {i}"
+            problems.append(
+                f"{what} {name} was queried with other settings than the target: "
+                + ", ".join(diffs) + "; query every model with the same settings"
+            )  # fmt: skip
+    return problems
+
+
+def _check_calibration(
+    target: QueryTable, shadows: Sequence[QueryTable], calibration: Sequence[QueryTable]
+) -> list[str]:
+    """Calibration tables: one per shadow, in order, of the same model, on target samples."""
+    if not calibration:
+        return []
+    if len(calibration) != len(shadows):
+        return [f"{len(calibration)} calibration tables for {len(shadows)} shadow tables"]
+    problems = _check_tables(target, calibration, "calibration query")
+    targets = set(target.sample_id.tolist())
+    for shadow, table in zip(shadows, calibration):
+        name = shadow.metadata.get("run_name", "")
+        if table.metadata.get("run_name", "") != name:
+            problems.append(f"calibration table of {table.metadata.get('run_name')!r} "
+                            f"given for shadow {name!r}")  # fmt: skip
+        elif not set(table.sample_id.tolist()) <= targets:
+            problems.append(f"calibration query of {name} holds samples that are not the target's")
     return problems
 
 
@@ -100,7 +135,7 @@ def _plan(
             rows.take(torch.nonzero(rows.source == 0)[:, 0]),
         )
         problems += _check_labels(train.is_member, "the shadow tables together", 2)
-        problems += _check_tables(target, shadows)
+        problems += _check_tables(target, shadows, "shadow")
         return AttackPlan(train, test, train.source - 1), problems
     if setting != "partial":
         return None, [*problems, f"unknown setting {setting!r}; known: {list(SETTINGS)}"]
@@ -137,10 +172,18 @@ def _feature_problems(plan: AttackPlan, spec: AttackSpec) -> list[str]:
 
 def _validate(
     target: QueryTable, shadows: Sequence[QueryTable], attacks: Sequence[str], setting: str,
-    known_fraction: float, seed: int,
+    known_fraction: float, seed: int, calibration: Sequence[QueryTable] = (),
 ) -> tuple[AttackPlan, list[str], list[str]]:  # fmt: skip
     """(plan, attack names, notes), or one AttackError listing every problem found."""
     plan, problems = _plan(setting, target, shadows, known_fraction, seed)
+    problems += _check_calibration(target, shadows, calibration)
+    members = int(target.is_member.sum())
+    if 0 < min(members, len(target) - members) < BLIND_FOLDS:  # (none: reported above)
+        problems.append(
+            f"the target table has {members} members and {len(target) - members} non-members; "
+            f"the blind diagnostic's {BLIND_FOLDS}-fold cross-validation needs >= {BLIND_FOLDS} "
+            "of each"
+        )
     names, notes = _resolve(attacks, plan)
     problems += ATTACKS.check(names)
     if not names:
@@ -153,37 +196,21 @@ def _validate(
                 f"attack {name!r} ({list(spec.groups)}): " + "; ".join(missing)
                 + f" -> {spec.how_to_compute}"
             )  # fmt: skip
+    if len(problems) == 1:
+        raise AttackError(f"cannot run the attacks: {problems[0]}")
     if problems:
         raise AttackError("cannot run the attacks:\n  - " + "\n  - ".join(problems))
     return plan, names, notes
 
 
 def _train_one(
-    spec: AttackSpec, plan: AttackPlan, folder: Any, setting: str, seed: int, fit: dict[str, Any]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """Fit one AttackModule on the training rows; (test logits, labels, sample ids, names)."""
+    spec: AttackSpec, plan: AttackPlan, folder: Any, setting: str, seed: int, fit: FitOptions
+) -> tuple[AttackModule, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """Fit one AttackModule on the training rows; (model, test logits, labels, ids, names)."""
     x, y, xt, yt, ids, names = plan.matrices(spec.groups)
-    keep, held = stratified_split(y, VAL_FRACTION, seed + 1, plan.strata)
-    dm = AttackDataModule((x[keep], y[keep]), (x[held], y[held]), (xt, yt), seed=seed)
-    lightning.seed_everything(seed, verbose=False)  # initial weights: same seed, same attack
-    module = AttackModule(len(names), feature_names=names, metric_prefix=f"attack/{spec.name}")
-    rank_zero_info(f"attack {spec.name}: {len(names)} features, {len(keep)} training rows")
-    best = fit_attack(module, dm, folder / spec.name, seed=seed, filename=setting, **fit)
-    return best.score(xt), yt.bool(), ids, names
-
-
-def _result(
-    spec: AttackSpec, scores: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
-    names: list[str], threshold: float, costs: QueryCosts, seed: int, n_boot: int,
-    measured: bool = True,
-) -> AttackResult:  # fmt: skip
-    """`measured=False` for results derived from another attack's features (the threshold
-    baseline, LiRA): no seconds of their own are measured."""
-    metrics = evaluate(scores, labels, threshold, n_boot=n_boot, seed=seed)
-    return AttackResult(
-        spec.name, spec.access, spec.queries(costs), metrics, names,
-        spec.seconds(costs) if measured else None, scores=scores, labels=labels, sample_id=ids,
-    )  # fmt: skip
+    model = fit_on_rows(x, y, names, folder / spec.name, setting, seed, fit, plan.strata,
+                        prefix=f"attack/{spec.name}")  # fmt: skip
+    return model, model.score(xt), yt.bool(), ids, names
 
 
 def _threshold_baseline(
@@ -197,10 +224,10 @@ def _threshold_baseline(
     group = best.feature.split("/", 1)[0]
     owner = next(s for s in ATTACKS.values() if group in s.groups and s.name in attacks)
     spec = AttackSpec("threshold", owner.groups, owner.access)
-    result = _result(spec, best.scores(xt, names), yt.bool(), ids, [best.feature],
-                     best.threshold, costs, seed, n_boot, measured=False)  # fmt: skip
-    result.details = best.to_dict()
-    return result
+    return AttackResult.from_scores(
+        spec, best.scores(xt, names), yt.bool(), ids, [best.feature], best.threshold, costs,
+        seed, n_boot, measured=False, details=best.to_dict(),
+    )  # fmt: skip
 
 
 def _clid_threshold(plan: AttackPlan, costs: QueryCosts, seed: int, n_boot: int) -> AttackResult:
@@ -209,50 +236,64 @@ def _clid_threshold(plan: AttackPlan, costs: QueryCosts, seed: int, n_boot: int)
     x, y, xt, yt, ids, names = plan.matrices(ATTACKS["clid"].groups)
     choice = fit_clid_threshold(x, y, names)
     spec = AttackSpec("clid-th", ATTACKS["clid"].groups, "gray-box")
-    result = _result(spec, choice.scores(xt, names), yt.bool(), ids, list(CLID_FEATURES),
-                     choice.threshold, costs, seed, n_boot, measured=False)  # fmt: skip
-    result.details = choice.to_dict()
-    return result
+    return AttackResult.from_scores(
+        spec, choice.scores(xt, names), yt.bool(), ids, list(CLID_FEATURES), choice.threshold,
+        costs, seed, n_boot, measured=False, details=choice.to_dict(),
+    )  # fmt: skip
 
 
-def _lira_results(
-    names: Sequence[str], target: QueryTable, shadows: Sequence[QueryTable], costs: QueryCosts,
-    seed: int, n_boot: int,
-) -> tuple[dict[str, AttackResult], list[str]]:  # fmt: skip
-    """Online LiRA of each calibratable score, where shadows were queried on the target's
-    samples (splits with `shadow_pool: auxiliary+queries`); a note where they were not."""
-    todo = {n: f for n, f in lira_features(names).items() if f in target.features}
-    if not todo or not shadows:
-        return {}, []
-    _, _, observed = shadow_score_matrix(target, shadows, next(iter(todo.values())))
-    if not observed.any():
-        note = "LiRA skipped: no shadow was queried on the target's samples (make the splits "
-        return {}, [note + "with shadow_pool: auxiliary+queries to calibrate gray-box scores)"]
-    results = {}
-    for name, feature in todo.items():
-        scores = lira_scores(target, shadows, feature, online=True).float()
-        scores = torch.nan_to_num(scores, nan=-1e9)  # no IN statistics: least likely member
-        spec = AttackSpec(f"lira-{name}", ATTACKS[name].groups, ATTACKS[name].access)
-        results[spec.name] = _result(
-            spec, scores, target.is_member, target.sample_id, [feature], 0.0, costs, seed,
-            n_boot, measured=False,
-        )  # fmt: skip
-    return results, [f"lira-*: online LiRA over {len(shadows)} shadows, threshold LR = 1"]
+def _blind(
+    target: QueryTable, folder: Any, setting: str, costs: QueryCosts, seed: int, n_boot: int,
+    fit: FitOptions,
+) -> AttackResult:  # fmt: skip
+    """The blind baseline, cross-validated on the target's own rows (`attack.blind`)."""
+    spec = baseline_attack()
+    rows = Rows.stack([target])
+    names, _ = rows.check(spec.groups)
+    cv = blind_diagnostic(rows, names, folder / spec.name, setting, seed, fit)
+    return AttackResult.from_scores(
+        spec, cv.scores, cv.labels, cv.sample_id, cv.features, 0.0, costs, seed, n_boot,
+        details=cv.details,
+    )  # fmt: skip
+
+
+def _flag_backwards(results: Sequence[AttackResult]) -> list[str]:
+    """Flag every result whose AUC interval lies wholly below 0.5; one note each."""
+    notes = []
+    for r in results:
+        if r.ranks_backwards() and BACKWARDS not in r.flags:
+            r.flags.append(BACKWARDS)
+            auc = r.metrics["auc"]
+            notes.append(
+                f"{r.name} {BACKWARDS}: AUC {auc.value:.3f} [{auc.low:.3f}, {auc.high:.3f}] lies "
+                "wholly below 0.5, so what it learned on the training rows orders the target's "
+                "samples the wrong way round (the training and target rows differ, e.g. in what "
+                "the shared components saw); do not read its figures as leakage"
+            )
+    return notes
 
 
 def _notes(setting: str, labels: torch.Tensor, n_boot: int, seed: int) -> list[str]:
     notes = [
         "learned attacks classify at member probability 0.5; the threshold baseline at the cut "
         "chosen on the training rows; no test label chooses a threshold, epoch or parameter",
+        f"blind (diagnostic): the blind baseline cross-validated ({BLIND_FOLDS} folds, seed "
+        f"{seed}) on the target's own query rows, all of them in every setting; it diagnoses the "
+        "benchmark (near 0.5: members and non-members alike; above: a distribution shift that "
+        "inflates every attack) and is the one figure fitted on target labels, by design",
         f"intervals: 95% percentile bootstrap, {n_boot} stratified resamples (seed {seed})",
-        "TPR@FPR is read at the ROC point with the largest FPR not above the budget",
+        "TPR@FPR is read at the ROC point with the largest FPR not above the budget; (k FP) = "
+        "the non-members admitted there",
     ]
+    members, non = int(labels.sum()), int((~labels).sum())
+    if members != non:
+        notes.append(f"accuracy is balanced accuracy: {members} members, {non} non-members")
     if setting == "partial":
         notes.append("partial setting: trained on a known part of the target, tested on the rest")
     for name, budget in FPR_BUDGETS.items():
         if not is_resolvable(labels, budget):
             notes.append(
-                f"{name}: not resolvable with {int((~labels).sum())} non-members in the test rows "
+                f"{name}: not resolvable with {non} non-members in the test rows "
                 f"(needs >= {round(1 / budget)})"
             )
     return notes
@@ -272,8 +313,10 @@ def run_attacks(
     context: AttackContext | None = None,
     n_boot: int = 1000,
     patience: int = 10,
+    calibration: Sequence[QueryTable] = (),
 ) -> AttackReport:
-    """Train, evaluate and report `attacks` plus the threshold and blind baselines.
+    """Train, evaluate and report `attacks`, the threshold baseline, the blind diagnostic and
+    (shadow setting) LiRA of every attack.
 
     Args:
         experiment: experiment folder; attack checkpoints go under its `attack/`.
@@ -282,7 +325,7 @@ def run_attacks(
         attacks: registered attack names (`lightning_mia.attack.catalog.ATTACKS`) or "all".
         setting: "shadow" or "partial".
         known_fraction: partial setting: share of the target's rows the attacker knows.
-        seed: seed of the splits, the attack initialisation and the bootstrap.
+        seed: seed of the splits, the folds, the attack initialisation and the bootstrap.
         max_epochs: upper bound of attack training (early stopping usually ends it).
         logger: a Lightning logger for the training curves (None: no logging).
         progress: show progress bars.
@@ -290,28 +333,41 @@ def run_attacks(
             table records (`AttackContext.from_tables`).
         n_boot: bootstrap resamples per metric.
         patience: early-stopping patience in epochs.
+        calibration: LiRA's shadow scores: each shadow's query on the target's samples (one
+            table per shadow, in order, labelled with that shadow's membership); () = the
+            shadows' own tables where they hold target samples.
     """
-    plan, names, notes = _validate(target, shadows, attacks, setting, known_fraction, seed)
+    plan, names, notes = _validate(
+        target, shadows, attacks, setting, known_fraction, seed, calibration
+    )  # fmt: skip
     context = context or AttackContext.from_tables(target, list(shadows), seed)
     costs = context.costs
-    fit = {"max_epochs": max_epochs, "patience": patience, "logger": logger, "progress": progress}
-    blind = baseline_attack().name
+    fit = FitOptions(max_epochs, patience, logger, progress)
     results: dict[str, AttackResult] = {}
-    for name in [*names, blind]:
-        start = time.perf_counter()
-        spec = ATTACKS[name]
-        scores, labels, ids, used = _train_one(spec, plan, experiment.attack, setting, seed, fit)
-        results[name] = _result(spec, scores, labels, ids, used, 0.0, costs, seed, n_boot)
+    models: dict[str, tuple[AttackModule, list[str]]] = {}
+    for name in names:
+        start, spec = time.perf_counter(), ATTACKS[name]
+        model, scores, labels, ids, used = _train_one(spec, plan, experiment.attack, setting,
+                                                      seed, fit)  # fmt: skip
+        models[name] = (model, used)
+        results[name] = AttackResult.from_scores(spec, scores, labels, ids, used, 0.0, costs,
+                                                 seed, n_boot)  # fmt: skip
         rank_zero_info(f"attack {name}: done in {time.perf_counter() - start:.1f} s")
     if "clid" in names:  # the reference's calibrated combination, beside the learned attack
         results["clid-th"] = _clid_threshold(plan, costs, seed, n_boot)
     if setting == "shadow":
-        lira, lira_notes = _lira_results(names, target, shadows, costs, seed, n_boot)
+        lira, lira_notes = lira_results(names, target, shadows, calibration, models, costs, seed,
+                                        n_boot)  # fmt: skip
         results.update(lira)
         notes = [*notes, *lira_notes]
-    baselines = {"threshold": _threshold_baseline(plan, names, costs, seed, n_boot)}
-    baselines[blind] = results.pop(blind)
-    labels = baselines[blind].labels
+    baselines = {
+        "threshold": _threshold_baseline(plan, names, costs, seed, n_boot),
+        baseline_attack().name: _blind(
+            target, experiment.attack, setting, costs, seed, n_boot, fit
+        ),  # fmt: skip
+    }
+    notes += _flag_backwards([*results.values(), *baselines.values()])
+    labels = plan.test.is_member
     return AttackReport(
         setting=setting,
         known_fraction=known_fraction if setting == "partial" else None,

@@ -12,6 +12,10 @@ Per k: MSE, PSNR and SSIM between x and g_k, all on images mapped from [-1, 1] t
   generated resolution (bilinear, antialiased): the model's output is what is being judged, and
   its resolution is fixed by the model.
 - SSIM uses torchmetrics' Gaussian window (11 px, sigma 1.5), which needs H, W >= 11.
+
+LiRA calibrates `pixel/psnr_max` = -10 log10(min_k MSE): the closest of the N generated images
+(a memorised pair is reproduced by at least one of them), on a log scale, where per-sample
+scores are much closer to the Gaussians LiRA fits than the skewed, positive MSE.
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ register_attack(
         ("pixel",),
         "black-box",
         "attack I: MSE, PSNR, SSIM between the query image and each of the N generated images",
+        score_feature="pixel/psnr_max",
         paper=True,
     )
 )

@@ -6,6 +6,10 @@ Embeddings come from the attacker's image encoder E (`ImageTextEncoder.embed_ima
 L2-normalised here again, so any encoder output works. Per k: cosine similarity and L2 distance
 between E(x) and E(g_k); aggregated over k as mean, min, max, std. On unit vectors the L2
 distance is sqrt(2 - 2 cos): both are kept, as the paper's attack lists both.
+
+LiRA calibrates `semantic/cos_max`, the closest generated image in embedding space (the same
+"one of N reproduces it" reading as the pixel attack's; the L2 distance would be its monotone
+transform).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ register_attack(
         ("semantic",),
         "black-box",
         "attack II: cosine and L2 distance of image embeddings of query and generated images",
+        score_feature="semantic/cos_max",
         paper=True,
     )
 )

@@ -7,6 +7,9 @@ cosine(E_txt(c), E_img(x)), the same score of the query image itself, a referenc
 the encoder matches this caption at all. ATTACKS.md puts the quality of g_k under attack III too:
 that is its own group, `quality/*` (lightning_mia.features.quality), which the `text` attack
 includes (`ATTACKS["text"].groups == ("text", "quality")`), so each group stays one concept.
+
+LiRA calibrates `text/gen_cos_mean`: faithfulness to the caption is a property of every
+generation, not of the closest one, and the mean over N is the least noisy of the statistics.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ register_attack(
         "black-box",
         "attack III: caption-image cosine of each generated image and of the query; "
         "no-reference quality (BRISQUE) of the generated images",
+        score_feature="text/gen_cos_mean",
         paper=True,
     )
 )
