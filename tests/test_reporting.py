@@ -8,7 +8,8 @@ from wandb_offline import offline_runs
 
 from lightning_mia import reporting as W
 from lightning_mia.attack import render as R
-from lightning_mia.attack.report import AttackReport, AttackResult, read_report
+from lightning_mia.attack.report import BACKWARDS, AttackReport, AttackResult, read_report
+from lightning_mia.attack.scores import SCORES_CSV, read_scores
 from lightning_mia.metrics import evaluate
 
 
@@ -54,6 +55,51 @@ def test_report_files_and_round_trip(tmp_path):
     assert again.to_dict() == report.to_dict()
     markdown = (tmp_path / R.REPORT_MD).read_text()
     assert "| pixel | black-box | 4 |" in markdown and "n/r" in markdown and "a note" in markdown
+
+
+def test_flags_false_positives_and_balanced_accuracy_are_shown(tmp_path):
+    report = _report()
+    backwards = _result("secmi", -1.5, access="gray-box", seed=3)  # members score lower
+    assert backwards.ranks_backwards()
+    backwards.flags.append(BACKWARDS)
+    report.attacks["secmi"] = backwards
+    report.baselines["blind"].details["diagnostic"] = "cross-validated on the target"
+    text = R.format_table(report)
+    assert any(line.startswith("secmi !") for line in text.splitlines())
+    assert f"! secmi: {BACKWARDS}" in text
+    assert any(line.startswith("blind (diagnostic)") for line in text.splitlines())
+    fp = report.attacks["pixel"].metrics["tpr@1%fpr"].false_positives
+    assert fp is not None and f"({fp} FP)" in text
+    R.write_report(tmp_path, report)
+    doc = json.loads((tmp_path / R.REPORT_JSON).read_text())
+    assert doc["attacks"]["secmi"]["flags"] == [BACKWARDS]
+    assert doc["attacks"]["pixel"]["flags"] == []
+    assert doc["attacks"]["pixel"]["metrics"]["tpr@1%fpr"]["false_positives"] == fp
+    assert doc["accuracy_is_balanced"] is False and "balanced accuracy" not in text
+    markdown = (tmp_path / R.REPORT_MD).read_text()
+    assert f"**! secmi: {BACKWARDS}**" in markdown and SCORES_CSV in markdown
+    report.test_samples = {"members": 100, "non_members": 200}
+    assert "balanced accuracy" in R.format_table(report).splitlines()[1]
+
+
+def test_scores_file_holds_every_result_and_reads_back_exactly(tmp_path):
+    report = _report()
+    partial = _result("combined", 1.0, seed=4, n=300)
+    keep = torch.arange(300) % 3 > 0  # a result that scored only part of the rows
+    partial.scores, partial.labels = partial.scores[keep], partial.labels[keep]
+    partial.sample_id = partial.sample_id[keep]
+    report.attacks["combined"] = partial
+    R.write_report(tmp_path, report)
+    table = read_scores(tmp_path)
+    assert list(table.scores) == ["pixel", "text", "combined", "blind"]
+    assert torch.equal(table.sample_id, torch.arange(300) + 100)
+    assert table.model_index.unique().tolist() == [0]
+    for _, r in report.results():
+        scores, labels = table.column(r.name)
+        assert torch.equal(scores, r.scores.double()) and torch.equal(labels, r.labels)
+    assert table.scores["combined"].isnan().sum() == 100
+    header = (tmp_path / SCORES_CSV).read_text().splitlines()[0]
+    assert header == "sample_id,is_member,model_index,pixel,text,combined,blind"
 
 
 def test_format_table_shows_intervals_and_unresolvable():
