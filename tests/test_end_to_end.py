@@ -69,13 +69,17 @@ def test_attack_command_end_to_end(experiment, family, capsys):
     attack_main(["--ckpt", str(ckpt(experiment, family, 0)), "--num_images=1", "--max_epochs=5",
                  "--progress=false", "--attacks", '["all"]'])  # fmt: skip
     out = capsys.readouterr().out
-    assert "blind (baseline)" in out and "threshold (baseline)" in out
+    assert "blind (diagnostic)" in out and "threshold (baseline)" in out
     report = json.loads((experiment / "attack" / "report.json").read_text())
     assert report["family"] == family and report["setting"] == "shadow"
     assert report["num_shadows"] == 1 and report["num_images"] == 1
     graybox = {"diffusion": {"loss", "secmi", "pia", "clid"}, "seq2seq": {"nll", "nll_gap"}}
-    expected = {"pixel", "semantic", "text", "combined"} | graybox[family]
-    assert set(report["attacks"]) == expected
+    attacks = {"pixel", "semantic", "text", "combined"} | graybox[family]
+    derived = {"clid-th"} if family == "diffusion" else set()  # the reference's CLiD_th
+    lira = {f"lira-offline-{name}" for name in attacks}  # the shadow also queried on row 0
+    assert set(report["attacks"]) == attacks | derived | lira
+    assert (experiment / "queries" / f"{family}-shadow-001" / "row-000" / "COMPLETE.json").is_file()
+    assert (experiment / "attack" / "scores.csv").is_file()
     assert set(report["baselines"]) == {"threshold", "blind"}
     for name, result in {**report["attacks"], **report["baselines"]}.items():
         assert result["access"] in ("black-box", "gray-box", "none"), name

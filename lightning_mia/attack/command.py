@@ -4,6 +4,8 @@
     python attack.py --ckpt ... --attacks all                 # + the gray-box attacks
     python attack.py --ckpt ... --attacks pixel semantic      # or '[pixel, semantic]'
     python attack.py --ckpt ... --setting partial --known-fraction 0.5
+    python attack.py --ckpt ... --calibrate false             # no shadow queries on the target's
+                                                              # samples (no offline LiRA)
 
 `AttackOptions` is the command's whole configuration (its fields are the command line, built by
 `attack_parser`); `run_attack(options)` is what `attack.py` and the experiment runner call.
@@ -58,6 +60,11 @@ class AttackOptions:
     )
     signal_timesteps: list[int] | None = _help(
         "diffusion timesteps of loss and pia (CLiD has its own)", None
+    )
+    calibrate: bool = _help(
+        "shadow setting: also query each shadow on the target's samples, for offline LiRA of "
+        "every attack",
+        True,
     )
     accelerator: str = _help("Lightning accelerator of the queries", "auto")
     devices: int | str = _help("Lightning devices of the queries", "auto")
@@ -176,6 +183,8 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
     )  # fmt: skip
     target = run_query(options.ckpt, **query)
     shadow_tables = [run_query(str(c), **query) for c in shadows]
+    calibrate = options.calibrate and options.setting == "shadow"
+    calibration = [run_query(str(c), row=0, **query) for c in shadows] if calibrate else []
     if target is None:  # not global rank zero: rank 0 trains the attacks and reports
         return None
     attacks = ["all"] if "all" in options.attacks else list(options.attacks)
@@ -185,7 +194,7 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
         layout, target, shadow_tables, attacks=attacks, setting=options.setting,
         known_fraction=options.known_fraction, seed=options.seed,
         max_epochs=options.max_epochs, logger=logger, progress=options.progress,
-        context=context,
+        context=context, calibration=calibration,
     )  # fmt: skip
     folder = layout.report_dir(options.setting)
     log_report(logger, report, write_report(folder, report))

@@ -161,6 +161,7 @@ class MembershipDataModule(pl.LightningDataModule):
         self.layout = ExperimentLayout(experiment)
         self.splits: Splits | None = None
         self.exclude_ids: set[int] = set()  # query ids already done (resumed query runs)
+        self.query_row: int | None = None  # query another row's samples (None: model_index's)
 
     @classmethod
     def from_experiment(
@@ -246,11 +247,16 @@ class MembershipDataModule(pl.LightningDataModule):
         return SampleDataset(self.source, self.train_ids, self.resolution)
 
     def query_dataset(self, row: int | None = None) -> SampleDataset:
-        """Members and non-members of `row` (default: model_index) by sample id, with is_member,
-        minus `exclude_ids`. Usable without a trainer (after setup)."""
-        split = self._splits().row(self.model_index if row is None else row)
+        """The queries of `row` (default: `query_row`, else model_index) by sample id, minus
+        `exclude_ids`, with is_member = membership in *this* model's row (another row's queries:
+        e.g. a shadow queried on the target's samples, for LiRA). Usable after setup."""
+        splits = self._splits()
+        row = self.query_row if row is None else row
+        split = splits.row(self.model_index if row is None else row)
+        own = set(splits.row(self.model_index).members)
         ids = [i for i in split.queries if i not in self.exclude_ids]
-        return SampleDataset(self.source, ids, self.resolution, split.is_member())
+        labels = {i: i in own for i in split.queries}
+        return SampleDataset(self.source, ids, self.resolution, labels)
 
     def _rank_and_world(self) -> tuple[int, int]:
         if self.trainer is not None:

@@ -56,6 +56,7 @@ class QueryModule(LightningModule):
         save_images: bool = False,
         signals: list[str] | None = None,
         signal_timesteps: list[int] | None = None,
+        row: int | None = None,
     ) -> None:
         """
         Args:
@@ -73,6 +74,9 @@ class QueryModule(LightningModule):
                 for diffusion; nll, nll_gap for seq2seq); they read the model's weights.
             signal_timesteps: diffusion timesteps of loss and pia (None = defaults; CLiD has
                 its own).
+            row: query the samples of another row of splits.json instead of the model's own
+                (labelled with this model's membership), into `queries/<run>/row-<row>/`: a
+                shadow queried on the target's samples (row 0) calibrates LiRA.
         """
         super().__init__()
         if feature_groups is None:
@@ -158,6 +162,8 @@ class QueryModule(LightningModule):
             "signals": ",".join(self.signals),
             "signal_queries": json.dumps(signal_queries(self.signals, self.signal_options)),
             "signal_options": json.dumps(asdict(self.signal_options)) if self.signals else "",
+            "encoder": str(self.encoder_folder.resolve()) if self.encoder_folder else "",
+            **({"row": str(hp.row)} if hp.row is not None else {}),
         }
 
     def _timed(self, name: str, fn: Callable[[], Any]) -> Any:

@@ -30,8 +30,11 @@ from lightning_mia.query.writer import ShardWriter
 
 
 def query_folder(module: QueryModule) -> Path:
-    """`<experiment>/queries/<run-name>/` of the queried model."""
-    return ExperimentLayout(module.card.experiment).queries(module.run_name)
+    """`<experiment>/queries/<run-name>/` of the queried model; `.../row-<r>/` when it is
+    queried on another row's samples (`QueryModule(row=r)`)."""
+    folder = ExperimentLayout(module.card.experiment).queries(module.run_name)
+    row = module.hparams.row
+    return folder if row is None else folder / f"row-{row:03d}"
 
 
 def done_sample_ids(folder: Path, metadata: dict[str, str]) -> set[int]:
@@ -53,8 +56,8 @@ def done_sample_ids(folder: Path, metadata: dict[str, str]) -> set[int]:
 
 
 def expected_sample_ids(datamodule: object, model_index: int) -> list[int]:
-    """Members and non-members of the model's row of splits.json."""
-    row = datamodule.splits.rows[model_index]
+    """Members and non-members of a row of splits.json (the model's, or the one it queries)."""
+    row = datamodule.splits.row(model_index)
     return sorted([*row.members, *row.nonmembers])
 
 
@@ -83,8 +86,9 @@ def execute_query(module: QueryModule, datamodule: object, trainer: Trainer) -> 
         rank_zero_info(f"query {folder} is complete; nothing to do")
         return load_query_table(folder) if trainer.is_global_zero else None
     done = done_sample_ids(folder, meta)
-    expected = expected_sample_ids(datamodule, module.card.model_index)
-    datamodule.exclude_ids = done
+    row = module.hparams.row
+    expected = expected_sample_ids(datamodule, module.card.model_index if row is None else row)
+    datamodule.exclude_ids, datamodule.query_row = done, row
     missing = len(set(expected) - done)
     rank_zero_info(f"querying {module.run_name}: {missing} of {len(expected)} samples to go")
     writer = ShardWriter(folder, meta)
@@ -133,6 +137,7 @@ def run_query(
     signals: list[str] | None = None,
     signal_timesteps: list[int] | None = None,
     batch_size: int | None = None,
+    row: int | None = None,
     accelerator: str = "auto",
     devices: int | str = "auto",
     strategy: str = "auto",
@@ -140,7 +145,8 @@ def run_query(
     progress: bool = True,
     logger: Logger | bool = False,
 ) -> QueryTable | None:
-    """Query the model of `ckpt` for its row of splits.json (see `execute_query`)."""
+    """Query the model of `ckpt` for its row of splits.json, or for another `row`'s samples
+    (see `execute_query`)."""
     from lightning_mia.data.datamodule import MembershipDataModule
 
     module = QueryModule(
@@ -152,6 +158,7 @@ def run_query(
         save_images=save_images,
         signals=signals,
         signal_timesteps=signal_timesteps,
+        row=row,
     )
     datamodule = MembershipDataModule.from_experiment(
         module.card.experiment, model_index=module.card.model_index, query_batch_size=batch_size
