@@ -104,6 +104,12 @@ def test_calibration_tables_must_match_their_shadows(world):
     expected = "calibration table of 'diffusion-shadow-004' given for shadow 'diffusion-shadow-001'"
     assert expected in message
     assert "4 calibration tables for 3 shadow tables" in _refused(world, shadows=shadows[:3])
+    layout, target, _, _ = world
+    half = target.sample_id[:150]
+    short = _write(layout, layout.root / "short", 1, half, torch.zeros(150, dtype=torch.bool),
+                   torch.zeros(150))  # fmt: skip
+    message = _refused(world, calibration=[short, *calibration[1:]])
+    assert "calibration query of diffusion-shadow-001 lacks 50 of the target's samples" in message
 
 
 def test_query_settings_must_agree_one_line(world, tmp_path):

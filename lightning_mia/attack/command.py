@@ -159,6 +159,22 @@ def _shadow_checkpoints(options: AttackOptions, card: RunCard, layout: Experimen
     return shadows
 
 
+def _calibration(layout: ExperimentLayout, shadows: list, tables: list, query: dict) -> list:
+    """Each shadow's query on the target's samples, for LiRA: its own table where its row of
+    the splits holds every target sample already (shadow_pool auxiliary+queries), else a query
+    of row 0 (`queries/<shadow>/row-000/`). The same on every rank (read from splits.json)."""
+    from lightning_mia.data.splits import load_splits
+
+    splits = load_splits(layout.splits)
+    target = set(splits.row(0).queries)
+    out = []
+    for ckpt, own in zip(shadows, tables):
+        index = int(Path(ckpt).parents[1].name.rsplit("-", 1)[1])  # <family>-shadow-<index>
+        covered = target <= set(splits.row(index).queries)
+        out.append(own if covered else run_query(str(ckpt), row=0, **query))
+    return out
+
+
 @dataclass(frozen=True)
 class AttackOutcome:
     """A finished attack run: the report and where its files are."""
@@ -184,7 +200,7 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
     target = run_query(options.ckpt, **query)
     shadow_tables = [run_query(str(c), **query) for c in shadows]
     calibrate = options.calibrate and options.setting == "shadow"
-    calibration = [run_query(str(c), row=0, **query) for c in shadows] if calibrate else []
+    calibration = _calibration(layout, shadows, shadow_tables, query) if calibrate else []
     if target is None:  # not global rank zero: rank 0 trains the attacks and reports
         return None
     attacks = ["all"] if "all" in options.attacks else list(options.attacks)

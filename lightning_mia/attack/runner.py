@@ -99,7 +99,8 @@ def _check_tables(target: QueryTable, others: Sequence[QueryTable], what: str) -
 def _check_calibration(
     target: QueryTable, shadows: Sequence[QueryTable], calibration: Sequence[QueryTable]
 ) -> list[str]:
-    """Calibration tables: one per shadow, in order, of the same model, on target samples."""
+    """Calibration tables: one per shadow, in order, of the same model, holding every target
+    sample (a query of the target's row, or the shadow's own table where it holds them)."""
     if not calibration:
         return []
     if len(calibration) != len(shadows):
@@ -111,8 +112,9 @@ def _check_calibration(
         if table.metadata.get("run_name", "") != name:
             problems.append(f"calibration table of {table.metadata.get('run_name')!r} "
                             f"given for shadow {name!r}")  # fmt: skip
-        elif not set(table.sample_id.tolist()) <= targets:
-            problems.append(f"calibration query of {name} holds samples that are not the target's")
+        elif not targets <= set(table.sample_id.tolist()):
+            lacking = len(targets - set(table.sample_id.tolist()))
+            problems.append(f"calibration query of {name} lacks {lacking} of the target's samples")
     return problems
 
 
