@@ -6,6 +6,8 @@
 
 Stages, each skipped when its folder says it is done (`DONE.json`, `COMPLETE.json`):
 autoencoder -> attacker's encoder -> target (row 0) and shadows (rows 1..K) -> queries -> attack.
+With `repeats: R` the whole experiment runs R times (repeat r >= 1 in `<experiment>/repeat-0r/`
+with seed + r) and `attack/repeats.{json,md}` hold mean ± sd across the repeats.
 A stage interrupted midway resumes from its `last.ckpt` (training) or its shards (queries).
 With `isolate: true` each training stage runs as its own `python -m lightning_mia.cli fit ...`
 process (the same command line as `python train.py fit ...`), which is what multi-GPU DDP
@@ -25,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_mia.attack.catalog import paper_attacks
 from lightning_mia.attack.command import AttackOptions, AttackOutcome, run_attack
+from lightning_mia.attack.repeats import format_repeats, summarize_repeats, write_repeats
 from lightning_mia.cli import run_cli, say, show_outcome, train_main
 from lightning_mia.errors import UserError
 from lightning_mia.paths import ExperimentLayout, done_marker, last_checkpoint
@@ -72,6 +75,53 @@ def fit_stage(
     rank_zero_info(f"[fit] {folder.name} done in {time.perf_counter() - start:.0f} s")
 
 
+def repeat_runs(experiment: str, seed: int, repeats: int) -> list[tuple[str, int, list[str]]]:
+    """(folder, seed, extra arguments of every training stage) of each repeat.
+
+    Repeat 0 is the experiment as configured, in its own folder; repeat r >= 1 is a complete
+    experiment in `<experiment>/repeat-<r:02d>/` whose splits (`--data.seed`), training
+    (`--seed_everything`), queries and attacks all use seed + r.
+    """
+    if repeats < 1:
+        raise UserError(f"repeats must be >= 1, got {repeats}")
+    runs = [(experiment, seed, [])]
+    for r in range(1, repeats):
+        folder, s = str(Path(experiment) / f"repeat-{r:02d}"), seed + r
+        runs.append((folder, s, [f"--data.seed={s}", f"--seed_everything={s}"]))
+    return runs
+
+
+def _train_stages(
+    layout: ExperimentLayout, family: str, num_shadows: int, autoencoder: str, encoder: str,
+    clip: str, model: str, common: list[str], model_args: list[str], isolate: bool,
+) -> None:  # fmt: skip
+    """Autoencoder, attacker's encoder, target and shadows, each skipped when done."""
+    if autoencoder:
+        fit_stage(layout.autoencoder, autoencoder, common, isolate)
+    if encoder and not clip:
+        fit_stage(layout.encoder, encoder, common, isolate)
+    for index in range(num_shadows + 1):
+        args = [*common, f"--data.model_index={index}"]
+        if autoencoder:  # the autoencoder this experiment trained, not a config's default path
+            args.append(f"--model.init_args.autoencoder={layout.autoencoder}")
+        fit_stage(layout.run_dir(family, index), model, [*args, *model_args], isolate)
+
+
+def _summarize(
+    experiment: str, settings: list[str], runs: list[tuple[str, int, list[str]]],
+    outcomes: list[AttackOutcome | None],
+) -> None:  # fmt: skip
+    """repeats.json / repeats.md of each setting beside repeat 0's report (rank zero)."""
+    if any(o is None for o in outcomes):
+        return
+    for j, setting in enumerate(settings):
+        reports = [outcomes[r * len(settings) + j].report for r in range(len(runs))]
+        summary = summarize_repeats(reports, [f for f, _, _ in runs], [s for _, s, _ in runs])
+        path = write_repeats(ExperimentLayout(experiment).report_dir(setting), summary)
+        say(format_repeats(summary))
+        say(f"repeats: {path}, {path.with_suffix('.md')}")
+
+
 def run_experiment(
     experiment: str = "runs/demo",
     family: str = "diffusion",
@@ -90,9 +140,10 @@ def run_experiment(
     seed: int = 0,
     isolate: bool = False,
     overfit: bool = False,
+    repeats: int = 1,
 ) -> list[AttackOutcome | None]:
-    """Run every stage of one experiment in order; returns the attack outcomes (one a setting;
-    None on ranks other than zero).
+    """Run every stage of one experiment in order; returns the attack outcomes (one a setting
+    and repeat, repeat by repeat; None on ranks other than zero).
 
     Args:
         experiment: experiment folder (splits, runs, queries, attack report).
@@ -110,31 +161,34 @@ def run_experiment(
         attacks: attacks to run (default: the paper's four, `attack.catalog.paper_attacks`).
         settings: attacker settings to report: shadow and/or partial.
         known_fraction: fraction of the target's queries known in the partial setting.
-        seed: seed of queries and attack training.
+        seed: seed of queries and attack training (repeat r >= 1: also splits and training,
+            seed + r).
         isolate: run each training stage as its own process (needed for strategy=ddp).
         overfit: the experiment is a deliberately overfit regime (its output says so).
+        repeats: R >= 2 runs the whole experiment R times (`repeat_runs`: new splits, target,
+            shadows, queries and attacks each) and writes mean ± sd across them beside the
+            bootstrap interval, as attack/repeats.json and repeats.md.
     """
     del overfit  # read by the command line, which prints OVERFIT_NOTE
-    layout = ExperimentLayout(experiment)
-    common = [f"--data.experiment={experiment}", *(data_args or []), *(trainer_args or [])]
-    if autoencoder:
-        fit_stage(layout.autoencoder, autoencoder, common, isolate)
-    if encoder and not clip:
-        fit_stage(layout.encoder, encoder, common, isolate)
-    for index in range(num_shadows + 1):
-        args = [*common, f"--data.model_index={index}"]
-        if autoencoder:  # the autoencoder this experiment trained, not a config's default path
-            args.append(f"--model.init_args.autoencoder={layout.autoencoder}")
-        fit_stage(layout.run_dir(family, index), model, [*args, *(model_args or [])], isolate)
+    settings = list(settings or ["shadow"])
+    runs = repeat_runs(experiment, seed, repeats)
     outcomes = []
-    for setting in settings or ["shadow"]:
-        options = AttackOptions(
-            ckpt=str(layout.checkpoint(family, 0)), experiment=experiment,
-            attacks=list(attacks or paper_attacks()), setting=setting,
-            known_fraction=known_fraction, num_images=num_images, seed=seed, encoder=clip,
-        )  # fmt: skip
-        outcomes.append(run_attack(options))
-        finish_wandb_run()
+    for folder, run_seed, extra in runs:
+        layout = ExperimentLayout(folder)
+        common = [f"--data.experiment={folder}", *(data_args or []), *(trainer_args or []), *extra]
+        _train_stages(layout, family, num_shadows, autoencoder, encoder, clip, model, common,
+                      list(model_args or []), isolate)  # fmt: skip
+        for setting in settings:
+            options = AttackOptions(
+                ckpt=str(layout.checkpoint(family, 0)), experiment=folder,
+                attacks=list(attacks or paper_attacks()), setting=setting,
+                known_fraction=known_fraction, num_images=num_images, seed=run_seed,
+                encoder=clip,
+            )  # fmt: skip
+            outcomes.append(run_attack(options))
+            finish_wandb_run()
+    if repeats > 1:
+        _summarize(experiment, settings, runs, outcomes)
     return outcomes
 
 

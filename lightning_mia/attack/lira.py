@@ -93,8 +93,9 @@ def _counts(mask: torch.Tensor) -> dict[str, int]:
 def _calibrated(
     spec: AttackSpec, source: ScoreSource, target: QueryTable, shadows: Sequence[QueryTable],
     tables: Sequence[QueryTable], costs: QueryCosts, seed: int, n_boot: int,
-) -> dict[str, AttackResult]:  # fmt: skip
-    """lira-offline-<name> (and lira-online-<name> where IN scores exist) of one attack."""
+) -> tuple[dict[str, AttackResult], list[str]]:  # fmt: skip
+    """lira-offline-<name> (and lira-online-<name> where IN scores exist) of one attack, and
+    the names of those the shadows cannot give a variance for (skipped)."""
     sign = direction(source, shadows)
     scores, is_in, observed = score_matrix(
         target.sample_id, tables, [sign * source.values(t) for t in tables]
@@ -107,14 +108,18 @@ def _calibrated(
         "in_shadows_per_sample": _counts(is_in & observed),
         "out_shadows_per_sample": _counts(~is_in & observed),
     }  # fmt: skip
-    out = {}
+    out, skipped = {}, []
     for mode, online, threshold in (
         ("offline", False, OFFLINE_THRESHOLD), ("online", True, ONLINE_THRESHOLD),
     ):  # fmt: skip
         side = is_in if online else ~is_in
         if not (side & observed).any():
             continue
-        lira, _ = calibrate(x, scores, is_in, observed, online, fixed)
+        lira, g = calibrate(x, scores, is_in, observed, online, fixed)
+        stds = [g.std_out, g.std_in] if online else [g.std_out]
+        if not all(torch.isfinite(std).all() for std in stds):  # one score per sample and side
+            skipped.append(f"lira-{mode}-{spec.name}")
+            continue
         lira = torch.nan_to_num(lira, nan=NO_IN_STATISTICS)
         name = f"lira-{mode}-{spec.name}"
         derived = AttackSpec(name, spec.groups, spec.access)
@@ -122,7 +127,7 @@ def _calibrated(
             derived, lira, target.is_member, target.sample_id, [source.description], threshold,
             costs, seed, n_boot, measured=False, details={**common, "mode": mode},
         )  # fmt: skip
-    return out
+    return out, skipped
 
 
 def lira_results(
@@ -150,14 +155,19 @@ def lira_results(
         if (not source.feature and source.model is None) or lacking:
             skipped.append(f"{name} ({', '.join(sorted(set(lacking))) or 'not trained'})")
             continue
-        results.update(_calibrated(ATTACKS[name], source, target, shadows, tables, costs, seed,
-                                   n_boot))  # fmt: skip
-    variance = "one global variance" if len(tables) < FIXED_VARIANCE_BELOW else "per-sample"
+        done, no_variance = _calibrated(ATTACKS[name], source, target, shadows, tables, costs,
+                                        seed, n_boot)  # fmt: skip
+        results.update(done)
+        skipped += [f"{n} (the shadows give no variance: too few shadows)" for n in no_variance]
+    fixed = len(tables) < FIXED_VARIANCE_BELOW
+    variance = (
+        f"one global variance, as Carlini et al. below {FIXED_VARIANCE_BELOW} shadows"
+        if fixed else "per-sample variances"
+    )  # fmt: skip
     notes = [
         f"lira-offline-*: offline LiRA over {len(tables)} shadows' OUT scores of each target "
-        f"sample ({variance} variance, as Carlini et al. below {FIXED_VARIANCE_BELOW} shadows), "
-        "member above the OUT median; lira-online-* (where shadows trained on target samples): "
-        "likelihood ratio IN vs OUT, member at ratio 1"
+        f"sample ({variance}), member above the OUT median; lira-online-* (where shadows "
+        "trained on target samples): likelihood ratio IN vs OUT, member at ratio 1"
     ]
     if skipped:
         notes.append("LiRA skipped for: " + "; ".join(skipped))
