@@ -175,6 +175,6 @@ def test_an_attack_declared_once_reaches_query_report_and_calibration(tmp_path, 
                          progress=False)  # fmt: skip
     # `all` = every attack whose features exist; the shadows saw the same sample ids, so its
     # score is LiRA-calibrated too
-    assert set(report.attacks) == {"bright", "lira-bright"}
+    assert set(report.attacks) == {"bright", "lira-online-bright", "lira-offline-bright"}
     assert report.attacks["bright"].queries_per_sample == 2
     assert report.attacks["bright"].metrics["auc"].value > 0.9

@@ -1,8 +1,9 @@
 """The blind diagnostic: the blind baseline cross-validated on the target's own query rows.
 
-    result_inputs = blind_diagnostic(Rows.stack([target]), layout.attack / "blind", "shadow",
-                                     seed=0, fit=FitOptions())
-    result_inputs.scores  # (S,) out-of-fold member logits of every target row
+    rows = Rows.stack([target])
+    names, _ = rows.check(("blind",))
+    cv = blind_diagnostic(rows, names, layout.attack / "blind", "shadow", 0, FitOptions())
+    cv.scores  # (S,) out-of-fold member logits of every target row
 
 A classifier on the query image and caption alone (`blind/*`, no model query) trained on the
 shadows cannot see a shift between the *target's* members and non-members: the shadows' halves
