@@ -77,7 +77,7 @@ def test_attack_command_end_to_end(experiment, family, capsys):
     attacks = {"pixel", "semantic", "text", "combined"} | graybox[family]
     derived = {"clid-th"} if family == "diffusion" else set()  # the reference's CLiD_th
     assert set(report["attacks"]) == attacks | derived  # LiRA needs >= 2 shadows (a variance)
-    assert any("lira-offline-pixel (the shadows give no variance" in n for n in report["notes"])
+    assert any("LiRA skipped: one shadow model gives no variance" in n for n in report["notes"])
     assert (experiment / "queries" / f"{family}-shadow-001" / "row-000" / "COMPLETE.json").is_file()
     assert (experiment / "attack" / "scores.csv").is_file()
     assert set(report["baselines"]) == {"threshold", "blind"}

@@ -139,6 +139,8 @@ def lira_results(
     was calibrated and what was skipped."""
     if not shadows:
         return {}, []
+    if len(shadows) < 2:
+        return {}, ["LiRA skipped: one shadow model gives no variance to fit (needs >= 2)"]
     tables = list(calibration) or list(shadows)
     _, _, observed = score_matrix(
         target.sample_id, tables, [torch.zeros(len(t)) for t in tables]

@@ -45,7 +45,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,6 +237,22 @@ class AttackReport:
         }
         simple = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k not in parts}
         return cls(**simple, **parts)
+
+
+def flag_backwards(results: Sequence[AttackResult]) -> list[str]:
+    """Flag every result whose AUC interval lies wholly below 0.5; one note each."""
+    notes = []
+    for r in results:
+        if r.ranks_backwards() and BACKWARDS not in r.flags:
+            r.flags.append(BACKWARDS)
+            auc = r.metrics["auc"]
+            notes.append(
+                f"{r.name} {BACKWARDS}: AUC {auc.value:.3f} [{auc.low:.3f}, {auc.high:.3f}] lies "
+                "wholly below 0.5, so what it learned on the training rows orders the target's "
+                "samples the wrong way round (the training and target rows differ, e.g. in what "
+                "the shared components saw); do not read its figures as leakage"
+            )
+    return notes
 
 
 def read_report(folder: str | os.PathLike) -> AttackReport:

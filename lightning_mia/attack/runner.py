@@ -37,7 +37,7 @@ from lightning_mia.attack.clid import CLID_FEATURES, fit_clid_threshold
 from lightning_mia.attack.data import Rows, stratified_split
 from lightning_mia.attack.lira import lira_results
 from lightning_mia.attack.module import AttackModule
-from lightning_mia.attack.report import BACKWARDS, AttackContext, AttackReport, AttackResult
+from lightning_mia.attack.report import AttackContext, AttackReport, AttackResult, flag_backwards
 from lightning_mia.attack.spec import AttackError, AttackSpec, QueryCosts
 from lightning_mia.attack.training import FitOptions, fit_on_rows
 from lightning_mia.metrics import FPR_BUDGETS, is_resolvable
@@ -259,20 +259,14 @@ def _blind(
     )  # fmt: skip
 
 
-def _flag_backwards(results: Sequence[AttackResult]) -> list[str]:
-    """Flag every result whose AUC interval lies wholly below 0.5; one note each."""
-    notes = []
-    for r in results:
-        if r.ranks_backwards() and BACKWARDS not in r.flags:
-            r.flags.append(BACKWARDS)
-            auc = r.metrics["auc"]
-            notes.append(
-                f"{r.name} {BACKWARDS}: AUC {auc.value:.3f} [{auc.low:.3f}, {auc.high:.3f}] lies "
-                "wholly below 0.5, so what it learned on the training rows orders the target's "
-                "samples the wrong way round (the training and target rows differ, e.g. in what "
-                "the shared components saw); do not read its figures as leakage"
-            )
-    return notes
+def _beside(results: dict[str, AttackResult], lira: dict[str, AttackResult]) -> dict:
+    """Every attack followed by what calibrates it (`lira-offline-<name>`, `lira-online-...`)."""
+    out = {}
+    for name, result in results.items():
+        out[name] = result
+        out.update({k: lira[k] for k in (f"lira-{m}-{name}" for m in ("offline", "online"))
+                    if k in lira})  # fmt: skip
+    return out
 
 
 def _notes(setting: str, labels: torch.Tensor, n_boot: int, seed: int) -> list[str]:
@@ -360,7 +354,7 @@ def run_attacks(
     if setting == "shadow":
         lira, lira_notes = lira_results(names, target, shadows, calibration, models, costs, seed,
                                         n_boot)  # fmt: skip
-        results.update(lira)
+        results = _beside(results, lira)
         notes = [*notes, *lira_notes]
     baselines = {
         "threshold": _threshold_baseline(plan, names, costs, seed, n_boot),
@@ -368,7 +362,7 @@ def run_attacks(
             target, experiment.attack, setting, costs, seed, n_boot, fit
         ),  # fmt: skip
     }
-    notes += _flag_backwards([*results.values(), *baselines.values()])
+    notes += flag_backwards([*results.values(), *baselines.values()])
     labels = plan.test.is_member
     return AttackReport(
         setting=setting,
