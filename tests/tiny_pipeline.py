@@ -1,6 +1,7 @@
 """External folders built in code for the tests (diffusers' `get_dummy_components` style): a tiny
 StableDiffusionPipeline folder, LoRA adapters saved by peft and by diffusers, member lists."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -92,12 +93,14 @@ def save_peft_adapter(folder, pipeline, rank=2, alpha=4.0, targets=("to_q", "to_
 
 
 def write_member_list(path, rows) -> Path:
-    """rows: dicts (file_name/caption/id ...) -> a .jsonl or .csv file, by the suffix."""
+    """rows: dicts (file_name/text/id ...) -> a .jsonl or .csv file, by the suffix."""
     path = Path(path)
     if path.suffix == ".jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    else:
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-        lines = [",".join(columns)] + [",".join(str(r.get(c, "")) for c in columns) for r in rows]
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return path
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
     return path
