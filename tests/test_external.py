@@ -11,6 +11,7 @@ import yaml
 from diffusers import UNet2DConditionModel
 from peft import PeftModel
 from tiny_pipeline import RES, save_peft_adapter, save_tiny_pipeline, write_member_list
+from transformers import CLIPModel
 
 from lightning_mia.attack.command import AttackOptions
 from lightning_mia.card import CARD_KEY, read_card
@@ -54,8 +55,8 @@ def inputs(tmp_path_factory):
     members = write_member_list(root / "members.jsonl", rows[:N])
     non_members = write_member_list(root / "non_members.csv", rows[N:])
     tokenizer = char_clip_tokenizer(128)
-    clip = ImageTextEncoder(__import__("transformers").CLIPModel(clip_config("tiny", tokenizer)),
-                            tokenizer).save(root / "clip")  # fmt: skip
+    clip = CLIPModel(clip_config("tiny", tokenizer))  # stands for a pretrained CLIP folder
+    clip = ImageTextEncoder(clip, tokenizer).save(root / "clip")
     config = root / "shadow.yaml"
     config.write_text(yaml.safe_dump(SHADOW_CONFIG))
     torch.set_num_threads(threads)
