@@ -211,3 +211,25 @@ def test_bad_external_inputs_give_one_clear_line_each(inputs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         attack_main(["--pipeline", str(inputs["pipeline"]), *lora])
     assert "--members is needed" in capsys.readouterr().err
+
+
+def test_cautions_name_only_the_components_trained_elsewhere(tmp_path):
+    from lightning_mia.attack.cautions import pretrained_components
+    from lightning_mia.card import RunCard
+    from lightning_mia.paths import atomic_write_json, done_marker
+
+    layout = ExperimentLayout(tmp_path / "exp")
+    for stage in (layout.autoencoder, layout.encoder):  # trained here: DONE markers
+        atomic_write_json(done_marker(stage), {})
+    own = str(layout.autoencoder)
+    card = RunCard("diffusion", "tiny", 0, "h", str(layout.root), autoencoder=own)
+    assert pretrained_components(card, layout, encoder=str(layout.encoder)) == []
+    # DALL-E mini's VQGAN converted into the experiment (no stage trained it), a real CLIP, BLIP
+    imported = RunCard("seq2seq", "dalle-mini", 0, "h", str(layout.root),
+                       autoencoder=str(layout.root / "vqgan"),
+                       extra={"text_init": "/models/bart-large"})  # fmt: skip
+    found = pretrained_components(imported, layout, "/models/clip", "/models/blip")
+    assert found == [f"VQGAN image tokenizer {layout.root / 'vqgan'}",
+                     "pretrained BART text side /models/bart-large",
+                     "CLIP encoder /models/clip (semantic and text attacks)",
+                     "captioner /models/blip"]  # fmt: skip
