@@ -154,13 +154,13 @@ def build_text_encoder(config: PresetConfig) -> CLIPTextModel:
     """The CLIP text encoder, random or with the pretrained folder's weights."""
     if config.pretrained:
         variant = weights_variant(f"{config.pretrained}/text_encoder")
-        return CLIPTextModel.from_pretrained(
+        return CLIPTextModel.from_pretrained(  # float32: transformers 5 keeps an fp16 variant fp16
             config.pretrained,
             subfolder="text_encoder",
             local_files_only=True,
             variant=variant,
             dtype=torch.float32,
-        )  # fmt: skip  (transformers 5 would keep an fp16 variant in fp16)
+        )
     fields = {k: v for k, v in config.text_encoder.items() if not k.startswith("_")}
     return CLIPTextModel(CLIPTextConfig(**fields))
 
