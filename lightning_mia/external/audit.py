@@ -128,7 +128,9 @@ def ensure_target(layout: ExperimentLayout, splits: Any, options: Any, settings:
     ckpt = layout.checkpoint("diffusion", 0)
     if ckpt.is_file():
         card = read_card(ckpt)
-        if card.extra.get("external") != facts or card.splits_hash != splits.hash:
+        before = card.extra.get("external") or {}
+        digests = [k for k in facts if k.endswith("sha256")]  # paths may be spelt otherwise
+        if any(before.get(k) != facts[k] for k in digests) or card.splits_hash != splits.hash:
             raise ExternalError(
                 f"{ckpt} is another target (other pipeline, adapter, lists or splits): use "
                 "another --experiment folder"
@@ -205,7 +207,11 @@ def prepare_external(options: Any) -> Any:
     layout = ExperimentLayout(options.experiment)
     config = read_yaml(options.shadow_config or SHADOW_CONFIGS["lora" if options.lora else "full"],
                        "shadow config")  # fmt: skip
-    settings = dict((config.get("model") or {}).get("init_args") or {})
+    model = config.get("model") or {}
+    if not str(model.get("class_path", "")).endswith("LatentDiffusionModule"):
+        raise ExternalError(f"shadow config {options.shadow_config}: its model is not a "
+                            "lightning_mia.models.diffusion.LatentDiffusionModule")  # fmt: skip
+    settings = dict(model.get("init_args") or {})
     settings["resolution"] = settings.get("resolution") or native_resolution(options.pipeline)
     source = MemberListSource(options.members, options.non_members,
                               data_description(options.data), settings["resolution"])  # fmt: skip
