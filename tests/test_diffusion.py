@@ -15,6 +15,7 @@ from lightning_mia.card import CARD_KEY, CheckpointError, RunCard, read_card
 from lightning_mia.data.datamodule import MembershipDataModule, collate_samples
 from lightning_mia.data.shapes import ShapesSource
 from lightning_mia.models.diffusion import LatentDiffusionModule
+from lightning_mia.models.pipeline_folder import PipelineError
 from lightning_mia.models.registry import load_family_module
 from lightning_mia.models.vae import AutoencoderError
 
@@ -197,7 +198,7 @@ def test_bad_inputs_give_one_clear_error(trained_autoencoder, tmp_path):
         make_model(trained_autoencoder, scheduler="DDIM")
     with pytest.raises(ValueError, match="unknown diffusion preset 'huge'; known"):
         make_model(trained_autoencoder, preset="huge")
-    with pytest.raises(FileNotFoundError, match=r"no config.json in \['unet', 'vae'"):
+    with pytest.raises(PipelineError, match=r"no config.json in \[.unet., .vae."):
         make_model("", preset="pretrained", pretrained=str(tmp_path))
 
     model = make_model(trained_autoencoder)

@@ -6,6 +6,8 @@
     python attack.py --ckpt ... --setting partial --known-fraction 0.5
     python attack.py --ckpt ... --calibrate false             # no shadow queries on the target's
                                                               # samples (no offline LiRA)
+    python attack.py --pipeline /models/sd-v1-5 --lora my_lora/ --members members.jsonl \
+        --non-members non_members.jsonl --experiment runs/audit     # a model trained elsewhere
 
 `AttackOptions` is the command's whole configuration (its fields are the command line, built by
 `attack_parser`); `run_attack(options)` is what `attack.py` and the experiment runner call.
@@ -21,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from lightning_mia.attack.catalog import ATTACKS, paper_attacks
+from lightning_mia.attack.cautions import annotate_report
 from lightning_mia.attack.render import write_report
 from lightning_mia.attack.report import AttackContext, AttackReport, TargetFacts
 from lightning_mia.attack.runner import SETTINGS, run_attacks
 from lightning_mia.attack.spec import AttackError
 from lightning_mia.card import CheckpointError, RunCard, read_card
+from lightning_mia.external.audit import prepare_external
 from lightning_mia.graybox import signals_for
 from lightning_mia.models.registry import FAMILIES
 from lightning_mia.paths import ExperimentLayout, last_checkpoint
@@ -42,7 +46,7 @@ def _help(text: str, default: Any = dataclasses.MISSING) -> Any:
 class AttackOptions:
     """Everything `attack.py` takes (each field is a `--flag`; `--config` reads them from YAML)."""
 
-    ckpt: str = _help("target model checkpoint (its run card names the experiment)")
+    ckpt: str = _help("target model checkpoint (its run card names the experiment)", "")
     experiment: str = _help("experiment folder (default: the checkpoint's)", "")
     attacks: list[str] = _help(
         "attacks: names, `all`, or a list ('[pixel, semantic]')", tuple(paper_attacks())
@@ -70,6 +74,19 @@ class AttackOptions:
     devices: int | str = _help("Lightning devices of the queries", "auto")
     strategy: str = _help("Lightning strategy of the queries", "auto")
     progress: bool = _help("show progress bars", True)
+    # an external target (lightning_mia.external): a diffusers folder and its member lists
+    pipeline: str = _help("external target: StableDiffusionPipeline folder (with --lora: base)", "")
+    lora: str = _help("its LoRA adapter: diffusers .safetensors (or folder) or peft folder", "")
+    base: str = _help("a fully fine-tuned --pipeline: the pipeline it was fine-tuned from", "")
+    members: str = _help("its training pairs: jsonl/csv of image + caption, or ids of --data", "")
+    non_members: str = _help("pairs it was not trained on (same format, same distribution)", "")
+    data: str = _help("YAML (class_path, init_args) of the source for the shadows' data", "")
+    query_fraction: float = _help("without --data: share of each list the target is tested on", 0.5)
+    num_shadows: int = _help("shadows to fine-tune like the target (done ones are reused)", 2)
+    public_size: int | None = _help("samples of the rest kept for the attacker's encoder", None)
+    shadow_config: str = _help("shadows' train.py config (default diffusion/lora|pretrained)", "")
+    shadow_args: str = _help("more train.py arguments for the shadows, as one string", "")
+    encoder_config: str = _help("encoder config without --encoder", "configs/encoder/tiny.yaml")
 
 
 def split_names(values: Any) -> list[str]:
@@ -133,6 +150,8 @@ def resolve_signals(asked: list[str], card: RunCard, layout: ExperimentLayout) -
 
 
 def _target_card(options: AttackOptions) -> tuple[RunCard, ExperimentLayout]:
+    if not options.ckpt:
+        raise CheckpointError("give --ckpt <target checkpoint>, or --pipeline with --members")
     card = read_card(options.ckpt)
     if card.family not in FAMILIES:
         raise CheckpointError(f"{options.ckpt} is a {card.family} checkpoint, not a target model")
@@ -187,6 +206,8 @@ class AttackOutcome:
 def run_attack(options: AttackOptions) -> AttackOutcome | None:
     """Query the target and shadows where needed, train and evaluate the attacks and write
     the report (rank 0); None on the other ranks of a multi-device query."""
+    if options.pipeline:  # splits, target checkpoint and shadows of a model trained elsewhere
+        options = prepare_external(options)
     card, layout = _target_card(options)
     shadows = _shadow_checkpoints(options, card, layout)
     logger = make_logger(str(layout.root), name="attack", job_type="attack", group=layout.name)
@@ -204,7 +225,8 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
     if target is None:  # not global rank zero: rank 0 trains the attacks and reports
         return None
     attacks = ["all"] if "all" in options.attacks else list(options.attacks)
-    facts = TargetFacts(card.run_name, card.train_steps_per_image, dict(card.augmentation))
+    steps = card.train_steps_per_image or None  # 0: not known (an external target)
+    facts = TargetFacts(card.run_name, steps, dict(card.augmentation))
     context = AttackContext.from_tables(target, shadow_tables, options.seed, facts)
     report = run_attacks(
         layout, target, shadow_tables, attacks=attacks, setting=options.setting,
@@ -212,6 +234,7 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
         max_epochs=options.max_epochs, logger=logger, progress=options.progress,
         context=context, calibration=calibration,
     )  # fmt: skip
+    annotate_report(report, card, layout, options.encoder)  # provenance, pretrained parts
     folder = layout.report_dir(options.setting)
     log_report(logger, report, write_report(folder, report))
     return AttackOutcome(report, folder, layout)

@@ -8,7 +8,9 @@ dropout for classifier-free guidance; sampling is DDIM (or any diffusers schedul
 captions x images in one denoising loop, each caption's noise drawn from its own seed. The parts
 stay separate (`unet`, `vae`, `text_encoder`, `tokenizer`, `noise_scheduler`) so gray-box
 attacks can query each; `save_pipeline` writes a StableDiffusionPipeline folder and
-`preset: pretrained` fine-tunes one.
+`preset: pretrained` fine-tunes one (on its own noise schedule and prediction type, at its
+native resolution with `resolution: 0`), in full or with LoRA adapters (`lora_rank`, see
+`models.lora`); weights that stay the folder's are referenced by sha256, not stored.
 """
 
 from __future__ import annotations
@@ -24,23 +26,31 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
-from lightning_mia.card import CheckpointError
+from lightning_mia.card import CARD_KEY
 from lightning_mia.models.base import (
     TextToImageModule,
     cached_by_id,
     caption_seeds,
 )
 from lightning_mia.models.diffusion_presets import (
+    SCRATCH_SCHEDULE,
     LatentSpec,
     build_text_encoder,
     build_unet,
-    check_pipeline_folder,
+    noise_scheduler,
     preset_config,
     sampling_scheduler,
     scheduler_class,
 )
 from lightning_mia.models.diffusion_sampling import sample_images
 from lightning_mia.models.ema import EMAWeights
+from lightning_mia.models.lora import LORA_TARGETS, LoraError, add_adapters
+from lightning_mia.models.pipeline_folder import (
+    check_pipeline_folder,
+    check_references,
+    native_resolution,
+    record_references,
+)
 from lightning_mia.models.tokenizers import load_clip_tokenizer
 from lightning_mia.models.vae import (
     check_resolution,
@@ -91,13 +101,18 @@ class LatentDiffusionModule(TextToImageModule):
         tokenizer: str = "",  # CLIP tokenizer folder; "" = offline char-level (or pretrained's)
         max_caption_length: int = 128,  # tokens of the char-level tokenizer (folders keep theirs)
         pretrained: str = "",  # local StableDiffusionPipeline folder for preset "pretrained"
-        resolution: int = 32,
+        resolution: int = 32,  # image side; 0 = the pretrained folder's native one
+        train_unet: bool = True,  # False: the UNet stays the folder's (e.g. an external target)
         train_text_encoder: bool = True,
-        prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction",
-        beta_schedule: str = "squaredcos_cap_v2",
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        num_train_timesteps: int = 1000,
+        lora_rank: int = 0,  # > 0: train LoRA adapters of this rank, base weights frozen
+        lora_alpha: float = 0.0,  # LoRA scale alpha / rank; 0 = rank (scale 1)
+        lora_targets: tuple[str, ...] = LORA_TARGETS,  # module names (or name endings) to adapt
+        # noise schedule; None = the preset's (pretrained: the folder's scheduler config)
+        prediction_type: Literal["epsilon", "v_prediction"] | None = None,
+        beta_schedule: str | None = None,
+        beta_start: float | None = None,
+        beta_end: float | None = None,
+        num_train_timesteps: int | None = None,
         caption_dropout: float = 0.1,  # empty caption with this probability (for CFG)
         scheduler: str = "DDIMScheduler",  # sampler: any diffusers scheduler class name
         num_inference_steps: int = 25,
@@ -118,6 +133,9 @@ class LatentDiffusionModule(TextToImageModule):
         scheduler_class(scheduler)  # unknown names fail now, not at the first sample grid
         if preset == "pretrained":
             check_pipeline_folder(pretrained)  # before its tokenizer/ and vae/ are read
+            resolution = resolution or native_resolution(pretrained)
+        if lora_rank and ema_decay > 0:
+            raise LoraError("ema_decay > 0 with lora_rank: an EMA of LoRA adapters is not built")
         self._autoencoder_folder = autoencoder or (f"{pretrained}/vae" if pretrained else "")
         if not self._autoencoder_folder:
             raise ValueError("LatentDiffusionModule needs `autoencoder: <diffusers folder>`")
@@ -138,16 +156,12 @@ class LatentDiffusionModule(TextToImageModule):
             pretrained=pretrained,
         )
         config = preset_config(preset, spec)
-        self.unet = build_unet(config)
-        self.text_encoder = build_text_encoder(config).requires_grad_(train_text_encoder)
-        self.noise_scheduler = DDPMScheduler(
-            num_train_timesteps=num_train_timesteps,
-            beta_schedule=beta_schedule,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            prediction_type=prediction_type,
-            clip_sample=False,
-        )
+        self.unet = build_unet(config).requires_grad_(train_unet and not lora_rank)
+        self.text_encoder = build_text_encoder(config)
+        self.text_encoder.requires_grad_(train_text_encoder and not lora_rank)
+        add_adapters(self)  # lora_rank > 0: LoRA in the tuned parts; no folder weights saved
+        asked = {k: self.hparams[k] for k in SCRATCH_SCHEDULE}  # the schedule's arguments
+        self.noise_scheduler = noise_scheduler(config.pretrained, asked)
         self.ema = EMAWeights(self._trained_parts(), ema_decay) if ema_decay > 0 else None
         self.resolution = resolution
         self.latent_shape = (spec.latent_channels, latent_size, latent_size)
@@ -300,7 +314,7 @@ class LatentDiffusionModule(TextToImageModule):
             self.ema.update(self._trained_parts())
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for part in self._trained_parts().values() for p in part.parameters()]
+        params = [p for p in self.parameters() if p.requires_grad]  # (LoRA: the adapters)
         hp = self.hparams
         opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
         return self.warmup_schedule(opt)
@@ -360,6 +374,8 @@ class LatentDiffusionModule(TextToImageModule):
 
     def save_pipeline(self, folder: str | Path) -> Path:
         """Write a StableDiffusionPipeline folder (loadable with `preset: pretrained`)."""
+        if self.hparams.lora_rank:
+            raise LoraError("a LoRA model is exported as its adapter: models.lora.export_lora")
         pipe = self.pipeline()
         return write_folder_atomically(folder, lambda tmp: pipe.save_pretrained(str(tmp)))
 
@@ -373,14 +389,9 @@ class LatentDiffusionModule(TextToImageModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # the card; the base keeps `vae.` weights out
-        if "lightning_mia" in checkpoint:
-            checkpoint["lightning_mia"]["extra"]["autoencoder_sha256"] = self.vae_fingerprint()
+        if CARD_KEY in checkpoint:
+            record_references(self, checkpoint[CARD_KEY]["extra"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        saved = checkpoint["lightning_mia"].get("extra", {}).get("autoencoder_sha256")
-        if saved and saved != self.vae_fingerprint():
-            raise CheckpointError(
-                f"checkpoint was trained with a different autoencoder than the one now in "
-                f"{self._autoencoder_folder} (weights hash differs)"
-            )
+        check_references(self, checkpoint[CARD_KEY].get("extra", {}))

@@ -5,7 +5,8 @@
 
 The image tokenizer is the experiment's frozen VQ autoencoder (a diffusers `VQModel` folder, kept
 out of the checkpoint); the caption tokenizer is a byte-level BPE that rank 0 trains on the
-training captions at fit start and writes to `<run>/tokenizer/`. BART reads caption tokens and
+training captions at fit start and writes to `<run>/tokenizer/` (`pretrained_text`: a BART
+folder's tokenizer, encoder and caption embeddings instead). BART reads caption tokens and
 writes image codes in one unified vocabulary (`seq2seq_presets`); its output head is restricted
 to the code rows, so the model is a distribution over codes only. Each training image is encoded
 once and its codes cached by `sample_id` in memory. Caption dropout trains the unconditional
@@ -24,8 +25,9 @@ from diffusers import VQModel
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import BartForConditionalGeneration, PreTrainedTokenizerBase
 
-from lightning_mia.card import CheckpointError
+from lightning_mia.card import CARD_KEY, CheckpointError
 from lightning_mia.data.stage import StageData, stage_data
+from lightning_mia.models.bart_pretrained import init_text_side, text_defaults
 from lightning_mia.models.bart_tokenizer import (
     check_tokenizer_captions,
     load_caption_tokenizer,
@@ -68,6 +70,7 @@ class Seq2SeqModule(TextToImageModule):
         preset: str = "tiny",
         autoencoder: str = "",
         tokenizer: str = "",
+        pretrained_text: str = "",
         caption_vocab_size: int = 0,
         max_caption_length: int = 0,
         caption_dropout: float = 0.1,
@@ -88,7 +91,8 @@ class Seq2SeqModule(TextToImageModule):
             autoencoder: diffusers VQModel folder (the image tokenizer); "" = the experiment's
                 autoencoder/ folder, found through the datamodule at fit start.
             tokenizer: caption BPE folder to reuse; "" = train one on the training captions
-                into <run>/tokenizer/ at fit start (reused on resume).
+                into <run>/tokenizer/ at fit start (reused on resume), or pretrained_text's.
+            pretrained_text: BART folder whose encoder, embeddings, tokenizer start the text side.
             caption_vocab_size: caption vocabulary (BPE trained up to it); 0 = the preset's.
             max_caption_length: caption tokens kept; 0 = the preset's.
             caption_dropout: probability of training on the empty caption (unconditional path).
@@ -105,12 +109,14 @@ class Seq2SeqModule(TextToImageModule):
         """
         super().__init__(sample_every_n_steps, num_preview_images)
         self.save_hyperparameters()
-        self.spec = get_preset(preset, caption_vocab_size, max_caption_length)
+        vocab, tokenizer = text_defaults(pretrained_text, caption_vocab_size, tokenizer)
+        self.spec = get_preset(preset, vocab, max_caption_length)
         self.resolution = self.spec.resolution
         self.sampling = SamplingSettings(top_k, top_p, temperature, condition_scale)
         if not 0.0 <= caption_dropout < 1.0:
             raise Seq2SeqError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
         self.bart = BartForConditionalGeneration(bart_config(self.spec))
+        init_text_side(self.bart, pretrained_text, self.spec)  # "" = none: random init
         self.vq: VQModel | None = None  # frozen, kept out of the checkpoint (hooks below)
         self.code_grid = (0, 0)
         self._tokenizer: PreTrainedTokenizerBase | None = None
@@ -206,6 +212,11 @@ class Seq2SeqModule(TextToImageModule):
 
     def card_references(self) -> dict[str, str]:
         return {"autoencoder": self.hparams.autoencoder, "tokenizer": self.hparams.tokenizer}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # the card: it names a pretrained text side
+        if CARD_KEY in checkpoint and self.hparams.pretrained_text:
+            checkpoint[CARD_KEY]["extra"]["text_init"] = self.hparams.pretrained_text
 
     def train(self, mode: bool = True) -> Seq2SeqModule:
         super().train(mode)

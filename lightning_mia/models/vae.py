@@ -21,6 +21,7 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 
 from lightning_mia.errors import UserError
+from lightning_mia.models.pipeline_folder import weights_variant
 
 Autoencoder = VQModel | AutoencoderKL
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -69,7 +70,13 @@ def load_autoencoder(folder: str | os.PathLike) -> Autoencoder:
             f"{sorted(AUTOENCODER_CLASSES)}"
         )
     try:
-        ae = AUTOENCODER_CLASSES[class_name].from_pretrained(str(path), local_files_only=True)
+        # an fp16-variant folder (a Stable Diffusion vae/) loads into float32 too; random init
+        # then load whether or not accelerate is installed, so the global RNG advances the same
+        # on every machine (seeded runs draw the next model's weights after this)
+        ae = AUTOENCODER_CLASSES[class_name].from_pretrained(
+            str(path), local_files_only=True, variant=weights_variant(path),
+            low_cpu_mem_usage=False,
+        )  # fmt: skip
     except (OSError, ValueError, RuntimeError) as err:
         raise AutoencoderError(f"autoencoder folder {path}: cannot load weights ({err})") from err
     return ae.eval()
