@@ -84,7 +84,7 @@ def render_markdown(report: AttackReport) -> str:
         f"- setting: `{report.setting}`"
         + (f" (known fraction {report.known_fraction})" if report.known_fraction else ""),
         f"- family: `{report.family}`; target: `{t.get('run_name', '?')}`, "
-        f"{t.get('train_steps_per_image', '?')} training steps per image, "
+        f"{t.get('train_steps_per_image') or 'unknown'} training steps per image, "
         f"augmentation {json.dumps(t.get('augmentation', {}), sort_keys=True)}",
         f"- images per query caption: {report.num_images}; shadow models: {report.num_shadows}",
         f"- test samples: {report.test_samples}; seeds: {json.dumps(report.seeds, sort_keys=True)}",

@@ -206,7 +206,7 @@ def _usable_ids(source: ImageCaptionSource, cfg: SplitConfig) -> tuple[list[int]
     return ids, groups
 
 
-def _rows(cfg: SplitConfig, target_pool: list[int], aux_pool: list[int]) -> list[SplitRow]:
+def draw_rows(cfg: SplitConfig, target_pool: list[int], aux_pool: list[int]) -> list[SplitRow]:
     """Row 0 from the target pool, rows 1..K from the shadow pool, each from its own stream."""
     seed, fraction = cfg.seed, cfg.member_fraction
     rows = [_split(target_pool, fraction, random.Random(f"lightning_mia.splits:{seed}:row:0"))]
@@ -241,7 +241,7 @@ def make_splits(source: ImageCaptionSource, *args: Any, **config: Any) -> Splits
     random.Random(f"lightning_mia.splits:{cfg.seed}:pools").shuffle(order)
     target_pool, aux_pool = sorted(order[:t]), sorted(order[t : t + a])
     public_pool = sorted(order[t + a : t + a + p]) if cfg.public_size is not None else None
-    rows = _rows(cfg, target_pool, aux_pool)
+    rows = draw_rows(cfg, target_pool, aux_pool)
     duplicates = None
     if groups:
         pools = [target_pool, aux_pool] + ([public_pool] if public_pool is not None else [])

@@ -25,9 +25,9 @@ from lightning_mia.data.splits import (
     SplitConfig,
     SplitRow,
     Splits,
-    _rows,  # the shadows' draw of make_splits, reused as is
     body_hash,
     config_problems,
+    draw_rows,  # the shadows' draw of make_splits, reused as is
     load_splits,
     save_splits,
 )
@@ -85,7 +85,7 @@ def external_splits(
     problems = config_problems(cfg, t, len(aux), t + len(rest))
     if problems:
         raise DataError(f"cannot make splits of {source}: " + "; ".join(problems))
-    rows = [row, *_rows(cfg, target_pool, aux)[1:]]
+    rows = [row, *draw_rows(cfg, target_pool, aux)[1:]]
     duplicates = None
     if groups:
         memberships = [(r.members, r.nonmembers) for r in rows]
