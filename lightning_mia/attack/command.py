@@ -30,6 +30,7 @@ from lightning_mia.paths import ExperimentLayout, last_checkpoint
 from lightning_mia.query.run import run_query
 from lightning_mia.query.shards import read_complete
 from lightning_mia.reporting import log_report, make_logger
+from lightning_mia.terminal import configure_terminal
 
 
 def _help(text: str, default: Any = dataclasses.MISSING) -> Any:
@@ -63,6 +64,7 @@ class AttackOptions:
     devices: int | str = _help("Lightning devices of the queries", "auto")
     strategy: str = _help("Lightning strategy of the queries", "auto")
     progress: bool = _help("show progress bars", True)
+    verbose: bool = _help("show every message of Lightning, W&B and the model libraries", False)
 
 
 def split_names(values: Any) -> list[str]:
@@ -95,6 +97,8 @@ def attack_parser() -> Any:
             kind = next(a for a in args if typing.get_origin(a) is list)
         if typing.get_origin(kind) is list:
             extra = {"nargs": "*", "type": typing.get_args(kind)[0]}
+        elif kind is bool:  # `--verbose` alone, or `--progress false`
+            extra = {"type": bool, "nargs": "?", "const": True}
         else:
             extra = {"type": kind}
         required = f.default is dataclasses.MISSING
@@ -164,9 +168,11 @@ class AttackOutcome:
 def run_attack(options: AttackOptions) -> AttackOutcome | None:
     """Query the target and shadows where needed, train and evaluate the attacks and write
     the report (rank 0); None on the other ranks of a multi-device query."""
+    configure_terminal(options.verbose)
     card, layout = _target_card(options)
     shadows = _shadow_checkpoints(options, card, layout)
-    logger = make_logger(str(layout.root), name="attack", job_type="attack", group=layout.name)
+    logger = make_logger(str(layout.root), name="attack", job_type="attack", group=layout.name,
+                         config={"attack": dataclasses.asdict(options)})  # fmt: skip
     query = dict(
         num_images=options.num_images, seed=options.seed, encoder=options.encoder,
         signals=resolve_signals(options.signals, card, layout),
@@ -184,8 +190,8 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
     report = run_attacks(
         layout, target, shadow_tables, attacks=attacks, setting=options.setting,
         known_fraction=options.known_fraction, seed=options.seed,
-        max_epochs=options.max_epochs, logger=logger, progress=options.progress,
-        context=context,
+        max_epochs=options.max_epochs, logger=logger, context=context,
+        progress=options.progress and options.verbose,  # short loops: bars only when verbose
     )  # fmt: skip
     folder = layout.report_dir(options.setting)
     log_report(logger, report, write_report(folder, report))

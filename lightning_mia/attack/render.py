@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from lightning_mia.attack.examples import EXAMPLES_PNG, examples_png
 from lightning_mia.attack.report import REPORT_JSON, REPORT_MD, ROC_PNG, AttackReport
 from lightning_mia.metrics import METRIC_NAMES, roc_curve
 from lightning_mia.paths import atomic_write_bytes
@@ -45,7 +46,7 @@ def format_table(report: AttackReport) -> str:
     return "\n".join([title, *lines])
 
 
-def render_markdown(report: AttackReport) -> str:
+def render_markdown(report: AttackReport, examples: bool = False) -> str:
     """report.md: the run's facts, the attack x metric table ("n/r" = not resolvable), notes."""
     t = report.target
     facts = [
@@ -62,6 +63,7 @@ def render_markdown(report: AttackReport) -> str:
     table += ["| " + " | ".join(row) + " |" for row in _rows(report)]
     notes = [f"- {n}" for n in report.notes]
     parts = ["# Membership inference report", "", *facts, "", *table, "", "![ROC](roc.png)"]
+    parts += ["", f"![examples]({EXAMPLES_PNG})"] if examples else []
     if notes:
         parts += ["", "## Notes", "", *notes]
     return "\n".join(parts) + "\n"
@@ -103,17 +105,21 @@ def render_roc_png(report: AttackReport) -> bytes:
 
 
 def write_report(folder: str | os.PathLike, report: AttackReport) -> Path:
-    """Write report.json, report.md and roc.png into `folder`; returns the roc.png path.
+    """Write report.json, report.md and roc.png (and examples.png) into `folder`; returns
+    the roc.png path.
 
     All three are rendered before anything is written, and each is written atomically, so a
     failure leaves no partial report (and an older complete one untouched).
     """
     folder = Path(folder)
+    examples = examples_png(folder, report)  # None unless the target's query kept examples
     files = {
         REPORT_JSON: (json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n").encode(),
-        REPORT_MD: render_markdown(report).encode(),
+        REPORT_MD: render_markdown(report, examples is not None).encode(),
         ROC_PNG: render_roc_png(report),
     }
+    if examples is not None:
+        files[EXAMPLES_PNG] = examples
     for name, data in files.items():
         atomic_write_bytes(folder / name, data)
     return folder / ROC_PNG
