@@ -167,7 +167,11 @@ def experiment_parser() -> Any:
     arguments (`--verbose` also alone)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog="lightning_mia.experiment")
+    parser = ArgumentParser(
+        prog="lightning_mia.experiment",
+        description="Run an experiment stage by stage, resumably: lightning_mia.experiment "
+        "<name of configs/experiments/ | config.yaml> [--key value ...]",
+    )
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(run_experiment, skip={"verbose"})
     add_verbose_argument(parser)
