@@ -230,10 +230,14 @@ def make_logger(
         import wandb
 
         extra["settings"] = wandb.Settings(console="off", quiet=True, silent=True)
-    return WandbLogger(
+    logger = WandbLogger(
         name=name, project=project, save_dir=str(save_dir), job_type=job_type, group=group,
         mode=mode, **extra,
     )  # fmt: skip
+    # Lightning passes `anonymous=None`, a setting W&B has deprecated (it warns on any value);
+    # unset, W&B behaves the same and says nothing
+    getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+    return logger
 
 
 def _active_runs(logger: Any) -> list[Any]:
