@@ -7,8 +7,8 @@ Each row is one test sample of the target whose pictures its query kept
 generations, each titled with its pixel MSE to the query (in [0, 1] units, what the pixel attack
 reads), and on the right membership, the attack's score and rank, and the caption. Rows are
 ranked by the score of the black-box attack with the best AUC (any attack's if none is
-black-box): the highest-scoring at the top, the
-lowest-scoring at the bottom (at most `ROWS_PER_END` of each).
+black-box): the highest-scoring at the top, the lowest-scoring at the bottom (at most
+`ROWS_PER_END` of each).
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ CAPTION_WIDTH = 36  # characters per caption line
 
 
 def ranking_result(report: AttackReport) -> AttackResult | None:
-    """The attack (not a baseline) with per-sample scores and the highest AUC."""
+    """The attack (not a baseline) with per-sample scores and the highest AUC, among the
+    black-box ones (they read the generations shown) if there are any."""
     scored = [
         r for r in report.attacks.values() if r.scores is not None and r.sample_id is not None
     ]
     if not scored:
         return None
+    scored = [r for r in scored if r.access == "black-box"] or scored
 
     def auc(r: AttackResult) -> float:
         metric = r.metrics.get("auc")
