@@ -5,6 +5,7 @@ summary; other scripts exist and know the flags they are given; make targets exi
 
 import re
 import shlex
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,7 @@ def readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     commands = [c for block in blocks for c in _commands_of(block)]
-    inline = re.findall(r"`((?:python|make|lightning-mia-)[^`]*)`", text)
+    inline = re.findall(r"`((?:python|make|lightning-mia-|wandb sweep)[^`]*)`", text)
     spans = [" ".join(span.split()) for span in inline if "<" not in span]
     commands += [c for span in spans for c in _commands_of(span)]
     return list(dict.fromkeys(commands))
@@ -70,8 +71,9 @@ def header_commands() -> list[str]:
     return list(dict.fromkeys(commands))
 
 
-def parse_command(command: str) -> str:
-    """Parse one command with the parser that would run it; returns what checked it."""
+def program_of(command: str) -> tuple[str, list[str]]:
+    """(program, its arguments): `python train.py` and `python -m lightning_mia.X` are named
+    by their console entry points (`lightning-mia-train`, `lightning-mia-X`)."""
     words = shlex.split(command)
     program, args = words[0], words[1:]
     if program == "python" and args[:2] == ["-m", "lightning_mia.cli"]:
@@ -80,6 +82,12 @@ def parse_command(command: str) -> str:
         program, args = f"lightning-mia-{args[0][:-3]}", args[1:]
     elif program == "python" and args[:2] in (["-m", f"lightning_mia.{m}"] for m in MODULES):
         program, args = f"lightning-mia-{args[1].split('.', 1)[1]}", args[2:]
+    return program, args
+
+
+def parse_command(command: str) -> str:
+    """Parse one command with the parser that would run it; returns what checked it."""
+    program, args = program_of(command)
     if program == "lightning-mia-train":
         ParseOnlyCLI(args=with_found_configs(args))
         return "train"
@@ -100,11 +108,18 @@ def parse_command(command: str) -> str:
 
 
 def check_other(program: str, args: list[str], command: str) -> str:
-    """make targets exist; a script or module exists and mentions every flag it is given."""
+    """make targets exist; a script or module exists and mentions every flag it is given;
+    `pip install .` installs this project; `wandb sweep X` names a shipped sweep config."""
     if program == "make":
         targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M)
         assert all(a in targets for a in args if "=" not in a), (command, targets)
         return "make"
+    if program == "pip":
+        assert args == ["install", "."] and (ROOT / "pyproject.toml").is_file(), command
+        return "pip"
+    if program == "wandb":
+        assert args[0] == "agent" or (args[0] == "sweep" and (ROOT / args[1]).is_file()), command
+        return "wandb"
     assert program == "python", command
     if args[0] == "-m":
         source = ROOT / (args[1].replace(".", "/") + ".py")
@@ -120,8 +135,10 @@ def check_other(program: str, args: list[str], command: str) -> str:
 
 
 def test_the_readme_and_the_headers_show_commands():
-    kinds = {parse_command(c) for c in readme_commands() + header_commands()}
-    assert {"train", "attack", "experiment", "make"} <= kinds
+    programs = Counter(program_of(c)[0] for c in readme_commands() + header_commands())
+    for program in ("lightning-mia-train", "lightning-mia-attack", "lightning-mia-experiment"):
+        assert programs[program] >= 3, programs
+    assert programs["make"] >= 2 and programs["lightning-mia-summary"] >= 1
 
 
 @pytest.mark.parametrize("command", readme_commands())
