@@ -248,3 +248,15 @@ def test_runs_hold_config_splits_learning_rate_and_sample_grids(offline_experime
         assert (exp / folder / "samples.png").read_bytes()[:4] == b"\x89PNG"
     assert (exp / "autoencoder" / "reconstructions.png").is_file()
     assert (outcome.folder / "examples.png").is_file()
+
+
+def test_the_sync_hint_lists_every_run_oldest_first(offline_experiment, capsys):
+    from lightning_mia.cli import show_outcome
+
+    exp, _, outcome = offline_experiment
+    show_outcome(outcome)
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "wandb sync" in ln)
+    paths = [Path(p) for p in line.split("wandb sync -n 1 ", 1)[1].split()]
+    assert len(paths) == 5 and all(p.is_dir() for p in paths)
+    assert paths == sorted(paths, key=lambda p: p.name)  # makers before users
+    assert paths[0].parent.parent == exp / "autoencoder" and paths[-1].parent.parent == exp
