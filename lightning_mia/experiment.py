@@ -25,7 +25,7 @@ from lightning.pytorch.cli import ArgsType
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_mia.attack.catalog import paper_attacks
-from lightning_mia.attack.command import AttackOptions, AttackOutcome, run_attack
+from lightning_mia.attack.command import AttackOptions, AttackOutcome, run_attack, split_names
 from lightning_mia.cli import find_config, run_cli, say, show_outcome, train_main
 from lightning_mia.errors import UserError
 from lightning_mia.paths import ExperimentLayout, done_marker, last_checkpoint
@@ -164,7 +164,7 @@ def config_path(name: str) -> str:
 
 def experiment_parser() -> Any:
     """The parser of `python -m lightning_mia.experiment`: `--config` and `run_experiment`'s
-    arguments (`--verbose` also alone)."""
+    arguments (`--verbose` also alone; `--attacks` / `--settings` also as bare words)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(
@@ -173,7 +173,11 @@ def experiment_parser() -> Any:
         "<name of configs/experiments/ | config.yaml> [--key value ...]",
     )
     parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(run_experiment, skip={"verbose"})
+    parser.add_function_arguments(run_experiment, skip={"verbose", "attacks", "settings"})
+    attacks = "attacks: names, `all`, or '[pixel, semantic]' (default: the paper's four)"
+    parser.add_argument("--attacks", nargs="*", type=str, default=None, help=attacks)
+    settings = "attacker settings: shadow and/or partial (default: shadow)"
+    parser.add_argument("--settings", nargs="*", type=str, default=None, help=settings)
     add_verbose_argument(parser)
     return parser
 
@@ -194,6 +198,8 @@ def experiment_main(args: ArgsType = None) -> list[AttackOutcome | None]:
         start = time.perf_counter()
         kwargs = cfg.as_dict()
         kwargs.pop("config", None)
+        for name in ("attacks", "settings"):  # `--attacks pixel semantic` as attack.py takes it
+            kwargs[name] = split_names(kwargs[name]) or None
         outcomes = run_experiment(**kwargs)
         for outcome in filter(None, outcomes):
             show_outcome(outcome)

@@ -13,7 +13,7 @@ import yaml
 from test_configs import ParseOnlyCLI
 
 from lightning_mia.attack.catalog import ATTACKS
-from lightning_mia.attack.command import attack_parser, options_from
+from lightning_mia.attack.command import attack_parser, options_from, split_names
 from lightning_mia.attack.runner import SETTINGS
 from lightning_mia.cli import find_config, with_found_configs
 from lightning_mia.experiment import config_path, experiment_parser
@@ -211,3 +211,18 @@ def test_the_shadow_sweep_trains_each_shadow_row():
         cli = ParseOnlyCLI(args=with_found_configs(argv))
         rows.append(cli.config.fit.data.model_index)
     assert rows == sorted(set(rows)) and min(rows) >= 1  # shadows only, each once
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ([], ["all"]),  # demo.yaml's
+        (["--attacks", "pixel", "semantic"], ["pixel", "semantic"]),
+        (["--attacks", "[pixel, semantic]"], ["pixel", "semantic"]),
+        (["--attacks", "all", "--settings", "shadow", "partial"], ["all"]),
+    ],
+)
+def test_experiment_attacks_spellings(args, expected):
+    cfg = experiment_parser().parse_args(["--config", config_path("demo"), *args])
+    assert split_names(cfg.attacks) == expected
+    assert split_names(cfg.settings) in (["shadow"], ["shadow", "partial"])
