@@ -232,7 +232,8 @@ class MIACLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         stage = stage_of(self.model, self.datamodule)
         layout = ExperimentLayout(self.datamodule.experiment)
-        autoencoder = str(getattr(self.model, "hparams", {}).get("autoencoder", "") or "")
+        references = getattr(self.model, "card_references", dict)()  # a text-to-image model's
+        autoencoder = str(references.get("autoencoder") or "")
         upload = bool(config.get("wandb_upload_checkpoint"))
         log_lineage(self.trainer.logger, *fit_lineage(layout, stage, autoencoder, upload))
 

@@ -55,7 +55,9 @@ def _top_files(folder: Path) -> dict[str, Path]:
     """The files directly in `folder` (not its checkpoints/ or wandb/ subfolders)."""
     if not folder.is_dir():
         return {}
-    return {p.name: p for p in sorted(folder.iterdir()) if p.is_file() and not p.name[0] == "."}
+    return {
+        p.name: p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")
+    }
 
 
 def splits_summary(layout: ExperimentLayout) -> dict[str, Any]:
@@ -102,7 +104,9 @@ def model_artifact(
     return [spec]
 
 
-def _experiment_folder(layout: ExperimentLayout, folder: str | Path, kind: str) -> list:
+def _experiment_folder(
+    layout: ExperimentLayout, folder: str | Path, kind: str
+) -> list[ArtifactSpec]:
     """The artifact of an experiment's own autoencoder/ or encoder/ (none for outside ones)."""
     folder = Path(folder) if folder else None
     own = layout.root / kind
