@@ -8,20 +8,26 @@
 
 `MIACLI` places every run in its experiment folder (`<experiment>/<family>-<role>-<index>/`,
 `autoencoder/`, `encoder/` or `queries/<run>/`), adds the checkpointing every stage needs
-(`checkpoints/last.ckpt`, written at the end of fit and every `checkpoint_every_n_steps`) and a
-W&B logger (group = experiment, job_type = role; offline without an API key).
+(`checkpoints/last.ckpt`, written at the end of fit and every `checkpoint_every_n_steps`), a
+W&B logger (group = experiment, job_type = role; offline without an API key) with the resolved
+config and the splits settings, the learning rate (`LearningRateMonitor`), and the stage's W&B
+lineage at the end of fit (`lightning_mia.lineage`). The terminal is quiet unless `--verbose`
+(`lightning_mia.terminal`). `--config configs/...` paths missing from the working folder are
+read from the installed package (`find_config`), so the commands work from any folder.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 
 from lightning_mia.data.datamodule import MembershipDataModule
 from lightning_mia.errors import UserError
@@ -33,8 +39,38 @@ from lightning_mia.paths import (
     done_marker,
     last_checkpoint,
 )
+from lightning_mia.terminal import (
+    add_verbose_argument,
+    configure_terminal,
+    is_verbose,
+    verbose_requested,
+)
 
 CHECKPOINT_EVERY_N_STEPS = 500
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def find_config(path: str | os.PathLike) -> str:
+    """`path` as given if it exists; else a relative `configs/...` path (file or folder) found
+    in the installed package (`lightning_mia/configs/`, or a checkout's `configs/`)."""
+    given = Path(path)
+    if given.exists() or given.is_absolute() or given.parts[:1] != ("configs",):
+        return str(path)
+    for root in (PACKAGE_DIR, PACKAGE_DIR.parent):
+        if (root / given).exists():
+            return str(root / given)
+    return str(path)
+
+
+def with_found_configs(argv: list[str]) -> list[str]:
+    """`argv` with every `--config X` / `--config=X` resolved by `find_config`."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = find_config(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + find_config(arg.split("=", 1)[1])
+    return out
 
 
 class FinalCheckpoint(Callback):
@@ -86,6 +122,23 @@ def query_data_config(data: Any, ckpt: str) -> None:
     data.source = Namespace(class_path=class_path, init_args=Namespace(**source["init_args"]))
 
 
+class LoggedConfigCallback(SaveConfigCallback):
+    """config.yaml in the stage folder (Lightning's) and the same resolved config, with the
+    experiment's splits settings, in the W&B run (rank zero)."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        import yaml
+
+        from lightning_mia.lineage import splits_summary
+        from lightning_mia.reporting import log_config
+
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "experiment"):
+            config["splits"] = splits_summary(ExperimentLayout(datamodule.experiment))
+        log_config(trainer.logger, config)
+
+
 class MIACLI(LightningCLI):
     """LightningCLI over any lightning_mia module (`model.class_path`) and the splits data."""
 
@@ -94,10 +147,16 @@ class MIACLI(LightningCLI):
             model_class=LightningModule,
             subclass_mode_model=True,
             datamodule_class=MembershipDataModule,
+            save_config_callback=LoggedConfigCallback,
             save_config_kwargs={"overwrite": True},
             args=args,
             run=run,
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's, with `Trainer.validate/test(verbose=...)` left to our `--verbose`."""
+        return {name: {*skip, "verbose"} for name, skip in LightningCLI.subcommands().items()}
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument(
@@ -109,9 +168,16 @@ class MIACLI(LightningCLI):
         parser.add_argument(
             "--wandb_project", type=str, default="lightning_mia", help="W&B project name"
         )
+        parser.add_argument(
+            "--wandb_upload_checkpoint", type=bool, default=False,
+            help="upload last.ckpt into the model's W&B artifact (default: a checksummed "
+            "file:// reference)",
+        )  # fmt: skip
+        add_verbose_argument(parser)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        configure_terminal(bool(config.get("verbose")))
         model_cfg = config.get("model")
         ckpt = getattr(getattr(model_cfg, "init_args", None), "ckpt", None)
         if ckpt and str(model_cfg.class_path).endswith("QueryModule"):
@@ -122,6 +188,8 @@ class MIACLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         kwargs.setdefault("default_root_dir", str(stage.folder))
+        if not is_verbose() and trainer_cfg.get("enable_model_summary") is None:
+            kwargs["enable_model_summary"] = False
         if trainer_cfg.get("logger") in (None, True):
             from lightning_mia.reporting import make_logger
 
@@ -143,10 +211,31 @@ class MIACLI(LightningCLI):
                     )
                 )
             callbacks.append(FinalCheckpoint(stage.folder))
+            if trainer_cfg.get("logger") is not False and not any(
+                isinstance(c, LearningRateMonitor) for c in callbacks
+            ):
+                callbacks.append(LearningRateMonitor(logging_interval="step"))
             kwargs["callbacks"] = callbacks
         if self.subcommand == "predict":
             kwargs["use_distributed_sampler"] = False
         return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        """The stage's W&B lineage: the splits (and autoencoder) it used, what it made."""
+        if self.trainer.interrupted or not self.trainer.is_global_zero:
+            return
+        from lightning_mia.lineage import fit_lineage
+        from lightning_mia.reporting import has_wandb_run, log_lineage
+
+        if not has_wandb_run(self.trainer.logger):
+            return
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        stage = stage_of(self.model, self.datamodule)
+        layout = ExperimentLayout(self.datamodule.experiment)
+        references = getattr(self.model, "card_references", dict)()  # a text-to-image model's
+        autoencoder = str(references.get("autoencoder") or "")
+        upload = bool(config.get("wandb_upload_checkpoint"))
+        log_lineage(self.trainer.logger, *fit_lineage(layout, stage, autoencoder, upload))
 
     def predict(self, model: LightningModule, datamodule: Any = None, **kwargs: Any) -> Any:
         from lightning_mia.query.module import QueryModule
@@ -167,8 +256,19 @@ def run_cli(main: Callable[[], Any]) -> Any:
 
 
 def train_main(args: ArgsType = None) -> MIACLI:
-    """`python train.py ...`: LightningCLI over lightning_mia's modules."""
-    return run_cli(lambda: MIACLI(args=args))
+    """`python train.py ...`: LightningCLI over lightning_mia's modules (quiet unless
+    `--verbose`; `--config configs/...` also found in the installed package)."""
+    argv = list(sys.argv[1:]) if args is None else args
+    configure_terminal(verbose_requested(argv) if isinstance(argv, list) else False)
+    if isinstance(argv, list) and with_found_configs(argv) != argv:
+        args = with_found_configs(argv)
+
+    def main() -> MIACLI:
+        with warnings.catch_warnings():  # args= given for a package config on the command line
+            warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+            return MIACLI(args=args)
+
+    return run_cli(main)
 
 
 def say(text: str) -> None:
@@ -182,8 +282,10 @@ def attack_main(args: ArgsType = None) -> Any:
     """`python attack.py --ckpt <target checkpoint> [--attacks ...] [--setting partial]`."""
     from lightning_mia.attack.command import attack_parser, options_from, run_attack
 
+    argv = list(sys.argv[1:] if args is None else args)
+    configure_terminal(verbose_requested(argv))
     parser = attack_parser()
-    outcome = run_cli(lambda: run_attack(options_from(parser.parse_args(args))))
+    outcome = run_cli(lambda: run_attack(options_from(parser.parse_args(with_found_configs(argv)))))
     if outcome is None:  # not global rank zero
         return None
     show_outcome(outcome)
@@ -194,14 +296,16 @@ def show_outcome(outcome: Any) -> None:
     """The result table, where the report files are, and the `wandb sync` hint if offline."""
     from lightning_mia.attack.render import format_table
     from lightning_mia.attack.report import REPORT_JSON, REPORT_MD, ROC_PNG
-    from lightning_mia.reporting import wandb_mode_note
+    from lightning_mia.reporting import offline_run_folders, wandb_mode_note
 
     folder, root = outcome.folder, outcome.layout.root
     say(format_table(outcome.report))
     say(f"report: {folder / REPORT_JSON}, {folder / REPORT_MD}, {folder / ROC_PNG}")
-    if wandb_mode_note(root):  # offline: every stage of the experiment wrote a run
-        say(f"W&B ran offline; upload every run of the experiment with: wandb sync "
-            f"{root}/wandb/offline-run-* {root}/*/wandb/offline-run-*")  # fmt: skip
+    runs = offline_run_folders(root)
+    if wandb_mode_note(root) and runs:  # offline: every stage of the experiment wrote a run
+        # one at a time, oldest first: each artifact reaches W&B from the run that made it
+        say(f"W&B ran offline; upload the experiment's runs with: wandb sync -n 1 "
+            f"{' '.join(str(r) for r in runs)}")  # fmt: skip
 
 
 if __name__ == "__main__":  # `python -m lightning_mia.cli fit ...` = `python train.py fit ...`

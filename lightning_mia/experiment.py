@@ -21,17 +21,19 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.cli import ArgsType
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_mia.attack.catalog import paper_attacks
-from lightning_mia.attack.command import AttackOptions, AttackOutcome, run_attack
+from lightning_mia.attack.command import AttackOptions, AttackOutcome, run_attack, split_names
 from lightning_mia.attack.repeats import format_repeats, summarize_repeats, write_repeats
-from lightning_mia.cli import run_cli, say, show_outcome, train_main
+from lightning_mia.cli import find_config, run_cli, say, show_outcome, train_main
 from lightning_mia.errors import UserError
 from lightning_mia.paths import ExperimentLayout, done_marker, last_checkpoint
 from lightning_mia.reporting import finish_wandb_run
+from lightning_mia.terminal import add_verbose_argument, configure_terminal, verbose_requested
 
 CONFIG_DIR = Path("configs/experiments")
 
@@ -58,7 +60,7 @@ def fit_stage(
     if done_marker(folder).is_file():
         rank_zero_info(f"[skip] {folder} is done")
         return
-    argv = ["fit", "--config", config, *args]
+    argv = ["fit", "--config", find_config(config), *args]
     if last_checkpoint(folder).is_file():
         argv += ["--ckpt_path", str(last_checkpoint(folder))]
     rank_zero_info(f"[fit] {folder.name}: {' '.join(argv)}")
@@ -141,6 +143,7 @@ def run_experiment(
     isolate: bool = False,
     overfit: bool = False,
     repeats: int = 1,
+    verbose: bool = False,
 ) -> list[AttackOutcome | None]:
     """Run every stage of one experiment in order; returns the attack outcomes (one a setting
     and repeat, repeat by repeat; None on ranks other than zero).
@@ -168,6 +171,7 @@ def run_experiment(
         repeats: R >= 2 runs the whole experiment R times (`repeat_runs`: new splits, target,
             shadows, queries and attacks each) and writes mean ± sd across them beside the
             bootstrap interval, as attack/repeats.json and repeats.md.
+        verbose: every stage shows every message of Lightning, W&B and the model libraries.
     """
     del overfit  # read by the command line, which prints OVERFIT_NOTE
     settings = list(settings or ["shadow"])
@@ -176,6 +180,7 @@ def run_experiment(
     for folder, run_seed, extra in runs:
         layout = ExperimentLayout(folder)
         common = [f"--data.experiment={folder}", *(data_args or []), *(trainer_args or []), *extra]
+        common += ["--verbose"] if verbose else []
         _train_stages(layout, family, num_shadows, autoencoder, encoder, clip, model, common,
                       list(model_args or []), isolate)  # fmt: skip
         for setting in settings:
@@ -183,45 +188,73 @@ def run_experiment(
                 ckpt=str(layout.checkpoint(family, 0)), experiment=folder,
                 attacks=list(attacks or paper_attacks()), setting=setting,
                 known_fraction=known_fraction, num_images=num_images, seed=run_seed,
-                encoder=clip,
+                encoder=clip, verbose=verbose,
             )  # fmt: skip
+            rank_zero_info(f"[attack] {setting} setting: {', '.join(options.attacks)}")
+            start = time.perf_counter()
             outcomes.append(run_attack(options))
             finish_wandb_run()
+            rank_zero_info(
+                f"[attack] {setting} setting done in {time.perf_counter() - start:.0f} s"
+            )
     if repeats > 1:
         _summarize(experiment, settings, runs, outcomes)
     return outcomes
 
 
 def config_path(name: str) -> str:
-    """A named experiment (`demo`) or a path to its YAML; FileNotFoundError lists the names."""
+    """A named experiment (`demo`) or a path to its YAML, in the working folder or else in the
+    installed package (`cli.find_config`); FileNotFoundError lists the names."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
+        if not Path(find_config(path)).is_file():
             raise FileNotFoundError(f"experiment config {path}: no such file")
-        return str(path)
-    named = CONFIG_DIR / f"{name}.yaml"
+        return find_config(path)
+    named = Path(find_config(CONFIG_DIR / f"{name}.yaml"))
     if not named.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        known = sorted(p.stem for p in Path(find_config(CONFIG_DIR)).glob("*.yaml"))
         raise FileNotFoundError(f"no experiment {name!r} ({named} missing); known: {known}")
     return str(named)
 
 
-def experiment_main(args: ArgsType = None) -> list[AttackOutcome | None]:
-    """`python -m lightning_mia.experiment <name | config.yaml> [--key value ...]`."""
+def experiment_parser() -> Any:
+    """The parser of `python -m lightning_mia.experiment`: `--config` and `run_experiment`'s
+    arguments (`--verbose` also alone; `--attacks` / `--settings` also as bare words)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    parser = ArgumentParser(
+        prog="lightning_mia.experiment",
+        description="Run an experiment stage by stage, resumably: lightning_mia.experiment "
+        "<name of configs/experiments/ | config.yaml> [--key value ...]",
+    )
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(run_experiment, skip={"verbose", "attacks", "settings"})
+    attacks = "attacks: names, `all`, or '[pixel, semantic]' (default: the paper's four)"
+    parser.add_argument("--attacks", nargs="*", type=str, default=None, help=attacks)
+    settings = "attacker settings: shadow and/or partial (default: shadow)"
+    parser.add_argument("--settings", nargs="*", type=str, default=None, help=settings)
+    add_verbose_argument(parser)
+    return parser
+
+
+def experiment_main(args: ArgsType = None) -> list[AttackOutcome | None]:
+    """`python -m lightning_mia.experiment <name | config.yaml> [--key value ...]`."""
     argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] in (["-h"], ["--help"]):
+        experiment_parser().print_help()
+        raise SystemExit(0)
     if not argv or argv[0].startswith("-"):
         raise SystemExit("usage: python -m lightning_mia.experiment <name | config.yaml> [...]")
+    configure_terminal(verbose_requested(argv))
 
     def run() -> list[AttackOutcome | None]:
-        parser = ArgumentParser(prog="lightning_mia.experiment")
-        parser.add_argument("--config", action=ActionConfigFile)
-        parser.add_function_arguments(run_experiment)
-        cfg = parser.parse_args(["--config", config_path(argv[0]), *argv[1:]])
+        cfg = experiment_parser().parse_args(["--config", config_path(argv[0]), *argv[1:]])
+        configure_terminal(cfg.verbose)
         start = time.perf_counter()
         kwargs = cfg.as_dict()
         kwargs.pop("config", None)
+        for name in ("attacks", "settings"):  # `--attacks pixel semantic` as attack.py takes it
+            kwargs[name] = split_names(kwargs[name]) or None
         outcomes = run_experiment(**kwargs)
         for outcome in filter(None, outcomes):
             show_outcome(outcome)

@@ -3,14 +3,18 @@
 
 Every helper takes a Lightning logger and is a no-op for anything but a `WandbLogger`, so
 callers never branch. `make_logger` picks online or offline from the environment (offline when
-no API key is configured, `WANDB_MODE=disabled` turns W&B off).
+no API key is configured, `WANDB_MODE=disabled` turns W&B off); it runs silently unless the
+terminal is verbose (`lightning_mia.terminal`). `log_lineage` logs the artifacts that
+`lightning_mia.lineage` describes, also offline.
 """
 
 from __future__ import annotations
 
+import io
 import netrc
 import os
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,8 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_mia.attack.examples import EXAMPLES_PNG
 from lightning_mia.attack.report import AttackReport
+from lightning_mia.lineage import ArtifactSpec, report_artifact
 from lightning_mia.metrics import METRIC_NAMES, Metric
+from lightning_mia.terminal import is_verbose
 
 WANDB_HOST = "api.wandb.ai"
 
@@ -43,6 +50,19 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
 def _row_of(generated: torch.Tensor) -> np.ndarray:
     """(N, 3, H, W) -> one (H, N*W, 3) uint8 strip."""
     return np.concatenate(list(_to_uint8(generated)), axis=1)
+
+
+def grid_png(images: torch.Tensor, min_side: int = 96) -> bytes:
+    """(B, N, 3, H, W) in [-1, 1] -> PNG bytes of a B x N grid (row b = images[b]); small
+    images are enlarged (nearest neighbour, whole factors) to about `min_side` pixels."""
+    from PIL import Image
+
+    grid = np.concatenate([_row_of(images[b]) for b in range(images.shape[0])], axis=0)
+    factor = max(1, min_side // int(images.shape[-2]))
+    grid = grid.repeat(factor, axis=0).repeat(factor, axis=1)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(grid)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def log_report(logger: Any, report: AttackReport, roc_png: str | os.PathLike) -> None:
@@ -71,6 +91,11 @@ def log_report(logger: Any, report: AttackReport, roc_png: str | os.PathLike) ->
             cols = ["sample_id", "is_member", *(r.name for r in scored)]
             lg.log_table("attack/scores", columns=cols, data=rows)
         lg.experiment.summary.update({k: v for k, v in summary.items() if v is not None})
+        folder = Path(roc_png).parent
+        if (folder / EXAMPLES_PNG).is_file():
+            lg.log_image("attack/examples", [str(folder / EXAMPLES_PNG)])
+        group = lg.experiment.group or "experiment"
+        log_lineage(lg, [], [report_artifact(folder, group, report.setting)])
 
 
 def log_image_grid(
@@ -170,6 +195,14 @@ def wandb_mode_note(save_dir: str | os.PathLike | None = None) -> str | None:
     return f"W&B ran offline; upload the run with: wandb sync {target}"
 
 
+def offline_run_folders(root: str | os.PathLike) -> list[Path]:
+    """The offline runs of an experiment (its stages', queries' and attacks'), oldest first."""
+    root = Path(root)
+    found = [*root.glob("wandb/offline-run-*"), *root.glob("*/wandb/offline-run-*"),
+             *root.glob("queries/*/wandb/offline-run-*")]  # fmt: skip
+    return sorted(found, key=lambda p: p.name)  # offline-run-<YYYYmmdd_HHMMSS>-<id>
+
+
 def make_logger(
     experiment_dir: str | os.PathLike,
     name: str,
@@ -177,11 +210,13 @@ def make_logger(
     group: str,
     offline: bool | None = None,
     project: str = "lightning_mia",
+    config: Mapping[str, Any] | None = None,
 ) -> Any:
     """A `WandbLogger` writing under `<experiment_dir>/wandb/`, offline when no key is set.
 
     `offline=None` decides from the environment (`wandb_mode()`); WANDB_MODE=disabled always
-    wins, so tests never create runs.
+    wins, so tests never create runs. `config` starts the run's config. Unless the terminal is
+    verbose, W&B prints nothing (no banner, no summary sparklines, no captured console).
     """
     from lightning.pytorch.loggers import WandbLogger
 
@@ -190,7 +225,80 @@ def make_logger(
         mode = "offline" if offline else "online"
     save_dir = Path(experiment_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    return WandbLogger(
+    extra: dict[str, Any] = {"config": dict(config)} if config else {}
+    if not is_verbose():
+        import wandb
+
+        extra["settings"] = wandb.Settings(console="off", quiet=True, silent=True)
+    logger = WandbLogger(
         name=name, project=project, save_dir=str(save_dir), job_type=job_type, group=group,
-        mode=mode,
+        mode=mode, **extra,
     )  # fmt: skip
+    # Lightning passes `anonymous=None`, a setting W&B has deprecated (it warns on any value);
+    # unset, W&B behaves the same and says nothing
+    getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+    return logger
+
+
+def _active_runs(logger: Any) -> list[Any]:
+    """The live (not disabled) W&B runs of `logger`, on global rank zero only."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return []
+    runs = [lg.experiment for lg in _wandb_loggers(logger)]
+    return [r for r in runs if not getattr(r, "disabled", True) and hasattr(r, "log_artifact")]
+
+
+def has_wandb_run(logger: Any) -> bool:
+    """Whether `logger` has a live W&B run here (so lineage is worth describing)."""
+    return bool(_active_runs(logger))
+
+
+def log_config(logger: Any, config: Mapping[str, Any]) -> None:
+    """Add `config` (nested dicts) to the W&B run's config."""
+    for run in _active_runs(logger):
+        run.config.update(dict(config), allow_val_change=True)
+
+
+def _build_artifact(spec: ArtifactSpec, scratch: Path) -> Any:
+    import wandb
+
+    artifact = wandb.Artifact(spec.name, type=spec.type, metadata=dict(spec.metadata))
+    for name, path in spec.files.items():
+        artifact.add_file(str(path), name=name)  # "mutable": copied to W&B's staging now
+    for name, data in spec.contents.items():
+        (scratch / name).write_bytes(data)
+        artifact.add_file(str(scratch / name), name=name)
+    for name, path in spec.references.items():
+        artifact.add_reference(Path(path).resolve().as_uri(), name=name)
+    return artifact
+
+
+_DECLARED: dict[str, set[tuple[str, str]]] = {}  # run id -> (artifact, "used" | "made") done
+
+
+def log_lineage(logger: Any, used: Sequence[ArtifactSpec], made: Sequence[ArtifactSpec]) -> None:
+    """Declare the artifacts a stage used (inputs) and log those it made (outputs), each once
+    per run.
+
+    Online, inputs go through `run.use_artifact`; offline (where `use_artifact` refuses) they
+    are logged with `use_after_commit`, which is what `use_artifact` does with a new artifact
+    online, so `wandb sync` links them as inputs all the same.
+    """
+    for run in _active_runs(logger):
+        declared = _DECLARED.setdefault(run.id, set())
+        todo = [(s, "used") for s in used] + [(s, "made") for s in made]
+        todo = [(s, k) for s, k in todo if (s.name, k) not in declared]
+        with tempfile.TemporaryDirectory(prefix="lightning_mia-artifact-") as tmp:
+            for i, (spec, kind) in enumerate(todo):
+                scratch = Path(tmp) / str(i)
+                scratch.mkdir()
+                artifact = _build_artifact(spec, scratch)
+                if kind == "made":
+                    run.log_artifact(artifact)
+                elif run.offline:
+                    run._log_artifact(artifact, is_user_created=True, use_after_commit=True)
+                else:
+                    run.use_artifact(artifact)
+                declared.add((spec.name, kind))

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGE_CONFIGS = sorted(
     p
     for p in (ROOT / "configs").rglob("*.yaml")
-    if "experiments" not in p.parts and "attack" not in p.parts
+    if not {"experiments", "attack", "sweeps"} & set(p.parts)  # sweeps: test_cli_docs.py
 )
 ATTACK_CONFIGS = sorted((ROOT / "configs" / "attack").glob("*.yaml"))
 EXPERIMENT_CONFIGS = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))

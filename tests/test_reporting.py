@@ -1,6 +1,7 @@
 """Report files (atomic, all-or-nothing), the terminal table, and the W&B helpers offline."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,3 +190,119 @@ def test_offline_without_key(tmp_path, monkeypatch):
     assert W.wandb_mode_note() is None
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert W.wandb_mode() == "offline"
+
+
+DATA = [
+    "--data.source.num_samples=300",
+    "--data.target_size=16",
+    "--data.aux_size=160",
+    "--data.shadow_size=16",
+    "--data.num_shadows=1",
+    "--data.batch_size=8",
+]
+
+
+@pytest.fixture(scope="module")
+def offline_experiment(tmp_path_factory):
+    """A tiny experiment (autoencoder, encoder, target, one shadow, attack) with W&B offline."""
+    import yaml
+
+    from lightning_mia.experiment import experiment_main
+    from lightning_mia.terminal import configure_terminal
+
+    tmp = tmp_path_factory.mktemp("lineage")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("WANDB_MODE", "offline")
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        patch.setenv(var, str(tmp / "wandb-home" / var.lower()))
+    patch.setenv("HOME", str(tmp / "home"))
+    root = Path(__file__).resolve().parents[1]
+    config = {
+        "experiment": str(tmp / "exp"), "family": "diffusion", "num_shadows": 1,
+        "autoencoder": str(root / "configs/autoencoder/tiny-kl.yaml"),
+        "encoder": str(root / "configs/encoder/tiny.yaml"),
+        "model": str(root / "configs/diffusion/tiny.yaml"), "data_args": DATA,
+        "trainer_args": ["--trainer.max_steps=3", "--trainer.log_every_n_steps=1",
+                         "--trainer.enable_progress_bar=false"],
+        "model_args": ["--model.init_args.num_inference_steps=2"],
+        "num_images": 2, "attacks": ["pixel"],
+    }  # fmt: skip
+    (tmp / "tiny.yaml").write_text(yaml.safe_dump(config))
+    try:
+        (outcome,) = experiment_main([str(tmp / "tiny.yaml")])
+        yield tmp / "exp", {r.job_type: r for r in offline_runs(tmp / "exp")}, outcome
+    finally:
+        W.finish_wandb_run()
+        configure_terminal(True)
+        patch.undo()
+
+
+def test_every_stage_declares_what_it_used_and_made(offline_experiment):
+    exp, runs, _ = offline_experiment
+    assert set(runs) == {"autoencoder", "attacker", "target", "shadow", "attack"}
+    name = exp.name
+    assert runs["autoencoder"].used == [f"{name}-splits"]
+    assert runs["autoencoder"].made == [f"{name}-autoencoder"]
+    assert runs["attacker"].made == [f"{name}-encoder"]
+    for role, run_name, index in (("target", "diffusion-target-000", 0),
+                                  ("shadow", "diffusion-shadow-001", 1)):  # fmt: skip
+        assert runs[role].used == [f"{name}-splits", f"{name}-autoencoder"]
+        assert runs[role].made == [f"{name}-{run_name}"]
+        (model,) = [a for a in runs[role].artifacts if a["type"] == "model"]
+        assert sorted(model["files"]) == ["card.json", "checkpoints/last.ckpt"]
+        assert model["references"] == ["checkpoints/last.ckpt"]  # checksummed, not uploaded
+        assert model["metadata"]["model_index"] == index  # the run card
+    attack = runs["attack"]
+    models = [f"{name}-diffusion-target-000", f"{name}-diffusion-shadow-001"]
+    assert {f"{name}-splits", f"{name}-encoder", *models} == set(attack.used)
+    assert len(attack.used) == len(set(attack.used))  # each declared once
+    assert {f"{name}-query-{m.split('-', 1)[1]}" for m in models} | {f"{name}-report"} <= set(
+        attack.made
+    )
+
+
+def test_what_a_stage_uses_is_the_version_another_made(offline_experiment):
+    """Same files, same digest: W&B links the attack run to the runs that made its inputs."""
+    _, runs, _ = offline_experiment
+
+    def digests(run, used):
+        return {a["name"]: a["digest"] for a in run.artifacts if a["use_after_commit"] is used}
+
+    made = {k: v for r in runs.values() for k, v in digests(r, False).items()}
+    for run in runs.values():
+        for artifact, digest in digests(run, True).items():
+            if artifact in made:
+                assert digest == made[artifact], (run.job_type, artifact)
+    linked = [a for a in digests(runs["attack"], True) if a in made]
+    assert len(linked) >= 3  # target, shadow and encoder, made by their own runs
+
+
+def test_runs_hold_config_splits_learning_rate_and_sample_grids(offline_experiment):
+    exp, runs, outcome = offline_experiment
+    splits_hash = json.loads((exp / "splits.json").read_text())["hash"]
+    for role in ("autoencoder", "attacker", "target", "shadow", "attack"):
+        assert runs[role].config["splits"]["hash"] == splits_hash, role
+    for role in ("autoencoder", "attacker", "target", "shadow"):
+        assert runs[role].config["data"]["target_size"] == 16, role
+        assert any(k.startswith("lr-") for h in runs[role].history for k in h), role
+    assert runs["attack"].config["attack"]["attacks"] == ["pixel"]
+    media = " ".join(runs["target"].files)
+    assert "media/images/samples" in media
+    assert "media/images/reconstructions" in " ".join(runs["autoencoder"].files)
+    assert "media/images/attack/examples" in " ".join(runs["attack"].files)
+    for folder in ("diffusion-target-000", "diffusion-shadow-001"):
+        assert (exp / folder / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    assert (exp / "autoencoder" / "reconstructions.png").is_file()
+    assert (outcome.folder / "examples.png").is_file()
+
+
+def test_the_sync_hint_lists_every_run_oldest_first(offline_experiment, capsys):
+    from lightning_mia.cli import show_outcome
+
+    exp, _, outcome = offline_experiment
+    show_outcome(outcome)
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "wandb sync" in ln)
+    paths = [Path(p) for p in line.split("wandb sync -n 1 ", 1)[1].split()]
+    assert len(paths) == 5 and all(p.is_dir() for p in paths)
+    assert paths == sorted(paths, key=lambda p: p.name)  # makers before users
+    assert paths[0].parent.parent == exp / "autoencoder" and paths[-1].parent.parent == exp

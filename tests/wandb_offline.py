@@ -30,6 +30,7 @@ class OfflineRun:
     files: list[str] = field(default_factory=list)
     artifacts: list[dict] = field(default_factory=list)  # {"name", "type", "files", "aliases"}
     used: list[str] = field(default_factory=list)  # artifacts the run declared it used
+    made: list[str] = field(default_factory=list)  # artifacts the run logged as its outputs
 
 
 def _chunks(raw: bytes):
@@ -75,6 +76,7 @@ def read_offline_run(folder: str | Path) -> OfflineRun:
                 rec.run.run_group,
                 rec.run.job_type,
             )
+            run.config.update({_key(u): json.loads(u.value_json) for u in rec.run.config.update})
         elif kind == "config":
             run.config.update({_key(u): json.loads(u.value_json) for u in rec.config.update})
         elif kind == "summary":
@@ -86,8 +88,13 @@ def read_offline_run(folder: str | Path) -> OfflineRun:
         elif kind == "artifact":
             a = rec.artifact
             entries = [m.path for m in a.manifest.contents]
+            refs = [m.path for m in a.manifest.contents if m.ref]
             run.artifacts.append({"name": a.name, "type": a.type, "files": entries,
-                                  "aliases": list(a.aliases)})  # fmt: skip
+                                  "references": refs, "aliases": list(a.aliases),
+                                  "digest": a.digest, "metadata": json.loads(a.metadata or "{}"),
+                                  "use_after_commit": a.use_after_commit})  # fmt: skip
+            # an input logged offline (what `use_artifact` does with a new artifact online)
+            (run.used if a.use_after_commit else run.made).append(a.name)
         elif kind == "use_artifact":
             run.used.append(rec.use_artifact.name or rec.use_artifact.id)
     return run

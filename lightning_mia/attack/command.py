@@ -36,6 +36,7 @@ from lightning_mia.paths import ExperimentLayout, last_checkpoint
 from lightning_mia.query.run import run_query
 from lightning_mia.query.shards import read_complete
 from lightning_mia.reporting import log_report, make_logger
+from lightning_mia.terminal import configure_terminal
 
 
 def _help(text: str, default: Any = dataclasses.MISSING) -> Any:
@@ -87,6 +88,7 @@ class AttackOptions:
     shadow_config: str = _help("shadows' train.py config (default diffusion/lora|pretrained)", "")
     shadow_args: str = _help("more train.py arguments for the shadows, as one string", "")
     encoder_config: str = _help("encoder config without --encoder", "configs/encoder/tiny.yaml")
+    verbose: bool = _help("show every message of Lightning, W&B and the model libraries", False)
 
 
 def split_names(values: Any) -> list[str]:
@@ -119,6 +121,8 @@ def attack_parser() -> Any:
             kind = next(a for a in args if typing.get_origin(a) is list)
         if typing.get_origin(kind) is list:
             extra = {"nargs": "*", "type": typing.get_args(kind)[0]}
+        elif kind is bool:  # `--verbose` alone, or `--progress false`
+            extra = {"type": bool, "nargs": "?", "const": True}
         else:
             extra = {"type": kind}
         required = f.default is dataclasses.MISSING
@@ -206,11 +210,13 @@ class AttackOutcome:
 def run_attack(options: AttackOptions) -> AttackOutcome | None:
     """Query the target and shadows where needed, train and evaluate the attacks and write
     the report (rank 0); None on the other ranks of a multi-device query."""
+    configure_terminal(options.verbose)
     if options.pipeline:  # splits, target checkpoint and shadows of a model trained elsewhere
         options = prepare_external(options)
     card, layout = _target_card(options)
     shadows = _shadow_checkpoints(options, card, layout)
-    logger = make_logger(str(layout.root), name="attack", job_type="attack", group=layout.name)
+    logger = make_logger(str(layout.root), name="attack", job_type="attack", group=layout.name,
+                         config={"attack": dataclasses.asdict(options)})  # fmt: skip
     query = dict(
         num_images=options.num_images, seed=options.seed, encoder=options.encoder,
         signals=resolve_signals(options.signals, card, layout),
@@ -231,8 +237,9 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
     report = run_attacks(
         layout, target, shadow_tables, attacks=attacks, setting=options.setting,
         known_fraction=options.known_fraction, seed=options.seed,
-        max_epochs=options.max_epochs, logger=logger, progress=options.progress,
-        context=context, calibration=calibration,
+        max_epochs=options.max_epochs, logger=logger, context=context,
+        calibration=calibration,
+        progress=options.progress and options.verbose,  # short loops: bars only when verbose
     )  # fmt: skip
     annotate_report(report, card, layout, options.encoder)  # provenance, pretrained parts
     folder = layout.report_dir(options.setting)

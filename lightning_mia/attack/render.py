@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from lightning_mia.attack.examples import EXAMPLES_PNG, examples_png
 from lightning_mia.attack.report import (
     BACKWARDS,
     REPORT_JSON,
@@ -77,7 +78,7 @@ def format_table(report: AttackReport) -> str:
     return "\n".join([title, *lines, *flag_lines(report)])
 
 
-def render_markdown(report: AttackReport) -> str:
+def render_markdown(report: AttackReport, examples: bool = False) -> str:
     """report.md: the run's facts, the attack x metric table ("n/r" = not resolvable), notes."""
     t = report.target
     facts = [
@@ -96,8 +97,9 @@ def render_markdown(report: AttackReport) -> str:
     table += ["", *(f"**{line}**" for line in flag_lines(report))] if flag_lines(report) else []
     notes = [f"- {n}" for n in report.notes]
     scores = f"Per-sample scores: [{SCORES_CSV}]({SCORES_CSV})."
-    parts = ["# Membership inference report", "", *facts, "", *table, "", "![ROC](roc.png)", "",
-             scores]  # fmt: skip
+    parts = ["# Membership inference report", "", *facts, "", *table, "", "![ROC](roc.png)"]
+    parts += ["", f"![examples]({EXAMPLES_PNG})"] if examples else []
+    parts += ["", scores]
     if notes:
         parts += ["", "## Notes", "", *notes]
     return "\n".join(parts) + "\n"
@@ -139,19 +141,22 @@ def render_roc_png(report: AttackReport) -> bytes:
 
 
 def write_report(folder: str | os.PathLike, report: AttackReport) -> Path:
-    """Write report.json, report.md, roc.png and scores.csv into `folder`; returns roc.png's
-    path.
+    """Write report.json, report.md, roc.png, scores.csv (and examples.png) into `folder`;
+    returns roc.png's path.
 
     All four are rendered before anything is written, and each is written atomically, so a
     failure leaves no partial report (and an older complete one untouched).
     """
     folder = Path(folder)
+    examples = examples_png(folder, report)  # None unless the target's query kept examples
     files = {
         REPORT_JSON: (json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n").encode(),
-        REPORT_MD: render_markdown(report).encode(),
+        REPORT_MD: render_markdown(report, examples is not None).encode(),
         ROC_PNG: render_roc_png(report),
         SCORES_CSV: render_scores_csv(report),
     }
+    if examples is not None:
+        files[EXAMPLES_PNG] = examples
     for name, data in files.items():
         atomic_write_bytes(folder / name, data)
     return folder / ROC_PNG

@@ -34,6 +34,8 @@ from lightning_mia.models.vae import (
     save_autoencoder,
 )
 
+RECONSTRUCTIONS_PNG = "reconstructions.png"  # end-of-fit grid (original | reconstruction)
+
 
 # --- the training module -----------------------------------------------------------------------
 class AutoencoderModule(LightningModule):
@@ -86,6 +88,7 @@ class AutoencoderModule(LightningModule):
         self.register_buffer("latent_moments", torch.tensor([0.0, 1.0], dtype=torch.float64))
         self.register_buffer("code_usage", torch.zeros(num_vq_embeddings))
         self.card: RunCard | None = None
+        self._preview: tuple[torch.Tensor, list[str] | None] | None = None  # first batch
 
     def _build(self, kind: str, resolution: int) -> Autoencoder:
         hp = self.hparams
@@ -232,19 +235,31 @@ class AutoencoderModule(LightningModule):
         every = self.hparams.sample_every_n_steps
         if every > 0 and self.global_step % every == 0 and self.trainer.is_global_zero:
             self._log_reconstructions(batch["pixel_values"][:8], batch.get("caption"))
+        if self._preview is None:  # the first batch's images, for the end-of-fit grid
+            self._preview = (batch["pixel_values"][:8].detach(), batch.get("caption"))
 
-    def _log_reconstructions(self, x: torch.Tensor, captions: list[str] | None) -> None:
-        try:
-            from lightning_mia.reporting import log_image_grid
-        except ImportError:
-            return
-        if self.logger is None:
-            return
+    def on_train_end(self) -> None:
+        """The reconstructions of the first batch's images: to W&B and `reconstructions.png`."""
+        if self._preview is not None and not self.trainer.interrupted:
+            if self.trainer.is_global_zero:
+                self._log_reconstructions(*self._preview, png=self.output_folder())
+
+    def _log_reconstructions(
+        self, x: torch.Tensor, captions: list[str] | None, png: Path | None = None
+    ) -> None:
+        from lightning_mia.paths import atomic_write_bytes
+        from lightning_mia.reporting import grid_png, log_image_grid
+
+        was_training = self.training
+        self.eval()
         with torch.no_grad():
             rec = self.reconstruct(x)[0].clamp(-1, 1)
+        self.train(was_training)
         grid = torch.stack([x, rec], dim=1)  # (B, 2, 3, H, W): original, reconstruction
         names = list(captions[: x.shape[0]]) if captions else [""] * x.shape[0]
         log_image_grid(self.logger, "reconstructions", grid, names, self.global_step)
+        if png is not None:
+            atomic_write_bytes(png / RECONSTRUCTIONS_PNG, grid_png(grid))
 
     # --- output ------------------------------------------------------------------------------
     def finalized_autoencoder(self) -> Autoencoder:

@@ -2,6 +2,10 @@
 dropout, learning-rate warm-up, a frozen image autoencoder kept out of checkpoints, sample grids
 and per-caption seeding.
 
+Sample grids: the fixed preview captions (`num_preview_images` images each, seed 0) go to W&B
+every `sample_every_n_steps` steps (0 = never) and always once at the end of fit, when the grid
+is also written as `<run folder>/samples.png` (`num_preview_images=0` turns both off).
+
 Subclasses (`LatentDiffusionModule`, `Seq2SeqModule`) set `family` and `frozen_prefix`, call
 `self.save_hyperparameters()` in `__init__` (with `caption_dropout` and `warmup_steps` among
 their arguments), and implement `per_sample_loss` and `generate`.
@@ -19,6 +23,9 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_mia.card import CARD_KEY, CheckpointError, RunCard
 from lightning_mia.data.stage import stage_data
+from lightning_mia.paths import ExperimentLayout, atomic_write_bytes
+
+SAMPLES_PNG = "samples.png"  # the end-of-fit sample grid, in the run folder
 
 
 def caption_seeds(num_captions: int, seed: int | Sequence[int]) -> list[int]:
@@ -193,19 +200,31 @@ class TextToImageModule(LightningModule, ABC):
         if self.sample_every_n_steps > 0 and step > 0 and step % self.sample_every_n_steps == 0:
             self.log_sample_grid()
 
+    def on_train_end(self) -> None:
+        if not self.trainer.interrupted:
+            self.log_sample_grid(save=True)
+
     @rank_zero_only
-    def log_sample_grid(self) -> None:
-        """Generate for the fixed preview captions and log the grid (W&B only)."""
-        if not self._preview_captions or self.logger is None:
+    def log_sample_grid(self, save: bool = False) -> None:
+        """Generate for the fixed preview captions and log the grid to W&B; `save` also
+        writes it as `samples.png` in the run folder (B captions x N images)."""
+        if not self._preview_captions or self.num_preview_images <= 0:
             return
-        from lightning_mia.reporting import log_image_grid
+        if self.logger is None and not (save and self.card is not None):
+            return
+        from lightning_mia.reporting import grid_png, log_image_grid
 
         was_training = self.training
         self.eval()
         with torch.no_grad():
             images = self.generate(self._preview_captions, self.num_preview_images, seed=0)
-        self.train(was_training)
+        self.train(was_training)  # images: (B, N, 3, H, W)
         log_image_grid(self.logger, "samples", images, self._preview_captions, self.global_step)
+        if save and self.card is not None:
+            folder = ExperimentLayout(self.card.experiment).run_dir(
+                self.family, self.card.model_index
+            )
+            atomic_write_bytes(folder / SAMPLES_PNG, grid_png(images))
 
 
 def _drop_frozen_keys(module: TextToImageModule, state_dict: dict, prefix: str, meta: Any) -> None:

@@ -198,9 +198,9 @@ class QueryModule(LightningModule):
             "is_member": batch["is_member"],
             "model_index": self.card.model_index,
             "features": features,
-            "query": query[:2].cpu(),
-            "generated": generated[:2].cpu(),
-            "caption": captions[:2],
+            "query": query,  # (B, 3, H, W): the writer keeps a few (examples, W&B)
+            "generated": generated,  # (B, N, 3, H, W)
+            "caption": captions,
         }
         if self.hparams.save_images:
             out["images"] = to_uint8(generated)  # (B, N, H, W, 3)

@@ -3,11 +3,14 @@
     table = run_query("runs/demo/diffusion-target-000/checkpoints/last.ckpt")
 
 Re-running a complete query does nothing; a killed one is completed by querying only the
-sample ids that no shard holds yet (per-sample seeds make the result equal to one run).
+sample ids that no shard holds yet (per-sample seeds make the result equal to one run). The
+first `EXAMPLES_PER_CLASS` members and non-members (by sample id) keep their pictures for the
+report's examples.png; the query declares its W&B lineage (model, splits, encoder -> shards).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -27,6 +30,8 @@ from lightning_mia.query.shards import (
     shard_paths,
 )
 from lightning_mia.query.writer import ShardWriter
+
+EXAMPLES_PER_CLASS = 8  # members and as many non-members keep their images (examples.png)
 
 
 def query_folder(module: QueryModule) -> Path:
@@ -61,6 +66,13 @@ def expected_sample_ids(datamodule: object, model_index: int) -> list[int]:
     return sorted([*row.members, *row.nonmembers])
 
 
+def example_sample_ids(datamodule: object, model_index: int, k: int = EXAMPLES_PER_CLASS) -> set:
+    """The samples whose pictures the query keeps: the first `k` members and `k` non-members
+    by sample id (the same whatever the ranks, batches or interruptions)."""
+    row = datamodule.splits.rows[model_index]
+    return {*sorted(row.members)[:k], *sorted(row.nonmembers)[:k]}
+
+
 def execute_query(module: QueryModule, datamodule: object, trainer: Trainer) -> QueryTable | None:
     """Query what is missing with `trainer`, then merge, check and mark the folder complete.
 
@@ -84,14 +96,18 @@ def execute_query(module: QueryModule, datamodule: object, trainer: Trainer) -> 
     complete = read_complete(folder)
     if complete is not None and all(complete.get(k) == v for k, v in meta.items()):
         rank_zero_info(f"query {folder} is complete; nothing to do")
-        return load_query_table(folder) if trainer.is_global_zero else None
+        if not trainer.is_global_zero:
+            return None
+        _log_lineage(trainer, module, folder, queried_now=False)
+        return load_query_table(folder)
     done = done_sample_ids(folder, meta)
     row = module.hparams.row
     expected = expected_sample_ids(datamodule, module.card.model_index if row is None else row)
     datamodule.exclude_ids, datamodule.query_row = done, row
     missing = len(set(expected) - done)
     rank_zero_info(f"querying {module.run_name}: {missing} of {len(expected)} samples to go")
-    writer = ShardWriter(folder, meta)
+    start = time.perf_counter()
+    writer = ShardWriter(folder, meta, example_sample_ids(datamodule, module.card.model_index))
     if missing:
         trainer.callbacks.append(writer)
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
@@ -107,8 +123,22 @@ def execute_query(module: QueryModule, datamodule: object, trainer: Trainer) -> 
             f"({len(set(expected) - got)} missing, {len(got - set(expected))} foreign)"
         )
     mark_complete(folder, len(table), meta)
+    rank_zero_info(f"query {module.run_name}: done in {time.perf_counter() - start:.0f} s")
     _log_query(trainer, table, writer.examples)
+    _log_lineage(trainer, module, folder, queried_now=True)
     return table
+
+
+def _log_lineage(trainer: Trainer, module: QueryModule, folder: Path, queried_now: bool) -> None:
+    """W&B: the query used the model, the splits and the encoder; made (or read) the shards."""
+    from lightning_mia.lineage import query_lineage, splits_summary
+    from lightning_mia.reporting import has_wandb_run, log_config, log_lineage
+
+    if not has_wandb_run(trainer.logger):
+        return
+    used, made = query_lineage(module.hparams.ckpt, folder, module.encoder_folder, queried_now)
+    log_config(trainer.logger, {"splits": splits_summary(ExperimentLayout(module.card.experiment))})
+    log_lineage(trainer.logger, used, made)
 
 
 def _log_query(trainer: Trainer, table: QueryTable, examples: list[dict]) -> None:
