@@ -16,7 +16,6 @@ process (the same command line as `python train.py fit ...`), which is what mult
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 import warnings
@@ -31,15 +30,12 @@ from lightning_mia.attack.command import AttackOptions, AttackOutcome, run_attac
 from lightning_mia.attack.repeats import format_repeats, summarize_repeats, write_repeats
 from lightning_mia.cli import find_config, run_cli, say, show_outcome, train_main
 from lightning_mia.errors import UserError
-from lightning_mia.paths import ExperimentLayout, done_marker, last_checkpoint
+from lightning_mia.paths import ExperimentLayout
 from lightning_mia.reporting import finish_wandb_run
+from lightning_mia.stages import fit_arguments, run_fit_process
 from lightning_mia.terminal import add_verbose_argument, configure_terminal, verbose_requested
 
 CONFIG_DIR = Path("configs/experiments")
-
-
-class StageError(UserError):
-    """A stage run as its own process failed (that process printed why)."""
 
 
 OVERFIT_NOTE = (
@@ -50,25 +46,14 @@ OVERFIT_NOTE = (
 )
 
 
-def fit_stage(
-    folder: Path,
-    config: str,
-    args: list[str],
-    isolate: bool,
-) -> None:
+def fit_stage(folder: Path, config: str, args: list[str], isolate: bool) -> None:
     """Train one stage unless `folder` is done; resume from its last.ckpt if it has one."""
-    if done_marker(folder).is_file():
-        rank_zero_info(f"[skip] {folder} is done")
+    argv = fit_arguments(folder, find_config(config), args)
+    if argv is None:
         return
-    argv = ["fit", "--config", find_config(config), *args]
-    if last_checkpoint(folder).is_file():
-        argv += ["--ckpt_path", str(last_checkpoint(folder))]
-    rank_zero_info(f"[fit] {folder.name}: {' '.join(argv)}")
     start = time.perf_counter()
     if isolate:  # its own process (what DDP's launcher and clusters need), from any folder
-        code = subprocess.run([sys.executable, "-m", "lightning_mia.cli", *argv]).returncode
-        if code:
-            raise StageError(f"stage {folder.name} failed (exit code {code}; its error is above)")
+        run_fit_process(folder, argv)
     else:
         with warnings.catch_warnings():  # LightningCLI(args=...) inside another command line
             warnings.filterwarnings("ignore", message=".*args parameter is intended.*")

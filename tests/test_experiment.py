@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_mia.experiment import StageError, experiment_main, fit_stage
+from lightning_mia.experiment import experiment_main, fit_stage
 from lightning_mia.paths import ExperimentLayout, done_marker, last_checkpoint
+from lightning_mia.stages import StageError
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = [

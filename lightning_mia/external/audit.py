@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +37,8 @@ from lightning_mia.models.pipeline_folder import (
     native_resolution,
     pipeline_sha256,
 )
-from lightning_mia.paths import ExperimentLayout, atomic_write_bytes, done_marker, last_checkpoint
+from lightning_mia.paths import ExperimentLayout, atomic_write_bytes
+from lightning_mia.stages import fit_arguments, run_fit_process
 
 SHADOW_CONFIGS = {  # the shadows' training recipe when --shadow-config is not given
     "lora": "configs/diffusion/lora.yaml",
@@ -166,18 +165,13 @@ def stage_config(config: dict, layout: ExperimentLayout, splits: Any, init_args:
 
 
 def fit_stage(folder: Path, config: dict, name: str, args: list[str]) -> None:
-    """Train one stage in its own process unless `folder` is done; resume its last.ckpt."""
-    if done_marker(folder).is_file():
-        rank_zero_info(f"[skip] {folder} is done")
-        return
+    """Train one stage in its own process from `config` (written beside the audit's other
+    files) unless `folder` is done; resume its last.ckpt."""
     path = folder.parent / FOLDER / f"{name}.yaml"
     atomic_write_bytes(path, yaml.safe_dump(config, sort_keys=False).encode("utf-8"))
-    argv = [sys.executable, "-m", "lightning_mia.cli", "fit", "--config", str(path), *args]
-    if last_checkpoint(folder).is_file():
-        argv += ["--ckpt_path", str(last_checkpoint(folder))]
-    rank_zero_info(f"[fit] {folder.name}: {shlex.join(argv[1:])}")
-    if subprocess.run(argv).returncode:
-        raise ExternalError(f"stage {folder.name} failed (its error is above)")
+    argv = fit_arguments(folder, str(path), args)
+    if argv is not None:
+        run_fit_process(folder, argv)
 
 
 def shadow_settings(target: dict[str, Any], options: Any, base: str) -> dict[str, Any]:
