@@ -32,7 +32,7 @@ from lightning_mia.cli import find_config, run_cli, say, show_outcome, train_mai
 from lightning_mia.errors import UserError
 from lightning_mia.paths import ExperimentLayout
 from lightning_mia.reporting import finish_wandb_run
-from lightning_mia.stages import fit_arguments, run_fit_process
+from lightning_mia.stages import fit_arguments, run_fit_process, run_fit_processes
 from lightning_mia.terminal import add_verbose_argument, configure_terminal, verbose_requested
 
 CONFIG_DIR = Path("configs/experiments")
@@ -81,17 +81,33 @@ def repeat_runs(experiment: str, seed: int, repeats: int) -> list[tuple[str, int
 def _train_stages(
     layout: ExperimentLayout, family: str, num_shadows: int, autoencoder: str, encoder: str,
     clip: str, model: str, common: list[str], model_args: list[str], isolate: bool,
+    parallel: int = 1,
 ) -> None:  # fmt: skip
-    """Autoencoder, attacker's encoder, target and shadows, each skipped when done."""
+    """Autoencoder and attacker's encoder, then target and shadows, each skipped when done;
+    with `parallel` > 1 the stages of each phase (they do not depend on each other) run as
+    that many processes at once."""
+    shared = []
     if autoencoder:
-        fit_stage(layout.autoencoder, autoencoder, common, isolate)
+        shared.append((layout.autoencoder, autoencoder, common))
     if encoder and not clip:
-        fit_stage(layout.encoder, encoder, common, isolate)
+        shared.append((layout.encoder, encoder, common))
+    models = []
     for index in range(num_shadows + 1):
         args = [*common, f"--data.model_index={index}"]
         if autoencoder:  # the autoencoder this experiment trained, not a config's default path
             args.append(f"--model.init_args.autoencoder={layout.autoencoder}")
-        fit_stage(layout.run_dir(family, index), model, [*args, *model_args], isolate)
+        models.append((layout.run_dir(family, index), model, [*args, *model_args]))
+    for phase in (shared, models):
+        if parallel <= 1:
+            for folder, config, args in phase:
+                fit_stage(folder, config, args, isolate)
+            continue
+        jobs = [(f, argv) for f, c, a in phase if (argv := fit_arguments(f, find_config(c), a))]
+        start = time.perf_counter()
+        run_fit_processes(jobs, parallel)
+        if jobs:
+            names = ", ".join(f.name for f, _ in jobs)
+            rank_zero_info(f"[fit] {names} done in {time.perf_counter() - start:.0f} s")
 
 
 def _summarize(
@@ -128,6 +144,7 @@ def run_experiment(
     isolate: bool = False,
     overfit: bool = False,
     repeats: int = 1,
+    parallel: int = 1,
     verbose: bool = False,
 ) -> list[AttackOutcome | None]:
     """Run every stage of one experiment in order; returns the attack outcomes (one a setting
@@ -156,6 +173,9 @@ def run_experiment(
         repeats: R >= 2 runs the whole experiment R times (`repeat_runs`: new splits, target,
             shadows, queries and attacks each) and writes mean ± sd across them beside the
             bootstrap interval, as attack/repeats.json and repeats.md.
+        parallel: training stages that do not depend on each other (autoencoder and encoder;
+            then target and shadows) run as this many processes at once, each with its share
+            of the CPU threads (> 1 implies isolate; for small models on few cores).
         verbose: every stage shows every message of Lightning, W&B and the model libraries.
     """
     del overfit  # read by the command line, which prints OVERFIT_NOTE
@@ -167,7 +187,7 @@ def run_experiment(
         common = [f"--data.experiment={folder}", *(data_args or []), *(trainer_args or []), *extra]
         common += ["--verbose"] if verbose else []
         _train_stages(layout, family, num_shadows, autoencoder, encoder, clip, model, common,
-                      list(model_args or []), isolate)  # fmt: skip
+                      list(model_args or []), isolate, parallel)  # fmt: skip
         for setting in settings:
             options = AttackOptions(
                 ckpt=str(layout.checkpoint(family, 0)), experiment=folder,

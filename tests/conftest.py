@@ -1,6 +1,7 @@
 """Shared test set-up: offline, no W&B, small thread count, deterministic."""
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -13,6 +14,15 @@ import pytest  # noqa: E402
 def _private_caches(tmp_path, monkeypatch):
     """Keep the file-digest cache inside each test's tmp_path."""
     monkeypatch.setenv("LIGHTNING_MIA_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb_run_left_open():
+    """End any W&B run a test left open (even a disabled one): a later logger would reuse it."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.run.finish()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import yaml
 
 from lightning_mia.experiment import experiment_main, fit_stage
 from lightning_mia.paths import ExperimentLayout, done_marker, last_checkpoint
-from lightning_mia.stages import StageError
+from lightning_mia.stages import StageError, fit_arguments, run_fit_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = [
@@ -110,14 +110,19 @@ def test_an_interrupted_stage_resumes_from_its_last_checkpoint(finished, log):
     assert done_marker(layout.run_dir("diffusion", 1)).read_text() == shadow_done  # skipped
 
 
-def test_an_isolated_stage_runs_in_its_own_process(tmp_path, finished):
-    tmp, _ = finished
-    exp = tmp_path / "iso"
-    folder = ExperimentLayout(exp).encoder
-    args = [f"--data.experiment={exp}", *DATA, *TRAINER, "--trainer.max_steps=2"]
-    fit_stage(folder, str(ROOT / "configs/encoder/tiny.yaml"), args, isolate=True)
-    assert json.loads(done_marker(folder).read_text())["global_step"] == 2
-    assert (folder / "config.json").is_file()  # the encoder folder it writes at the end
-    with pytest.raises(StageError, match="stage encoder2 failed"):
-        bad = [*args, "--model.init_args.no_such_argument=1"]
-        fit_stage(tmp_path / "encoder2", str(ROOT / "configs/encoder/tiny.yaml"), bad, True)
+def test_stages_run_in_their_own_processes_side_by_side(tmp_path, finished):
+    config = str(ROOT / "configs/encoder/tiny.yaml")
+    good, bad = ExperimentLayout(tmp_path / "a").encoder, ExperimentLayout(tmp_path / "b").encoder
+    common = [*DATA, *TRAINER, "--trainer.max_steps=2"]
+    jobs = [
+        (good, fit_arguments(good, config, [f"--data.experiment={good.parent}", *common])),
+        (bad, fit_arguments(bad, config, [f"--data.experiment={bad.parent}", *common,
+                                          "--model.init_args.no_such_argument=1"])),
+    ]  # fmt: skip
+    with pytest.raises(StageError, match=r"stages failed: encoder \(exit code 2\)"):
+        run_fit_processes(jobs, parallel=2)
+    assert json.loads(done_marker(good).read_text())["global_step"] == 2  # the other finished
+    assert (good / "config.json").is_file()  # the encoder folder it writes at the end
+    with pytest.raises(StageError, match="stage encoder failed"):
+        fit_stage(bad, config, jobs[1][1][3:], isolate=True)
+    assert fit_arguments(good, config, common) is None  # done: nothing to run

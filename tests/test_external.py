@@ -83,7 +83,7 @@ def test_a_lora_target_trained_elsewhere_is_audited_end_to_end(inputs, tmp_path,
     attack_main(audit_args(inputs, exp, "--lora", str(inputs["lora"]), "--num_images=1",
                            "--max_epochs=5", "--progress=false", "--attacks", "all",
                            "--signals", "loss"))  # fmt: skip
-    assert "blind (baseline)" in capsys.readouterr().out
+    assert "blind (diagnostic)" in capsys.readouterr().out
     report = json.loads((exp / "attack" / "report.json").read_text())
     external = report["target"]["external"]
     assert external["pipeline_sha256"] == pipeline_sha256(inputs["pipeline"])
