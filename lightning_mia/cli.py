@@ -27,7 +27,12 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import (
+    ArgsType,
+    LightningArgumentParser,
+    LightningCLI,
+    SaveConfigCallback,
+)
 
 from lightning_mia.data.datamodule import MembershipDataModule
 from lightning_mia.errors import UserError
@@ -40,6 +45,7 @@ from lightning_mia.paths import (
     last_checkpoint,
 )
 from lightning_mia.terminal import (
+    OneLineErrors,
     add_verbose_argument,
     configure_terminal,
     is_verbose,
@@ -139,12 +145,17 @@ class LoggedConfigCallback(SaveConfigCallback):
         log_config(trainer.logger, config)
 
 
+class MIAArgumentParser(OneLineErrors, LightningArgumentParser):
+    """LightningCLI's parser whose errors are one line."""
+
+
 class MIACLI(LightningCLI):
     """LightningCLI over any lightning_mia module (`model.class_path`) and the splits data."""
 
     def __init__(self, args: ArgsType = None, run: bool = True) -> None:
         super().__init__(
             model_class=LightningModule,
+            parser_class=MIAArgumentParser,
             subclass_mode_model=True,
             datamodule_class=MembershipDataModule,
             save_config_callback=LoggedConfigCallback,
@@ -280,10 +291,10 @@ def say(text: str) -> None:
 
 def attack_main(args: ArgsType = None) -> Any:
     """`python attack.py --ckpt <target checkpoint> [--attacks ...] [--setting partial]`."""
+    argv = list(sys.argv[1:] if args is None else args)
+    configure_terminal(verbose_requested(argv))  # before the model libraries are imported
     from lightning_mia.attack.command import attack_parser, options_from, run_attack
 
-    argv = list(sys.argv[1:] if args is None else args)
-    configure_terminal(verbose_requested(argv))
     parser = attack_parser()
     outcome = run_cli(lambda: run_attack(options_from(parser.parse_args(with_found_configs(argv)))))
     if outcome is None:  # not global rank zero

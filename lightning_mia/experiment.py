@@ -33,7 +33,12 @@ from lightning_mia.errors import UserError
 from lightning_mia.paths import ExperimentLayout
 from lightning_mia.reporting import finish_wandb_run
 from lightning_mia.stages import fit_arguments, run_fit_process, run_fit_processes
-from lightning_mia.terminal import add_verbose_argument, configure_terminal, verbose_requested
+from lightning_mia.terminal import (
+    add_verbose_argument,
+    argument_parser,
+    configure_terminal,
+    verbose_requested,
+)
 
 CONFIG_DIR = Path("configs/experiments")
 
@@ -225,9 +230,9 @@ def config_path(name: str) -> str:
 def experiment_parser() -> Any:
     """The parser of `python -m lightning_mia.experiment`: `--config` and `run_experiment`'s
     arguments (`--verbose` also alone; `--attacks` / `--settings` also as bare words)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile
 
-    parser = ArgumentParser(
+    parser = argument_parser(
         prog="lightning_mia.experiment",
         description="Run an experiment stage by stage, resumably: lightning_mia.experiment "
         "<name of configs/experiments/ | config.yaml> [--key value ...]",

@@ -200,7 +200,18 @@ def offline_run_folders(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     found = [*root.glob("wandb/offline-run-*"), *root.glob("*/wandb/offline-run-*"),
              *root.glob("queries/*/wandb/offline-run-*")]  # fmt: skip
-    return sorted(found, key=lambda p: p.name)  # offline-run-<YYYYmmdd_HHMMSS>-<id>
+    return sorted(found, key=_run_started)
+
+
+def _run_started(folder: Path) -> tuple[str, str]:
+    """When an offline run started, to the millisecond: the first line of its debug log
+    ("2026-12-01 10:43:11,327 INFO ..."), else the second its folder name gives."""
+    try:
+        with open(folder / "logs" / "debug.log", encoding="utf-8") as log:
+            first = log.readline()[:23]
+    except OSError:
+        first = ""
+    return first, folder.name  # offline-run-<YYYYmmdd_HHMMSS>-<id>
 
 
 def make_logger(
@@ -223,8 +234,8 @@ def make_logger(
     mode = wandb_mode()
     if mode != "disabled" and offline is not None:
         mode = "offline" if offline else "online"
-    save_dir = Path(experiment_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
+    save_dir = Path(experiment_dir)  # created by W&B when the run starts, not before: a stage
+    # that fails on its input (bad data, bad config) leaves no folder behind
     extra: dict[str, Any] = {"config": dict(config)} if config else {}
     if not is_verbose():
         import wandb

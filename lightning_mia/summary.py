@@ -27,6 +27,7 @@ from typing import Any
 from lightning_mia.attack.report import REPORT_JSON, AttackReport, read_report
 from lightning_mia.errors import UserError
 from lightning_mia.paths import ExperimentLayout
+from lightning_mia.terminal import argument_parser
 
 FACTORS = {
     "steps_per_image": "training steps per image",
@@ -189,9 +190,7 @@ def write_summary(rows: Sequence[SummaryRow], output: str | os.PathLike) -> list
 
 def summary_parser() -> Any:
     """The parser of `python -m lightning_mia.summary`."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(prog="lightning_mia.summary", description=__doc__.split("\n")[0])
+    parser = argument_parser(prog="lightning_mia.summary", description=__doc__.split("\n")[0])
     parser.add_argument("experiments", nargs="+", help="experiment folders (e.g. runs/*)")
     parser.add_argument("--output", type=str, default="", help="folder (default: their parent)")
     return parser

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -135,4 +136,43 @@ def _is_ours(message: Any) -> bool:
     return pattern in QUIET_WARNINGS
 
 
-__all__ = ["add_verbose_argument", "configure_terminal", "is_verbose", "verbose_requested"]
+class OneLineErrors:
+    """Parser mixin (jsonargparse / LightningCLI parsers): a command-line error is one line,
+    `error: <what is wrong>`, and exit status 2 — not the usage text and a nested report."""
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        if not getattr(self, "exit_on_error", True):
+            return super().error(message, ex)  # a caller that catches the error
+        sys.stderr.write(f"error: {short_parser_message(message)} (see --help)\n")
+        raise SystemExit(2)
+
+
+def short_parser_message(message: str) -> str:
+    """jsonargparse's (often nested, multi-line) message as one line: for a class whose
+    arguments do not fit, the key and that class's problem rather than every Union member's."""
+    text = " ".join(str(message).split())
+    key = re.match(r'Parser key "([^"]+)"', text)
+    problem = re.search(r"(Problem with given class_path .*?)(?: - Expected a |$)", text)
+    if key and problem:
+        return f'Parser key "{key.group(1)}": {problem.group(1).rstrip(" -")}'
+    return text
+
+
+def argument_parser(**kwargs: Any) -> Any:
+    """A jsonargparse `ArgumentParser` (with `OneLineErrors`) for the package's commands."""
+    from jsonargparse import ArgumentParser
+
+    class OneLineArgumentParser(OneLineErrors, ArgumentParser):
+        pass
+
+    return OneLineArgumentParser(**kwargs)
+
+
+__all__ = [
+    "OneLineErrors",
+    "argument_parser",
+    "add_verbose_argument",
+    "configure_terminal",
+    "is_verbose",
+    "verbose_requested",
+]

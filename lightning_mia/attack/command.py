@@ -36,7 +36,7 @@ from lightning_mia.paths import ExperimentLayout, last_checkpoint
 from lightning_mia.query.run import run_query
 from lightning_mia.query.shards import read_complete
 from lightning_mia.reporting import log_report, make_logger
-from lightning_mia.terminal import configure_terminal
+from lightning_mia.terminal import argument_parser, configure_terminal
 
 
 def _help(text: str, default: Any = dataclasses.MISSING) -> Any:
@@ -106,9 +106,9 @@ def split_names(values: Any) -> list[str]:
 
 def attack_parser() -> Any:
     """The `attack.py` argument parser, one flag per `AttackOptions` field (also `--a-b`)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile
 
-    parser = ArgumentParser(prog="attack.py", description="Membership inference on a target.")
+    parser = argument_parser(prog="attack.py", description="Membership inference on a target.")
     parser.add_argument("--config", action=ActionConfigFile)
     hints = typing.get_type_hints(AttackOptions)
     for f in dataclasses.fields(AttackOptions):
