@@ -67,7 +67,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise CheckpointError(f"checkpoint {path}: not a readable checkpoint ({err})") from err
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path}: not a readable checkpoint ({detail})") from err
 
 
 def read_card(path: str | os.PathLike) -> RunCard:

@@ -145,6 +145,23 @@ class LoggedConfigCallback(SaveConfigCallback):
         log_config(trainer.logger, config)
 
 
+def check_resume_checkpoint(ckpt: str, class_path: str) -> None:
+    """CheckpointError unless `ckpt` is a lightning_mia checkpoint of the configured model's
+    family (resuming a diffusion run from an autoencoder checkpoint, say)."""
+    import importlib
+
+    from lightning_mia.card import CheckpointError, read_card
+
+    card = read_card(ckpt)
+    module, _, name = class_path.rpartition(".")
+    family = getattr(getattr(importlib.import_module(module), name, None), "family", "")
+    if family and card.family != family:
+        raise CheckpointError(
+            f"--ckpt_path {ckpt} is a {card.family} checkpoint, but the config trains a "
+            f"{family} model ({name}): resume a run from its own checkpoints/last.ckpt"
+        )
+
+
 class MIAArgumentParser(OneLineErrors, LightningArgumentParser):
     """LightningCLI's parser whose errors are one line."""
 
@@ -185,6 +202,16 @@ class MIACLI(LightningCLI):
             "file:// reference)",
         )  # fmt: skip
         add_verbose_argument(parser)
+
+    def parse_arguments(self, parser: Any, args: ArgsType) -> None:
+        """Parse, then refuse a `--ckpt_path` of another family before LightningCLI reads the
+        checkpoint's hyper-parameters into the config (which would swap the model class)."""
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        config = self.config[sub] if sub else self.config
+        ckpt, model = config.get("ckpt_path"), config.get("model")
+        if ckpt and Path(str(ckpt)).is_file() and getattr(model, "class_path", None):
+            check_resume_checkpoint(str(ckpt), str(model.class_path))
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -257,12 +284,33 @@ class MIACLI(LightningCLI):
         return self.trainer.predict(model, datamodule=datamodule, **kwargs)
 
 
+def user_error_in(err: BaseException) -> BaseException | None:
+    """The user error behind `err`: itself, or one jsonargparse wrapped while instantiating
+    a class from a config (it re-raises a ValueError whose cause or context is the error)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (UserError, FileNotFoundError)):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (a list of problems joined with '; ')."""
+    lines = [ln.strip().lstrip("- ").strip() for ln in str(err).splitlines()]
+    return "; ".join(ln for ln in lines if ln).replace(":; ", ": ")
+
+
 def run_cli(main: Callable[[], Any]) -> Any:
     """Run `main`; a user error becomes one line on stderr and exit status 1."""
     try:
         return main()
-    except (UserError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - only user errors are caught, the rest re-raised
+        user = user_error_in(err)
+        if user is None:
+            raise
+        print(f"error: {one_line(user)}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
