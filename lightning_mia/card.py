@@ -72,10 +72,32 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_card(path: str | os.PathLike) -> RunCard:
-    """The run card of a lightning_mia checkpoint; CheckpointError for anything else."""
+    """The run card of a lightning_mia checkpoint; CheckpointError for anything else.
+
+    A checkpoint inside an experiment folder (`<experiment>/<run>/checkpoints/*.ckpt`, beside
+    its splits.json) belongs to that folder, wherever it was trained: an experiment moved or
+    copied elsewhere keeps working (the splits hash, checked by every stage, still ties the
+    checkpoint to its splits).
+    """
     ckpt = load_checkpoint(path)
     if CARD_KEY not in ckpt:
         raise CheckpointError(
             f"checkpoint {path}: not a lightning_mia checkpoint (no '{CARD_KEY}' entry)"
         )
-    return RunCard.from_dict(ckpt[CARD_KEY])
+    card = RunCard.from_dict(ckpt[CARD_KEY])
+    holder = holding_experiment(path)
+    if holder is not None and holder.resolve() != Path(card.experiment).resolve():
+        card.experiment = str(holder)
+    return card
+
+
+def holding_experiment(path: str | os.PathLike) -> Path | None:
+    """The experiment folder a checkpoint sits in (`<experiment>/<run>/checkpoints/x.ckpt`
+    with `<experiment>/splits.json`), or None."""
+    from lightning_mia.paths import CHECKPOINT_DIR, ExperimentLayout
+
+    path = Path(path)
+    if path.parent.name != CHECKPOINT_DIR or len(path.parents) < 3:
+        return None
+    root = path.parents[2]
+    return root if ExperimentLayout(root).splits.is_file() else None

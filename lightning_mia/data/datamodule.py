@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_mia.data.duplicates import DuplicatePolicy
 from lightning_mia.data.samplers import ShardedSampler, current_rank_and_world
@@ -264,13 +264,23 @@ class MembershipDataModule(pl.LightningDataModule):
         return current_rank_and_world()
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; the last partial batch is dropped only if one remains full."""
+        """Shuffled training batches; the last partial batch is dropped only if one remains full.
+
+        Each epoch's order is a function of (seed, epoch) alone — a `DistributedSampler` (so
+        Lightning keeps it and calls `set_epoch`) of this trainer's ranks — and no loader draw
+        touches the global random state, which a checkpoint saves: a run killed on an epoch
+        boundary and resumed sees exactly the batches one uninterrupted run sees.
+        """
         dataset = self.train_dataset()
-        per_rank = math.ceil(len(dataset) / self._rank_and_world()[1])
+        rank, world = self._rank_and_world()
+        per_rank = math.ceil(len(dataset) / world)
+        seed = int(self.split_config["seed"])
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, seed=seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(seed),  # worker seeds, not the global RNG
             drop_last=per_rank > self.batch_size,
             collate_fn=collate_samples,
             num_workers=self.num_workers,

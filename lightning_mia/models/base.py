@@ -26,6 +26,7 @@ from lightning_mia.data.stage import stage_data
 from lightning_mia.paths import ExperimentLayout, atomic_write_bytes
 
 SAMPLES_PNG = "samples.png"  # the end-of-fit sample grid, in the run folder
+RNG_KEY = "lightning_mia_rng"  # the global random state at a checkpoint, for exact resumes
 
 
 def caption_seeds(num_captions: int, seed: int | Sequence[int]) -> list[int]:
@@ -156,6 +157,9 @@ class TextToImageModule(LightningModule, ABC):
         if self.card is not None:
             self.card.train_steps_per_image = self.train_steps_per_image
             checkpoint[CARD_KEY] = self.card.to_dict()
+        checkpoint[RNG_KEY] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint[RNG_KEY]["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if CARD_KEY not in checkpoint:
@@ -164,6 +168,18 @@ class TextToImageModule(LightningModule, ABC):
         if card.family != self.family:
             raise CheckpointError(f"checkpoint is of family {card.family!r}, not {self.family!r}")
         self.card = card
+        self._resume_rng = checkpoint.get(RNG_KEY)
+
+    def on_train_start(self) -> None:
+        """A resumed run draws on from the random state it was saved with (caption dropout,
+        noise, timesteps, the next epochs' shuffles): killed at a checkpoint on an epoch
+        boundary and resumed, it trains exactly as one uninterrupted run."""
+        state, self._resume_rng = getattr(self, "_resume_rng", None), None
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(state["cuda"]))
 
     # --- training loop pieces ------------------------------------------------------------------
     def drop_captions(self, captions: Sequence[str]) -> list[str]:
