@@ -298,7 +298,8 @@ def user_error_in(err: BaseException) -> BaseException | None:
 
 def one_line(err: BaseException) -> str:
     """An error's message on one line (a list of problems joined with '; ')."""
-    lines = [ln.strip().lstrip("- ").strip() for ln in str(err).splitlines()]
+    lines = [ln.strip() for ln in str(err).splitlines()]
+    lines = [ln[2:] if ln.startswith("- ") else ln for ln in lines]  # a list's bullets
     return "; ".join(ln for ln in lines if ln).replace(":; ", ": ")
 
 

@@ -197,6 +197,8 @@ DATA = [
     "--data.target_size=16",
     "--data.aux_size=160",
     "--data.shadow_size=16",
+    "--data.public_size=100",
+    "--data.member_fraction=0.5",
     "--data.num_shadows=1",
     "--data.batch_size=8",
 ]

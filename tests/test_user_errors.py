@@ -29,13 +29,20 @@ SMALL = [
     "--data.target_size=16",
     "--data.aux_size=100",
     "--data.shadow_size=16",
+    "--data.public_size=80",
+    "--data.member_fraction=0.5",
     "--data.num_shadows=1",
     "--data.batch_size=8",
     "--trainer.max_steps=2",
     "--trainer.enable_progress_bar=false",
     "--trainer.logger=false",
 ]
-FOLDER = ["--data.target_size=4", "--data.aux_size=2", "--data.shadow_size=2"]
+FOLDER = [
+    "--data.target_size=4",
+    "--data.aux_size=2",
+    "--data.shadow_size=2",
+    "--data.public_size=2",
+]
 
 
 def png(k, size=(8, 8)):

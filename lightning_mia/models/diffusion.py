@@ -22,7 +22,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
@@ -358,9 +358,11 @@ class LatentDiffusionModule(TextToImageModule):
         return (self.resolution, self.resolution)
 
     # --- diffusers folders and checkpoints ----------------------------------------------------
-    def pipeline(self) -> StableDiffusionPipeline:
+    def pipeline(self) -> Any:
         """The released model as a diffusers pipeline (EMA weights when EMA is on)."""
         unet, text_encoder = self.denoiser(use_ema=True)
+        from diffusers import StableDiffusionPipeline  # here: it prints a notice when imported
+
         return StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=text_encoder,
