@@ -30,6 +30,7 @@ from _common import (
     autocast,
     build_model,
     check_args,
+    cpu_description,
     peak_rss_mib,
     shapes_items,
     stopwatch,
@@ -124,6 +125,7 @@ def train_ratio(args: argparse.Namespace) -> float:
         f"# {args.family} {args.preset} {res}px, batch {args.batch_size}, {steps} steps x "
         f"{args.rounds} rounds, {args.device} {args.precision}, {torch.get_num_threads()} threads"
     )
+    print(f"# {cpu_description()}")
     print(f"plain loop: {p:.2f} samples/s  (rounds: {', '.join(f'{t:.2f}' for t in plain)} s)")
     print(f"Lightning:  {li:.2f} samples/s  (rounds: {', '.join(f'{t:.2f}' for t in light)} s)")
     print(f"peak RSS {peak_rss_mib():.0f} MiB")

@@ -102,7 +102,7 @@ def test_save_and_load_round_trip(trained_autoencoder, tmp_path):
     ]  # no temporary folder left behind
     again = load_autoencoder(folder)
     assert again.config.scaling_factor == ae.config.scaling_factor
-    with torch.no_grad():
+    with torch.no_grad():  # reloaded float32 weights, the same batch: the default tolerance
         torch.testing.assert_close(
             encode_latents(again, HELD_OUT[:4]), encode_latents(ae, HELD_OUT[:4])
         )

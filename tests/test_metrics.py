@@ -43,6 +43,7 @@ def _brute_tpr_at_fpr(scores, labels, budget):
 
 def test_auc_and_roc_curve_equal_sklearn_with_ties():
     scores, labels = _tied_inputs()
+    # both count ranks in float64: equal up to the last bits
     assert float(M.roc_auc(scores, labels)) == pytest.approx(
         roc_auc_score(labels.numpy(), scores.numpy()), abs=1e-12
     )

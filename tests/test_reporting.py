@@ -164,7 +164,7 @@ def test_offline_run_holds_the_report_and_the_images(offline_wandb):
     (run,) = offline_runs(exp / "wandb")
     assert (run.name, run.group, run.job_type) == ("demo/attack", "demo", "attack")
     auc = report.attacks["pixel"].metrics["auc"].value
-    assert run.summary["attack/pixel/auc"] == pytest.approx(auc)
+    assert run.summary["attack/pixel/auc"] == pytest.approx(auc)  # a float through JSON
     assert run.summary["baseline/blind/auc"] == pytest.approx(
         report.baselines["blind"].metrics["auc"].value
     )
