@@ -1,0 +1,209 @@
+"""Several devices on CPU, 2 processes (gloo): `attack.py --devices 2` under `ddp` and
+`ddp_spawn`, and the experiment's attack stage on 2 devices, write the report.json of one
+device from the same merged query tables (each sample queried once across the ranks); the
+attack classifiers, the report and the W&B run are rank 0's alone.
+
+Each multi-process run is a real subprocess (`ddp` re-launches the command line), so these
+tests cost tens of seconds each; they share one tiny experiment (4 training steps per stage,
+2 shadows so LiRA and its calibration queries `queries/<shadow>/row-000/` take part).
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_mia.attack.command import AttackOptions, attack_argv, attack_parser, options_from
+from lightning_mia.experiment import experiment_main, relaunches_command
+from lightning_mia.query.shards import load_query_table, read_shard, shard_paths
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = [
+    "--data.source.num_samples=300",
+    "--data.target_size=16",
+    "--data.aux_size=160",
+    "--data.shadow_size=16",
+    "--data.batch_size=8",
+]
+TRAINER = [
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.logger=false",
+    "--trainer.max_steps=4",
+]
+ATTACKS = ["pixel", "loss"]  # one black-box and one gray-box attack (its signals), + LiRA
+NOT_RESULTS = {"created", "seconds_per_sample"}  # timings and dates differ from run to run
+# Report numbers: the threshold baseline's cut is a feature value (1 float32 ulp apart here);
+# accuracy and AUC are rank statistics over 16 test samples, where one changed rank moves AUC by
+# 1/64 and accuracy by 1/16. 1e-4 is far above float32 noise and far below any changed result.
+REPORT_TOL = 1e-4
+# Features, relative to each feature's scale: one device queries 16 samples per batch, each of
+# 2 ranks 8, which changes float32 accumulation order by a few ulps (1.2e-7) through the
+# sampler and the feature networks; BRISQUE reads 8-bit images, where such a difference can
+# flip one pixel's rounding (measured: 4.5e-6 of its scale). 1e-4 leaves a 20x margin.
+FEATURE_TOL = 1e-4
+
+
+def _env(tmp: Path, wandb: str = "disabled") -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": wandb}
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        env[var] = str(tmp / "wandb-home" / var.lower())
+    return env | {"HOME": str(tmp / "home")}  # W&B writes nothing outside tmp
+
+
+def _tables(exp: Path) -> dict[str, object]:
+    """Every query folder's merged table (own rows and the calibration rows row-000)."""
+    folders = sorted(p.parent for p in (exp / "queries").rglob("COMPLETE.json"))
+    return {str(f.relative_to(exp)): load_query_table(f) for f in folders}
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """The tiny experiment run on one device; its report.json and query tables."""
+    tmp = tmp_path_factory.mktemp("multi")
+    config = {
+        "experiment": str(tmp / "exp"), "family": "diffusion", "num_shadows": 2,
+        "autoencoder": str(ROOT / "configs/autoencoder/tiny-kl.yaml"),
+        "encoder": str(ROOT / "configs/encoder/tiny.yaml"),
+        "model": str(ROOT / "configs/diffusion/tiny.yaml"), "data_args": DATA,
+        "trainer_args": TRAINER, "model_args": ["--model.init_args.num_inference_steps=2"],
+        "num_images": 1, "attacks": ATTACKS,
+    }  # fmt: skip
+    (tmp / "tiny.yaml").write_text(yaml.safe_dump(config))
+    experiment_main([str(tmp / "tiny.yaml"), "--query_accelerator=cpu", "--query_devices=1"])
+    exp = tmp / "exp"
+    report = json.loads((exp / "attack" / "report.json").read_text())
+    return tmp, exp, report, _tables(exp)
+
+
+def _fresh(exp: Path) -> None:
+    """Remove the queries and the attack outputs, keep the trained models."""
+    for name in ("queries", "attack", "wandb"):
+        shutil.rmtree(exp / name, ignore_errors=True)
+
+
+def _run(args: list[str], tmp: Path, wandb: str = "disabled") -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(tmp, wandb),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-5000:]
+    return proc
+
+
+def _numbers_close(a, b, path=""):
+    if isinstance(a, dict):
+        keys = set(a) - NOT_RESULTS
+        assert keys == set(b) - NOT_RESULTS, path
+        for k in keys:
+            _numbers_close(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _numbers_close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and not isinstance(b, bool):
+        assert math.isclose(a, b, rel_tol=REPORT_TOL, abs_tol=REPORT_TOL), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+def _without_lira(report: dict) -> dict:
+    """The report less what only the calibration queries give (LiRA rows and notes)."""
+    attacks = {k: v for k, v in report["attacks"].items() if not k.startswith("lira-")}
+    return {**{k: v for k, v in report.items() if k != "notes"}, "attacks": attacks}
+
+
+def _same_as_one_device(exp: Path, report: dict, tables: dict, calibrated: bool = True) -> None:
+    got = _tables(exp)
+    if not calibrated:  # --calibrate false: no queries of the shadows on the target's samples
+        tables = {k: v for k, v in tables.items() if "row-000" not in k}
+    assert set(got) == set(tables)  # target, 2 shadows (+ 2 calibration folders row-000)
+    assert len(got) == (5 if calibrated else 3) and sum("row-000" in k for k in got) == len(got) - 3
+    for name, ref in tables.items():
+        table = got[name]
+        assert table.sample_id.tolist() == ref.sample_id.tolist(), name
+        assert table.is_member.tolist() == ref.is_member.tolist(), name
+        assert set(table.features) == set(ref.features), name
+        for key, values in ref.features.items():
+            scale = 1.0 + float(values.abs().max())
+            diff = float((table.features[key] - values).abs().max())
+            assert diff <= FEATURE_TOL * scale, (name, key, diff)
+        folder = exp / name
+        ranks = {p.name.split("-")[1] for p in shard_paths(folder)}
+        assert ranks == {"r000", "r001"}, (name, ranks)  # both ranks queried
+        ids = [i for p in shard_paths(folder) for i in read_shard(p)[0]["sample_id"].tolist()]
+        assert sorted(ids) == ref.sample_id.tolist(), name  # each sample exactly once
+    written = json.loads((exp / "attack" / "report.json").read_text())
+    if not calibrated:
+        report, written = _without_lira(report), _without_lira(written)
+    _numbers_close(report, written)
+
+
+def test_attack_ddp_on_two_processes_writes_the_one_device_report(experiment):
+    from wandb_offline import offline_runs
+
+    tmp, exp, report, tables = experiment
+    _fresh(exp)
+    target = exp / "diffusion-target-000" / "checkpoints" / "last.ckpt"
+    proc = _run(["attack.py", "--ckpt", str(target), "--num_images=1", "--attacks", *ATTACKS,
+                 "--accelerator=cpu", "--devices=2", "--strategy=ddp", "--progress=false"],
+                tmp, wandb="offline")  # fmt: skip
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr  # a second process really ran
+    assert proc.stdout.count("shadow setting, diffusion, 2 shadow model(s)") == 1
+    _same_as_one_device(exp, report, tables)
+    runs = offline_runs(exp / "wandb")  # rank 1 made a logger but no W&B run
+    assert [r.job_type for r in runs] == ["attack"], [r.folder for r in runs]
+    assert not list((exp / "attack").glob("**/*.tmp"))
+
+
+def test_attack_ddp_spawn_on_two_processes_writes_the_one_device_report(experiment):
+    # ddp_spawn starts 2 fresh workers for every query (about 20 s each here, under load): the
+    # calibration queries, the same run_query as the shadows' own, are left to the ddp test
+    tmp, exp, report, tables = experiment
+    _fresh(exp)
+    target = exp / "diffusion-target-000" / "checkpoints" / "last.ckpt"
+    proc = _run(["attack.py", "--ckpt", str(target), "--num_images=1", "--attacks", *ATTACKS,
+                 "--accelerator=cpu", "--devices=2", "--strategy=ddp_spawn",
+                 "--calibrate=false", "--progress=false"], tmp)  # fmt: skip
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr
+    _same_as_one_device(exp, report, tables, calibrated=False)
+
+
+def test_experiment_attack_stage_under_ddp_runs_as_its_own_process(experiment):
+    tmp, exp, report, tables = experiment
+    _fresh(exp)
+    proc = _run(["-m", "lightning_mia.experiment", str(tmp / "tiny.yaml"),
+                 "--query_accelerator=cpu", "--query_devices=2", "--query_strategy=ddp"],
+                tmp)  # fmt: skip
+    err = proc.stderr
+    assert "[attack] in its own process: -m lightning_mia.attack.command" in err
+    assert err.count("[skip]") == 5  # the launcher re-ran the attack command, not the stages
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in err
+    assert proc.stdout.count("shadow setting, diffusion, 2 shadow model(s)") == 1  # shown once
+    _same_as_one_device(exp, report, tables)
+
+
+def test_which_settings_relaunch_the_command_line(monkeypatch):
+    assert relaunches_command("cpu", 2, "ddp")
+    assert relaunches_command("cpu", 2, "auto")  # what `devices: auto` is on a multi-GPU node
+    assert not relaunches_command("cpu", 2, "ddp_spawn")
+    assert not relaunches_command("cpu", 1, "auto")
+    assert not relaunches_command("cpu", "auto", "auto")  # one CPU process
+    for var, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2",
+                       "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
+                       "TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29500"}.items():  # fmt: skip
+        monkeypatch.setenv(var, value)  # torchrun started the ranks: nothing is re-launched
+    assert not relaunches_command("cpu", 2, "ddp")
+
+
+def test_attack_argv_round_trips_the_options():
+    options = AttackOptions(ckpt="t.ckpt", attacks=["pixel", "loss"], signals=[], devices=2,
+                            strategy="ddp", num_nodes=2, calibrate=False, num_images=1,
+                            shadow_args="--trainer.max_steps=3", public_size=5)  # fmt: skip
+    assert options_from(attack_parser().parse_args(attack_argv(options))) == options
