@@ -207,3 +207,77 @@ def test_attack_argv_round_trips_the_options():
                             strategy="ddp", num_nodes=2, calibrate=False, num_images=1,
                             shadow_args="--trainer.max_steps=3", public_size=5)  # fmt: skip
     assert options_from(attack_parser().parse_args(attack_argv(options))) == options
+
+
+AUTOENCODER_TINY = {  # the GPU configs' structure (discriminator, strategy ddp) at tiny sizes
+    "trainer": {
+        "accelerator": "cpu", "devices": 2, "max_steps": 8, "logger": False,
+        "enable_progress_bar": False,
+        # bf16 autocast is emulated on CPUs without bf16 units (~10x slower here): fp32 on CPU
+        "precision": "32-true",
+    },
+    "model": {"init_args": {
+        "resolution": 16, "block_out_channels": [8, 16], "layers_per_block": 1,
+        "norm_num_groups": 4, "latent_channels": 4, "num_vq_embeddings": 64,
+        "vq_embed_dim": 4, "mid_block_add_attention": False, "disc_start_step": 2,
+        "disc_channels": 8, "restart_dead_codes_every": 2, "sample_every_n_steps": 0,
+    }},
+    "data": {
+        "source": {"class_path": "lightning_mia.data.shapes.ShapesSource",
+                   "init_args": {"num_samples": 200, "resolution": 16, "seed": 0}},
+        "num_shadows": 1, "target_size": 16, "aux_size": 64, "shadow_size": 16,
+        "batch_size": 4, "num_workers": 0,
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("config", ["kl-f8-256", "vqgan-f16-256"])
+def test_discriminator_autoencoder_trains_under_plain_ddp(tmp_path, config):
+    from lightning_mia.models.vae import load_autoencoder
+
+    gpu_config = yaml.safe_load((ROOT / "configs" / "autoencoder" / f"{config}.yaml").read_text())
+    assert gpu_config["trainer"]["strategy"] == "ddp"  # what the test keeps from the config
+    override = json.loads(json.dumps(AUTOENCODER_TINY))
+    override["data"]["experiment"] = str(tmp_path / "exp")
+    probe = {"class_path": "tests.ddp_probe.WeightDigestCallback",
+             "init_args": {"folder": str(tmp_path / "probe")}}  # fmt: skip
+    override["trainer"]["callbacks"] = [probe]
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(override))
+    proc = _run(["train.py", "fit", "--config", f"configs/autoencoder/{config}.yaml",
+                 "--config", str(tmp_path / "tiny.yaml")], tmp_path)  # fmt: skip
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr
+    ranks = [json.loads((tmp_path / "probe" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # the replicas hold the same weights after every step
+    steps = ranks[0]
+    # global_step counts optimizer steps: 1 a batch, 2 once the discriminator steps (>= 2)
+    assert [s["global_step"] for s in steps] == [0, 1, 2, 4, 6, 8]
+    disc = [s["discriminator"] for s in steps]
+    assert disc[0] == disc[1] == disc[2] != disc[3] != disc[4]  # frozen, then trained
+    assert len({s["ae"] for s in steps}) == len(steps)  # the autoencoder trains every step
+    folder = tmp_path / "exp" / "autoencoder"
+    assert json.loads((folder / "DONE.json").read_text())["global_step"] == 8
+    ae = load_autoencoder(folder)  # rank 0 wrote the diffusers folder
+    assert type(ae).__name__ == ("AutoencoderKL" if config.startswith("kl") else "VQModel")
+
+
+def test_one_backward_trains_each_part_with_its_own_loss():
+    import torch
+
+    from lightning_mia.models.autoencoder import AutoencoderModule
+
+    torch.manual_seed(0)
+    module = AutoencoderModule(kind="kl", resolution=16, block_out_channels=(8, 16),
+                               norm_num_groups=4, latent_channels=4, disc_weight=0.5,
+                               disc_channels=8)  # fmt: skip
+    x = torch.rand(2, 3, 16, 16) * 2 - 1  # (B, 3, H, W)
+    rec, _, _ = module.reconstruct(x)
+    rec_loss = (rec - x).abs().mean()
+    g_term, d_loss, logs = module._adversarial_losses(x, rec, rec_loss)
+    assert {"train/g_loss", "train/d_loss", "train/disc_weight"} <= set(logs)
+    g_term.backward(retain_graph=True)  # the GAN term: the autoencoder only
+    assert all(p.grad is None for p in module.discriminator.parameters())
+    assert all(p.grad is not None for p in module.ae.decoder.parameters())
+    module.zero_grad(set_to_none=True)
+    d_loss.backward()  # the hinge loss: the discriminator only
+    assert all(p.grad is None for p in module.ae.parameters())
+    assert all(p.grad is not None for p in module.discriminator.parameters())
