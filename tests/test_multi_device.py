@@ -1,7 +1,11 @@
-"""Several devices on CPU, 2 processes (gloo): `attack.py --devices 2` under `ddp` and
-`ddp_spawn`, and the experiment's attack stage on 2 devices, write the report.json of one
-device from the same merged query tables (each sample queried once across the ranks); the
-attack classifiers, the report and the W&B run are rank 0's alone.
+"""Several devices on CPU, 2 processes (gloo).
+
+- `attack.py --devices 2` under `ddp` and `ddp_spawn`, as `srun` starts it (SLURM's
+  variables), and the experiment's attack stage on 2 devices write the report.json of one
+  device from the same merged query tables (each sample queried once across the ranks); the
+  attack classifiers, the report and the W&B run are rank 0's alone.
+- The discriminator autoencoders' configs train under their own `strategy: ddp` at tiny sizes,
+  the replicas equal after every step (dead-code restarts included).
 
 Each multi-process run is a real subprocess (`ddp` re-launches the command line), so these
 tests cost tens of seconds each; they share one tiny experiment (4 training steps per stage,
@@ -63,9 +67,13 @@ def _tables(exp: Path) -> dict[str, object]:
     return {str(f.relative_to(exp)): load_query_table(f) for f in folders}
 
 
+TARGET = "queries/diffusion-target-000"
+
+
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
-    """The tiny experiment run on one device; its report.json and query tables."""
+    """The tiny experiment run on one device; its report.json and query tables (the query
+    folders are kept in `ref-queries/`)."""
     tmp = tmp_path_factory.mktemp("multi")
     config = {
         "experiment": str(tmp / "exp"), "family": "diffusion", "num_shadows": 2,
@@ -79,13 +87,22 @@ def experiment(tmp_path_factory):
     experiment_main([str(tmp / "tiny.yaml"), "--query_accelerator=cpu", "--query_devices=1"])
     exp = tmp / "exp"
     report = json.loads((exp / "attack" / "report.json").read_text())
+    shutil.copytree(exp / "queries", tmp / "ref-queries")
     return tmp, exp, report, _tables(exp)
 
 
-def _fresh(exp: Path) -> None:
-    """Remove the queries and the attack outputs, keep the trained models."""
+def _fresh(tmp: Path, exp: Path, requery: list[str] | None = None) -> list[str]:
+    """The one-device queries back in place less those in `requery` (None: all of them), no
+    attack outputs; returns the query folders the next run will query."""
     for name in ("queries", "attack", "wandb"):
         shutil.rmtree(exp / name, ignore_errors=True)
+    shutil.copytree(tmp / "ref-queries", exp / "queries")
+    requery = sorted(_tables(exp)) if requery is None else requery
+    for name in requery:
+        for path in (exp / name).iterdir():  # a shadow's row-000/ is another query's folder
+            if path.is_file():
+                path.unlink()
+    return requery
 
 
 def _run(args: list[str], tmp: Path, wandb: str = "disabled") -> subprocess.CompletedProcess:
@@ -112,18 +129,12 @@ def _numbers_close(a, b, path=""):
         assert a == b, (path, a, b)
 
 
-def _without_lira(report: dict) -> dict:
-    """The report less what only the calibration queries give (LiRA rows and notes)."""
-    attacks = {k: v for k, v in report["attacks"].items() if not k.startswith("lira-")}
-    return {**{k: v for k, v in report.items() if k != "notes"}, "attacks": attacks}
-
-
-def _same_as_one_device(exp: Path, report: dict, tables: dict, calibrated: bool = True) -> None:
+def _same_as_one_device(exp: Path, report: dict, tables: dict, requeried: list[str]) -> None:
+    """The merged tables and report.json equal the one-device run's; each folder queried
+    again holds shards of both ranks and every sample exactly once."""
     got = _tables(exp)
-    if not calibrated:  # --calibrate false: no queries of the shadows on the target's samples
-        tables = {k: v for k, v in tables.items() if "row-000" not in k}
-    assert set(got) == set(tables)  # target, 2 shadows (+ 2 calibration folders row-000)
-    assert len(got) == (5 if calibrated else 3) and sum("row-000" in k for k in got) == len(got) - 3
+    assert set(got) == set(tables)  # target, 2 shadows, 2 calibration folders (row-000)
+    assert len(got) == 5 and sum("row-000" in k for k in got) == 2
     for name, ref in tables.items():
         table = got[name]
         assert table.sample_id.tolist() == ref.sample_id.tolist(), name
@@ -133,50 +144,66 @@ def _same_as_one_device(exp: Path, report: dict, tables: dict, calibrated: bool 
             scale = 1.0 + float(values.abs().max())
             diff = float((table.features[key] - values).abs().max())
             assert diff <= FEATURE_TOL * scale, (name, key, diff)
+    for name in requeried:
         folder = exp / name
         ranks = {p.name.split("-")[1] for p in shard_paths(folder)}
         assert ranks == {"r000", "r001"}, (name, ranks)  # both ranks queried
         ids = [i for p in shard_paths(folder) for i in read_shard(p)[0]["sample_id"].tolist()]
-        assert sorted(ids) == ref.sample_id.tolist(), name  # each sample exactly once
-    written = json.loads((exp / "attack" / "report.json").read_text())
-    if not calibrated:
-        report, written = _without_lira(report), _without_lira(written)
-    _numbers_close(report, written)
+        assert sorted(ids) == tables[name].sample_id.tolist(), name  # each sample once
+    _numbers_close(report, json.loads((exp / "attack" / "report.json").read_text()))
+
+
+def _attack_py(exp: Path, *flags: str) -> list[str]:
+    target = exp / "diffusion-target-000" / "checkpoints" / "last.ckpt"
+    return ["attack.py", "--ckpt", str(target), "--num_images=1", "--attacks", *ATTACKS,
+            "--accelerator=cpu", "--devices=2", "--progress=false", *flags]  # fmt: skip
 
 
 def test_attack_ddp_on_two_processes_writes_the_one_device_report(experiment):
     from wandb_offline import offline_runs
 
     tmp, exp, report, tables = experiment
-    _fresh(exp)
-    target = exp / "diffusion-target-000" / "checkpoints" / "last.ckpt"
-    proc = _run(["attack.py", "--ckpt", str(target), "--num_images=1", "--attacks", *ATTACKS,
-                 "--accelerator=cpu", "--devices=2", "--strategy=ddp", "--progress=false"],
-                tmp, wandb="offline")  # fmt: skip
+    requery = _fresh(tmp, exp)  # all 5: target, shadows, shadows on the target's samples
+    proc = _run(_attack_py(exp, "--strategy=ddp"), tmp, wandb="offline")
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr  # a second process really ran
     assert proc.stdout.count("shadow setting, diffusion, 2 shadow model(s)") == 1
-    _same_as_one_device(exp, report, tables)
+    _same_as_one_device(exp, report, tables, requery)
     runs = offline_runs(exp / "wandb")  # rank 1 made a logger but no W&B run
     assert [r.job_type for r in runs] == ["attack"], [r.folder for r in runs]
-    assert not list((exp / "attack").glob("**/*.tmp"))
 
 
 def test_attack_ddp_spawn_on_two_processes_writes_the_one_device_report(experiment):
-    # ddp_spawn starts 2 fresh workers for every query (about 20 s each here, under load): the
-    # calibration queries, the same run_query as the shadows' own, are left to the ddp test
+    # ddp_spawn starts 2 fresh workers for every query (about 30 s each here, under load), so
+    # only the target is queried again; the shadows' queries are the same run_query
     tmp, exp, report, tables = experiment
-    _fresh(exp)
-    target = exp / "diffusion-target-000" / "checkpoints" / "last.ckpt"
-    proc = _run(["attack.py", "--ckpt", str(target), "--num_images=1", "--attacks", *ATTACKS,
-                 "--accelerator=cpu", "--devices=2", "--strategy=ddp_spawn",
-                 "--calibrate=false", "--progress=false"], tmp)  # fmt: skip
+    requery = _fresh(tmp, exp, [TARGET])
+    proc = _run(_attack_py(exp, "--strategy=ddp_spawn"), tmp)
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr
-    _same_as_one_device(exp, report, tables, calibrated=False)
+    _same_as_one_device(exp, report, tables, requery)
+
+
+def test_attack_as_srun_starts_it_writes_the_one_device_report(experiment):
+    # srun starts every task itself, with SLURM's variables (what scripts/cluster/attack.sbatch
+    # gets on one node): each runs attack.py whole, Lightning's SLURMEnvironment joins them
+    tmp, exp, report, tables = experiment
+    requery = _fresh(tmp, exp, [TARGET])
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1",
+             "SLURM_NODEID": "0", "SLURM_JOB_NAME": "mia-attack", "SLURM_JOB_ID": "4242",
+             "SLURM_NODELIST": "localhost", "MASTER_PORT": "29541"}  # fmt: skip
+    tasks = [subprocess.Popen([sys.executable, *_attack_py(exp)], cwd=ROOT, text=True,
+                              env={**_env(tmp), **slurm, "SLURM_PROCID": str(r),
+                                   "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for r in (0, 1)]  # fmt: skip
+    outs = [task.communicate(timeout=600) for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], [err[-3000:] for _, err in outs]
+    assert "shadow setting, diffusion" in outs[0][0] and not outs[1][0].strip()  # rank 0 only
+    _same_as_one_device(exp, report, tables, requery)
 
 
 def test_experiment_attack_stage_under_ddp_runs_as_its_own_process(experiment):
     tmp, exp, report, tables = experiment
-    _fresh(exp)
+    requery = _fresh(tmp, exp, [TARGET])
     proc = _run(["-m", "lightning_mia.experiment", str(tmp / "tiny.yaml"),
                  "--query_accelerator=cpu", "--query_devices=2", "--query_strategy=ddp"],
                 tmp)  # fmt: skip
@@ -185,7 +212,7 @@ def test_experiment_attack_stage_under_ddp_runs_as_its_own_process(experiment):
     assert err.count("[skip]") == 5  # the launcher re-ran the attack command, not the stages
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in err
     assert proc.stdout.count("shadow setting, diffusion, 2 shadow model(s)") == 1  # shown once
-    _same_as_one_device(exp, report, tables)
+    _same_as_one_device(exp, report, tables, requery)
 
 
 def test_which_settings_relaunch_the_command_line(monkeypatch):
