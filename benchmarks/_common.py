@@ -1,4 +1,5 @@
-"""What the family benchmarks share: arguments, random-init models, data, precision, memory.
+"""What the family benchmarks share: arguments, random-init models, data, precision, memory,
+FLOPs and the accelerator's peak (for model FLOP utilisation).
 
 Used by bench_training.py and bench_generation.py. Models are random-init presets (a trained
 model costs the same): diffusion over a random KL autoencoder (the tiny demo's kind: diffusers'
@@ -27,6 +28,19 @@ PRESETS = {"diffusion": ("tiny", "ldm-256"), "seq2seq": ("tiny", "dalle-mini")}
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # Lightning's names
 # what picks the CPU kernels: ATen's own (vectorised ops), oneDNN's (conv, bf16 matmul), MKL's
 CPU_ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+# Dense bf16/fp16 tensor-core peak of a GPU, TFLOP/s, by a substring of its CUDA device name
+# (NVIDIA data sheets; without sparsity). The first match wins, so longer names come first.
+PEAK_TFLOPS_16BIT = {
+    "H100 PCIe": 756.0,
+    "H100": 989.0,  # SXM (and NVL: 835; pass --peak-tflops for it)
+    "H200": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 70.0,
+    "L4": 121.0,
+}
 # diffusion preset -> (resolution, KL block channels (f = 2^(n-1)), latent channels)
 KL_AUTOENCODERS = {
     "tiny": (32, (32, 64, 64), 4),  # configs/autoencoder/tiny-kl.yaml: 8x8x4 latents
@@ -91,6 +105,32 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.device == "cpu" and args.precision == "16-mixed":  # Lightning would run bf16
         parser.error("--precision 16-mixed needs --device cuda (on CPU use bf16-mixed)")
     torch.set_num_threads(args.threads)
+
+
+def peak_flops(device: str, precision: str, override_tflops: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s for `precision` on `device`, where it came from); (0, why) when unknown:
+    `override_tflops` > 0 wins; a GPU's 16-bit peak is looked up by its name."""
+    if override_tflops > 0:
+        return override_tflops * 1e12, "--peak-tflops"
+    if torch.device(device).type != "cuda":
+        return 0.0, "no peak known for a CPU (give --peak-tflops)"
+    name = torch.cuda.get_device_name()
+    if precision not in ("bf16-mixed", "16-mixed"):
+        return 0.0, f"no {precision} peak in the table for {name} (give --peak-tflops)"
+    for key, tflops in PEAK_TFLOPS_16BIT.items():
+        if key in name:
+            return tflops * 1e12, f"{name}: {tflops:g} TFLOP/s dense 16-bit"
+    return 0.0, f"{name} is not in the peak table (give --peak-tflops)"
+
+
+def counted_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of `fn()` (matmuls, convolutions, attention; forward and backward) by PyTorch's
+    FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
 
 
 def random_kl_autoencoder(preset: str, folder: Path) -> int:

@@ -16,6 +16,7 @@ process (the same command line as `python train.py fit ...`), which is what mult
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 import warnings
@@ -26,13 +27,20 @@ from lightning.pytorch.cli import ArgsType
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_mia.attack.catalog import paper_attacks
-from lightning_mia.attack.command import AttackOptions, AttackOutcome, run_attack, split_names
+from lightning_mia.attack.command import (
+    AttackOptions,
+    AttackOutcome,
+    attack_argv,
+    run_attack,
+    split_names,
+)
 from lightning_mia.attack.repeats import format_repeats, summarize_repeats, write_repeats
+from lightning_mia.attack.report import read_report
 from lightning_mia.cli import find_config, run_cli, say, show_outcome, train_main
 from lightning_mia.errors import UserError
 from lightning_mia.paths import ExperimentLayout
 from lightning_mia.reporting import finish_wandb_run
-from lightning_mia.stages import fit_arguments, run_fit_process, run_fit_processes
+from lightning_mia.stages import StageError, fit_arguments, run_fit_process, run_fit_processes
 from lightning_mia.terminal import (
     add_verbose_argument,
     argument_parser,
@@ -65,6 +73,41 @@ def fit_stage(folder: Path, config: str, args: list[str], isolate: bool) -> None
             train_main(argv)
         finish_wandb_run()  # each stage is its own W&B run, also in one process
     rank_zero_info(f"[fit] {folder.name} done in {time.perf_counter() - start:.0f} s")
+
+
+def relaunches_command(accelerator: str, devices: int | str, strategy: str) -> bool:
+    """Whether a Trainer of these settings starts its other ranks by running this process's
+    command line again (Lightning's DDP script launcher: `ddp`, or `auto` on several devices,
+    e.g. `devices: auto` on a multi-GPU node), rather than in workers (`ddp_spawn`) or not at
+    all (one device; ranks started by torchrun or SLURM)."""
+    from lightning.pytorch.strategies.launchers.subprocess_script import (
+        _SubprocessScriptLauncher,
+    )
+
+    from lightning_mia.query.run import query_trainer
+
+    probe = query_trainer(accelerator, devices, strategy)  # builds, launches nothing
+    environment = getattr(probe.strategy, "cluster_environment", None)
+    external = environment is not None and environment.creates_processes_externally
+    return isinstance(probe.strategy.launcher, _SubprocessScriptLauncher) and not external
+
+
+def attack_stage(options: AttackOptions) -> AttackOutcome | None:
+    """The attack stage: queries, attacks, report. When its queries would re-launch the
+    command line (`relaunches_command`), it runs as its own `python -m
+    lightning_mia.attack.command` process (= `attack.py`, which prints its table), so the DDP
+    launcher re-runs that command and not the whole experiment; the report is then read back
+    from its report.json."""
+    if not relaunches_command(options.accelerator, options.devices, options.strategy):
+        return run_attack(options)
+    argv = [sys.executable, "-m", "lightning_mia.attack.command", *attack_argv(options)]
+    rank_zero_info(f"[attack] in its own process: {' '.join(argv[1:])}")
+    code = subprocess.run(argv).returncode
+    if code:
+        raise StageError(f"the attack stage failed (exit code {code}; its error is above)")
+    layout = ExperimentLayout(options.experiment)
+    folder = layout.report_dir(options.setting)
+    return AttackOutcome(read_report(folder), folder, layout, shown=True)
 
 
 def repeat_runs(experiment: str, seed: int, repeats: int) -> list[tuple[str, int, list[str]]]:
@@ -150,6 +193,9 @@ def run_experiment(
     overfit: bool = False,
     repeats: int = 1,
     parallel: int = 1,
+    query_accelerator: str = "auto",
+    query_devices: int | str = "auto",
+    query_strategy: str = "auto",
     verbose: bool = False,
 ) -> list[AttackOutcome | None]:
     """Run every stage of one experiment in order; returns the attack outcomes (one a setting
@@ -181,6 +227,10 @@ def run_experiment(
         parallel: training stages that do not depend on each other (autoencoder and encoder;
             then target and shadows) run as this many processes at once, each with its share
             of the CPU threads (> 1 implies isolate; for small models on few cores).
+        query_accelerator: Lightning accelerator of the attack stage's queries.
+        query_devices: its devices (`auto`: every GPU of the node, else one CPU process).
+        query_strategy: its strategy; on several devices `ddp` / `auto` run the attack stage
+            as its own process (`attack_stage`), `ddp_spawn` in this one.
         verbose: every stage shows every message of Lightning, W&B and the model libraries.
     """
     del overfit  # read by the command line, which prints OVERFIT_NOTE
@@ -198,11 +248,12 @@ def run_experiment(
                 ckpt=str(layout.checkpoint(family, 0)), experiment=folder,
                 attacks=list(attacks or paper_attacks()), setting=setting,
                 known_fraction=known_fraction, num_images=num_images, seed=run_seed,
-                encoder=clip, verbose=verbose,
+                encoder=clip, accelerator=query_accelerator, devices=query_devices,
+                strategy=query_strategy, verbose=verbose,
             )  # fmt: skip
             rank_zero_info(f"[attack] {setting} setting: {', '.join(options.attacks)}")
             start = time.perf_counter()
-            outcomes.append(run_attack(options))
+            outcomes.append(attack_stage(options))
             finish_wandb_run()
             rank_zero_info(
                 f"[attack] {setting} setting done in {time.perf_counter() - start:.0f} s"
@@ -267,7 +318,8 @@ def experiment_main(args: ArgsType = None) -> list[AttackOutcome | None]:
             kwargs[name] = split_names(kwargs[name]) or None
         outcomes = run_experiment(**kwargs)
         for outcome in filter(None, outcomes):
-            show_outcome(outcome)
+            if not outcome.shown:
+                show_outcome(outcome)
         say(f"experiment {argv[0]} finished in {time.perf_counter() - start:.0f} s")
         if cfg.overfit:
             say(OVERFIT_NOTE)

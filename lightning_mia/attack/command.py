@@ -33,7 +33,7 @@ from lightning_mia.external.audit import prepare_external
 from lightning_mia.graybox import signals_for
 from lightning_mia.models.registry import FAMILIES
 from lightning_mia.paths import ExperimentLayout, last_checkpoint
-from lightning_mia.query.run import run_query
+from lightning_mia.query.run import leave_process_group, run_query
 from lightning_mia.query.shards import read_complete
 from lightning_mia.reporting import log_report, make_logger
 from lightning_mia.terminal import argument_parser, configure_terminal
@@ -72,8 +72,9 @@ class AttackOptions:
         True,
     )
     accelerator: str = _help("Lightning accelerator of the queries", "auto")
-    devices: int | str = _help("Lightning devices of the queries", "auto")
-    strategy: str = _help("Lightning strategy of the queries", "auto")
+    devices: int | str = _help("Lightning devices of the queries (per node)", "auto")
+    strategy: str = _help("Lightning strategy of the queries: auto | ddp | ddp_spawn", "auto")
+    num_nodes: int = _help("nodes of the queries (a cluster job: srun, torchrun)", 1)
     progress: bool = _help("show progress bars", True)
     # an external target (lightning_mia.external): a diffusers folder and its member lists
     pipeline: str = _help("external target: StableDiffusionPipeline folder (with --lora: base)", "")
@@ -141,6 +142,22 @@ def options_from(namespace: Any) -> AttackOptions:
     return AttackOptions(**values)
 
 
+def attack_argv(options: AttackOptions) -> list[str]:
+    """The `attack.py` flags of `options`, fields at their default left out (the inverse of
+    `options_from(attack_parser().parse_args(...))`), for running it as its own process."""
+    argv: list[str] = []
+    for f in dataclasses.fields(AttackOptions):
+        value, default = getattr(options, f.name), f.default
+        if isinstance(value, (list, tuple)):
+            if isinstance(default, (list, tuple)) and list(value) == list(default):
+                continue
+            argv += [f"--{f.name}", *map(str, value)]  # none at all: an empty list
+        elif value != default and value is not None:
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            argv.append(f"--{f.name}={text}")  # `=`: a value may start with "-"
+    return argv
+
+
 def resolve_signals(asked: list[str], card: RunCard, layout: ExperimentLayout) -> list[str]:
     """The gray-box signals to compute: `all`, `auto` (reuse a finished query's) or names."""
     if "auto" in asked:
@@ -205,6 +222,7 @@ class AttackOutcome:
     report: AttackReport
     folder: Path  # report.json, report.md, roc.png
     layout: ExperimentLayout
+    shown: bool = False  # its table is on the terminal already (run as its own process)
 
 
 def run_attack(options: AttackOptions) -> AttackOutcome | None:
@@ -221,13 +239,14 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
         num_images=options.num_images, seed=options.seed, encoder=options.encoder,
         signals=resolve_signals(options.signals, card, layout),
         signal_timesteps=options.signal_timesteps, accelerator=options.accelerator,
-        devices=options.devices, strategy=options.strategy, progress=options.progress,
-        logger=logger,
+        devices=options.devices, strategy=options.strategy, num_nodes=options.num_nodes,
+        progress=options.progress, logger=logger,
     )  # fmt: skip
-    target = run_query(options.ckpt, **query)
+    target = run_query(options.ckpt, **query)  # every rank queries its share of each model
     shadow_tables = [run_query(str(c), **query) for c in shadows]
     calibrate = options.calibrate and options.setting == "shadow"
     calibration = _calibration(layout, shadows, shadow_tables, query) if calibrate else []
+    leave_process_group()  # the rest runs on rank 0 alone
     if target is None:  # not global rank zero: rank 0 trains the attacks and reports
         return None
     attacks = ["all"] if "all" in options.attacks else list(options.attacks)
@@ -245,3 +264,9 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
     folder = layout.report_dir(options.setting)
     log_report(logger, report, write_report(folder, report))
     return AttackOutcome(report, folder, layout)
+
+
+if __name__ == "__main__":  # `python -m lightning_mia.attack.command ...` = `python attack.py ...`
+    from lightning_mia.cli import attack_main
+
+    attack_main()

@@ -5,11 +5,13 @@
 
 `AutoencoderModule` trains a diffusers `VQModel` (or `AutoencoderKL`) on the attacker's pool with
 an L1 (+ L2) reconstruction loss, the codebook/commitment loss (or a KL term) and, optionally,
-a hinge PatchGAN loss switched on after `disc_start_step`. At the end of `fit`, rank 0 writes the
-diffusers folder (`save_pretrained`) into the experiment's `autoencoder/`; the diffusion family
-loads it as its frozen latent space, the seq2seq family as its image tokenizer. The helpers
-`encode_latents` / `decode_latents` / `encode_codes` / `decode_codes` are the only way the other
-modules talk to it.
+a hinge PatchGAN loss switched on after `disc_start_step`. Each step is one backward over one
+graph (`_adversarial_losses`), so every parameter takes part in it and plain `ddp` trains it
+(`configs/autoencoder/kl-f8-256.yaml`, `vqgan-f16-256.yaml`). At the end of `fit`, rank 0
+writes the diffusers folder (`save_pretrained`) into the experiment's `autoencoder/`; the
+diffusion family loads it as its frozen latent space, the seq2seq family as its image
+tokenizer. The helpers `encode_latents` / `decode_latents` / `encode_codes` / `decode_codes`
+are the only way the other modules talk to it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
+from torch.func import functional_call
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from lightning_mia.card import CARD_KEY, RunCard
@@ -133,15 +136,22 @@ class AutoencoderModule(LightningModule):
     def _count_codes(self, idx: torch.Tensor, h: torch.Tensor) -> None:
         if not self.training or self.hparams.restart_dead_codes_every <= 0:
             return
-        self.code_usage += torch.bincount(idx.flatten(), minlength=self.code_usage.numel())
+        counts = torch.bincount(idx.flatten(), minlength=self.code_usage.numel())  # (K,)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # every rank's codes, so each rank holds the same counts (DDP also broadcasts
+            # rank 0's buffers at each forward) and restarts the same entries
+            counts = self.trainer.strategy.reduce(counts.to(self.code_usage), reduce_op="sum")
+        self.code_usage += counts
         self._last_latents = h.detach()
 
     @torch.no_grad()
     def _restart_dead_codes(self) -> None:
         """Re-seed never-used codebook entries from random latents of the last batch.
 
-        Keeps the codebook alive in short trainings (the classic VQ collapse); every rank
-        draws the same entries because the batch latents are gathered first.
+        Keeps the codebook alive in short trainings (the classic VQ collapse). Under DDP every
+        rank restarts the same entries with the same vectors: the usage counts are summed over
+        the ranks at every step and the batch latents gathered before the draw, whose
+        generator is seeded by the step.
         """
         dead = (self.code_usage == 0).nonzero().flatten()
         self.code_usage.zero_()
@@ -150,7 +160,7 @@ class AutoencoderModule(LightningModule):
             return
         flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])  # (B*h*w, D)
         if self._trainer is not None:
-            flat = self.all_gather(flat).reshape(-1, latents.shape[1])
+            flat = self.all_gather(flat).reshape(-1, latents.shape[1])  # (W*B*h*w, D)
         gen = torch.Generator().manual_seed(int(self.global_step))
         pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=gen)
         self.ae.quantize.embedding.weight.data[dead] = flat[pick.to(flat.device)].to(
@@ -170,7 +180,7 @@ class AutoencoderModule(LightningModule):
         hp = self.hparams
         x = batch["pixel_values"]  # (B, 3, H, W)
         opts = self.optimizers()
-        opt_ae, opt_d = (opts[0], opts[1]) if isinstance(opts, list) else (opts, None)
+        opts = opts if isinstance(opts, list) else [opts]  # [autoencoder, discriminator?]
         rec, reg_loss, z = self.reconstruct(x)
         self._update_moments(z)
         rec_l1 = (rec - x).abs().mean()
@@ -178,27 +188,47 @@ class AutoencoderModule(LightningModule):
         rec_loss = hp.l1_weight * rec_l1 + hp.l2_weight * rec_l2
         loss = rec_loss + reg_loss
         logs = {"train/rec_loss": rec_loss, "train/l1": rec_l1, "train/reg_loss": reg_loss}
-        if self._disc_active():
-            g_loss = -self.discriminator(rec).mean()
-            last = self.ae.decoder.conv_out.weight
-            weight = hp.disc_weight * adaptive_weight(rec_loss, g_loss, last)
-            loss = loss + weight * g_loss
-            logs |= {"train/g_loss": g_loss, "train/disc_weight": weight}
-        self._set_lr(opts if isinstance(opts, list) else [opts])
-        self._step(opt_ae, loss)
-        if self._disc_active() and opt_d is not None:
-            d_loss = hinge_d_loss(self.discriminator(x), self.discriminator(rec.detach()))
-            self._step(opt_d, d_loss)
-            logs["train/d_loss"] = d_loss
+        d_loss = rec_loss.new_zeros(())
+        if self.discriminator is not None:
+            g_term, d_loss, adversarial_logs = self._adversarial_losses(x, rec, rec_loss)
+            loss = loss + g_term
+            logs |= adversarial_logs
+        self._set_lr(opts)
+        before = self.global_step  # + 1 a step; + 2 once the discriminator steps too
+        self._step(opts if self._disc_active() else opts[:1], opts, loss + d_loss)
         every = hp.restart_dead_codes_every
-        if isinstance(self.ae, VQModel) and every > 0 and (self.global_step + 1) % every == 0:
-            self._restart_dead_codes()
+        if isinstance(self.ae, VQModel) and every > 0:
+            if (self.global_step + 1) // every > (before + 1) // every:  # crossed a multiple
+                self._restart_dead_codes()
         logs["train/psnr"] = peak_signal_noise_ratio(  # mean of per-image PSNR, as features do
             rec.detach().clamp(-1, 1), x, data_range=2.0, dim=(1, 2, 3)
         )
         self.log_dict(logs, prog_bar=False, batch_size=x.shape[0])
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
         return loss
+
+    def _adversarial_losses(
+        self, x: torch.Tensor, rec: torch.Tensor, rec_loss: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(the autoencoder's weighted GAN term, the discriminator's hinge loss, logs).
+
+        VQGAN's two alternating steps from one graph and one backward: the GAN term sees the
+        discriminator through detached weights (so it trains the autoencoder only), the hinge
+        loss sees the reconstructions detached (so it trains the discriminator only), both
+        with the discriminator as it was before this step, as two sequential steps would.
+        Before `disc_start_step` the hinge loss is weighted 0 (taming's `adopt_weight`) and
+        its optimizer does not step: every parameter still takes part in each backward, which
+        is what plain DDP needs (no unused parameters, one gradient reduction per step).
+        """
+        d_loss = hinge_d_loss(self.discriminator(x), self.discriminator(rec.detach()))
+        if not self._disc_active():
+            return rec_loss.new_zeros(()), 0.0 * d_loss, {}
+        frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        g_loss = -functional_call(self.discriminator, frozen, (rec,)).mean()
+        last = self.ae.decoder.conv_out.weight
+        weight = self.hparams.disc_weight * adaptive_weight(rec_loss, g_loss, last)
+        logs = {"train/g_loss": g_loss, "train/disc_weight": weight, "train/d_loss": d_loss}
+        return weight * g_loss, d_loss, logs
 
     def _set_lr(self, optimizers: list[Any]) -> None:
         """Cosine decay over the run (manual optimization: no Lightning LR scheduler)."""
@@ -212,12 +242,16 @@ class AutoencoderModule(LightningModule):
             for group in opt.param_groups:
                 group["lr"] = self.hparams.lr * factor
 
-    def _step(self, opt: Any, loss: torch.Tensor) -> None:
-        opt.zero_grad(set_to_none=True)
+    def _step(self, stepping: list[Any], every: list[Any], loss: torch.Tensor) -> None:
+        """One backward of `loss`, then a (clipped) step of each optimizer in `stepping`.
+        (With fp16's GradScaler each step would re-read one scale: use bf16 or fp32 here.)"""
+        for opt in every:
+            opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        if self.hparams.gradient_clip > 0:
-            self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip)
-        opt.step()
+        for opt in stepping:
+            if self.hparams.gradient_clip > 0:
+                self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip)
+            opt.step()
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         betas = self.hparams.betas

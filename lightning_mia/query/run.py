@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_mia.paths import ExperimentLayout
 from lightning_mia.query.module import QueryError, QueryModule
@@ -157,6 +158,32 @@ def _log_query(trainer: Trainer, table: QueryTable, examples: list[dict]) -> Non
         )
 
 
+def query_trainer(
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    strategy: str = "auto",
+    num_nodes: int = 1,
+    precision: str | None = None,
+    logger: Logger | bool = False,
+    enable_progress_bar: bool = False,
+    default_root_dir: str | None = None,
+) -> Trainer:
+    """The Trainer of a query (Lightning resolves `auto`; no distributed sampler: the query
+    data shards itself). Settings Lightning refuses become one QueryError line."""
+    try:
+        return Trainer(
+            accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
+            precision=precision, logger=logger, enable_progress_bar=enable_progress_bar,
+            enable_model_summary=False, enable_checkpointing=False,
+            default_root_dir=default_root_dir, use_distributed_sampler=False,
+        )  # fmt: skip
+    except (MisconfigurationException, ValueError) as err:
+        raise QueryError(
+            f"query devices: accelerator={accelerator!r}, devices={devices!r}, "
+            f"strategy={strategy!r}, num_nodes={num_nodes}: {err}"
+        ) from None
+
+
 def run_query(
     ckpt: str,
     num_images: int = 4,
@@ -171,12 +198,20 @@ def run_query(
     accelerator: str = "auto",
     devices: int | str = "auto",
     strategy: str = "auto",
+    num_nodes: int = 1,
     precision: str | None = None,
     progress: bool = True,
     logger: Logger | bool = False,
 ) -> QueryTable | None:
     """Query the model of `ckpt` for its row of splits.json, or for another `row`'s samples
-    (see `execute_query`)."""
+    (see `execute_query`).
+
+    Several devices: each rank queries its share (`ShardedSampler`: every sample once) and
+    writes its own shards; rank 0 merges them. `strategy="ddp"` starts the other ranks by
+    re-running this process's command line when the first query runs (they then run the same
+    command up to the same query, so call this from a command whose every rank does the same
+    work, as `attack.py` does); `"ddp_spawn"` starts workers for each query instead.
+    """
     from lightning_mia.data.datamodule import MembershipDataModule
 
     module = QueryModule(
@@ -193,15 +228,20 @@ def run_query(
     datamodule = MembershipDataModule.from_experiment(
         module.card.experiment, model_index=module.card.model_index, query_batch_size=batch_size
     )
-    trainer = Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        strategy=strategy,
-        precision=precision,
-        logger=logger,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
+    trainer = query_trainer(
+        accelerator, devices, strategy, num_nodes,
+        precision=precision, logger=logger, enable_progress_bar=progress,
         default_root_dir=str(query_folder(module)),
-        use_distributed_sampler=False,
-    )
+    )  # fmt: skip
     return execute_query(module, datamodule, trainer)
+
+
+def leave_process_group() -> None:
+    """End a multi-process query run: every rank waits for the others, then leaves the
+    process group, so rank 0 goes on as a single process (the attack classifiers train there,
+    and nothing it does can wait on a rank that has finished). A no-op in one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
