@@ -26,13 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import (
     ArgsType,
     LightningArgumentParser,
     LightningCLI,
     SaveConfigCallback,
 )
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 from lightning_mia.data.datamodule import MembershipDataModule
 from lightning_mia.errors import UserError
@@ -77,6 +79,16 @@ def with_found_configs(argv: list[str]) -> list[str]:
         elif arg.startswith("--config="):
             out[i] = "--config=" + find_config(arg.split("=", 1)[1])
     return out
+
+
+class StepBudgetProgressBar(RichProgressBar):
+    """Lightning's rich bar; a run budgeted in steps (`max_epochs` -1) shows "Epoch 12", not
+    "Epoch 12/-2"."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if (self.trainer.max_epochs or -1) >= 0:
+            return super()._get_train_description(current_epoch)
+        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
 
 
 class FinalCheckpoint(Callback):
@@ -249,6 +261,9 @@ class MIACLI(LightningCLI):
                     )
                 )
             callbacks.append(FinalCheckpoint(stage.folder))
+            bar = trainer_cfg.get("enable_progress_bar") is not False and _RICH_AVAILABLE
+            if bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+                callbacks.append(StepBudgetProgressBar())
             if trainer_cfg.get("logger") is not False and not any(
                 isinstance(c, LearningRateMonitor) for c in callbacks
             ):
