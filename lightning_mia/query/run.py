@@ -106,7 +106,8 @@ def execute_query(module: QueryModule, datamodule: object, trainer: Trainer) -> 
     expected = expected_sample_ids(datamodule, module.card.model_index if row is None else row)
     datamodule.exclude_ids, datamodule.query_row = done, row
     missing = len(set(expected) - done)
-    rank_zero_info(f"querying {module.run_name}: {missing} of {len(expected)} samples to go")
+    what = module.run_name + ("" if row is None else f" on row {row}'s samples (for LiRA)")
+    rank_zero_info(f"querying {what}: {missing} of {len(expected)} samples to go")
     start = time.perf_counter()
     writer = ShardWriter(folder, meta, example_sample_ids(datamodule, module.card.model_index))
     if missing:
@@ -124,7 +125,7 @@ def execute_query(module: QueryModule, datamodule: object, trainer: Trainer) -> 
             f"({len(set(expected) - got)} missing, {len(got - set(expected))} foreign)"
         )
     mark_complete(folder, len(table), meta)
-    rank_zero_info(f"query {module.run_name}: done in {time.perf_counter() - start:.0f} s")
+    rank_zero_info(f"query {what}: done in {time.perf_counter() - start:.0f} s")
     _log_query(trainer, table, writer.examples)
     _log_lineage(trainer, module, folder, queried_now=True)
     return table
