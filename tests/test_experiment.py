@@ -8,22 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_data import DATA
 
 from lightning_mia.experiment import experiment_main, fit_stage
 from lightning_mia.paths import ExperimentLayout, done_marker, last_checkpoint
 from lightning_mia.stages import StageError, fit_arguments, run_fit_processes
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = [
-    "--data.source.num_samples=300",
-    "--data.target_size=16",
-    "--data.aux_size=160",
-    "--data.shadow_size=16",
-    "--data.public_size=100",
-    "--data.member_fraction=0.5",
-    "--data.num_shadows=1",
-    "--data.batch_size=8",
-]
 TRAINER = [
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_data import DATA
 from wandb_offline import offline_runs
 
 from lightning_mia import reporting as W
@@ -190,18 +191,6 @@ def test_offline_without_key(tmp_path, monkeypatch):
     assert W.wandb_mode_note() is None
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert W.wandb_mode() == "offline"
-
-
-DATA = [
-    "--data.source.num_samples=300",
-    "--data.target_size=16",
-    "--data.aux_size=160",
-    "--data.shadow_size=16",
-    "--data.public_size=100",
-    "--data.member_fraction=0.5",
-    "--data.num_shadows=1",
-    "--data.batch_size=8",
-]
 
 
 @pytest.fixture(scope="module")

@@ -9,20 +9,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+from tiny_data import DATA
 
 from lightning_mia.terminal import configure_terminal, is_verbose, verbose_requested
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = [
-    "--data.source.num_samples=300",
-    "--data.target_size=16",
-    "--data.aux_size=160",
-    "--data.shadow_size=16",
-    "--data.public_size=100",
-    "--data.member_fraction=0.5",
-    "--data.num_shadows=1",
-    "--data.batch_size=8",
-]
 
 
 @pytest.fixture
