@@ -72,3 +72,15 @@ def trained_autoencoder(tmp_path_factory):
     ).fit(module, loader)  # on_fit_end writes root / "trained"
     torch.set_num_threads(threads)
     return root / "trained"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: tiny models on a shared 2-core machine thrash with
+    two (about 10x slower)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

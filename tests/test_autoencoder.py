@@ -31,12 +31,7 @@ HELD_OUT = torch.stack([SOURCE.image(i) for i in range(192, 256)])  # (64, 3, 16
 MEAN_IMAGE_MSE = (HELD_OUT - HELD_OUT.mean(0)).pow(2).mean().item()  # the blur baseline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared: two threads thrash
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @torch.no_grad()

@@ -24,12 +24,7 @@ SOURCE = ShapesSource(num_samples=16, resolution=RES, seed=3)
 CAPTIONS = [SOURCE.caption(i) for i in SOURCE.sample_ids()]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared: two threads thrash
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def make_model(autoencoder, seed=0, **kwargs) -> LatentDiffusionModule:

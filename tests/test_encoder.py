@@ -22,15 +22,6 @@ TRAIN_STEPS = 200
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (~10x)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, one_thread):
     """A tiny encoder fitted on the auxiliary pool of a small shapes experiment (~25 s)."""
     root = tmp_path_factory.mktemp("encoder")

@@ -20,12 +20,7 @@ from lightning_mia.models.pipeline_folder import (
 CAPTION = "a red circle on a blue background"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def pretrained(folder, **kwargs) -> LatentDiffusionModule:

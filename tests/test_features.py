@@ -17,13 +17,7 @@ from lightning_mia.features.text import text_features
 STATS = ("mean", "min", "max", "std")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread avoids oversubscription."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def procedural(n, r, seed=0):

@@ -23,12 +23,7 @@ from lightning_mia.models.registry import load_family_module
 CAPTIONS = ["a red circle", "two blue squares on green"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def lora_model(folder, **kwargs) -> LatentDiffusionModule:

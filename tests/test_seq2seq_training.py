@@ -14,13 +14,7 @@ from lightning_mia.models.bart_tokenizer import train_caption_tokenizer
 from lightning_mia.models.registry import load_family_module
 from lightning_mia.models.seq2seq import Seq2SeqError, Seq2SeqModule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_vq() -> VQModel:

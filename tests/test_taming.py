@@ -47,12 +47,7 @@ PARAMS = {  # taming's model.params: 32x32 -> 8x8 codes, attention at 16 and 8 p
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared: two threads thrash
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def instantiate_from_config(config):
