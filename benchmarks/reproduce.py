@@ -31,6 +31,7 @@ import torch
 
 from lightning_mia.experiment import experiment_main, fit_stage, run_experiment
 from lightning_mia.paths import ExperimentLayout
+from lightning_mia.terminal import configure_terminal
 
 EXPERIMENTS = {"diffusion": "shapes-diffusion", "seq2seq": "shapes-seq2seq"}
 COLUMNS = (("auc", "AUC"), ("tpr@1%fpr", "TPR@1%FPR"), ("accuracy", "accuracy"))
@@ -199,7 +200,9 @@ def main() -> None:
                         choices=sorted(AUGMENT))  # fmt: skip
     parser.add_argument("--parallel", type=int, default=3, help="training stages at once")
     parser.add_argument("--root", default="runs/onset")
+    parser.add_argument("--verbose", action="store_true", help="every library message")
     args = parser.parse_args()
+    configure_terminal(args.verbose)  # the stages' one-line starts and ends, as the runner's
     if args.what == "onset":
         onset(args)
     else:
