@@ -104,6 +104,8 @@ def onset_point(root: Path, family: str, steps: int, augment: str, parallel: int
         fit_stage(folder, config, [f"--data.experiment={base.root}"], isolate=False)
     base = base.root
     point = root / family / f"steps-{steps:04d}-{augment}"
+    if (point / "attack" / "report.json").is_file():  # a finished point (delete it to redo)
+        return json.loads((point / "attack" / "report.json").read_text())
     point.mkdir(parents=True, exist_ok=True)
     for shared in ("splits.json", "autoencoder", "encoder"):  # trained once per family
         if not (point / shared).exists():
