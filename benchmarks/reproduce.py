@@ -14,8 +14,9 @@ shadow setting with the machine it ran on, and `RESULT <family>_<attack>_auc <va
 pool) and then, for each number of training steps per image and each augmentation, a target and
 its shadows from the same splits (32 members and 128 non-members each), queries them and runs
 every attack, calibrated and not. It prints the AUC and TPR@1%FPR of every attack against the
-steps per image, the onset of each attack (the fewest steps per image whose AUC interval lies
-wholly above 0.5), writes `runs/onset/onset.md` and `onset.png`, and `RESULT` lines.
+steps per image, the onset of each attack (the fewest steps per image from which on every
+point's AUC interval lies wholly above 0.5), writes `runs/onset/onset.md` and `onset.png`,
+and `RESULT` lines.
 """
 
 import argparse
@@ -138,8 +139,8 @@ def onset_table(points: dict, steps: list[int]) -> tuple[list[str], list[str]]:
                     continue
                 auc, tpr = entry["metrics"]["auc"], entry["metrics"]["tpr@1%fpr"]
                 cells.append(f"{cell(auc)} / {cell(tpr)}")
-                if onset == "none" and auc["low"] is not None and auc["low"] > 0.5:
-                    onset = f"{s}"
+                above = auc["low"] is not None and auc["low"] > 0.5
+                onset = (f"{s}" if onset == "none" else onset) if above else "none"
                 results.append(f"RESULT onset_{family}_{augment}_{name}_{s}_auc {auc['value']:.4f}")
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {onset} |")
     return lines, results
@@ -182,8 +183,9 @@ def onset(args: argparse.Namespace) -> None:
             }
     lines, results = onset_table(points, args.steps)
     seconds = time.perf_counter() - start
-    head = ["# Leakage onset on shapes (AUC / TPR@1%FPR; onset = fewest steps per image "
-            "whose AUC interval lies above 0.5)", "", f"{machine()}; {seconds:.0f} s"]  # fmt: skip
+    head = ["# Leakage onset on shapes (AUC / TPR@1%FPR; onset = the fewest steps per image "
+            "from which on every point's AUC interval lies above 0.5)", "",
+            f"{machine()}; {seconds:.0f} s"]  # fmt: skip
     (root / "onset.md").write_text("\n".join([*head, *lines]) + "\n")
     onset_plot(points, args.steps, root / "onset.png")
     print("\n".join([*head, *lines]))
