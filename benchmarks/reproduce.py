@@ -153,17 +153,21 @@ def onset_plot(points: dict, steps: list[int], path: Path) -> None:
     fig = Figure(figsize=(11, 4.5), dpi=110)
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
+    colours: dict[str, str] = {}  # one colour per attack, a line style per setting
     for (family, augment), reports in points.items():
         style = "-" if augment == "none" else "--"
         names = [n for n in reports[steps[0]]["attacks"] if not n.startswith("lira-")]
         for name in names:
+            colour = colours.setdefault(name, f"C{len(colours) % 10}")
             for ax, key in zip(axes, ("auc", "tpr@1%fpr")):
                 ys = [reports[s]["attacks"].get(name, {}).get("metrics", {}).get(key, {})
                       .get("value") for s in steps]  # fmt: skip
                 ax.plot(steps, [float("nan") if y is None else y for y in ys], style,
-                        label=f"{family} {name} ({augment})")  # fmt: skip
+                        color=colour, label=f"{family} {name} ({augment})")  # fmt: skip
     for ax, label in zip(axes, ("ROC-AUC", "TPR at 1% FPR")):
         ax.set_xscale("log")
+        ax.set_xticks(steps, [str(s) for s in steps])
+        ax.minorticks_off()
         ax.set_xlabel("training steps per image")
         ax.set_ylabel(label)
     axes[0].axhline(0.5, color="gray", linestyle=":")
