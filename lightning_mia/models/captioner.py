@@ -142,7 +142,7 @@ def _check_folder(path: Path) -> None:
 class Captioner(torch.nn.Module):
     """Greedy BLIP captions of image batches, from a local transformers folder."""
 
-    def __init__(self, folder: str, max_new_tokens: int = 30, prompt: str = "") -> None:
+    def __init__(self, folder: str, max_new_tokens: int = 40, prompt: str = "") -> None:
         """
         Args:
             folder: local folder of a `BlipForConditionalGeneration` and its tokenizer.
