@@ -83,7 +83,7 @@ def test_held_out_quality_is_logged_and_recorded(trained):
     expected = {k: float(v) for k, v in quality.compute().items()}
     recorded = json.loads((folder / "card.json").read_text())["extra"]["quality"]
     assert recorded["num_captions"] == len(held)
-    for name in ("bleu", "shapes_parsed", "shapes_colours", "exact"):
+    for name in ("bleu", "shapes_parsed", "count", "colours", "shapes_colours", "exact"):
         assert recorded[name] == pytest.approx(expected[name], abs=1e-6), name
         assert trained["metrics"][f"val/{name}"] == pytest.approx(expected[name], abs=1e-6)
     assert expected["shapes_parsed"] > 0.5  # it learnt the grammar (random weights parse none)
@@ -134,6 +134,7 @@ def test_caption_quality_on_fixed_captions():
     assert float(got["shapes_parsed"]) == 0.75
     assert float(got["shapes_colours"]) == 0.5
     assert float(got["exact"]) == 0.25
+    assert float(got["count"]) == 0.75 and float(got["colours"]) == 0.75
     one = CaptionQuality()
     one.update(preds[:1], truth[:1])  # n-gram precisions 7/8, 6/7, 5/6, 4/5, same length
     assert float(one.compute()["bleu"]) == pytest.approx((7 / 8 * 6 / 7 * 5 / 6 * 4 / 5) ** 0.25)

@@ -2,7 +2,7 @@
 
     quality = CaptionQuality()                 # a torchmetrics Metric: sums over batches and ranks
     quality.update(predicted, ground_truth)    # two lists of B strings
-    quality.compute()  # {"bleu": 0.71, "shapes_parsed": 1.0, "shapes_colours": 0.8, "exact": 0.6}
+    quality.compute()  # {"bleu": 0.71, "shapes_colours": 0.8, "exact": 0.6, "colours": 0.9, ...}
 
 BLEU-4 is torchmetrics' `SacreBLEUScore` (13a tokenisation, lower-cased): one reference per image,
 corpus-level. The shapes scores read captions of the embedded procedural data
@@ -10,8 +10,9 @@ corpus-level. The shapes scores read captions of the embedded procedural data
 center", 1-3 objects joined by ", " and " and "):
 
 - `shapes_colours`: share of captions whose multiset of (colour, shape) pairs is the ground
-  truth's — what the semantic and text attacks compare, the sizes and places aside;
+  truth's — the objects named right, their sizes and places aside;
 - `exact`: share whose multiset of whole objects (size, colour, shape, place) is the truth's;
+- `colours`, `count`: share with the right multiset of colours, the right number of objects;
 - `shapes_parsed`: share of predicted captions that follow the grammar at all.
 
 They are reported only when every ground-truth caption seen parses as a shapes caption (any
@@ -85,7 +86,8 @@ class CaptionQuality(Metric):
     def __init__(self) -> None:
         super().__init__()
         self.bleu = SacreBLEUScore(n_gram=4, tokenize="13a", lowercase=True)
-        for name in ("total", "not_shapes", "parsed", "colour_shape_right", "exact_right"):
+        for name in ("total", "not_shapes", "parsed", "right_count", "right_colours",
+                     "right_colour_shapes", "right_exact"):  # fmt: skip
             self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: list[str], targets: list[str]) -> None:
@@ -103,17 +105,23 @@ class CaptionQuality(Metric):
             if got is None:
                 continue
             self.parsed += 1
-            self.colour_shape_right += int(_colour_shapes(got) == _colour_shapes(truth))
-            self.exact_right += int(got == truth)
+            self.right_count += int(len(got) == len(truth))
+            self.right_colours += int(
+                sorted(m.colour for m in got) == sorted(m.colour for m in truth)
+            )
+            self.right_colour_shapes += int(_colour_shapes(got) == _colour_shapes(truth))
+            self.right_exact += int(got == truth)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """{"bleu"} and, if every reference was a shapes caption, the three shapes shares."""
+        """{"bleu"} and, if every reference was a shapes caption, the shapes shares."""
         out = {"bleu": self.bleu.compute()}
         if self.total > 0 and self.not_shapes == 0:
             n = self.total.float()
             out["shapes_parsed"] = self.parsed / n
-            out["shapes_colours"] = self.colour_shape_right / n
-            out["exact"] = self.exact_right / n
+            out["count"] = self.right_count / n
+            out["colours"] = self.right_colours / n
+            out["shapes_colours"] = self.right_colour_shapes / n
+            out["exact"] = self.right_exact / n
         return out
 
     def reset(self) -> None:

@@ -8,14 +8,17 @@
 encoder, BERT-style decoder cross-attending to it) with the captioning loss, on the attacker's own
 pool only: `data.train_split` auxiliary (or public); a model's members are refused. Its tokenizer
 is a word-level `BertTokenizer` whose vocabulary is counted from the training captions at fit
-start (BERT's normaliser and pre-tokeniser from `tokenizers`; nothing is downloaded).
+start (`captioner_presets.py`; nothing is downloaded), so model and tokenizer are built in
+`setup`, once the data is known.
 
 A seeded part of the pool (`holdout_fraction`, chosen by a hash of seed and sample id, so every
 rank and every resume agrees) is never trained on: at the end of training the held-out images
 are captioned greedily and scored (`CaptionQuality`: BLEU-4, and on shapes data the share of
-captions naming the right shapes and colours), logged as `val/*` and printed. Rank 0 then writes
-a transformers folder (model, tokenizer, preprocessor_config.json, card.json with the
-experiment, splits hash, pool and quality) that `Captioner(folder)` loads like a real BLIP.
+captions naming the right shapes and colours), logged as `val/*` and printed. The held-out
+images are those of the first epoch this process runs (kept as uint8, at most `holdout_max`).
+Rank 0 then writes a transformers folder (model, tokenizer, preprocessor_config.json, card.json
+with the experiment, splits hash, pool and quality) that `Captioner(folder)` loads like a real
+BLIP.
 """
 
 from __future__ import annotations
@@ -327,8 +330,9 @@ class CaptionerModule(L.LightningModule):
         folder = write_model_files(self.output_folder, self._write)
         q = self.quality
         shapes = (
-            f", right shapes and colours {q['shapes_colours']:.3f}, all objects right "
-            f"{q['exact']:.3f}"
+            f"; shapes captions with the right shapes and colours {q['shapes_colours']:.3f}, "
+            f"every object right {q['exact']:.3f}, right colours {q['colours']:.3f}, right "
+            f"object count {q['count']:.3f}"
             if "shapes_colours" in q
             else ""
         )
