@@ -34,6 +34,7 @@ from _common import (
     autocast,
     build_model,
     check_args,
+    cpu_description,
     measure_peak_cuda,
     peak_rss_mib,
     shapes_items,
@@ -42,8 +43,8 @@ from _common import (
 from diffusers import VQModel
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from lightning_mia.models.autoencoder import decode_codes, decode_latents
 from lightning_mia.models.base import caption_seeds
+from lightning_mia.models.vae import decode_codes, decode_latents
 
 
 # --- diffusion: diffusers' StableDiffusionPipeline, once per caption ---------------------------
@@ -138,16 +139,17 @@ def seq2seq_runs(model: Any, captions: list[str], args: argparse.Namespace) -> d
 # --- the measurement -------------------------------------------------------------------------
 def timed_rounds(
     runs: dict[str, Callable[[int], torch.Tensor]], args: argparse.Namespace
-) -> tuple[dict[str, list[float]], dict[str, float], dict[str, torch.Tensor]]:
-    """Seconds per round of each run (alternating), their peak CUDA MiB, their last images."""
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
+) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float], dict[str, torch.Tensor]]:
+    """(wall, CPU) seconds per round of each run (alternating), their peak CUDA MiB, their
+    last images."""
+    seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     peaks: dict[str, float] = {name: 0.0 for name in runs}
     images: dict[str, torch.Tensor] = {}
     for r in range(args.rounds):
         for name, run in runs.items():
             with stopwatch(args.device) as elapsed, autocast(args.precision, args.device):
                 images[name], peak = measure_peak_cuda(lambda run=run, r=r: run(r), args.device)
-            seconds[name].append(elapsed[0])
+            seconds[name].append((elapsed[0], elapsed[1]))
             peaks[name] = max(peaks[name], peak)
     return seconds, peaks, images
 
@@ -171,12 +173,16 @@ def generate_ratio(args: argparse.Namespace) -> float:
         f"{args.num_images} images, {args.rounds} rounds, {args.device} {args.precision}, "
         f"{torch.get_num_threads()} threads" + (sampler if args.family == "diffusion" else "")
     )
-    rate = {}
+    print(f"# {cpu_description()}")
+    rate, cpu = {}, {}
     for name, secs in seconds.items():
-        rate[name] = count / statistics.median(secs)
+        rate[name] = count / statistics.median(wall for wall, _ in secs)
+        cpu[name] = statistics.median(c for _, c in secs)
         memory = f", peak CUDA {peaks[name]:.0f} MiB" if args.device == "cuda" else ""
-        rounds = ", ".join(f"{t:.2f}" for t in secs)
-        print(f"{name:12s} {rate[name]:8.2f} images/s  (rounds: {rounds} s){memory}")
+        rounds = ", ".join(f"{t:.2f}" for t, _ in secs)
+        print(f"{name:12s} {rate[name]:8.2f} images/s  (rounds: {rounds} s; median CPU "
+              f"{cpu[name]:.2f} s){memory}")  # fmt: skip
+    print(f"ratio by CPU time {cpu['per caption'] / cpu['batched']:.3f} (robust to other load)")
     batched, single = images["batched"], images["per caption"]
     assert batched.shape == single.shape == (args.num_captions, args.num_images, 3, res, res)
     if args.family == "diffusion":  # same noise, same deterministic sampler: same images

@@ -13,7 +13,10 @@ plain loop of `per_sample_loss(batch).mean()`, backward, step (with autocast and
 a GradScaler to match `--precision`). The two alternate `--rounds` times so drifting machine load
 hits both alike. Prints the median samples/s of each and
 `RESULT train_lightning_over_plain <Lightning samples/s / plain samples/s>`, the median over
-rounds of each round's ratio (goal >= 0.95).
+rounds of each round's ratio (goal >= 0.95), `RESULT train_samples_per_s` (Lightning's) and, where
+the accelerator's peak is known (`--peak-tflops`, or a GPU's dense 16-bit peak by name),
+`RESULT train_mfu`: the FLOPs of one optimizer step (PyTorch's FLOP counter over a plain step:
+forward, backward) times Lightning's steps/s, over the peak.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from _common import (
     autocast,
     build_model,
     check_args,
+    counted_flops,
+    cpu_description,
+    peak_flops,
     peak_rss_mib,
     shapes_items,
     stopwatch,
@@ -112,6 +118,7 @@ def train_ratio(args: argparse.Namespace) -> float:
     loader = DataLoader(items, args.batch_size, shuffle=True, collate_fn=collate_samples)
     fill_caches(model, loader, args.device, args.precision)
     plain_fit(model, loader, 2, args.device, args.precision)  # warm-up (allocator, autograd)
+    step_flops = counted_flops(lambda: plain_fit(model, loader, 1, args.device, args.precision))
     plain, light = [], []
     for _ in range(args.rounds):  # alternate, so drifting machine load hits both alike
         plain.append(plain_fit(model, loader, steps, args.device, args.precision))
@@ -124,12 +131,19 @@ def train_ratio(args: argparse.Namespace) -> float:
         f"# {args.family} {args.preset} {res}px, batch {args.batch_size}, {steps} steps x "
         f"{args.rounds} rounds, {args.device} {args.precision}, {torch.get_num_threads()} threads"
     )
+    print(f"# {cpu_description()}")
     print(f"plain loop: {p:.2f} samples/s  (rounds: {', '.join(f'{t:.2f}' for t in plain)} s)")
     print(f"Lightning:  {li:.2f} samples/s  (rounds: {', '.join(f'{t:.2f}' for t in light)} s)")
     print(f"peak RSS {peak_rss_mib():.0f} MiB")
     if args.device == "cuda":
         print(f"peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     print(f"RESULT train_lightning_over_plain {ratio:.3f}")
+    print(f"RESULT train_samples_per_s {li:.2f}")
+    peak, source = peak_flops(args.device, args.precision, args.peak_tflops)
+    achieved = step_flops * li / args.batch_size  # FLOPs per step x Lightning's steps/s
+    print(f"{step_flops / 1e9:.1f} GFLOP per step, {achieved / 1e12:.2f} TFLOP/s; peak: {source}")
+    if peak > 0:
+        print(f"RESULT train_mfu {achieved / peak:.3f}")
     return ratio
 
 
@@ -140,6 +154,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-samples", type=int, default=64, help="training pairs")
     parser.add_argument("--rounds", type=int, default=3)
+    peak = "accelerator peak TFLOP/s for MFU; 0 = a GPU's dense 16-bit peak by name"
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help=peak)
     args = parser.parse_args()
     check_args(parser, args)
     train_ratio(args)

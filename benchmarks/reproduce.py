@@ -1,44 +1,69 @@
-"""Reproduce the paper's table on the embedded shapes data, both families, on this machine.
+"""Reproduce the paper's table on the embedded shapes data, and where leakage starts.
 
-    python benchmarks/reproduce.py                      # runs (or reuses) both experiments
+    python benchmarks/reproduce.py                      # the table: both families (resumable)
     python benchmarks/reproduce.py --only-report        # print the table of finished runs
+    python benchmarks/reproduce.py onset                # AUC / TPR@1%FPR vs steps per image
+    python benchmarks/reproduce.py onset --families diffusion --steps 20 50 100 250 500 \
+        --augment none crop-flip
 
-Runs `configs/experiments/shapes-diffusion.yaml` and `shapes-seq2seq.yaml` (resumable: finished
+`table` runs `configs/experiments/shapes-diffusion.yaml` and `shapes-seq2seq.yaml` (finished
 stages are skipped), then prints the attack x family table (AUC, TPR@1%FPR, accuracy) of the
 shadow setting with the machine it ran on, and `RESULT <family>_<attack>_auc <value>` lines.
+
+`onset` trains, for each family, one autoencoder and one attacker's encoder (on the public
+pool) and then, for each number of training steps per image and each augmentation, a target and
+its shadows from the same splits (32 members and 128 non-members each), queries them and runs
+every attack, calibrated and not. It prints the AUC and TPR@1%FPR of every attack against the
+steps per image, the onset of each attack (the fewest steps per image whose AUC interval lies
+wholly above 0.5), writes `runs/onset/onset.md` and `onset.png`, and `RESULT` lines.
 """
 
 import argparse
 import json
 import os
 import platform
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import torch
 
-from lightning_mia.cli import experiment_main
+from lightning_mia.experiment import experiment_main, fit_stage, run_experiment
+from lightning_mia.paths import ExperimentLayout
 
 EXPERIMENTS = {"diffusion": "shapes-diffusion", "seq2seq": "shapes-seq2seq"}
 COLUMNS = (("auc", "AUC"), ("tpr@1%fpr", "TPR@1%FPR"), ("accuracy", "accuracy"))
+FAMILY_CONFIGS = {  # (autoencoder config, model config)
+    "diffusion": ("configs/autoencoder/tiny-kl.yaml", "configs/diffusion/tiny.yaml"),
+    "seq2seq": ("configs/autoencoder/tiny.yaml", "configs/seq2seq/tiny.yaml"),
+}
+AUGMENT = {"none": [], "crop-flip": ["--model.init_args.random_crop=true",
+                                     "--model.init_args.random_flip=true"]}  # fmt: skip
+ENCODER = "configs/encoder/tiny.yaml"
+MEMBERS, BATCH = 32, 32  # the tiny configs' members per model and batch: 1 step = 1 per image
 
 
 def machine() -> str:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {device}"
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next(ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
+                     if ln.startswith("Model name"))  # fmt: skip
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{model}, {os.cpu_count()} CPUs, capability {capability}, {device}"
 
 
 def cell(metric: dict) -> str:
     return "n/r" if not metric["resolvable"] else f"{metric['value']:.3f}"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only-report", action="store_true")
-    args = parser.parse_args()
+def table(only_report: bool) -> None:
     seconds = {}
     for family, name in EXPERIMENTS.items():
-        if not args.only_report:
+        if not only_report:
             start = time.perf_counter()
             experiment_main([name])
             seconds[family] = time.perf_counter() - start
@@ -68,6 +93,117 @@ def main():
     print("\n".join(results))
     for family, s in seconds.items():
         print(f"RESULT {family}_experiment_seconds {s:.0f}")
+
+
+def onset_point(root: Path, family: str, steps: int, augment: str, parallel: int) -> dict:
+    """Train (or reuse) one point of the curve; its report.json."""
+    base = ExperimentLayout(root / family / "base")
+    autoencoder, model = FAMILY_CONFIGS[family]
+    for folder, config in ((base.autoencoder, autoencoder), (base.encoder, ENCODER)):
+        fit_stage(folder, config, [f"--data.experiment={base.root}"], isolate=False)
+    base = base.root
+    point = root / family / f"steps-{steps:04d}-{augment}"
+    point.mkdir(parents=True, exist_ok=True)
+    for shared in ("splits.json", "autoencoder", "encoder"):  # trained once per family
+        if not (point / shared).exists():
+            copy = shutil.copytree if (base / shared).is_dir() else shutil.copy
+            copy(base / shared, point / shared)
+    max_steps = steps * MEMBERS // BATCH
+    run_experiment(experiment=str(point), family=family, num_shadows=2, autoencoder="",
+                   encoder="", model=model, attacks=["all"], parallel=parallel,
+                   model_args=[f"--trainer.max_steps={max_steps}",
+                               f"--model.init_args.autoencoder={point / 'autoencoder'}",
+                               *AUGMENT[augment]])  # fmt: skip
+    return json.loads((point / "attack" / "report.json").read_text())
+
+
+def onset_table(points: dict, steps: list[int]) -> tuple[list[str], list[str]]:
+    """(markdown lines, RESULT lines) of AUC / TPR@1%FPR per attack against steps per image."""
+    lines, results = [], []
+    for (family, augment), reports in points.items():
+        lines += ["", f"### {family}, augmentation: {augment}", "",
+                  "| attack | " + " | ".join(f"{s} steps" for s in steps) + " | onset |",
+                  "|" + "---|" * (len(steps) + 2)]  # fmt: skip
+        names = list(dict.fromkeys(n for r in reports.values()
+                                   for n in [*r["attacks"], *r["baselines"]]))  # fmt: skip
+        for name in names:
+            cells, onset = [], "none"
+            for s in steps:
+                entry = reports[s]["attacks"].get(name) or reports[s]["baselines"].get(name)
+                if entry is None:
+                    cells.append("-")
+                    continue
+                auc, tpr = entry["metrics"]["auc"], entry["metrics"]["tpr@1%fpr"]
+                cells.append(f"{cell(auc)} / {cell(tpr)}")
+                if onset == "none" and auc["low"] is not None and auc["low"] > 0.5:
+                    onset = f"{s}"
+                results.append(f"RESULT onset_{family}_{augment}_{name}_{s}_auc {auc['value']:.4f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {onset} |")
+    return lines, results
+
+
+def onset_plot(points: dict, steps: list[int], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
+    for (family, augment), reports in points.items():
+        style = "-" if augment == "none" else "--"
+        names = [n for n in reports[steps[0]]["attacks"] if not n.startswith("lira-")]
+        for name in names:
+            for ax, key in zip(axes, ("auc", "tpr@1%fpr")):
+                ys = [reports[s]["attacks"].get(name, {}).get("metrics", {}).get(key, {})
+                      .get("value") for s in steps]  # fmt: skip
+                ax.plot(steps, [float("nan") if y is None else y for y in ys], style,
+                        label=f"{family} {name} ({augment})")  # fmt: skip
+    for ax, label in zip(axes, ("ROC-AUC", "TPR at 1% FPR")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training steps per image")
+        ax.set_ylabel(label)
+    axes[0].axhline(0.5, color="gray", linestyle=":")
+    axes[1].legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def onset(args: argparse.Namespace) -> None:
+    root = Path(args.root)
+    points: dict = {}
+    start = time.perf_counter()
+    for family in args.families:
+        for augment in args.augment:
+            points[(family, augment)] = {
+                s: onset_point(root, family, s, augment, args.parallel) for s in args.steps
+            }
+    lines, results = onset_table(points, args.steps)
+    seconds = time.perf_counter() - start
+    head = ["# Leakage onset on shapes (AUC / TPR@1%FPR; onset = fewest steps per image "
+            "whose AUC interval lies above 0.5)", "", f"{machine()}; {seconds:.0f} s"]  # fmt: skip
+    (root / "onset.md").write_text("\n".join([*head, *lines]) + "\n")
+    onset_plot(points, args.steps, root / "onset.png")
+    print("\n".join([*head, *lines]))
+    print("\n".join(results))
+    print(f"RESULT onset_seconds {seconds:.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", nargs="?", default="table", choices=["table", "onset"])
+    parser.add_argument("--only-report", action="store_true", help="table: print, run nothing")
+    parser.add_argument("--families", nargs="+", default=["diffusion", "seq2seq"])
+    parser.add_argument("--steps", nargs="+", type=int, default=[20, 50, 100, 250, 500],
+                        help="onset: training steps per image of each point")  # fmt: skip
+    parser.add_argument("--augment", nargs="+", default=["none", "crop-flip"],
+                        choices=sorted(AUGMENT))  # fmt: skip
+    parser.add_argument("--parallel", type=int, default=3, help="training stages at once")
+    parser.add_argument("--root", default="runs/onset")
+    args = parser.parse_args()
+    if args.what == "onset":
+        onset(args)
+    else:
+        table(args.only_report)
 
 
 if __name__ == "__main__":

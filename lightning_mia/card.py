@@ -16,7 +16,6 @@ import torch
 from lightning_mia.errors import UserError
 
 CARD_KEY = "lightning_mia"
-FAMILIES = ("diffusion", "seq2seq", "autoencoder", "encoder")
 
 
 class CheckpointError(UserError):
@@ -68,14 +67,37 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise CheckpointError(f"checkpoint {path}: not a readable checkpoint ({err})") from err
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path}: not a readable checkpoint ({detail})") from err
 
 
 def read_card(path: str | os.PathLike) -> RunCard:
-    """The run card of a lightning_mia checkpoint; CheckpointError for anything else."""
+    """The run card of a lightning_mia checkpoint; CheckpointError for anything else.
+
+    A checkpoint inside an experiment folder (`<experiment>/<run>/checkpoints/*.ckpt`, beside
+    its splits.json) belongs to that folder, wherever it was trained: an experiment moved or
+    copied elsewhere keeps working (the splits hash, checked by every stage, still ties the
+    checkpoint to its splits).
+    """
     ckpt = load_checkpoint(path)
     if CARD_KEY not in ckpt:
         raise CheckpointError(
             f"checkpoint {path}: not a lightning_mia checkpoint (no '{CARD_KEY}' entry)"
         )
-    return RunCard.from_dict(ckpt[CARD_KEY])
+    card = RunCard.from_dict(ckpt[CARD_KEY])
+    holder = holding_experiment(path)
+    if holder is not None and holder.resolve() != Path(card.experiment).resolve():
+        card.experiment = str(holder)
+    return card
+
+
+def holding_experiment(path: str | os.PathLike) -> Path | None:
+    """The experiment folder a checkpoint sits in (`<experiment>/<run>/checkpoints/x.ckpt`
+    with `<experiment>/splits.json`), or None."""
+    from lightning_mia.paths import CHECKPOINT_DIR, ExperimentLayout
+
+    path = Path(path)
+    if path.parent.name != CHECKPOINT_DIR or len(path.parents) < 3:
+        return None
+    root = path.parents[2]
+    return root if ExperimentLayout(root).splits.is_file() else None

@@ -8,26 +8,75 @@
 
 `MIACLI` places every run in its experiment folder (`<experiment>/<family>-<role>-<index>/`,
 `autoencoder/`, `encoder/` or `queries/<run>/`), adds the checkpointing every stage needs
-(`checkpoints/last.ckpt`, written at the end of fit and every `checkpoint_every_n_steps`) and a
-W&B logger (group = experiment, job_type = role; offline without an API key).
+(`checkpoints/last.ckpt`, written at the end of fit and every `checkpoint_every_n_steps`), a
+W&B logger (group = experiment, job_type = role; offline without an API key) with the resolved
+config and the splits settings, the learning rate (`LearningRateMonitor`), and the stage's W&B
+lineage at the end of fit (`lightning_mia.lineage`). The terminal is quiet unless `--verbose`
+(`lightning_mia.terminal`). `--config configs/...` paths missing from the working folder are
+read from the installed package (`find_config`), so the commands work from any folder.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import (
+    ArgsType,
+    LightningArgumentParser,
+    LightningCLI,
+    SaveConfigCallback,
+)
 
 from lightning_mia.data.datamodule import MembershipDataModule
-from lightning_mia.paths import ExperimentLayout, atomic_write_json, role_of, run_name
+from lightning_mia.errors import UserError
+from lightning_mia.paths import (
+    CHECKPOINT_DIR,
+    ExperimentLayout,
+    StagePaths,
+    atomic_write_json,
+    done_marker,
+    last_checkpoint,
+)
+from lightning_mia.terminal import (
+    OneLineErrors,
+    add_verbose_argument,
+    configure_terminal,
+    is_verbose,
+    verbose_requested,
+)
 
 CHECKPOINT_EVERY_N_STEPS = 500
-DONE_MARKER = "DONE.json"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def find_config(path: str | os.PathLike) -> str:
+    """`path` as given if it exists; else a relative `configs/...` path (file or folder) found
+    in the installed package (`lightning_mia/configs/`, or a checkout's `configs/`)."""
+    given = Path(path)
+    if given.exists() or given.is_absolute() or given.parts[:1] != ("configs",):
+        return str(path)
+    for root in (PACKAGE_DIR, PACKAGE_DIR.parent):
+        if (root / given).exists():
+            return str(root / given)
+    return str(path)
+
+
+def with_found_configs(argv: list[str]) -> list[str]:
+    """`argv` with every `--config X` / `--config=X` resolved by `find_config`."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = find_config(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + find_config(arg.split("=", 1)[1])
+    return out
 
 
 class FinalCheckpoint(Callback):
@@ -41,26 +90,22 @@ class FinalCheckpoint(Callback):
         if trainer.interrupted:
             return
         # full state (optimizer, loops), so a later `--ckpt_path last` can train on
-        trainer.save_checkpoint(self.dirpath / "checkpoints" / "last.ckpt", weights_only=False)
+        trainer.save_checkpoint(last_checkpoint(self.dirpath), weights_only=False)
         if trainer.is_global_zero:
             atomic_write_json(
-                self.dirpath / DONE_MARKER,
+                done_marker(self.dirpath),
                 {"global_step": trainer.global_step, "max_steps": trainer.max_steps},
             )
 
 
-def stage_folder(model: LightningModule, datamodule: Any) -> tuple[Path, str, str]:
-    """(folder, run name, role) of the stage that `model` runs in its experiment."""
+def stage_of(model: LightningModule, datamodule: Any) -> StagePaths:
+    """Where the stage that `model` runs in its experiment writes, its run name and role."""
+    from lightning_mia.query.module import QueryModule
+
     layout = ExperimentLayout(datamodule.experiment)
-    family = getattr(model, "family", "")
-    if family == "autoencoder":
-        return layout.autoencoder, "autoencoder", "autoencoder"
-    if family == "encoder":
-        return layout.encoder, "encoder", "attacker"
-    if hasattr(model, "card") and getattr(model, "run_name", None):  # QueryModule
-        return layout.queries(model.run_name), f"query-{model.run_name}", "query"
-    index = datamodule.model_index
-    return layout.run_dir(family, index), run_name(family, index), role_of(index)
+    if isinstance(model, QueryModule):
+        return layout.query_stage(model.run_name)
+    return layout.stage(getattr(model, "family", ""), datamodule.model_index)
 
 
 def query_data_config(data: Any, ckpt: str) -> None:
@@ -83,18 +128,63 @@ def query_data_config(data: Any, ckpt: str) -> None:
     data.source = Namespace(class_path=class_path, init_args=Namespace(**source["init_args"]))
 
 
+class LoggedConfigCallback(SaveConfigCallback):
+    """config.yaml in the stage folder (Lightning's) and the same resolved config, with the
+    experiment's splits settings, in the W&B run (rank zero)."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        import yaml
+
+        from lightning_mia.lineage import splits_summary
+        from lightning_mia.reporting import log_config
+
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "experiment"):
+            config["splits"] = splits_summary(ExperimentLayout(datamodule.experiment))
+        log_config(trainer.logger, config)
+
+
+def check_resume_checkpoint(ckpt: str, class_path: str) -> None:
+    """CheckpointError unless `ckpt` is a lightning_mia checkpoint of the configured model's
+    family (resuming a diffusion run from an autoencoder checkpoint, say)."""
+    import importlib
+
+    from lightning_mia.card import CheckpointError, read_card
+
+    card = read_card(ckpt)
+    module, _, name = class_path.rpartition(".")
+    family = getattr(getattr(importlib.import_module(module), name, None), "family", "")
+    if family and card.family != family:
+        raise CheckpointError(
+            f"--ckpt_path {ckpt} is a {card.family} checkpoint, but the config trains a "
+            f"{family} model ({name}): resume a run from its own checkpoints/last.ckpt"
+        )
+
+
+class MIAArgumentParser(OneLineErrors, LightningArgumentParser):
+    """LightningCLI's parser whose errors are one line."""
+
+
 class MIACLI(LightningCLI):
     """LightningCLI over any lightning_mia module (`model.class_path`) and the splits data."""
 
     def __init__(self, args: ArgsType = None, run: bool = True) -> None:
         super().__init__(
             model_class=LightningModule,
+            parser_class=MIAArgumentParser,
             subclass_mode_model=True,
             datamodule_class=MembershipDataModule,
+            save_config_callback=LoggedConfigCallback,
             save_config_kwargs={"overwrite": True},
             args=args,
             run=run,
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's, with `Trainer.validate/test(verbose=...)` left to our `--verbose`."""
+        return {name: {*skip, "verbose"} for name, skip in LightningCLI.subcommands().items()}
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument(
@@ -106,25 +196,44 @@ class MIACLI(LightningCLI):
         parser.add_argument(
             "--wandb_project", type=str, default="lightning_mia", help="W&B project name"
         )
+        parser.add_argument(
+            "--wandb_upload_checkpoint", type=bool, default=False,
+            help="upload last.ckpt into the model's W&B artifact (default: a checksummed "
+            "file:// reference)",
+        )  # fmt: skip
+        add_verbose_argument(parser)
+
+    def parse_arguments(self, parser: Any, args: ArgsType) -> None:
+        """Parse, then refuse a `--ckpt_path` of another family before LightningCLI reads the
+        checkpoint's hyper-parameters into the config (which would swap the model class)."""
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        config = self.config[sub] if sub else self.config
+        ckpt, model = config.get("ckpt_path"), config.get("model")
+        if ckpt and Path(str(ckpt)).is_file() and getattr(model, "class_path", None):
+            check_resume_checkpoint(str(ckpt), str(model.class_path))
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        configure_terminal(bool(config.get("verbose")))
         model_cfg = config.get("model")
         ckpt = getattr(getattr(model_cfg, "init_args", None), "ckpt", None)
         if ckpt and str(model_cfg.class_path).endswith("QueryModule"):
             query_data_config(config.data, ckpt)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        folder, name, role = stage_folder(self.model, self.datamodule)
+        stage = stage_of(self.model, self.datamodule)
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer_cfg = self._get(self.config_init, "trainer", default={})
-        kwargs.setdefault("default_root_dir", str(folder))
+        kwargs.setdefault("default_root_dir", str(stage.folder))
+        if not is_verbose() and trainer_cfg.get("enable_model_summary") is None:
+            kwargs["enable_model_summary"] = False
         if trainer_cfg.get("logger") in (None, True):
             from lightning_mia.reporting import make_logger
 
             group = ExperimentLayout(self.datamodule.experiment).name
             kwargs["logger"] = make_logger(
-                folder, f"{group}/{name}", job_type=role, group=group,
+                stage.folder, f"{group}/{stage.name}", job_type=stage.role, group=group,
                 project=config.get("wandb_project", "lightning_mia"),
             )  # fmt: skip
         if self.subcommand == "fit":
@@ -132,18 +241,39 @@ class MIACLI(LightningCLI):
             if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
                 callbacks.append(
                     ModelCheckpoint(
-                        dirpath=folder / "checkpoints",
+                        dirpath=stage.folder / CHECKPOINT_DIR,
                         save_last=True,
                         save_top_k=0,
                         enable_version_counter=False,
                         every_n_train_steps=config.get("checkpoint_every_n_steps"),
                     )
                 )
-            callbacks.append(FinalCheckpoint(folder))
+            callbacks.append(FinalCheckpoint(stage.folder))
+            if trainer_cfg.get("logger") is not False and not any(
+                isinstance(c, LearningRateMonitor) for c in callbacks
+            ):
+                callbacks.append(LearningRateMonitor(logging_interval="step"))
             kwargs["callbacks"] = callbacks
         if self.subcommand == "predict":
             kwargs["use_distributed_sampler"] = False
         return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        """The stage's W&B lineage: the splits (and autoencoder) it used, what it made."""
+        if self.trainer.interrupted or not self.trainer.is_global_zero:
+            return
+        from lightning_mia.lineage import fit_lineage
+        from lightning_mia.reporting import has_wandb_run, log_lineage
+
+        if not has_wandb_run(self.trainer.logger):
+            return
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        stage = stage_of(self.model, self.datamodule)
+        layout = ExperimentLayout(self.datamodule.experiment)
+        references = getattr(self.model, "card_references", dict)()  # a text-to-image model's
+        autoencoder = str(references.get("autoencoder") or "")
+        upload = bool(config.get("wandb_upload_checkpoint"))
+        log_lineage(self.trainer.logger, *fit_lineage(layout, stage, autoencoder, upload))
 
     def predict(self, model: LightningModule, datamodule: Any = None, **kwargs: Any) -> Any:
         from lightning_mia.query.module import QueryModule
@@ -154,249 +284,89 @@ class MIACLI(LightningCLI):
         return self.trainer.predict(model, datamodule=datamodule, **kwargs)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's input, shown as one line without a traceback."""
-    from lightning_mia.card import CheckpointError
-    from lightning_mia.data.sources import DataError
-    from lightning_mia.query.module import QueryError
-    from lightning_mia.query.shards import ShardError
+def user_error_in(err: BaseException) -> BaseException | None:
+    """The user error behind `err`: itself, or one jsonargparse wrapped while instantiating
+    a class from a config (it re-raises a ValueError whose cause or context is the error)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (UserError, FileNotFoundError)):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
-    errors: list[type[BaseException]] = [
-        CheckpointError,
-        DataError,
-        QueryError,
-        ShardError,
-        FileNotFoundError,
-    ]
-    for module, name in (
-        ("lightning_mia.attack.runner", "AttackError"),
-        ("lightning_mia.models.encoder", "EncoderError"),
-        ("lightning_mia.models.autoencoder", "AutoencoderError"),
-        ("lightning_mia.models.seq2seq", "Seq2SeqError"),
-        ("lightning_mia.models.taming", "TamingImportError"),
-        ("lightning_mia.graybox.registry", "SignalError"),
-    ):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (a list of problems joined with '; ')."""
+    lines = [ln.strip() for ln in str(err).splitlines()]
+    lines = [ln[2:] if ln.startswith("- ") else ln for ln in lines]  # a list's bullets
+    return "; ".join(ln for ln in lines if ln).replace(":; ", ": ")
 
 
 def run_cli(main: Callable[[], Any]) -> Any:
     """Run `main`; a user error becomes one line on stderr and exit status 1."""
     try:
         return main()
-    except user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - only user errors are caught, the rest re-raised
+        user = user_error_in(err)
+        if user is None:
+            raise
+        print(f"error: {one_line(user)}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
 def train_main(args: ArgsType = None) -> MIACLI:
-    """`python train.py ...`: LightningCLI over lightning_mia's modules."""
-    return run_cli(lambda: MIACLI(args=args))
+    """`python train.py ...`: LightningCLI over lightning_mia's modules (quiet unless
+    `--verbose`; `--config configs/...` also found in the installed package)."""
+    argv = list(sys.argv[1:]) if args is None else args
+    configure_terminal(verbose_requested(argv) if isinstance(argv, list) else False)
+    if isinstance(argv, list) and with_found_configs(argv) != argv:
+        args = with_found_configs(argv)
+
+    def main() -> MIACLI:
+        with warnings.catch_warnings():  # args= given for a package config on the command line
+            warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+            return MIACLI(args=args)
+
+    return run_cli(main)
 
 
-def find_shadow_checkpoints(layout: ExperimentLayout, family: str) -> list[Path]:
-    """`last.ckpt` of every trained shadow run of `family` in the experiment."""
-    runs = sorted(layout.root.glob(f"{family}-shadow-[0-9][0-9][0-9]"))
-    return [r / "checkpoints" / "last.ckpt" for r in runs if (r / DONE_MARKER).is_file()]
+def say(text: str) -> None:
+    """A command's own output (tables, paths, hints) on stdout, from global rank zero only."""
+    from lightning.pytorch.utilities import rank_zero_only
 
-
-def attack_parser() -> Any:
-    """Arguments of `python attack.py` (also readable from a YAML with --config)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    p = ArgumentParser(prog="attack.py", description="Membership inference against a target.")
-    p.add_argument("--config", action=ActionConfigFile)
-    p.add_argument("--ckpt", type=str, required=True, help="target model checkpoint")
-    p.add_argument("--experiment", type=str, default="", help="experiment folder (default: card)")
-    p.add_argument(
-        "--attacks",
-        type=list[str],
-        default=["pixel", "semantic", "text", "combined"],
-        help="attacks to run (pixel, semantic, text, combined, gray-box ones, or all)",
-    )
-    p.add_argument("--setting", type=str, default="shadow", help="shadow | partial")
-    p.add_argument("--known_fraction", "--known-fraction", type=float, default=0.5)
-    p.add_argument("--num_images", "--num-images", type=int, default=4, help="N per query")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max_epochs", "--max-epochs", type=int, default=200)
-    p.add_argument("--encoder", type=str, default="", help="CLIP folder (default: experiment's)")
-    p.add_argument(
-        "--signals",
-        type=list[str],
-        default=["auto"],
-        help="gray-box signals computed while querying: all = every one of the family; "
-        "auto = those of an existing complete target query, else all; [] = none",
-    )
-    p.add_argument("--signal_timesteps", "--signal-timesteps", type=list[int] | None, default=None)
-    p.add_argument("--accelerator", type=str, default="auto")
-    p.add_argument("--devices", type=int | str, default="auto")
-    p.add_argument("--progress", type=bool, default=True)
-    return p
-
-
-def cost_context(target: Any, folder: Path) -> dict[str, Any]:
-    """Queries and measured seconds per sample of each attack, from the target's query."""
-    import json
-
-    from lightning_mia.attack import ATTACKS
-    from lightning_mia.query.writer import seconds_per_sample
-
-    context = json.loads(target.metadata.get("signal_queries") or "{}")  # {"<signal>_queries"}
-    measured = seconds_per_sample(folder)
-    black_box = measured.get("generate", 0.0) + measured.get("features", 0.0)
-    seconds = {}
-    for name, spec in ATTACKS.items():
-        if spec.access == "black-box" and black_box:
-            seconds[name] = black_box
-        elif name in measured:
-            seconds[name] = measured[name]
-    if "features" in measured:
-        seconds["blind"] = measured["features"]  # upper bound: blind reads a subset of them
-    context["seconds_per_sample"] = seconds
-    return context
-
-
-def resolve_signals(asked: list[str], card: Any, layout: ExperimentLayout) -> list[str]:
-    """The gray-box signals to compute: `all`, `auto` (reuse a finished query's) or names."""
-    from lightning_mia.graybox import signals_for
-    from lightning_mia.query.shards import read_complete
-
-    if "auto" in asked:
-        done = read_complete(layout.queries(card.run_name))
-        if done is None:
-            return signals_for(card.family)
-        return [s for s in done.get("signals", "").split(",") if s]
-    if "all" in asked:
-        return signals_for(card.family)
-    return list(asked)
-
-
-def report_folder(layout: ExperimentLayout, setting: str) -> Path:
-    """`attack/` for the default shadow setting, `attack/<setting>/` for the others."""
-    return layout.attack if setting == "shadow" else layout.attack / setting
-
-
-def run_attack_command(args: Any) -> Any:
-    """Query the target and shadows where needed, train and evaluate the attacks, report."""
-    from lightning_mia.attack import ATTACKS
-    from lightning_mia.attack.runner import AttackError, run_attacks
-    from lightning_mia.card import CheckpointError, read_card
-    from lightning_mia.query.run import run_query
-    from lightning_mia.reporting import (
-        format_table,
-        log_report,
-        make_logger,
-        wandb_mode_note,
-        write_report,
-    )
-
-    card = read_card(args.ckpt)
-    if card.family not in ("diffusion", "seq2seq"):
-        raise CheckpointError(f"{args.ckpt} is a {card.family} checkpoint, not a target model")
-    layout = ExperimentLayout(args.experiment or card.experiment)
-    if args.experiment and Path(args.experiment).resolve() != Path(card.experiment).resolve():
-        raise CheckpointError(
-            f"{args.ckpt} belongs to experiment {card.experiment}, not {args.experiment}"
-        )
-    shadows = find_shadow_checkpoints(layout, card.family)
-    if not shadows and args.setting == "shadow":
-        others = sorted(p.name for p in layout.root.glob("*-shadow-[0-9][0-9][0-9]"))
-        hint = f" (found shadows of other families: {others})" if others else ""
-        raise AttackError(
-            f"no trained {card.family} shadow models in {layout.root}{hint}: train them with "
-            f"`python train.py fit --config <config> --data.model_index K` for K = 1, 2, ..."
-        )
-    known = sorted(ATTACKS) + ["all"]
-    unknown = [a for a in args.attacks if a not in known]
-    if unknown:
-        raise AttackError(f"unknown attacks {unknown}; known: {known}")
-    signals = resolve_signals(args.signals, card, layout)
-    query = dict(
-        num_images=args.num_images,
-        seed=args.seed,
-        encoder=args.encoder,
-        signals=signals,
-        signal_timesteps=args.signal_timesteps,
-        accelerator=args.accelerator,
-        devices=args.devices,
-        progress=args.progress,
-    )
-    logger = make_logger(str(layout.root), name="attack", job_type="attack", group=layout.name)
-    query["logger"] = logger
-    target = run_query(args.ckpt, **query)
-    shadow_tables = [run_query(str(c), **query) for c in shadows]
-    attacks = list(args.attacks)
-    if "all" in attacks:
-        attacks = ["all"]
-    report = run_attacks(
-        layout,
-        target,
-        shadow_tables,
-        attacks=attacks,
-        setting=args.setting,
-        known_fraction=args.known_fraction,
-        seed=args.seed,
-        max_epochs=args.max_epochs,
-        logger=logger,
-        progress=args.progress,
-        context={
-            "family": card.family,
-            "num_images": args.num_images,
-            "num_shadows": len(shadows),
-            "seeds": {"query": args.seed, "attack": args.seed},
-            "splits_hash": card.splits_hash,
-            **cost_context(target, layout.queries(card.run_name)),
-            "target": {
-                "run_name": card.run_name,
-                "train_steps_per_image": card.train_steps_per_image,
-                "augmentation": card.augmentation,
-            },
-        },
-    )
-    folder = report_folder(layout, args.setting)
-    roc = write_report(folder, report)
-    log_report(logger, report, roc)
-    print(format_table(report))
-    print(f"report: {folder / 'report.json'}, {folder / 'report.md'}, {roc}")
-    if wandb_mode_note(layout.root):  # offline: every stage of the experiment wrote a run
-        print(f"W&B ran offline; upload every run of the experiment with: wandb sync "
-              f"{layout.root}/wandb/offline-run-* {layout.root}/*/wandb/offline-run-*")  # fmt: skip
-    return report
+    rank_zero_only(print)(text)
 
 
 def attack_main(args: ArgsType = None) -> Any:
     """`python attack.py --ckpt <target checkpoint> [--attacks ...] [--setting partial]`."""
-    parser = attack_parser()
-    return run_cli(lambda: run_attack_command(parser.parse_args(args)))
-
-
-def experiment_main(args: ArgsType = None) -> list:
-    """`python -m lightning_mia.experiment <name | config.yaml> [--key value ...]`."""
-    import time
-
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from lightning_mia.experiment import OVERFIT_NOTE, config_path, run_experiment
-
     argv = list(sys.argv[1:] if args is None else args)
-    if not argv or argv[0].startswith("-"):
-        raise SystemExit("usage: python -m lightning_mia.experiment <name | config.yaml> [...]")
+    configure_terminal(verbose_requested(argv))  # before the model libraries are imported
+    from lightning_mia.attack.command import attack_parser, options_from, run_attack
 
-    def run() -> list:
-        parser = ArgumentParser(prog="lightning_mia.experiment")
-        parser.add_argument("--config", action=ActionConfigFile)
-        parser.add_function_arguments(run_experiment)
-        cfg = parser.parse_args(["--config", config_path(argv[0]), *argv[1:]])
-        start = time.perf_counter()
-        kwargs = cfg.as_dict()
-        kwargs.pop("config", None)
-        reports = run_experiment(**kwargs)
-        print(f"experiment {argv[0]} finished in {time.perf_counter() - start:.0f} s")
-        if cfg.overfit:
-            print(OVERFIT_NOTE)
-        return reports
+    parser = attack_parser()
+    outcome = run_cli(lambda: run_attack(options_from(parser.parse_args(with_found_configs(argv)))))
+    if outcome is None:  # not global rank zero
+        return None
+    show_outcome(outcome)
+    return outcome.report
 
-    return run_cli(run)
+
+def show_outcome(outcome: Any) -> None:
+    """The result table, where the report files are, and the `wandb sync` hint if offline."""
+    from lightning_mia.attack.render import format_table
+    from lightning_mia.attack.report import REPORT_JSON, REPORT_MD, ROC_PNG
+    from lightning_mia.reporting import offline_run_folders, wandb_mode_note
+
+    folder, root = outcome.folder, outcome.layout.root
+    say(format_table(outcome.report))
+    say(f"report: {folder / REPORT_JSON}, {folder / REPORT_MD}, {folder / ROC_PNG}")
+    runs = offline_run_folders(root)
+    if wandb_mode_note(root) and runs:  # offline: every stage of the experiment wrote a run
+        # one at a time, oldest first: each artifact reaches W&B from the run that made it
+        say(f"W&B ran offline; upload the experiment's runs with: wandb sync -n 1 "
+            f"{' '.join(str(r) for r in runs)}")  # fmt: skip
+
+
+if __name__ == "__main__":  # `python -m lightning_mia.cli fit ...` = `python train.py fit ...`
+    train_main()

@@ -14,7 +14,11 @@ squash scores outside [0, 1] through a sigmoid, which saturates in float32 and t
 raw scores (PSNR, logits > 17) into ties, exactly where TPR at low FPR is read.
 
     TPR@FPR: read at the lowest threshold whose FPR does not exceed the budget, i.e. the ROC
-    point with the largest FPR <= budget (never the nearest FPR, never interpolated).
+    point with the largest FPR <= budget (never the nearest FPR, never interpolated); the number
+    of false positives admitted there is reported beside it (`false_positives_at_fpr`).
+
+Accuracy is balanced accuracy (the mean of TPR and TNR at the threshold) when the classes are
+unequal; with equal classes the two are the same number.
 """
 
 from __future__ import annotations
@@ -34,27 +38,40 @@ _EPS = 1e-9
 
 @dataclass(frozen=True)
 class Metric:
-    """A metric value with its bootstrap 95% interval; `value` is None when not resolvable."""
+    """A metric value with its bootstrap 95% interval; `value` is None when not resolvable.
+
+    `false_positives`: for a TPR@FPR, the non-members admitted at the ROC point read (None for
+    the other metrics, and left out of their JSON).
+    """
 
     value: float | None
     low: float | None = None
     high: float | None = None
     resolvable: bool = True
+    false_positives: int | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.false_positives is None:
+            del d["false_positives"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Metric:
-        return cls(d.get("value"), d.get("low"), d.get("high"), bool(d.get("resolvable", True)))
+        return cls(
+            d.get("value"), d.get("low"), d.get("high"), bool(d.get("resolvable", True)),
+            d.get("false_positives"),
+        )  # fmt: skip
 
     def format(self, digits: int = 3) -> str:
-        """`0.912 [0.890, 0.931]`, or `n/r` when not resolvable."""
+        """`0.912 [0.890, 0.931]` (`... (1 FP)` for a TPR@FPR), or `n/r` when not resolvable."""
         if not self.resolvable or self.value is None:
             return "n/r"
         text = f"{self.value:.{digits}f}"
         if self.low is not None and self.high is not None:
             text += f" [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+        if self.false_positives is not None:
+            text += f" ({self.false_positives} FP)"
         return text
 
 
@@ -126,6 +143,23 @@ def is_resolvable(labels: torch.Tensor, fpr_budget: float) -> bool:
     return num_negative * fpr_budget >= 1.0 - _EPS
 
 
+def _read_at_budget(
+    pos: torch.Tensor, neg: torch.Tensor, fpr_budget: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(TP, FP) weight (B,) admitted at the lowest threshold whose FPR is <= the budget, from
+    the member / non-member weight per distinct score (B, U), scores ascending."""
+    # Cumulated from the highest score down: admitted weight as the threshold is lowered.
+    tp = torch.cumsum(torch.flip(pos, [1]), 1)  # (B, U), non-decreasing
+    fp = torch.cumsum(torch.flip(neg, [1]), 1)
+    allowed = torch.floor(fpr_budget * neg.sum(1, keepdim=True) + _EPS)  # (B, 1)
+    count = torch.searchsorted(fp.contiguous(), allowed, right=True)  # thresholds with fp<=allowed
+    at = (count - 1).clamp(min=0)
+    zero = torch.zeros_like(allowed)
+    tp_at = torch.where(count > 0, tp.gather(1, at), zero)[:, 0]
+    fp_at = torch.where(count > 0, fp.gather(1, at), zero)[:, 0]
+    return tp_at, fp_at
+
+
 def tpr_at_fpr(
     scores: torch.Tensor,
     labels: torch.Tensor,
@@ -142,13 +176,18 @@ def tpr_at_fpr(
     if not is_resolvable(labels, fpr_budget):
         return _squeeze(torch.full((w.shape[0],), math.nan, dtype=torch.float64), weights)
     _, pos, neg = _per_value(scores, labels, w)
-    # Cumulated from the highest score down: admitted weight as the threshold is lowered.
-    tp = torch.cumsum(torch.flip(pos, [1]), 1)  # (B, U), non-decreasing
-    fp = torch.cumsum(torch.flip(neg, [1]), 1)
-    allowed = torch.floor(fpr_budget * neg.sum(1, keepdim=True) + _EPS)  # (B, 1)
-    count = torch.searchsorted(fp.contiguous(), allowed, right=True)  # thresholds with fp<=allowed
-    tp_at = torch.where(count > 0, tp.gather(1, (count - 1).clamp(min=0)), torch.zeros_like(count))
-    return _squeeze((tp_at[:, 0] / pos.sum(1)).to(torch.float64), weights)
+    tp_at, _ = _read_at_budget(pos, neg, fpr_budget)
+    return _squeeze((tp_at / pos.sum(1)).to(torch.float64), weights)
+
+
+def false_positives_at_fpr(scores: torch.Tensor, labels: torch.Tensor, fpr_budget: float) -> int:
+    """Non-members admitted at the ROC point `tpr_at_fpr` reads (at most budget x non-members);
+    -1 when not resolvable."""
+    scores, labels = _check(scores, labels)
+    if not is_resolvable(labels, fpr_budget):
+        return -1
+    _, pos, neg = _per_value(scores, labels, _weights(labels, None))
+    return int(round(float(_read_at_budget(pos, neg, fpr_budget)[1][0])))
 
 
 def accuracy(
@@ -162,6 +201,22 @@ def accuracy(
     w = _weights(labels, weights)
     correct = ((scores >= threshold) == labels).to(torch.float64)  # (S,)
     return _squeeze((w * correct).sum(1) / w.sum(1), weights)
+
+
+def balanced_accuracy(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    threshold: float,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean of TPR and TNR of `score >= threshold` -> member (scikit-learn's
+    `balanced_accuracy_score`); equals `accuracy` when the classes are equal in size."""
+    scores, labels = _check(scores, labels)
+    w = _weights(labels, weights)
+    admitted = (scores >= threshold).to(torch.float64)  # (S,)
+    tpr = (w[:, labels] * admitted[labels]).sum(1) / w[:, labels].sum(1)
+    tnr = (w[:, ~labels] * (1 - admitted[~labels])).sum(1) / w[:, ~labels].sum(1)
+    return _squeeze(0.5 * (tpr + tnr), weights)
 
 
 def threshold_from(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -251,14 +306,17 @@ def evaluate(
 ) -> dict[str, Metric]:
     """Accuracy at `threshold`, ROC-AUC, TPR@1%FPR and TPR@0.1%FPR, each with a 95% interval.
 
-    All four use the same bootstrap resamples (same seed). A TPR@FPR with fewer than 1/budget
-    non-members is marked not resolvable (value None).
+    Accuracy is balanced accuracy when members and non-members are unequal in number. Each
+    TPR@FPR carries the false positives it admits. All four use the same bootstrap resamples
+    (same seed). A TPR@FPR with fewer than 1/budget non-members is marked not resolvable
+    (value None).
     """
     scores, labels = _check(scores, labels)
     if labels.all() or not labels.any():
         raise ValueError("evaluation needs both members and non-members")
+    reader = accuracy if is_balanced(labels) else balanced_accuracy
     fns: dict[str, Callable[..., torch.Tensor]] = {
-        "accuracy": lambda s, y, weights=None: accuracy(s, y, threshold, weights),
+        "accuracy": lambda s, y, weights=None: reader(s, y, threshold, weights),
         "auc": roc_auc,
     }
     for name, budget in FPR_BUDGETS.items():
@@ -270,5 +328,13 @@ def evaluate(
             continue
         value = float(fns[name](scores, labels))
         low, high = bootstrap_interval(fns[name], scores, labels, n_boot=n_boot, seed=seed)
-        out[name] = Metric(value, low, high, resolvable=True)
+        budget = FPR_BUDGETS.get(name)
+        fp = None if budget is None else false_positives_at_fpr(scores, labels, budget)
+        out[name] = Metric(value, low, high, resolvable=True, false_positives=fp)
     return out
+
+
+def is_balanced(labels: torch.Tensor) -> bool:
+    """Members and non-members equal in number (accuracy is then plain accuracy)."""
+    labels = torch.as_tensor(labels).reshape(-1).bool()
+    return int(labels.sum()) * 2 == labels.numel()

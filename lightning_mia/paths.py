@@ -18,6 +18,15 @@ from pathlib import Path
 from typing import Any
 
 ROLES = ("target", "shadow")
+CHECKPOINT_DIR, LAST_CKPT = "checkpoints", "last.ckpt"
+DONE_MARKER = "DONE.json"  # a training stage that finished (written by rank 0 after last.ckpt)
+QUERY_COMPLETE = "COMPLETE.json"  # a query folder holding every sample of its row
+# Stages that are not a text-to-image model: family name -> (folder, role)
+SHARED_STAGES = {
+    "autoencoder": ("autoencoder", "autoencoder"),
+    "encoder": ("encoder", "attacker"),
+    "captioner": ("captioner", "attacker"),
+}
 
 
 def role_of(model_index: int) -> str:
@@ -30,6 +39,25 @@ def role_of(model_index: int) -> str:
 def run_name(family: str, model_index: int) -> str:
     """`{family}-{role}-{index:03d}`, e.g. `diffusion-target-000`, `seq2seq-shadow-002`."""
     return f"{family}-{role_of(model_index)}-{model_index:03d}"
+
+
+def last_checkpoint(folder: str | os.PathLike) -> Path:
+    """`<stage folder>/checkpoints/last.ckpt`: what every training stage writes and resumes."""
+    return Path(folder) / CHECKPOINT_DIR / LAST_CKPT
+
+
+def done_marker(folder: str | os.PathLike) -> Path:
+    """`<stage folder>/DONE.json`: present once the stage finished; a re-run skips it."""
+    return Path(folder) / DONE_MARKER
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    """Where one stage writes, its run name (W&B and folders) and its role (W&B job type)."""
+
+    folder: Path
+    name: str
+    role: str
 
 
 @dataclass(frozen=True)
@@ -58,14 +86,43 @@ class ExperimentLayout:
         return self.root / "encoder"
 
     @property
+    def captioner(self) -> Path:
+        return self.root / "captioner"
+
+    @property
     def attack(self) -> Path:
         return self.root / "attack"
 
     def run_dir(self, family: str, model_index: int) -> Path:
         return self.root / run_name(family, model_index)
 
+    def checkpoint(self, family: str, model_index: int) -> Path:
+        """`last.ckpt` of a model run (`<family>-<role>-<index>/checkpoints/last.ckpt`)."""
+        return last_checkpoint(self.run_dir(family, model_index))
+
     def queries(self, name: str) -> Path:
         return self.root / "queries" / name
+
+    def report_dir(self, setting: str) -> Path:
+        """`attack/` for the default shadow setting, `attack/<setting>/` for the others."""
+        return self.attack if setting == "shadow" else self.attack / setting
+
+    def stage(self, family: str, model_index: int = 0) -> StagePaths:
+        """Folder, run name and role of a training stage of `family` (model row `model_index`)."""
+        if family in SHARED_STAGES:
+            folder, role = SHARED_STAGES[family]
+            return StagePaths(self.root / folder, folder, role)
+        name = run_name(family, model_index)
+        return StagePaths(self.root / name, name, role_of(model_index))
+
+    def query_stage(self, model_run: str) -> StagePaths:
+        """The query of one model run (`queries/<run>/`)."""
+        return StagePaths(self.queries(model_run), f"query-{model_run}", "query")
+
+    def finished_runs(self, family: str, role: str = "shadow") -> list[Path]:
+        """Folders of the finished (DONE) runs of `family` in `role`, by model index."""
+        runs = sorted(self.root.glob(f"{family}-{role}-[0-9][0-9][0-9]"))
+        return [r for r in runs if done_marker(r).is_file()]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -62,6 +62,12 @@ class Registry(Generic[T]):
         self._entries[name] = entry
         return entry
 
+    def unregister(self, name: str) -> T:
+        """Remove and return an entry (for plugins and tests that register temporarily)."""
+        entry = self[name]
+        del self._entries[name]
+        return entry
+
     def __getitem__(self, name: str) -> T:
         if name not in self._entries:
             raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {self.names()}")

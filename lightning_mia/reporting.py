@@ -1,254 +1,34 @@
-"""Attack reports (report.json, report.md, roc.png, a terminal table) and the W&B helpers.
+"""Weights & Biases: the loggers of every stage and what they log. The only module that imports
+`wandb` (lazily, inside functions).
 
-The only module that imports `wandb` (lazily, inside functions). Every W&B helper takes a
-Lightning logger and is a no-op for anything but a `WandbLogger`, so callers never branch.
-
-report.json (keys sorted; `null` where unknown)::
-
-    {
-      "setting": "shadow" | "partial",      "known_fraction": null | 0.5,
-      "family": "diffusion",                "num_images": 4,       # N images per caption
-      "num_shadows": 2,                     "seeds": {"attack": 0, "query": 0, ...},
-      "splits_hash": "ab12...",
-      "target": {"run_name": "diffusion-target-000", "train_steps_per_image": 300.0,
-                 "augmentation": {...}},
-      "test_samples": {"members": 64, "non_members": 64},     # rows the metrics are read on
-      "attacks": {
-        "<name>": {
-          "access": "black-box" | "gray-box" | "none",
-          "queries_per_sample": 4 | null,    "seconds_per_sample": 0.8 | null,
-          "features": ["pixel/mse_mean", ...],
-          "details": {...},                  # attack-specific (threshold baseline: its rule)
-          "metrics": {"accuracy" | "auc" | "tpr@1%fpr" | "tpr@0.1%fpr":
-                      {"value": 0.93 | null, "low": 0.90, "high": 0.95, "resolvable": true}}
-        }
-      },
-      "baselines": {"threshold": {...same shape...}, "blind": {...same shape...}},
-      "created": "2026-01-01T12:00:00+00:00",
-      "notes": ["...", ...]
-    }
-
-`value` is null and `resolvable` false for a TPR@FPR with fewer than 1/budget non-members;
-`low`/`high` are the bootstrap 95% percentile interval.
+Every helper takes a Lightning logger and is a no-op for anything but a `WandbLogger`, so
+callers never branch. `make_logger` picks online or offline from the environment (offline when
+no API key is configured, `WANDB_MODE=disabled` turns W&B off); it runs silently unless the
+terminal is verbose (`lightning_mia.terminal`). `log_lineage` logs the artifacts that
+`lightning_mia.lineage` describes, also offline.
 """
 
 from __future__ import annotations
 
-import datetime
 import io
-import json
 import netrc
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lightning_mia.metrics import METRIC_NAMES, Metric, roc_curve
-from lightning_mia.paths import atomic_write_bytes
+from lightning_mia.attack.examples import EXAMPLES_PNG
+from lightning_mia.attack.report import AttackReport
+from lightning_mia.lineage import ArtifactSpec, report_artifact
+from lightning_mia.metrics import METRIC_NAMES, Metric
+from lightning_mia.terminal import is_verbose
 
-REPORT_JSON, REPORT_MD, ROC_PNG = "report.json", "report.md", "roc.png"
 WANDB_HOST = "api.wandb.ai"
-METRIC_LABELS = {
-    "accuracy": "accuracy",
-    "auc": "AUC",
-    "tpr@1%fpr": "TPR@1%FPR",
-    "tpr@0.1%fpr": "TPR@0.1%FPR",
-}
-
-
-@dataclass
-class AttackResult:
-    """One attack's (or baseline's) figures; `scores` etc. are kept for plots, not in JSON."""
-
-    name: str
-    access: str
-    queries_per_sample: int | None
-    metrics: dict[str, Metric]
-    features: list[str]
-    seconds_per_sample: float | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-    scores: torch.Tensor | None = None  # (S,) test scores, higher = member
-    labels: torch.Tensor | None = None  # (S,) bool
-    sample_id: torch.Tensor | None = None  # (S,) int64
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "access": self.access,
-            "queries_per_sample": self.queries_per_sample,
-            "seconds_per_sample": self.seconds_per_sample,
-            "features": list(self.features),
-            "details": dict(self.details),
-            "metrics": {k: m.to_dict() for k, m in self.metrics.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, name: str, d: Mapping[str, Any]) -> AttackResult:
-        metrics = {k: Metric.from_dict(m) for k, m in d.get("metrics", {}).items()}
-        return cls(
-            name, d["access"], d.get("queries_per_sample"), metrics, list(d.get("features", [])),
-            d.get("seconds_per_sample"), dict(d.get("details", {})),
-        )  # fmt: skip
-
-
-@dataclass
-class AttackReport:
-    """Everything one attack run established (see the module docstring for the JSON)."""
-
-    setting: str
-    family: str
-    num_images: int | None
-    num_shadows: int
-    seeds: dict[str, Any]
-    splits_hash: str
-    target: dict[str, Any]
-    attacks: dict[str, AttackResult]
-    baselines: dict[str, AttackResult]
-    known_fraction: float | None = None
-    test_samples: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    created: str = field(
-        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat()
-    )
-
-    def results(self) -> Iterator[tuple[str, AttackResult]]:
-        """("attack" | "baseline", result) for every attack, then every baseline."""
-        yield from (("attack", r) for r in self.attacks.values())
-        yield from (("baseline", r) for r in self.baselines.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "setting": self.setting,
-            "known_fraction": self.known_fraction,
-            "family": self.family,
-            "num_images": self.num_images,
-            "num_shadows": self.num_shadows,
-            "seeds": dict(self.seeds),
-            "splits_hash": self.splits_hash,
-            "target": dict(self.target),
-            "test_samples": dict(self.test_samples),
-            "attacks": {n: r.to_dict() for n, r in self.attacks.items()},
-            "baselines": {n: r.to_dict() for n, r in self.baselines.items()},
-            "created": self.created,
-            "notes": list(self.notes),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> AttackReport:
-        parts = {
-            k: {n: AttackResult.from_dict(n, r) for n, r in d[k].items()}
-            for k in ("attacks", "baselines")
-        }
-        simple = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k not in parts}
-        return cls(**simple, **parts)
-
-
-def read_report(folder: str | os.PathLike) -> AttackReport:
-    """The report.json of an attack folder (scores are not stored there)."""
-    return AttackReport.from_dict(json.loads((Path(folder) / REPORT_JSON).read_text("utf-8")))
-
-
-def _rows(report: AttackReport) -> list[list[str]]:
-    rows = []
-    for kind, r in report.results():
-        q = "-" if r.queries_per_sample is None else str(r.queries_per_sample)
-        cells = [r.metrics[m].format() if m in r.metrics else "-" for m in METRIC_NAMES]
-        rows.append([r.name if kind == "attack" else f"{r.name} (baseline)", r.access, q, *cells])
-    return rows
-
-
-_HEADER = ["attack", "access", "queries", *(METRIC_LABELS[m] for m in METRIC_NAMES)]
-
-
-def format_table(report: AttackReport) -> str:
-    """The attack x metric table as aligned plain text, for the terminal."""
-    rows = [_HEADER, *_rows(report)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    title = f"{report.setting} setting, {report.family}, {report.num_shadows} shadow model(s)"
-    return "\n".join([title, *lines])
-
-
-def render_markdown(report: AttackReport) -> str:
-    """report.md: the run's facts, the attack x metric table ("n/r" = not resolvable), notes."""
-    t = report.target
-    facts = [
-        f"- setting: `{report.setting}`"
-        + (f" (known fraction {report.known_fraction})" if report.known_fraction else ""),
-        f"- family: `{report.family}`; target: `{t.get('run_name', '?')}`, "
-        f"{t.get('train_steps_per_image', '?')} training steps per image, "
-        f"augmentation {json.dumps(t.get('augmentation', {}), sort_keys=True)}",
-        f"- images per query caption: {report.num_images}; shadow models: {report.num_shadows}",
-        f"- test samples: {report.test_samples}; seeds: {json.dumps(report.seeds, sort_keys=True)}",
-        f"- splits hash: `{report.splits_hash}`; created {report.created}",
-    ]
-    table = ["| " + " | ".join(_HEADER) + " |", "|" + "---|" * len(_HEADER)]
-    table += ["| " + " | ".join(row) + " |" for row in _rows(report)]
-    notes = [f"- {n}" for n in report.notes]
-    parts = ["# Membership inference report", "", *facts, "", *table, "", "![ROC](roc.png)"]
-    if notes:
-        parts += ["", "## Notes", "", *notes]
-    return "\n".join(parts) + "\n"
-
-
-def render_roc_png(report: AttackReport) -> bytes:
-    """ROC curves of every result with scores, log-log axes, chance line; PNG bytes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5, 5.0), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    negatives = [int((~r.labels).sum()) for _, r in report.results() if r.labels is not None]
-    floor = 0.5 / max(max(negatives, default=1000), 1)
-    for kind, r in report.results():
-        if r.scores is None or r.labels is None:
-            continue
-        fpr, tpr, _ = roc_curve(r.scores, r.labels)
-        auc = r.metrics.get("auc")
-        label = f"{r.name}{' (baseline)' if kind == 'baseline' else ''}"
-        if auc is not None and auc.value is not None:
-            label += f" AUC {auc.value:.3f}"
-        ax.plot(fpr.clamp(min=floor), tpr.clamp(min=floor), "-" if kind == "attack" else "--",
-                label=label, linewidth=1.4)  # fmt: skip
-    ax.plot([floor, 1], [floor, 1], ":", color="gray", label="chance")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlim(floor, 1)
-    ax.set_ylim(floor, 1.05)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(f"{report.family}: {report.setting} setting")
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def write_report(folder: str | os.PathLike, report: AttackReport) -> Path:
-    """Write report.json, report.md and roc.png into `folder`; returns the roc.png path.
-
-    All three are rendered before anything is written, and each is written atomically, so a
-    failure leaves no partial report (and an older complete one untouched).
-    """
-    folder = Path(folder)
-    files = {
-        REPORT_JSON: (json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n").encode(),
-        REPORT_MD: render_markdown(report).encode(),
-        ROC_PNG: render_roc_png(report),
-    }
-    for name, data in files.items():
-        atomic_write_bytes(folder / name, data)
-    return folder / ROC_PNG
-
-
-# ---------------------------------------------------------------- W&B (no-ops without W&B)
 
 
 def _wandb_loggers(logger: Any) -> list[Any]:
@@ -270,6 +50,19 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
 def _row_of(generated: torch.Tensor) -> np.ndarray:
     """(N, 3, H, W) -> one (H, N*W, 3) uint8 strip."""
     return np.concatenate(list(_to_uint8(generated)), axis=1)
+
+
+def grid_png(images: torch.Tensor, min_side: int = 96) -> bytes:
+    """(B, N, 3, H, W) in [-1, 1] -> PNG bytes of a B x N grid (row b = images[b]); small
+    images are enlarged (nearest neighbour, whole factors) to about `min_side` pixels."""
+    from PIL import Image
+
+    grid = np.concatenate([_row_of(images[b]) for b in range(images.shape[0])], axis=0)
+    factor = max(1, min_side // int(images.shape[-2]))
+    grid = grid.repeat(factor, axis=0).repeat(factor, axis=1)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(grid)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def log_report(logger: Any, report: AttackReport, roc_png: str | os.PathLike) -> None:
@@ -298,6 +91,11 @@ def log_report(logger: Any, report: AttackReport, roc_png: str | os.PathLike) ->
             cols = ["sample_id", "is_member", *(r.name for r in scored)]
             lg.log_table("attack/scores", columns=cols, data=rows)
         lg.experiment.summary.update({k: v for k, v in summary.items() if v is not None})
+        folder = Path(roc_png).parent
+        if (folder / EXAMPLES_PNG).is_file():
+            lg.log_image("attack/examples", [str(folder / EXAMPLES_PNG)])
+        group = lg.experiment.group or "experiment"
+        log_lineage(lg, [], [report_artifact(folder, group, report.setting)])
 
 
 def log_image_grid(
@@ -397,6 +195,25 @@ def wandb_mode_note(save_dir: str | os.PathLike | None = None) -> str | None:
     return f"W&B ran offline; upload the run with: wandb sync {target}"
 
 
+def offline_run_folders(root: str | os.PathLike) -> list[Path]:
+    """The offline runs of an experiment (its stages', queries' and attacks'), oldest first."""
+    root = Path(root)
+    found = [*root.glob("wandb/offline-run-*"), *root.glob("*/wandb/offline-run-*"),
+             *root.glob("queries/*/wandb/offline-run-*")]  # fmt: skip
+    return sorted(found, key=_run_started)
+
+
+def _run_started(folder: Path) -> tuple[str, str]:
+    """When an offline run started, to the millisecond: the first line of its debug log
+    ("2026-12-01 10:43:11,327 INFO ..."), else the second its folder name gives."""
+    try:
+        with open(folder / "logs" / "debug.log", encoding="utf-8") as log:
+            first = log.readline()[:23]
+    except OSError:
+        first = ""
+    return first, folder.name  # offline-run-<YYYYmmdd_HHMMSS>-<id>
+
+
 def make_logger(
     experiment_dir: str | os.PathLike,
     name: str,
@@ -404,20 +221,95 @@ def make_logger(
     group: str,
     offline: bool | None = None,
     project: str = "lightning_mia",
+    config: Mapping[str, Any] | None = None,
 ) -> Any:
     """A `WandbLogger` writing under `<experiment_dir>/wandb/`, offline when no key is set.
 
     `offline=None` decides from the environment (`wandb_mode()`); WANDB_MODE=disabled always
-    wins, so tests never create runs.
+    wins, so tests never create runs. `config` starts the run's config. Unless the terminal is
+    verbose, W&B prints nothing (no banner, no summary sparklines, no captured console).
     """
     from lightning.pytorch.loggers import WandbLogger
 
     mode = wandb_mode()
     if mode != "disabled" and offline is not None:
         mode = "offline" if offline else "online"
-    save_dir = Path(experiment_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    return WandbLogger(
+    save_dir = Path(experiment_dir)  # created by W&B when the run starts, not before: a stage
+    # that fails on its input (bad data, bad config) leaves no folder behind
+    extra: dict[str, Any] = {"config": dict(config)} if config else {}
+    if not is_verbose():
+        import wandb
+
+        extra["settings"] = wandb.Settings(console="off", quiet=True, silent=True)
+    logger = WandbLogger(
         name=name, project=project, save_dir=str(save_dir), job_type=job_type, group=group,
-        mode=mode,
+        mode=mode, **extra,
     )  # fmt: skip
+    # Lightning passes `anonymous=None`, a setting W&B has deprecated (it warns on any value);
+    # unset, W&B behaves the same and says nothing
+    getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+    return logger
+
+
+def _active_runs(logger: Any) -> list[Any]:
+    """The live (not disabled) W&B runs of `logger`, on global rank zero only."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return []
+    runs = [lg.experiment for lg in _wandb_loggers(logger)]
+    return [r for r in runs if not getattr(r, "disabled", True) and hasattr(r, "log_artifact")]
+
+
+def has_wandb_run(logger: Any) -> bool:
+    """Whether `logger` has a live W&B run here (so lineage is worth describing)."""
+    return bool(_active_runs(logger))
+
+
+def log_config(logger: Any, config: Mapping[str, Any]) -> None:
+    """Add `config` (nested dicts) to the W&B run's config."""
+    for run in _active_runs(logger):
+        run.config.update(dict(config), allow_val_change=True)
+
+
+def _build_artifact(spec: ArtifactSpec, scratch: Path) -> Any:
+    import wandb
+
+    artifact = wandb.Artifact(spec.name, type=spec.type, metadata=dict(spec.metadata))
+    for name, path in spec.files.items():
+        artifact.add_file(str(path), name=name)  # "mutable": copied to W&B's staging now
+    for name, data in spec.contents.items():
+        (scratch / name).write_bytes(data)
+        artifact.add_file(str(scratch / name), name=name)
+    for name, path in spec.references.items():
+        artifact.add_reference(Path(path).resolve().as_uri(), name=name)
+    return artifact
+
+
+_DECLARED: dict[str, set[tuple[str, str]]] = {}  # run id -> (artifact, "used" | "made") done
+
+
+def log_lineage(logger: Any, used: Sequence[ArtifactSpec], made: Sequence[ArtifactSpec]) -> None:
+    """Declare the artifacts a stage used (inputs) and log those it made (outputs), each once
+    per run.
+
+    Online, inputs go through `run.use_artifact`; offline (where `use_artifact` refuses) they
+    are logged with `use_after_commit`, which is what `use_artifact` does with a new artifact
+    online, so `wandb sync` links them as inputs all the same.
+    """
+    for run in _active_runs(logger):
+        declared = _DECLARED.setdefault(run.id, set())
+        todo = [(s, "used") for s in used] + [(s, "made") for s in made]
+        todo = [(s, k) for s, k in todo if (s.name, k) not in declared]
+        with tempfile.TemporaryDirectory(prefix="lightning_mia-artifact-") as tmp:
+            for i, (spec, kind) in enumerate(todo):
+                scratch = Path(tmp) / str(i)
+                scratch.mkdir()
+                artifact = _build_artifact(spec, scratch)
+                if kind == "made":
+                    run.log_artifact(artifact)
+                elif run.offline:
+                    run._log_artifact(artifact, is_user_created=True, use_after_commit=True)
+                else:
+                    run.use_artifact(artifact)
+                declared.add((spec.name, kind))

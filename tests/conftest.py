@@ -1,6 +1,7 @@
 """Shared test set-up: offline, no W&B, small thread count, deterministic."""
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -15,6 +16,15 @@ def _private_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_MIA_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture(autouse=True)
+def _no_wandb_run_left_open():
+    """End any W&B run a test left open (even a disabled one): a later logger would reuse it."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.run.finish()
+
+
 @pytest.fixture(scope="session")
 def trained_autoencoder(tmp_path_factory):
     """A tiny KL autoencoder shared by the autoencoder and diffusion tests: 16x16 pixels ->
@@ -27,7 +37,8 @@ def trained_autoencoder(tmp_path_factory):
 
     from lightning_mia.data.datamodule import collate_samples
     from lightning_mia.data.shapes import ShapesSource
-    from lightning_mia.models.autoencoder import AutoencoderModule, save_autoencoder
+    from lightning_mia.models.autoencoder import AutoencoderModule
+    from lightning_mia.models.vae import save_autoencoder
 
     root = tmp_path_factory.mktemp("autoencoder")
     threads = torch.get_num_threads()

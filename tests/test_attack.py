@@ -4,9 +4,10 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from lightning_mia.attack import ATTACK_GROUPS, ATTACKS, AttackError
+from lightning_mia.attack import QueryCosts
 from lightning_mia.attack.baselines import fit_threshold_baseline
-from lightning_mia.attack.data import AttackDataModule, features_for, stratified_split
+from lightning_mia.attack.catalog import ATTACKS, paper_attacks, query_feature_groups
+from lightning_mia.attack.data import AttackDataModule, Rows, stratified_split
 from lightning_mia.attack.module import AttackModule, fit_attack
 from lightning_mia.metrics import bootstrap_interval, roc_auc
 from lightning_mia.query.shards import QueryTable
@@ -53,10 +54,12 @@ def test_saved_attack_reloads_with_its_standardiser(tmp_path):
     assert again.mean[1] == pytest.approx(float(x[:, 1].mean()), rel=0.2)  # fitted, not 0
     assert torch.equal(again.mean, best.mean) and torch.equal(again.std, best.std)
     assert list(again.hparams.feature_names) == [f"pixel/f{i}" for i in range(6)]
+    # reloaded float32 weights, the same input: the default tolerance (1.3e-6 relative)
     torch.testing.assert_close(again.score(x), best.score(x))
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     dm = AttackDataModule((x, y), (x, y), test=(x, y), batch_size=128)
     probs = torch.cat(trainer.predict(again, datamodule=dm))
+    # batches of 128 vs one of 300 through a small float32 MLP: within the default tolerance
     torch.testing.assert_close(probs, torch.sigmoid(best.score(x)))
 
 
@@ -80,7 +83,7 @@ def _table(features, member, run_name):
     )
 
 
-def test_features_for_selects_groups_and_names_what_is_missing():
+def test_rows_stack_tables_and_name_what_is_missing():
     member = torch.tensor([True, False, True])
     feats = {
         "pixel/mse": torch.ones(3),
@@ -88,22 +91,31 @@ def test_features_for_selects_groups_and_names_what_is_missing():
         "quality/brisque": torch.ones(3),
         "blind/len": torch.ones(3),
     }
-    x, y, names = features_for([_table(feats, member, "a"), _table(feats, member, "b")], "text")
-    assert names == ["quality/brisque", "text/clip"] and x.shape == (6, 2)
-    assert torch.equal(y, torch.tensor([1.0, 0, 1, 1, 0, 1]))
+    rows = Rows.stack([_table(feats, member, "a"), _table(feats, member, "b")])
+    names, problems = rows.check(ATTACKS["text"].groups)
+    assert names == ["quality/brisque", "text/clip"] and not problems
+    assert rows.matrix(names).shape == (6, 2)
+    assert torch.equal(rows.labels, torch.tensor([1.0, 0, 1, 1, 0, 1]))
+    assert rows.source.tolist() == [0, 0, 0, 1, 1, 1]
+    assert rows.take(torch.tensor([4])).sample_id.tolist() == [1]
     partial = {k: v for k, v in feats.items() if k != "text/clip"}
-    with pytest.raises(AttackError, match=r"diffusion-shadow-002 lacks \['text/clip'\]"):
-        features_for([_table(feats, member, "a"), _table(partial, member, "diffusion-shadow-002")],
-                     "combined")  # fmt: skip
-    with pytest.raises(AttackError, match="unknown attack"):
-        features_for([_table(feats, member, "a")], "nope")
+    nan = {**feats, "pixel/mse": torch.tensor([0.0, float("nan"), 1.0])}
+    rows = Rows.stack([_table(nan, member, "a"), _table(partial, member, "diffusion-shadow-002")])
+    names, problems = rows.check(ATTACKS["combined"].groups)
+    assert "text/clip" in names and "text/clip" not in rows.features
+    assert problems == ["a has NaN/inf values in pixel/mse", "diffusion-shadow-002 lacks text/clip"]
+    assert rows.check(("semantic",)) == ([], ["no features of groups ['semantic'] in any shard"])
 
 
 def test_registry_matches_the_feature_contract():
-    assert ATTACK_GROUPS["combined"] == ["pixel", "semantic", "text", "quality"]
-    assert ATTACKS["blind"].queries({"num_images": 4}) == 0
-    assert ATTACKS["pixel"].queries({"num_images": 4}) == 4
-    assert ATTACKS["loss"].access == "gray-box"
+    assert ATTACKS["combined"].groups == ("pixel", "semantic", "text", "quality")
+    costs = QueryCosts(num_images=4, signal_queries={"loss": 3})
+    assert ATTACKS["blind"].queries(costs) == 0
+    assert ATTACKS["pixel"].queries(costs) == 4
+    assert ATTACKS["loss"].access == "gray-box" and ATTACKS["loss"].queries(costs) == 3
+    assert ATTACKS["pia"].queries(costs) is None  # not measured: unknown, not 0
+    assert paper_attacks() == ["pixel", "semantic", "text", "combined"]
+    assert set(query_feature_groups()) == {"pixel", "semantic", "text", "quality", "blind"}
 
 
 def test_threshold_baseline_picks_direction_and_feature():

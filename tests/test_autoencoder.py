@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader
 
 from lightning_mia.data.datamodule import collate_samples
 from lightning_mia.data.shapes import ShapesSource
-from lightning_mia.models.autoencoder import (
+from lightning_mia.models.autoencoder import AutoencoderModule
+from lightning_mia.models.vae import (
     AutoencoderError,
-    AutoencoderModule,
     check_resolution,
     decode_latents,
     encode_latents,
@@ -102,7 +102,7 @@ def test_save_and_load_round_trip(trained_autoencoder, tmp_path):
     ]  # no temporary folder left behind
     again = load_autoencoder(folder)
     assert again.config.scaling_factor == ae.config.scaling_factor
-    with torch.no_grad():
+    with torch.no_grad():  # reloaded float32 weights, the same batch: the default tolerance
         torch.testing.assert_close(
             encode_latents(again, HELD_OUT[:4]), encode_latents(ae, HELD_OUT[:4])
         )

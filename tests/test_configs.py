@@ -5,14 +5,15 @@ from pathlib import Path
 import pytest
 from jsonargparse import ArgumentParser
 
-from lightning_mia.cli import MIACLI, attack_parser
+from lightning_mia.attack.command import attack_parser
+from lightning_mia.cli import MIACLI
 from lightning_mia.experiment import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_CONFIGS = sorted(
     p
     for p in (ROOT / "configs").rglob("*.yaml")
-    if "experiments" not in p.parts and "attack" not in p.parts
+    if not {"experiments", "attack", "sweeps"} & set(p.parts)  # sweeps: test_cli_docs.py
 )
 ATTACK_CONFIGS = sorted((ROOT / "configs" / "attack").glob("*.yaml"))
 EXPERIMENT_CONFIGS = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))

@@ -6,6 +6,7 @@ every sample exactly once (also under 2-process DDP), kill-and-resume equal to o
 one clear error per bad input.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -28,6 +29,8 @@ DATA = [  # small splits: 15 target queries (odd, for the DDP check), shadows of
     "--data.target_size=15",
     "--data.aux_size=200",
     "--data.shadow_size=15",
+    "--data.public_size=150",  # the autoencoder and encoder train on it
+    "--data.member_fraction=0.5",
     "--data.num_shadows=1",
     "--data.batch_size=8",
     "--trainer.enable_progress_bar=false",
@@ -69,13 +72,17 @@ def test_attack_command_end_to_end(experiment, family, capsys):
     attack_main(["--ckpt", str(ckpt(experiment, family, 0)), "--num_images=1", "--max_epochs=5",
                  "--progress=false", "--attacks", '["all"]'])  # fmt: skip
     out = capsys.readouterr().out
-    assert "blind (baseline)" in out and "threshold (baseline)" in out
+    assert "blind (diagnostic)" in out and "threshold (baseline)" in out
     report = json.loads((experiment / "attack" / "report.json").read_text())
     assert report["family"] == family and report["setting"] == "shadow"
     assert report["num_shadows"] == 1 and report["num_images"] == 1
     graybox = {"diffusion": {"loss", "secmi", "pia", "clid"}, "seq2seq": {"nll", "nll_gap"}}
-    expected = {"pixel", "semantic", "text", "combined"} | graybox[family]
-    assert set(report["attacks"]) == expected
+    attacks = {"pixel", "semantic", "text", "combined"} | graybox[family]
+    derived = {"clid-th"} if family == "diffusion" else set()  # the reference's CLiD_th
+    assert set(report["attacks"]) == attacks | derived  # LiRA needs >= 2 shadows (a variance)
+    assert any("LiRA skipped: one shadow model gives no variance" in n for n in report["notes"])
+    assert (experiment / "queries" / f"{family}-shadow-001" / "row-000" / "COMPLETE.json").is_file()
+    assert (experiment / "attack" / "scores.csv").is_file()
     assert set(report["baselines"]) == {"threshold", "blind"}
     for name, result in {**report["attacks"], **report["baselines"]}.items():
         assert result["access"] in ("black-box", "gray-box", "none"), name
@@ -113,7 +120,11 @@ def test_query_holds_every_sample_once_also_under_ddp(experiment):
     assert ddp.sample_id.tolist() == expected
     ids = torch.cat([_ids(p) for p in shard_paths(folder)])
     assert ids.numel() == len(expected)  # nothing written twice across ranks
-    for name, values in table.features.items():  # same seeds per sample: same features
+    # same seeds per sample: the same features up to float32 reordering (batches of 4 in 2
+    # ranks, each with its own thread count, vs the default batch in one process): the VQ
+    # decoder's and the features' sums give ~1e-6 relative; 1e-4 leaves room for PSNR in dB
+    # and BRISQUE of 8-bit images
+    for name, values in table.features.items():
         torch.testing.assert_close(ddp.features[name], values, rtol=1e-4, atol=1e-4)
 
 
@@ -123,17 +134,33 @@ def _ids(path):
     return read_shard(path)[0]["sample_id"]
 
 
+@contextlib.contextmanager
+def torch_threads(n):
+    """Run the block with n intra-op threads (restored after)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_kill_and_resume_equals_one_run(experiment, tmp_path):
     target = ckpt(experiment, "diffusion", 1)
     folder = experiment / "queries" / "diffusion-shadow-001"
     clear(folder)
-    reference = run_query(str(target), num_images=2, batch_size=2, progress=False)
+    # every run on one thread: a thread count changes how float32 sums are split (the killed
+    # and the reference run differed by 1.1e-4 at 1 vs 2 threads on AVX2 kernels)
+    with torch_threads(1):
+        reference = run_query(str(target), num_images=2, batch_size=2, progress=False)
     clear(folder)
     code = (
+        "import torch\n"
+        "torch.set_num_threads(1)\n"
         "from lightning_mia.query.run import run_query\n"
         f"run_query({str(target)!r}, num_images=2, batch_size=2, progress=False)\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT)
     deadline = time.time() + 120
     while len(shard_paths(folder)) < 2 and time.time() < deadline and proc.poll() is None:
@@ -143,8 +170,13 @@ def test_kill_and_resume_equals_one_run(experiment, tmp_path):
     assert not (folder / "COMPLETE.json").exists(), "the run finished before it was killed"
     partial = len(shard_paths(folder))
     assert partial >= 2
-    resumed = run_query(str(target), num_images=2, batch_size=2, progress=False)
+    with torch_threads(1):
+        resumed = run_query(str(target), num_images=2, batch_size=2, progress=False)
     assert resumed.sample_id.tolist() == reference.sample_id.tolist()
+    # same thread count, same batches of 2: the same float ops (bitwise equal here on AVX-512
+    # and AVX2 kernels). The margin is for kernels that choose code paths by memory alignment
+    # in another process (MKL without CBWR): float32 image errors of ~1e-6 carried through the
+    # features (PSNR in dB, BRISQUE of 8-bit images) stay well below 1e-4.
     for name, values in reference.features.items():
         torch.testing.assert_close(resumed.features[name], values, rtol=1e-4, atol=1e-4)
 

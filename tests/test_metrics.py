@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from lightning_mia import metrics as M
@@ -17,6 +17,16 @@ def _tied_inputs(n=400, levels=25, seed=0):
     labels = torch.rand(n, generator=g) < 0.45
     scores = torch.randint(0, levels, (n,), generator=g).float() + 3.0 * labels.float()
     return scores, labels
+
+
+def _brute_point(scores, labels, budget):
+    """(TPR, FP) at the lowest threshold t (admit score >= t) with FPR <= budget."""
+    s, y = scores.numpy(), labels.numpy()
+    for t in np.unique(s):  # ascending: the first allowed threshold is the lowest
+        pred = s >= t
+        if (pred & ~y).sum() / (~y).sum() <= budget + 1e-12:
+            return (pred & y).sum() / y.sum(), int((pred & ~y).sum())
+    return 0.0, 0
 
 
 def _brute_tpr_at_fpr(scores, labels, budget):
@@ -33,6 +43,7 @@ def _brute_tpr_at_fpr(scores, labels, budget):
 
 def test_auc_and_roc_curve_equal_sklearn_with_ties():
     scores, labels = _tied_inputs()
+    # both count ranks in float64: equal up to the last bits
     assert float(M.roc_auc(scores, labels)) == pytest.approx(
         roc_auc_score(labels.numpy(), scores.numpy()), abs=1e-12
     )
@@ -112,3 +123,43 @@ def test_bootstrap_is_fast():
     low, high = M.bootstrap_interval(M.roc_auc, scores, labels, n_boot=1000, seed=0)
     assert time.perf_counter() - start < 10.0  # ~1 s idle; generous on a loaded machine
     assert 0.70 < low < high < 0.82
+
+
+@pytest.mark.parametrize("budget", [0.01, 0.05, 0.3])
+def test_false_positives_admitted_at_the_point_read(budget):
+    scores, labels = _tied_inputs(n=2000, levels=60, seed=5)
+    tpr, fp = _brute_point(scores, labels, budget)
+    assert float(M.tpr_at_fpr(scores, labels, budget)) == pytest.approx(tpr, abs=1e-12)
+    assert M.false_positives_at_fpr(scores, labels, budget) == fp
+    assert fp <= budget * int((~labels).sum())
+    # scikit-learn's ROC: the largest TPR among the points with FPR within the budget
+    sk_fpr, sk_tpr, _ = sk_roc_curve(labels.numpy(), scores.numpy())
+    assert tpr == pytest.approx(sk_tpr[sk_fpr <= budget + 1e-12].max(), abs=1e-12)
+
+
+def test_false_positives_in_the_report_and_its_json():
+    scores, labels = _tied_inputs(n=600, seed=6)
+    report = M.evaluate(scores, labels, threshold=10.0, n_boot=50)
+    tpr1 = report["tpr@1%fpr"]
+    assert tpr1.false_positives == M.false_positives_at_fpr(scores, labels, 0.01)
+    assert tpr1.format().endswith(f"({tpr1.false_positives} FP)")
+    assert M.Metric.from_dict(tpr1.to_dict()) == tpr1
+    assert "false_positives" not in report["auc"].to_dict()  # only where it means something
+    assert M.false_positives_at_fpr(scores[:50], labels[:50], 0.01) == -1  # not resolvable
+
+
+def test_balanced_accuracy_when_classes_are_unequal():
+    scores, labels = _tied_inputs(n=500, seed=7)
+    labels = labels & (torch.arange(500) % 3 > 0)  # about 30% members
+    assert not M.is_balanced(labels)
+    t = 12.0
+    expected = balanced_accuracy_score(labels.numpy(), (scores >= t).numpy())
+    assert float(M.balanced_accuracy(scores, labels, t)) == pytest.approx(expected, abs=1e-12)
+    assert float(M.accuracy(scores, labels, t)) != pytest.approx(expected, abs=1e-3)
+    report = M.evaluate(scores, labels, threshold=t, n_boot=50)
+    assert report["accuracy"].value == pytest.approx(expected, abs=1e-12)
+    equal = torch.arange(400) % 2 == 0
+    assert M.is_balanced(equal)
+    assert float(M.balanced_accuracy(scores[:400], equal, t)) == pytest.approx(
+        float(M.accuracy(scores[:400], equal, t)), abs=1e-12
+    )

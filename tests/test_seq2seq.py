@@ -1,5 +1,6 @@
 """Seq2seq family (BART over VQGAN codes): loss, likelihoods, sampling, tokenizer, errors."""
 
+import json
 import math
 
 import pytest
@@ -17,6 +18,7 @@ from lightning_mia.models.bart_tokenizer import (
 from lightning_mia.models.seq2seq import Seq2SeqError, Seq2SeqModule
 from lightning_mia.models.seq2seq_presets import bart_config, get_preset
 from lightning_mia.models.seq2seq_sampling import SamplingSettings, sample_from_logits
+from lightning_mia.registry import UnknownNameError
 
 SOURCE = ShapesSource(num_samples=32, resolution=32, seed=0)
 CAPTIONS = [SOURCE.caption(i) for i in SOURCE.sample_ids()]
@@ -94,6 +96,7 @@ def test_per_token_nll_is_the_loss_per_code(parts):
     assert codes.shape == (2, 64) and codes.dtype == torch.int64
     nll = model.per_token_nll(batch["caption"], codes)
     assert nll.shape == (2, 64) and (nll > 0).all()
+    # the same passes on the same batch: the default float32 tolerance
     torch.testing.assert_close(nll.mean(1), model.per_sample_loss(batch))
     with pytest.raises(Seq2SeqError, match="codes must be"):
         model.per_token_nll(batch["caption"], codes[:, :10])
@@ -197,7 +200,7 @@ def test_bad_inputs_give_one_clear_error(parts, tmp_path):
     AutoencoderKL(block_out_channels=(8,), norm_num_groups=8).save_pretrained(tmp_path / "kl")
     with pytest.raises(Seq2SeqError, match="needs a VQModel"):
         Seq2SeqModule(autoencoder=str(tmp_path / "kl"))
-    with pytest.raises(Seq2SeqError, match="unknown seq2seq preset"):
+    with pytest.raises(UnknownNameError, match="unknown seq2seq preset 'huge'; known"):
         Seq2SeqModule(preset="huge")
     model = make_model(parts)
     with pytest.raises(Seq2SeqError, match="expects 32x32"):
@@ -238,3 +241,77 @@ def test_dalle_mini_preset_is_bart_large_sized():
         bart = BartForConditionalGeneration(config)
     params = sum(p.numel() for p in bart.parameters())
     assert 400e6 < params < 450e6  # BART-large (406 M) + 16385 code embeddings
+
+
+BART_VOCAB = 50265  # facebook/bart-large: <s> <pad> </s> <unk> = 0..3, <mask> = 50264
+
+
+def save_bart_sized_tokenizer(folder):
+    """vocab.json + merges.txt laid out like BART's own (made offline): the 4 specials, the 256
+    byte-level symbols, 50,004 two-symbol merges, and <mask> last."""
+    from lightning_mia.models.tokenizers import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    pairs = [(a, b) for a in chars for b in chars][: BART_VOCAB - 4 - 256 - 1]
+    tokens = ["<s>", "<pad>", "</s>", "<unk>", *chars, *(a + b for a, b in pairs), "<mask>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in pairs))
+    return folder
+
+
+def save_random_bart(folder, **sizes):
+    """A random-init BART with the real vocabulary size and the tiny preset's encoder sizes."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(3)
+    config = dict(vocab_size=BART_VOCAB, d_model=128, encoder_layers=2, decoder_layers=2,
+                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=512,
+                  decoder_ffn_dim=512, max_position_embeddings=1024)  # fmt: skip
+    model = BartForConditionalGeneration(BartConfig(**{**config, **sizes}))
+    model.save_pretrained(folder)
+    save_bart_sized_tokenizer(folder)
+    return model
+
+
+def test_a_real_size_bart_folder_initialises_the_text_side(parts, tmp_path):
+    pretrained = save_random_bart(tmp_path / "bart").model
+    tok = load_caption_tokenizer(tmp_path / "bart", max_vocab_size=BART_VOCAB)  # BART's layout
+    assert len(tok) == BART_VOCAB and tok.convert_tokens_to_ids("<mask>") == BART_VOCAB - 1
+    torch.manual_seed(0)
+    model = Seq2SeqModule(autoencoder=str(parts / "autoencoder"),
+                          pretrained_text=str(tmp_path / "bart"))  # fmt: skip
+    assert model.spec.caption_vocab_size == BART_VOCAB  # the folder's, not the preset's 512
+    assert model.hparams.tokenizer == str(tmp_path / "bart")
+    ours = model.bart.model
+    torch.testing.assert_close(ours.shared.weight[:BART_VOCAB], pretrained.shared.weight)
+    for name, value in pretrained.encoder.layers.state_dict().items():
+        torch.testing.assert_close(ours.encoder.layers.state_dict()[name], value, msg=name)
+    rows = ours.encoder.embed_positions.weight.shape[0]
+    torch.testing.assert_close(ours.encoder.embed_positions.weight,
+                               pretrained.encoder.embed_positions.weight[:rows])  # fmt: skip
+    assert not torch.allclose(
+        ours.decoder.layers[0].fc1.weight, pretrained.decoder.layers[0].fc1.weight
+    )  # image side: from scratch
+    batch = shapes_batch([0, 1])
+    ids, _ = model.tokenize(batch["caption"])
+    assert ids.max() >= 260  # merged BART tokens, in the unified vocabulary's caption rows
+    loss = model.per_sample_loss(batch)
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    trainer_card = {CARD_KEY: RunCard("seq2seq", "tiny", 0, "x", "e").to_dict()}
+    model.on_save_checkpoint(trainer_card)
+    assert trainer_card[CARD_KEY]["extra"]["text_init"] == str(tmp_path / "bart")
+
+
+def test_a_bart_folder_that_does_not_fit_is_refused(parts, tmp_path):
+    save_random_bart(tmp_path / "wide", d_model=64, encoder_ffn_dim=256, decoder_ffn_dim=256)
+    with pytest.raises(Seq2SeqError, match="does not fit the preset: d_model 64 \\(model: 128\\)"):
+        Seq2SeqModule(pretrained_text=str(tmp_path / "wide"))
+    with pytest.raises(Seq2SeqError, match="no readable config.json"):
+        Seq2SeqModule(pretrained_text=str(tmp_path / "nothing"))
+    bad = save_bart_sized_tokenizer(tmp_path / "swapped")
+    vocab = json.loads((bad / "vocab.json").read_text())
+    vocab["<s>"], vocab["<pad>"] = 1, 0
+    (bad / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(ValueError, match="<unk> at 0..3 and a <mask> token"):
+        load_caption_tokenizer(bad, max_vocab_size=BART_VOCAB)

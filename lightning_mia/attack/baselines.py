@@ -4,9 +4,10 @@
   are chosen on the training (shadow) rows only; the feature with the best training AUC is the
   baseline, applied unchanged to the target. Target labels are never looked at.
 - `blind`: the same AttackModule as the attacks, over the `blind/*` features alone (query image
-  and caption, no model output); the runner trains it like any attack
-  (`lightning_mia.attack.ATTACKS["blind"]`). A high blind score means members and non-members
-  differ in distribution, and every attack's figures are inflated by as much.
+  and caption, no model output), cross-validated on the target's own rows
+  (`lightning_mia.attack.blind`): a diagnostic of the benchmark. A high blind score means
+  members and non-members differ in distribution, and every attack's figures are inflated by as
+  much.
 """
 
 from __future__ import annotations

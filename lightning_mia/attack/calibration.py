@@ -9,11 +9,13 @@ target's score is:
     online  = log N(x; mean_in, std_in) - log N(x; mean_out, std_out)
 
 Both are "higher = member" for a score whose larger values mean member (`direction` flips it).
-With few shadows per sample the variance is one global value: the pooled within-sample
-variance of all shadow scores (Carlini et al.'s "fixed variance"). This needs shadows trained
-on the target's own query samples (match by sample_id), i.e. an experiment whose shadow rows
-draw from the target pool; the default splits (shadows on a disjoint auxiliary pool) give none,
-and `lira_scores` says so.
+With few shadows (fewer than `FIXED_VARIANCE_BELOW`) the variance is one global value: the
+pooled within-sample variance of all shadow scores (Carlini et al.'s "fixed variance", which they
+found better than per-example variances below 64 shadows). Both need every shadow's score on
+the target's own query samples (matched by sample_id): offline LiRA needs OUT scores only, which
+the default splits give once each shadow is also queried on the target's samples (none of them
+trained on the target pool: all OUT); online LiRA needs IN scores too, i.e. shadows that train
+on part of the target pool (`shadow_pool: auxiliary+queries`).
 
     scores = lira_scores(target, shadows, "loss/mean", online=True)  # (S,) for target rows
 """
@@ -30,6 +32,7 @@ from lightning_mia.attack import AttackError
 from lightning_mia.query.shards import QueryTable
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+FIXED_VARIANCE_BELOW = 64  # fewer shadows than this: one global variance (Carlini et al.)
 
 
 @dataclass(frozen=True)
@@ -114,24 +117,47 @@ def direction_of(scores: torch.Tensor, is_in: torch.Tensor, observed: torch.Tens
     return 1 if scores[inside].mean() >= scores[outside].mean() else -1
 
 
+def score_matrix(
+    ids: torch.Tensor, tables: Sequence[QueryTable], values: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scores, is_in, observed), each (M, S): `values[m]` (one per row of `tables[m]`) at each
+    of the sample ids (S,) sorted, with table m's membership; unobserved entries are 0/False."""
+    m, s = len(tables), ids.numel()
+    scores = torch.zeros(m, s, dtype=torch.float64)
+    is_in = torch.zeros(m, s, dtype=torch.bool)
+    observed = torch.zeros(m, s, dtype=torch.bool)
+    for i, (table, value) in enumerate(zip(tables, values)):
+        pos = torch.searchsorted(table.sample_id, ids).clamp(max=len(table) - 1)  # (S,)
+        hit = table.sample_id[pos] == ids
+        observed[i] = hit
+        scores[i, hit] = value[pos[hit]].double()
+        is_in[i, hit] = table.is_member[pos[hit]]
+    return scores, is_in, observed
+
+
 def shadow_score_matrix(
     target: QueryTable, shadows: Sequence[QueryTable], feature: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(scores, is_in, observed), each (M, S): shadow m's `feature` for target sample s."""
-    ids = target.sample_id  # (S,) sorted
-    m, s = len(shadows), ids.numel()
-    scores = torch.zeros(m, s, dtype=torch.float64)
-    is_in = torch.zeros(m, s, dtype=torch.bool)
-    observed = torch.zeros(m, s, dtype=torch.bool)
     for i, shadow in enumerate(shadows):
         if feature not in shadow.features:
             raise AttackError(f"LiRA: shadow {shadow.metadata.get('run_name', i)} lacks {feature}")
-        pos = torch.searchsorted(shadow.sample_id, ids).clamp(max=len(shadow) - 1)  # (S,)
-        hit = shadow.sample_id[pos] == ids
-        observed[i] = hit
-        scores[i, hit] = shadow.features[feature][pos[hit]].double()
-        is_in[i, hit] = shadow.is_member[pos[hit]]
-    return scores, is_in, observed
+    return score_matrix(target.sample_id, shadows, [t.features[feature] for t in shadows])
+
+
+def calibrate(
+    x: torch.Tensor,
+    scores: torch.Tensor,
+    is_in: torch.Tensor,
+    observed: torch.Tensor,
+    online: bool,
+    fixed_variance: bool,
+    min_count: int = 4,
+) -> tuple[torch.Tensor, Gaussians]:
+    """LiRA scores (S,) of target scores x (S,) (higher = member) against shadow scores (M, S)
+    of the same orientation, and the Gaussians they rest on."""
+    g = fit_gaussians(scores, is_in, observed, min_count, fixed_variance)
+    return (lira_online(x, g) if online else lira_offline(x, g)), g
 
 
 def lira_scores(
@@ -152,6 +178,5 @@ def lira_scores(
             "shadows trained on random halves of the target's own query pool"
         )
     sign = direction_of(scores, is_in, observed)
-    g = fit_gaussians(sign * scores, is_in, observed, min_count, fixed_variance)
     x = sign * target.features[feature].double()
-    return lira_online(x, g) if online else lira_offline(x, g)
+    return calibrate(x, sign * scores, is_in, observed, online, fixed_variance, min_count)[0]

@@ -1,81 +1,89 @@
-"""Attack data: feature matrices from query tables, seeded stratified splits, a DataModule.
+"""Attack data: query tables stacked once into `Rows`, seeded stratified splits, a DataModule.
 
-X, y, names = features_for([shadow_1, shadow_2], "combined")  # (S, F), (S,), F names
-keep, held = stratified_split(y, fraction=0.2, seed=0)
-dm = AttackDataModule((X[keep], y[keep]), (X[held], y[held]), test=(X_t, y_t))
+rows = Rows.stack([shadow_1, shadow_2])          # every feature (S,), labels, sample ids
+names, problems = rows.check(("pixel",))         # which features, and what is wrong
+x, y = rows.matrix(names), rows.labels           # (S, F), (S,)
+keep, held = stratified_split(y, fraction=0.2, seed=0, strata=rows.source)
+fold = stratified_folds(y, folds=5, seed=0)     # (S,) fold of each row, for cross-validation
+dm = AttackDataModule((x[keep], y[keep]), (x[held], y[held]), test=(x_t, y_t))
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mia.attack import ATTACKS, AttackError
+from lightning_mia.attack.spec import AttackError
 from lightning_mia.query.shards import QueryTable
 
 XY = tuple[torch.Tensor, torch.Tensor]  # (S, F) float32, (S,) float32 in {0, 1}
 
 
-def groups_of(attack_or_groups: str | Sequence[str]) -> tuple[str, ...]:
-    """Feature groups of a registered attack name, or the given groups themselves."""
-    if isinstance(attack_or_groups, str):
-        if attack_or_groups not in ATTACKS:
-            raise AttackError(f"unknown attack {attack_or_groups!r}; known: {sorted(ATTACKS)}")
-        return ATTACKS[attack_or_groups].groups
-    return tuple(attack_or_groups)
+@dataclass(frozen=True)
+class Rows:
+    """The rows of one or more query tables, stacked once: what an attack trains or tests on."""
 
+    features: dict[str, torch.Tensor]  # name -> (S,) float32; only features every table holds
+    is_member: torch.Tensor  # (S,) bool
+    sample_id: torch.Tensor  # (S,) int64
+    source: torch.Tensor  # (S,) int64: index of the table each row comes from
+    problems: dict[str, tuple[str, ...]]  # feature name -> what is wrong with it (any table)
 
-def feature_names(table: QueryTable, groups: Sequence[str]) -> list[str]:
-    """Sorted names of `table`'s features in `groups` (prefix `<group>/`)."""
-    prefixes = tuple(f"{g}/" for g in groups)
-    return sorted(n for n in table.features if n.startswith(prefixes))
+    @classmethod
+    def stack(cls, tables: Sequence[QueryTable]) -> Rows:
+        """Stack `tables` in order; a feature some table lacks or holds NaN/inf is recorded."""
+        names = sorted({n for t in tables for n in t.features})
+        problems: dict[str, list[str]] = {}
+        for i, table in enumerate(tables):
+            label = table.metadata.get("run_name") or f"table {i}"
+            for name in names:
+                if name not in table.features:
+                    problems.setdefault(name, []).append(f"{label} lacks {name}")
+                elif not table.features[name].isfinite().all():
+                    problems.setdefault(name, []).append(f"{label} has NaN/inf values in {name}")
+        complete = [n for n in names if not any("lacks" in p for p in problems.get(n, []))]
+        cat = torch.cat
+        return cls(
+            features={n: cat([t.features[n] for t in tables]).float() for n in complete},
+            is_member=cat([t.is_member for t in tables]).bool(),
+            sample_id=cat([t.sample_id for t in tables]),
+            source=cat([torch.full((len(t),), i, dtype=torch.long) for i, t in enumerate(tables)]),
+            problems={n: tuple(p) for n, p in problems.items()},
+        )
 
+    def __len__(self) -> int:
+        return int(self.sample_id.numel())
 
-def _table_name(table: QueryTable, index: int) -> str:
-    return table.metadata.get("run_name") or f"table {index}"
+    def take(self, index: torch.Tensor) -> Rows:
+        """The rows at `index` (a (R,) long tensor), in that order."""
+        return Rows(
+            {n: v[index] for n, v in self.features.items()},
+            self.is_member[index],
+            self.sample_id[index],
+            self.source[index],
+            self.problems,
+        )
 
+    @property
+    def labels(self) -> torch.Tensor:
+        """Membership as float32 (S,) in {0, 1}."""
+        return self.is_member.float()
 
-def check_features(
-    tables: Sequence[QueryTable], groups: Sequence[str]
-) -> tuple[list[str], list[str]]:
-    """(feature names, problems): every table must hold the same non-empty, finite features."""
-    names = sorted({n for t in tables for n in feature_names(t, groups)})
-    problems = []
-    if not names:
-        return [], [f"no features of groups {list(groups)} in any shard"]
-    for i, table in enumerate(tables):
-        missing = [n for n in names if n not in table.features]
-        if missing:
-            problems.append(f"{_table_name(table, i)} lacks {missing}")
-        bad = [n for n in names if n in table.features and not table.features[n].isfinite().all()]
-        if bad:
-            problems.append(f"{_table_name(table, i)} has NaN/inf values in {bad}")
-    return names, problems
+    def check(self, groups: Sequence[str]) -> tuple[list[str], list[str]]:
+        """(feature names of `groups`, sorted; problems): usable when problems is empty."""
+        prefixes = tuple(f"{g}/" for g in groups)
+        names = sorted(n for n in {*self.features, *self.problems} if n.startswith(prefixes))
+        if not names:
+            return [], [f"no features of groups {list(groups)} in any shard"]
+        return names, [p for n in names for p in self.problems.get(n, ())]
 
-
-def features_for(
-    tables: QueryTable | Sequence[QueryTable], attack_or_groups: str | Sequence[str]
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Rows of all `tables` stacked: X (S, F) float32, y (S,) float32 membership, names (F,).
-
-    Features are those of the attack's groups (or of the groups given), sorted by name.
-    """
-    tables = [tables] if isinstance(tables, QueryTable) else list(tables)
-    groups = groups_of(attack_or_groups)
-    names, problems = check_features(tables, groups)
-    if problems:
-        raise AttackError(f"features of groups {list(groups)}: " + "; ".join(problems))
-    x = torch.cat([t.feature_matrix(names) for t in tables]).float()  # (S, F)
-    y = torch.cat([t.is_member for t in tables]).float()  # (S,)
-    return x, y, names
-
-
-def table_index(tables: Sequence[QueryTable]) -> torch.Tensor:
-    """(S,) index of the table each stacked row comes from (for splits stratified by model)."""
-    return torch.cat([torch.full((len(t),), i, dtype=torch.long) for i, t in enumerate(tables)])
+    def matrix(self, names: Sequence[str]) -> torch.Tensor:
+        """The named features stacked into (S, F) float32."""
+        return torch.stack([self.features[n] for n in names], dim=1)
 
 
 def stratified_split(
@@ -100,6 +108,26 @@ def stratified_split(
         held.append(idx[:n_held])
         kept.append(idx[n_held:])
     return torch.sort(torch.cat(kept)).values, torch.sort(torch.cat(held)).values
+
+
+def stratified_folds(y: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """Seeded stratified k-fold assignment: the fold (S,) int64 of each row, in 0..folds-1.
+
+    Each label's rows are shuffled and dealt to the folds in turn (the second label continuing
+    where the first stopped), so every fold holds both labels in proportion, within one row.
+    """
+    if folds < 2:
+        raise AttackError(f"cross-validation needs >= 2 folds, got {folds}")
+    y = y.long().reshape(-1)
+    generator = torch.Generator().manual_seed(seed)
+    fold = torch.empty_like(y)
+    offset = 0
+    for value in torch.unique(y):
+        idx = torch.nonzero(y == value).reshape(-1)
+        idx = idx[torch.randperm(idx.numel(), generator=generator)]
+        fold[idx] = (torch.arange(idx.numel()) + offset) % folds
+        offset += idx.numel()
+    return fold
 
 
 class AttackDataModule(LightningDataModule):

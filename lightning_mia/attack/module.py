@@ -68,14 +68,26 @@ class AttackModule(LightningModule):
         self.net = nn.Sequential(*layers)
         self.register_buffer("mean", torch.zeros(num_features))
         self.register_buffer("std", torch.ones(num_features))
+        # weight of a member row in the loss: non-members / members of the training rows, so
+        # both classes weigh the same and p = 0.5 is the balanced decision (what balanced
+        # accuracy reads) however unequal the classes are (e.g. 32 members, 128 non-members)
+        self.register_buffer("pos_weight", torch.ones(()))
         self._val_logits: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
 
-    def fit_standardizer(self, x: torch.Tensor) -> None:
-        """Set the feature mean/std from training rows x (S, F)."""
+    def fit_standardizer(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Set the feature mean/std from training rows x (S, F), and the member weight from
+        their labels y (S,) when given."""
         std = x.float().std(0, unbiased=False)
         self.mean.copy_(x.float().mean(0))
         self.std.copy_(torch.where(std > _MIN_STD, std, torch.ones_like(std)))
+        if y is not None:
+            members = float(y.float().sum())
+            non_members = float(y.numel()) - members
+            self.pos_weight.fill_(non_members / members if members and non_members else 1.0)
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=self.pos_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Member logits (B,) of raw feature rows x (B, F)."""
@@ -96,7 +108,7 @@ class AttackModule(LightningModule):
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch  # (B, F), (B,)
-        loss = F.binary_cross_entropy_with_logits(self(x), y.float())
+        loss = self._loss(self(x), y)
         self.log(self._prefix("train_loss"), loss, on_step=False, on_epoch=True)
         return loss
 
@@ -107,7 +119,7 @@ class AttackModule(LightningModule):
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss = F.binary_cross_entropy_with_logits(logits, y.float())
+        loss = self._loss(logits, y)
         self.log(self._prefix("val_loss"), loss, on_epoch=True, prog_bar=True)
         self._val_logits.append(logits.detach().cpu())
         self._val_labels.append(y.detach().cpu())
@@ -168,7 +180,7 @@ def _fit(
     filename: str,
 ) -> AttackModule:  # fmt: skip
     lightning.seed_everything(seed, verbose=False)
-    module.fit_standardizer(datamodule.train[0])
+    module.fit_standardizer(*datamodule.train)
     folder = Path(folder)
     stale = folder / f"{filename}.ckpt"
     if stale.exists():

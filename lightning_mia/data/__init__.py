@@ -6,6 +6,7 @@ from lightning_mia.data import MembershipDataModule, ShapesSource, CocoSource
 from lightning_mia.data.coco import CocoSource
 from lightning_mia.data.datamodule import MembershipDataModule, SampleDataset, collate_samples
 from lightning_mia.data.imagefolder import ImageFolderSource
+from lightning_mia.data.member_lists import MemberListSource
 from lightning_mia.data.samplers import ShardedSampler
 from lightning_mia.data.shapes import ShapesSource
 from lightning_mia.data.sources import (
@@ -33,6 +34,7 @@ __all__ = [
     "DatasetFingerprint",
     "ImageCaptionSource",
     "ImageFolderSource",
+    "MemberListSource",
     "MembershipDataModule",
     "SampleDataset",
     "ShapesSource",

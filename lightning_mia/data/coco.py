@@ -15,12 +15,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lightning_mia.data.images import decode_image
+from lightning_mia.data.files import ImageFileSource
 from lightning_mia.data.sources import (
     DataError,
-    ImageCaptionSource,
     caption_problem,
     file_digests,
     read_json,
@@ -73,7 +70,7 @@ def _karpathy_entries(
 
 
 @register_source("coco")
-class CocoSource(ImageCaptionSource):
+class CocoSource(ImageFileSource):
     """MSCOCO image-caption pairs, one seeded caption per image, keyed by COCO image id."""
 
     def __init__(
@@ -176,10 +173,6 @@ class CocoSource(ImageCaptionSource):
 
     def image_path(self, sample_id: int) -> Path:
         return self._paths[sample_id]
-
-    def image(self, sample_id: int, resolution: int | None = None) -> torch.Tensor:
-        path = self._paths[sample_id]
-        return decode_image(path, resolution or self.resolution, f"{path} (id {sample_id})")
 
     def images_sha256(self) -> str:
         digests = file_digests([self._paths[i] for i in self._ids])

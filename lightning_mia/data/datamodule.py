@@ -20,11 +20,12 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_mia.data.duplicates import DuplicatePolicy
 from lightning_mia.data.samplers import ShardedSampler, current_rank_and_world
 from lightning_mia.data.shapes import ShapesSource
-from lightning_mia.data.sources import ImageCaptionSource
+from lightning_mia.data.sources import DataError, ImageCaptionSource
 from lightning_mia.data.splits import (
     ShadowPool,
     SplitConfig,
@@ -85,7 +86,7 @@ class MembershipDataModule(pl.LightningDataModule):
         experiment: str = "runs/demo",
         source: ImageCaptionSource = ShapesSource(),
         model_index: int = 0,
-        train_split: Literal["members", "auxiliary"] = "members",
+        train_split: Literal["members", "auxiliary", "public"] = "members",
         num_shadows: int = 2,
         target_size: int | None = None,
         aux_size: int | None = None,
@@ -93,6 +94,8 @@ class MembershipDataModule(pl.LightningDataModule):
         seed: int = 0,
         shadow_pool: ShadowPool = "auxiliary",
         shadow_size: int | None = None,
+        public_size: int | None = None,
+        duplicates: DuplicatePolicy = "report",
         batch_size: int = 32,
         query_batch_size: int = 64,
         num_workers: int = 0,
@@ -105,8 +108,9 @@ class MembershipDataModule(pl.LightningDataModule):
             experiment: experiment folder (holds splits.json and every run).
             source: the image-caption dataset (class_path + init_args in YAML).
             model_index: row of the splits: 0 = target, 1..num_shadows = shadows.
-            train_split: "members" = the row's members; "auxiliary" = the whole auxiliary pool
-                (for the autoencoder and the attacker's encoder).
+            train_split: "members" = the row's members; "auxiliary" = the whole auxiliary pool;
+                "public" = the public pool (needs public_size), disjoint from the target's and
+                the shadows' pools: for the autoencoder, the attacker's encoder, a captioner.
             num_shadows: number of shadow rows.
             target_size: target pool size (members + non-members); None = half the data.
             aux_size: auxiliary pool size; None = same as target_size (or the other half).
@@ -117,6 +121,10 @@ class MembershipDataModule(pl.LightningDataModule):
             shadow_size: samples (members + non-members) each shadow draws from its pool;
                 None = the whole pool. Lets a large auxiliary pool (for the autoencoder and
                 the attacker's encoder) feed shadows sized like the target.
+            public_size: size of the public pool (disjoint from the target and auxiliary pools);
+                None = no public pool.
+            duplicates: duplicate images found when the splits are made: "report" them (log and
+                splits.json), or "drop" all but the lowest id of each before the draw.
             batch_size: training batch size (per device).
             query_batch_size: query (predict) batch size (per device).
             num_workers: DataLoader worker processes.
@@ -125,8 +133,10 @@ class MembershipDataModule(pl.LightningDataModule):
             num_preview: how many member captions `preview_captions` holds.
         """
         super().__init__()
-        if train_split not in ("members", "auxiliary"):
-            raise ValueError(f"train_split must be 'members' or 'auxiliary', got {train_split!r}")
+        if train_split not in ("members", "auxiliary", "public"):
+            raise DataError(
+                f"train_split must be 'members', 'auxiliary' or 'public', got {train_split!r}"
+            )
         if model_index < 0:
             raise ValueError(f"model_index must be >= 0, got {model_index}")
         self.experiment, self.source, self.model_index = experiment, source, model_index
@@ -140,6 +150,8 @@ class MembershipDataModule(pl.LightningDataModule):
                 seed=seed,
                 shadow_pool=shadow_pool,
                 shadow_size=shadow_size,
+                public_size=public_size,
+                duplicates=duplicates,
             )
         )
         self.batch_size, self.query_batch_size = batch_size, query_batch_size
@@ -149,6 +161,7 @@ class MembershipDataModule(pl.LightningDataModule):
         self.layout = ExperimentLayout(experiment)
         self.splits: Splits | None = None
         self.exclude_ids: set[int] = set()  # query ids already done (resumed query runs)
+        self.query_row: int | None = None  # query another row's samples (None: model_index's)
 
     @classmethod
     def from_experiment(
@@ -156,8 +169,10 @@ class MembershipDataModule(pl.LightningDataModule):
     ) -> MembershipDataModule:
         """The DataModule of an existing experiment, rebuilt from what splits.json records
         (the source and the split config), so later stages need only the experiment folder."""
-        import lightning_mia.data  # noqa: F401  (registers every source with build_source)
-        from lightning_mia.data.sources import DataError, build_source
+        import lightning_mia.data.coco  # noqa: F401  (each reader module registers its source)
+        import lightning_mia.data.imagefolder  # noqa: F401
+        import lightning_mia.data.webdataset  # noqa: F401
+        from lightning_mia.data.sources import build_source
 
         layout = ExperimentLayout(experiment)
         if not layout.splits.is_file():
@@ -196,11 +211,11 @@ class MembershipDataModule(pl.LightningDataModule):
     # ---- what each stage reads ----
     @property
     def train_ids(self) -> list[int]:
-        """The training set: the row's members, or the auxiliary pool."""
+        """The training set: the row's members, or a whole pool (auxiliary or public)."""
         splits = self._splits()
-        if self.train_split == "auxiliary":
-            return list(splits.aux_pool)
-        return list(splits.row(self.model_index).members)
+        if self.train_split == "members":
+            return list(splits.row(self.model_index).members)
+        return splits.pool(self.train_split)
 
     @property
     def num_train_samples(self) -> int:
@@ -232,11 +247,16 @@ class MembershipDataModule(pl.LightningDataModule):
         return SampleDataset(self.source, self.train_ids, self.resolution)
 
     def query_dataset(self, row: int | None = None) -> SampleDataset:
-        """Members and non-members of `row` (default: model_index) by sample id, with is_member,
-        minus `exclude_ids`. Usable without a trainer (after setup)."""
-        split = self._splits().row(self.model_index if row is None else row)
+        """The queries of `row` (default: `query_row`, else model_index) by sample id, minus
+        `exclude_ids`, with is_member = membership in *this* model's row (another row's queries:
+        e.g. a shadow queried on the target's samples, for LiRA). Usable after setup."""
+        splits = self._splits()
+        row = self.query_row if row is None else row
+        split = splits.row(self.model_index if row is None else row)
+        own = set(splits.row(self.model_index).members)
         ids = [i for i in split.queries if i not in self.exclude_ids]
-        return SampleDataset(self.source, ids, self.resolution, split.is_member())
+        labels = {i: i in own for i in split.queries}
+        return SampleDataset(self.source, ids, self.resolution, labels)
 
     def _rank_and_world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -244,13 +264,23 @@ class MembershipDataModule(pl.LightningDataModule):
         return current_rank_and_world()
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; the last partial batch is dropped only if one remains full."""
+        """Shuffled training batches; the last partial batch is dropped only if one remains full.
+
+        Each epoch's order is a function of (seed, epoch) alone — a `DistributedSampler` (so
+        Lightning keeps it and calls `set_epoch`) of this trainer's ranks — and no loader draw
+        touches the global random state, which a checkpoint saves: a run killed on an epoch
+        boundary and resumed sees exactly the batches one uninterrupted run sees.
+        """
         dataset = self.train_dataset()
-        per_rank = math.ceil(len(dataset) / self._rank_and_world()[1])
+        rank, world = self._rank_and_world()
+        per_rank = math.ceil(len(dataset) / world)
+        seed = int(self.split_config["seed"])
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, seed=seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(seed),  # worker seeds, not the global RNG
             drop_last=per_rank > self.batch_size,
             collate_fn=collate_samples,
             num_workers=self.num_workers,

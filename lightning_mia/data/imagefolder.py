@@ -16,12 +16,9 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
-
-from lightning_mia.data.images import decode_image
+from lightning_mia.data.files import ImageFileSource
 from lightning_mia.data.sources import (
     DataError,
-    ImageCaptionSource,
     caption_problem,
     file_digests,
     register_source,
@@ -88,7 +85,7 @@ def _row_id(row: dict, index: int, where: str) -> int:
 
 
 @register_source("imagefolder")
-class ImageFolderSource(ImageCaptionSource):
+class ImageFolderSource(ImageFileSource):
     """Images listed with their captions in `metadata.jsonl` or `metadata.csv`."""
 
     def __init__(
@@ -166,10 +163,6 @@ class ImageFolderSource(ImageCaptionSource):
 
     def image_path(self, sample_id: int) -> Path:
         return self._paths[sample_id]
-
-    def image(self, sample_id: int, resolution: int | None = None) -> torch.Tensor:
-        path = self._paths[sample_id]
-        return decode_image(path, resolution or self.resolution, f"{path} (id {sample_id})")
 
     def images_sha256(self) -> str:
         digests = file_digests([self._paths[i] for i in self._ids])

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from lightning_mia.data.sources import DataError
+from lightning_mia.data.sources import CHECK_RESOLUTION, DataError
 
 WHITE = (255, 255, 255)
 RESAMPLE = Image.Resampling.BICUBIC  # antialiased when downscaling (Pillow filters by scale)
@@ -114,12 +114,40 @@ def decode_image(data: bytes | str | os.PathLike, resolution: int, name: str) ->
     return pil_to_tensor(img)
 
 
-def verify_image(data: bytes | str | os.PathLike, name: str) -> None:
-    """Fully decode an image (no resize) and raise `DataError` naming `name` if it fails."""
-    img = open_image(data, name)
+def image_problem(data: bytes | str | os.PathLike) -> str | None:
+    """Why an image file (or its bytes) cannot be used, after decoding all of it; None if it can.
+
+    `Image.open` alone reads only the header, so a PNG cut short or text named `.jpg` may pass
+    it. Here `verify()` checks the file's structure (e.g. every PNG chunk's CRC), then a fresh
+    `load()` decodes every pixel and the image is converted and resized as `decode_image` does.
+    """
+    if not isinstance(data, bytes):
+        path = Path(data)
+        if not path.is_file():
+            return "no such file"
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            return f"cannot be read ({err.strerror or err})"
+    if not data:
+        return "empty (0 bytes)"
     try:
-        if img.format == "JPEG":
-            img.draft("RGB", (64, 64))  # still reads the whole stream, at 1/8 scale
-        img.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DataError(f"image {name}: truncated or corrupt ({err})") from err
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            square_crop_resize(to_rgb(img), CHECK_RESOLUTION)
+    except UnidentifiedImageError:
+        return "not an image file Pillow can read (or cut short)"
+    except Image.DecompressionBombError as err:
+        return f"too large to decode ({err})"
+    except Exception as err:  # noqa: BLE001  (a decoder fed bad bytes may raise anything)
+        return f"truncated or corrupt ({type(err).__name__}: {err})"
+    return None
+
+
+def verify_image(data: bytes | str | os.PathLike, name: str) -> None:
+    """Fully decode an image (see `image_problem`); `DataError` naming `name` if it fails."""
+    problem = image_problem(data)
+    if problem:
+        raise DataError(f"image {name}: {problem}")

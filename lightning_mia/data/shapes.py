@@ -15,13 +15,19 @@ import hashlib
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from lightning_mia.data.sources import ImageCaptionSource, register_source
+from lightning_mia.data.sources import (
+    DIGEST_BYTES,
+    DataError,
+    ImageCaptionSource,
+    register_source,
+)
 
 RENDER_VERSION = 1  # bump when rendering changes: it is part of the fingerprint
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: antialiased edges
@@ -193,7 +199,7 @@ class ShapesSource(ImageCaptionSource):
         """
         super().__init__(resolution)
         if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+            raise DataError(f"num_samples must be >= 1, got {num_samples}")
         self.num_samples = num_samples
         self.seed = seed
         self._init_args = {"num_samples": num_samples, "resolution": resolution, "seed": seed}
@@ -227,9 +233,22 @@ class ShapesSource(ImageCaptionSource):
             )
         return self._pixels[key].float().div(127.5).sub(1.0)
 
+    def image_problems(self, ids: Sequence[int], stop_early: bool = False) -> dict[int, str]:
+        """Images drawn in code from a seed: nothing to decode, nothing can be broken."""
+        return {}
+
+    def scene_json(self, sample_id: int) -> bytes:
+        """The canonical JSON of a sample's scene: what its image digests are taken over."""
+        return json.dumps(asdict(self.scene(sample_id)), sort_keys=True).encode()
+
+    def image_digests(self, ids: Sequence[int]) -> np.ndarray:
+        """A digest of each scene (which defines the pixels), without rendering."""
+        raw = [hashlib.sha256(self.scene_json(i)).digest()[:DIGEST_BYTES] for i in ids]
+        return np.array(raw, dtype=f"S{DIGEST_BYTES}")
+
     def images_sha256(self) -> str:
         """Scenes define the pixels (with RENDER_VERSION); hashing them avoids rendering all."""
         h = hashlib.sha256(f"render:{RENDER_VERSION}\n".encode())
         for sid in self.sample_ids():
-            h.update(json.dumps(asdict(self.scene(sid)), sort_keys=True).encode() + b"\n")
+            h.update(self.scene_json(sid) + b"\n")
         return h.hexdigest()

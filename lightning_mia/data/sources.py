@@ -3,7 +3,13 @@
 A source lists sample ids, gives each id's caption and image (3, R, R) in [-1, 1], and a
 fingerprint of its content (ids, captions, image bytes) that splits.json records so a changed
 dataset is refused later. Bad input raises one `DataError` naming the file and the problem; with
-`skip_bad_samples=True` the sample is skipped instead, logged and kept in `bad_samples`.
+`skip_bad_samples=True` the sample is skipped instead, logged and kept in `bad_samples` (a file
+skipped whole, such as an unreadable tar shard, in `skipped_files`).
+
+Registering a dataset (`make_splits`) calls `verify()`: every caption must be usable text and
+every image must decode in full (`image_problems`, in parallel and cached by file content, see
+`lightning_mia.data.checks`); `image_digests` gives each sample's image content digest, from
+which duplicates are found.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import logging
 import os
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +39,8 @@ log = logging.getLogger("lightning_mia.data")
 SOURCES: Registry[type[ImageCaptionSource]] = Registry("source")
 CACHE_ENV = "LIGHTNING_MIA_CACHE"  # folder for the file-digest cache (default ~/.cache/...)
 HASH_CHUNK = 1 << 20
+CHECK_RESOLUTION = 8  # the registration check converts and resizes too, at this side
+DIGEST_BYTES = 16  # per-sample image digests (duplicate detection): the first 16 bytes of sha256
 
 
 class DataError(UserError):
@@ -60,6 +68,12 @@ def caption_problem(value: object) -> str | None:
         return f"caption is not text (got {type(value).__name__})"
     if not value.strip():
         return "caption is empty"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. "\ud800" in JSON: no tokenizer takes it
+        return "caption is not valid Unicode (lone surrogate)"
+    if not any(c.isprintable() and not c.isspace() for c in value):
+        return "caption has no printable characters"
     return None
 
 
@@ -75,7 +89,7 @@ def read_json(path: Path, what: str) -> Any:
 
 def encode_ids(ids: Sequence[int]) -> str:
     """Sorted int ids -> compact text (delta-coded int64, zlib, base64) for splits.json."""
-    arr = np.asarray(sorted(ids), dtype=np.int64)
+    arr = np.sort(np.asarray(ids, dtype=np.int64))
     deltas = np.diff(arr, prepend=np.int64(0)).astype("<i8")
     return base64.b64encode(zlib.compress(deltas.tobytes(), 9)).decode("ascii")
 
@@ -86,11 +100,11 @@ def decode_ids(text: str) -> list[int]:
     return np.cumsum(deltas).tolist()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DatasetFingerprint:
     """What a dataset held: its ids and hashes of its captions and image bytes."""
 
-    ids: tuple[int, ...]
+    ids: Sequence[int]  # a tuple, or (millions of samples) a read-only int64 array
     ids_sha256: str
     captions_sha256: str
     images_sha256: str
@@ -133,22 +147,41 @@ class DatasetFingerprint:
         return f"same {len(new_ids)} sample ids, but the {' and '.join(changed)} changed"
 
 
+def captions_digest(pairs: Iterable[tuple[int, object]]) -> str:
+    """sha256 over (sample id, caption as stored) pairs, in id order: the fingerprint's part."""
+    h = hashlib.sha256()
+    for sid, caption in pairs:
+        raw = json.dumps(caption, ensure_ascii=False, default=repr)
+        h.update(f"{sid}\t{raw}\n".encode("utf-8", "surrogatepass"))  # bad text hashes too
+    return h.hexdigest()
+
+
 def sha256_of_ids(ids: Sequence[int]) -> str:
     return hashlib.sha256(np.asarray(ids, dtype="<i8").tobytes()).hexdigest()
 
 
+UNREADABLE = "unreadable"  # the digest of a file that exists but cannot be read (never cached)
+
+
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(HASH_CHUNK):
+                h.update(chunk)
+    except OSError:
+        return UNREADABLE
     return h.hexdigest()
 
 
+def cache_root() -> Path:
+    """The folder of lightning_mia's caches: $LIGHTNING_MIA_CACHE, else ~/.cache/lightning_mia."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lightning_mia")
+
+
 def _cache_file(folder: Path, kind: str) -> Path:
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lightning_mia")
     key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()
-    return root / "file_digests" / f"{key}.{kind}.json"
+    return cache_root() / "file_digests" / f"{key}.{kind}.json"
 
 
 def file_digests(
@@ -157,7 +190,8 @@ def file_digests(
     kind: str = "sha256",
     num_threads: int = 8,
 ) -> list[str]:
-    """`digest(path)` of each file, by default the sha256 of its bytes ("missing" if absent).
+    """`digest(path)` of each file, by default the sha256 of its bytes ("missing" if absent,
+    `UNREADABLE` if it cannot be read).
 
     Digests are cached per folder and `kind`, keyed by (size, mtime_ns), so a big dataset is read
     once and a file rewritten since is read again. The cache is best effort (unwritable: uncached).
@@ -188,7 +222,8 @@ def file_digests(
         with ThreadPoolExecutor(num_threads) as pool:  # hashlib releases the GIL
             for p, value in zip(todo, pool.map(digest, todo)):
                 out[p] = value
-                cache[p.name] = [*keys[p], value]
+                if value != UNREADABLE:  # a permission fixed later keeps size and mtime
+                    cache[p.name] = [*keys[p], value]
         if todo:
             try:
                 atomic_write_json(cache_path, cache)
@@ -208,10 +243,11 @@ class ImageCaptionSource(ABC):
 
     def __init__(self, resolution: int, skip_bad_samples: bool = False) -> None:
         if not isinstance(resolution, int) or resolution < 1:
-            raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+            raise DataError(f"resolution must be a positive int, got {resolution!r}")
         self.resolution = resolution
         self.skip_bad_samples = skip_bad_samples
         self.bad_samples: dict[int, str] = {}  # sample_id -> reason, in skip mode
+        self.skipped_files: dict[str, str] = {}  # file skipped whole (e.g. a shard) -> reason
         self._init_args: dict[str, Any] = {}
         self._fingerprint: DatasetFingerprint | None = None
 
@@ -253,30 +289,54 @@ class ImageCaptionSource(ABC):
             self.bad_samples[sample_id] = reason
             log.warning("skipping sample %d: %s", sample_id, reason)
 
-    def verify(self, ids: Sequence[int] | None = None, num_threads: int = 8) -> dict[int, str]:
-        """Decode every image of `ids` (default: all valid), reporting failures as bad samples."""
+    def verify(self, ids: Sequence[int] | None = None) -> dict[int, str]:
+        """Check `ids` (default: every sample not found bad yet) as registering a dataset must:
+        each caption is usable text and each image decodes in full (`image_problems`).
+
+        Without `skip_bad_samples` the first bad sample raises `DataError` naming its file and
+        the problem; with it every bad sample is recorded in `bad_samples` (so left out of the
+        splits). Returns `bad_samples`.
+        """
         ids = list(self.valid_ids() if ids is None else ids)
-
-        def check(sid: int) -> str | None:
-            try:
-                self.caption(sid)
-                self.image(sid, resolution=8)
-            except DataError as err:
-                return str(err)
-            return None
-
-        with ThreadPoolExecutor(num_threads) as pool:
-            for sid, problem in zip(ids, pool.map(check, ids)):
-                if problem:
-                    self.report_bad(sid, problem)
+        for sid in ids:
+            problem = caption_problem(self.raw_caption(sid))
+            if problem:
+                self.report_bad(sid, f"sample {sid} of {self}: {problem}")
+        ids = [i for i in ids if i not in self.bad_samples]
+        problems = self.image_problems(ids, stop_early=not self.skip_bad_samples)
+        for sid in sorted(problems):
+            self.report_bad(sid, problems[sid])
         return dict(self.bad_samples)
 
+    def image_problems(self, ids: Sequence[int], stop_early: bool = False) -> dict[int, str]:
+        """sample id -> why its image does not decode, for the bad ones among `ids`; with
+        `stop_early` it may stop at the first found. This default decodes through `image()` in
+        threads, uncached; sources of image files override it with a check cached by content."""
+
+        def problem(sid: int) -> str:
+            try:
+                self.image(sid, resolution=CHECK_RESOLUTION)
+            except DataError as err:
+                return str(err)
+            return ""
+
+        with ThreadPoolExecutor() as pool:  # decoders release the GIL
+            found = dict(zip(ids, pool.map(problem, ids)))
+        return {sid: p for sid, p in found.items() if p}
+
+    def image_digests(self, ids: Sequence[int]) -> np.ndarray:
+        """The content digest of each sample's image (`S16`: first 16 bytes of a sha256), aligned
+        with `ids`; equal digests mean equal images. This default hashes the decoded pixels;
+        sources of image files hash the file bytes."""
+
+        def digest(sid: int) -> bytes:
+            pixels = self.image(sid).numpy().tobytes()  # (3, R, R) float32
+            return hashlib.sha256(pixels).digest()[:DIGEST_BYTES]
+
+        return np.array([digest(i) for i in ids], dtype=f"S{DIGEST_BYTES}")
+
     def captions_sha256(self) -> str:
-        h = hashlib.sha256()
-        for sid in self.sample_ids():
-            raw = json.dumps(self.raw_caption(sid), ensure_ascii=False, default=repr)
-            h.update(f"{sid}\t{raw}\n".encode())
-        return h.hexdigest()
+        return captions_digest((sid, self.raw_caption(sid)) for sid in self.sample_ids())
 
     def dataset_fingerprint(self) -> DatasetFingerprint:
         """Ids and content hashes, computed on first use and kept."""

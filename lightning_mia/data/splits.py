@@ -6,6 +6,27 @@ rows 1..K (shadow models) each take an independent random part of the auxiliary 
 and the rest as non-members. With `shadow_pool="auxiliary+queries"` the shadows draw from the
 auxiliary pool plus the target pool (LiRA "online": shadows see the target's query candidates).
 
+With `public_size` there is a third pool, the *public pool*, disjoint from both: it trains what
+the attacker owns or shares and that is not a shadow (the tiny autoencoder, the attacker's
+encoder, a captioner), so those components have seen neither the target's nor the shadows'
+candidates and treat both alike (`Splits.pool("public")`, the DataModule's `train_split`).
+
+The draw, from `seed` alone:
+1. the usable ids (sorted; bad samples left out with `skip_bad_samples`, duplicate images left
+   out with `duplicates="drop"`) are shuffled once by `random.Random("lightning_mia.splits:
+   {seed}:pools")`; the target pool is the first `target_size` of that order, the auxiliary pool
+   the next `aux_size`, the public pool the next `public_size`. So target and auxiliary pools of
+   given sizes are the same with or without a public pool; sizes left to default split what the
+   public pool leaves in halves.
+2. row k (0 = target) shuffles its pool with `random.Random("lightning_mia.splits:{seed}:row:{k}")`
+   (a shadow with `shadow_size` first samples that many from its pool with the same generator)
+   and takes the first `round(member_fraction * len)` as members.
+
+Without `public_size` (the default) nothing of this differs from splits made before the public
+pool existed: `public_size` and `duplicates` enter the recorded config, and `public_pool`,
+`skipped_files` and `duplicates` enter splits.json, only when set or found, so the hash of
+earlier splits is unchanged.
+
     splits = ensure_splits(ExperimentLayout("runs/demo"), ShapesSource(), num_shadows=2)
     splits.rows[0].members, splits.rows[1].nonmembers, splits.hash
 """
@@ -18,16 +39,29 @@ import os
 import random
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_mia.data.duplicates import (
+    dropped_ids,
+    duplicates_message,
+    duplicates_record,
+    find_duplicates,
+)
 from lightning_mia.data.sources import DataError, DatasetFingerprint, ImageCaptionSource
+from lightning_mia.data.split_config import (  # noqa: F401  (ShadowPool, SHADOW_POOLS: re-exported)
+    LATER_FIELDS,
+    SHADOW_POOLS,
+    ShadowPool,
+    SplitConfig,
+    config_problems,
+    resolve_sizes,
+)
 from lightning_mia.paths import ExperimentLayout, atomic_write_json
 
 SPLITS_FORMAT = "lightning_mia.splits/1"
-ShadowPool = Literal["auxiliary", "auxiliary+queries"]
-SHADOW_POOLS = ("auxiliary", "auxiliary+queries")
+POOLS = ("target", "auxiliary", "public")
 
 
 @dataclass(frozen=True)
@@ -58,7 +92,10 @@ class Splits:
     aux_pool: list[int]
     dataset: dict[str, Any]  # DatasetFingerprint.to_dict() + "source": source.describe()
     skipped: dict[int, str] = field(default_factory=dict)  # bad samples left out: id -> reason
-    hash: str = ""  # sha256 of the canonical JSON of everything above
+    hash: str = ""  # sha256 of the canonical JSON of everything (but itself)
+    public_pool: list[int] | None = None  # None: no public pool (public_size not set)
+    skipped_files: dict[str, str] = field(default_factory=dict)  # files left out whole: reason
+    duplicates: dict[str, Any] | None = None  # duplicate images found (None: none found)
 
     @property
     def fingerprint(self) -> str:
@@ -76,15 +113,27 @@ class Splits:
     def row(self, model_index: int) -> SplitRow:
         """The row of one model, with a clear error for an index the splits do not have."""
         if not 0 <= model_index < len(self.rows):
-            raise ValueError(
+            raise DataError(
                 f"model_index {model_index} not in splits (rows 0..{len(self.rows) - 1}: "
                 f"target + {self.num_shadows} shadows)"
             )
         return self.rows[model_index]
 
+    def pool(self, name: str) -> list[int]:
+        """The ids of pool `name`: "target", "auxiliary" or "public" (sorted)."""
+        if name not in POOLS:
+            raise DataError(f"pool must be one of {POOLS}, got {name!r}")
+        if name == "public" and self.public_pool is None:
+            raise DataError(
+                "these splits have no public pool: make them with public_size set (in a new "
+                "experiment folder), or train on the auxiliary pool"
+            )
+        pools = {"target": self.target_pool, "auxiliary": self.aux_pool}
+        return list(pools.get(name) or self.public_pool or [])
+
     def body(self) -> dict[str, Any]:
         """Everything but the hash, as JSON-ready data."""
-        return {
+        body = {
             "format": SPLITS_FORMAT,
             "seed": self.seed,
             "config": self.config,
@@ -94,6 +143,15 @@ class Splits:
             "rows": [{"members": r.members, "nonmembers": r.nonmembers} for r in self.rows],
             "skipped": [{"sample_id": i, "reason": r} for i, r in sorted(self.skipped.items())],
         }
+        if self.public_pool is not None:  # later keys: only when present (earlier hashes hold)
+            body["public_pool"] = self.public_pool
+        if self.skipped_files:
+            body["skipped_files"] = [
+                {"file": f, "reason": r} for f, r in sorted(self.skipped_files.items())
+            ]
+        if self.duplicates is not None:
+            body["duplicates"] = self.duplicates
+        return body
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.body(), "hash": body_hash(self.body())}
@@ -102,6 +160,7 @@ class Splits:
     def from_dict(cls, d: dict[str, Any]) -> Splits:
         rows = [SplitRow(list(r["members"]), list(r["nonmembers"])) for r in d["rows"]]
         skipped = {int(s["sample_id"]): s["reason"] for s in d.get("skipped", [])}
+        public = d.get("public_pool")
         return cls(
             d["seed"],
             d["config"],
@@ -111,37 +170,16 @@ class Splits:
             d["dataset"],
             skipped,
             d.get("hash", ""),
+            public_pool=None if public is None else list(public),
+            skipped_files={s["file"]: s["reason"] for s in d.get("skipped_files", [])},
+            duplicates=d.get("duplicates"),
         )
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    """What splits.json is drawn from, besides the data (see `make_splits`)."""
-
-    num_shadows: int = 2
-    target_size: int | None = None  # None: half the data (or what aux_size leaves)
-    aux_size: int | None = None  # None: same as target_size (or the other half)
-    member_fraction: float = 0.5
-    seed: int = 0
-    shadow_pool: ShadowPool = "auxiliary"
-    shadow_size: int | None = None  # None: each shadow splits the whole shadow pool
 
 
 def body_hash(body: dict[str, Any]) -> str:
     """sha256 of canonical JSON (sorted keys, no spaces)."""
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _resolve_sizes(n: int, target_size: int | None, aux_size: int | None) -> tuple[int, int]:
-    """Default: half/half of n; one size given: the other is the same (at most what is left)."""
-    if target_size is None and aux_size is None:
-        return n // 2, n - n // 2
-    if aux_size is None:
-        return target_size, max(0, min(target_size, n - target_size))
-    if target_size is None:
-        return max(0, min(aux_size, n - aux_size)), aux_size
-    return target_size, aux_size
 
 
 def _split(pool: list[int], member_fraction: float, rng: random.Random) -> SplitRow:
@@ -151,68 +189,78 @@ def _split(pool: list[int], member_fraction: float, rng: random.Random) -> Split
     return SplitRow(sorted(order[:k]), sorted(order[k:]))
 
 
-def _config_problems(
-    num_shadows: int, member_fraction: float, shadow_pool: str, t: int, a: int, n: int
-) -> list[str]:
-    """Every problem with the asked split settings (all reported at once)."""
-    problems = []
-    if num_shadows < 0:
-        problems.append(f"num_shadows must be >= 0, got {num_shadows}")
-    if not 0.0 < member_fraction < 1.0:
-        problems.append(f"member_fraction must be in (0, 1), got {member_fraction}")
-    if shadow_pool not in SHADOW_POOLS:
-        problems.append(f"shadow_pool must be one of {SHADOW_POOLS}, got {shadow_pool!r}")
-    if t < 2:
-        problems.append(f"target_size must be >= 2, got {t}")
-    if num_shadows > 0 and a < 2:
-        problems.append(f"aux_size must be >= 2 when there are shadows, got {a}")
-    if t + a > n:
-        problems.append(f"target_size {t} + aux_size {a} > the {n} usable samples")
-    return problems
-
-
-def make_splits(
-    source: ImageCaptionSource,
-    *args: Any,
-    **config: Any,
-) -> Splits:
-    """Draw pools and rows from `seed`; `args`/`config` are the fields of `SplitConfig`. With
-    `source.skip_bad_samples`, every image is decoded first and bad samples are left out and
-    recorded in `Splits.skipped`."""
-    cfg = SplitConfig(*args, **config)
-    config = asdict(cfg)
-    num_shadows, member_fraction, seed = cfg.num_shadows, cfg.member_fraction, cfg.seed
-    shadow_pool, shadow_size = cfg.shadow_pool, cfg.shadow_size
-    if source.skip_bad_samples:
-        source.verify()
-        if source.bad_samples:
-            rank_zero_warn(
-                f"{len(source.bad_samples)} bad samples of {source} skipped "
-                "(recorded in splits.json)"
-            )
+def _usable_ids(source: ImageCaptionSource, cfg: SplitConfig) -> tuple[list[int], list[list[int]]]:
+    """Check every sample (bad ones: DataError, or left out with skip_bad_samples), find the
+    duplicate images and, with `duplicates="drop"`, leave out all but one of each."""
+    source.verify()
+    if source.bad_samples or source.skipped_files:
+        what = f"{len(source.bad_samples)} bad samples"
+        if source.skipped_files:
+            what += f" and {len(source.skipped_files)} unreadable files"
+        rank_zero_warn(f"{what} of {source} skipped (recorded in splits.json)")
     ids = source.valid_ids()
-    t, a = _resolve_sizes(len(ids), cfg.target_size, cfg.aux_size)
-    problems = _config_problems(num_shadows, member_fraction, shadow_pool, t, a, len(ids))
-    if shadow_size is not None and not 2 <= shadow_size <= a:
-        problems.append(f"shadow_size must be in [2, aux_size={a}], got {shadow_size}")
+    groups = find_duplicates(source, ids)
+    if groups and cfg.duplicates == "drop":
+        drop = set(dropped_ids(groups))
+        ids = [i for i in ids if i not in drop]
+    return ids, groups
+
+
+def draw_rows(cfg: SplitConfig, target_pool: list[int], aux_pool: list[int]) -> list[SplitRow]:
+    """Row 0 from the target pool, rows 1..K from the shadow pool, each from its own stream."""
+    seed, fraction = cfg.seed, cfg.member_fraction
+    rows = [_split(target_pool, fraction, random.Random(f"lightning_mia.splits:{seed}:row:0"))]
+    candidates = aux_pool if cfg.shadow_pool == "auxiliary" else sorted(aux_pool + target_pool)
+    for k in range(1, cfg.num_shadows + 1):
+        rng = random.Random(f"lightning_mia.splits:{seed}:row:{k}")
+        pool = candidates
+        if cfg.shadow_size is not None:  # a shadow training set sized like the target's
+            pool = sorted(rng.sample(candidates, cfg.shadow_size))
+        rows.append(_split(pool, fraction, rng))
+    return rows
+
+
+def make_splits(source: ImageCaptionSource, *args: Any, **config: Any) -> Splits:
+    """Check the data, then draw pools and rows from `seed` (see the module docstring);
+    `args`/`config` are the fields of `SplitConfig`.
+
+    Every caption and image is checked first (`source.verify()`): a bad sample raises
+    `DataError`, or with `source.skip_bad_samples` is left out and recorded in `Splits.skipped`
+    (files skipped whole in `Splits.skipped_files`). Duplicate images are reported (or dropped)
+    before any pool is drawn. Sizes the data cannot hold raise `DataError`.
+    """
+    cfg = SplitConfig(*args, **config)
+    ids, groups = _usable_ids(source, cfg)
+    p = cfg.public_size or 0
+    t, a = resolve_sizes(len(ids) - p, cfg.target_size, cfg.aux_size)
+    problems = config_problems(cfg, t, a, len(ids))
     if problems:
-        raise ValueError(f"cannot make splits of {source}: " + "; ".join(problems))
+        raise DataError(f"cannot make splits of {source}: " + "; ".join(problems))
 
     order = list(ids)
-    random.Random(f"lightning_mia.splits:{seed}:pools").shuffle(order)
+    random.Random(f"lightning_mia.splits:{cfg.seed}:pools").shuffle(order)
     target_pool, aux_pool = sorted(order[:t]), sorted(order[t : t + a])
-    shadow_candidates = aux_pool if shadow_pool == "auxiliary" else sorted(aux_pool + target_pool)
-    rows = [
-        _split(target_pool, member_fraction, random.Random(f"lightning_mia.splits:{seed}:row:0"))
-    ]
-    for k in range(1, num_shadows + 1):
-        rng = random.Random(f"lightning_mia.splits:{seed}:row:{k}")
-        pool = shadow_candidates
-        if shadow_size is not None:  # a shadow training set sized like the target's
-            pool = sorted(rng.sample(shadow_candidates, shadow_size))
-        rows.append(_split(pool, member_fraction, rng))
+    public_pool = sorted(order[t + a : t + a + p]) if cfg.public_size is not None else None
+    rows = draw_rows(cfg, target_pool, aux_pool)
+    duplicates = None
+    if groups:
+        pools = [target_pool, aux_pool] + ([public_pool] if public_pool is not None else [])
+        memberships = [(r.members, r.nonmembers) for r in rows]
+        duplicates = duplicates_record(source, groups, cfg.duplicates, memberships, pools)
+        rank_zero_warn(duplicates_message(source, duplicates))
     dataset = {**source.dataset_fingerprint().to_dict(), "source": source.describe()}
-    splits = Splits(seed, config, rows, target_pool, aux_pool, dataset, dict(source.bad_samples))
+    splits = Splits(
+        cfg.seed,
+        cfg.recorded(),
+        rows,
+        target_pool,
+        aux_pool,
+        dataset,
+        dict(source.bad_samples),
+        public_pool=public_pool,
+        skipped_files=dict(source.skipped_files),
+        duplicates=duplicates,
+    )
     return replace(splits, hash=body_hash(splits.body()))
 
 
@@ -274,9 +322,9 @@ def load_splits(
 def check_config(splits: Splits, path: str | os.PathLike, **asked: Any) -> None:
     """Refuse splits made with other settings than `asked`, naming every differing key."""
     diffs = [
-        f"{k}={splits.config.get(k)!r} (asked {v!r})"
+        f"{k}={splits.config.get(k, LATER_FIELDS.get(k))!r} (asked {v!r})"
         for k, v in asked.items()
-        if splits.config.get(k) != v
+        if splits.config.get(k, LATER_FIELDS.get(k)) != v
     ]
     if diffs:
         raise DataError(
@@ -305,8 +353,9 @@ def ensure_splits(
         return splits
     splits = make_splits(source, **config)
     save_splits(splits, layout.splits)
+    public = f", public pool {len(splits.public_pool)}" if splits.public_pool is not None else ""
     rank_zero_info(
         f"splits: wrote {layout.splits} (target pool {len(splits.target_pool)}, auxiliary pool "
-        f"{len(splits.aux_pool)}, {splits.num_shadows} shadows, hash {splits.hash[:12]})"
+        f"{len(splits.aux_pool)}{public}, {splits.num_shadows} shadows, hash {splits.hash[:12]})"
     )
     return splits

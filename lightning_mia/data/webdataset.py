@@ -3,37 +3,42 @@
     src = WebDatasetSource("cc3m/{00000..00331}.tar", resolution=256)   # or a folder, or a glob
 
 Each shard `NNNNN.tar` holds `KEY.jpg|png|webp`, `KEY.txt` (the caption) and `KEY.json` (with
-"caption" when there is no .txt). Shards are indexed once with the standard `tarfile` module;
-images are then read by offset. The sample id is int(KEY) for numeric keys (img2dataset's), else a
-stable 63-bit hash of the key; two samples with one id are an error.
+"caption" when there is no .txt). The shards are indexed once into flat arrays on disk
+(`lightning_mia.data.wds_index`) that every rank and worker memory-maps; images are then read by
+offset, any sample by id. The sample id is int(KEY) for numeric keys (img2dataset's), else a
+stable 63-bit hash of the key; two samples with one id are an error. A shard that is not a
+complete tar is refused naming it and the byte where reading stopped; with `skip_bad_samples` it
+is skipped whole and recorded (`skipped_files`, then splits.json).
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
-import json
-import posixpath
 import re
-import tarfile
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from lightning_mia.data.images import decode_image
+from lightning_mia.data.checks import cached_map
+from lightning_mia.data.images import decode_image, image_problem
 from lightning_mia.data.sources import (
     DataError,
+    DatasetFingerprint,
     ImageCaptionSource,
-    caption_problem,
-    file_digests,
+    captions_digest,
+    log,
     register_source,
+    sha256_of_ids,
 )
+from lightning_mia.data.wds_index import ShardIndex, open_index
+from lightning_mia.data.wds_scan import IMAGE_EXTENSIONS, key_to_id
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+__all__ = ["IMAGE_EXTENSIONS", "WebDatasetSource", "expand_braces", "find_shards", "key_to_id"]
+
 BRACE = re.compile(r"\{([^{}]*)\}")
-MAX_ID = (1 << 63) - 1
-END_OF_ARCHIVE = 1024  # two zero blocks close every complete tar
 
 
 def expand_braces(spec: str) -> list[str]:
@@ -70,76 +75,6 @@ def find_shards(shards: str) -> list[Path]:
     return paths
 
 
-def key_to_id(key: str) -> int:
-    """int(key) for numeric keys, else a stable non-negative 63-bit hash of the key."""
-    if key.isdigit() and int(key) <= MAX_ID:
-        return int(key)
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") >> 1
-
-
-@dataclass
-class _Entry:
-    shard: int
-    key: str
-    image_member: str = ""
-    offset: int = 0
-    size: int = 0
-    caption: object = None
-    caption_from: str = ""  # "txt" | "json" | "" (none)
-    problem: str = ""
-
-
-def _read_member(tf: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    f = tf.extractfile(member)
-    return f.read() if f is not None else b""
-
-
-def _index_member(tf: tarfile.TarFile, m: tarfile.TarInfo, e: _Entry, where: str) -> None:
-    ext = posixpath.basename(m.name).split(".", 1)[1].lower()
-    if ext in IMAGE_EXTENSIONS:
-        e.image_member, e.offset, e.size = m.name, m.offset_data, m.size
-    elif ext == "txt":
-        try:
-            e.caption, e.caption_from = _read_member(tf, m).decode("utf-8"), "txt"
-        except UnicodeDecodeError:
-            e.problem = f"{where}: {m.name} is not UTF-8 text"
-    elif ext == "json" and e.caption_from != "txt":
-        try:
-            meta = json.loads(_read_member(tf, m).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            e.problem = f"{where}: {m.name}: malformed JSON ({err})"
-            return
-        if isinstance(meta, dict) and "caption" in meta:
-            e.caption, e.caption_from = meta["caption"], "json"
-
-
-def index_shard(path: Path, shard_index: int) -> list[_Entry]:
-    """One pass over a tar: image offsets and captions, grouped by key, in tar order."""
-    entries: dict[str, _Entry] = {}
-    file_size = path.stat().st_size
-    try:
-        with tarfile.open(path, "r:") as tf:
-            for m in tf:
-                if m.offset_data + m.size > file_size:
-                    raise DataError(
-                        f"webdataset shard {path}: truncated ({m.name} needs byte "
-                        f"{m.offset_data + m.size}, the file has {file_size})"
-                    )
-                base = posixpath.basename(m.name)
-                if not m.isfile() or "." not in base or base.startswith("."):
-                    continue
-                key = posixpath.join(posixpath.dirname(m.name), base.split(".", 1)[0])
-                e = entries.setdefault(key, _Entry(shard_index, key))
-                _index_member(tf, m, e, str(path))
-            if tf.offset + END_OF_ARCHIVE > file_size:  # cut exactly between two members
-                raise DataError(f"webdataset shard {path}: truncated (no end-of-archive blocks)")
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise DataError(
-            f"webdataset shard {path}: not a readable (uncompressed) tar ({err})"
-        ) from err
-    return list(entries.values())
-
-
 @register_source("webdataset")
 class WebDatasetSource(ImageCaptionSource):
     """Image-caption pairs from img2dataset-style WebDataset tar shards."""
@@ -150,7 +85,8 @@ class WebDatasetSource(ImageCaptionSource):
             shards: a folder of .tar shards, a glob (`data/*.tar`) or a brace list
                 (`data/{00000..00099}.tar`).
             resolution: side of the square images.
-            skip_bad_samples: skip and record bad samples instead of raising.
+            skip_bad_samples: skip and record bad samples (and unreadable shards, whole)
+                instead of raising.
         """
         super().__init__(resolution, skip_bad_samples)
         self._init_args = {
@@ -159,84 +95,122 @@ class WebDatasetSource(ImageCaptionSource):
             "skip_bad_samples": skip_bad_samples,
         }
         self.shards = find_shards(shards)
-        self._entries: dict[int, _Entry] = {}
-        for k, path in enumerate(self.shards):
-            for e in index_shard(path, k):
-                self._add(e)
-        self._ids = sorted(self._entries)
-        if not self._ids:
+        self.index: ShardIndex = open_index(self.shards)
+        for k, info in enumerate(self.index.meta["shards"]):
+            if info["broken"]:
+                self._skip_shard(k, info["broken"])
+        if not len(self.index):
             raise DataError(f"webdataset shards {shards!r}: hold no samples")
-        self._by_shard: list[list[_Entry]] = [[] for _ in self.shards]
-        for e in self._entries.values():
-            self._by_shard[e.shard].append(e)
+        for k, sid, text in self.index.meta["problems"]:
+            self.report_bad(sid, f"{self.shards[k]}: {text}")
 
-    def _add(self, e: _Entry) -> None:
-        sid = key_to_id(e.key)
-        where = f"{self.shards[e.shard]}: sample {e.key}"
-        if sid in self._entries:
-            other = self._entries[sid]
-            raise DataError(
-                f"webdataset: sample id {sid} of key {e.key!r} in {self.shards[e.shard]} "
-                f"collides with key {other.key!r} in {self.shards[other.shard]}"
-            )
-        self._entries[sid] = e
-        if e.problem:
-            self.report_bad(sid, e.problem)
-        elif not e.image_member:
-            self.report_bad(sid, f"{where}: no image member ({'/'.join(IMAGE_EXTENSIONS)})")
-        elif e.size == 0:
-            self.report_bad(sid, f"{where}: image {e.image_member} is empty (0 bytes)")
-        elif not e.caption_from:
-            self.report_bad(sid, f"{where}: no caption (.txt or 'caption' in .json)")
-        elif problem := caption_problem(e.caption):
-            self.report_bad(sid, f"{where}: {problem}")
+    def _skip_shard(self, k: int, reason: str) -> None:
+        message = f"webdataset shard {self.shards[k]}: {reason}"
+        if not self.skip_bad_samples:
+            raise DataError(message)
+        self.skipped_files[str(self.shards[k])] = message
+        log.warning("skipping %s", message)
 
     def sample_ids(self) -> list[int]:
-        return list(self._ids)
+        return self.index.ids.tolist()
+
+    def __len__(self) -> int:
+        return len(self.index)
 
     def key(self, sample_id: int) -> str:
         """The WebDataset key of a sample."""
-        return self._entries[sample_id].key
+        return self.index.key(self.index.position(sample_id))
 
     def raw_caption(self, sample_id: int) -> object:
-        return self._entries[sample_id].caption
+        return self.index.caption(self.index.position(sample_id))
+
+    def image_name(self, sample_id: int) -> str:
+        """`shard:member` of a sample's image, as messages name it."""
+        pos = self.index.position(sample_id)
+        return f"{self.shards[self.index.rows[pos]['shard']]}:{self.index.image_name(pos)}"
 
     def image_bytes(self, sample_id: int) -> bytes:
         """The encoded image of a sample, read from its shard by offset."""
-        e = self._entries[sample_id]
-        path = self.shards[e.shard]
-        if not e.image_member:
-            raise DataError(f"{path}: sample {e.key} has no image")
+        pos = self.index.position(sample_id)
+        row = self.index.rows[pos]
+        path = self.shards[int(row["shard"])]
+        if row["size"] < 0:
+            raise DataError(f"{path}: sample {self.index.key(pos)} has no image")
+        size = int(row["size"])
         with open(path, "rb") as f:
-            f.seek(e.offset)
-            data = f.read(e.size)
-        if len(data) < e.size:
+            f.seek(int(row["offset"]))
+            data = f.read(size)
+        if len(data) < size:
             raise DataError(
-                f"image {path}:{e.image_member}: truncated shard ({len(data)} of {e.size} bytes)"
+                f"image {self.image_name(sample_id)}: truncated shard ({len(data)} of {size} bytes)"
             )
         return data
 
     def image(self, sample_id: int, resolution: int | None = None) -> torch.Tensor:
-        e = self._entries[sample_id]
-        name = f"{self.shards[e.shard]}:{e.image_member}"
-        return decode_image(self.image_bytes(sample_id), resolution or self.resolution, name)
+        data = self.image_bytes(sample_id)
+        return decode_image(data, resolution or self.resolution, self.image_name(sample_id))
 
-    def _shard_images_sha256(self, path: Path) -> str:
-        """sha256 over the image members of one shard (captions are hashed apart)."""
-        k = self.shards.index(path)
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for e in sorted(self._by_shard[k], key=lambda e: e.offset):
-                if e.image_member:
-                    f.seek(e.offset)
-                    h.update(f"{e.key}\t{e.size}\n".encode() + f.read(e.size))
-        return h.hexdigest()
+    def _shard_problems(self, k: int) -> dict[str, str]:
+        """key -> problem for each image of shard `k` that does not decode in full."""
+        rows = self.index.rows
+        found = {}
+        with open(self.shards[k], "rb") as f:
+            for pos in np.flatnonzero((rows["shard"] == k) & (rows["size"] > 0)).tolist():
+                f.seek(int(rows[pos]["offset"]))
+                data = f.read(int(rows[pos]["size"]))
+                if problem := image_problem(data):
+                    found[self.index.key(pos)] = problem
+        return found
+
+    def image_problems(self, ids: Sequence[int], stop_early: bool = False) -> dict[int, str]:
+        """Decode every image of every shard holding one of `ids`, once per shard content
+        (cached by the shard's image digest), shards in parallel threads."""
+        positions = [self.index.position(i) for i in ids]
+        shard_of = [int(self.index.rows[p]["shard"]) for p in positions]
+        digests = [s["images_sha256"] for s in self.index.meta["shards"]]
+        shard_by_digest = {digests[k]: k for k in sorted(set(shard_of))}
+        results = cached_map(
+            list(shard_by_digest),
+            lambda d: self._shard_problems(shard_by_digest[d]),
+            kind="wds-shard-images",
+            stop_when=bool if stop_early else None,
+        )
+        problems = {}
+        for sid, pos, k in zip(ids, positions, shard_of):
+            problem = results.get(digests[k], {}).get(self.index.key(pos))
+            if problem:
+                problems[sid] = f"image {self.image_name(sid)}: {problem}"
+        return problems
+
+    def image_digests(self, ids: Sequence[int]) -> np.ndarray:
+        """Each sample's image digest, from the index (hashed while scanning)."""
+        return self.index.digests[[self.index.position(i) for i in ids]]
+
+    def captions_sha256(self) -> str:
+        """As the base class, walking the index in id order (no lookup per sample)."""
+        ids = self.index.ids.tolist()
+        return captions_digest((sid, self.index.caption(pos)) for pos, sid in enumerate(ids))
+
+    def dataset_fingerprint(self) -> DatasetFingerprint:
+        """As the base class, with the ids left in the mapped index and the hashes kept beside
+        it (the index is rebuilt whenever a shard changes, and so are they)."""
+        if self._fingerprint is None:
+            parts = self.index.cached("fingerprint.json", self._fingerprint_parts)
+            self._fingerprint = DatasetFingerprint(self.index.ids, *parts)
+        return self._fingerprint
+
+    def _fingerprint_parts(self) -> list[str]:
+        return [sha256_of_ids(self.index.ids), self.captions_sha256(), self.images_sha256()]
 
     def images_sha256(self) -> str:
-        """Hash of every sample's image bytes, cached per shard file (keyed by size and mtime)."""
-        digests = file_digests(self.shards, self._shard_images_sha256, kind="wds-images")
+        """Hash of every sample's image bytes, from per-shard digests taken while indexing."""
+        shards = self.index.meta["shards"]
         h = hashlib.sha256()
-        for sid in self._ids:
-            e = self._entries[sid]
-            h.update(f"{sid}\t{e.image_member}\t{digests[e.shard]}\n".encode())
+        shard_col = self.index.rows["shard"].tolist()
+        for pos, (sid, shard) in enumerate(zip(self.index.ids.tolist(), shard_col)):
+            name, digest = self.index.image_name(pos), shards[shard]["images_sha256"]
+            h.update(f"{sid}\t{name}\t{digest}\n".encode())
+        for k, info in enumerate(shards):  # only when a shard is skipped whole
+            if info["broken"]:
+                h.update(f"skipped\t{self.shards[k].name}\t{info['broken']}\n".encode())
         return h.hexdigest()

@@ -5,8 +5,9 @@
 
 The B query images and the B*N generated images each go through the image encoder in one
 batched call, the captions through the text encoder in one; only the embeddings the requested
-groups need are computed. Everything runs on the device of the inputs, under `torch.no_grad()`.
-`ATTACK_GROUPS` maps the attack names of ATTACKS.md to the feature groups they read.
+groups need (`FeatureGroup.embeddings`) are computed. Everything runs on the device of the
+inputs, under `torch.no_grad()`. The groups are those registered in `FEATURE_GROUPS` by the
+feature modules imported below.
 """
 
 from __future__ import annotations
@@ -16,61 +17,60 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lightning_mia.features.blind import blind_features
-from lightning_mia.features.pixel import check_pair, pixel_features
-from lightning_mia.features.quality import quality_features
-from lightning_mia.features.semantic import semantic_features
-from lightning_mia.features.text import text_features
+import lightning_mia.features.blind  # noqa: F401  (each feature module registers its group)
+import lightning_mia.features.pixel  # noqa: F401
+import lightning_mia.features.quality  # noqa: F401
+import lightning_mia.features.semantic  # noqa: F401
+import lightning_mia.features.text  # noqa: F401
+from lightning_mia.features.groups import FEATURE_GROUPS, FeatureInputs
+from lightning_mia.features.pixel import check_pair
 
 if TYPE_CHECKING:  # transformers is imported only by whoever builds the encoder
     from lightning_mia.models.encoder import ImageTextEncoder
 
-FEATURE_GROUPS = ("pixel", "semantic", "text", "quality", "blind")
-ENCODER_GROUPS = ("semantic", "text", "blind")  # groups that need the image-text encoder
-ATTACK_GROUPS: dict[str, list[str]] = {
-    "pixel": ["pixel"],  # attack I
-    "semantic": ["semantic"],  # attack II
-    "text": ["text", "quality"],  # attack III: caption faithfulness and image quality
-    "combined": ["pixel", "semantic", "text", "quality"],  # attack IV
-    "blind": ["blind"],  # baseline: no model queries
-}
+
+def encoder_groups(groups: Sequence[str]) -> list[str]:
+    """The groups among `groups` that need the attacker's image-text encoder."""
+    return [g for g in groups if FEATURE_GROUPS[g].needs_encoder]
 
 
 class FeatureExtractor(torch.nn.Module):
     """Computes the requested feature groups for (query, generated, captions) batches."""
 
     def __init__(
-        self, encoder: ImageTextEncoder | None = None, groups: Sequence[str] = FEATURE_GROUPS
+        self, encoder: ImageTextEncoder | None = None, groups: Sequence[str] | None = None
     ) -> None:
         """
         Args:
             encoder: the attacker's image-text encoder; needed by semantic, text and blind.
-            groups: feature groups to compute, from `FEATURE_GROUPS`.
+            groups: feature groups to compute (names of `FEATURE_GROUPS`); None = all.
         """
         super().__init__()
-        groups = list(dict.fromkeys(groups))
-        unknown = sorted(set(groups) - set(FEATURE_GROUPS))
-        if unknown:
-            raise ValueError(f"unknown feature groups {unknown}; known: {list(FEATURE_GROUPS)}")
-        needs = sorted(set(groups) & set(ENCODER_GROUPS))
+        groups = list(dict.fromkeys(FEATURE_GROUPS.names() if groups is None else groups))
+        problems = FEATURE_GROUPS.check(groups)
+        if problems:
+            raise ValueError(problems[0])
+        needs = sorted(encoder_groups(groups))
         if needs and encoder is None:
             raise ValueError(f"feature groups {needs} need an image-text encoder; none was given")
         self.groups = groups
+        self.embeddings = {e for g in groups for e in FEATURE_GROUPS[g].embeddings}
         self.encoder = encoder.eval() if encoder is not None and needs else None
 
-    def _embed(self, query: torch.Tensor, generated: torch.Tensor, captions: list[str]) -> dict:
-        """The embeddings the groups need: query (B, D), gen (B, N, D), text (B, D)."""
+    def _embed(
+        self, query: torch.Tensor, generated: torch.Tensor, captions: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """The embeddings the groups need: query (B, D), generated (B, N, D), text (B, D)."""
         enc = self.encoder
         if enc is None:
             return {}
         if enc.mean.device != query.device:
             enc.to(query.device)
-        g = set(self.groups)
         emb = {"query": enc.embed_images(query)}
-        if g & {"semantic", "text"}:
+        if "generated" in self.embeddings:
             b, n = generated.shape[:2]
-            emb["gen"] = enc.embed_images(generated.flatten(0, 1)).view(b, n, -1)
-        if g & {"text", "blind"}:
+            emb["generated"] = enc.embed_images(generated.flatten(0, 1)).view(b, n, -1)
+        if "text" in self.embeddings:
             emb["text"] = enc.embed_texts(captions)
         return emb
 
@@ -88,16 +88,8 @@ class FeatureExtractor(torch.nn.Module):
         if len(captions) != len(query):
             raise ValueError(f"got {len(captions)} captions for {len(query)} query images")
         query, generated = query.float(), generated.float()
-        emb = self._embed(query, generated, captions)
+        inputs = FeatureInputs(query, generated, captions, self._embed(query, generated, captions))
         out: dict[str, torch.Tensor] = {}
-        if "pixel" in self.groups:
-            out.update(pixel_features(query, generated))
-        if "semantic" in self.groups:
-            out.update(semantic_features(emb["query"], emb["gen"]))
-        if "text" in self.groups:
-            out.update(text_features(emb["text"], emb["query"], emb["gen"]))
-        if "quality" in self.groups:
-            out.update(quality_features(generated))
-        if "blind" in self.groups:
-            out.update(blind_features(query, emb["query"], emb["text"], captions))
+        for group in self.groups:
+            out.update(FEATURE_GROUPS[group].compute(inputs))
         return {name: value.float() for name, value in out.items()}

@@ -12,6 +12,10 @@ Per k: MSE, PSNR and SSIM between x and g_k, all on images mapped from [-1, 1] t
   generated resolution (bilinear, antialiased): the model's output is what is being judged, and
   its resolution is fixed by the model.
 - SSIM uses torchmetrics' Gaussian window (11 px, sigma 1.5), which needs H, W >= 11.
+
+LiRA calibrates `pixel/psnr_max` = -10 log10(min_k MSE): the closest of the N generated images
+(a memorised pair is reproduced by at least one of them), on a log scale, where per-sample
+scores are much closer to the Gaussians LiRA fits than the skewed, positive MSE.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from torchmetrics.functional.image import (
     peak_signal_noise_ratio,
     structural_similarity_index_measure,
 )
+
+from lightning_mia.attack.spec import AttackSpec, register_attack
+from lightning_mia.features.groups import FeatureGroup, register_group
 
 STATS = ("mean", "min", "max", "std")
 MAX_PSNR_DB = 100.0
@@ -82,3 +89,16 @@ def pixel_features(query: torch.Tensor, generated: torch.Tensor) -> dict[str, to
     for name, values in (("mse", mse), ("psnr", psnr), ("ssim", ssim)):
         out.update(aggregate_over_images(values.view(b, n), f"pixel/{name}"))
     return out
+
+
+register_group(FeatureGroup("pixel", lambda x: pixel_features(x.query, x.generated)))
+register_attack(
+    AttackSpec(
+        "pixel",
+        ("pixel",),
+        "black-box",
+        "attack I: MSE, PSNR, SSIM between the query image and each of the N generated images",
+        score_feature="pixel/psnr_max",
+        paper=True,
+    )
+)

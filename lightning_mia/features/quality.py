@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from lightning_mia.features.groups import FeatureGroup, register_group
 from lightning_mia.features.pixel import aggregate_over_images
 
 MODEL_FILE = Path(__file__).with_name("brisque_live.safetensors")
@@ -192,3 +193,6 @@ def quality_features(generated: torch.Tensor) -> dict[str, torch.Tensor]:
     b, n = generated.shape[:2]
     scores = brisque_score(generated.flatten(0, 1)).view(b, n)  # (B, N)
     return aggregate_over_images(scores, "quality/brisque")
+
+
+register_group(FeatureGroup("quality", lambda x: quality_features(x.generated)))

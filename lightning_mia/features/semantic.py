@@ -6,6 +6,10 @@ Embeddings come from the attacker's image encoder E (`ImageTextEncoder.embed_ima
 L2-normalised here again, so any encoder output works. Per k: cosine similarity and L2 distance
 between E(x) and E(g_k); aggregated over k as mean, min, max, std. On unit vectors the L2
 distance is sqrt(2 - 2 cos): both are kept, as the paper's attack lists both.
+
+LiRA calibrates `semantic/cos_max`, the closest generated image in embedding space (the same
+"one of N reproduces it" reading as the pixel attack's; the L2 distance would be its monotone
+transform).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lightning_mia.attack.spec import AttackSpec, register_attack
+from lightning_mia.features.groups import FeatureGroup, register_group
 from lightning_mia.features.pixel import aggregate_over_images
 
 
@@ -42,3 +48,22 @@ def semantic_features(query_emb: torch.Tensor, gen_emb: torch.Tensor) -> dict[st
         **aggregate_over_images(cos, "semantic/cos"),
         **aggregate_over_images(l2, "semantic/l2"),
     }
+
+
+register_group(
+    FeatureGroup(
+        "semantic",
+        lambda x: semantic_features(x.embeddings["query"], x.embeddings["generated"]),
+        embeddings=("query", "generated"),
+    )
+)
+register_attack(
+    AttackSpec(
+        "semantic",
+        ("semantic",),
+        "black-box",
+        "attack II: cosine and L2 distance of image embeddings of query and generated images",
+        score_feature="semantic/cos_max",
+        paper=True,
+    )
+)

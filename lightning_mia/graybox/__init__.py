@@ -3,32 +3,31 @@
     from lightning_mia.graybox import SIGNALS, SignalOptions, compute_signals
     feats = compute_signals(model, batch, ["loss", "secmi", "pia", "clid"], seed=0)
 
-Diffusion: `loss` (Matsumoto et al. 2023), `secmi` (Duan et al. 2023), `pia` (Kong et al.
-2024), `clid` (Zhai et al. 2024). Seq2seq: `nll` and `nll_gap` (per-token NLL of the image
-codes, with and without the caption). Features are `"<group>/<name>" -> Tensor (B,)`, the group
-being the signal's name; `GRAYBOX_ATTACKS` holds the matching attack registry entries.
+Diffusion: `loss` (Matsumoto et al. 2023, `graybox/diffusion.py`), `secmi` (Duan et al. 2023,
+`graybox/secmi.py`), `pia` (Kong et al. 2024, `graybox/pia.py`), `clid` (Zhai et al. 2024,
+`graybox/clid.py`), sharing `graybox/denoiser.py`. Seq2seq (`graybox/seq2seq.py`): `nll` and
+`nll_gap` (per-token NLL of the image codes, with and without the caption). Each is declared
+beside its code once (`register_signal`), which also declares its gray-box attack. Features are
+`"<group>/<name>" -> Tensor (B,)`, the group being the signal's name.
 """
 
-from lightning_mia.graybox.registry import (
-    GRAYBOX_ATTACKS,
-    SIGNALS,
-    SignalError,
-    SignalOptions,
-    SignalSpec,
+from lightning_mia.graybox.compute import (
     check_signals,
     compute_signals,
-    query_context,
+    full_precision,
+    signal_queries,
     signals_for,
 )
+from lightning_mia.graybox.spec import SIGNALS, SignalError, SignalOptions, SignalSpec
 
 __all__ = [
-    "GRAYBOX_ATTACKS",
     "SIGNALS",
     "SignalError",
     "SignalOptions",
     "SignalSpec",
     "check_signals",
     "compute_signals",
-    "query_context",
+    "full_precision",
+    "signal_queries",
     "signals_for",
 ]

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from lightning_mia.graybox.spec import SignalOptions, SignalSpec, register_signal
+
 
 def low_k_mean(nll: torch.Tensor, percent: float) -> torch.Tensor:
     """Min-K% Prob (Shi et al. 2024) in NLL form: the mean NLL (B,) of the ceil(percent% · L)
@@ -76,3 +78,33 @@ def nll_gap_signals(
         "nll_gap/mean": null.mean(dim=1) - nll.mean(dim=1),
         f"nll_gap/low{percent:g}": low_k_mean(null, percent) - low_k_mean(nll, percent),
     }
+
+
+def _low_k_problems(o: SignalOptions, n_train: int) -> list[str]:
+    if 0 < o.low_k_percent <= 100:
+        return []
+    return [f"low_k_percent must be in (0, 100], got {o.low_k_percent}"]
+
+
+register_signal(
+    SignalSpec(
+        "nll",
+        "seq2seq",
+        lambda m, b, s, o, c: nll_signals(m, b, s, o.low_k_percent, c),
+        lambda o: 1,
+        "per-token NLL of the image codes given the caption (mean, Min-K%, max)",
+        score_feature="nll/mean",
+        check=_low_k_problems,
+    )
+)
+register_signal(
+    SignalSpec(
+        "nll_gap",
+        "seq2seq",
+        lambda m, b, s, o, c: nll_gap_signals(m, b, s, o.low_k_percent, c),
+        lambda o: 2,
+        "NLL of the codes with the null caption minus with the true caption",
+        score_feature="nll_gap/mean",
+        check=_low_k_problems,
+    )
+)

@@ -3,22 +3,20 @@
     python train.py fit --config configs/autoencoder/tiny.yaml      # VQ (both families)
     python train.py fit --config configs/autoencoder/tiny-kl.yaml   # KL (diffusion)
 
-`AutoencoderModule` trains a diffusers `VQModel` (or `AutoencoderKL`) on the auxiliary pool with
+`AutoencoderModule` trains a diffusers `VQModel` (or `AutoencoderKL`) on the attacker's pool with
 an L1 (+ L2) reconstruction loss, the codebook/commitment loss (or a KL term) and, optionally,
-a hinge PatchGAN loss switched on after `disc_start_step`. At the end of `fit`, rank 0 writes the
-diffusers folder (`save_pretrained`) into the experiment's `autoencoder/`; the diffusion family
-loads it as its frozen latent space, the seq2seq family as its image tokenizer. The helpers
-`encode_latents` / `decode_latents` / `encode_codes` / `decode_codes` are the only way the other
-modules talk to it.
+a hinge PatchGAN loss switched on after `disc_start_step`. Each step is one backward over one
+graph (`_adversarial_losses`), so every parameter takes part in it and plain `ddp` trains it
+(`configs/autoencoder/kl-f8-256.yaml`, `vqgan-f16-256.yaml`). At the end of `fit`, rank 0
+writes the diffusers folder (`save_pretrained`) into the experiment's `autoencoder/`; the
+diffusion family loads it as its frozen latent space, the seq2seq family as its image
+tokenizer. The helpers `encode_latents` / `decode_latents` / `encode_codes` / `decode_codes`
+are the only way the other modules talk to it.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,121 +24,20 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
+from torch.func import functional_call
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from lightning_mia.card import CARD_KEY, RunCard
-from lightning_mia.errors import UserError
+from lightning_mia.data.stage import stage_data
 from lightning_mia.models.patchgan import PatchDiscriminator, adaptive_weight, hinge_d_loss
+from lightning_mia.models.vae import (
+    Autoencoder,
+    AutoencoderError,
+    check_resolution,
+    save_autoencoder,
+)
 
-Autoencoder = VQModel | AutoencoderKL
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-
-
-class AutoencoderError(UserError):
-    """An autoencoder folder that is missing or unusable, or an input it cannot take."""
-
-
-AUTOENCODER_CLASSES = {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}
-
-
-# --- helpers used by both families -----------------------------------------------------------
-def downsampling_factor(ae: Autoencoder) -> int:
-    """Pixels per latent position along one side (each encoder block but the last halves)."""
-    return 2 ** (len(ae.config.block_out_channels) - 1)
-
-
-def check_resolution(ae: Autoencoder, resolution: int, where: str = "the autoencoder") -> int:
-    """Latent side for `resolution`; AutoencoderError when the autoencoder cannot take it."""
-    factor = downsampling_factor(ae)
-    if resolution <= 0 or resolution % factor != 0:
-        raise AutoencoderError(
-            f"resolution {resolution} is not a positive multiple of {where}'s downsampling "
-            f"factor {factor}; use e.g. {max(factor, resolution // factor * factor)}"
-        )
-    return resolution // factor
-
-
-def load_autoencoder(folder: str | os.PathLike) -> Autoencoder:
-    """Load a diffusers `VQModel` / `AutoencoderKL` folder (by `config.json`'s `_class_name`)."""
-    path = Path(folder)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise AutoencoderError(
-            f"autoencoder folder {path}: no config.json (train one with "
-            "`train.py fit --config configs/autoencoder/tiny.yaml` or give a diffusers folder)"
-        )
-    try:
-        class_name = json.loads(config_file.read_text(encoding="utf-8")).get("_class_name")
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise AutoencoderError(f"autoencoder folder {path}: config.json is not valid JSON") from err
-    if class_name not in AUTOENCODER_CLASSES:
-        raise AutoencoderError(
-            f"autoencoder folder {path}: _class_name {class_name!r} is not one of "
-            f"{sorted(AUTOENCODER_CLASSES)}"
-        )
-    try:
-        ae = AUTOENCODER_CLASSES[class_name].from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise AutoencoderError(f"autoencoder folder {path}: cannot load weights ({err})") from err
-    return ae.eval()
-
-
-def encode_latents(ae: Autoencoder, x: torch.Tensor) -> torch.Tensor:
-    """Scaled latents of images x (B, 3, H, W) in [-1, 1] -> (B, C, h, w).
-
-    VQ: the pre-quantization latents (the diffusion works in the continuous space, the decoder
-    quantizes); KL: the posterior mean. Both multiplied by `ae.config.scaling_factor`.
-    """
-    if isinstance(ae, VQModel):
-        z = ae.encode(x).latents
-    else:
-        z = ae.encode(x).latent_dist.mean
-    return z * ae.config.scaling_factor
-
-
-def decode_latents(ae: Autoencoder, z: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] from scaled latents (B, C, h, w)."""
-    images = ae.decode(z / ae.config.scaling_factor).sample
-    return images.clamp(-1, 1)
-
-
-def encode_codes(vq: VQModel, x: torch.Tensor) -> torch.Tensor:
-    """Codebook indices (B, h*w) int64 of images x (B, 3, H, W), row-major over (h, w)."""
-    h = vq.encode(x).latents  # (B, D, h, w)
-    _, _, (_, _, indices) = vq.quantize(h)
-    return indices.reshape(x.shape[0], -1).long()
-
-
-def decode_codes(vq: VQModel, codes: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] from codebook indices (B, h*w) laid out as `hw`."""
-    b = codes.shape[0]
-    shape = (b, hw[0], hw[1], vq.quantize.vq_embed_dim)
-    if vq.config.lookup_from_codebook:
-        images = vq.decode(codes.reshape(-1), force_not_quantize=True, shape=shape).sample
-    else:
-        z_q = vq.quantize.get_codebook_entry(codes.reshape(-1), shape)  # (B, D, h, w)
-        images = vq.decode(z_q, force_not_quantize=True).sample
-    return images.clamp(-1, 1)
-
-
-def save_autoencoder(ae: Autoencoder, folder: str | os.PathLike) -> Path:
-    """`save_pretrained` the autoencoder into `folder`, file by file atomically.
-
-    The folder may hold other things (the training run's checkpoints/ and logs), so files are
-    written to a temporary subfolder and renamed into place, weights first, config.json last:
-    a folder with a config.json always has matching weights.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".save-"))
-    try:
-        ae.save_pretrained(str(tmp), safe_serialization=True)
-        names = sorted(p.name for p in tmp.iterdir())
-        for name in sorted(names, key=lambda n: n == "config.json"):
-            os.replace(tmp / name, folder / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+RECONSTRUCTIONS_PNG = "reconstructions.png"  # end-of-fit grid (original | reconstruction)
 
 
 # --- the training module -----------------------------------------------------------------------
@@ -194,6 +91,7 @@ class AutoencoderModule(LightningModule):
         self.register_buffer("latent_moments", torch.tensor([0.0, 1.0], dtype=torch.float64))
         self.register_buffer("code_usage", torch.zeros(num_vq_embeddings))
         self.card: RunCard | None = None
+        self._preview: tuple[torch.Tensor, list[str] | None] | None = None  # first batch
 
     def _build(self, kind: str, resolution: int) -> Autoencoder:
         hp = self.hparams
@@ -238,15 +136,22 @@ class AutoencoderModule(LightningModule):
     def _count_codes(self, idx: torch.Tensor, h: torch.Tensor) -> None:
         if not self.training or self.hparams.restart_dead_codes_every <= 0:
             return
-        self.code_usage += torch.bincount(idx.flatten(), minlength=self.code_usage.numel())
+        counts = torch.bincount(idx.flatten(), minlength=self.code_usage.numel())  # (K,)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # every rank's codes, so each rank holds the same counts (DDP also broadcasts
+            # rank 0's buffers at each forward) and restarts the same entries
+            counts = self.trainer.strategy.reduce(counts.to(self.code_usage), reduce_op="sum")
+        self.code_usage += counts
         self._last_latents = h.detach()
 
     @torch.no_grad()
     def _restart_dead_codes(self) -> None:
         """Re-seed never-used codebook entries from random latents of the last batch.
 
-        Keeps the codebook alive in short trainings (the classic VQ collapse); every rank
-        draws the same entries because the batch latents are gathered first.
+        Keeps the codebook alive in short trainings (the classic VQ collapse). Under DDP every
+        rank restarts the same entries with the same vectors: the usage counts are summed over
+        the ranks at every step and the batch latents gathered before the draw, whose
+        generator is seeded by the step.
         """
         dead = (self.code_usage == 0).nonzero().flatten()
         self.code_usage.zero_()
@@ -255,7 +160,7 @@ class AutoencoderModule(LightningModule):
             return
         flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])  # (B*h*w, D)
         if self._trainer is not None:
-            flat = self.all_gather(flat).reshape(-1, latents.shape[1])
+            flat = self.all_gather(flat).reshape(-1, latents.shape[1])  # (W*B*h*w, D)
         gen = torch.Generator().manual_seed(int(self.global_step))
         pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=gen)
         self.ae.quantize.embedding.weight.data[dead] = flat[pick.to(flat.device)].to(
@@ -275,7 +180,7 @@ class AutoencoderModule(LightningModule):
         hp = self.hparams
         x = batch["pixel_values"]  # (B, 3, H, W)
         opts = self.optimizers()
-        opt_ae, opt_d = (opts[0], opts[1]) if isinstance(opts, list) else (opts, None)
+        opts = opts if isinstance(opts, list) else [opts]  # [autoencoder, discriminator?]
         rec, reg_loss, z = self.reconstruct(x)
         self._update_moments(z)
         rec_l1 = (rec - x).abs().mean()
@@ -283,27 +188,47 @@ class AutoencoderModule(LightningModule):
         rec_loss = hp.l1_weight * rec_l1 + hp.l2_weight * rec_l2
         loss = rec_loss + reg_loss
         logs = {"train/rec_loss": rec_loss, "train/l1": rec_l1, "train/reg_loss": reg_loss}
-        if self._disc_active():
-            g_loss = -self.discriminator(rec).mean()
-            last = self.ae.decoder.conv_out.weight
-            weight = hp.disc_weight * adaptive_weight(rec_loss, g_loss, last)
-            loss = loss + weight * g_loss
-            logs |= {"train/g_loss": g_loss, "train/disc_weight": weight}
-        self._set_lr(opts if isinstance(opts, list) else [opts])
-        self._step(opt_ae, loss)
-        if self._disc_active() and opt_d is not None:
-            d_loss = hinge_d_loss(self.discriminator(x), self.discriminator(rec.detach()))
-            self._step(opt_d, d_loss)
-            logs["train/d_loss"] = d_loss
+        d_loss = rec_loss.new_zeros(())
+        if self.discriminator is not None:
+            g_term, d_loss, adversarial_logs = self._adversarial_losses(x, rec, rec_loss)
+            loss = loss + g_term
+            logs |= adversarial_logs
+        self._set_lr(opts)
+        before = self.global_step  # + 1 a step; + 2 once the discriminator steps too
+        self._step(opts if self._disc_active() else opts[:1], opts, loss + d_loss)
         every = hp.restart_dead_codes_every
-        if isinstance(self.ae, VQModel) and every > 0 and (self.global_step + 1) % every == 0:
-            self._restart_dead_codes()
+        if isinstance(self.ae, VQModel) and every > 0:
+            if (self.global_step + 1) // every > (before + 1) // every:  # crossed a multiple
+                self._restart_dead_codes()
         logs["train/psnr"] = peak_signal_noise_ratio(  # mean of per-image PSNR, as features do
             rec.detach().clamp(-1, 1), x, data_range=2.0, dim=(1, 2, 3)
         )
         self.log_dict(logs, prog_bar=False, batch_size=x.shape[0])
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
         return loss
+
+    def _adversarial_losses(
+        self, x: torch.Tensor, rec: torch.Tensor, rec_loss: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(the autoencoder's weighted GAN term, the discriminator's hinge loss, logs).
+
+        VQGAN's two alternating steps from one graph and one backward: the GAN term sees the
+        discriminator through detached weights (so it trains the autoencoder only), the hinge
+        loss sees the reconstructions detached (so it trains the discriminator only), both
+        with the discriminator as it was before this step, as two sequential steps would.
+        Before `disc_start_step` the hinge loss is weighted 0 (taming's `adopt_weight`) and
+        its optimizer does not step: every parameter still takes part in each backward, which
+        is what plain DDP needs (no unused parameters, one gradient reduction per step).
+        """
+        d_loss = hinge_d_loss(self.discriminator(x), self.discriminator(rec.detach()))
+        if not self._disc_active():
+            return rec_loss.new_zeros(()), 0.0 * d_loss, {}
+        frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        g_loss = -functional_call(self.discriminator, frozen, (rec,)).mean()
+        last = self.ae.decoder.conv_out.weight
+        weight = self.hparams.disc_weight * adaptive_weight(rec_loss, g_loss, last)
+        logs = {"train/g_loss": g_loss, "train/disc_weight": weight, "train/d_loss": d_loss}
+        return weight * g_loss, d_loss, logs
 
     def _set_lr(self, optimizers: list[Any]) -> None:
         """Cosine decay over the run (manual optimization: no Lightning LR scheduler)."""
@@ -317,12 +242,16 @@ class AutoencoderModule(LightningModule):
             for group in opt.param_groups:
                 group["lr"] = self.hparams.lr * factor
 
-    def _step(self, opt: Any, loss: torch.Tensor) -> None:
-        opt.zero_grad(set_to_none=True)
+    def _step(self, stepping: list[Any], every: list[Any], loss: torch.Tensor) -> None:
+        """One backward of `loss`, then a (clipped) step of each optimizer in `stepping`.
+        (With fp16's GradScaler each step would re-read one scale: use bf16 or fp32 here.)"""
+        for opt in every:
+            opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        if self.hparams.gradient_clip > 0:
-            self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip)
-        opt.step()
+        for opt in stepping:
+            if self.hparams.gradient_clip > 0:
+                self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip)
+            opt.step()
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         betas = self.hparams.betas
@@ -340,19 +269,31 @@ class AutoencoderModule(LightningModule):
         every = self.hparams.sample_every_n_steps
         if every > 0 and self.global_step % every == 0 and self.trainer.is_global_zero:
             self._log_reconstructions(batch["pixel_values"][:8], batch.get("caption"))
+        if self._preview is None:  # the first batch's images, for the end-of-fit grid
+            self._preview = (batch["pixel_values"][:8].detach(), batch.get("caption"))
 
-    def _log_reconstructions(self, x: torch.Tensor, captions: list[str] | None) -> None:
-        try:
-            from lightning_mia.reporting import log_image_grid
-        except ImportError:
-            return
-        if self.logger is None:
-            return
+    def on_train_end(self) -> None:
+        """The reconstructions of the first batch's images: to W&B and `reconstructions.png`."""
+        if self._preview is not None and not self.trainer.interrupted:
+            if self.trainer.is_global_zero:
+                self._log_reconstructions(*self._preview, png=self.output_folder())
+
+    def _log_reconstructions(
+        self, x: torch.Tensor, captions: list[str] | None, png: Path | None = None
+    ) -> None:
+        from lightning_mia.paths import atomic_write_bytes
+        from lightning_mia.reporting import grid_png, log_image_grid
+
+        was_training = self.training
+        self.eval()
         with torch.no_grad():
             rec = self.reconstruct(x)[0].clamp(-1, 1)
+        self.train(was_training)
         grid = torch.stack([x, rec], dim=1)  # (B, 2, 3, H, W): original, reconstruction
         names = list(captions[: x.shape[0]]) if captions else [""] * x.shape[0]
         log_image_grid(self.logger, "reconstructions", grid, names, self.global_step)
+        if png is not None:
+            atomic_write_bytes(png / RECONSTRUCTIONS_PNG, grid_png(grid))
 
     # --- output ------------------------------------------------------------------------------
     def finalized_autoencoder(self) -> Autoencoder:
@@ -366,9 +307,8 @@ class AutoencoderModule(LightningModule):
     def output_folder(self) -> Path | None:
         if self.hparams.output:
             return Path(self.hparams.output)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        layout = getattr(dm, "layout", None)
-        return Path(layout.autoencoder) if layout is not None else None
+        data = stage_data(self._trainer)
+        return data.layout.autoencoder if data is not None else None
 
     def on_fit_end(self) -> None:
         folder = self.output_folder()
@@ -378,17 +318,16 @@ class AutoencoderModule(LightningModule):
         self.trainer.strategy.barrier("autoencoder_saved")
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        splits = getattr(dm, "splits", None)
-        layout = getattr(dm, "layout", None)
+        data = stage_data(self._trainer)
         self.card = RunCard(
             family=self.family,
             preset=self.hparams.preset,
             model_index=0,
             role="autoencoder",
-            splits_hash=getattr(splits, "hash", ""),
-            experiment=str(getattr(layout, "root", "")),
+            splits_hash=data.splits_hash if data is not None else "",
+            experiment=str(data.layout.root) if data is not None else "",
             autoencoder=str(self.output_folder() or ""),
+            extra={"train_split": data.train_split} if data is not None else {},
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -396,15 +335,4 @@ class AutoencoderModule(LightningModule):
             checkpoint[CARD_KEY] = self.card.to_dict()
 
 
-__all__ = [
-    "AutoencoderError",
-    "AutoencoderModule",
-    "check_resolution",
-    "decode_codes",
-    "decode_latents",
-    "downsampling_factor",
-    "encode_codes",
-    "encode_latents",
-    "load_autoencoder",
-    "save_autoencoder",
-]
+__all__ = ["AutoencoderError", "AutoencoderModule"]

@@ -2,6 +2,7 @@
 
     folder = train_caption_tokenizer(captions, 512, "runs/demo/seq2seq-target-000/tokenizer")
     tok = load_caption_tokenizer(folder, max_vocab_size=512)  # a transformers BartTokenizer
+    tok = load_caption_tokenizer("/models/bart-large", 50265)  # BART's own 50,265 tokens too
 
 Trained offline with `tokenizers` (nothing is downloaded), written as `vocab.json` +
 `merges.txt` (what `BartTokenizer.from_pretrained` reads) and `training.json` (vocabulary size
@@ -24,7 +25,7 @@ from transformers import BartTokenizer, PreTrainedTokenizerBase
 
 from lightning_mia.paths import atomic_write_json
 
-SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # BART's ids 0..4
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4 when trained here
 TRAINING_FILE = "training.json"
 
 
@@ -110,10 +111,12 @@ def load_caption_tokenizer(
             f"vocabulary holds {max_vocab_size}: set caption_vocab_size >= {len(tok)}"
         )
     ids = [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
-    if ids != list(range(len(SPECIAL_TOKENS))):
+    # <s> <pad> </s> <unk> are 0..3 in every BART vocabulary; <mask> is 4 in ours and the last
+    # id (50264) in BART's own 50,265-token one
+    if ids[:4] != [0, 1, 2, 3] or ids[4] in (None, ids[3]):
         raise ValueError(
             f"caption tokenizer {folder}: special tokens {SPECIAL_TOKENS} have ids {ids}, "
-            "expected BART's 0..4"
+            "expected BART's <s> <pad> </s> <unk> at 0..3 and a <mask> token"
         )
     tok.model_max_length = max_length
     return tok

@@ -1,21 +1,32 @@
-"""What every text-to-image family module shares: the run card, steps-per-image, sample grids,
+"""What every text-to-image family module shares: the run card, steps-per-image, caption
+dropout, learning-rate warm-up, a frozen image autoencoder kept out of checkpoints, sample grids
 and per-caption seeding.
 
-Subclasses (`LatentDiffusionModule`, `Seq2SeqModule`) set `family`, call
-`self.save_hyperparameters()` in `__init__`, and implement `per_sample_loss` and `generate`.
+Sample grids: the fixed preview captions (`num_preview_images` images each, seed 0) go to W&B
+every `sample_every_n_steps` steps (0 = never) and always once at the end of fit, when the grid
+is also written as `<run folder>/samples.png` (`num_preview_images=0` turns both off).
+
+Subclasses (`LatentDiffusionModule`, `Seq2SeqModule`) set `family` and `frozen_prefix`, call
+`self.save_hyperparameters()` in `__init__` (with `caption_dropout` and `warmup_steps` among
+their arguments), and implement `per_sample_loss` and `generate`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_mia.card import CARD_KEY, CheckpointError, RunCard
+from lightning_mia.data.stage import stage_data
+from lightning_mia.paths import ExperimentLayout, atomic_write_bytes
+
+SAMPLES_PNG = "samples.png"  # the end-of-fit sample grid, in the run folder
+RNG_KEY = "lightning_mia_rng"  # the global random state at a checkpoint, for exact resumes
 
 
 def caption_seeds(num_captions: int, seed: int | Sequence[int]) -> list[int]:
@@ -70,7 +81,10 @@ def cached_by_id(
 class TextToImageModule(LightningModule, ABC):
     """Base of the text-to-image families: run card, training-length accounting, sample grids."""
 
-    family: str = ""
+    family: ClassVar[str] = ""
+    # the frozen image autoencoder's attribute prefix ("vae." / "vq."): it lives in its own
+    # folder, so its weights stay out of every checkpoint and are not expected when loading
+    frozen_prefix: ClassVar[str] = ""
 
     def __init__(self, sample_every_n_steps: int = 0, num_preview_images: int = 2) -> None:
         super().__init__()
@@ -81,6 +95,9 @@ class TextToImageModule(LightningModule, ABC):
         self.register_buffer("samples_seen", torch.zeros((), dtype=torch.float64))
         self._num_train_samples = 0
         self._preview_captions: list[str] = []
+        if self.frozen_prefix:
+            self.register_state_dict_post_hook(_drop_frozen_keys)
+            self.register_load_state_dict_post_hook(_ignore_missing_frozen_keys)
 
     # --- what subclasses provide -------------------------------------------------------------
     @abstractmethod
@@ -101,33 +118,33 @@ class TextToImageModule(LightningModule, ABC):
         """Training augmentation in force (recorded in the card: it changes leakage)."""
         return {}
 
-    # --- card --------------------------------------------------------------------------------
+    # --- card ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None or not hasattr(dm, "splits"):
+        data = stage_data(self._trainer)
+        if data is None:
             return
-        if self.card is not None and self.card.splits_hash != dm.splits.hash:
+        if self.card is not None and self.card.splits_hash != data.splits_hash:
             raise CheckpointError(
                 f"checkpoint was trained on splits {self.card.splits_hash[:12]} but "
-                f"{dm.layout.splits} has hash {dm.splits.hash[:12]}: they belong to different "
+                f"{data.layout.splits} has hash {data.splits_hash[:12]}: they belong to different "
                 "experiments"
             )
-        if self.card is not None and self.card.model_index != dm.model_index:
+        if self.card is not None and self.card.model_index != data.model_index:
             raise CheckpointError(
                 f"checkpoint is model_index {self.card.model_index} but data.model_index is "
-                f"{dm.model_index}"
+                f"{data.model_index}"
             )
         self.card = RunCard(
             family=self.family,
             preset=str(self.hparams.get("preset", "")),
-            model_index=dm.model_index,
-            splits_hash=dm.splits.hash,
-            experiment=str(dm.layout.root),
+            model_index=data.model_index,
+            splits_hash=data.splits_hash,
+            experiment=str(data.layout.root),
             augmentation=self.augmentation_config(),
             **self.card_references(),
         )
-        self._num_train_samples = int(getattr(dm, "num_train_samples", 0))
-        self._preview_captions = list(getattr(dm, "preview_captions", []))
+        self._num_train_samples = data.num_train_samples
+        self._preview_captions = list(data.preview_captions)
 
     @property
     def train_steps_per_image(self) -> float:
@@ -140,6 +157,9 @@ class TextToImageModule(LightningModule, ABC):
         if self.card is not None:
             self.card.train_steps_per_image = self.train_steps_per_image
             checkpoint[CARD_KEY] = self.card.to_dict()
+        checkpoint[RNG_KEY] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint[RNG_KEY]["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if CARD_KEY not in checkpoint:
@@ -148,8 +168,41 @@ class TextToImageModule(LightningModule, ABC):
         if card.family != self.family:
             raise CheckpointError(f"checkpoint is of family {card.family!r}, not {self.family!r}")
         self.card = card
+        self._resume_rng = checkpoint.get(RNG_KEY)
+
+    def on_train_start(self) -> None:
+        """A resumed run draws on from the random state it was saved with (caption dropout,
+        noise, timesteps, the next epochs' shuffles): killed at a checkpoint on an epoch
+        boundary and resumed, it trains exactly as one uninterrupted run."""
+        state, self._resume_rng = getattr(self, "_resume_rng", None), None
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(state["cuda"]))
 
     # --- training loop pieces ------------------------------------------------------------------
+    def drop_captions(self, captions: Sequence[str]) -> list[str]:
+        """In training, replace each caption by "" with probability `caption_dropout` (the
+        unconditional path that classifier-free guidance / super-conditioning samples with)."""
+        p = float(self.hparams.get("caption_dropout", 0.0))
+        if not self.training or p <= 0:
+            return list(captions)
+        drop = torch.rand(len(captions)).lt(p).tolist()
+        return ["" if d else c for c, d in zip(captions, drop)]
+
+    def warmup_schedule(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """`configure_optimizers`' answer: `optimizer` with a linear warm-up over
+        `warmup_steps` optimizer steps to its configured learning rate, then constant."""
+        warmup = max(1, int(self.hparams.get("warmup_steps", 0)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.per_sample_loss(batch).mean()
         batch_size = len(batch["sample_id"])
@@ -163,16 +216,41 @@ class TextToImageModule(LightningModule, ABC):
         if self.sample_every_n_steps > 0 and step > 0 and step % self.sample_every_n_steps == 0:
             self.log_sample_grid()
 
+    def on_train_end(self) -> None:
+        if not self.trainer.interrupted:
+            self.log_sample_grid(save=True)
+
     @rank_zero_only
-    def log_sample_grid(self) -> None:
-        """Generate for the fixed preview captions and log the grid (W&B only)."""
-        if not self._preview_captions or self.logger is None:
+    def log_sample_grid(self, save: bool = False) -> None:
+        """Generate for the fixed preview captions and log the grid to W&B; `save` also
+        writes it as `samples.png` in the run folder (B captions x N images)."""
+        if not self._preview_captions or self.num_preview_images <= 0:
             return
-        from lightning_mia.reporting import log_image_grid
+        if self.logger is None and not (save and self.card is not None):
+            return
+        from lightning_mia.reporting import grid_png, log_image_grid
 
         was_training = self.training
         self.eval()
         with torch.no_grad():
             images = self.generate(self._preview_captions, self.num_preview_images, seed=0)
-        self.train(was_training)
+        self.train(was_training)  # images: (B, N, 3, H, W)
         log_image_grid(self.logger, "samples", images, self._preview_captions, self.global_step)
+        if save and self.card is not None:
+            folder = ExperimentLayout(self.card.experiment).run_dir(
+                self.family, self.card.model_index
+            )
+            atomic_write_bytes(folder / SAMPLES_PNG, grid_png(images))
+
+
+def _drop_frozen_keys(module: TextToImageModule, state_dict: dict, prefix: str, meta: Any) -> None:
+    """State-dict post hook: leave the frozen autoencoder's weights out."""
+    frozen = prefix + module.frozen_prefix
+    for key in [k for k in state_dict if k.startswith(frozen)]:
+        del state_dict[key]
+
+
+def _ignore_missing_frozen_keys(module: TextToImageModule, incompatible: Any) -> None:
+    """Load post hook: the frozen autoencoder comes from its folder, not the checkpoint."""
+    marker = "." + module.frozen_prefix
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if marker not in f".{k}"]

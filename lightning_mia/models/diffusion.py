@@ -8,56 +8,91 @@ dropout for classifier-free guidance; sampling is DDIM (or any diffusers schedul
 captions x images in one denoising loop, each caption's noise drawn from its own seed. The parts
 stay separate (`unet`, `vae`, `text_encoder`, `tokenizer`, `noise_scheduler`) so gray-box
 attacks can query each; `save_pipeline` writes a StableDiffusionPipeline folder and
-`preset: pretrained` fine-tunes one.
+`preset: pretrained` fine-tunes one (on its own noise schedule and prediction type, at its
+native resolution with `resolution: 0`), in full or with LoRA adapters (`lora_rank`, see
+`models.lora`); weights that stay the folder's are referenced by sha256, not stored.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
-from lightning_mia.card import CheckpointError
-from lightning_mia.models.autoencoder import (
-    check_resolution,
-    decode_latents,
-    encode_latents,
-    load_autoencoder,
-)
+from lightning_mia.card import CARD_KEY
 from lightning_mia.models.base import (
     TextToImageModule,
     cached_by_id,
     caption_seeds,
-    per_caption_randn,
 )
 from lightning_mia.models.diffusion_presets import (
+    SCRATCH_SCHEDULE,
     LatentSpec,
     build_text_encoder,
     build_unet,
-    check_pipeline_folder,
+    noise_scheduler,
     preset_config,
     sampling_scheduler,
     scheduler_class,
 )
+from lightning_mia.models.diffusion_sampling import sample_images
 from lightning_mia.models.ema import EMAWeights
+from lightning_mia.models.lora import LORA_TARGETS, LoraError, add_adapters
+from lightning_mia.models.pipeline_folder import (
+    check_pipeline_folder,
+    check_references,
+    native_resolution,
+    record_references,
+)
 from lightning_mia.models.tokenizers import load_clip_tokenizer
+from lightning_mia.models.vae import (
+    check_resolution,
+    encode_latents,
+    load_autoencoder,
+)
 from lightning_mia.paths import write_folder_atomically
 
-VAE_PREFIX = "vae."
+
+def training_target(
+    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the denoiser learns to output at `scheduler.add_noise(latents, noise, timesteps)`,
+    by the scheduler's `prediction_type` (diffusers' conventions): noise, velocity or sample."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+class Denoised(NamedTuple):
+    """One denoiser pass on noised latents: its input, output and training target."""
+
+    noisy: torch.Tensor  # x_t (B, C, h, w)
+    prediction: torch.Tensor  # the UNet's output at x_t (B, C, h, w)
+    target: torch.Tensor  # what it is trained to output there (B, C, h, w)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """The training loss of each sample (B,): MSE over the latent's C, h, w."""
+        return (self.prediction.float() - self.target.float()).pow(2).flatten(1).mean(1)
 
 
 class LatentDiffusionModule(TextToImageModule):
     """Text-to-image latent diffusion (LDM / Stable Diffusion architecture) on diffusers."""
 
     family = "diffusion"
+    frozen_prefix = "vae."
 
     def __init__(
         self,
@@ -66,13 +101,18 @@ class LatentDiffusionModule(TextToImageModule):
         tokenizer: str = "",  # CLIP tokenizer folder; "" = offline char-level (or pretrained's)
         max_caption_length: int = 128,  # tokens of the char-level tokenizer (folders keep theirs)
         pretrained: str = "",  # local StableDiffusionPipeline folder for preset "pretrained"
-        resolution: int = 32,
+        resolution: int = 32,  # image side; 0 = the pretrained folder's native one
+        train_unet: bool = True,  # False: the UNet stays the folder's (e.g. an external target)
         train_text_encoder: bool = True,
-        prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction",
-        beta_schedule: str = "squaredcos_cap_v2",
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        num_train_timesteps: int = 1000,
+        lora_rank: int = 0,  # > 0: train LoRA adapters of this rank, base weights frozen
+        lora_alpha: float = 0.0,  # LoRA scale alpha / rank; 0 = rank (scale 1)
+        lora_targets: tuple[str, ...] = LORA_TARGETS,  # module names (or name endings) to adapt
+        # noise schedule; None = the preset's (pretrained: the folder's scheduler config)
+        prediction_type: Literal["epsilon", "v_prediction"] | None = None,
+        beta_schedule: str | None = None,
+        beta_start: float | None = None,
+        beta_end: float | None = None,
+        num_train_timesteps: int | None = None,
         caption_dropout: float = 0.1,  # empty caption with this probability (for CFG)
         scheduler: str = "DDIMScheduler",  # sampler: any diffusers scheduler class name
         num_inference_steps: int = 25,
@@ -93,6 +133,9 @@ class LatentDiffusionModule(TextToImageModule):
         scheduler_class(scheduler)  # unknown names fail now, not at the first sample grid
         if preset == "pretrained":
             check_pipeline_folder(pretrained)  # before its tokenizer/ and vae/ are read
+            resolution = resolution or native_resolution(pretrained)
+        if lora_rank and ema_decay > 0:
+            raise LoraError("ema_decay > 0 with lora_rank: an EMA of LoRA adapters is not built")
         self._autoencoder_folder = autoencoder or (f"{pretrained}/vae" if pretrained else "")
         if not self._autoencoder_folder:
             raise ValueError("LatentDiffusionModule needs `autoencoder: <diffusers folder>`")
@@ -113,16 +156,12 @@ class LatentDiffusionModule(TextToImageModule):
             pretrained=pretrained,
         )
         config = preset_config(preset, spec)
-        self.unet = build_unet(config)
-        self.text_encoder = build_text_encoder(config).requires_grad_(train_text_encoder)
-        self.noise_scheduler = DDPMScheduler(
-            num_train_timesteps=num_train_timesteps,
-            beta_schedule=beta_schedule,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            prediction_type=prediction_type,
-            clip_sample=False,
-        )
+        self.unet = build_unet(config).requires_grad_(train_unet and not lora_rank)
+        self.text_encoder = build_text_encoder(config)
+        self.text_encoder.requires_grad_(train_text_encoder and not lora_rank)
+        add_adapters(self)  # lora_rank > 0: LoRA in the tuned parts; no folder weights saved
+        asked = {k: self.hparams[k] for k in SCRATCH_SCHEDULE}  # the schedule's arguments
+        self.noise_scheduler = noise_scheduler(config.pretrained, asked)
         self.ema = EMAWeights(self._trained_parts(), ema_decay) if ema_decay > 0 else None
         self.resolution = resolution
         self.latent_shape = (spec.latent_channels, latent_size, latent_size)
@@ -197,10 +236,7 @@ class LatentDiffusionModule(TextToImageModule):
                 f"images are {tuple(x.shape[-2:])} but the model is configured for "
                 f"resolution {self.resolution}: set data.resolution to match"
             )
-        captions = list(batch["caption"])
-        if self.training and self.hparams.caption_dropout > 0:
-            drop = torch.rand(len(captions)).lt(self.hparams.caption_dropout).tolist()
-            captions = ["" if d else c for c, d in zip(captions, drop)]
+        captions = self.drop_captions(batch["caption"])
         latents = self.image_latents(batch)  # (B, C, h, w)
         b = latents.shape[0]
         if noise is None:
@@ -208,16 +244,27 @@ class LatentDiffusionModule(TextToImageModule):
         if timesteps is None:
             high = self.noise_scheduler.config.num_train_timesteps
             timesteps = torch.randint(0, high, (b,), device=latents.device)
-        timesteps = timesteps.to(latents.device).long()
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         unet, text_encoder = self.denoiser()
         context = self.encode_text(captions, text_encoder)  # (B, L, D)
-        pred = unet(noisy, timesteps, encoder_hidden_states=context).sample
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        return self.denoise(latents, context, timesteps, noise, unet).loss
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        context: torch.Tensor,
+        timesteps: torch.Tensor,
+        noise: torch.Tensor,
+        unet: nn.Module | None = None,
+    ) -> Denoised:
+        """Noise clean `latents` (B, C, h, w) to `timesteps` (B,) with `noise` and run the UNet
+        (default: the live one) on them with text `context` (B, L, D): the one place the
+        training loss is defined, for training and for the gray-box signals alike."""
+        timesteps = timesteps.to(latents.device).long()
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        unet = self.unet if unet is None else unet
+        pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=context.to(unet.dtype))
+        target = training_target(self.noise_scheduler, latents, noise, timesteps)
+        return Denoised(noisy, pred.sample, target)
 
     @torch.no_grad()
     def encode_images(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,12 +314,10 @@ class LatentDiffusionModule(TextToImageModule):
             self.ema.update(self._trained_parts())
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for part in self._trained_parts().values() for p in part.parameters()]
+        params = [p for p in self.parameters() if p.requires_grad]  # (LoRA: the adapters)
         hp = self.hparams
         opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        warmup = max(1, hp.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return self.warmup_schedule(opt)
 
     def train(self, mode: bool = True) -> LatentDiffusionModule:
         """The autoencoder (and a frozen text encoder) always stay in eval mode."""
@@ -302,8 +347,8 @@ class LatentDiffusionModule(TextToImageModule):
         seeds = caption_seeds(len(captions), seed)
         per_loop = max(1, self.hparams.generation_batch_size // max(1, num_images))
         chunks = [
-            self._generate_chunk(captions[i : i + per_loop], seeds[i : i + per_loop],
-                                 num_images, steps, scale)
+            sample_images(self, captions[i : i + per_loop], seeds[i : i + per_loop],
+                          num_images, steps, scale)
             for i in range(0, len(captions), per_loop)
         ]  # fmt: skip
         return torch.cat(chunks) if chunks else torch.empty(0, num_images, 3, *self._hw)
@@ -312,48 +357,12 @@ class LatentDiffusionModule(TextToImageModule):
     def _hw(self) -> tuple[int, int]:
         return (self.resolution, self.resolution)
 
-    def _generate_chunk(
-        self, captions: list[str], seeds: list[int], n: int, steps: int, scale: float
-    ) -> torch.Tensor:
-        b = len(captions)
-        unet, text_encoder = self.denoiser()
-        sampler = self.make_sampler()
-        sampler.set_timesteps(steps, device=self.device)
-        context = self.encode_text(captions, text_encoder).repeat_interleave(n, 0)  # (B*N, L, D)
-        cfg = scale != 1.0
-        if cfg:
-            empty = self.encode_text([""], text_encoder).expand_as(context)
-            context = torch.cat([empty, context])  # (2*B*N, L, D)
-        latents = per_caption_randn(seeds, (n, *self.latent_shape), self.device)
-        latents = latents.flatten(0, 1) * sampler.init_noise_sigma  # (B*N, C, h, w)
-        step_kwargs = self._step_kwargs(sampler, seeds, n)
-        for t in sampler.timesteps:
-            model_in = torch.cat([latents, latents]) if cfg else latents
-            model_in = sampler.scale_model_input(model_in, t)
-            pred = unet(model_in, t, encoder_hidden_states=context).sample
-            if cfg:
-                uncond, cond = pred.chunk(2)
-                pred = uncond + scale * (cond - uncond)
-            latents = sampler.step(pred, t, latents, **step_kwargs).prev_sample
-        images = decode_latents(self.vae, latents.to(self.vae.dtype))  # (B*N, 3, H, W)
-        return images.float().reshape(b, n, 3, *images.shape[-2:])
-
-    @staticmethod
-    def _step_kwargs(sampler: SchedulerMixin, seeds: list[int], n: int) -> dict[str, Any]:
-        """Per-image generators for stochastic samplers, derived from each caption's seed."""
-        if "generator" not in inspect.signature(sampler.step).parameters:
-            return {}
-        gens = [
-            torch.Generator().manual_seed((s * 1_000_003 + 7_919 * (k + 1)) % 2**63)
-            for s in seeds
-            for k in range(n)
-        ]
-        return {"generator": gens}
-
     # --- diffusers folders and checkpoints ----------------------------------------------------
-    def pipeline(self) -> StableDiffusionPipeline:
+    def pipeline(self) -> Any:
         """The released model as a diffusers pipeline (EMA weights when EMA is on)."""
         unet, text_encoder = self.denoiser(use_ema=True)
+        from diffusers import StableDiffusionPipeline  # here: it prints a notice when imported
+
         return StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=text_encoder,
@@ -367,6 +376,8 @@ class LatentDiffusionModule(TextToImageModule):
 
     def save_pipeline(self, folder: str | Path) -> Path:
         """Write a StableDiffusionPipeline folder (loadable with `preset: pretrained`)."""
+        if self.hparams.lora_rank:
+            raise LoraError("a LoRA model is exported as its adapter: models.lora.export_lora")
         pipe = self.pipeline()
         return write_folder_atomically(folder, lambda tmp: pipe.save_pretrained(str(tmp)))
 
@@ -379,21 +390,10 @@ class LatentDiffusionModule(TextToImageModule):
         return digest.hexdigest()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        # The frozen autoencoder lives in its own folder: keep it out of every checkpoint.
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(VAE_PREFIX)]:
-            del state[key]
-        if "lightning_mia" in checkpoint:
-            checkpoint["lightning_mia"]["extra"]["autoencoder_sha256"] = self.vae_fingerprint()
+        super().on_save_checkpoint(checkpoint)  # the card; the base keeps `vae.` weights out
+        if CARD_KEY in checkpoint:
+            record_references(self, checkpoint[CARD_KEY]["extra"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        saved = checkpoint["lightning_mia"].get("extra", {}).get("autoencoder_sha256")
-        if saved and saved != self.vae_fingerprint():
-            raise CheckpointError(
-                f"checkpoint was trained with a different autoencoder than the one now in "
-                f"{self._autoencoder_folder} (weights hash differs)"
-            )
-        vae_state = {VAE_PREFIX + k: v for k, v in self.vae.state_dict().items()}
-        checkpoint["state_dict"] = {**checkpoint["state_dict"], **vae_state}
+        check_references(self, checkpoint[CARD_KEY].get("extra", {}))

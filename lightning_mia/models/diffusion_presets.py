@@ -7,24 +7,42 @@ latent space and vocabulary; the autoencoder and tokenizer come from their folde
 - `ldm-256`: CompVis text-to-image LDM class at 256x256 (UNet 320-640-1280-1280, a 12-layer
   768-wide text encoder), random init, trained from scratch on GPUs.
 - `pretrained`: the configs of a local diffusers folder (StableDiffusionPipeline layout:
-  unet/, vae/, text_encoder/, tokenizer/, scheduler/); its weights are loaded to fine-tune.
+  unet/, vae/, text_encoder/, tokenizer/, scheduler/); its weights are loaded to fine-tune
+  (fp16-variant files too, into float32), and `noise_scheduler` takes its noise schedule and
+  prediction type from the folder's scheduler/scheduler_config.json.
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import diffusers
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from lightning.pytorch.utilities import rank_zero_warn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+from lightning_mia.models.pipeline_folder import (
+    check_pipeline_folder,
+    part_config,
+    scheduler_config,
+    weights_variant,
+)
+from lightning_mia.registry import Registry
+
+# the noise schedule of the presets trained from scratch (v-prediction on the cosine schedule:
+# eps + linear gave no usable samples on the tiny model, see FINDINGS.md)
+SCRATCH_SCHEDULE = {
+    "prediction_type": "v_prediction",
+    "beta_schedule": "squaredcos_cap_v2",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "num_train_timesteps": 1000,
+}
 COMMON_SCHEDULERS = (
     "DDIMScheduler",
     "DDPMScheduler",
@@ -107,57 +125,64 @@ def ldm_256(spec: LatentSpec) -> PresetConfig:
 def pretrained(spec: LatentSpec) -> PresetConfig:
     """The configs of the local diffusers folder `spec.pretrained` (weights loaded later)."""
     folder = check_pipeline_folder(spec.pretrained)
-    unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
-    text = json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+    unet, text = part_config(folder, "unet"), part_config(folder, "text_encoder")
     return PresetConfig(unet=unet, text_encoder=text, pretrained=str(folder))
 
 
-PRESETS: dict[str, Callable[[LatentSpec], PresetConfig]] = {
-    "tiny": tiny,
-    "ldm-256": ldm_256,
-    "pretrained": pretrained,
-}
+PRESETS: Registry[Callable[[LatentSpec], PresetConfig]] = Registry("diffusion preset")
+PRESETS.register("tiny", tiny)
+PRESETS.register("ldm-256", ldm_256)
+PRESETS.register("pretrained", pretrained)
 
 
 def preset_config(name: str, spec: LatentSpec) -> PresetConfig:
-    """`PRESETS[name](spec)` with a clear error for an unknown name."""
-    if name not in PRESETS:
-        raise ValueError(f"diffusion preset {name!r} is not one of {sorted(PRESETS)}")
+    """`PRESETS[name](spec)`; an unknown name lists the known ones."""
     return PRESETS[name](spec)
-
-
-def check_pipeline_folder(folder: str) -> Path:
-    """The folder, if it holds a StableDiffusionPipeline layout; otherwise a clear error."""
-    if not folder:
-        raise ValueError("preset 'pretrained' needs `pretrained: <local diffusers folder>`")
-    path = Path(folder)
-    needed = ("unet", "vae", "text_encoder")
-    missing = [p for p in needed if not (path / p / "config.json").is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"pretrained folder {path}: no config.json in {missing} (expected the "
-            f"StableDiffusionPipeline layout {'/, '.join(PIPELINE_PARTS)}/)"
-        )
-    return path
 
 
 def build_unet(config: PresetConfig) -> UNet2DConditionModel:
     """The UNet, random or with the pretrained folder's weights."""
     if config.pretrained:
+        variant = weights_variant(f"{config.pretrained}/unet")
         return UNet2DConditionModel.from_pretrained(
-            config.pretrained, subfolder="unet", local_files_only=True
-        )
+            config.pretrained, subfolder="unet", local_files_only=True, variant=variant
+        )  # float32 whatever the files hold: the optimizer and autocast want fp32 masters
     return UNet2DConditionModel(**config.unet)
 
 
 def build_text_encoder(config: PresetConfig) -> CLIPTextModel:
     """The CLIP text encoder, random or with the pretrained folder's weights."""
     if config.pretrained:
-        return CLIPTextModel.from_pretrained(
-            config.pretrained, subfolder="text_encoder", local_files_only=True
+        variant = weights_variant(f"{config.pretrained}/text_encoder")
+        return CLIPTextModel.from_pretrained(  # float32: transformers 5 keeps an fp16 variant fp16
+            config.pretrained,
+            subfolder="text_encoder",
+            local_files_only=True,
+            variant=variant,
+            dtype=torch.float32,
         )
     fields = {k: v for k, v in config.text_encoder.items() if not k.startswith("_")}
     return CLIPTextModel(CLIPTextConfig(**fields))
+
+
+def noise_scheduler(pretrained: str, asked: dict[str, Any]) -> DDPMScheduler:
+    """The DDPM training schedule: the pretrained folder's scheduler config (its prediction
+    type, betas, timestep spacing...), or `SCRATCH_SCHEDULE`; each `asked` value that is not
+    None replaces the preset's (one that contradicts the folder is warned about)."""
+    asked = {k: v for k, v in asked.items() if v is not None}
+    if not pretrained:
+        return DDPMScheduler(**{**SCRATCH_SCHEDULE, **asked}, clip_sample=False)
+    config = scheduler_config(pretrained)
+    differ = [f"{k}={v!r} (folder: {config.get(k)!r})" for k, v in asked.items()
+              if config.get(k) != v]  # fmt: skip
+    if differ:
+        rank_zero_warn(
+            f"{pretrained}: training with {', '.join(differ)} instead of the pretrained "
+            "model's own schedule; leave them unset (null) to follow the folder"
+        )
+    known = inspect.signature(DDPMScheduler.__init__).parameters
+    config = {k: v for k, v in config.items() if k in known}  # PNDM/DDIM-only keys dropped
+    return DDPMScheduler.from_config({"clip_sample": False, **config, **asked})
 
 
 def scheduler_class(name: str) -> type[SchedulerMixin]:

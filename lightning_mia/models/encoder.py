@@ -29,23 +29,27 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from lightning_mia.card import CARD_KEY, RunCard
+from lightning_mia.data.stage import stage_data
 from lightning_mia.errors import UserError
 from lightning_mia.models.tokenizers import load_clip_tokenizer
 from lightning_mia.paths import atomic_write_json
+from lightning_mia.registry import Registry
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP image normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the learned temperature
 PREPROCESSOR_FILE = "preprocessor_config.json"
 CARD_FILE = "card.json"
+ATTACKER_POOLS = ("auxiliary", "public")  # training splits of the attacker's own components
 
-PRESETS: dict[str, dict[str, int]] = {
-    # ViT patch 4 on 32x32 (64 patches) and a 2-layer text transformer over characters
-    "tiny": dict(image_size=32, patch_size=4, hidden=64, layers=2, heads=2, dim=64, text_len=128),
-    "small": dict(
-        image_size=64, patch_size=8, hidden=128, layers=4, heads=4, dim=128, text_len=128
-    ),
-}
+PRESETS: Registry[dict[str, int]] = Registry("encoder preset")
+# ViT patch 4 on 32x32 (64 patches) and a 2-layer text transformer over characters
+PRESETS.register(
+    "tiny", dict(image_size=32, patch_size=4, hidden=64, layers=2, heads=2, dim=64, text_len=128)
+)
+PRESETS.register(
+    "small", dict(image_size=64, patch_size=8, hidden=128, layers=4, heads=4, dim=128, text_len=128)
+)
 
 
 class EncoderError(UserError):
@@ -54,8 +58,6 @@ class EncoderError(UserError):
 
 def clip_config(preset: str, tokenizer: CLIPTokenizer, image_size: int = 0) -> CLIPConfig:
     """A random-init `CLIPConfig` of a named preset for `tokenizer`'s vocabulary."""
-    if preset not in PRESETS:
-        raise EncoderError(f"unknown encoder preset {preset!r}; known: {sorted(PRESETS)}")
     p = PRESETS[preset]
     size = image_size or p["image_size"]
     if size % p["patch_size"]:
@@ -294,40 +296,45 @@ class EncoderModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         tok = load_clip_tokenizer(
-            tokenizer, model_max_length=PRESETS.get(preset, {}).get("text_len", 77)
+            tokenizer, model_max_length=(PRESETS.get(preset) or {}).get("text_len", 77)
         )
         self.encoder = ImageTextEncoder(CLIPModel(clip_config(preset, tok, image_size)), tok)
         self.card: RunCard | None = None
+        self._output: Path | None = Path(output) if output else None
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        splits, layout = getattr(dm, "splits", None), getattr(dm, "layout", None)
-        if stage == "fit" and not self.hparams.output and layout is None:
+        data = stage_data(self._trainer)
+        if stage == "fit" and not self.hparams.output and data is None:
             raise EncoderError(
                 "EncoderModule: no output folder; set model.output or train with a "
                 "MembershipDataModule (its experiment's encoder/ folder is used)"
             )
-        if dm is not None and getattr(dm, "train_split", "auxiliary") != "auxiliary":
+        if data is not None and data.train_split not in ATTACKER_POOLS:
             raise EncoderError(
-                "EncoderModule trains on the attacker's auxiliary pool only: set "
-                f"data.train_split=auxiliary (got {dm.train_split!r})"
+                "EncoderModule trains on the attacker's own pool only, never on a model's "
+                f"members: set data.train_split to one of {list(ATTACKER_POOLS)} "
+                f"(got {data.train_split!r})"
             )
         self.card = RunCard(
             family=self.family,
             preset=self.hparams.preset,
             model_index=0,
             role="attacker",
-            splits_hash=getattr(splits, "hash", ""),
-            experiment=str(layout.root) if layout is not None else "",
+            splits_hash=data.splits_hash if data is not None else "",
+            experiment=str(data.layout.root) if data is not None else "",
             tokenizer=self.hparams.tokenizer,
             augmentation={"max_shift": self.hparams.max_shift},
+            extra={"train_split": data.train_split} if data is not None else {},
         )
+        self._output = Path(self.hparams.output) if self.hparams.output else None
+        if self._output is None and data is not None:
+            self._output = data.layout.encoder
 
     @property
     def output_folder(self) -> Path:
-        if self.hparams.output:
-            return Path(self.hparams.output)
-        return Path(self.trainer.datamodule.layout.encoder)
+        if self._output is None:
+            raise EncoderError("EncoderModule: no output folder (set model.output)")
+        return self._output
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images = random_shift(batch["pixel_values"], self.hparams.max_shift)  # (B, 3, H, W)

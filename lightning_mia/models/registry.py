@@ -1,4 +1,5 @@
-"""Load any family module from its checkpoint by reading the run card first."""
+"""The text-to-image families by name, and loading any family module from its checkpoint by
+reading the run card first."""
 
 from __future__ import annotations
 
@@ -7,20 +8,21 @@ import os
 
 from lightning_mia.card import CheckpointError, read_card
 from lightning_mia.models.base import TextToImageModule
+from lightning_mia.registry import Registry
 
-FAMILY_CLASSES = {
-    "diffusion": "lightning_mia.models.diffusion:LatentDiffusionModule",
-    "seq2seq": "lightning_mia.models.seq2seq:Seq2SeqModule",
-}
+# family -> "module:class", imported on first use (each family pulls in diffusers/transformers)
+FAMILIES: Registry[str] = Registry("text-to-image family")
+FAMILIES.register("diffusion", "lightning_mia.models.diffusion:LatentDiffusionModule")
+FAMILIES.register("seq2seq", "lightning_mia.models.seq2seq:Seq2SeqModule")
 
 
 def family_class(family: str) -> type[TextToImageModule]:
     """The LightningModule class of a family name."""
-    if family not in FAMILY_CLASSES:
+    if family not in FAMILIES:
         raise CheckpointError(
-            f"family {family!r} is not a text-to-image family (known: {sorted(FAMILY_CLASSES)})"
+            f"family {family!r} is not a text-to-image family (known: {FAMILIES.names()})"
         )
-    module, name = FAMILY_CLASSES[family].split(":")
+    module, name = FAMILIES[family].split(":")
     return getattr(importlib.import_module(module), name)
 
 

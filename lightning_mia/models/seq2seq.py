@@ -5,7 +5,8 @@
 
 The image tokenizer is the experiment's frozen VQ autoencoder (a diffusers `VQModel` folder, kept
 out of the checkpoint); the caption tokenizer is a byte-level BPE that rank 0 trains on the
-training captions at fit start and writes to `<run>/tokenizer/`. BART reads caption tokens and
+training captions at fit start and writes to `<run>/tokenizer/` (`pretrained_text`: a BART
+folder's tokenizer, encoder and caption embeddings instead). BART reads caption tokens and
 writes image codes in one unified vocabulary (`seq2seq_presets`); its output head is restricted
 to the code rows, so the model is a distribution over codes only. Each training image is encoded
 once and its codes cached by `sample_id` in memory. Caption dropout trains the unconditional
@@ -24,13 +25,9 @@ from diffusers import VQModel
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import BartForConditionalGeneration, PreTrainedTokenizerBase
 
-from lightning_mia.card import CheckpointError
-from lightning_mia.models.autoencoder import (
-    check_resolution,
-    decode_codes,
-    encode_codes,
-    load_autoencoder,
-)
+from lightning_mia.card import CARD_KEY, CheckpointError
+from lightning_mia.data.stage import StageData, stage_data
+from lightning_mia.models.bart_pretrained import init_text_side, text_defaults
 from lightning_mia.models.bart_tokenizer import (
     check_tokenizer_captions,
     load_caption_tokenizer,
@@ -48,35 +45,32 @@ from lightning_mia.models.seq2seq_sampling import (
     autoregressive_codes,
     code_logits,
 )
+from lightning_mia.models.vae import (
+    check_resolution,
+    decode_codes,
+    encode_codes,
+    load_autoencoder,
+)
 
-__all__ = ["Seq2SeqError", "Seq2SeqModule", "training_captions"]
+__all__ = ["Seq2SeqError", "Seq2SeqModule"]
 # BART's pre-training betas; with beta2 = 0.999 the tiny model stays longer on the shortcut of
 # predicting codes from earlier codes alone before it learns to read the caption
 ADAM_BETAS = (0.9, 0.98)
 ARCHITECTURE_HPARAMS = ("preset", "caption_vocab_size", "max_caption_length")
 
 
-def training_captions(datamodule: Any) -> list[str]:
-    """The captions of the training set of a `MembershipDataModule` (after its setup)."""
-    if not (hasattr(datamodule, "train_ids") and hasattr(datamodule, "source")):
-        raise Seq2SeqError(
-            "the seq2seq model trains its caption tokenizer on the datamodule's training "
-            "captions (train_ids + source): train with a MembershipDataModule or pass "
-            "model.tokenizer=<folder of a trained tokenizer>"
-        )
-    return [datamodule.source.caption(i) for i in datamodule.train_ids]
-
-
 class Seq2SeqModule(TextToImageModule):
     """BART from caption tokens to VQGAN image codes (DALL-E mini), with batched sampling."""
 
     family = "seq2seq"
+    frozen_prefix = "vq."
 
     def __init__(
         self,
         preset: str = "tiny",
         autoencoder: str = "",
         tokenizer: str = "",
+        pretrained_text: str = "",
         caption_vocab_size: int = 0,
         max_caption_length: int = 0,
         caption_dropout: float = 0.1,
@@ -97,7 +91,8 @@ class Seq2SeqModule(TextToImageModule):
             autoencoder: diffusers VQModel folder (the image tokenizer); "" = the experiment's
                 autoencoder/ folder, found through the datamodule at fit start.
             tokenizer: caption BPE folder to reuse; "" = train one on the training captions
-                into <run>/tokenizer/ at fit start (reused on resume).
+                into <run>/tokenizer/ at fit start (reused on resume), or pretrained_text's.
+            pretrained_text: BART folder whose encoder, embeddings, tokenizer start the text side.
             caption_vocab_size: caption vocabulary (BPE trained up to it); 0 = the preset's.
             max_caption_length: caption tokens kept; 0 = the preset's.
             caption_dropout: probability of training on the empty caption (unconditional path).
@@ -114,18 +109,18 @@ class Seq2SeqModule(TextToImageModule):
         """
         super().__init__(sample_every_n_steps, num_preview_images)
         self.save_hyperparameters()
-        self.spec = get_preset(preset, caption_vocab_size, max_caption_length)
+        vocab, tokenizer = text_defaults(pretrained_text, caption_vocab_size, tokenizer)
+        self.spec = get_preset(preset, vocab, max_caption_length)
         self.resolution = self.spec.resolution
         self.sampling = SamplingSettings(top_k, top_p, temperature, condition_scale)
         if not 0.0 <= caption_dropout < 1.0:
             raise Seq2SeqError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
         self.bart = BartForConditionalGeneration(bart_config(self.spec))
+        init_text_side(self.bart, pretrained_text, self.spec)  # "" = none: random init
         self.vq: VQModel | None = None  # frozen, kept out of the checkpoint (hooks below)
         self.code_grid = (0, 0)
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._code_cache: dict[int, torch.Tensor] = {}  # sample_id -> (L,) codes, CPU
-        self.register_state_dict_post_hook(_drop_vq_keys)
-        self.register_load_state_dict_post_hook(_ignore_missing_vq_keys)
         if autoencoder:
             self.attach_autoencoder(autoencoder)
         if tokenizer:
@@ -186,28 +181,28 @@ class Seq2SeqModule(TextToImageModule):
         return self.vq
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        size = getattr(dm, "resolution", None) or getattr(
-            getattr(dm, "source", None), "resolution", 0
-        )
-        if size and size != self.spec.resolution:
+        data = stage_data(self._trainer)
+        if data is not None and data.resolution != self.spec.resolution:
             raise Seq2SeqError(
-                f"the data is {size}px but preset {self.hparams.preset!r} expects "
+                f"the data is {data.resolution}px but preset {self.hparams.preset!r} expects "
                 f"{self.spec.resolution}px: set data.resolution={self.spec.resolution}"
             )
-        if self.vq is None and getattr(dm, "layout", None) is not None:
-            self.attach_autoencoder(dm.layout.autoencoder)
+        if self.vq is None and data is not None:
+            self.attach_autoencoder(data.layout.autoencoder)
         if self._tokenizer is None and stage == "fit":
-            self._prepare_tokenizer(dm)
+            self._prepare_tokenizer(data)
         super().setup(stage)
 
-    def _prepare_tokenizer(self, dm: Any) -> None:
+    def _prepare_tokenizer(self, data: StageData | None) -> None:
         """Rank 0 trains the BPE into the run folder (unless there from an earlier start)."""
-        if getattr(dm, "layout", None) is not None:
-            folder = dm.layout.run_dir(self.family, dm.model_index) / "tokenizer"
-        else:
-            folder = Path(self.trainer.default_root_dir) / "tokenizer"
-        captions = training_captions(dm)
+        if data is None:
+            raise Seq2SeqError(
+                "the seq2seq model trains its caption tokenizer on the training captions of its "
+                "stage data: train with a MembershipDataModule or pass "
+                "model.tokenizer=<folder of a trained tokenizer>"
+            )
+        folder = data.layout.run_dir(self.family, data.model_index) / "tokenizer"
+        captions = data.training_captions()
         if self.trainer.is_global_zero and not (folder / "vocab.json").is_file():
             train_caption_tokenizer(captions, self.spec.caption_vocab_size, folder)
             rank_zero_info(f"caption tokenizer trained on {len(captions)} captions: {folder}")
@@ -217,6 +212,11 @@ class Seq2SeqModule(TextToImageModule):
 
     def card_references(self) -> dict[str, str]:
         return {"autoencoder": self.hparams.autoencoder, "tokenizer": self.hparams.tokenizer}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # the card: it names a pretrained text side
+        if CARD_KEY in checkpoint and self.hparams.pretrained_text:
+            checkpoint[CARD_KEY]["extra"]["text_init"] = self.hparams.pretrained_text
 
     def train(self, mode: bool = True) -> Seq2SeqModule:
         super().train(mode)
@@ -262,11 +262,6 @@ class Seq2SeqModule(TextToImageModule):
         )
         return codes.to(self.device, torch.long)
 
-    def drop_captions(self, captions: Sequence[str]) -> list[str]:
-        """Replace each caption by "" with probability `caption_dropout` (training only)."""
-        keep = torch.rand(len(captions)) >= self.hparams.caption_dropout
-        return [c if k else "" for c, k in zip(captions, keep.tolist())]
-
     # --- likelihood ------------------------------------------------------------------------
     def per_token_nll(self, captions: Sequence[str], codes: torch.Tensor) -> torch.Tensor:
         """NLL (B, L) of each image code given the caption and the codes before it."""
@@ -293,9 +288,7 @@ class Seq2SeqModule(TextToImageModule):
     def per_sample_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean NLL (B,) of the image codes given the caption (teacher forcing)."""
         codes = self.image_codes(batch)
-        captions = list(batch["caption"])
-        if self.training and self.hparams.caption_dropout > 0:
-            captions = self.drop_captions(captions)
+        captions = self.drop_captions(batch["caption"])
         return self.per_token_nll(captions, codes).mean(dim=1)
 
     # --- sampling --------------------------------------------------------------------------
@@ -392,14 +385,7 @@ class Seq2SeqModule(TextToImageModule):
             lr=self.hparams.lr,
             betas=ADAM_BETAS,
         )
-        warmup = max(1, self.hparams.warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup)
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return self.warmup_schedule(optimizer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -411,13 +397,3 @@ class Seq2SeqModule(TextToImageModule):
         ]
         if differ:
             raise CheckpointError(f"checkpoint has another architecture ({'; '.join(differ)})")
-
-
-def _drop_vq_keys(module: Seq2SeqModule, state_dict: dict, prefix: str, meta: Any) -> None:
-    """The frozen autoencoder lives in its own folder: keep its weights out of checkpoints."""
-    for key in [k for k in state_dict if k.startswith(prefix + "vq.")]:
-        del state_dict[key]
-
-
-def _ignore_missing_vq_keys(module: Seq2SeqModule, incompatible: Any) -> None:
-    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if ".vq." not in f".{k}"]

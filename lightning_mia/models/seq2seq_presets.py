@@ -18,6 +18,7 @@ from typing import Any
 from transformers import BartConfig
 
 from lightning_mia.errors import UserError
+from lightning_mia.registry import Registry
 
 # BART's special caption tokens, in BART's id order (the BPE trainer puts them first).
 BOS_ID, PAD_ID, EOS_ID = 0, 1, 2
@@ -59,8 +60,10 @@ class Seq2SeqPreset:
         return self.caption_vocab_size + self.num_codes + 1
 
 
-PRESETS: dict[str, Seq2SeqPreset] = {
-    "tiny": Seq2SeqPreset(
+PRESETS: Registry[Seq2SeqPreset] = Registry("seq2seq preset")
+PRESETS.register(
+    "tiny",
+    Seq2SeqPreset(
         resolution=32,
         image_tokens=64,  # 8x8 grid of the tiny f4 VQ autoencoder
         num_codes=512,  # AutoencoderModule's default num_vq_embeddings
@@ -72,7 +75,10 @@ PRESETS: dict[str, Seq2SeqPreset] = {
         attention_heads=4,
         ffn_dim=512,
     ),
-    "dalle-mini": Seq2SeqPreset(
+)
+PRESETS.register(
+    "dalle-mini",
+    Seq2SeqPreset(
         resolution=256,
         image_tokens=256,  # 16x16 grid of the f16 VQGAN
         num_codes=16384,
@@ -84,15 +90,13 @@ PRESETS: dict[str, Seq2SeqPreset] = {
         attention_heads=16,
         ffn_dim=4096,
     ),
-}
+)
 
 
 def get_preset(
     name: str, caption_vocab_size: int = 0, max_caption_length: int = 0
 ) -> Seq2SeqPreset:
     """The preset `name`, with the caption vocabulary / length overridden where > 0."""
-    if name not in PRESETS:
-        raise Seq2SeqError(f"unknown seq2seq preset {name!r}; known: {sorted(PRESETS)}")
     preset = PRESETS[name]
     overrides = {}
     if caption_vocab_size > 0:

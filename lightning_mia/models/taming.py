@@ -271,7 +271,7 @@ def convert_taming_checkpoint(
     output: str | os.PathLike,
 ) -> Path:
     """Convert a taming VQGAN checkpoint into a diffusers `VQModel` folder at `output`."""
-    from lightning_mia.models.autoencoder import save_autoencoder
+    from lightning_mia.models.vae import save_autoencoder
 
     cfg = read_taming_config(config)
     vq = taming_to_diffusers(load_taming_state_dict(ckpt), cfg, where=f"taming checkpoint {ckpt}")

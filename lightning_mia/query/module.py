@@ -21,15 +21,15 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
+from lightning_mia.attack.catalog import query_feature_groups
 from lightning_mia.card import read_card
 from lightning_mia.errors import UserError
-from lightning_mia.features.extractor import ENCODER_GROUPS, FEATURE_GROUPS, FeatureExtractor
-from lightning_mia.graybox import SignalOptions, check_signals, compute_signals, query_context
+from lightning_mia.features import FEATURE_GROUPS, FeatureExtractor, encoder_groups
+from lightning_mia.graybox import SignalOptions, check_signals, compute_signals, signal_queries
 from lightning_mia.models.registry import load_family_module
 from lightning_mia.paths import ExperimentLayout
 from lightning_mia.query.writer import to_uint8
 
-DEFAULT_GROUPS = ("pixel", "semantic", "text", "quality", "blind")
 SEED_STRIDE = 2**32
 
 
@@ -56,14 +56,15 @@ class QueryModule(LightningModule):
         save_images: bool = False,
         signals: list[str] | None = None,
         signal_timesteps: list[int] | None = None,
+        row: int | None = None,
     ) -> None:
         """
         Args:
             ckpt: checkpoint of the target or shadow model to query.
             num_images: images generated per caption (N, the queries per sample).
             seed: base seed; sample i is generated with a seed derived from (seed, sample_id).
-            feature_groups: feature groups to compute; None = pixel, semantic, text, quality,
-                blind.
+            feature_groups: feature groups to compute; None = every group a black-box attack or
+                the blind baseline reads (`attack.catalog.query_feature_groups`).
             encoder: folder of a CLIP model (transformers format); "" = the experiment's
                 trained attacker encoder (`<experiment>/encoder`).
             captioner: folder of a BLIP captioner: query with its captions of the image
@@ -71,10 +72,16 @@ class QueryModule(LightningModule):
             save_images: also write the generated images as PNG under the query folder.
             signals: gray-box signals to compute beside the features (loss, secmi, pia, clid
                 for diffusion; nll, nll_gap for seq2seq); they read the model's weights.
-            signal_timesteps: diffusion timesteps of loss, pia and clid (None = defaults).
+            signal_timesteps: diffusion timesteps of loss and pia (None = defaults; CLiD has
+                its own).
+            row: query the samples of another row of splits.json instead of the model's own
+                (labelled with this model's membership), into `queries/<run>/row-<row>/`: a
+                shadow queried on the target's samples (row 0) calibrates LiRA.
         """
         super().__init__()
-        feature_groups = list(DEFAULT_GROUPS if feature_groups is None else feature_groups)
+        if feature_groups is None:
+            feature_groups = query_feature_groups()
+        feature_groups = list(feature_groups)
         self.save_hyperparameters()
         self.hparams.feature_groups = feature_groups
         if num_images < 1:
@@ -117,16 +124,17 @@ class QueryModule(LightningModule):
             self.captioner = Captioner(self.hparams.captioner)
 
     def _encoder_folder(self, groups: list[str], encoder: str) -> Path | None:
-        unknown = sorted(set(groups) - set(FEATURE_GROUPS))
-        if unknown:
-            raise QueryError(f"unknown feature groups {unknown}; known: {sorted(FEATURE_GROUPS)}")
-        if not set(groups) & set(ENCODER_GROUPS):
+        problems = FEATURE_GROUPS.check(groups)
+        if problems:
+            raise QueryError(problems[0])
+        needs = sorted(encoder_groups(groups))
+        if not needs:
             return None
         folder = Path(encoder) if encoder else ExperimentLayout(self.card.experiment).encoder
         if not folder.is_dir():
             raise QueryError(
                 f"encoder folder {folder} does not exist: feature groups "
-                f"{sorted(set(groups) & set(ENCODER_GROUPS))} need an image-text encoder. "
+                f"{needs} need an image-text encoder. "
                 "Train the attacker's encoder (python train.py fit --config "
                 "configs/encoder/tiny.yaml) or pass --model.encoder <local CLIP folder>."
             )
@@ -152,8 +160,10 @@ class QueryModule(LightningModule):
             "captions": "captioner" if hp.captioner else "ground-truth",
             "train_steps_per_image": f"{self.card.train_steps_per_image:.4f}",
             "signals": ",".join(self.signals),
-            "signal_queries": json.dumps(query_context(self.signals, self.signal_options)),
+            "signal_queries": json.dumps(signal_queries(self.signals, self.signal_options)),
             "signal_options": json.dumps(asdict(self.signal_options)) if self.signals else "",
+            "encoder": str(self.encoder_folder.resolve()) if self.encoder_folder else "",
+            **({"row": str(hp.row)} if hp.row is not None else {}),
         }
 
     def _timed(self, name: str, fn: Callable[[], Any]) -> Any:
@@ -188,9 +198,9 @@ class QueryModule(LightningModule):
             "is_member": batch["is_member"],
             "model_index": self.card.model_index,
             "features": features,
-            "query": query[:2].cpu(),
-            "generated": generated[:2].cpu(),
-            "caption": captions[:2],
+            "query": query,  # (B, 3, H, W): the writer keeps a few (examples, W&B)
+            "generated": generated,  # (B, N, 3, H, W)
+            "caption": captions,
         }
         if self.hparams.save_images:
             out["images"] = to_uint8(generated)  # (B, N, H, W, 3)

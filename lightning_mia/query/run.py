@@ -3,17 +3,21 @@
     table = run_query("runs/demo/diffusion-target-000/checkpoints/last.ckpt")
 
 Re-running a complete query does nothing; a killed one is completed by querying only the
-sample ids that no shard holds yet (per-sample seeds make the result equal to one run).
+sample ids that no shard holds yet (per-sample seeds make the result equal to one run). The
+first `EXAMPLES_PER_CLASS` members and non-members (by sample id) keep their pictures for the
+report's examples.png; the query declares its W&B lineage (model, splits, encoder -> shards).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_mia.paths import ExperimentLayout
 from lightning_mia.query.module import QueryError, QueryModule
@@ -28,10 +32,15 @@ from lightning_mia.query.shards import (
 )
 from lightning_mia.query.writer import ShardWriter
 
+EXAMPLES_PER_CLASS = 8  # members and as many non-members keep their images (examples.png)
+
 
 def query_folder(module: QueryModule) -> Path:
-    """`<experiment>/queries/<run-name>/` of the queried model."""
-    return ExperimentLayout(module.card.experiment).queries(module.run_name)
+    """`<experiment>/queries/<run-name>/` of the queried model; `.../row-<r>/` when it is
+    queried on another row's samples (`QueryModule(row=r)`)."""
+    folder = ExperimentLayout(module.card.experiment).queries(module.run_name)
+    row = module.hparams.row
+    return folder if row is None else folder / f"row-{row:03d}"
 
 
 def done_sample_ids(folder: Path, metadata: dict[str, str]) -> set[int]:
@@ -53,9 +62,16 @@ def done_sample_ids(folder: Path, metadata: dict[str, str]) -> set[int]:
 
 
 def expected_sample_ids(datamodule: object, model_index: int) -> list[int]:
-    """Members and non-members of the model's row of splits.json."""
-    row = datamodule.splits.rows[model_index]
+    """Members and non-members of a row of splits.json (the model's, or the one it queries)."""
+    row = datamodule.splits.row(model_index)
     return sorted([*row.members, *row.nonmembers])
+
+
+def example_sample_ids(datamodule: object, model_index: int, k: int = EXAMPLES_PER_CLASS) -> set:
+    """The samples whose pictures the query keeps: the first `k` members and `k` non-members
+    by sample id (the same whatever the ranks, batches or interruptions)."""
+    row = datamodule.splits.rows[model_index]
+    return {*sorted(row.members)[:k], *sorted(row.nonmembers)[:k]}
 
 
 def execute_query(module: QueryModule, datamodule: object, trainer: Trainer) -> QueryTable | None:
@@ -81,13 +97,18 @@ def execute_query(module: QueryModule, datamodule: object, trainer: Trainer) -> 
     complete = read_complete(folder)
     if complete is not None and all(complete.get(k) == v for k, v in meta.items()):
         rank_zero_info(f"query {folder} is complete; nothing to do")
-        return load_query_table(folder) if trainer.is_global_zero else None
+        if not trainer.is_global_zero:
+            return None
+        _log_lineage(trainer, module, folder, queried_now=False)
+        return load_query_table(folder)
     done = done_sample_ids(folder, meta)
-    expected = expected_sample_ids(datamodule, module.card.model_index)
-    datamodule.exclude_ids = done
+    row = module.hparams.row
+    expected = expected_sample_ids(datamodule, module.card.model_index if row is None else row)
+    datamodule.exclude_ids, datamodule.query_row = done, row
     missing = len(set(expected) - done)
     rank_zero_info(f"querying {module.run_name}: {missing} of {len(expected)} samples to go")
-    writer = ShardWriter(folder, meta)
+    start = time.perf_counter()
+    writer = ShardWriter(folder, meta, example_sample_ids(datamodule, module.card.model_index))
     if missing:
         trainer.callbacks.append(writer)
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
@@ -103,8 +124,22 @@ def execute_query(module: QueryModule, datamodule: object, trainer: Trainer) -> 
             f"({len(set(expected) - got)} missing, {len(got - set(expected))} foreign)"
         )
     mark_complete(folder, len(table), meta)
+    rank_zero_info(f"query {module.run_name}: done in {time.perf_counter() - start:.0f} s")
     _log_query(trainer, table, writer.examples)
+    _log_lineage(trainer, module, folder, queried_now=True)
     return table
+
+
+def _log_lineage(trainer: Trainer, module: QueryModule, folder: Path, queried_now: bool) -> None:
+    """W&B: the query used the model, the splits and the encoder; made (or read) the shards."""
+    from lightning_mia.lineage import query_lineage, splits_summary
+    from lightning_mia.reporting import has_wandb_run, log_config, log_lineage
+
+    if not has_wandb_run(trainer.logger):
+        return
+    used, made = query_lineage(module.hparams.ckpt, folder, module.encoder_folder, queried_now)
+    log_config(trainer.logger, {"splits": splits_summary(ExperimentLayout(module.card.experiment))})
+    log_lineage(trainer.logger, used, made)
 
 
 def _log_query(trainer: Trainer, table: QueryTable, examples: list[dict]) -> None:
@@ -123,6 +158,32 @@ def _log_query(trainer: Trainer, table: QueryTable, examples: list[dict]) -> Non
         )
 
 
+def query_trainer(
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    strategy: str = "auto",
+    num_nodes: int = 1,
+    precision: str | None = None,
+    logger: Logger | bool = False,
+    enable_progress_bar: bool = False,
+    default_root_dir: str | None = None,
+) -> Trainer:
+    """The Trainer of a query (Lightning resolves `auto`; no distributed sampler: the query
+    data shards itself). Settings Lightning refuses become one QueryError line."""
+    try:
+        return Trainer(
+            accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
+            precision=precision, logger=logger, enable_progress_bar=enable_progress_bar,
+            enable_model_summary=False, enable_checkpointing=False,
+            default_root_dir=default_root_dir, use_distributed_sampler=False,
+        )  # fmt: skip
+    except (MisconfigurationException, ValueError) as err:
+        raise QueryError(
+            f"query devices: accelerator={accelerator!r}, devices={devices!r}, "
+            f"strategy={strategy!r}, num_nodes={num_nodes}: {err}"
+        ) from None
+
+
 def run_query(
     ckpt: str,
     num_images: int = 4,
@@ -133,14 +194,24 @@ def run_query(
     signals: list[str] | None = None,
     signal_timesteps: list[int] | None = None,
     batch_size: int | None = None,
+    row: int | None = None,
     accelerator: str = "auto",
     devices: int | str = "auto",
     strategy: str = "auto",
+    num_nodes: int = 1,
     precision: str | None = None,
     progress: bool = True,
     logger: Logger | bool = False,
 ) -> QueryTable | None:
-    """Query the model of `ckpt` for its row of splits.json (see `execute_query`)."""
+    """Query the model of `ckpt` for its row of splits.json, or for another `row`'s samples
+    (see `execute_query`).
+
+    Several devices: each rank queries its share (`ShardedSampler`: every sample once) and
+    writes its own shards; rank 0 merges them. `strategy="ddp"` starts the other ranks by
+    re-running this process's command line when the first query runs (they then run the same
+    command up to the same query, so call this from a command whose every rank does the same
+    work, as `attack.py` does); `"ddp_spawn"` starts workers for each query instead.
+    """
     from lightning_mia.data.datamodule import MembershipDataModule
 
     module = QueryModule(
@@ -152,19 +223,25 @@ def run_query(
         save_images=save_images,
         signals=signals,
         signal_timesteps=signal_timesteps,
+        row=row,
     )
     datamodule = MembershipDataModule.from_experiment(
         module.card.experiment, model_index=module.card.model_index, query_batch_size=batch_size
     )
-    trainer = Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        strategy=strategy,
-        precision=precision,
-        logger=logger,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
+    trainer = query_trainer(
+        accelerator, devices, strategy, num_nodes,
+        precision=precision, logger=logger, enable_progress_bar=progress,
         default_root_dir=str(query_folder(module)),
-        use_distributed_sampler=False,
-    )
+    )  # fmt: skip
     return execute_query(module, datamodule, trainer)
+
+
+def leave_process_group() -> None:
+    """End a multi-process query run: every rank waits for the others, then leaves the
+    process group, so rank 0 goes on as a single process (the attack classifiers train there,
+    and nothing it does can wait on a rank that has finished). A no-op in one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -9,7 +9,8 @@ One folder per queried model (`queries/<run-name>/`). Each shard holds
 
 and string metadata (`splits_hash`, `run_name`, `family`, `experiment`, ...). Shards are written
 atomically (temporary file + rename), one or more per rank; `load_query_table` merges a folder,
-de-duplicates by `sample_id` and sorts by it. `COMPLETE.json` marks a finished query.
+de-duplicates by `sample_id` and sorts by it. `COMPLETE.json` marks a finished query;
+`timing-r<rank>.json` files hold what each rank measured (seconds per query stage).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
+from lightning_mia.attack.spec import QueryCosts
 from lightning_mia.errors import UserError
-from lightning_mia.paths import atomic_write_bytes, atomic_write_json
+from lightning_mia.paths import QUERY_COMPLETE, atomic_write_bytes, atomic_write_json
 
 SHARD_GLOB = "shard-*.safetensors"
-COMPLETE = "COMPLETE.json"
+TIMING_GLOB = "timing-r*.json"  # per rank: measured seconds per query stage, samples queried
 RESERVED = ("sample_id", "is_member", "model_index")
 
 
@@ -45,6 +47,7 @@ class QueryTable:
     model_index: int
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> float32 (S,)
     metadata: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # measured per sample, per stage
 
     def __len__(self) -> int:
         return int(self.sample_id.numel())
@@ -57,6 +60,15 @@ class QueryTable:
                 f"features not in the shards of {self.metadata.get('run_name')}: {missing}"
             )
         return torch.stack([self.features[n] for n in names], dim=1)
+
+    def costs(self) -> QueryCosts:
+        """What querying this model cost per sample (N images, signal passes, seconds)."""
+        n = self.metadata.get("num_images")
+        return QueryCosts(
+            num_images=int(n) if n else None,
+            signal_queries=json.loads(self.metadata.get("signal_queries") or "{}"),
+            seconds=dict(self.seconds),
+        )
 
 
 def write_shard(
@@ -153,17 +165,31 @@ def load_query_table(folder: str | os.PathLike) -> QueryTable:
         model_index=int(model_index.item()),
         features={k: cat[k][idx] for k in names},
         metadata=merged_meta,
+        seconds=seconds_per_sample(folder),
     )
+
+
+def seconds_per_sample(folder: str | os.PathLike) -> dict[str, float]:
+    """Measured seconds per sample of each query stage (generate, features, each signal),
+    summed over the ranks' timing files."""
+    seconds: dict[str, float] = {}
+    samples = 0
+    for path in sorted(Path(folder).glob(TIMING_GLOB)):
+        part = json.loads(path.read_text(encoding="utf-8"))
+        samples += part["samples"]
+        for name, value in part["seconds"].items():
+            seconds[name] = seconds.get(name, 0.0) + value
+    return {k: v / samples for k, v in seconds.items()} if samples else {}
 
 
 def mark_complete(folder: str | os.PathLike, num_samples: int, metadata: Mapping[str, str]) -> None:
     """Record that the query of this folder finished with `num_samples` samples."""
-    atomic_write_json(Path(folder) / COMPLETE, {"num_samples": num_samples, **metadata})
+    atomic_write_json(Path(folder) / QUERY_COMPLETE, {"num_samples": num_samples, **metadata})
 
 
 def read_complete(folder: str | os.PathLike) -> dict | None:
     """The COMPLETE.json record of a finished query folder, or None."""
-    path = Path(folder) / COMPLETE
+    path = Path(folder) / QUERY_COMPLETE
     if not path.is_file():
         return None
     return json.loads(path.read_text(encoding="utf-8"))

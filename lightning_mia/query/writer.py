@@ -4,6 +4,10 @@ Each rank writes one shard per batch, named by its rank and first sample id, ato
 generated images (optional) are written as PNGs before the shard, so a shard on disk means its
 images are complete. A killed run leaves only complete shards behind and is resumed by querying
 the sample ids that no shard holds yet.
+
+A few samples (`example_ids`) keep their pictures: the query image, the N generations and the
+caption go to `examples-r<rank>-<first id>.safetensors` beside the batch's shard (written before
+it), which `read_examples` merges; the attack report draws `examples.png` from them.
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from lightning_mia.paths import atomic_write_bytes, atomic_write_json
-from lightning_mia.query.shards import write_shard
+from lightning_mia.query.shards import ShardError, write_shard
+
+EXAMPLES_GLOB = "examples-r*.safetensors"
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -37,13 +45,52 @@ def write_png(path: str | os.PathLike, image: torch.Tensor) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-class ShardWriter(BasePredictionWriter):
-    """Write each prediction batch of `QueryModule` as a shard under `folder`."""
+def write_examples(
+    path: str | os.PathLike,
+    sample_id: torch.Tensor,
+    query: torch.Tensor,
+    generated: torch.Tensor,
+    captions: list[str],
+) -> None:
+    """Write kept examples atomically: ids (E,), query (E, 3, H, W) and generated
+    (E, N, 3, H', W') in [-1, 1] as uint8 images, captions in the metadata."""
+    tensors = {
+        "sample_id": sample_id.to(torch.int64).cpu().contiguous(),
+        "query": to_uint8(query).contiguous(),  # (E, H, W, 3)
+        "generated": to_uint8(generated).contiguous(),  # (E, N, H', W', 3)
+    }
+    atomic_write_bytes(path, save(tensors, metadata={"captions": json.dumps(list(captions))}))
 
-    def __init__(self, folder: str | os.PathLike, metadata: dict[str, str]) -> None:
+
+def read_examples(folder: str | os.PathLike) -> dict[int, dict[str, Any]]:
+    """{sample_id: {"query": uint8 (H, W, 3), "generated": uint8 (N, H', W', 3), "caption"}}
+    from a query folder's example files (empty when it kept none)."""
+    out: dict[int, dict[str, Any]] = {}
+    for path in sorted(Path(folder).glob(EXAMPLES_GLOB)):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in ("sample_id", "query", "generated")}
+                captions = json.loads((f.metadata() or {}).get("captions", "[]"))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ShardError(f"examples file {path}: unreadable ({err})") from err
+        for i, sid in enumerate(tensors["sample_id"].tolist()):
+            caption = captions[i] if i < len(captions) else ""
+            out[sid] = {"query": tensors["query"][i], "generated": tensors["generated"][i],
+                        "caption": caption}  # fmt: skip
+    return out
+
+
+class ShardWriter(BasePredictionWriter):
+    """Write each prediction batch of `QueryModule` as a shard under `folder`, and the
+    pictures of the samples in `example_ids` as example files."""
+
+    def __init__(
+        self, folder: str | os.PathLike, metadata: dict[str, str], example_ids: Any = ()
+    ) -> None:
         super().__init__(write_interval="batch")
         self.folder = Path(folder)
         self.metadata = dict(metadata)
+        self.example_ids = {int(i) for i in example_ids}
         self.examples: list[dict[str, Any]] = []  # a few (query, generated) pairs for W&B
 
     def write_on_batch_end(
@@ -64,7 +111,14 @@ class ShardWriter(BasePredictionWriter):
             for sid, per_caption in zip(ids.tolist(), images):
                 for k, image in enumerate(per_caption):
                     write_png(self.folder / "images" / f"{sid:012d}_{k}.png", image)
-        name = f"shard-r{trainer.global_rank:03d}-{int(ids.min()):012d}.safetensors"
+        tag = f"r{trainer.global_rank:03d}-{int(ids.min()):012d}"
+        keep = [i for i, sid in enumerate(ids.tolist()) if sid in self.example_ids]
+        if keep and "generated" in prediction:
+            captions = [prediction["caption"][i] for i in keep]
+            query, generated = prediction["query"][keep], prediction["generated"][keep]
+            write_examples(self.folder / f"examples-{tag}.safetensors", ids[keep], query,
+                           generated, captions)  # fmt: skip
+        name = f"shard-{tag}.safetensors"
         write_shard(
             self.folder / name,
             ids,
@@ -73,10 +127,13 @@ class ShardWriter(BasePredictionWriter):
             prediction["features"],
             self.metadata,
         )
-        if len(self.examples) < 8 and "query" in prediction:
-            keep = ("query", "generated", "caption")
-            self.examples.append({k: prediction[k] for k in keep})
-            self.examples[-1]["is_member"] = prediction["is_member"][: len(prediction["query"])]
+        if len(self.examples) < 8 and "query" in prediction:  # the first 2 of a batch, for W&B
+            self.examples.append({
+                "query": prediction["query"][:2].cpu(),
+                "generated": prediction["generated"][:2].cpu(),
+                "caption": list(prediction["caption"][:2]),
+                "is_member": prediction["is_member"][:2].cpu(),
+            })  # fmt: skip
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Add this rank's measured seconds (per stage) and sample count to its timing file."""
@@ -89,15 +146,3 @@ class ShardWriter(BasePredictionWriter):
             total["seconds"][name] = total["seconds"].get(name, 0.0) + value
         total["samples"] += getattr(pl_module, "num_queried", 0)
         atomic_write_json(path, total)
-
-
-def seconds_per_sample(folder: str | os.PathLike) -> dict[str, float]:
-    """Measured seconds per sample of each query stage (generate, features, each signal)."""
-    seconds: dict[str, float] = {}
-    samples = 0
-    for path in sorted(Path(folder).glob("timing-r*.json")):
-        part = json.loads(path.read_text(encoding="utf-8"))
-        samples += part["samples"]
-        for name, value in part["seconds"].items():
-            seconds[name] = seconds.get(name, 0.0) + value
-    return {k: v / samples for k, v in seconds.items()} if samples else {}

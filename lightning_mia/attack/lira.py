@@ -1,0 +1,176 @@
+"""LiRA beside every attack (Carlini et al. 2022): each attack's per-sample score, calibrated
+against the shadows' scores of the same sample.
+
+    results, notes = lira_results(names, target, shadows, calibration, models, costs, 0, 1000)
+    results["lira-offline-pixel"], results["lira-online-loss"]
+
+What is calibrated (`ScoreSource`): the attack's declared scalar (`AttackSpec.score_feature`,
+e.g. `pixel/psnr_max`, `loss/mean`), or, for an attack that declares none (`combined`), the
+learned attack's own logit, which the classifier fitted on the shadows' rows gives for any row.
+Its direction (larger = member) is read off the shadows' own rows, never the target's labels.
+
+Where the shadow scores come from: `calibration` tables (each shadow also queried on the target's
+query samples, labelled with that shadow's own membership), or, without them, the shadows' own
+tables where they hold target samples (`shadow_pool: auxiliary+queries`).
+
+- `lira-offline-<attack>`: OUT shadows only, -log P(Z >= x) under the sample's OUT Gaussian; in
+  the default splits every shadow is OUT for every target sample. Classifies "member" above
+  the OUT median (score log 2).
+- `lira-online-<attack>`: where some shadows trained on the sample (IN), the log-likelihood
+  ratio IN vs OUT; classifies "member" at ratio 1 (score 0).
+- fewer than `FIXED_VARIANCE_BELOW` shadows: one global variance (Carlini et al.'s fixed
+  variance), else per-sample variances.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lightning_mia.attack.calibration import FIXED_VARIANCE_BELOW, calibrate, score_matrix
+from lightning_mia.attack.catalog import ATTACKS
+from lightning_mia.attack.module import AttackModule
+from lightning_mia.attack.report import AttackResult
+from lightning_mia.attack.spec import AttackSpec, QueryCosts
+from lightning_mia.metrics import roc_auc
+from lightning_mia.query.shards import QueryTable
+
+OFFLINE_THRESHOLD = math.log(2.0)  # -log P(Z >= x) = log 2: x at the OUT Gaussian's median
+ONLINE_THRESHOLD = 0.0  # log-likelihood ratio 0: IN and OUT equally likely
+NO_IN_STATISTICS = -1e9  # online score of a sample without IN statistics: least likely member
+Models = Mapping[str, tuple[AttackModule, list[str]]]  # attack -> (fitted classifier, features)
+
+
+@dataclass(frozen=True)
+class ScoreSource:
+    """The per-(model, sample) scalar LiRA calibrates for one attack."""
+
+    feature: str = ""  # a raw feature, or "" = the learned attack's logit
+    model: AttackModule | None = None  # the learned attack (when feature is "")
+    names: tuple[str, ...] = ()  # its input features, in column order
+
+    @property
+    def description(self) -> str:
+        return self.feature or "the learned attack's logit"
+
+    def missing(self, table: QueryTable) -> list[str]:
+        """Features this source needs that `table` lacks."""
+        need = [self.feature] if self.feature else list(self.names)
+        return [n for n in need if n not in table.features]
+
+    def values(self, table: QueryTable) -> torch.Tensor:
+        """(S,) float64 scores of every row of `table`."""
+        if self.feature:
+            return table.features[self.feature].double()
+        return self.model.score(table.feature_matrix(list(self.names))).double()
+
+
+def source_for(spec: AttackSpec, models: Models) -> ScoreSource:
+    """The declared scalar of `spec`, else its learned logit (None-model source if not trained)."""
+    if spec.score_feature:
+        return ScoreSource(spec.score_feature)
+    model, names = models.get(spec.name, (None, []))
+    return ScoreSource("", model, tuple(names))
+
+
+def direction(source: ScoreSource, shadows: Sequence[QueryTable]) -> int:
+    """+1 if larger values mean member on the shadows' own rows (AUC >= 0.5), else -1."""
+    if not source.feature:
+        return 1  # a logit of "member"
+    values = torch.cat([source.values(t) for t in shadows])
+    labels = torch.cat([t.is_member for t in shadows])
+    return 1 if float(roc_auc(values, labels)) >= 0.5 else -1
+
+
+def _counts(mask: torch.Tensor) -> dict[str, int]:
+    per_sample = mask.sum(0)  # (S,)
+    return {"min": int(per_sample.min()), "max": int(per_sample.max())}
+
+
+def _calibrated(
+    spec: AttackSpec, source: ScoreSource, target: QueryTable, shadows: Sequence[QueryTable],
+    tables: Sequence[QueryTable], costs: QueryCosts, seed: int, n_boot: int,
+) -> tuple[dict[str, AttackResult], list[str]]:  # fmt: skip
+    """lira-offline-<name> (and lira-online-<name> where IN scores exist) of one attack, and
+    the names of those the shadows cannot give a variance for (skipped)."""
+    sign = direction(source, shadows)
+    scores, is_in, observed = score_matrix(
+        target.sample_id, tables, [sign * source.values(t) for t in tables]
+    )  # (M, S) each
+    x = sign * source.values(target)  # (S,)
+    fixed = len(tables) < FIXED_VARIANCE_BELOW
+    common = {
+        "calibrates": source.description, "direction": sign, "shadows": len(tables),
+        "variance": "global (fixed)" if fixed else "per sample (global where < 4 on a side)",
+        "in_shadows_per_sample": _counts(is_in & observed),
+        "out_shadows_per_sample": _counts(~is_in & observed),
+    }  # fmt: skip
+    out, skipped = {}, []
+    for mode, online, threshold in (
+        ("offline", False, OFFLINE_THRESHOLD), ("online", True, ONLINE_THRESHOLD),
+    ):  # fmt: skip
+        side = is_in if online else ~is_in
+        if not (side & observed).any():
+            continue
+        lira, g = calibrate(x, scores, is_in, observed, online, fixed)
+        stds = [g.std_out, g.std_in] if online else [g.std_out]
+        if not all(torch.isfinite(std).all() for std in stds):  # one score per sample and side
+            skipped.append(f"lira-{mode}-{spec.name}")
+            continue
+        lira = torch.nan_to_num(lira, nan=NO_IN_STATISTICS)
+        name = f"lira-{mode}-{spec.name}"
+        derived = AttackSpec(name, spec.groups, spec.access)
+        out[name] = AttackResult.from_scores(
+            derived, lira, target.is_member, target.sample_id, [source.description], threshold,
+            costs, seed, n_boot, measured=False, details={**common, "mode": mode},
+        )  # fmt: skip
+    return out, skipped
+
+
+def lira_results(
+    names: Sequence[str], target: QueryTable, shadows: Sequence[QueryTable],
+    calibration: Sequence[QueryTable], models: Models,
+    costs: QueryCosts, seed: int, n_boot: int,
+) -> tuple[dict[str, AttackResult], list[str]]:  # fmt: skip
+    """Offline and (where possible) online LiRA of every attack in `names`; notes say what
+    was calibrated and what was skipped."""
+    if not shadows:
+        return {}, []
+    if len(shadows) < 2:
+        return {}, ["LiRA skipped: one shadow model gives no variance to fit (needs >= 2)"]
+    tables = list(calibration) or list(shadows)
+    _, _, observed = score_matrix(
+        target.sample_id, tables, [torch.zeros(len(t)) for t in tables]
+    )  # fmt: skip
+    if not observed.any():
+        return {}, [
+            "LiRA skipped: no shadow was queried on the target's samples (attack.py does so "
+            "unless --calibrate false; or make the splits with shadow_pool: auxiliary+queries)"
+        ]
+    results, skipped = {}, []
+    for name in names:
+        source = source_for(ATTACKS[name], models)
+        lacking = [m for t in [target, *tables] for m in source.missing(t)]
+        if (not source.feature and source.model is None) or lacking:
+            skipped.append(f"{name} ({', '.join(sorted(set(lacking))) or 'not trained'})")
+            continue
+        done, no_variance = _calibrated(ATTACKS[name], source, target, shadows, tables, costs,
+                                        seed, n_boot)  # fmt: skip
+        results.update(done)
+        skipped += [f"{n} (the shadows give no variance: too few shadows)" for n in no_variance]
+    fixed = len(tables) < FIXED_VARIANCE_BELOW
+    variance = (
+        f"one global variance, as Carlini et al. below {FIXED_VARIANCE_BELOW} shadows"
+        if fixed else "per-sample variances"
+    )  # fmt: skip
+    notes = [
+        f"lira-offline-*: offline LiRA over {len(tables)} shadows' OUT scores of each target "
+        f"sample ({variance}), member above the OUT median; lira-online-* (where shadows "
+        "trained on target samples): likelihood ratio IN vs OUT, member at ratio 1"
+    ]
+    if skipped:
+        notes.append("LiRA skipped for: " + "; ".join(skipped))
+    return results, notes

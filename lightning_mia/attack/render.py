@@ -1,0 +1,162 @@
+"""An attack report as people read it: the terminal table, report.md, roc.png; `write_report`.
+
+roc = write_report(layout.report_dir("shadow"), report)  # report.json/.md, roc.png, scores.csv
+print(format_table(report))
+
+Rows: attacks, then `threshold (baseline)` and `blind (diagnostic)`. An attack whose AUC interval
+lies wholly below 0.5 is marked `!` and named under the table ("ranks the target backwards").
+Each TPR@FPR cell holds the value, its interval and the false positives it admits.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+from lightning_mia.attack.examples import EXAMPLES_PNG, examples_png
+from lightning_mia.attack.report import (
+    BACKWARDS,
+    REPORT_JSON,
+    REPORT_MD,
+    ROC_PNG,
+    AttackReport,
+    AttackResult,
+)
+from lightning_mia.attack.scores import SCORES_CSV, render_scores_csv
+from lightning_mia.metrics import METRIC_NAMES, roc_curve
+from lightning_mia.paths import atomic_write_bytes
+
+METRIC_LABELS = {
+    "accuracy": "accuracy",
+    "auc": "AUC",
+    "tpr@1%fpr": "TPR@1%FPR",
+    "tpr@0.1%fpr": "TPR@0.1%FPR",
+}
+
+
+def label(kind: str, result: AttackResult) -> str:
+    """The row name: `pixel`, `threshold (baseline)`, `blind (diagnostic)`; `!` if flagged."""
+    name = result.name
+    if result.is_diagnostic:
+        name += " (diagnostic)"
+    elif kind == "baseline":
+        name += " (baseline)"
+    return name + (" !" if BACKWARDS in result.flags else "")
+
+
+def _header(report: AttackReport) -> list[str]:
+    labels = dict(METRIC_LABELS)
+    if report.accuracy_is_balanced:
+        labels["accuracy"] = "balanced accuracy"
+    return ["attack", "access", "queries", *(labels[m] for m in METRIC_NAMES)]
+
+
+def _rows(report: AttackReport) -> list[list[str]]:
+    rows = []
+    for kind, r in report.results():
+        q = "-" if r.queries_per_sample is None else str(r.queries_per_sample)
+        cells = [r.metrics[m].format() if m in r.metrics else "-" for m in METRIC_NAMES]
+        rows.append([label(kind, r), r.access, q, *cells])
+    return rows
+
+
+def flag_lines(report: AttackReport) -> list[str]:
+    """One line per flagged result, for under the table."""
+    return [f"! {r.name}: {flag}" for _, r in report.results() for flag in r.flags]
+
+
+def format_table(report: AttackReport) -> str:
+    """The attack x metric table as aligned plain text, for the terminal."""
+    header = _header(report)
+    rows = [header, *_rows(report)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    title = f"{report.setting} setting, {report.family}, {report.num_shadows} shadow model(s)"
+    return "\n".join([title, *lines, *flag_lines(report)])
+
+
+def render_markdown(report: AttackReport, examples: bool = False) -> str:
+    """report.md: the run's facts, the attack x metric table ("n/r" = not resolvable), notes."""
+    t = report.target
+    facts = [
+        f"- setting: `{report.setting}`"
+        + (f" (known fraction {report.known_fraction})" if report.known_fraction else ""),
+        f"- family: `{report.family}`; target: `{t.get('run_name', '?')}`, "
+        f"{t.get('train_steps_per_image') or 'unknown'} training steps per image, "
+        f"augmentation {json.dumps(t.get('augmentation', {}), sort_keys=True)}",
+        f"- images per query caption: {report.num_images}; shadow models: {report.num_shadows}",
+        f"- test samples: {report.test_samples}; seeds: {json.dumps(report.seeds, sort_keys=True)}",
+        f"- splits hash: `{report.splits_hash}`; created {report.created}",
+    ]
+    header = _header(report)
+    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table += ["| " + " | ".join(row) + " |" for row in _rows(report)]
+    table += ["", *(f"**{line}**" for line in flag_lines(report))] if flag_lines(report) else []
+    notes = [f"- {n}" for n in report.notes]
+    scores = f"Per-sample scores: [{SCORES_CSV}]({SCORES_CSV})."
+    parts = ["# Membership inference report", "", *facts, "", *table, "", "![ROC](roc.png)"]
+    parts += ["", f"![examples]({EXAMPLES_PNG})"] if examples else []
+    parts += ["", scores]
+    if notes:
+        parts += ["", "## Notes", "", *notes]
+    return "\n".join(parts) + "\n"
+
+
+def render_roc_png(report: AttackReport) -> bytes:
+    """ROC curves of every result with scores, log-log axes, chance line; PNG bytes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 5.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    negatives = [int((~r.labels).sum()) for _, r in report.results() if r.labels is not None]
+    floor = 0.5 / max(max(negatives, default=1000), 1)
+    for kind, r in report.results():
+        if r.scores is None or r.labels is None:
+            continue
+        fpr, tpr, _ = roc_curve(r.scores, r.labels)
+        auc = r.metrics.get("auc")
+        text = label(kind, r)
+        if auc is not None and auc.value is not None:
+            text += f" AUC {auc.value:.3f}"
+        ax.plot(fpr.clamp(min=floor), tpr.clamp(min=floor), "-" if kind == "attack" else "--",
+                label=text, linewidth=1.4)  # fmt: skip
+    ax.plot([floor, 1], [floor, 1], ":", color="gray", label="chance")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(floor, 1)
+    ax.set_ylim(floor, 1.05)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"{report.family}: {report.setting} setting")
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def write_report(folder: str | os.PathLike, report: AttackReport) -> Path:
+    """Write report.json, report.md, roc.png, scores.csv (and examples.png) into `folder`;
+    returns roc.png's path.
+
+    All four are rendered before anything is written, and each is written atomically, so a
+    failure leaves no partial report (and an older complete one untouched).
+    """
+    folder = Path(folder)
+    examples = examples_png(folder, report)  # None unless the target's query kept examples
+    files = {
+        REPORT_JSON: (json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n").encode(),
+        REPORT_MD: render_markdown(report, examples is not None).encode(),
+        ROC_PNG: render_roc_png(report),
+        SCORES_CSV: render_scores_csv(report),
+    }
+    if examples is not None:
+        files[EXAMPLES_PNG] = examples
+    for name, data in files.items():
+        atomic_write_bytes(folder / name, data)
+    return folder / ROC_PNG

@@ -1,0 +1,227 @@
+"""Prepare the experiment folder of an external target: splits, target checkpoint, shadows.
+
+    python attack.py --pipeline /models/sd-v1-5 --lora my_lora/ --members members.jsonl \
+        --non-members non_members.jsonl --experiment runs/audit --encoder /models/clip-vit-b32
+
+`prepare_external(options)` writes `splits.json` (`external.splits`), the target's checkpoint
+(`external.target`) as row 0, then trains what is missing — the attacker's encoder (unless
+`--encoder`) and shadows 1..K fine-tuned from the same base the same way (LoRA of the adapter's
+rank, alpha and layers; or in full) — each as its own `python -m lightning_mia.cli fit` process
+from a config written to `<experiment>/external/` (the shadows' config file, with the data of
+this experiment, the base and the LoRA settings put in). Finished stages are skipped and killed
+ones resume, so a second command reuses everything. It returns the options with `ckpt` set to
+the target's checkpoint: the attack then runs as for any checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_mia.card import RunCard, load_checkpoint, read_card
+from lightning_mia.data.member_lists import MemberListSource
+from lightning_mia.data.sources import ImageCaptionSource
+from lightning_mia.errors import UserError
+from lightning_mia.external.splits import ensure_external_splits
+from lightning_mia.external.target import adapter_kind, target_module, write_target_checkpoint
+from lightning_mia.models.pipeline_folder import (
+    base_reference,
+    check_pipeline_folder,
+    files_sha256,
+    native_resolution,
+    pipeline_sha256,
+)
+from lightning_mia.paths import ExperimentLayout, atomic_write_bytes
+from lightning_mia.stages import fit_arguments, run_fit_process
+
+SHADOW_CONFIGS = {  # the shadows' training recipe when --shadow-config is not given
+    "lora": "configs/diffusion/lora.yaml",
+    "full": "configs/diffusion/pretrained.yaml",
+}
+FOLDER = "external"  # <experiment>/external/: the configs the stages were trained from
+MEMBER_LIST_SOURCE = f"{MemberListSource.__module__}.{MemberListSource.__qualname__}"
+# what the audit sets in the shadows' model config (the rest is the config's own recipe)
+TARGET_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "train_unet", "train_text_encoder")
+
+
+class ExternalError(UserError):
+    """An external target that cannot be audited as given."""
+
+
+def check_options(options: Any) -> list[str]:
+    """Every problem with the external-target options, for one error."""
+    problems = [
+        f"--{name.replace('_', '-')} is needed with --pipeline"
+        for name in ("members", "non_members", "experiment")
+        if not getattr(options, name)
+    ]
+    if options.ckpt:
+        problems.append("give --ckpt (a checkpoint of this package) or --pipeline, not both")
+    if options.lora and options.base:
+        problems.append("--base is for a fully fine-tuned --pipeline; with --lora the pipeline "
+                        "is the base")  # fmt: skip
+    if not options.lora and not options.base:
+        problems.append(
+            "a fully fine-tuned --pipeline needs --base <the pipeline it started "
+            "from> (shadows are fine-tuned from it); a LoRA fine-tune needs --lora"
+        )
+    return problems  # fmt: skip
+
+
+def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise ExternalError(f"{what} {path}: not a readable YAML file ({err})") from err
+    if not isinstance(data, dict):
+        raise ExternalError(f"{what} {path}: expected a YAML mapping")
+    return data
+
+
+def data_description(path: str) -> dict[str, Any] | None:
+    """The base source of `--data`: a YAML with `class_path` + `init_args` (as `data.source` in
+    a training config, which is read too), as `{"name", "init_args"}`; None without --data."""
+    if not path:
+        return None
+    spec = read_yaml(path, "data source config")
+    spec = spec.get("data", {}).get("source", spec) if "data" in spec else spec
+    module, _, name = str(spec.get("class_path", "")).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ExternalError(f"data source config {path}: no source class_path ({err})") from err
+    if not (isinstance(cls, type) and issubclass(cls, ImageCaptionSource)):
+        raise ExternalError(f"data source config {path}: {cls} is not an ImageCaptionSource")
+    return cls(**spec.get("init_args", {})).describe()
+
+
+def folder_or_file_sha256(path: Path) -> str:
+    """sha256 of one file, or of every file of a folder (`files_sha256`)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return files_sha256(path.parent if path.is_file() else path, files)
+
+
+def facts_of(options: Any, base: str) -> dict[str, Any]:
+    """What the report says was given: paths and sha256 of the pipeline, adapter and base."""
+    lora = Path(options.lora) if options.lora else None
+    return {
+        "pipeline": str(options.pipeline), "pipeline_sha256": pipeline_sha256(options.pipeline),
+        "lora": str(lora) if lora else None,
+        "lora_sha256": folder_or_file_sha256(lora) if lora else None,
+        "base": str(base), "base_sha256": pipeline_sha256(base),
+        "members": str(options.members), "non_members": str(options.non_members),
+        "data": str(options.data) or None,
+    }  # fmt: skip
+
+
+def ensure_target(layout: ExperimentLayout, splits: Any, options: Any, settings: dict,
+                  facts: dict) -> Path:  # fmt: skip
+    """The target's checkpoint (row 0): written once, then checked to be of the same inputs."""
+    ckpt = layout.checkpoint("diffusion", 0)
+    if ckpt.is_file():
+        card = read_card(ckpt)
+        before = card.extra.get("external") or {}
+        digests = [k for k in facts if k.endswith("sha256")]  # paths may be spelt otherwise
+        if any(before.get(k) != facts[k] for k in digests) or card.splits_hash != splits.hash:
+            raise ExternalError(
+                f"{ckpt} is another target (other pipeline, adapter, lists or splits): use "
+                "another --experiment folder"
+            )
+        return ckpt
+    module = target_module(options.pipeline, options.lora, settings)
+    card = RunCard(
+        family="diffusion", preset="pretrained", model_index=0, splits_hash=splits.hash,
+        experiment=str(layout.root), **module.card_references(),
+        extra={"external": facts, "base": base_reference(options.pipeline)},
+    )  # fmt: skip
+    rank_zero_info(f"external target: wrote {write_target_checkpoint(module, card, ckpt)}")
+    return ckpt
+
+
+def stage_config(config: dict, layout: ExperimentLayout, splits: Any, init_args: dict,
+                 train_split: str = "members") -> dict:  # fmt: skip
+    """`config` with this experiment's data (the member-list source of splits.json) and
+    `init_args` put into its model."""
+    kept = {k: v for k, v in (config.get("data") or {}).items()
+            if k in ("batch_size", "num_workers", "query_batch_size")}  # fmt: skip
+    source = splits.dataset["source"]
+    data = {
+        "experiment": str(layout.root),
+        "train_split": train_split,
+        **splits.config,
+        **kept,
+        "source": {"class_path": MEMBER_LIST_SOURCE, "init_args": source["init_args"]},
+    }
+    model = dict(config.get("model") or {})
+    model["init_args"] = {**(model.get("init_args") or {}), **init_args}
+    return {**config, "model": model, "data": data}  # fmt: skip
+
+
+def fit_stage(folder: Path, config: dict, name: str, args: list[str]) -> None:
+    """Train one stage in its own process from `config` (written beside the audit's other
+    files) unless `folder` is done; resume its last.ckpt."""
+    path = folder.parent / FOLDER / f"{name}.yaml"
+    atomic_write_bytes(path, yaml.safe_dump(config, sort_keys=False).encode("utf-8"))
+    argv = fit_arguments(folder, str(path), args)
+    if argv is not None:
+        run_fit_process(folder, argv)
+
+
+def shadow_settings(target: dict[str, Any], options: Any, base: str) -> dict[str, Any]:
+    """The shadows' model arguments that make them fine-tuned like the target (its
+    checkpoint's hyper-parameters `target`), from `base`."""
+    fields = {k: target[k] for k in TARGET_FIELDS}
+    fields["lora_targets"] = list(fields["lora_targets"])
+    if not options.lora:  # a full fine-tune: the UNet trains; the text encoder if it changed
+        text = [files_sha256(f, sorted((Path(f) / "text_encoder").iterdir()))
+                for f in (options.pipeline, base)]  # fmt: skip
+        fields.update(train_unet=True, train_text_encoder=text[0] != text[1])
+    return {**fields, "preset": "pretrained", "pretrained": str(base), "autoencoder": "",
+            "tokenizer": "", "resolution": target["resolution"]}  # fmt: skip
+
+
+def prepare_external(options: Any) -> Any:
+    """Write or check splits and target, train the missing stages; the options to attack with
+    (`ckpt` = the target's checkpoint, `experiment` = its folder)."""
+    problems = check_options(options)
+    if problems:
+        raise ExternalError("cannot audit the external target:\n  - " + "\n  - ".join(problems))
+    base = options.pipeline if options.lora else options.base
+    for folder in {options.pipeline, base}:
+        check_pipeline_folder(folder)
+    if options.lora:
+        adapter_kind(options.lora)  # a path that holds no adapter: said now, not after the splits
+    layout = ExperimentLayout(options.experiment)
+    config = read_yaml(options.shadow_config or SHADOW_CONFIGS["lora" if options.lora else "full"],
+                       "shadow config")  # fmt: skip
+    model = config.get("model") or {}
+    if not str(model.get("class_path", "")).endswith("LatentDiffusionModule"):
+        raise ExternalError(f"shadow config {options.shadow_config}: its model is not a "
+                            "lightning_mia.models.diffusion.LatentDiffusionModule")  # fmt: skip
+    settings = dict(model.get("init_args") or {})
+    settings["resolution"] = settings.get("resolution") or native_resolution(options.pipeline)
+    source = MemberListSource(options.members, options.non_members,
+                              data_description(options.data), settings["resolution"])  # fmt: skip
+    splits = ensure_external_splits(
+        layout, source, num_shadows=options.num_shadows, seed=options.seed,
+        query_fraction=options.query_fraction, public_size=options.public_size,
+    )  # fmt: skip
+    ckpt = ensure_target(layout, splits, options, settings, facts_of(options, base))
+    extra = shlex.split(options.shadow_args)
+    if not options.encoder:
+        encoder = read_yaml(options.encoder_config, "encoder config")
+        split = "public" if splits.public_pool is not None else "auxiliary"
+        fit_stage(layout.encoder, stage_config(encoder, layout, splits, {}, split), "encoder", [])
+    hparams = load_checkpoint(ckpt)["hyper_parameters"]
+    shadow = stage_config(config, layout, splits, shadow_settings(hparams, options, base))
+    for k in range(1, options.num_shadows + 1):
+        args = [f"--data.model_index={k}", *extra]
+        fit_stage(layout.run_dir("diffusion", k), shadow, "shadow", args)
+    return dataclasses.replace(options, ckpt=str(ckpt), experiment=str(layout.root))

@@ -1,0 +1,157 @@
+"""CLiD (Zhai et al., "Membership Inference on Text-to-image Diffusion Models via Conditional
+Likelihood Discrepancy", NeurIPS 2024): how much better the model denoises a query with its
+caption than with reduced captions. Gaps and score: higher = member; loss: lower = member.
+
+    feats = compute_signals(model, batch, ["clid"], seed=0)
+    # the shadow-calibrated CLiD_th score: lightning_mia.attack.clid.fit_clid_threshold
+
+As the reference code (github zhaisf/CLiD, `mia_CLiD_impt.py`): at each of a few timesteps
+around T/2 (440, 450, 460 of 1000) and one fixed noise per sample and timestep, shared by every
+condition (the same noise `loss` uses at that t), the noise-space error ℓ(c') = ||eps -
+eps_θ(x_t, t, c')||² (mean over the latent, averaged over the timesteps; guidance 1) for the
+caption c, the null caption "" and one reduced caption per cut rate r (0.3, 0.5, 0.7): the
+caption with its most important words replaced by the tokenizer's end-of-text token (the
+reference's `replace_words_topRate`: every word whose importance is at least the
+(int(r·n - 0.01)+1)-th largest of the n words'). Features: `clid/loss_cond` = ℓ(c);
+`clid/gap_null` = ℓ("") - ℓ(c); `clid/gap_cut{100r}` = ℓ(c_r) - ℓ(c); `clid/score` = the mean of
+all the gaps, the reference's CLiD term (`cal_clid_th.py`, `get_l_clidavg_last3`, with the sign
+flipped so that higher = member). `clid/score` alone is CLiD_th at α = 1, the one combination
+that needs no shadow statistics (a robust scaling of one term keeps its ranking); CLiD_th at
+other α robust-scales ℓ(c) and the CLiD term on shadow rows, which the attack stage does
+(`lightning_mia.attack.clid`). (2 + len(cut rates)) UNet passes per timestep.
+
+Remaining deviations: the reference reads each word's importance from precomputed metadata
+(`tokens_importance`, its computation not released); we take the model's own text encoder:
+a word's importance is the mean squared change of the caption's conditioning when that word
+alone is masked (text-encoder passes, not counted as queries). For v-prediction models ℓ is the
+error of the eps the output implies (the reference's eps-prediction Stable Diffusion compares
+its output to the noise directly, which is the same thing there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from lightning_mia.graybox.denoiser import (
+    NULL_CAPTION,
+    fixed_noise,
+    noise_seeds,
+    per_sample_mean,
+    prepared,
+    timestep_problems,
+)
+from lightning_mia.graybox.spec import SignalOptions, SignalSpec, register_signal
+
+ENCODE_CHUNK = 256  # captions per text-encoder call when scoring word importance
+
+
+def cut_name(rate: float) -> str:
+    """Feature name of the gap of the reduced caption at cut `rate`: `clid/gap_cut30`."""
+    return f"clid/gap_cut{round(100 * rate)}"
+
+
+def mask_top_words(caption: str, importance: Sequence[float], rate: float, mask: str) -> str:
+    """The caption with its most important words replaced by `mask`: every word whose
+    importance is >= the (int(rate·n - 0.01) + 1)-th largest of its n words' (ties masked
+    together), as the reference's `replace_words_topRate`. Words are whitespace-separated."""
+    words = caption.split()
+    if len(importance) != len(words):
+        raise ValueError(f"{len(importance)} importances for the {len(words)} words of {caption!r}")
+    if not words:
+        return caption
+    threshold = sorted(importance, reverse=True)[int(rate * len(words) - 0.01)]
+    return " ".join(mask if w >= threshold else word for word, w in zip(words, importance))
+
+
+def word_importance(
+    encode: Callable[[list[str]], torch.Tensor],
+    captions: Sequence[str],
+    conditioning: torch.Tensor,
+    mask: str,
+) -> list[list[float]]:
+    """Per caption, per word: the mean squared change of the text conditioning (B, S, D) when
+    that word alone is replaced by `mask` (`encode` maps captions to their conditioning)."""
+    words = [c.split() for c in captions]
+    variants = [" ".join([*ws[:j], mask, *ws[j + 1 :]]) for ws in words for j in range(len(ws))]
+    owner = [i for i, ws in enumerate(words) for _ in ws]
+    scores = []
+    for start in range(0, len(variants), ENCODE_CHUNK):
+        masked = encode(variants[start : start + ENCODE_CHUNK])  # (chunk, S, D)
+        full = conditioning[owner[start : start + ENCODE_CHUNK]]  # (chunk, S, D)
+        scores.append(per_sample_mean((masked.float() - full.float()) ** 2))
+    flat = torch.cat(scores).tolist() if scores else []
+    ends = torch.tensor([0] + [len(ws) for ws in words]).cumsum(0).tolist()
+    return [flat[a:b] for a, b in zip(ends[:-1], ends[1:])]
+
+
+def mask_word(model: Any) -> str:
+    """The word a reduced caption puts in place of a masked one: the tokenizer's end-of-text
+    token (CLIP's `<|endoftext|>`, as the reference), or nothing if the tokenizer has none."""
+    return getattr(getattr(model, "tokenizer", None), "eos_token", None) or ""
+
+
+def clid_losses(
+    view: Any, x0: torch.Tensor, conds: Sequence[torch.Tensor], seeds: Sequence[int],
+    timesteps: Sequence[int],
+) -> torch.Tensor:  # fmt: skip
+    """ℓ (K, B): noise-space error of latents x0 (B, C, h, w) under each of K conditionings
+    (B, S, D), the same fixed noise for all at each timestep, averaged over the timesteps."""
+    per_t = []
+    for t in timesteps:
+        noise = fixed_noise(seeds, t, x0.shape[1:], x0.device)  # (B, C, h, w)
+        errors = [per_sample_mean((view.denoise_eps(x0, c, t, noise) - noise) ** 2) for c in conds]
+        per_t.append(torch.stack(errors))  # (K, B)
+    return torch.stack(per_t).mean(0)
+
+
+def clid_signals(
+    model: Any,
+    batch: dict[str, Any],
+    seed: int,
+    timesteps: Sequence[int] = (440, 450, 460),
+    cut_rates: Sequence[float] = (0.3, 0.5, 0.7),
+    cache: dict[str, Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """CLiD's terms of a batch (module docstring): loss, one gap per reduced caption, score."""
+    c = prepared(model, batch, cache)
+    view, x0, cond = c["view"], c["x0"], c["cond"]
+    captions, mask = list(batch["caption"]), mask_word(model)
+    importance = word_importance(view.condition, captions, cond, mask)
+    reduced = [
+        [mask_top_words(s, w, rate, mask) for s, w in zip(captions, importance)]
+        for rate in cut_rates
+    ]
+    conds = [cond] + [view.condition(cs) for cs in [[NULL_CAPTION] * len(captions), *reduced]]
+    loss = clid_losses(view, x0, conds, noise_seeds(seed, batch["sample_id"]), timesteps)
+    gaps = loss[1:] - loss[0]  # (1 + len(cut_rates), B): null, then each cut
+    out = {"clid/loss_cond": loss[0], "clid/gap_null": gaps[0]}
+    out.update({cut_name(rate): gap for rate, gap in zip(cut_rates, gaps[1:])})
+    out["clid/score"] = gaps.mean(0)
+    return out
+
+
+def _clid_problems(o: SignalOptions, n_train: int) -> list[str]:
+    problems = timestep_problems("clid_timesteps", o.clid_timesteps, n_train)
+    bad = [r for r in o.clid_cut_rates if not 0 < r < 1]
+    if bad:
+        problems.append(f"clid_cut_rates {bad} must each be in (0, 1)")
+    names = [cut_name(r) for r in o.clid_cut_rates]
+    if len(set(names)) != len(names):
+        problems.append(f"clid_cut_rates {list(o.clid_cut_rates)} must differ in percent")
+    return problems
+
+
+register_signal(
+    SignalSpec(
+        "clid",
+        "diffusion",
+        lambda m, b, s, o, c: clid_signals(m, b, s, o.clid_timesteps, o.clid_cut_rates, c),
+        lambda o: len(o.clid_timesteps) * (2 + len(o.clid_cut_rates)),
+        "CLiD: loss with null / reduced captions minus loss with the caption (Zhai et al. 2024)",
+        score_feature="clid/score",
+        check=_clid_problems,
+    )
+)

@@ -1,0 +1,123 @@
+"""Computing the gray-box signals: names and options checked, then `compute_signals`.
+
+    from lightning_mia.graybox import SignalOptions, compute_signals
+    feats = compute_signals(model, batch, ["loss", "pia"], seed=0, timesteps=[100, 200])
+    feats["loss/t100"]  # (B,)
+
+The signals are those the family modules imported below register (`graybox.spec.SIGNALS`).
+Signals need the model's weights (gray-box access) and are computed under `torch.no_grad()`
+in eval mode, in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+import lightning_mia.graybox.diffusion  # noqa: F401  (each family module registers its signals)
+import lightning_mia.graybox.seq2seq  # noqa: F401
+from lightning_mia.graybox.spec import SIGNALS, SignalError, SignalOptions
+
+REQUIRED_KEYS = ("pixel_values", "caption", "sample_id")
+
+
+def signals_for(family: str) -> list[str]:
+    """Names of the signals a family supports."""
+    return [n for n, s in SIGNALS.items() if s.family == family]
+
+
+def signal_queries(names: Sequence[str], options: SignalOptions = SignalOptions()) -> dict:
+    """`{name: model passes per sample}` of each signal under `options` (for the report)."""
+    return {n: SIGNALS[n].queries_per_sample(options) for n in names}
+
+
+def check_signals(
+    family: str, names: Sequence[str], options: SignalOptions, num_train_timesteps: int = 0
+) -> None:
+    """Raise one SignalError listing every problem with names and options for `family`."""
+    problems = []
+    unknown = [n for n in names if n not in SIGNALS]
+    if unknown:
+        problems.append(f"unknown signals {unknown} (known: {SIGNALS.names()})")
+    wrong = [n for n in names if n in SIGNALS and SIGNALS[n].family != family]
+    if wrong:
+        problems.append(
+            f"signals {wrong} are not for the {family!r} family (it supports {signals_for(family)})"
+        )
+    if not names:
+        problems.append("no signal asked for")
+    for name in names:
+        if name in SIGNALS and SIGNALS[name].family == family:
+            problems += SIGNALS[name].check(options, num_train_timesteps)
+    if problems:
+        raise SignalError("; ".join(dict.fromkeys(problems)))
+
+
+def _check_batch(batch: dict[str, Any]) -> int:
+    missing = [k for k in REQUIRED_KEYS if k not in batch]
+    if missing:
+        raise SignalError(f"batch lacks {missing}; gray-box signals need {list(REQUIRED_KEYS)}")
+    b = int(batch["sample_id"].numel())
+    if batch["pixel_values"].shape[0] != b or len(batch["caption"]) != b:
+        raise SignalError(
+            f"batch sizes disagree: {b} sample ids, {batch['pixel_values'].shape[0]} images, "
+            f"{len(batch['caption'])} captions"
+        )
+    return b
+
+
+@contextmanager
+def full_precision(device: torch.device) -> Iterator[None]:
+    """float32 maths inside: autocast off and, on CUDA, no TF32 (restored after).
+
+    SecMI's t-error compares latents that differ by ~1e-3; bf16 or TF32 rounding is as large.
+    """
+    cuda = torch.device(device).type == "cuda"
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(torch.device(device).type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def compute_signals(
+    model: Any,
+    batch: dict[str, Any],
+    names: Sequence[str],
+    seed: int,
+    timesteps: Sequence[int] | None = None,
+    options: SignalOptions = SignalOptions(),
+) -> dict[str, torch.Tensor]:
+    """Features `"<group>/<name>" -> float32 (B,)` of the named signals on one batch.
+
+    `timesteps`, when given, replaces `options.timesteps`. Noise is fixed by (seed, sample_id),
+    so the target and every shadow model see the same noise for a sample. The model is put in
+    eval mode for the call (and restored after) and the maths runs in float32.
+    """
+    family = getattr(model, "family", "")
+    if timesteps is not None:
+        options = replace(options, timesteps=tuple(int(t) for t in timesteps))
+    n_train = 0
+    if family == "diffusion":
+        n_train = int(model.noise_scheduler.config.num_train_timesteps)
+    check_signals(family, names, options, n_train)
+    _check_batch(batch)
+    was_training = model.training
+    model.eval()
+    cache: dict[str, Any] = {}  # latents, conditioning, codes: shared between signals
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad(), full_precision(model.device):
+            for name in dict.fromkeys(names):
+                features = SIGNALS[name].fn(model, batch, seed, options, cache)
+                out.update({k: v.detach().float() for k, v in features.items()})
+    finally:
+        model.train(was_training)
+    return out

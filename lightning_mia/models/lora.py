@@ -1,0 +1,159 @@
+"""LoRA fine-tuning of the diffusion family (peft adapters), and its diffusers-format export.
+
+    python train.py fit --config configs/diffusion/lora.yaml                     # rank-4 target
+    python train.py fit --config configs/diffusion/lora.yaml --data.model_index 1  # shadow 1
+    python -m lightning_mia.models.lora runs/x/diffusion-target-000/checkpoints/last.ckpt out/
+    pipe = StableDiffusionPipeline.from_pretrained(base); pipe.load_lora_weights("out/")
+
+With `lora_rank > 0`, peft LoRA adapters (`lora_targets`: the attention projections by default,
+as diffusers' `train_text_to_image_lora.py`) go into the UNet and, with `train_text_encoder`,
+into the CLIP text encoder; every base weight stays frozen. On the `pretrained` preset a
+checkpoint then holds only the adapters plus a reference (path and sha256, `base_reference`) to
+the folder the base weights come from; `stored_elsewhere` says which keys those are (also the
+frozen parts of a full fine-tune, and every weight of an external target that is the folder's).
+`export_lora` writes `pytorch_lora_weights.safetensors` (diffusers' LoRA format, with the peft
+config as metadata) that a plain `StableDiffusionPipeline.load_lora_weights` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_mia.errors import UserError
+from lightning_mia.paths import atomic_write_json, write_folder_atomically
+
+# UNet attention (to_*) and CLIP text attention (*_proj) projections: a name matches a module
+# whose path ends with it, so one list serves both parts
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
+ADAPTER = "default"  # peft adapter name: keys read `...to_q.lora_A.default.weight`
+LORA_PARTS = ("unet", "text_encoder")
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
+BASE_FILE = "base.json"  # beside an export: the base pipeline (path, sha256) it applies to
+
+
+class LoraError(UserError):
+    """A LoRA setting or adapter this package cannot use as asked."""
+
+
+def lora_config(rank: int, alpha: float, targets: tuple[str, ...] | list[str]) -> Any:
+    """The peft `LoraConfig`: scale alpha / rank (alpha 0 = rank: diffusers' convention)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha or rank,
+        init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0: training starts at the base model
+        target_modules=list(targets),
+    )
+
+
+def add_lora(part: nn.Module, rank: int, alpha: float, targets: tuple[str, ...], name: str) -> None:
+    """Put LoRA adapters into `part` (freezing its base weights); one line when nothing matches."""
+    from peft import inject_adapter_in_model
+
+    if rank < 1:
+        raise LoraError(f"lora_rank must be >= 1 to add adapters, got {rank}")
+    try:
+        inject_adapter_in_model(lora_config(rank, alpha, targets), part, adapter_name=ADAPTER)
+    except ValueError as err:
+        what = f"lora_targets {list(targets)} match no layer of the {name}"
+        raise LoraError(f"{what} ({err})") from err
+
+
+def add_adapters(module: nn.Module) -> None:
+    """A LatentDiffusionModule's LoRA set-up from its hparams: adapters in the UNet (unless
+    `train_unet` is off) and, with `train_text_encoder`, the text encoder; and the hooks that
+    keep the pretrained folder's weights out of its checkpoints."""
+    hp = module.hparams
+    tuned = {"unet": hp.train_unet, "text_encoder": hp.train_text_encoder}
+    for name, on in tuned.items():
+        if hp.lora_rank and on:
+            part = getattr(module, name)
+            add_lora(part, hp.lora_rank, hp.lora_alpha, tuple(hp.lora_targets), type(part).__name__)
+    module.register_state_dict_post_hook(drop_folder_keys)
+    module.register_load_state_dict_post_hook(ignore_missing_folder_keys)
+
+
+def stored_elsewhere(hparams: Any, key: str) -> bool:
+    """True for a state-dict key whose tensor is the pretrained folder's, unchanged: the base
+    weights under LoRA, a part that is not trained. Checkpoints leave them out."""
+    if hparams.get("preset") != "pretrained" or ".lora_" in key:
+        return False
+    part = key.split(".", 1)[0]
+    trained = {
+        "unet": hparams.get("train_unet", True),
+        "text_encoder": hparams.get("train_text_encoder", True),
+    }
+    if part not in trained:
+        return False
+    return hparams.get("lora_rank", 0) > 0 or not trained[part]
+
+
+def drop_folder_keys(module: nn.Module, state_dict: dict, prefix: str, meta: Any) -> None:
+    """State-dict post hook: leave out what `stored_elsewhere` says the folder holds."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        if stored_elsewhere(module.hparams, key[len(prefix) :]):
+            del state_dict[key]
+
+
+def ignore_missing_folder_keys(module: nn.Module, incompatible: Any) -> None:
+    """Load post hook: the folder's weights are already in place, not in the checkpoint."""
+    missing = incompatible.missing_keys
+    missing[:] = [k for k in missing if not stored_elsewhere(module.hparams, k)]
+
+
+def adapter_parts(module: nn.Module) -> dict[str, nn.Module]:
+    """The parts of a LatentDiffusionModule that carry a LoRA adapter."""
+    parts = {name: getattr(module, name) for name in LORA_PARTS}
+    return {n: p for n, p in parts.items() if ADAPTER in getattr(p, "peft_config", {})}
+
+
+def export_lora(module: nn.Module, folder: str | Path) -> Path:
+    """Write the module's adapters in diffusers' LoRA format (+ base.json) into `folder`."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    parts = adapter_parts(module)
+    if not parts:
+        raise LoraError("this model has no LoRA adapter to export (lora_rank is 0)")
+    layers, metadata = {}, {}
+    for name, part in parts.items():
+        state = get_peft_model_state_dict(part, adapter_name=ADAPTER)
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
+        metadata[f"{name}_lora_adapter_metadata"] = part.peft_config[ADAPTER].to_dict()
+    base = (module.card.extra.get("base") if module.card else None) or {}
+
+    def write(tmp: Path) -> None:
+        save = StableDiffusionPipeline.save_lora_weights
+        save(tmp, **layers, **metadata, weight_name=LORA_WEIGHTS)
+        atomic_write_json(tmp / BASE_FILE, {"base": base, "lora_rank": module.hparams.lora_rank})
+
+    return write_folder_atomically(folder, write)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m lightning_mia.models.lora <checkpoint> <out_folder>`."""
+    from lightning_mia.models.registry import load_family_module
+
+    p = argparse.ArgumentParser(
+        prog="python -m lightning_mia.models.lora",
+        description="Export a LoRA checkpoint's adapters in diffusers' LoRA format.",
+    )
+    p.add_argument("ckpt", help="a lightning_mia diffusion checkpoint trained with lora_rank > 0")
+    p.add_argument("output", help="folder to write (pytorch_lora_weights.safetensors, base.json)")
+    args = p.parse_args(argv)
+    try:
+        folder = export_lora(load_family_module(args.ckpt), args.output)
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
+    rank_zero_info(f"wrote {folder / LORA_WEIGHTS}; load with pipe.load_lora_weights('{folder}')")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Read what an offline W&B run wrote (`<dir>/wandb/offline-run-*/run-*.wandb`), for tests.
+
+The run file is a LevelDB-style log (32 KiB blocks, 7-byte chunk headers) of `wandb` protobuf
+`Record`s after a 7-byte W&B header; wandb >= 0.2x no longer ships a Python reader for it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BLOCK = 32768
+HEADER = 7  # ":W&B" + magic (2 bytes) + version
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+@dataclass
+class OfflineRun:
+    """The parts of one offline run the tests look at."""
+
+    folder: Path
+    name: str = ""
+    group: str = ""
+    job_type: str = ""
+    config: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    artifacts: list[dict] = field(default_factory=list)  # {"name", "type", "files", "aliases"}
+    used: list[str] = field(default_factory=list)  # artifacts the run declared it used
+    made: list[str] = field(default_factory=list)  # artifacts the run logged as its outputs
+
+
+def _chunks(raw: bytes):
+    pos, buf = HEADER, b""
+    while pos + 7 <= len(raw):
+        left = BLOCK - pos % BLOCK
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        data, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == FULL:
+            yield data
+        elif kind == FIRST:
+            buf = data
+        elif kind == MIDDLE:
+            buf += data
+        elif kind == LAST:
+            yield buf + data
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def read_offline_run(folder: str | Path) -> OfflineRun:
+    """Parse one `offline-run-*` folder."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    folder = Path(folder)
+    (path,) = folder.glob("run-*.wandb")
+    run = OfflineRun(folder)
+    for data in _chunks(path.read_bytes()):
+        rec = pb.Record()
+        rec.ParseFromString(data)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            run.name, run.group, run.job_type = (
+                rec.run.display_name,
+                rec.run.run_group,
+                rec.run.job_type,
+            )
+            run.config.update({_key(u): json.loads(u.value_json) for u in rec.run.config.update})
+        elif kind == "config":
+            run.config.update({_key(u): json.loads(u.value_json) for u in rec.config.update})
+        elif kind == "summary":
+            run.summary.update({_key(u): json.loads(u.value_json) for u in rec.summary.update})
+        elif kind == "history":
+            run.history.append({_key(i): json.loads(i.value_json) for i in rec.history.item})
+        elif kind == "files":
+            run.files += [f.path for f in rec.files.files]
+        elif kind == "artifact":
+            a = rec.artifact
+            entries = [m.path for m in a.manifest.contents]
+            refs = [m.path for m in a.manifest.contents if m.ref]
+            run.artifacts.append({"name": a.name, "type": a.type, "files": entries,
+                                  "references": refs, "aliases": list(a.aliases),
+                                  "digest": a.digest, "metadata": json.loads(a.metadata or "{}"),
+                                  "use_after_commit": a.use_after_commit})  # fmt: skip
+            # an input logged offline (what `use_artifact` does with a new artifact online)
+            (run.used if a.use_after_commit else run.made).append(a.name)
+        elif kind == "use_artifact":
+            run.used.append(rec.use_artifact.name or rec.use_artifact.id)
+    return run
+
+
+def offline_runs(root: str | Path) -> list[OfflineRun]:
+    """Every offline run under `root` (any depth), oldest first."""
+    return [read_offline_run(p) for p in sorted(Path(root).rglob("offline-run-*")) if p.is_dir()]
