@@ -21,9 +21,12 @@ from lightning_mia.models.captioner_train import held_out_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 48  # 6 epochs of the 256-sample pool at batch 32: fluent, not yet accurate
-DATA = [  # a small experiment: 64-sample target pool, 256-sample auxiliary pool
+DATA = [  # a small experiment: 64-sample target pool, 64 auxiliary, 256-sample public pool
     "--data.source.init_args.num_samples=384",
-    "--data.aux_size=256",
+    "--data.target_size=64",
+    "--data.aux_size=64",
+    "--data.shadow_size=32",
+    "--data.public_size=256",
     "--data.batch_size=32",
     "--trainer.accelerator=cpu",
     "--trainer.enable_progress_bar=false",
@@ -55,7 +58,7 @@ def test_trained_captioner_folder_loads_and_captions(trained):
     folder, exp = trained["folder"], trained["exp"]
     splits = load_splits(exp / "splits.json")
     card = check_captioner_card(folder, splits.hash)  # trained on this experiment: accepted
-    assert card.family == "captioner" and card.extra["train_split"] == "auxiliary"
+    assert card.family == "captioner" and card.extra["train_split"] == "public"
     assert card.experiment == str(exp) and card.extra["train_steps"] == STEPS
     for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
         assert (folder / name).is_file(), name
@@ -63,7 +66,7 @@ def test_trained_captioner_folder_loads_and_captions(trained):
     images = torch.stack([source.image(i) for i in splits.target_pool[:8]])  # (8, 3, 32, 32)
     captions = Captioner(str(folder)).caption(images)
     assert len(captions) == 8 and all(isinstance(c, str) and c.strip() for c in captions)
-    words = {w for i in splits.aux_pool for w in source.caption(i).replace(",", " ").split()}
+    words = {w for i in splits.public_pool for w in source.caption(i).replace(",", " ").split()}
     assert all(set(c.replace(",", " ").split()) <= words for c in captions)  # training words
     with pytest.raises(CaptionerError, match="not on this experiment's pools"):
         check_captioner_card(folder, "0" * 64)
@@ -73,7 +76,7 @@ def test_held_out_quality_is_logged_and_recorded(trained):
     """The logged and recorded quality is that of the folder's captions of the held-out ids."""
     folder, exp = trained["folder"], trained["exp"]
     splits = load_splits(exp / "splits.json")
-    pool = torch.tensor(list(splits.aux_pool))
+    pool = torch.tensor(list(splits.public_pool))
     held = pool[held_out_mask(pool, 0.1, 0)].tolist()  # the config's fraction and seed
     assert 10 <= len(held) <= 45  # ~10% of 256
     source = ShapesSource(num_samples=384, resolution=32)
@@ -97,7 +100,7 @@ def test_captioner_refuses_a_models_members(trained, capsys):
     assert err.value.code == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "attacker's own pool only" in line and "'members'" in line
-    assert not (exp / "captioner").exists()
+    assert not exp.exists()  # refused before splits.json or a stage folder is written
 
 
 def test_shapes_caption_parser():

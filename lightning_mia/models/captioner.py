@@ -24,11 +24,10 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, BlipForConditionalGeneration
 
 from lightning_mia.card import RunCard
-from lightning_mia.models.encoder import CLIP_MEAN, CLIP_STD, EncoderError
+from lightning_mia.models.encoder import ATTACKER_POOLS, CLIP_MEAN, CLIP_STD, EncoderError
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 CARD_FILE = "card.json"
-ATTACKER_POOLS = ("auxiliary", "public")  # pools a captioner may train on: never "members"
 
 
 class CaptionerError(EncoderError):

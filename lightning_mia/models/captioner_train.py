@@ -6,10 +6,10 @@
 
 `CaptionerModule` trains a random-init transformers `BlipForConditionalGeneration` (ViT image
 encoder, BERT-style decoder cross-attending to it) with the captioning loss, on the attacker's own
-pool only: `data.train_split` auxiliary (or public); a model's members are refused. Its tokenizer
-is a word-level `BertTokenizer` whose vocabulary is counted from the training captions at fit
-start (`captioner_presets.py`; nothing is downloaded), so model and tokenizer are built in
-`setup`, once the data is known.
+pool only (`data.train_split` public, or auxiliary, as the encoder's stage; a model's members are
+refused). Its tokenizer is a word-level `BertTokenizer` whose vocabulary is counted from the
+training captions at fit start (`captioner_presets.py`; nothing is downloaded), so model and
+tokenizer are built in `setup`, once the data is known.
 
 A seeded part of the pool (`holdout_fraction`, chosen by a hash of seed and sample id, so every
 rank and every resume agrees) is never trained on: at the end of training the held-out images
@@ -163,15 +163,20 @@ class CaptionerModule(L.LightningModule):
         self.quality: dict[str, float] | None = None
 
     # ---- set-up: data facts, tokenizer, model ----
-    def setup(self, stage: str) -> None:
-        data = stage_data(self.trainer)
-        hp = self.hparams
-        if data is not None and data.train_split not in ATTACKER_POOLS:
+    def check_train_split(self, train_split: str) -> None:
+        """Refuse a training split that is not the attacker's own pool (the CLI asks first)."""
+        if train_split not in ATTACKER_POOLS:
             raise CaptionerError(
                 "CaptionerModule trains on the attacker's own pool only (data.train_split "
                 f"{' or '.join(ATTACKER_POOLS)}), never on a model's members: got "
-                f"data.train_split={data.train_split!r}"
+                f"data.train_split={train_split!r}"
             )
+
+    def setup(self, stage: str) -> None:
+        data = stage_data(self.trainer)
+        hp = self.hparams
+        if data is not None:
+            self.check_train_split(data.train_split)
         if data is None and (not hp.output or not hp.tokenizer):
             raise CaptionerError(
                 "CaptionerModule: without a MembershipDataModule set both model.output (where "
