@@ -104,7 +104,7 @@ def stage_of(model: LightningModule, datamodule: Any) -> StagePaths:
 
     layout = ExperimentLayout(datamodule.experiment)
     if isinstance(model, QueryModule):
-        return layout.query_stage(model.run_name)
+        return layout.query_stage(model.run_name, model.hparams.captioner)
     return layout.stage(getattr(model, "family", ""), datamodule.model_index)
 
 

@@ -106,7 +106,7 @@ def attack_stage(options: AttackOptions) -> AttackOutcome | None:
     if code:
         raise StageError(f"the attack stage failed (exit code {code}; its error is above)")
     layout = ExperimentLayout(options.experiment)
-    folder = layout.report_dir(options.setting)
+    folder = layout.report_dir(options.setting, options.captioner)
     return AttackOutcome(read_report(folder), folder, layout, shown=True)
 
 

@@ -41,6 +41,12 @@ def run_name(family: str, model_index: int) -> str:
     return f"{family}-{role_of(model_index)}-{model_index:03d}"
 
 
+def caption_tag(captioner: str) -> str:
+    """ "" for ground-truth captions, `@<folder name>` for a captioner's (`captioner/` ->
+    `@captioner`): the suffix of that caption mode's query and report folders."""
+    return f"@{Path(captioner).name}" if captioner else ""
+
+
 def last_checkpoint(folder: str | os.PathLike) -> Path:
     """`<stage folder>/checkpoints/last.ckpt`: what every training stage writes and resumes."""
     return Path(folder) / CHECKPOINT_DIR / LAST_CKPT
@@ -100,12 +106,17 @@ class ExperimentLayout:
         """`last.ckpt` of a model run (`<family>-<role>-<index>/checkpoints/last.ckpt`)."""
         return last_checkpoint(self.run_dir(family, model_index))
 
-    def queries(self, name: str) -> Path:
-        return self.root / "queries" / name
+    def queries(self, name: str, captioner: str = "") -> Path:
+        """`queries/<name>/`; `queries/<name>@<captioner>/` when queried with a captioner's
+        captions (`caption_tag`), so both caption modes of one model live side by side."""
+        return self.root / "queries" / f"{name}{caption_tag(captioner)}"
 
-    def report_dir(self, setting: str) -> Path:
-        """`attack/` for the default shadow setting, `attack/<setting>/` for the others."""
-        return self.attack if setting == "shadow" else self.attack / setting
+    def report_dir(self, setting: str, captioner: str = "") -> Path:
+        """`attack/` for the default shadow setting, `attack/<setting>/` for the others;
+        `attack/<setting>@<captioner>/` for an attack with a captioner's captions."""
+        if setting == "shadow" and not captioner:
+            return self.attack
+        return self.attack / f"{setting}{caption_tag(captioner)}"
 
     def stage(self, family: str, model_index: int = 0) -> StagePaths:
         """Folder, run name and role of a training stage of `family` (model row `model_index`)."""
@@ -115,9 +126,10 @@ class ExperimentLayout:
         name = run_name(family, model_index)
         return StagePaths(self.root / name, name, role_of(model_index))
 
-    def query_stage(self, model_run: str) -> StagePaths:
-        """The query of one model run (`queries/<run>/`)."""
-        return StagePaths(self.queries(model_run), f"query-{model_run}", "query")
+    def query_stage(self, model_run: str, captioner: str = "") -> StagePaths:
+        """The query of one model run (`queries/<run>/`, or `queries/<run>@<captioner>/`)."""
+        name = f"query-{model_run}{caption_tag(captioner)}"
+        return StagePaths(self.queries(model_run, captioner), name, "query")
 
     def finished_runs(self, family: str, role: str = "shadow") -> list[Path]:
         """Folders of the finished (DONE) runs of `family` in `role`, by model index."""

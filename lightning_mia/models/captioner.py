@@ -1,7 +1,7 @@
 """An image captioner for the attacker who holds only the image (ATTACKS.md): BLIP, local folder.
 
     captioner = Captioner("runs/demo/captioner")  # ours (captioner_train.py) or a real BLIP folder
-    check_captioner_card("runs/demo/captioner", splits.hash)  # ours: trained on this experiment?
+    check_captioner("runs/demo/captioner", splits.hash)  # a BLIP; ours: trained on this experiment?
     captions = captioner.caption(images)  # (B, 3, H, W) in [-1, 1] -> B non-empty strings, greedy
 
 The folder holds a `BlipForConditionalGeneration` (config.json + weights), its tokenizer, and
@@ -119,6 +119,25 @@ def check_captioner_card(folder: str | os.PathLike, splits_hash: str) -> RunCard
             "configs/captioner/tiny.yaml --data.experiment <this experiment>"
         )
     return card
+
+
+def check_captioner(folder: str | os.PathLike, splits_hash: str) -> RunCard | None:
+    """Refuse, in one line and before anything is loaded or written, a folder that is not a
+    BLIP captioner or a captioner trained here on another experiment or on a model's members;
+    returns its card (None for a pretrained folder)."""
+    _check_folder(Path(folder))
+    return check_captioner_card(folder, splits_hash)
+
+
+def captioner_facts(folder: str | os.PathLike) -> dict[str, Any]:
+    """What a report records of a captioner: its folder and, for one trained here, its
+    training steps and held-out quality (card.json)."""
+    card = read_captioner_card(folder)
+    facts: dict[str, Any] = {"folder": str(Path(folder).resolve())}
+    if card is not None:
+        facts["train_steps"] = card.extra.get("train_steps")
+        facts["quality"] = dict(card.extra.get("quality") or {})
+    return facts
 
 
 def _check_folder(path: Path) -> None:
