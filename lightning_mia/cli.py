@@ -105,6 +105,9 @@ def stage_of(model: LightningModule, datamodule: Any) -> StagePaths:
     layout = ExperimentLayout(datamodule.experiment)
     if isinstance(model, QueryModule):
         return layout.query_stage(model.run_name, model.hparams.captioner)
+    own = getattr(model, "stage_paths", None)  # a stage that writes where it is told
+    if callable(own):
+        return own(layout)
     return layout.stage(getattr(model, "family", ""), datamodule.model_index)
 
 

@@ -184,3 +184,24 @@ def write_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], A
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def write_model_files(folder: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """`write(tmp)` into a temporary sibling, then move each file into `folder`, config.json last.
+
+    A crash never leaves a folder that loads as a model with missing parts, and other files in
+    `folder` (the stage's checkpoints/, logs) are kept.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        write(tmp)
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").unlink(missing_ok=True)  # not a model while files move
+        names = sorted(p.name for p in tmp.iterdir() if p.name != "config.json")
+        for name in [*names, "config.json"]:
+            os.replace(tmp / name, folder / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

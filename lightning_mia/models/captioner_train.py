@@ -24,10 +24,6 @@ BLIP.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +55,8 @@ from lightning_mia.models.captioner_presets import (
     word_tokenizer,
 )
 from lightning_mia.models.encoder import CLIP_MEAN, CLIP_STD, random_shift
-from lightning_mia.paths import atomic_write_json
+from lightning_mia.paths import ExperimentLayout, StagePaths, atomic_write_json, write_model_files
 
-CAPTIONER_DIR = "captioner"  # <experiment>/captioner/
 VOCAB_KEY = "captioner_vocab"  # checkpoint entry: the word list (checked on resume)
 IGNORE_INDEX = -100  # label of padding and held-out rows (cross-entropy skips it)
 
@@ -77,26 +72,6 @@ def held_out_mask(sample_ids: torch.Tensor, fraction: float, seed: int) -> torch
         return int.from_bytes(digest, "big") / 2**64
 
     return torch.tensor([unit(int(s)) < fraction for s in sample_ids.tolist()], dtype=torch.bool)
-
-
-def write_model_files(folder: Path, write: Callable[[Path], Any]) -> Path:
-    """`write(tmp)` into a temporary sibling, then move each file into `folder`, config.json last.
-
-    A crash never leaves a folder that loads as a model with missing parts, and other files in
-    `folder` (the stage's checkpoints/, logs) are kept. The encoder's `save` does the same.
-    """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
-        write(tmp)
-        folder.mkdir(exist_ok=True)
-        (folder / "config.json").unlink(missing_ok=True)  # not a model while files move
-        names = sorted(p.name for p in tmp.iterdir() if p.name != "config.json")
-        for name in [*names, "config.json"]:
-            os.replace(tmp / name, folder / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -163,6 +138,12 @@ class CaptionerModule(L.LightningModule):
         self.quality: dict[str, float] | None = None
 
     # ---- set-up: data facts, tokenizer, model ----
+    def stage_paths(self, layout: ExperimentLayout) -> StagePaths:
+        """The stage's folder (checkpoints, DONE marker, logs): the folder it writes the
+        captioner to, so a second one (`model.output`, e.g. fewer steps) is its own stage."""
+        folder = Path(self.hparams.output) if self.hparams.output else layout.captioner
+        return StagePaths(folder, folder.name, "attacker")
+
     def check_train_split(self, train_split: str) -> None:
         """Refuse a training split that is not the attacker's own pool (the CLI asks first)."""
         if train_split not in ATTACKER_POOLS:
@@ -188,7 +169,7 @@ class CaptionerModule(L.LightningModule):
                 blip_config(hp.preset, self.tokenizer, hp.image_size, hp.dropout)
             )
         self.image_size = int(self.model.config.vision_config.image_size)
-        self.output_folder = Path(hp.output) if hp.output else data.layout.root / CAPTIONER_DIR
+        self.output_folder = Path(hp.output) if hp.output else data.layout.captioner
         self.card = RunCard(
             family=self.family,
             preset=hp.preset,
