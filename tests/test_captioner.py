@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
+from tiny_blip import tiny_blip_folder
 
 from lightning_mia.cli import train_main
 from lightning_mia.data.shapes import ShapesSource
@@ -146,44 +146,12 @@ def test_caption_quality_on_fixed_captions():
     assert {k: float(v) for k, v in other.compute().items()} == {"bleu": 1.0}
 
 
-def tiny_blip_folder(path, first_token=""):
-    """A random-init BLIP with a word-level BERT tokenizer, saved like a real one. The decoder's
-    special tokens are turned off, so it always emits words; `first_token="[SEP]"` instead makes
-    it stop at once (empty captions)."""
-    words = "a an the red blue green circle square star on at top left right of picture".split()
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizer.from_pretrained(str(path))  # transformers 5 ignores vocab_file=
-    text = dict(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, encoder_hidden_size=32, max_position_embeddings=32,
-        bos_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
-    )  # fmt: skip
-    vision = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        image_size=32, patch_size=8,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))
-    with torch.no_grad():  # larger random weights: captions then depend on the image
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.3)
-        bias = model.text_decoder.cls.predictions.bias  # (V,)
-        bias[:5] = -1e4
-        if first_token:
-            bias[tok.convert_tokens_to_ids(first_token)] = 1e4
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_pretrained_blip_folder_captions_batches(tmp_path, one_thread):
     folder = tiny_blip_folder(tmp_path / "blip")
     assert check_captioner_card(folder, "any hash") is None  # no card: a pretrained folder
     captioner = Captioner(str(folder), max_new_tokens=6)
+    assert (folder / "processor_config.json").is_file()  # what BlipProcessor writes
+    assert captioner.image_size == 32 and captioner.mean.flatten().tolist() == [0.5] * 3
     images = torch.rand(3, 3, 48, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
     captions = captioner.caption(images)
     assert len(captions) == 3 and all(isinstance(c, str) and c for c in captions)

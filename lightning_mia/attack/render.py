@@ -99,8 +99,7 @@ def format_comparison(reports: list[AttackReport], metrics: tuple = ("auc", "tpr
     """The attacks of several reports (e.g. ground-truth vs captioner captions) side by side:
     one row per attack, `metrics` of each report in turn (the paper's comparison)."""
     names = list(dict.fromkeys(n for r in reports for n in [*r.attacks, *r.baselines]))
-    modes = [caption_mode(r).split(" (")[0] for r in reports]
-    header = ["attack", *(f"{METRIC_LABELS[m]} {mode}" for mode in modes for m in metrics)]
+    header = ["attack", *(f"{METRIC_LABELS[m]} ({r.captions})" for r in reports for m in metrics)]
     rows = [header]
     for name in names:
         cells = []

@@ -5,7 +5,8 @@
     captions = captioner.caption(images)  # (B, 3, H, W) in [-1, 1] -> B non-empty strings, greedy
 
 The folder holds a `BlipForConditionalGeneration` (config.json + weights), its tokenizer, and
-optionally `preprocessor_config.json`, from which only the image size, mean and std are read:
+optionally `preprocessor_config.json` or `processor_config.json` (what `BlipProcessor`
+writes), from which only the image size, mean and std are read:
 images are resized (bicubic, antialiased, square) and normalised in torch on their own device,
 so no image processor class (nor PIL round trip) is needed. Decoding is greedy and batched.
 A folder trained by `CaptionerModule` also holds `card.json` (experiment, splits hash, pool);
@@ -27,6 +28,7 @@ from lightning_mia.card import RunCard
 from lightning_mia.models.encoder import ATTACKER_POOLS, CLIP_MEAN, CLIP_STD, EncoderError
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
+PROCESSOR_FILE = "processor_config.json"  # transformers 5: the image processor nested inside
 CARD_FILE = "card.json"
 
 
@@ -42,10 +44,15 @@ def _read_json(folder: Path, name: str) -> dict[str, Any]:
 
 
 def _preprocessing(folder: Path, default_size: int) -> tuple[int, tuple, tuple]:
-    """(image size, mean, std) from preprocessor_config.json, else the model's size and CLIP's."""
-    if not (folder / PREPROCESSOR_FILE).is_file():
+    """(image size, mean, std) from preprocessor_config.json (hub BLIP folders), else from the
+    `image_processor` of processor_config.json (`BlipProcessor.save_pretrained` in transformers
+    5), else the model's size and CLIP's normalisation."""
+    if (folder / PREPROCESSOR_FILE).is_file():
+        cfg = _read_json(folder, PREPROCESSOR_FILE)
+    elif (folder / PROCESSOR_FILE).is_file():
+        cfg = _read_json(folder, PROCESSOR_FILE).get("image_processor") or {}
+    else:
         return default_size, CLIP_MEAN, CLIP_STD
-    cfg = _read_json(folder, PREPROCESSOR_FILE)
     size = cfg.get("size", default_size)
     if isinstance(size, dict):
         size = size.get("height", size.get("shortest_edge", default_size))
@@ -221,16 +228,21 @@ def greedy_captions(
     max_new_tokens: int,
     prompt: str = "",
 ) -> list[str]:
-    """Greedy, batched BLIP captions of (B, 3, S, S) BLIP inputs: B stripped strings (maybe "")."""
-    kwargs = {}
+    """Greedy, batched BLIP captions of (B, 3, S, S) BLIP inputs: B stripped strings (maybe "").
+
+    At most `max_new_tokens`, and never past the decoder's position embeddings (a small model's
+    own limit; going past it would index out of range)."""
+    kwargs, start = {}, 1  # the decoder starts from its bos token
     if prompt:
         enc = tokenizer([prompt] * len(pixel_values), return_tensors="pt")
         kwargs = {k: enc[k].to(pixel_values.device) for k in ("input_ids", "attention_mask")}
+        start = enc["input_ids"].shape[1]
+    room = int(model.config.text_config.max_position_embeddings) - start
     ids = model.generate(
         pixel_values=pixel_values,
         do_sample=False,
         num_beams=1,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max(min(max_new_tokens, room), 1),
         **kwargs,
     )  # (B, T)
     return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
