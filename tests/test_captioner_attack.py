@@ -199,3 +199,23 @@ def test_bad_captioners_are_refused_in_one_line(case, finished, tmp_path, capsys
     assert lines[-1].startswith("error: ") and needle in lines[-1], lines[-1]
     assert str(folder) in lines[-1]
     assert sorted(p for p in layout.root.rglob("*")) == before  # no query, no report
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--captions", "captioner"], "needs the experiment key captioner"),
+        (["--captions", "ground-truth", "imagined"], "unknown mode 'imagined'"),
+    ],
+    ids=["captioner mode without a captioner", "unknown caption mode"],
+)
+def test_experiment_caption_modes_are_checked_first(extra, needle, tmp_path, capsys):
+    config = yaml.safe_load(_config(tmp_path, tmp_path / "exp").read_text())
+    del config["captioner"], config["captions"]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as err:
+        experiment_main([str(path), *extra])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.value.code == 1 and line.startswith("error: captions:") and needle in line, line
+    assert not (tmp_path / "exp").exists()  # refused before any stage
