@@ -112,7 +112,7 @@ autoencoder: configs/autoencoder/tiny-kl.yaml
 encoder: configs/encoder/tiny.yaml
 model: configs/diffusion/tiny.yaml
 data_args: [--data.source.num_samples=600, --data.target_size=32, --data.aux_size=256,
-            --data.shadow_size=32]
+            --data.shadow_size=32, --data.public_size=256, --data.member_fraction=0.5]
 trainer_args: [--trainer.accelerator=$ACCEL, --trainer.devices=1, --trainer.max_steps=$STEPS,
                --trainer.enable_progress_bar=false, --trainer.logger=false]
 model_args: [--model.init_args.num_inference_steps=10]

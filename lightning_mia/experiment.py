@@ -99,12 +99,12 @@ def relaunches_command(accelerator: str, devices: int | str, strategy: str) -> b
 def attack_stage(options: AttackOptions) -> AttackOutcome | None:
     """The attack stage: queries, attacks, report. When its queries would re-launch the
     command line (`relaunches_command`), it runs as its own `python -m
-    lightning_mia.attack.command` process (= `attack.py`, which prints its table), so the DDP
+    lightning_mia.attack` process (= `attack.py`, which prints its table), so the DDP
     launcher re-runs that command and not the whole experiment; the report is then read back
     from its report.json."""
     if not relaunches_command(options.accelerator, options.devices, options.strategy):
         return run_attack(options)
-    argv = [sys.executable, "-m", "lightning_mia.attack.command", *attack_argv(options)]
+    argv = [sys.executable, "-m", "lightning_mia.attack", *attack_argv(options)]
     rank_zero_info(f"[attack] in its own process: {' '.join(argv[1:])}")
     code = subprocess.run(argv).returncode
     if code:

@@ -137,10 +137,12 @@ class ExperimentLayout:
         return [r for r in runs if done_marker(r).is_file()]
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, exclusive: bool = False) -> None:
     """Write `data` to `path` through a temporary file in the same folder and a rename.
 
     A reader never sees a half-written file, and a crash leaves the old file (if any) intact.
+    `exclusive`: never replace a file; FileExistsError when `path` exists (two processes that
+    both make it: the first one's stays, the second learns it lost).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,17 +152,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)  # atomic, and refuses an existing path
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+def atomic_write_json(path: str | os.PathLike, obj: Any, exclusive: bool = False) -> None:
     """`atomic_write_bytes` for a JSON document (sorted keys, indented, trailing newline)."""
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"), exclusive)
 
 
 def write_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], Any]) -> Path:

@@ -45,6 +45,9 @@ QUIET_WARNINGS = (  # regular expressions matched at the start of a warning's me
     r"The number of training batches \(\d+\) is smaller than the logging interval",
     r"Found \d+ module\(s\) in eval mode at the start of training",
     r"Checkpoint directory .* exists and is not empty",  # attack folds share their folder
+    # the autoencoder steps its optimizers by hand; its checkpoints hold the state after a step,
+    # which is what resuming needs
+    r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
 )
 QUIET_ENV = {  # read when these libraries start (so they also reach stage subprocesses)
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub and transformers progress bars

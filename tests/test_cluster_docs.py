@@ -178,8 +178,9 @@ def test_torchrun_trains_on_two_cpu_processes(tmp_path):
     argv = ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
             "--master-port", "29531", "train.py", "fit", "--config", "configs/encoder/tiny.yaml",
             f"--data.experiment={exp}", "--data.source.num_samples=300", "--data.target_size=16",
-            "--data.aux_size=160", "--data.shadow_size=16", "--data.batch_size=4",
-            "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+            "--data.aux_size=160", "--data.shadow_size=16", "--data.public_size=100",
+            "--data.batch_size=4", "--trainer.accelerator=cpu", "--trainer.devices=2",
+            "--trainer.strategy=ddp",
             "--trainer.max_steps=3", "--trainer.logger=false",
             "--trainer.enable_progress_bar=false"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lightning_mia.data import MembershipDataModule, ShapesSource, ShardedSampler
+from lightning_mia.query.run import leave_process_group
 
 
 def make_dm(tmp_path, **kw):
@@ -92,6 +93,9 @@ class RecordIds(pl.LightningModule):
         path = f"{self.out_dir}/rank{self.global_rank}.json"
         with open(path, "w") as f:
             json.dump(self.seen, f)
+        # both workers wait for each other and leave the gloo group before they exit (a worker
+        # that exited holding it once aborted in gloo's teardown under the full suite)
+        leave_process_group()
 
 
 def test_ddp_predict_serves_each_query_exactly_once(tmp_path):

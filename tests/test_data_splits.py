@@ -145,3 +145,17 @@ def test_shadow_size_draws_target_sized_shadows_from_a_large_pool():
     assert again.hash == splits.hash
     with pytest.raises(ValueError, match="shadow_size must be in"):
         make_splits(ShapesSource(100), target_size=20, aux_size=20, shadow_size=30)
+
+
+def test_the_first_splits_written_stay_when_stages_race(tmp_path):
+    # two stages started side by side both find no splits.json and both make one: the second
+    # write must not replace the first (its stage would train on rows not on disk)
+    path = tmp_path / "exp" / "splits.json"
+    first, other = make_splits(ShapesSource(80), seed=1), make_splits(ShapesSource(80), seed=2)
+    save_splits(first, path, exclusive=True)
+    written = path.read_bytes()
+    with pytest.raises(FileExistsError):
+        save_splits(other, path, exclusive=True)
+    assert path.read_bytes() == written and [p.name for p in path.parent.iterdir()] == [path.name]
+    with pytest.raises(DataError, match=r"seed=1 \(asked 2\)"):  # the loser checks the winner's
+        ensure_splits(path.parent, ShapesSource(80), seed=2)

@@ -33,6 +33,8 @@ DATA = [
     "--data.target_size=16",
     "--data.aux_size=160",
     "--data.shadow_size=16",
+    "--data.public_size=100",  # the autoencoder and encoder train on it
+    "--data.member_fraction=0.5",
     "--data.batch_size=8",
 ]
 TRAINER = [
@@ -208,7 +210,7 @@ def test_experiment_attack_stage_under_ddp_runs_as_its_own_process(experiment):
                  "--query_accelerator=cpu", "--query_devices=2", "--query_strategy=ddp"],
                 tmp)  # fmt: skip
     err = proc.stderr
-    assert "[attack] in its own process: -m lightning_mia.attack.command" in err
+    assert "[attack] in its own process: -m lightning_mia.attack" in err
     assert err.count("[skip]") == 5  # the launcher re-ran the attack command, not the stages
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in err
     assert proc.stdout.count("shadow setting, diffusion, 2 shadow model(s)") == 1  # shown once
@@ -253,7 +255,7 @@ AUTOENCODER_TINY = {  # the GPU configs' structure (discriminator, strategy ddp)
         "source": {"class_path": "lightning_mia.data.shapes.ShapesSource",
                    "init_args": {"num_samples": 200, "resolution": 16, "seed": 0}},
         "num_shadows": 1, "target_size": 16, "aux_size": 64, "shadow_size": 16,
-        "batch_size": 4, "num_workers": 0,
+        "public_size": 64, "batch_size": 4, "num_workers": 0,
     },
 }  # fmt: skip
 

@@ -279,9 +279,3 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
     folder = layout.report_dir(options.setting, options.captioner)
     log_report(logger, report, write_report(folder, report))
     return AttackOutcome(report, folder, layout)
-
-
-if __name__ == "__main__":  # `python -m lightning_mia.attack.command ...` = `python attack.py ...`
-    from lightning_mia.cli import attack_main
-
-    attack_main()

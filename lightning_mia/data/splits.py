@@ -264,9 +264,10 @@ def make_splits(source: ImageCaptionSource, *args: Any, **config: Any) -> Splits
     return replace(splits, hash=body_hash(splits.body()))
 
 
-def save_splits(splits: Splits, path: str | os.PathLike) -> None:
-    """Write splits.json atomically (a reader never sees half a file)."""
-    atomic_write_json(path, splits.to_dict())
+def save_splits(splits: Splits, path: str | os.PathLike, exclusive: bool = False) -> None:
+    """Write splits.json atomically (a reader never sees half a file); `exclusive`: never
+    over another one (FileExistsError)."""
+    atomic_write_json(path, splits.to_dict(), exclusive)
 
 
 def _expected(
@@ -340,22 +341,30 @@ def ensure_splits(
     **config: Any,
 ) -> Splits:
     """Make and save splits.json on first use; afterwards load it, check data and config
-    (`args`/`config`: the fields of
-    `SplitConfig`)."""
+    (`args`/`config`: the fields of `SplitConfig`). Of stages started side by side, the first
+    to write it decides; the others load and check it."""
     if not isinstance(layout, ExperimentLayout):
         layout = ExperimentLayout(layout)
     config = asdict(SplitConfig(*args, **config))
-    if layout.splits.exists():
-        splits = load_splits(layout.splits, source)
-        check_config(splits, layout.splits, **config)
-        if source.skip_bad_samples:
-            source.bad_samples.update(splits.skipped)
-        return splits
-    splits = make_splits(source, **config)
-    save_splits(splits, layout.splits)
+    if not layout.splits.exists():
+        splits = make_splits(source, **config)
+        try:  # stages started side by side both make it: the first one written is the one
+            save_splits(splits, layout.splits, exclusive=True)
+        except FileExistsError:
+            pass
+        else:
+            _say_written(layout, splits)
+            return splits
+    splits = load_splits(layout.splits, source)
+    check_config(splits, layout.splits, **config)
+    if source.skip_bad_samples:
+        source.bad_samples.update(splits.skipped)
+    return splits
+
+
+def _say_written(layout: ExperimentLayout, splits: Splits) -> None:
     public = f", public pool {len(splits.public_pool)}" if splits.public_pool is not None else ""
     rank_zero_info(
         f"splits: wrote {layout.splits} (target pool {len(splits.target_pool)}, auxiliary pool "
         f"{len(splits.aux_pool)}{public}, {splits.num_shadows} shadows, hash {splits.hash[:12]})"
     )
-    return splits
