@@ -42,8 +42,8 @@ def run_name(family: str, model_index: int) -> str:
 
 
 def caption_tag(captioner: str) -> str:
-    """ "" for ground-truth captions, `@<folder name>` for a captioner's (`captioner/` ->
-    `@captioner`): the suffix of that caption mode's query and report folders."""
+    """The suffix of a caption mode's query and report folders: none for ground-truth
+    captions, `@<folder name>` for a captioner's (`runs/demo/captioner` -> `@captioner`)."""
     return f"@{Path(captioner).name}" if captioner else ""
 
 
