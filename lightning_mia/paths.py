@@ -3,7 +3,10 @@
 Layout::
 
     runs/<experiment>/
-      splits.json  autoencoder/  encoder/  <family>-<role>-<index:03d>/  queries/<run>/  attack/
+      splits.json  autoencoder/  encoder/  captioner/  <family>-<role>-<index:03d>/
+      queries/<run>/  queries/<run>@<captioner>/  attack/  attack/<setting>@<captioner>/
+
+`@<captioner>`: queried with the captions of an attacker's captioner (the image-only setting).
 """
 
 from __future__ import annotations
