@@ -116,7 +116,10 @@ def stage_of(model: LightningModule, datamodule: Any) -> StagePaths:
 
     layout = ExperimentLayout(datamodule.experiment)
     if isinstance(model, QueryModule):
-        return layout.query_stage(model.run_name)
+        return layout.query_stage(model.run_name, model.hparams.captioner)
+    own = getattr(model, "stage_paths", None)  # a stage that writes where it is told
+    if callable(own):
+        return own(layout)
     return layout.stage(getattr(model, "family", ""), datamodule.model_index)
 
 
@@ -234,6 +237,9 @@ class MIACLI(LightningCLI):
             query_data_config(config.data, ckpt)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        check = getattr(self.model, "check_train_split", None)  # an attacker's own component
+        if callable(check) and hasattr(self.datamodule, "train_split"):
+            check(self.datamodule.train_split)  # refused before any file (splits, stage) is made
         stage = stage_of(self.model, self.datamodule)
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer_cfg = self._get(self.config_init, "trainer", default={})

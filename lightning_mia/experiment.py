@@ -5,7 +5,9 @@
         --trainer_args '[--trainer.devices=8, --trainer.strategy=ddp]' --isolate true
 
 Stages, each skipped when its folder says it is done (`DONE.json`, `COMPLETE.json`):
-autoencoder -> attacker's encoder -> target (row 0) and shadows (rows 1..K) -> queries -> attack.
+autoencoder, attacker's encoder and captioner -> target (row 0) and shadows (rows 1..K) ->
+queries -> attack. With `captioner:` (a stage config or a ready BLIP folder) and `captions:
+[ground-truth, captioner]` both attackers are reported and compared side by side.
 With `repeats: R` the whole experiment runs R times (repeat r >= 1 in `<experiment>/repeat-0r/`
 with seed + r) and `attack/repeats.{json,md}` hold mean ± sd across the repeats.
 A stage interrupted midway resumes from its `last.ckpt` (training) or its shards (queries).
@@ -34,11 +36,12 @@ from lightning_mia.attack.command import (
     run_attack,
     split_names,
 )
+from lightning_mia.attack.render import format_comparison
 from lightning_mia.attack.repeats import format_repeats, summarize_repeats, write_repeats
 from lightning_mia.attack.report import read_report
 from lightning_mia.cli import find_config, run_cli, say, show_outcome, train_main
 from lightning_mia.errors import UserError
-from lightning_mia.paths import ExperimentLayout
+from lightning_mia.paths import ExperimentLayout, caption_tag
 from lightning_mia.reporting import finish_wandb_run
 from lightning_mia.stages import StageError, fit_arguments, run_fit_process, run_fit_processes
 from lightning_mia.terminal import (
@@ -49,6 +52,7 @@ from lightning_mia.terminal import (
 )
 
 CONFIG_DIR = Path("configs/experiments")
+CAPTION_MODES = ("ground-truth", "captioner")  # what the attacker queries the target with
 
 
 OVERFIT_NOTE = (
@@ -106,7 +110,7 @@ def attack_stage(options: AttackOptions) -> AttackOutcome | None:
     if code:
         raise StageError(f"the attack stage failed (exit code {code}; its error is above)")
     layout = ExperimentLayout(options.experiment)
-    folder = layout.report_dir(options.setting)
+    folder = layout.report_dir(options.setting, options.captioner)
     return AttackOutcome(read_report(folder), folder, layout, shown=True)
 
 
@@ -126,19 +130,39 @@ def repeat_runs(experiment: str, seed: int, repeats: int) -> list[tuple[str, int
     return runs
 
 
+def is_stage_config(path: str) -> bool:
+    """A stage's YAML config (trained here), not a ready model folder."""
+    return Path(path).suffix in (".yaml", ".yml")
+
+
+def caption_runs(captioner: str, captions: list[str] | None, layout: ExperimentLayout) -> list:
+    """The captioner folder of each caption mode asked ("" = ground-truth captions): the
+    experiment's `captioner/` when `captioner` is a stage config, else the folder given."""
+    modes = list(captions or (["captioner"] if captioner else ["ground-truth"]))
+    unknown = [m for m in modes if m not in CAPTION_MODES]
+    if unknown:
+        raise UserError(f"captions: unknown mode {unknown[0]!r}; known: {list(CAPTION_MODES)}")
+    if "captioner" in modes and not captioner:
+        raise UserError("captions: 'captioner' needs the experiment key captioner: <config|folder>")
+    folder = str(layout.captioner) if is_stage_config(captioner) else captioner
+    return [folder if m == "captioner" else "" for m in modes]
+
+
 def _train_stages(
     layout: ExperimentLayout, family: str, num_shadows: int, autoencoder: str, encoder: str,
     clip: str, model: str, common: list[str], model_args: list[str], isolate: bool,
-    parallel: int = 1,
+    parallel: int = 1, captioner: str = "",
 ) -> None:  # fmt: skip
-    """Autoencoder and attacker's encoder, then target and shadows, each skipped when done;
-    with `parallel` > 1 the stages of each phase (they do not depend on each other) run as
-    that many processes at once."""
+    """Autoencoder, attacker's encoder and captioner (a stage config), then target and
+    shadows, each skipped when done; with `parallel` > 1 the stages of each phase (they do not
+    depend on each other) run as that many processes at once."""
     shared = []
     if autoencoder:
         shared.append((layout.autoencoder, autoencoder, common))
     if encoder and not clip:
         shared.append((layout.encoder, encoder, common))
+    if is_stage_config(captioner):
+        shared.append((layout.captioner, captioner, common))
     models = []
     for index in range(num_shadows + 1):
         args = [*common, f"--data.model_index={index}"]
@@ -159,16 +183,17 @@ def _train_stages(
 
 
 def _summarize(
-    experiment: str, settings: list[str], runs: list[tuple[str, int, list[str]]],
+    experiment: str, attacks: list[tuple[str, str]], runs: list[tuple[str, int, list[str]]],
     outcomes: list[AttackOutcome | None],
 ) -> None:  # fmt: skip
-    """repeats.json / repeats.md of each setting beside repeat 0's report (rank zero)."""
+    """repeats.json / repeats.md of each (setting, captioner) beside repeat 0's report (rank
+    zero)."""
     if any(o is None for o in outcomes):
         return
-    for j, setting in enumerate(settings):
-        reports = [outcomes[r * len(settings) + j].report for r in range(len(runs))]
+    for j, (setting, captioner) in enumerate(attacks):
+        reports = [outcomes[r * len(attacks) + j].report for r in range(len(runs))]
         summary = summarize_repeats(reports, [f for f, _, _ in runs], [s for _, s, _ in runs])
-        path = write_repeats(ExperimentLayout(experiment).report_dir(setting), summary)
+        path = write_repeats(ExperimentLayout(experiment).report_dir(setting, captioner), summary)
         say(format_repeats(summary))
         say(f"repeats: {path}, {path.with_suffix('.md')}")
 
@@ -180,6 +205,8 @@ def run_experiment(
     autoencoder: str = "configs/autoencoder/tiny.yaml",
     encoder: str = "configs/encoder/tiny.yaml",
     clip: str = "",
+    captioner: str = "",
+    captions: list[str] | None = None,
     model: str = "configs/diffusion/tiny.yaml",
     data_args: list[str] | None = None,
     model_args: list[str] | None = None,
@@ -209,6 +236,10 @@ def run_experiment(
             `autoencoder` folder as is, e.g. a pretrained one).
         encoder: config of the attacker's encoder stage ("" when `clip` is given).
         clip: local folder of a pretrained CLIP model to use instead of training an encoder.
+        captioner: the attacker's captioner: a stage config (`configs/captioner/tiny.yaml`,
+            trained into `<experiment>/captioner/`) or a ready BLIP folder; "" = none.
+        captions: caption modes attacked, each a report: ground-truth and/or captioner
+            (default: captioner when `captioner` is set, else ground-truth).
         model: config of the target/shadow model stage.
         data_args: extra CLI arguments for the data of every stage (`--data.source...`).
         model_args: extra CLI arguments for the target/shadow stage only.
@@ -239,28 +270,40 @@ def run_experiment(
     outcomes = []
     for folder, run_seed, extra in runs:
         layout = ExperimentLayout(folder)
+        plan = [(s, c) for s in settings for c in caption_runs(captioner, captions, layout)]
         common = [f"--data.experiment={folder}", *(data_args or []), *(trainer_args or []), *extra]
         common += ["--verbose"] if verbose else []
         _train_stages(layout, family, num_shadows, autoencoder, encoder, clip, model, common,
-                      list(model_args or []), isolate, parallel)  # fmt: skip
-        for setting in settings:
+                      list(model_args or []), isolate, parallel, captioner)  # fmt: skip
+        for setting, caption_folder in plan:
             options = AttackOptions(
                 ckpt=str(layout.checkpoint(family, 0)), experiment=folder,
                 attacks=list(attacks or paper_attacks()), setting=setting,
                 known_fraction=known_fraction, num_images=num_images, seed=run_seed,
-                encoder=clip, accelerator=query_accelerator, devices=query_devices,
-                strategy=query_strategy, verbose=verbose,
+                encoder=clip, captioner=caption_folder, accelerator=query_accelerator,
+                devices=query_devices, strategy=query_strategy, verbose=verbose,
             )  # fmt: skip
-            rank_zero_info(f"[attack] {setting} setting: {', '.join(options.attacks)}")
+            what = f"{setting} setting{caption_tag(caption_folder)}"
+            rank_zero_info(f"[attack] {what}: {', '.join(options.attacks)}")
             start = time.perf_counter()
             outcomes.append(attack_stage(options))
             finish_wandb_run()
-            rank_zero_info(
-                f"[attack] {setting} setting done in {time.perf_counter() - start:.0f} s"
-            )
+            rank_zero_info(f"[attack] {what} done in {time.perf_counter() - start:.0f} s")
     if repeats > 1:
-        _summarize(experiment, settings, runs, outcomes)
+        _summarize(experiment, plan, runs, outcomes)
     return outcomes
+
+
+def show_comparisons(outcomes: list[AttackOutcome | None]) -> None:
+    """The ground-truth and captioner reports of each experiment folder and setting side by
+    side (the paper's comparison of the two attackers), on the terminal."""
+    groups: dict[tuple[str, str], list] = {}
+    for outcome in filter(None, outcomes):
+        key = (str(outcome.layout.root), outcome.report.setting)
+        groups.setdefault(key, []).append(outcome.report)
+    for reports in groups.values():
+        if len({r.captions for r in reports}) > 1:
+            say(format_comparison(reports))
 
 
 def config_path(name: str) -> str:
@@ -289,11 +332,15 @@ def experiment_parser() -> Any:
         "<name of configs/experiments/ | config.yaml> [--key value ...]",
     )
     parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(run_experiment, skip={"verbose", "attacks", "settings"})
+    parser.add_function_arguments(
+        run_experiment, skip={"verbose", "attacks", "settings", "captions"}
+    )
     attacks = "attacks: names, `all`, or '[pixel, semantic]' (default: the paper's four)"
     parser.add_argument("--attacks", nargs="*", type=str, default=None, help=attacks)
     settings = "attacker settings: shadow and/or partial (default: shadow)"
     parser.add_argument("--settings", nargs="*", type=str, default=None, help=settings)
+    captions = "caption modes: ground-truth and/or captioner (default: captioner if set)"
+    parser.add_argument("--captions", nargs="*", type=str, default=None, help=captions)
     add_verbose_argument(parser)
     return parser
 
@@ -314,12 +361,13 @@ def experiment_main(args: ArgsType = None) -> list[AttackOutcome | None]:
         start = time.perf_counter()
         kwargs = cfg.as_dict()
         kwargs.pop("config", None)
-        for name in ("attacks", "settings"):  # `--attacks pixel semantic` as attack.py takes it
+        for name in ("attacks", "settings", "captions"):  # `--attacks pixel semantic` too
             kwargs[name] = split_names(kwargs[name]) or None
         outcomes = run_experiment(**kwargs)
         for outcome in filter(None, outcomes):
             if not outcome.shown:
                 show_outcome(outcome)
+        show_comparisons(outcomes)
         say(f"experiment {argv[0]} finished in {time.perf_counter() - start:.0f} s")
         if cfg.overfit:
             say(OVERFIT_NOTE)

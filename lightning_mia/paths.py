@@ -3,7 +3,10 @@
 Layout::
 
     runs/<experiment>/
-      splits.json  autoencoder/  encoder/  <family>-<role>-<index:03d>/  queries/<run>/  attack/
+      splits.json  autoencoder/  encoder/  captioner/  <family>-<role>-<index:03d>/
+      queries/<run>/  queries/<run>@<captioner>/  attack/  attack/<setting>@<captioner>/
+
+`@<captioner>`: queried with the captions of an attacker's captioner (the image-only setting).
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ def role_of(model_index: int) -> str:
 def run_name(family: str, model_index: int) -> str:
     """`{family}-{role}-{index:03d}`, e.g. `diffusion-target-000`, `seq2seq-shadow-002`."""
     return f"{family}-{role_of(model_index)}-{model_index:03d}"
+
+
+def caption_tag(captioner: str) -> str:
+    """The suffix of a caption mode's query and report folders: none for ground-truth
+    captions, `@<folder name>` for a captioner's (`runs/demo/captioner` -> `@captioner`)."""
+    return f"@{Path(captioner).name}" if captioner else ""
 
 
 def last_checkpoint(folder: str | os.PathLike) -> Path:
@@ -100,12 +109,17 @@ class ExperimentLayout:
         """`last.ckpt` of a model run (`<family>-<role>-<index>/checkpoints/last.ckpt`)."""
         return last_checkpoint(self.run_dir(family, model_index))
 
-    def queries(self, name: str) -> Path:
-        return self.root / "queries" / name
+    def queries(self, name: str, captioner: str = "") -> Path:
+        """`queries/<name>/`; `queries/<name>@<captioner>/` when queried with a captioner's
+        captions (`caption_tag`), so both caption modes of one model live side by side."""
+        return self.root / "queries" / f"{name}{caption_tag(captioner)}"
 
-    def report_dir(self, setting: str) -> Path:
-        """`attack/` for the default shadow setting, `attack/<setting>/` for the others."""
-        return self.attack if setting == "shadow" else self.attack / setting
+    def report_dir(self, setting: str, captioner: str = "") -> Path:
+        """`attack/` for the default shadow setting, `attack/<setting>/` for the others;
+        `attack/<setting>@<captioner>/` for an attack with a captioner's captions."""
+        if setting == "shadow" and not captioner:
+            return self.attack
+        return self.attack / f"{setting}{caption_tag(captioner)}"
 
     def stage(self, family: str, model_index: int = 0) -> StagePaths:
         """Folder, run name and role of a training stage of `family` (model row `model_index`)."""
@@ -115,9 +129,10 @@ class ExperimentLayout:
         name = run_name(family, model_index)
         return StagePaths(self.root / name, name, role_of(model_index))
 
-    def query_stage(self, model_run: str) -> StagePaths:
-        """The query of one model run (`queries/<run>/`)."""
-        return StagePaths(self.queries(model_run), f"query-{model_run}", "query")
+    def query_stage(self, model_run: str, captioner: str = "") -> StagePaths:
+        """The query of one model run (`queries/<run>/`, or `queries/<run>@<captioner>/`)."""
+        name = f"query-{model_run}{caption_tag(captioner)}"
+        return StagePaths(self.queries(model_run, captioner), name, "query")
 
     def finished_runs(self, family: str, role: str = "shadow") -> list[Path]:
         """Folders of the finished (DONE) runs of `family` in `role`, by model index."""
@@ -177,4 +192,25 @@ def write_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], A
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return folder
+
+
+def write_model_files(folder: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """`write(tmp)` into a temporary sibling, then move each file into `folder`, config.json last.
+
+    A crash never leaves a folder that loads as a model with missing parts, and other files in
+    `folder` (the stage's checkpoints/, logs) are kept.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        write(tmp)
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").unlink(missing_ok=True)  # not a model while files move
+        names = sorted(p.name for p in tmp.iterdir() if p.name != "config.json")
+        for name in [*names, "config.json"]:
+            os.replace(tmp / name, folder / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -26,7 +26,7 @@ from typing import Any
 
 from lightning_mia.attack.report import REPORT_JSON, AttackReport, read_report
 from lightning_mia.errors import UserError
-from lightning_mia.paths import ExperimentLayout
+from lightning_mia.paths import ExperimentLayout, caption_tag
 from lightning_mia.terminal import argument_parser
 
 FACTORS = {
@@ -66,7 +66,9 @@ def _row(layout: ExperimentLayout, report: AttackReport) -> SummaryRow:
         "aux_size": _aux_size(layout),
         "num_shadows": report.num_shadows if report.setting == "shadow" else None,
     }
-    row = SummaryRow(layout.name, report.setting, report.family, factors)
+    # a captioner's report is another attacker (image only): its own row, not in the figures
+    setting = report.setting + caption_tag(report.captioner.get("folder", ""))
+    row = SummaryRow(layout.name, setting, report.family, factors)
     for kind, result in report.results():
         name = result.name if kind == "attack" else f"{result.name} (baseline)"
         row.metrics[name] = {

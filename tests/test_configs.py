@@ -57,7 +57,7 @@ def test_experiment_config_parses(path):
     parser = ArgumentParser()
     parser.add_function_arguments(run_experiment)
     cfg = parser.parse_path(str(path))
-    for key in ("autoencoder", "encoder", "model"):
+    for key in ("autoencoder", "encoder", "captioner", "model"):
         if cfg[key]:
             assert (ROOT / cfg[key]).is_file(), f"{path.name}: {key} config {cfg[key]} missing"
 

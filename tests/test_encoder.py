@@ -1,5 +1,5 @@
 """The attacker's CLIP encoder: trained on the auxiliary pool, it retrieves held-out captions;
-its folder round-trips; bad folders fail clearly; the extractor and BLIP captioner run on it."""
+its folder round-trips; bad folders fail clearly; the feature extractor runs on it."""
 
 import json
 import time
@@ -7,13 +7,12 @@ import time
 import lightning as L
 import pytest
 import torch
-from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, CLIPModel
+from transformers import CLIPModel
 
 from lightning_mia.card import read_card
 from lightning_mia.data.datamodule import MembershipDataModule
 from lightning_mia.data.shapes import ShapesSource
 from lightning_mia.features import FEATURE_GROUPS, FeatureExtractor
-from lightning_mia.models.captioner import Captioner, CaptionerError
 from lightning_mia.models.encoder import EncoderError, EncoderModule, load_encoder
 from lightning_mia.registry import UnknownNameError
 
@@ -128,53 +127,6 @@ def test_extractor_with_encoder_all_groups_batched(trained):
     # carried into PSNR (dB), SSIM and BRISQUE: 1e-4
     for name, value in one.items():
         assert torch.allclose(value, feats[name][1:2], atol=1e-4, rtol=1e-4), name
-
-
-def tiny_blip_folder(path):
-    """A random-init BLIP captioner with a word-level BERT tokenizer, saved like a real one."""
-    words = "a an the red blue green circle square star on at top left right of picture".split()
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizer.from_pretrained(str(path))  # transformers 5 ignores vocab_file=
-    assert len(tok) == len(vocab)
-    text = dict(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, encoder_hidden_size=32, max_position_embeddings=32,
-        bos_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
-    )  # fmt: skip
-    vision = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        image_size=32, patch_size=8,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))
-    with torch.no_grad():  # larger random weights: captions then depend on the image
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.3)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def test_captioner_loads_a_blip_folder_and_captions_batches(tmp_path, one_thread):
-    folder = tiny_blip_folder(tmp_path)
-    captioner = Captioner(str(folder), max_new_tokens=6)
-    images = torch.rand(3, 3, 48, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    captions = captioner.caption(images)
-    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
-    assert len(set(captions)) > 1  # image-dependent
-    assert all("[CLS]" not in c and "[PAD]" not in c for c in captions)
-    assert any(captions)  # a random model still emits words
-    assert captioner.caption(images) == captions  # greedy: deterministic
-    assert [captioner.caption(images[i : i + 1])[0] for i in range(3)] == captions
-    prompted = Captioner(str(folder), max_new_tokens=4, prompt="a picture of").caption(images[:1])
-    assert prompted[0].startswith("a picture of")
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "clip"}))
-    with pytest.raises(CaptionerError, match="not 'blip'"):
-        Captioner(str(tmp_path / "other"))
 
 
 def test_encoder_refuses_to_train_on_a_models_members(tmp_path):

@@ -4,6 +4,7 @@
     python attack.py --ckpt ... --attacks all                 # + the gray-box attacks
     python attack.py --ckpt ... --attacks pixel semantic      # or '[pixel, semantic]'
     python attack.py --ckpt ... --setting partial --known-fraction 0.5
+    python attack.py --ckpt ... --captioner runs/demo/captioner   # image-only: its captions
     python attack.py --ckpt ... --calibrate false             # no shadow queries on the target's
                                                               # samples (no offline LiRA)
     python attack.py --pipeline /models/sd-v1-5 --lora my_lora/ --members members.jsonl \
@@ -31,6 +32,7 @@ from lightning_mia.attack.spec import AttackError
 from lightning_mia.card import CheckpointError, RunCard, read_card
 from lightning_mia.external.audit import prepare_external
 from lightning_mia.graybox import signals_for
+from lightning_mia.models.captioner import captioner_facts, check_captioner
 from lightning_mia.models.registry import FAMILIES
 from lightning_mia.paths import ExperimentLayout, last_checkpoint
 from lightning_mia.query.run import leave_process_group, run_query
@@ -58,6 +60,11 @@ class AttackOptions:
     seed: int = _help("seed of queries, attack data splits, attack init and bootstrap", 0)
     max_epochs: int = _help("attack training cap (early stopping usually ends it)", 200)
     encoder: str = _help("local CLIP folder (default: the experiment's encoder/)", "")
+    captioner: str = _help(
+        "BLIP captioner folder: the attacker holds only the image, every query and gray-box "
+        "signal uses its captions (default: the ground-truth captions)",
+        "",
+    )
     signals: list[str] = _help(
         "gray-box signals computed while querying: all | auto (those of a finished target "
         "query, else all) | names; none = no --signals values",
@@ -158,10 +165,13 @@ def attack_argv(options: AttackOptions) -> list[str]:
     return argv
 
 
-def resolve_signals(asked: list[str], card: RunCard, layout: ExperimentLayout) -> list[str]:
-    """The gray-box signals to compute: `all`, `auto` (reuse a finished query's) or names."""
+def resolve_signals(
+    asked: list[str], card: RunCard, layout: ExperimentLayout, captioner: str = ""
+) -> list[str]:
+    """The gray-box signals to compute: `all`, `auto` (reuse a finished query's of the same
+    caption mode) or names."""
     if "auto" in asked:
-        done = read_complete(layout.queries(card.run_name))
+        done = read_complete(layout.queries(card.run_name, captioner))
         if done is None:
             return signals_for(card.family)
         return [s for s in done.get("signals", "").split(",") if s]
@@ -233,11 +243,14 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
         options = prepare_external(options)
     card, layout = _target_card(options)
     shadows = _shadow_checkpoints(options, card, layout)
+    if options.captioner:  # not a captioner, or one of another experiment: before any file
+        check_captioner(options.captioner, card.splits_hash)
     logger = make_logger(str(layout.root), name="attack", job_type="attack", group=layout.name,
                          config={"attack": dataclasses.asdict(options)})  # fmt: skip
     query = dict(
         num_images=options.num_images, seed=options.seed, encoder=options.encoder,
-        signals=resolve_signals(options.signals, card, layout),
+        captioner=options.captioner,
+        signals=resolve_signals(options.signals, card, layout, options.captioner),
         signal_timesteps=options.signal_timesteps, accelerator=options.accelerator,
         devices=options.devices, strategy=options.strategy, num_nodes=options.num_nodes,
         progress=options.progress, logger=logger,
@@ -260,7 +273,9 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
         calibration=calibration,
         progress=options.progress and options.verbose,  # short loops: bars only when verbose
     )  # fmt: skip
-    annotate_report(report, card, layout, options.encoder)  # provenance, pretrained parts
-    folder = layout.report_dir(options.setting)
+    if options.captioner:
+        report.captions, report.captioner = "captioner", captioner_facts(options.captioner)
+    annotate_report(report, card, layout, options.encoder, options.captioner)  # provenance
+    folder = layout.report_dir(options.setting, options.captioner)
     log_report(logger, report, write_report(folder, report))
     return AttackOutcome(report, folder, layout)

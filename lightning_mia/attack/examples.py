@@ -129,5 +129,6 @@ def examples_png(folder: str | os.PathLike, report: AttackReport) -> bytes | Non
     run_name = report.target.get("run_name")
     if root is None or not run_name:
         return None
-    examples = read_examples(ExperimentLayout(root).queries(run_name))
+    queries = ExperimentLayout(root).queries(run_name, report.captioner.get("folder", ""))
+    examples = read_examples(queries)
     return render_examples(report, examples) if examples else None

@@ -75,7 +75,47 @@ def format_table(report: AttackReport) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     title = f"{report.setting} setting, {report.family}, {report.num_shadows} shadow model(s)"
+    title += f", {caption_mode(report)}"
     return "\n".join([title, *lines, *flag_lines(report)])
+
+
+def caption_mode(report: AttackReport) -> str:
+    """`ground-truth captions` or `captioner captions (<folder>[, BLEU-4 ..., shapes ...])`."""
+    if report.captions != "captioner":
+        return "ground-truth captions"
+    c = report.captioner
+    quality = c.get("quality") or {}
+    facts = [Path(c.get("folder", "?")).name]
+    if c.get("train_steps") is not None:
+        facts.append(f"{c['train_steps']} steps")
+    if "bleu" in quality:
+        facts.append(f"held-out BLEU-4 {quality['bleu']:.2f}")
+    if "shapes_colours" in quality:
+        facts.append(f"shapes and colours right {quality['shapes_colours']:.2f}")
+    return f"captioner captions ({', '.join(facts)})"
+
+
+def format_comparison(reports: list[AttackReport], metrics: tuple = ("auc", "tpr@1%fpr")) -> str:
+    """The attacks of several reports (e.g. ground-truth vs captioner captions) side by side:
+    one row per attack, `metrics` of each report in turn (the paper's comparison)."""
+    names = list(dict.fromkeys(n for r in reports for n in [*r.attacks, *r.baselines]))
+    header = ["attack", *(f"{METRIC_LABELS[m]} ({r.captions})" for r in reports for m in metrics)]
+    rows = [header]
+    for name in names:
+        cells = []
+        for r in reports:
+            result = r.attacks.get(name) or r.baselines.get(name)
+            for m in metrics:
+                ok = result is not None and m in result.metrics
+                cells.append(result.metrics[m].format() if ok else "-")
+        rows.append([name, *cells])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    title = f"{reports[0].setting} setting, {reports[0].family}: " + " vs ".join(
+        caption_mode(r) for r in reports
+    )
+    return "\n".join([title, *lines])
 
 
 def render_markdown(report: AttackReport, examples: bool = False) -> str:
@@ -88,6 +128,8 @@ def render_markdown(report: AttackReport, examples: bool = False) -> str:
         f"{t.get('train_steps_per_image') or 'unknown'} training steps per image, "
         f"augmentation {json.dumps(t.get('augmentation', {}), sort_keys=True)}",
         f"- images per query caption: {report.num_images}; shadow models: {report.num_shadows}",
+        f"- query captions: {caption_mode(report)}"
+        + (f", `{report.captioner['folder']}`" if report.captioner.get("folder") else ""),
         f"- test samples: {report.test_samples}; seeds: {json.dumps(report.seeds, sort_keys=True)}",
         f"- splits hash: `{report.splits_hash}`; created {report.created}",
     ]
@@ -132,7 +174,7 @@ def render_roc_png(report: AttackReport) -> bytes:
     ax.set_ylim(floor, 1.05)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title(f"{report.family}: {report.setting} setting")
+    ax.set_title(f"{report.family}: {report.setting} setting, {report.captions} captions")
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()

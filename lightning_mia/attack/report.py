@@ -10,6 +10,10 @@ report.json (keys sorted; `null` where unknown)::
       "family": "diffusion",                "num_images": 4,       # N images per caption
       "num_shadows": 2,                     "seeds": {"attack": 0, "query": 0, ...},
       "splits_hash": "ab12...",
+      "captions": "ground-truth" | "captioner",   # what every query (and gray-box signal) read
+      "captioner": {} | {"folder": "/abs/runs/demo/captioner", "train_steps": 2000,
+                         "quality": {"bleu": 0.7, "shapes_colours": 0.8, ...}},  # folder
+                                      # alone for a pretrained one
       "target": {"run_name": "diffusion-target-000", "model_index": 0,
                  "train_steps_per_image": 300.0, "augmentation": {...}},
       "test_samples": {"members": 64, "non_members": 64},     # rows the metrics are read on
@@ -195,6 +199,8 @@ class AttackReport:
     baselines: dict[str, AttackResult]
     known_fraction: float | None = None
     test_samples: dict[str, int] = field(default_factory=dict)
+    captions: str = "ground-truth"  # or "captioner": the attacker holds only the image
+    captioner: dict[str, Any] = field(default_factory=dict)  # its folder, training, quality
     notes: list[str] = field(default_factory=list)
     created: str = field(
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat()
@@ -222,6 +228,8 @@ class AttackReport:
             "splits_hash": self.splits_hash,
             "target": dict(self.target),
             "test_samples": dict(self.test_samples),
+            "captions": self.captions,
+            "captioner": dict(self.captioner),
             "accuracy_is_balanced": self.accuracy_is_balanced,
             "attacks": {n: r.to_dict() for n, r in self.attacks.items()},
             "baselines": {n: r.to_dict() for n, r in self.baselines.items()},

@@ -49,7 +49,8 @@ __all__ = ["AttackError", "SETTINGS", "run_attacks"]
 SETTINGS = ("shadow", "partial")
 # shard metadata target and shadow queries must agree on (QueryModule.shard_metadata)
 CHECKED_METADATA = (
-    "family", "splits_hash", "num_images", "seed", "captions", "encoder", "signal_options",
+    "family", "splits_hash", "num_images", "seed", "captions", "captioner", "encoder",
+    "signal_options",
 )  # fmt: skip
 CHECKED_WHEN_SET = ("num_images", "signal_options")  # compared where both tables record one
 

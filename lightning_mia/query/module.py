@@ -68,7 +68,8 @@ class QueryModule(LightningModule):
             encoder: folder of a CLIP model (transformers format); "" = the experiment's
                 trained attacker encoder (`<experiment>/encoder`).
             captioner: folder of a BLIP captioner: query with its captions of the image
-                instead of the ground-truth caption (the attacker holds only the image).
+                instead of the ground-truth caption (the attacker holds only the image); the
+                gray-box signals read them too. Its queries go to `queries/<run>@<name>/`.
             save_images: also write the generated images as PNG under the query folder.
             signals: gray-box signals to compute beside the features (loss, secmi, pia, clid
                 for diffusion; nll, nll_gap for seq2seq); they read the model's weights.
@@ -100,6 +101,10 @@ class QueryModule(LightningModule):
         self.seconds: dict[str, float] = {}  # measured cost per stage, this rank
         self.num_queried = 0
         self.encoder_folder = self._encoder_folder(feature_groups, encoder)
+        if captioner:  # refused now, before a trainer or a query folder exists
+            from lightning_mia.models.captioner import check_captioner
+
+            check_captioner(captioner, self.card.splits_hash)
         self.model: torch.nn.Module | None = None
 
     def configure_model(self) -> None:
@@ -163,6 +168,7 @@ class QueryModule(LightningModule):
             "signal_queries": json.dumps(signal_queries(self.signals, self.signal_options)),
             "signal_options": json.dumps(asdict(self.signal_options)) if self.signals else "",
             "encoder": str(self.encoder_folder.resolve()) if self.encoder_folder else "",
+            **({"captioner": str(Path(hp.captioner).resolve())} if hp.captioner else {}),
             **({"row": str(hp.row)} if hp.row is not None else {}),
         }
 
@@ -177,6 +183,8 @@ class QueryModule(LightningModule):
         captions = list(batch["caption"])
         if self.captioner is not None:
             captions = self.captioner.caption(query)
+        # the attacker's view of the pair: every signal, black-box and gray-box, reads its captions
+        attacker_batch = {**batch, "caption": captions}
         seeds = sample_seeds(self.hparams.seed, batch["sample_id"])
         n = self.hparams.num_images
         generated = self._timed(
@@ -188,7 +196,11 @@ class QueryModule(LightningModule):
                 self._timed(
                     name,
                     lambda name=name: compute_signals(
-                        self.model, batch, [name], self.hparams.seed, options=self.signal_options
+                        self.model,
+                        attacker_batch,
+                        [name],
+                        self.hparams.seed,
+                        options=self.signal_options,
                     ),
                 )
             )

@@ -36,9 +36,12 @@ EXAMPLES_PER_CLASS = 8  # members and as many non-members keep their images (exa
 
 
 def query_folder(module: QueryModule) -> Path:
-    """`<experiment>/queries/<run-name>/` of the queried model; `.../row-<r>/` when it is
-    queried on another row's samples (`QueryModule(row=r)`)."""
-    folder = ExperimentLayout(module.card.experiment).queries(module.run_name)
+    """`<experiment>/queries/<run-name>/` of the queried model (`<run-name>@<captioner>/` with
+    a captioner's captions); `.../row-<r>/` when it is queried on another row's samples
+    (`QueryModule(row=r)`)."""
+    folder = ExperimentLayout(module.card.experiment).queries(
+        module.run_name, module.hparams.captioner
+    )
     row = module.hparams.row
     return folder if row is None else folder / f"row-{row:03d}"
 
@@ -191,6 +194,7 @@ def run_query(
     seed: int = 0,
     feature_groups: list[str] | None = None,
     encoder: str = "",
+    captioner: str = "",
     save_images: bool = False,
     signals: list[str] | None = None,
     signal_timesteps: list[int] | None = None,
@@ -221,6 +225,7 @@ def run_query(
         seed=seed,
         feature_groups=feature_groups,
         encoder=encoder,
+        captioner=captioner,
         save_images=save_images,
         signals=signals,
         signal_timesteps=signal_timesteps,

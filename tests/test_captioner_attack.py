@@ -1,0 +1,221 @@
+"""The image-only attacker end to end, at tiny size: a captioner trained on the experiment's
+public pool, then the experiment runner with `captioner:` and both caption modes (ground-truth
+and captioner), then `attack.py --captioner` with a saved random-init BLIP folder; and every
+bad captioner refused by the real command line in one line, with nothing written."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tiny_blip import tiny_blip_folder
+
+from lightning_mia.cli import attack_main, train_main
+from lightning_mia.data.shapes import ShapesSource
+from lightning_mia.experiment import experiment_main
+from lightning_mia.graybox import compute_signals
+from lightning_mia.models.captioner import Captioner
+from lightning_mia.models.registry import load_family_module
+from lightning_mia.paths import ExperimentLayout
+from lightning_mia.query.shards import load_query_table, read_complete
+from lightning_mia.query.writer import read_examples
+
+ROOT = Path(__file__).resolve().parents[1]
+CAPTIONER = str(ROOT / "configs/captioner/tiny.yaml")
+SOURCE = dict(num_samples=320, resolution=32, seed=0)
+DATA = [  # 8 + 8 per model, a 256-sample public pool the captioner learns the grammar on
+    f"--data.source.init_args.num_samples={SOURCE['num_samples']}",
+    "--data.target_size=16",
+    "--data.member_fraction=0.5",
+    "--data.aux_size=32",
+    "--data.shadow_size=16",
+    "--data.public_size=256",
+    "--data.num_shadows=1",
+    "--data.batch_size=32",
+]
+TRAINER = [
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.logger=false",
+]
+TARGET = "diffusion-target-000"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _config(tmp, exp):
+    config = {
+        "experiment": str(exp),
+        "family": "diffusion",
+        "num_shadows": 1,
+        "autoencoder": str(ROOT / "configs/autoencoder/tiny-kl.yaml"),
+        "encoder": str(ROOT / "configs/encoder/tiny.yaml"),
+        "captioner": CAPTIONER,
+        "captions": ["ground-truth", "captioner"],
+        "model": str(ROOT / "configs/diffusion/tiny.yaml"),
+        "data_args": DATA,
+        "trainer_args": [*TRAINER, "--trainer.max_steps=4"],
+        "model_args": ["--model.init_args.num_inference_steps=2"],
+        "num_images": 1,
+        "attacks": ["pixel", "loss"],
+    }
+    path = tmp / "captioner-experiment.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, one_thread):
+    """The captioner stage first (48 steps: it writes the shapes grammar), then the experiment
+    (which finds it done) with both caption modes; the terminal output kept."""
+    tmp = tmp_path_factory.mktemp("image-only")
+    exp = tmp / "exp"
+    train_main(["fit", "--config", CAPTIONER, f"--data.experiment={exp}", *DATA, *TRAINER,
+                "--trainer.max_steps=48", "--model.init_args.warmup_steps=8"])  # fmt: skip
+    capture = pytest.MonkeyPatch()
+    lines: list[str] = []
+    capture.setattr("lightning_mia.experiment.say", lines.append)
+    try:
+        outcomes = experiment_main([str(_config(tmp, exp))])
+    finally:
+        capture.undo()
+    return tmp, ExperimentLayout(exp), outcomes, "\n".join(lines)
+
+
+def test_both_caption_modes_are_reported_side_by_side(finished):
+    _, layout, outcomes, said = finished
+    truth, captioned = (o.report for o in outcomes)
+    assert (truth.captions, captioned.captions) == ("ground-truth", "captioner")
+    assert outcomes[0].folder == layout.attack
+    assert outcomes[1].folder == layout.attack / "shadow@captioner"
+    doc = json.loads((outcomes[1].folder / "report.json").read_text())
+    assert doc["captions"] == "captioner"
+    assert doc["captioner"]["folder"] == str(layout.captioner.resolve())
+    assert doc["captioner"]["train_steps"] == 48 and "bleu" in doc["captioner"]["quality"]
+    assert json.loads((layout.attack / "report.json").read_text())["captions"] == "ground-truth"
+    assert (
+        "query captions: captioner captions (captioner, 48 steps"
+        in (outcomes[1].folder / "report.md").read_text()
+    )
+    assert "ground-truth captions vs captioner captions (captioner, 48 steps" in said
+    assert {"pixel", "loss"} <= set(truth.attacks) and {"pixel", "loss"} <= set(captioned.attacks)
+
+
+def test_every_signal_reads_the_captioners_captions(finished):
+    """The captioner queries (own folder, beside the ground-truth ones) hold the captioner's
+    captions of the images, and the gray-box loss is that of those captions."""
+    _, layout, _, _ = finished
+    plain, mine = layout.queries(TARGET), layout.queries(TARGET, str(layout.captioner))
+    assert mine.name == f"{TARGET}@captioner"
+    assert read_complete(plain)["captions"] == "ground-truth"
+    assert read_complete(mine)["captions"] == "captioner"
+    assert read_complete(mine)["captioner"] == str(layout.captioner.resolve())
+    examples = read_examples(mine)
+    ids = sorted(examples)[:4]
+    source = ShapesSource(**SOURCE)
+    images = torch.stack([source.image(i) for i in ids])  # (4, 3, 32, 32)
+    captions = Captioner(str(layout.captioner)).caption(images)
+    assert [examples[i]["caption"] for i in ids] == captions
+    assert captions != [source.caption(i) for i in ids]  # not the ground truth
+    model = load_family_module(str(layout.checkpoint("diffusion", 0))).requires_grad_(False)
+    batch = {"pixel_values": images, "sample_id": torch.tensor(ids), "caption": captions}
+    expected = compute_signals(model, batch, ["loss"], seed=0)
+    table, truth = load_query_table(mine), load_query_table(plain)
+    rows = [int((table.sample_id == i).nonzero()) for i in ids]
+    for name, values in expected.items():
+        torch.testing.assert_close(table.features[name][rows], values.float(), atol=1e-5, rtol=0)
+        assert not torch.allclose(truth.features[name][rows], values.float())
+
+
+def test_a_saved_random_init_blip_folder_attacks_through_the_same_path(finished, capsys):
+    tmp, layout, _, _ = finished
+    blip = tiny_blip_folder(tmp / "blip-random")
+    assert (blip / "processor_config.json").is_file()  # BlipProcessor.save_pretrained's
+    report = attack_main(["--ckpt", str(layout.checkpoint("diffusion", 0)), "--captioner",
+                          str(blip), "--attacks", "pixel", "--num_images", "1",
+                          "--progress=false"])  # fmt: skip
+    assert report.captions == "captioner" and report.captioner == {"folder": str(blip.resolve())}
+    assert (layout.attack / "shadow@blip-random" / "report.json").is_file()
+    assert any(f"captioner {blip}" in note for note in report.notes)  # trained elsewhere
+    assert "captioner captions (blip-random)" in capsys.readouterr().out
+
+
+def _card_edited(layout, tmp, name, **changes):
+    """A copy of the experiment's captioner whose card says it was trained otherwise."""
+    folder = tmp / name
+    shutil.copytree(layout.captioner, folder, ignore=shutil.ignore_patterns("checkpoints"))
+    card = json.loads((folder / "card.json").read_text())
+    card["extra"].update(changes.pop("extra", {}))
+    card.update(changes)
+    (folder / "card.json").write_text(json.dumps(card))
+    return folder
+
+
+def _other_experiments_captioner(layout, tmp):
+    """A captioner really trained (2 steps) on another experiment's pools."""
+    other = tmp / "other"
+    train_main(["fit", "--config", CAPTIONER, f"--data.experiment={other}", *DATA, *TRAINER,
+                "--data.seed=1", "--trainer.max_steps=2"])  # fmt: skip
+    return other / "captioner"
+
+
+BAD_CAPTIONERS = {
+    "not a captioner (the encoder folder)": (lambda lay, t: lay.encoder, "not 'blip'"),
+    "no model at all": (lambda lay, t: t, "no config.json"),
+    "trained on another experiment": (_other_experiments_captioner, "not on this experiment's"),
+    "trained on the target's members": (
+        lambda lay, t: _card_edited(lay, t, "members", extra={"train_split": "members"}),
+        "never a model's members",
+    ),
+    "captions that come out empty": (
+        lambda lay, t: tiny_blip_folder(t / "mute", first_token="[SEP]"),
+        "empty caption for",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CAPTIONERS, ids=list(BAD_CAPTIONERS))
+def test_bad_captioners_are_refused_in_one_line(case, finished, tmp_path, capsys):
+    _, layout, _, _ = finished
+    make, needle = BAD_CAPTIONERS[case]
+    folder = make(layout, tmp_path)
+    capsys.readouterr()
+    before = sorted(p for p in layout.root.rglob("*"))
+    with pytest.raises(SystemExit) as err:
+        attack_main(["--ckpt", str(layout.checkpoint("diffusion", 0)), "--captioner",
+                     str(folder), "--attacks", "pixel", "--progress=false"])  # fmt: skip
+    out = capsys.readouterr()
+    lines = [ln for ln in out.err.splitlines() if ln.strip()]
+    assert err.value.code == 1 and "Traceback" not in out.err
+    assert lines[-1].startswith("error: ") and needle in lines[-1], lines[-1]
+    assert str(folder) in lines[-1]
+    assert sorted(p for p in layout.root.rglob("*")) == before  # no query, no report
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--captions", "captioner"], "needs the experiment key captioner"),
+        (["--captions", "ground-truth", "imagined"], "unknown mode 'imagined'"),
+    ],
+    ids=["captioner mode without a captioner", "unknown caption mode"],
+)
+def test_experiment_caption_modes_are_checked_first(extra, needle, tmp_path, capsys):
+    config = yaml.safe_load(_config(tmp_path, tmp_path / "exp").read_text())
+    del config["captioner"], config["captions"]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as err:
+        experiment_main([str(path), *extra])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.value.code == 1 and line.startswith("error: captions:") and needle in line, line
+    assert not (tmp_path / "exp").exists()  # refused before any stage
