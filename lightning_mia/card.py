@@ -72,12 +72,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_card(path: str | os.PathLike) -> RunCard:
+    """The run card of a lightning_mia checkpoint (see `read_card_and_moves`)."""
+    return read_card_and_moves(path)[0]
+
+
+def read_card_and_moves(path: str | os.PathLike) -> tuple[RunCard, dict[str, str]]:
     """The run card of a lightning_mia checkpoint; CheckpointError for anything else.
 
     A checkpoint inside an experiment folder (`<experiment>/<run>/checkpoints/*.ckpt`, beside
     its splits.json) belongs to that folder, wherever it was trained: an experiment moved or
     copied elsewhere keeps working (the splits hash, checked by every stage, still ties the
-    checkpoint to its splits).
+    checkpoint to its splits). Its autoencoder and tokenizer folders inside the old experiment
+    folder move with it: the second value is {card field: new folder} of those that moved.
     """
     ckpt = load_checkpoint(path)
     if CARD_KEY not in ckpt:
@@ -86,9 +92,28 @@ def read_card(path: str | os.PathLike) -> RunCard:
         )
     card = RunCard.from_dict(ckpt[CARD_KEY])
     holder = holding_experiment(path)
+    moves: dict[str, str] = {}
     if holder is not None and holder.resolve() != Path(card.experiment).resolve():
-        card.experiment = str(holder)
-    return card
+        old, card.experiment = card.experiment, str(holder)
+        for key in ("autoencoder", "tokenizer"):
+            before = getattr(card, key)
+            after = moved_path(before, old, holder)
+            if after != before:
+                moves[key] = after
+                setattr(card, key, after)
+    return card, moves
+
+
+def moved_path(path: str, old_root: str | os.PathLike, new_root: str | os.PathLike) -> str:
+    """`path` under `new_root` when it lay under `old_root` (the autoencoder or tokenizer of a
+    moved or copied experiment), else unchanged ("" stays "")."""
+    if not path:
+        return path
+    try:
+        inside = Path(path).resolve().relative_to(Path(old_root).resolve())
+    except ValueError:
+        return path
+    return str(Path(new_root) / inside)
 
 
 def holding_experiment(path: str | os.PathLike) -> Path | None:

@@ -166,3 +166,15 @@ def test_killed_attack_stage_gives_the_same_report(base, reference_report, tmp_p
         ids = torch.cat([read_shard(p)[0]["sample_id"] for p in shard_paths(folder)])
         assert ids.numel() == ids.unique().numel(), f"{run}: a sample written twice"
         assert len(load_query_table(folder)) == 16, f"{run}: a sample lost"
+
+
+def test_a_copied_experiment_reads_its_own_autoencoder(base, tmp_path):
+    # the checkpoint names <base>/autoencoder; in a copy it must read the copy's, so the
+    # copy still works when the original is gone (and never mixes the two)
+    from lightning_mia.models.registry import load_family_module
+
+    layout = _copy(base, tmp_path / "exp", ("splits.json", "autoencoder", "diffusion-target-000"))
+    model = load_family_module(layout.checkpoint("diffusion", 0))
+    assert Path(model.card.experiment) == layout.root
+    assert Path(model.card.autoencoder) == layout.root / "autoencoder"
+    assert Path(model.hparams.autoencoder) == layout.root / "autoencoder"

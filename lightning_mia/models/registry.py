@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from lightning_mia.card import CheckpointError, read_card
+from lightning_mia.card import CheckpointError, read_card_and_moves
 from lightning_mia.models.base import TextToImageModule
 from lightning_mia.registry import Registry
 
@@ -30,8 +30,12 @@ def load_family_module(
     ckpt_path: str | os.PathLike, map_location: str = "cpu"
 ) -> TextToImageModule:
     """Rebuild the trained model of a lightning_mia checkpoint, in eval mode."""
-    card = read_card(ckpt_path)
+    card, moves = read_card_and_moves(ckpt_path)
     cls = family_class(card.family)
-    model = cls.load_from_checkpoint(ckpt_path, map_location=map_location, weights_only=True)
+    # folders that moved with a copied experiment replace those the hyper-parameters name
+    folders = {k: v for k, v in moves.items() if k in ("autoencoder", "tokenizer")}
+    model = cls.load_from_checkpoint(
+        ckpt_path, map_location=map_location, weights_only=True, **folders
+    )
     model.card = card
     return model.eval()
