@@ -159,6 +159,7 @@ DATA_CASES = {
     "value of the wrong type": (lambda t: ["--data.batch_size=many"], "batch_size"),
     "unknown preset": (lambda t: ["--model.init_args.preset=huge"], "huge"),
     "config file missing": (lambda t: ["--config", str(t / "none.yaml")], "none.yaml"),
+    "attacker's encoder on members": (lambda t: ["--data.train_split=members"], "train_split"),
 }
 
 

@@ -302,6 +302,16 @@ class EncoderModule(L.LightningModule):
         self.card: RunCard | None = None
         self._output: Path | None = Path(output) if output else None
 
+    def check_train_split(self, train_split: str) -> None:
+        """Refuse a training split that is not the attacker's own pool (the CLI asks first,
+        before any file is written)."""
+        if train_split not in ATTACKER_POOLS:
+            raise EncoderError(
+                "EncoderModule trains on the attacker's own pool only, never on a model's "
+                f"members: set data.train_split to one of {list(ATTACKER_POOLS)} "
+                f"(got {train_split!r})"
+            )
+
     def setup(self, stage: str) -> None:
         data = stage_data(self._trainer)
         if stage == "fit" and not self.hparams.output and data is None:
@@ -309,12 +319,8 @@ class EncoderModule(L.LightningModule):
                 "EncoderModule: no output folder; set model.output or train with a "
                 "MembershipDataModule (its experiment's encoder/ folder is used)"
             )
-        if data is not None and data.train_split not in ATTACKER_POOLS:
-            raise EncoderError(
-                "EncoderModule trains on the attacker's own pool only, never on a model's "
-                f"members: set data.train_split to one of {list(ATTACKER_POOLS)} "
-                f"(got {data.train_split!r})"
-            )
+        if data is not None:
+            self.check_train_split(data.train_split)
         self.card = RunCard(
             family=self.family,
             preset=self.hparams.preset,
