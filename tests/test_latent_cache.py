@@ -54,3 +54,28 @@ def test_training_latents_are_cached_only_without_augmentation(trained_autoencod
     model.hparams.random_flip = True  # augmented images differ each step: never cached
     assert not torch.allclose(model.image_latents(changed), direct, atol=1e-3)
     assert sorted(model._latent_cache) == [0, 1, 2]
+
+
+def test_both_families_crop_and_flip_and_say_so(trained_autoencoder):
+    from lightning_mia.models.augment import augment_images
+    from lightning_mia.models.seq2seq import Seq2SeqModule
+
+    x = torch.stack([SOURCE.image(i) for i in range(8)])  # (8, 3, 16, 16)
+    torch.manual_seed(0)
+    flipped = augment_images(x, random_crop=False, random_flip=True)
+    same = [torch.equal(a, b) for a, b in zip(flipped, x)]
+    mirrored = [torch.equal(a, b.flip(-1)) for a, b in zip(flipped, x)]
+    assert all(s or m for s, m in zip(same, mirrored)) and 0 < sum(mirrored) < 8
+    cropped = augment_images(x, random_crop=True, random_flip=False)
+    assert cropped.shape == x.shape and cropped.abs().max() <= 1
+    assert not torch.equal(cropped, x)
+    model = Seq2SeqModule(random_crop=True)
+    want = {"random_crop": True, "random_flip": False, "caption_dropout": 0.1}
+    assert model.augmentation_config() == want and model.augments_images
+    assert LatentDiffusionModule(
+        autoencoder=str(trained_autoencoder), resolution=16, random_flip=True
+    ).augmentation_config() == {
+        **want,
+        "random_crop": False,
+        "random_flip": True,
+    }

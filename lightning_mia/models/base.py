@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_mia.card import CARD_KEY, CheckpointError, RunCard
 from lightning_mia.data.stage import stage_data
+from lightning_mia.models.augment import augment_images
 from lightning_mia.paths import ExperimentLayout, atomic_write_bytes
 
 SAMPLES_PNG = "samples.png"  # the end-of-fit sample grid, in the run folder
@@ -116,7 +117,13 @@ class TextToImageModule(LightningModule, ABC):
 
     def augmentation_config(self) -> dict[str, Any]:
         """Training augmentation in force (recorded in the card: it changes leakage)."""
-        return {}
+        hp = self.hparams
+        return {k: hp[k] for k in ("random_crop", "random_flip", "caption_dropout") if k in hp}
+
+    @property
+    def augments_images(self) -> bool:
+        """Whether training crops or flips the images (then nothing encoded may be cached)."""
+        return bool(self.hparams.get("random_crop") or self.hparams.get("random_flip"))
 
     # --- card ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -204,6 +211,10 @@ class TextToImageModule(LightningModule, ABC):
         }
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.augments_images:
+            hp = self.hparams
+            pixels = augment_images(batch["pixel_values"], hp.random_crop, hp.random_flip)
+            batch = {**batch, "pixel_values": pixels}
         loss = self.per_sample_loss(batch).mean()
         batch_size = len(batch["sample_id"])
         self.samples_seen += batch_size * self.trainer.world_size

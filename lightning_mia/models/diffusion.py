@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
@@ -210,14 +209,6 @@ class LatentDiffusionModule(TextToImageModule):
     def card_references(self) -> dict[str, str]:
         return {"autoencoder": self._autoencoder_folder, "tokenizer": self._tokenizer_folder}
 
-    def augmentation_config(self) -> dict[str, Any]:
-        hp = self.hparams
-        return {
-            "random_crop": hp.random_crop,
-            "random_flip": hp.random_flip,
-            "caption_dropout": hp.caption_dropout,
-        }
-
     # --- training ----------------------------------------------------------------------------
     def per_sample_loss(
         self,
@@ -277,33 +268,12 @@ class LatentDiffusionModule(TextToImageModule):
         hp = self.hparams
         x = batch["pixel_values"]
         cacheable = self.training and hp.cache_latents and "sample_id" in batch
-        if not cacheable or hp.random_crop or hp.random_flip:
+        if not cacheable or self.augments_images:
             return self.encode_images(x)
         latents = cached_by_id(
             self._latent_cache, batch["sample_id"], lambda rows: self.encode_images(x[rows])
         )
         return latents.to(self.device)
-
-    def augment(self, x: torch.Tensor) -> torch.Tensor:
-        """Random resized crop (80-100% side) and horizontal flip of (B, 3, R, R), per sample."""
-        b, _, r, _ = x.shape
-        if self.hparams.random_flip:
-            flip = torch.rand(b, device=x.device).lt(0.5).view(b, 1, 1, 1)
-            x = torch.where(flip, x.flip(-1), x)
-        if self.hparams.random_crop:
-            sides = torch.randint(int(0.8 * r), r + 1, (b,)).tolist()
-            crops = []
-            for i, s in enumerate(sides):
-                top, left = torch.randint(0, r - s + 1, (2,)).tolist()
-                patch = x[i : i + 1, :, top : top + s, left : left + s]
-                crops.append(F.interpolate(patch, size=(r, r), mode="bilinear", antialias=True))
-            x = torch.cat(crops).clamp(-1, 1)
-        return x
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        if self.hparams.random_crop or self.hparams.random_flip:
-            batch = {**batch, "pixel_values": self.augment(batch["pixel_values"])}
-        return super().training_step(batch, batch_idx)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # The EMA follows each optimizer step here, not in on_train_batch_end: the Trainer runs

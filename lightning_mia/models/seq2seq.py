@@ -9,8 +9,8 @@ training captions at fit start and writes to `<run>/tokenizer/` (`pretrained_tex
 folder's tokenizer, encoder and caption embeddings instead). BART reads caption tokens and
 writes image codes in one unified vocabulary (`seq2seq_presets`); its output head is restricted
 to the code rows, so the model is a distribution over codes only. Each training image is encoded
-once and its codes cached by `sample_id` in memory. Caption dropout trains the unconditional
-path that super-conditioning (`condition_scale`) uses at sampling time.
+once and its codes cached by `sample_id` in memory (unless training crops or flips it). Caption
+dropout trains the unconditional path that super-conditioning (`condition_scale`) uses.
 """
 
 from __future__ import annotations
@@ -45,12 +45,7 @@ from lightning_mia.models.seq2seq_sampling import (
     autoregressive_codes,
     code_logits,
 )
-from lightning_mia.models.vae import (
-    check_resolution,
-    decode_codes,
-    encode_codes,
-    load_autoencoder,
-)
+from lightning_mia.models.vae import check_resolution, decode_codes, encode_codes, load_autoencoder
 
 __all__ = ["Seq2SeqError", "Seq2SeqModule"]
 # BART's pre-training betas; with beta2 = 0.999 the tiny model stays longer on the shortcut of
@@ -74,6 +69,8 @@ class Seq2SeqModule(TextToImageModule):
         caption_vocab_size: int = 0,
         max_caption_length: int = 0,
         caption_dropout: float = 0.1,
+        random_crop: bool = False,
+        random_flip: bool = False,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         warmup_steps: int = 100,
@@ -96,6 +93,8 @@ class Seq2SeqModule(TextToImageModule):
             caption_vocab_size: caption vocabulary (BPE trained up to it); 0 = the preset's.
             max_caption_length: caption tokens kept; 0 = the preset's.
             caption_dropout: probability of training on the empty caption (unconditional path).
+            random_crop: random resized crop (80-100% side) of each training image.
+            random_flip: random horizontal flip of each training image.
             lr: AdamW peak learning rate.
             weight_decay: AdamW weight decay (not on biases and norms).
             warmup_steps: linear learning-rate warm-up, in optimizer steps.
@@ -250,8 +249,9 @@ class Seq2SeqModule(TextToImageModule):
             return encode_codes(vq, pixel_values.to(vq.dtype))
 
     def image_codes(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Codes (B, L) int64 of the batch's images, encoded once per sample_id and cached."""
-        if not self.hparams.cache_codes:
+        """Codes (B, L) int64 of the batch's images, encoded once per sample_id and cached
+        (not when training crops or flips them)."""
+        if not self.hparams.cache_codes or (self.training and self.augments_images):
             return self.encode_images(batch["pixel_values"])
         dtype = torch.int16 if self.spec.num_codes <= 2**15 else torch.int32
         codes = cached_by_id(
