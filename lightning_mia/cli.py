@@ -325,9 +325,16 @@ def one_line(err: BaseException) -> str:
 
 
 def run_cli(main: Callable[[], Any]) -> Any:
-    """Run `main`; a user error becomes one line on stderr and exit status 1."""
+    """Run `main`; a user error becomes one line on stderr and exit status 1. Lightning ends a
+    run sent SIGTERM with a SystemExit of status 0; here it is 143 (128 + SIGTERM), so a shell,
+    a scheduler or the experiment runner never takes a stopped stage for a finished one."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
         return main()
+    except SIGTERMException:
+        print("error: stopped by SIGTERM; run the same command again to resume", file=sys.stderr)
+        raise SystemExit(143) from None
     except Exception as err:  # noqa: BLE001 - only user errors are caught, the rest re-raised
         user = user_error_in(err)
         if user is None:

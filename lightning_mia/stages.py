@@ -44,8 +44,15 @@ def fit_arguments(folder: Path, config: str, args: list[str]) -> list[str] | Non
 def run_fit_process(folder: Path, argv: list[str]) -> None:
     """Run `python -m lightning_mia.cli <argv>` (from any folder); StageError if it fails."""
     code = subprocess.run([sys.executable, "-m", "lightning_mia.cli", *argv]).returncode
+    if code or not done_marker(folder).is_file():
+        raise StageError(f"stage {unfinished(folder, code)} (its error is above)")
+
+
+def unfinished(folder: Path, code: int) -> str:
+    """Why a stage process that returned `code` did not finish `folder`."""
     if code:
-        raise StageError(f"stage {folder.name} failed (exit code {code}; its error is above)")
+        return f"{folder.name} failed (exit code {code})"
+    return f"{folder.name} stopped before it finished (no {done_marker(folder).name}; run again)"
 
 
 def run_fit_processes(jobs: list[tuple[Path, list[str]]], parallel: int) -> None:
@@ -63,9 +70,9 @@ def run_fit_processes(jobs: list[tuple[Path, list[str]]], parallel: int) -> None
         folder, argv = job
         cmd = [sys.executable, "-m", "lightning_mia.cli", *argv]
         code = subprocess.run(cmd, env=env).returncode
-        return f"{folder.name} (exit code {code})" if code else ""
+        return unfinished(folder, code) if code or not done_marker(folder).is_file() else ""
 
     with ThreadPoolExecutor(parallel) as pool:
         failed = [f for f in pool.map(run, jobs) if f]
     if failed:
-        raise StageError(f"stages failed: {', '.join(failed)} (their errors are above)")
+        raise StageError(f"stages did not finish: {'; '.join(failed)} (their errors are above)")

@@ -112,7 +112,7 @@ def test_stages_run_in_their_own_processes_side_by_side(tmp_path, finished):
         (bad, fit_arguments(bad, config, [f"--data.experiment={bad.parent}", *common,
                                           "--model.init_args.no_such_argument=1"])),
     ]  # fmt: skip
-    with pytest.raises(StageError, match=r"stages failed: encoder \(exit code 2\)"):
+    with pytest.raises(StageError, match=r"stages did not finish: encoder failed \(exit code 2\)"):
         run_fit_processes(jobs, parallel=2)
     assert json.loads(done_marker(good).read_text())["global_step"] == 2  # the other finished
     assert (good / "config.json").is_file()  # the encoder folder it writes at the end

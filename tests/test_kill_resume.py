@@ -178,3 +178,21 @@ def test_a_copied_experiment_reads_its_own_autoencoder(base, tmp_path):
     assert Path(model.card.experiment) == layout.root
     assert Path(model.card.autoencoder) == layout.root / "autoencoder"
     assert Path(model.hparams.autoencoder) == layout.root / "autoencoder"
+
+
+def test_sigterm_stops_training_with_a_failing_status(base, tmp_path):
+    # Lightning ends a run sent SIGTERM with exit status 0; a scheduler or the experiment
+    # runner would take it for finished. It must fail (143), resumable, with no DONE marker.
+    layout = _copy(base, tmp_path / "exp")
+    folder = layout.run_dir("diffusion", 0)
+    argv = ["fit", "--config", DIFFUSION, *_model_args(layout.root, 0, 400)]
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_mia.cli", *argv], env=ONE_THREAD,
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 300
+    while not (folder / "checkpoints" / "last.ckpt").is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err.splitlines()[-1] and "Traceback" not in err
+    assert not done_marker(folder).is_file()
