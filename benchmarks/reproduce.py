@@ -1,14 +1,16 @@
 """Reproduce the paper's table on the embedded shapes data, and where leakage starts.
 
-    python benchmarks/reproduce.py                      # the table: both families (resumable)
+    python benchmarks/reproduce.py                      # the table: both families, 3 repeats
     python benchmarks/reproduce.py --only-report        # print the table of finished runs
     python benchmarks/reproduce.py onset                # AUC / TPR@1%FPR vs steps per image
     python benchmarks/reproduce.py onset --families diffusion --steps 20 50 100 250 500 \
         --augment none crop-flip
 
 `table` runs `configs/experiments/shapes-diffusion.yaml` and `shapes-seq2seq.yaml` (finished
-stages are skipped), then prints the attack x family table (AUC, TPR@1%FPR, accuracy) of the
-shadow setting with the machine it ran on, and `RESULT <family>_<attack>_auc <value>` lines.
+stages are skipped), each `--repeats` times on new splits (3 by default: mean ± sd across them
+beside the bootstrap interval), then prints the attack x family table (AUC, TPR@1%FPR,
+accuracy) of the shadow setting with the machine it ran on, and `RESULT
+<family>_<attack>_auc <value>` lines (repeat 0's).
 
 `onset` trains, for each family, one autoencoder and one attacker's encoder (on the public
 pool) and then, for each number of training steps per image and each augmentation, a target and
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_mia.attack.repeats import REPEATS_JSON, repeat_cell
 from lightning_mia.experiment import experiment_main, fit_stage, run_experiment
 from lightning_mia.paths import ExperimentLayout
 from lightning_mia.terminal import configure_terminal
@@ -62,19 +65,24 @@ def cell(metric: dict) -> str:
     return "n/r" if not metric["resolvable"] else f"{metric['value']:.3f}"
 
 
-def table(only_report: bool) -> None:
+def table(only_report: bool, repeats: int) -> None:
     seconds = {}
     for family, name in EXPERIMENTS.items():
         if not only_report:
             start = time.perf_counter()
-            experiment_main([name])
+            experiment_main([name, f"--repeats={repeats}"])
             seconds[family] = time.perf_counter() - start
-    reports = {}
+    reports, spread = {}, {}
     for family, name in EXPERIMENTS.items():
         path = Path("runs") / name / "attack" / "report.json"
         if path.is_file():
             reports[family] = json.loads(path.read_text())
-    print(f"\nshapes, shadow setting, on {machine()}")
+        if (path.parent / REPEATS_JSON).is_file():  # mean ± sd across the repeats
+            spread[family] = json.loads((path.parent / REPEATS_JSON).read_text())["results"]
+    print(
+        f"\nshapes, shadow setting, on {machine()}; cells: repeat 0's value, or mean ± sd "
+        "[mean bootstrap interval] across repeats"
+    )
     header = "| attack | " + " | ".join(f"{f} {label}" for f in reports for _, label in COLUMNS)
     print(header + " |")
     print("|" + "---|" * (1 + len(reports) * len(COLUMNS)))
@@ -86,7 +94,10 @@ def table(only_report: bool) -> None:
         row = [attack]
         for family, report in reports.items():
             entry = report["attacks"].get(attack) or report["baselines"].get(attack)
-            row += [cell(entry["metrics"][key]) if entry else "-" for key, _ in COLUMNS]
+            across = spread.get(family, {}).get(attack)
+            for key, _ in COLUMNS:
+                one = cell(entry["metrics"][key]) if entry else "-"
+                row.append(repeat_cell(across["metrics"][key]) if across else one)
             if entry and entry["metrics"]["auc"]["resolvable"]:
                 results.append(
                     f"RESULT {family}_{attack}_auc {entry['metrics']['auc']['value']:.4f}"
@@ -201,6 +212,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", nargs="?", default="table", choices=["table", "onset"])
     parser.add_argument("--only-report", action="store_true", help="table: print, run nothing")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="table: whole experiments on new splits; mean ± sd")  # fmt: skip
     parser.add_argument("--families", nargs="+", default=["diffusion", "seq2seq"])
     parser.add_argument("--steps", nargs="+", type=int, default=[20, 50, 100, 250, 500],
                         help="onset: training steps per image of each point")  # fmt: skip
@@ -214,7 +227,7 @@ def main() -> None:
     if args.what == "onset":
         onset(args)
     else:
-        table(args.only_report)
+        table(args.only_report, args.repeats)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def summarize_repeats(
     }  # fmt: skip
 
 
-def _cell(entry: dict[str, Any]) -> str:
+def repeat_cell(entry: dict[str, Any]) -> str:
     """`0.912 ± 0.013 [0.890, 0.931]`: mean ± sd across repeats [mean bootstrap interval]."""
     if not entry["resolvable"]:
         return "n/r"
@@ -84,7 +84,7 @@ def _cell(entry: dict[str, Any]) -> str:
 def _rows(summary: dict[str, Any]) -> list[list[str]]:
     return [
         [name if r["kind"] == "attack" else f"{name} ({r['kind']})",
-         *(_cell(r["metrics"][m]) for m in METRIC_NAMES)]
+         *(repeat_cell(r["metrics"][m]) for m in METRIC_NAMES)]
         for name, r in summary["results"].items()
     ]  # fmt: skip
 
