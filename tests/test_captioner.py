@@ -35,15 +35,6 @@ DATA = [  # a small experiment: 64-sample target pool, 64 auxiliary, 256-sample 
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, one_thread):
     """configs/captioner/tiny.yaml through the command line, for STEPS steps (~10 s)."""
     exp = tmp_path_factory.mktemp("captioner") / "exp"

@@ -44,14 +44,6 @@ TRAINER = [
 TARGET = "diffusion-target-000"
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _config(tmp, exp):
     config = {
         "experiment": str(exp),

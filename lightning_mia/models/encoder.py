@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from lightning_mia.card import CARD_KEY, RunCard
 from lightning_mia.data.stage import stage_data
 from lightning_mia.errors import UserError
 from lightning_mia.models.tokenizers import load_clip_tokenizer
-from lightning_mia.paths import atomic_write_json
+from lightning_mia.paths import atomic_write_json, write_model_files
 from lightning_mia.registry import Registry
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP image normalisation
@@ -147,22 +145,15 @@ class ImageTextEncoder(torch.nn.Module):
         with missing parts, and other files in `folder` (checkpoints, logs) are kept.
         """
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-        try:
+
+        def write(tmp: Path) -> None:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / PREPROCESSOR_FILE, self._preprocessor_config())
             if card is not None:
                 atomic_write_json(tmp / CARD_FILE, card.to_dict())
-            folder.mkdir(exist_ok=True)
-            (folder / "config.json").unlink(missing_ok=True)  # not a model while files move
-            names = sorted(p.name for p in tmp.iterdir() if p.name != "config.json")
-            for name in [*names, "config.json"]:
-                os.replace(tmp / name, folder / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return folder
+
+        return write_model_files(folder, write)
 
     def _preprocessor_config(self) -> dict[str, Any]:
         """A `CLIPImageProcessor` config with this encoder's size and normalisation."""
