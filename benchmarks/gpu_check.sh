@@ -23,6 +23,7 @@ WORK=${GPU_CHECK_WORK:-$(mktemp -d -t gpu-check-XXXXXX)}
 OUT=${GPU_CHECK_OUT:-$WORK}
 mkdir -p "$WORK" "$OUT"
 LOG="$OUT/gpu_check.log"
+: > "$LOG"  # this run only
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled} TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's package, installed or not
 
@@ -93,15 +94,15 @@ EOF
 
 for family in diffusion seq2seq; do
     preset=$([ "$family" = diffusion ] && echo "$DIFFUSION" || echo "$SEQ2SEQ")
-    part "train-$preset" "$PY" benchmarks/bench_training.py --family "$family" --preset "$preset" \
+    part "train-$family-$preset" "$PY" benchmarks/bench_training.py --family "$family" --preset "$preset" \
         --device "$DEVICE" --precision "$PRECISION" --peak-tflops "$PEAK" "${TRAIN[@]}"
 done
 for family in diffusion seq2seq; do
     preset=$([ "$family" = diffusion ] && echo "$DIFFUSION" || echo "$SEQ2SEQ")
-    part "generate-$preset" "$PY" benchmarks/bench_generation.py --family "$family" --preset "$preset" \
+    part "generate-$family-$preset" "$PY" benchmarks/bench_generation.py --family "$family" --preset "$preset" \
         --device "$DEVICE" --precision "$PRECISION" "${GENERATE[@]}"
-    sed -n "/^## generate-$preset: /,\$p" "$LOG" |
-        sed -n "s|^batched *\([0-9.]*\) images/s.*|RESULT generate-$preset/batched_images_per_s \1|p"
+    sed -n "/^## generate-$family-$preset: /,\$p" "$LOG" |
+        sed -n "s|^batched *\([0-9.]*\) images/s.*|RESULT generate-$family-$preset/batched_images_per_s \1|p"
 done
 
 cat > "$WORK/tiny.yaml" << EOF
@@ -127,6 +128,7 @@ import json, sys
 report = json.load(open(sys.argv[1]))
 for name, result in {**report["attacks"], **report["baselines"]}.items():
     print(f"RESULT experiment/{name}_auc {result['metrics']['auc']['value']:.3f}")
-    print(f"RESULT experiment/{name}_seconds_per_sample {result['seconds_per_sample']:.4f}")
+    if result.get("seconds_per_sample") is not None:  # (none for LiRA: it reuses the queries)
+        print(f"RESULT experiment/{name}_seconds_per_sample {result['seconds_per_sample']:.4f}")
 EOF
 echo "RESULT gpu_check/seconds $((SECONDS - start))"
