@@ -33,9 +33,8 @@ def load_family_module(
     card, moves = read_card_and_moves(ckpt_path)
     cls = family_class(card.family)
     # folders that moved with a copied experiment replace those the hyper-parameters name
-    folders = {k: v for k, v in moves.items() if k in ("autoencoder", "tokenizer")}
     model = cls.load_from_checkpoint(
-        ckpt_path, map_location=map_location, weights_only=True, **folders
+        ckpt_path, map_location=map_location, weights_only=True, **moves
     )
     model.card = card
     return model.eval()
