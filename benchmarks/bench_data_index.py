@@ -112,8 +112,18 @@ def phase(name: str, shards: str, reads: int, workers: int) -> dict:
 
 
 def run_phase(name: str, args: argparse.Namespace, shards: str, env: dict) -> dict:
-    cmd = [sys.executable, __file__, "--phase", name, "--shards", shards,
-           "--reads", str(args.reads), "--workers", str(args.workers)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--phase",
+        name,
+        "--shards",
+        shards,
+        "--reads",
+        str(args.reads),
+        "--workers",
+        str(args.workers),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"the {name} phase failed:\n{done.stderr}")

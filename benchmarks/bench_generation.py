@@ -180,8 +180,10 @@ def generate_ratio(args: argparse.Namespace) -> float:
         cpu[name] = statistics.median(c for _, c in secs)
         memory = f", peak CUDA {peaks[name]:.0f} MiB" if args.device == "cuda" else ""
         rounds = ", ".join(f"{t:.2f}" for t, _ in secs)
-        print(f"{name:12s} {rate[name]:8.2f} images/s  (rounds: {rounds} s; median CPU "
-              f"{cpu[name]:.2f} s){memory}")  # fmt: skip
+        print(
+            f"{name:12s} {rate[name]:8.2f} images/s  (rounds: {rounds} s; median CPU "
+            f"{cpu[name]:.2f} s){memory}"
+        )
     print(f"ratio by CPU time {cpu['per caption'] / cpu['batched']:.3f} (robust to other load)")
     batched, single = images["batched"], images["per caption"]
     assert batched.shape == single.shape == (args.num_captions, args.num_images, 3, res, res)

@@ -43,8 +43,10 @@ FAMILY_CONFIGS = {  # (autoencoder config, model config)
     "diffusion": ("configs/autoencoder/tiny-kl.yaml", "configs/diffusion/tiny.yaml"),
     "seq2seq": ("configs/autoencoder/tiny.yaml", "configs/seq2seq/tiny.yaml"),
 }
-AUGMENT = {"none": [], "crop-flip": ["--model.init_args.random_crop=true",
-                                     "--model.init_args.random_flip=true"]}  # fmt: skip
+AUGMENT = {
+    "none": [],
+    "crop-flip": ["--model.init_args.random_crop=true", "--model.init_args.random_flip=true"],
+}
 ENCODER = "configs/encoder/tiny.yaml"
 MEMBERS, BATCH = 32, 32  # the tiny configs' members per model and batch: 1 step = 1 per image
 
@@ -53,8 +55,9 @@ def machine() -> str:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
-                     if ln.startswith("Model name"))  # fmt: skip
+        model = next(
+            ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")
+        )
     except (OSError, StopIteration):
         model = platform.processor() or platform.machine()
     capability = torch.backends.cpu.get_cpu_capability()
@@ -124,11 +127,21 @@ def onset_point(root: Path, family: str, steps: int, augment: str, parallel: int
             copy = shutil.copytree if (base / shared).is_dir() else shutil.copy
             copy(base / shared, point / shared)
     max_steps = steps * MEMBERS // BATCH
-    run_experiment(experiment=str(point), family=family, num_shadows=2, autoencoder="",
-                   encoder="", model=model, attacks=["all"], parallel=parallel,
-                   model_args=[f"--trainer.max_steps={max_steps}",
-                               f"--model.init_args.autoencoder={point / 'autoencoder'}",
-                               *AUGMENT[augment]])  # fmt: skip
+    run_experiment(
+        experiment=str(point),
+        family=family,
+        num_shadows=2,
+        autoencoder="",
+        encoder="",
+        model=model,
+        attacks=["all"],
+        parallel=parallel,
+        model_args=[
+            f"--trainer.max_steps={max_steps}",
+            f"--model.init_args.autoencoder={point / 'autoencoder'}",
+            *AUGMENT[augment],
+        ],
+    )
     return json.loads((point / "attack" / "report.json").read_text())
 
 
@@ -136,11 +149,16 @@ def onset_table(points: dict, steps: list[int]) -> tuple[list[str], list[str]]:
     """(markdown lines, RESULT lines) of AUC / TPR@1%FPR per attack against steps per image."""
     lines, results = [], []
     for (family, augment), reports in points.items():
-        lines += ["", f"### {family}, augmentation: {augment}", "",
-                  "| attack | " + " | ".join(f"{s} steps" for s in steps) + " | onset |",
-                  "|" + "---|" * (len(steps) + 2)]  # fmt: skip
-        names = list(dict.fromkeys(n for r in reports.values()
-                                   for n in [*r["attacks"], *r["baselines"]]))  # fmt: skip
+        lines += [
+            "",
+            f"### {family}, augmentation: {augment}",
+            "",
+            "| attack | " + " | ".join(f"{s} steps" for s in steps) + " | onset |",
+            "|" + "---|" * (len(steps) + 2),
+        ]
+        names = list(
+            dict.fromkeys(n for r in reports.values() for n in [*r["attacks"], *r["baselines"]])
+        )
         for name in names:
             cells, onset = [], "none"
             for s in steps:
@@ -171,10 +189,17 @@ def onset_plot(points: dict, steps: list[int], path: Path) -> None:
         for name in names:
             colour = colours.setdefault(name, f"C{len(colours) % 10}")
             for ax, key in zip(axes, ("auc", "tpr@1%fpr")):
-                ys = [reports[s]["attacks"].get(name, {}).get("metrics", {}).get(key, {})
-                      .get("value") for s in steps]  # fmt: skip
-                ax.plot(steps, [float("nan") if y is None else y for y in ys], style,
-                        color=colour, label=f"{family} {name} ({augment})")  # fmt: skip
+                ys = [
+                    reports[s]["attacks"].get(name, {}).get("metrics", {}).get(key, {}).get("value")
+                    for s in steps
+                ]
+                ax.plot(
+                    steps,
+                    [float("nan") if y is None else y for y in ys],
+                    style,
+                    color=colour,
+                    label=f"{family} {name} ({augment})",
+                )
     for ax, label in zip(axes, ("ROC-AUC", "TPR at 1% FPR")):
         ax.set_xscale("log")
         ax.set_xticks(steps, [str(s) for s in steps])
@@ -198,9 +223,12 @@ def onset(args: argparse.Namespace) -> None:
             }
     lines, results = onset_table(points, args.steps)
     seconds = time.perf_counter() - start
-    head = ["# Leakage onset on shapes (AUC / TPR@1%FPR; onset = the fewest steps per image "
-            "from which on every point's AUC interval lies above 0.5)", "",
-            f"{machine()}; {seconds:.0f} s"]  # fmt: skip
+    head = [
+        "# Leakage onset on shapes (AUC / TPR@1%FPR; onset = the fewest steps per image "
+        "from which on every point's AUC interval lies above 0.5)",
+        "",
+        f"{machine()}; {seconds:.0f} s",
+    ]
     (root / "onset.md").write_text("\n".join([*head, *lines]) + "\n")
     onset_plot(points, args.steps, root / "onset.png")
     print("\n".join([*head, *lines]))
@@ -212,13 +240,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", nargs="?", default="table", choices=["table", "onset"])
     parser.add_argument("--only-report", action="store_true", help="table: print, run nothing")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="table: whole experiments on new splits; mean ± sd")  # fmt: skip
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="table: whole experiments on new splits; mean ± sd"
+    )
     parser.add_argument("--families", nargs="+", default=["diffusion", "seq2seq"])
-    parser.add_argument("--steps", nargs="+", type=int, default=[20, 50, 100, 250, 500],
-                        help="onset: training steps per image of each point")  # fmt: skip
-    parser.add_argument("--augment", nargs="+", default=["none", "crop-flip"],
-                        choices=sorted(AUGMENT))  # fmt: skip
+    parser.add_argument(
+        "--steps",
+        nargs="+",
+        type=int,
+        default=[20, 50, 100, 250, 500],
+        help="onset: training steps per image of each point",
+    )
+    parser.add_argument(
+        "--augment", nargs="+", default=["none", "crop-flip"], choices=sorted(AUGMENT)
+    )
     parser.add_argument("--parallel", type=int, default=3, help="training stages at once")
     parser.add_argument("--root", default="runs/onset")
     parser.add_argument("--verbose", action="store_true", help="every library message")

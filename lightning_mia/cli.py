@@ -212,10 +212,12 @@ class MIACLI(LightningCLI):
             "--wandb_project", type=str, default="lightning_mia", help="W&B project name"
         )
         parser.add_argument(
-            "--wandb_upload_checkpoint", type=bool, default=False,
+            "--wandb_upload_checkpoint",
+            type=bool,
+            default=False,
             help="upload last.ckpt into the model's W&B artifact (default: a checksummed "
             "file:// reference)",
-        )  # fmt: skip
+        )
         add_verbose_argument(parser)
 
     def parse_arguments(self, parser: Any, args: ArgsType) -> None:
@@ -251,9 +253,12 @@ class MIACLI(LightningCLI):
 
             group = ExperimentLayout(self.datamodule.experiment).name
             kwargs["logger"] = make_logger(
-                stage.folder, f"{group}/{stage.name}", job_type=stage.role, group=group,
+                stage.folder,
+                f"{group}/{stage.name}",
+                job_type=stage.role,
+                group=group,
                 project=config.get("wandb_project", "lightning_mia"),
-            )  # fmt: skip
+            )
         if self.subcommand == "fit":
             callbacks = list(trainer_cfg.get("callbacks") or [])
             if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
@@ -392,8 +397,10 @@ def show_outcome(outcome: Any) -> None:
     runs = offline_run_folders(root)
     if wandb_mode_note(root) and runs:  # offline: every stage of the experiment wrote a run
         # one at a time, oldest first: each artifact reaches W&B from the run that made it
-        say(f"W&B ran offline; upload the experiment's runs with: wandb sync -n 1 "
-            f"{' '.join(str(r) for r in runs)}")  # fmt: skip
+        say(
+            f"W&B ran offline; upload the experiment's runs with: wandb sync -n 1 "
+            f"{' '.join(str(r) for r in runs)}"
+        )
 
 
 if __name__ == "__main__":  # `python -m lightning_mia.cli fit ...` = `python train.py fit ...`

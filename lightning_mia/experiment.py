@@ -149,10 +149,19 @@ def caption_runs(captioner: str, captions: list[str] | None, layout: ExperimentL
 
 
 def _train_stages(
-    layout: ExperimentLayout, family: str, num_shadows: int, autoencoder: str, encoder: str,
-    clip: str, model: str, common: list[str], model_args: list[str], isolate: bool,
-    parallel: int = 1, captioner: str = "",
-) -> None:  # fmt: skip
+    layout: ExperimentLayout,
+    family: str,
+    num_shadows: int,
+    autoencoder: str,
+    encoder: str,
+    clip: str,
+    model: str,
+    common: list[str],
+    model_args: list[str],
+    isolate: bool,
+    parallel: int = 1,
+    captioner: str = "",
+) -> None:
     """Autoencoder, attacker's encoder and captioner (a stage config), then target and
     shadows, each skipped when done; with `parallel` > 1 the stages of each phase (they do not
     depend on each other) run as that many processes at once."""
@@ -183,9 +192,11 @@ def _train_stages(
 
 
 def _summarize(
-    experiment: str, attacks: list[tuple[str, str]], runs: list[tuple[str, int, list[str]]],
+    experiment: str,
+    attacks: list[tuple[str, str]],
+    runs: list[tuple[str, int, list[str]]],
     outcomes: list[AttackOutcome | None],
-) -> None:  # fmt: skip
+) -> None:
     """repeats.json / repeats.md of each (setting, captioner) beside repeat 0's report (rank
     zero)."""
     if any(o is None for o in outcomes):
@@ -273,16 +284,36 @@ def run_experiment(
         plan = [(s, c) for s in settings for c in caption_runs(captioner, captions, layout)]
         common = [f"--data.experiment={folder}", *(data_args or []), *(trainer_args or []), *extra]
         common += ["--verbose"] if verbose else []
-        _train_stages(layout, family, num_shadows, autoencoder, encoder, clip, model, common,
-                      list(model_args or []), isolate, parallel, captioner)  # fmt: skip
+        _train_stages(
+            layout,
+            family,
+            num_shadows,
+            autoencoder,
+            encoder,
+            clip,
+            model,
+            common,
+            list(model_args or []),
+            isolate,
+            parallel,
+            captioner,
+        )
         for setting, caption_folder in plan:
             options = AttackOptions(
-                ckpt=str(layout.checkpoint(family, 0)), experiment=folder,
-                attacks=list(attacks or paper_attacks()), setting=setting,
-                known_fraction=known_fraction, num_images=num_images, seed=run_seed,
-                encoder=clip, captioner=caption_folder, accelerator=query_accelerator,
-                devices=query_devices, strategy=query_strategy, verbose=verbose,
-            )  # fmt: skip
+                ckpt=str(layout.checkpoint(family, 0)),
+                experiment=folder,
+                attacks=list(attacks or paper_attacks()),
+                setting=setting,
+                known_fraction=known_fraction,
+                num_images=num_images,
+                seed=run_seed,
+                encoder=clip,
+                captioner=caption_folder,
+                accelerator=query_accelerator,
+                devices=query_devices,
+                strategy=query_strategy,
+                verbose=verbose,
+            )
             what = f"{setting} setting{caption_tag(caption_folder)}"
             rank_zero_info(f"[attack] {what}: {', '.join(options.attacks)}")
             start = time.perf_counter()

@@ -67,8 +67,9 @@ def splits_summary(layout: ExperimentLayout) -> dict[str, Any]:
     doc = json.loads(layout.splits.read_text(encoding="utf-8"))
     summary = {k: doc[k] for k in SPLITS_SUMMARY_KEYS if k in doc}
     dataset = doc.get("dataset", {})
-    summary["dataset"] = {k: dataset[k] for k in ("source", "num_samples", "fingerprint")
-                          if k in dataset}  # fmt: skip
+    summary["dataset"] = {
+        k: dataset[k] for k in ("source", "num_samples", "fingerprint") if k in dataset
+    }
     return summary
 
 
@@ -77,8 +78,14 @@ def splits_artifact(layout: ExperimentLayout) -> list[ArtifactSpec]:
     if not layout.splits.is_file():
         return []
     summary = splits_summary(layout)
-    return [ArtifactSpec(artifact_name(layout, "splits"), "splits",
-                         {"splits.json": layout.splits}, metadata=summary)]  # fmt: skip
+    return [
+        ArtifactSpec(
+            artifact_name(layout, "splits"),
+            "splits",
+            {"splits.json": layout.splits},
+            metadata=summary,
+        )
+    ]
 
 
 def folder_artifact(layout: ExperimentLayout, folder: Path, kind: str) -> list[ArtifactSpec]:

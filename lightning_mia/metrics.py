@@ -59,9 +59,12 @@ class Metric:
     @classmethod
     def from_dict(cls, d: dict) -> Metric:
         return cls(
-            d.get("value"), d.get("low"), d.get("high"), bool(d.get("resolvable", True)),
+            d.get("value"),
+            d.get("low"),
+            d.get("high"),
+            bool(d.get("resolvable", True)),
             d.get("false_positives"),
-        )  # fmt: skip
+        )
 
     def format(self, digits: int = 3) -> str:
         """`0.912 [0.890, 0.931]` (`... (1 FP)` for a TPR@FPR), or `n/r` when not resolvable."""

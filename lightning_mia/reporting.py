@@ -126,10 +126,14 @@ def log_query_table(
 
     query_images = _to_uint8(queries)  # (B, H, W, 3)
     data = [
-        [captions[b], bool(is_member[b]), wandb.Image(query_images[b]),
-         wandb.Image(_row_of(generated[b]))]
+        [
+            captions[b],
+            bool(is_member[b]),
+            wandb.Image(query_images[b]),
+            wandb.Image(_row_of(generated[b])),
+        ]
         for b in range(queries.shape[0])
-    ]  # fmt: skip
+    ]
     for lg in loggers:
         lg.log_table("query/examples", ["caption", "is_member", "query", "generated"], data)
 
@@ -198,8 +202,11 @@ def wandb_mode_note(save_dir: str | os.PathLike | None = None) -> str | None:
 def offline_run_folders(root: str | os.PathLike) -> list[Path]:
     """The offline runs of an experiment (its stages', queries' and attacks'), oldest first."""
     root = Path(root)
-    found = [*root.glob("wandb/offline-run-*"), *root.glob("*/wandb/offline-run-*"),
-             *root.glob("queries/*/wandb/offline-run-*")]  # fmt: skip
+    found = [
+        *root.glob("wandb/offline-run-*"),
+        *root.glob("*/wandb/offline-run-*"),
+        *root.glob("queries/*/wandb/offline-run-*"),
+    ]
     return sorted(found, key=_run_started)
 
 
@@ -242,9 +249,14 @@ def make_logger(
 
         extra["settings"] = wandb.Settings(console="off", quiet=True, silent=True)
     logger = WandbLogger(
-        name=name, project=project, save_dir=str(save_dir), job_type=job_type, group=group,
-        mode=mode, **extra,
-    )  # fmt: skip
+        name=name,
+        project=project,
+        save_dir=str(save_dir),
+        job_type=job_type,
+        group=group,
+        mode=mode,
+        **extra,
+    )
     # Lightning passes `anonymous=None`, a setting W&B has deprecated (it warns on any value);
     # unset, W&B behaves the same and says nothing
     getattr(logger, "_wandb_init", {}).pop("anonymous", None)

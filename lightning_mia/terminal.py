@@ -91,9 +91,13 @@ def verbose_requested(argv: Sequence[str] | None) -> bool:
 def add_verbose_argument(parser: Any) -> None:
     """`--verbose` (also `--verbose true|false`) on a jsonargparse parser."""
     parser.add_argument(
-        "--verbose", type=bool, nargs="?", const=True, default=False,
+        "--verbose",
+        type=bool,
+        nargs="?",
+        const=True,
+        default=False,
         help="show every message of Lightning, W&B and the model libraries",
-    )  # fmt: skip
+    )
 
 
 def _set_progress_bars(enabled: bool) -> None:

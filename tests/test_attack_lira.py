@@ -33,8 +33,16 @@ def _write(layout, folder, index, ids, member, difficulty, meta=None):
     """One query table: `difficulty` (one per row of `ids`) under the membership `member`."""
     g = torch.Generator().manual_seed(int(ids[0]) + 7 * index)
     name = run_name("diffusion", index)
-    meta = {"splits_hash": "h", "run_name": name, "family": "diffusion", "experiment": "x",
-            "num_images": "4", "seed": "0", "encoder": "enc", **(meta or {})}  # fmt: skip
+    meta = {
+        "splits_hash": "h",
+        "run_name": name,
+        "family": "diffusion",
+        "experiment": "x",
+        "num_images": "4",
+        "seed": "0",
+        "encoder": "enc",
+        **(meta or {}),
+    }
     feats = _features(difficulty, member, g)
     write_shard(folder / "shard-0.safetensors", ids, member, index, feats, meta)
     return load_query_table(folder)
@@ -47,8 +55,9 @@ def world(tmp_path):
     layout = ExperimentLayout(tmp_path / "exp")
     difficulty = 3.0 * torch.randn(N, generator=torch.Generator().manual_seed(1))
     target_ids, half = torch.arange(N), torch.arange(N) % 2 == 0
-    target = _write(layout, layout.queries(run_name("diffusion", 0)), 0, target_ids, half,
-                    difficulty)  # fmt: skip
+    target = _write(
+        layout, layout.queries(run_name("diffusion", 0)), 0, target_ids, half, difficulty
+    )
     shadows, calibration = [], []
     for k in range(1, SHADOWS + 1):
         own_ids = torch.arange(N) + 1000 * k
@@ -106,16 +115,24 @@ def test_calibration_tables_must_match_their_shadows(world):
     assert "4 calibration tables for 3 shadow tables" in _refused(world, shadows=shadows[:3])
     layout, target, _, _ = world
     half = target.sample_id[:150]
-    short = _write(layout, layout.root / "short", 1, half, torch.zeros(150, dtype=torch.bool),
-                   torch.zeros(150))  # fmt: skip
+    short = _write(
+        layout, layout.root / "short", 1, half, torch.zeros(150, dtype=torch.bool), torch.zeros(150)
+    )
     message = _refused(world, calibration=[short, *calibration[1:]])
     assert "calibration query of diffusion-shadow-001 lacks 50 of the target's samples" in message
 
 
 def test_query_settings_must_agree_one_line(world, tmp_path):
     layout, target, shadows, calibration = world
-    other = _write(layout, tmp_path / "other", 2, shadows[1].sample_id, shadows[1].is_member,
-                   torch.zeros(N), meta={"seed": "5", "encoder": "/models/clip"})  # fmt: skip
+    other = _write(
+        layout,
+        tmp_path / "other",
+        2,
+        shadows[1].sample_id,
+        shadows[1].is_member,
+        torch.zeros(N),
+        meta={"seed": "5", "encoder": "/models/clip"},
+    )
     message = _refused(world, shadows=[shadows[0], other, *shadows[2:]])
     assert message.count("\n") == 0, message
     assert "shadow diffusion-shadow-002 was queried with other settings than the target" in message

@@ -6,9 +6,15 @@ from lightning_mia.data import MembershipDataModule, ShapesSource
 
 def _queried(tmp_path, shadow_pool):
     dm = MembershipDataModule(
-        str(tmp_path / "exp"), ShapesSource(96), model_index=1, num_shadows=2, target_size=32,
-        aux_size=32, shadow_pool=shadow_pool, query_batch_size=7,
-    )  # fmt: skip
+        str(tmp_path / "exp"),
+        ShapesSource(96),
+        model_index=1,
+        num_shadows=2,
+        target_size=32,
+        aux_size=32,
+        shadow_pool=shadow_pool,
+        query_batch_size=7,
+    )
     dm.prepare_data()
     dm.setup("predict")
     dm.query_row = 0

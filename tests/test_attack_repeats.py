@@ -29,10 +29,16 @@ def _report(shift, seed, n_non_members=150):
         return AttackResult(name, "black-box", 4, evaluate(s, labels, 0.5, n_boot=50), [])
 
     return AttackReport(
-        setting="shadow", family="diffusion", num_images=4, num_shadows=2, seeds={"attack": seed},
-        splits_hash=f"h{seed}", target={}, attacks={"pixel": result("pixel", scores)},
+        setting="shadow",
+        family="diffusion",
+        num_images=4,
+        num_shadows=2,
+        seeds={"attack": seed},
+        splits_hash=f"h{seed}",
+        target={},
+        attacks={"pixel": result("pixel", scores)},
         baselines={"blind": result("blind", torch.randn(labels.numel(), generator=g))},
-    )  # fmt: skip
+    )
 
 
 def test_mean_and_sd_across_repeats_beside_the_bootstrap_interval(tmp_path):

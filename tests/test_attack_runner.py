@@ -36,14 +36,21 @@ def _write_table(layout, index, n=160, seed=0, family="diffusion", splits="abc12
     ids = torch.arange(n) + 1000 * index
     features = {k: v for k, v in _features(member, g).items() if k not in drop}
     name = run_name(family, index)
-    meta = {"splits_hash": splits, "run_name": name, "family": family, "experiment": "x",
-            "num_images": "4", "train_steps_per_image": "300.0"}  # fmt: skip
+    meta = {
+        "splits_hash": splits,
+        "run_name": name,
+        "family": family,
+        "experiment": "x",
+        "num_images": "4",
+        "train_steps_per_image": "300.0",
+    }
     folder = layout.queries(name)
     half = n // 2  # two shards, as two ranks would write
     for k, part in enumerate((slice(0, half), slice(half, n))):
         feats = {f: v[part] for f, v in features.items()}
-        write_shard(folder / f"shard-{k:03d}.safetensors", ids[part], member[part], index, feats,
-                    meta)  # fmt: skip
+        write_shard(
+            folder / f"shard-{k:03d}.safetensors", ids[part], member[part], index, feats, meta
+        )
     return load_query_table(folder)
 
 
@@ -74,15 +81,21 @@ def test_shadow_setting_end_to_end(world):
     assert doc["num_images"] == 4 and doc["num_shadows"] == 2 and doc["splits_hash"] == "abc123"
     assert doc["seeds"] == {"query": 3, "attack": 0}
     assert doc["target"] == {
-        "run_name": "diffusion-target-000", "model_index": 0, "train_steps_per_image": 300.0,
+        "run_name": "diffusion-target-000",
+        "model_index": 0,
+        "train_steps_per_image": 300.0,
         "augmentation": {"flip": False},
-    }  # fmt: skip
+    }
     assert doc["test_samples"] == {"members": 80, "non_members": 80}
     for section in ("attacks", "baselines"):
         for entry in doc[section].values():
             assert set(entry["metrics"]) == set(METRIC_NAMES)
-            assert entry["metrics"]["tpr@0.1%fpr"] == {"value": None, "low": None, "high": None,
-                                                       "resolvable": False}  # fmt: skip
+            assert entry["metrics"]["tpr@0.1%fpr"] == {
+                "value": None,
+                "low": None,
+                "high": None,
+                "resolvable": False,
+            }
             assert entry["metrics"]["auc"]["low"] <= entry["metrics"]["auc"]["value"]
     assert doc["attacks"]["pixel"]["queries_per_sample"] == 4
     assert doc["baselines"]["blind"]["queries_per_sample"] == 0
@@ -93,8 +106,9 @@ def test_shadow_setting_end_to_end(world):
 
 def test_partial_setting_trains_on_known_target_rows(world):
     layout, target, _ = world
-    report = run_attacks(layout, target, [], ["pixel"], setting="partial", known_fraction=0.5,
-                         **FAST)  # fmt: skip
+    report = run_attacks(
+        layout, target, [], ["pixel"], setting="partial", known_fraction=0.5, **FAST
+    )
     assert report.known_fraction == 0.5
     assert report.test_samples == {"members": 40, "non_members": 40}
     tested = set(report.attacks["pixel"].sample_id.tolist())
@@ -165,8 +179,13 @@ def _loss_table(layout, index, ids, member, per_sample, seed):
     g = torch.Generator().manual_seed(seed)
     loss = per_sample[ids] - 0.6 * member.float() + 0.05 * torch.randn(ids.numel(), generator=g)
     name = run_name("diffusion", index)
-    meta = {"splits_hash": "h", "run_name": name, "family": "diffusion", "experiment": "x",
-            "num_images": "4"}  # fmt: skip
+    meta = {
+        "splits_hash": "h",
+        "run_name": name,
+        "family": "diffusion",
+        "experiment": "x",
+        "num_images": "4",
+    }
     feats = {"loss/mean": loss, "blind/noise": torch.randn(ids.numel(), generator=g)}
     write_shard(layout.queries(name) / "shard-0.safetensors", ids, member, index, feats, meta)
     return load_query_table(layout.queries(name))

@@ -36,8 +36,9 @@ def _recompute(folder):
 
 def test_every_figure_recomputes_from_the_scores_file(world):  # noqa: F811
     layout, target, shadows, calibration = world
-    report = run_attacks(layout, target, shadows, ["pixel", "combined"], calibration=calibration,
-                         **FAST)  # fmt: skip
+    report = run_attacks(
+        layout, target, shadows, ["pixel", "combined"], calibration=calibration, **FAST
+    )
     write_report(layout.attack, report)
     doc, table = _recompute(layout.attack)
     assert {"pixel", "lira-offline-pixel", "threshold", "blind"} <= set(table.scores)
@@ -47,8 +48,9 @@ def test_every_figure_recomputes_from_the_scores_file(world):  # noqa: F811
 
 def test_partial_setting_scores_part_of_the_rows(world):  # noqa: F811
     layout, target, _, _ = world
-    report = run_attacks(layout, target, [], ["pixel"], setting="partial", known_fraction=0.25,
-                         **FAST)  # fmt: skip
+    report = run_attacks(
+        layout, target, [], ["pixel"], setting="partial", known_fraction=0.25, **FAST
+    )
     write_report(layout.report_dir("partial"), report)
     doc, table = _recompute(layout.report_dir("partial"))
     assert not doc["attacks"]["pixel"]["metrics"]["tpr@1%fpr"]["resolvable"]  # 75 non-members

@@ -121,8 +121,10 @@ def test_bad_folders_and_sizes_give_one_clear_error(trained_autoencoder, tmp_pat
         load_autoencoder(tmp_path / "no-weights")
     ae = load_autoencoder(trained_autoencoder)
     assert check_resolution(ae, 32) == 8
-    with pytest.raises(AutoencoderError, match="resolution 18 is not a positive multiple of .* "
-                       "downsampling factor 4; use e.g. 16"):  # fmt: skip
+    with pytest.raises(
+        AutoencoderError,
+        match="resolution 18 is not a positive multiple of .* downsampling factor 4; use e.g. 16",
+    ):
         check_resolution(ae, 18)
     with pytest.raises(AutoencoderError, match="not a positive multiple"):
         AutoencoderModule(resolution=30)  # the default f4

@@ -185,8 +185,14 @@ def test_folders_that_are_not_captioners(tmp_path):
 
 
 def test_cards_of_other_pools_are_refused(tmp_path):
-    card = {"family": "captioner", "preset": "tiny", "model_index": 0, "splits_hash": "abc",
-            "experiment": "runs/x", "extra": {"train_split": "members"}}  # fmt: skip
+    card = {
+        "family": "captioner",
+        "preset": "tiny",
+        "model_index": 0,
+        "splits_hash": "abc",
+        "experiment": "runs/x",
+        "extra": {"train_split": "members"},
+    }
     (tmp_path / "card.json").write_text(json.dumps(card))
     with pytest.raises(CaptionerError, match="never a model's members"):
         check_captioner_card(tmp_path, "abc")

@@ -71,8 +71,18 @@ def finished(tmp_path_factory, one_thread):
     (which finds it done) with both caption modes; the terminal output kept."""
     tmp = tmp_path_factory.mktemp("image-only")
     exp = tmp / "exp"
-    train_main(["fit", "--config", CAPTIONER, f"--data.experiment={exp}", *DATA, *TRAINER,
-                "--trainer.max_steps=48", "--model.init_args.warmup_steps=8"])  # fmt: skip
+    train_main(
+        [
+            "fit",
+            "--config",
+            CAPTIONER,
+            f"--data.experiment={exp}",
+            *DATA,
+            *TRAINER,
+            "--trainer.max_steps=48",
+            "--model.init_args.warmup_steps=8",
+        ]
+    )
     capture = pytest.MonkeyPatch()
     lines: list[str] = []
     capture.setattr("lightning_mia.experiment.say", lines.append)
@@ -132,9 +142,19 @@ def test_a_saved_random_init_blip_folder_attacks_through_the_same_path(finished,
     tmp, layout, _, _ = finished
     blip = tiny_blip_folder(tmp / "blip-random")
     assert (blip / "processor_config.json").is_file()  # BlipProcessor.save_pretrained's
-    report = attack_main(["--ckpt", str(layout.checkpoint("diffusion", 0)), "--captioner",
-                          str(blip), "--attacks", "pixel", "--num_images", "1",
-                          "--progress=false"])  # fmt: skip
+    report = attack_main(
+        [
+            "--ckpt",
+            str(layout.checkpoint("diffusion", 0)),
+            "--captioner",
+            str(blip),
+            "--attacks",
+            "pixel",
+            "--num_images",
+            "1",
+            "--progress=false",
+        ]
+    )
     assert report.captions == "captioner" and report.captioner == {"folder": str(blip.resolve())}
     assert (layout.attack / "shadow@blip-random" / "report.json").is_file()
     assert any(f"captioner {blip}" in note for note in report.notes)  # trained elsewhere
@@ -155,8 +175,18 @@ def _card_edited(layout, tmp, name, **changes):
 def _other_experiments_captioner(layout, tmp):
     """A captioner really trained (2 steps) on another experiment's pools."""
     other = tmp / "other"
-    train_main(["fit", "--config", CAPTIONER, f"--data.experiment={other}", *DATA, *TRAINER,
-                "--data.seed=1", "--trainer.max_steps=2"])  # fmt: skip
+    train_main(
+        [
+            "fit",
+            "--config",
+            CAPTIONER,
+            f"--data.experiment={other}",
+            *DATA,
+            *TRAINER,
+            "--data.seed=1",
+            "--trainer.max_steps=2",
+        ]
+    )
     return other / "captioner"
 
 
@@ -183,8 +213,17 @@ def test_bad_captioners_are_refused_in_one_line(case, finished, tmp_path, capsys
     capsys.readouterr()
     before = sorted(p for p in layout.root.rglob("*"))
     with pytest.raises(SystemExit) as err:
-        attack_main(["--ckpt", str(layout.checkpoint("diffusion", 0)), "--captioner",
-                     str(folder), "--attacks", "pixel", "--progress=false"])  # fmt: skip
+        attack_main(
+            [
+                "--ckpt",
+                str(layout.checkpoint("diffusion", 0)),
+                "--captioner",
+                str(folder),
+                "--attacks",
+                "pixel",
+                "--progress=false",
+            ]
+        )
     out = capsys.readouterr()
     lines = [ln for ln in out.err.splitlines() if ln.strip()]
     assert err.value.code == 1 and "Traceback" not in out.err

@@ -46,8 +46,14 @@ def dry_run(script: Path, tmp: Path, env: dict[str, str]) -> dict[str, list[list
         for name in RECORDED
     )
     code = f"{stubs}set -- ; source {shlex.quote(str(script))}"
-    proc = subprocess.run(["bash", "-c", code], cwd=tmp, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "-c", code],
+        cwd=tmp,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, (script.name, proc.stderr)
     calls: dict[str, list[list[str]]] = {name: [] for name in RECORDED}
     for line in record.read_text().splitlines() if record.is_file() else []:
@@ -66,12 +72,17 @@ def slurm_env(options: dict[str, str], task: int | None = None) -> dict[str, str
     """What SLURM sets for rank 0 of a job with these `#SBATCH` options."""
     nodes, per_node = int(options.get("nodes", 1)), int(options["ntasks-per-node"])
     env = {
-        "SLURM_JOB_NAME": options["job-name"], "SLURM_JOB_ID": "4242",
-        "SLURM_NNODES": str(nodes), "SLURM_NTASKS_PER_NODE": str(per_node),
-        "SLURM_NTASKS": str(nodes * per_node), "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
-        "SLURM_NODEID": "0", "SLURM_NODELIST": f"gpu[001-{nodes:03d}]",
+        "SLURM_JOB_NAME": options["job-name"],
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": str(nodes),
+        "SLURM_NTASKS_PER_NODE": str(per_node),
+        "SLURM_NTASKS": str(nodes * per_node),
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": f"gpu[001-{nodes:03d}]",
         "SLURM_SUBMIT_DIR": "",  # the dry run's folder (cwd)
-    }  # fmt: skip
+    }
     if task is not None:
         env |= {"SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": str(task)}
     return env
@@ -144,18 +155,30 @@ def test_submit_chains_the_jobs(tmp_path):
     scripts = [Path(args[-1]).name for args in submissions]
     assert scripts == ["shared.sbatch", "target.sbatch", "shadows.sbatch", "attack.sbatch"]
     assert all((ROOT / args[-1]).is_file() for args in submissions)
-    dependencies = [next((a for a in args if a.startswith("--dependency")), "") for args in
-                    submissions]  # fmt: skip
-    assert dependencies == ["", "--dependency=afterok:4242", "--dependency=afterok:4242",
-                            "--dependency=afterok:4242:4242"]  # fmt: skip
+    dependencies = [
+        next((a for a in args if a.startswith("--dependency")), "") for args in submissions
+    ]
+    assert dependencies == [
+        "",
+        "--dependency=afterok:4242",
+        "--dependency=afterok:4242",
+        "--dependency=afterok:4242:4242",
+    ]
 
 
 def torchrun_env(args) -> dict[str, str]:
     """What torchrun sets for its first process (rank 0 of node 0)."""
     nnodes, nproc = int(args.nnodes), int(args.nproc_per_node)
-    return {"RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0", "WORLD_SIZE": str(nnodes * nproc),
-            "LOCAL_WORLD_SIZE": str(nproc), "TORCHELASTIC_RUN_ID": "none",
-            "MASTER_ADDR": args.master_addr, "MASTER_PORT": str(args.master_port)}  # fmt: skip
+    return {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "GROUP_RANK": "0",
+        "WORLD_SIZE": str(nnodes * nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "TORCHELASTIC_RUN_ID": "none",
+        "MASTER_ADDR": args.master_addr,
+        "MASTER_PORT": str(args.master_port),
+    }
 
 
 @pytest.mark.parametrize("nnodes, index", [("1", "0"), ("2", "0"), ("2", "3")])
@@ -175,17 +198,37 @@ def test_torchrun_script_runs_commands_lightning_accepts(tmp_path, nnodes, index
 
 def test_torchrun_trains_on_two_cpu_processes(tmp_path):
     exp = tmp_path / "exp"
-    argv = ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-            "--master-port", "29531", "train.py", "fit", "--config", "configs/encoder/tiny.yaml",
-            f"--data.experiment={exp}", "--data.source.num_samples=300", "--data.target_size=16",
-            "--data.aux_size=160", "--data.shadow_size=16", "--data.public_size=100",
-            "--data.batch_size=4", "--trainer.accelerator=cpu", "--trainer.devices=2",
-            "--trainer.strategy=ddp",
-            "--trainer.max_steps=3", "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false"]  # fmt: skip
+    argv = [
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29531",
+        "train.py",
+        "fit",
+        "--config",
+        "configs/encoder/tiny.yaml",
+        f"--data.experiment={exp}",
+        "--data.source.num_samples=300",
+        "--data.target_size=16",
+        "--data.aux_size=160",
+        "--data.shadow_size=16",
+        "--data.public_size=100",
+        "--data.batch_size=4",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.max_steps=3",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr
     assert json.loads((exp / "encoder" / "DONE.json").read_text())["global_step"] == 3

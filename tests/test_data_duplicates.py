@@ -109,7 +109,16 @@ def test_no_duplicates_leaves_splits_json_as_before(tmp_path):
     splits = make_splits(ShapesSource(300), num_shadows=2)
     assert splits.duplicates is None
     body = splits.to_dict()
-    assert set(body) == {"format", "seed", "config", "dataset", "target_pool", "aux_pool",
-                         "rows", "skipped", "hash"}  # fmt: skip
+    assert set(body) == {
+        "format",
+        "seed",
+        "config",
+        "dataset",
+        "target_pool",
+        "aux_pool",
+        "rows",
+        "skipped",
+        "hash",
+    }
     assert "duplicates" not in body["config"] and "public_size" not in body["config"]
     assert find_duplicates(ShapesSource(300), range(300)) == []

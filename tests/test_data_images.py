@@ -65,10 +65,17 @@ def test_float_and_32bit():
     assert rgb_at(Image.fromarray(np.full((2, 2), 65535, dtype=np.int32)))[0] == 255
 
 
-FORMAT_MODES = [
-    ("png", m) for m in ("L", "LA", "P", "RGBA", "I;16", "RGB")
-] + [("jpg", "L"), ("jpg", "CMYK"), ("jpg", "RGB"), ("webp", "RGBA"), ("webp", "RGB"),
-     ("tiff", "CMYK"), ("tiff", "I;16"), ("gif", "P"), ("bmp", "RGB")]  # fmt: skip
+FORMAT_MODES = [("png", m) for m in ("L", "LA", "P", "RGBA", "I;16", "RGB")] + [
+    ("jpg", "L"),
+    ("jpg", "CMYK"),
+    ("jpg", "RGB"),
+    ("webp", "RGBA"),
+    ("webp", "RGB"),
+    ("tiff", "CMYK"),
+    ("tiff", "I;16"),
+    ("gif", "P"),
+    ("bmp", "RGB"),
+]
 
 
 @pytest.mark.parametrize(("fmt", "mode"), FORMAT_MODES)

@@ -12,9 +12,14 @@ from lightning_mia.paths import ExperimentLayout
 @pytest.mark.parametrize("shadow_pool", ["auxiliary", "auxiliary+queries"])
 def test_public_pool_is_disjoint_from_everything_a_model_trains_or_is_queried_on(shadow_pool):
     splits = make_splits(
-        ShapesSource(500), num_shadows=3, target_size=64, aux_size=200, public_size=150,
-        shadow_size=64, shadow_pool=shadow_pool,
-    )  # fmt: skip
+        ShapesSource(500),
+        num_shadows=3,
+        target_size=64,
+        aux_size=200,
+        public_size=150,
+        shadow_size=64,
+        shadow_pool=shadow_pool,
+    )
     public = set(splits.pool("public"))
     assert len(public) == 150 and splits.pool("public") == sorted(public)
     assert not public & set(splits.target_pool) and not public & set(splits.aux_pool)

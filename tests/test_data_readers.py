@@ -51,12 +51,19 @@ def write_coco(tmp_path, karpathy=False, n=3):
         (sub / f"COCO_{iid:012d}.jpg").write_bytes(image_bytes(COLOURS[k], "JPEG"))
     caps = {iid: [f"caption {j} of image {iid}" for j in range(5)] for iid in ids}
     if karpathy:
-        data = {"images": [
-            {"filepath": "val2014", "filename": f"COCO_{iid:012d}.jpg", "cocoid": iid,
-             "split": "train" if k else "test",
-             "sentences": [{"raw": c, "tokens": c.split()} for c in caps[iid]]}
-            for k, iid in enumerate(ids)
-        ], "dataset": "coco"}  # fmt: skip
+        data = {
+            "images": [
+                {
+                    "filepath": "val2014",
+                    "filename": f"COCO_{iid:012d}.jpg",
+                    "cocoid": iid,
+                    "split": "train" if k else "test",
+                    "sentences": [{"raw": c, "tokens": c.split()} for c in caps[iid]],
+                }
+                for k, iid in enumerate(ids)
+            ],
+            "dataset": "coco",
+        }
     else:
         data = {
             "images": [{"id": iid, "file_name": f"COCO_{iid:012d}.jpg"} for iid in ids],
@@ -84,8 +91,10 @@ def test_coco_reader(tmp_path, karpathy):
     # the caption choice is a function of (caption_seed, id), recorded in the fingerprint
     again = CocoSource(str(ann), str(img_dir), resolution=8)
     assert [again.caption(i) for i in again.sample_ids()] == [src.caption(i) for i in [9, 42, 1000]]
-    choices = {tuple(CocoSource(str(ann), str(img_dir), caption_seed=s).caption(i) for i in [9, 42])
-               for s in range(6)}  # fmt: skip
+    choices = {
+        tuple(CocoSource(str(ann), str(img_dir), caption_seed=s).caption(i) for i in [9, 42])
+        for s in range(6)
+    }
     assert len(choices) > 1
     assert build_source(src.describe()).fingerprint() == src.fingerprint()
 
@@ -109,13 +118,24 @@ def write_shard(path, samples):
 
 def four_samples():
     return [
-        ("000000001", {"jpg": image_bytes(COLOURS[0], "JPEG"), "txt": b"a red square\n",
-                       "json": b'{"key": "000000001", "caption": "ignored"}'}),
+        (
+            "000000001",
+            {
+                "jpg": image_bytes(COLOURS[0], "JPEG"),
+                "txt": b"a red square\n",
+                "json": b'{"key": "000000001", "caption": "ignored"}',
+            },
+        ),
         ("000000002", {"png": image_bytes(COLOURS[1]), "txt": b"a green square"}),
-        ("000000003", {"webp": image_bytes(COLOURS[2], "WEBP", (16, 24)),
-                       "json": b'{"key": "000000003", "caption": "a blue square"}'}),
+        (
+            "000000003",
+            {
+                "webp": image_bytes(COLOURS[2], "WEBP", (16, 24)),
+                "json": b'{"key": "000000003", "caption": "a blue square"}',
+            },
+        ),
         ("sample_x", {"png": image_bytes(COLOURS[3]), "txt": "a yellow square \u00e9".encode()}),
-    ]  # fmt: skip
+    ]
 
 
 def test_webdataset_reader(tmp_path):
@@ -265,14 +285,36 @@ def _bad_shard(tmp_path, case):
 
 
 BAD = {
-    "coco": ["missing annotations", "malformed json", "missing image folder", "image absent",
-             "zero-byte image", "empty caption", "non-text caption", "truncated image",
-             "not an image"],
-    "folder": ["malformed jsonl", "malformed csv", "csv missing column", "non-text caption jsonl",
-               "empty metadata", "no metadata", "missing folder"],
-    "shard": ["not a tar", "no shards", "truncated tar", "tar cut between members",
-              "missing caption", "malformed json member", "missing image"],
-}  # fmt: skip
+    "coco": [
+        "missing annotations",
+        "malformed json",
+        "missing image folder",
+        "image absent",
+        "zero-byte image",
+        "empty caption",
+        "non-text caption",
+        "truncated image",
+        "not an image",
+    ],
+    "folder": [
+        "malformed jsonl",
+        "malformed csv",
+        "csv missing column",
+        "non-text caption jsonl",
+        "empty metadata",
+        "no metadata",
+        "missing folder",
+    ],
+    "shard": [
+        "not a tar",
+        "no shards",
+        "truncated tar",
+        "tar cut between members",
+        "missing caption",
+        "malformed json member",
+        "missing image",
+    ],
+}
 
 
 @pytest.mark.parametrize(("kind", "case"), [(k, c) for k, cases in BAD.items() for c in cases])

@@ -153,9 +153,20 @@ def test_generate_equals_diffusers_pipeline_per_caption(trained_autoencoder):
     pipe = model.pipeline()
     pipe.set_progress_bar_config(disable=True)
     for i, seed in enumerate([4, 5, 6]):  # diffusers' attention, one call per caption
-        ref = pipe(prompt=CAPTIONS[i], num_images_per_prompt=2, num_inference_steps=4,
-                   guidance_scale=3.0, height=RES, width=RES, output_type="pt",
-                   generator=torch.Generator().manual_seed(seed)).images * 2 - 1  # fmt: skip
+        ref = (
+            pipe(
+                prompt=CAPTIONS[i],
+                num_images_per_prompt=2,
+                num_inference_steps=4,
+                guidance_scale=3.0,
+                height=RES,
+                width=RES,
+                output_type="pt",
+                generator=torch.Generator().manual_seed(seed),
+            ).images
+            * 2
+            - 1
+        )
         # float32 reordering only (keys and values projected once, queries grouped by
         # context): as batch independence above, measured 2.6e-6
         torch.testing.assert_close(images[i], ref, rtol=0.0, atol=5e-5)

@@ -69,8 +69,17 @@ def ckpt(exp, family, index):
 
 @pytest.mark.parametrize("family", ["diffusion", "seq2seq"])
 def test_attack_command_end_to_end(experiment, family, capsys):
-    attack_main(["--ckpt", str(ckpt(experiment, family, 0)), "--num_images=1", "--max_epochs=5",
-                 "--progress=false", "--attacks", '["all"]'])  # fmt: skip
+    attack_main(
+        [
+            "--ckpt",
+            str(ckpt(experiment, family, 0)),
+            "--num_images=1",
+            "--max_epochs=5",
+            "--progress=false",
+            "--attacks",
+            '["all"]',
+        ]
+    )
     out = capsys.readouterr().out
     assert "blind (diagnostic)" in out and "threshold (baseline)" in out
     report = json.loads((experiment / "attack" / "report.json").read_text())
@@ -112,8 +121,15 @@ def test_query_holds_every_sample_once_also_under_ddp(experiment):
     assert len(expected) % 2 == 1 and table.sample_id.tolist() == expected
     assert table.is_member.tolist() == [i in row["members"] for i in expected]
     clear(folder)  # query again from scratch, with 2 processes
-    run_query(target, num_images=1, progress=False, accelerator="cpu", devices=2,
-              strategy="ddp_spawn", batch_size=4)  # fmt: skip
+    run_query(
+        target,
+        num_images=1,
+        progress=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        batch_size=4,
+    )
     ranks = {p.name.split("-")[1] for p in shard_paths(folder)}
     assert ranks == {"r000", "r001"}
     ddp = load_query_table(folder)
@@ -202,10 +218,20 @@ def test_bad_input_one_clear_error_each(experiment, tmp_path, capsys):
     plain = tmp_path / "plain.ckpt"
     torch.save({"state_dict": {}}, plain)
     fails(["--ckpt", str(plain)], "not a lightning_mia checkpoint")
-    fails(["--ckpt", str(ckpt(experiment, "seq2seq", 0)), "--experiment", str(tmp_path)],
-          "belongs to experiment")  # fmt: skip
-    fails(["--ckpt", str(ckpt(experiment, "seq2seq", 0)), "--num_images=1",
-           "--attacks", '["nosuch"]'], "nosuch")  # fmt: skip
+    fails(
+        ["--ckpt", str(ckpt(experiment, "seq2seq", 0)), "--experiment", str(tmp_path)],
+        "belongs to experiment",
+    )
+    fails(
+        [
+            "--ckpt",
+            str(ckpt(experiment, "seq2seq", 0)),
+            "--num_images=1",
+            "--attacks",
+            '["nosuch"]',
+        ],
+        "nosuch",
+    )
     encoder = experiment / "autoencoder" / "checkpoints" / "last.ckpt"
     fails(["--ckpt", str(encoder)], "not a target model")
     done = experiment / "diffusion-shadow-001" / "DONE.json"

@@ -60,13 +60,20 @@ def _report(n=40, seed=0):
     for name, shift, access in (("pixel", 2.0, "black-box"), ("loss", 4.0, "gray-box")):
         scores = torch.randn(n, generator=g) + shift * labels
         metrics = evaluate(scores, labels, threshold=0.0, n_boot=10)
-        results[name] = AttackResult(name, access, 4, metrics, ["x"], scores=scores,
-                                     labels=labels, sample_id=ids)  # fmt: skip
+        results[name] = AttackResult(
+            name, access, 4, metrics, ["x"], scores=scores, labels=labels, sample_id=ids
+        )
     return AttackReport(
-        setting="shadow", family="diffusion", num_images=3, num_shadows=1, seeds={},
-        splits_hash="h", target={"run_name": "diffusion-target-000"}, attacks=results,
+        setting="shadow",
+        family="diffusion",
+        num_images=3,
+        num_shadows=1,
+        seeds={},
+        splits_hash="h",
+        target={"run_name": "diffusion-target-000"},
+        attacks=results,
         baselines={},
-    )  # fmt: skip
+    )
 
 
 def test_rows_are_the_kept_samples_ranked_by_the_best_black_box_attack():

@@ -49,8 +49,12 @@ def finished(tmp_path_factory):
 
 
 def _stages(layout):
-    return [layout.autoencoder, layout.encoder, layout.run_dir("diffusion", 0),
-            layout.run_dir("diffusion", 1)]  # fmt: skip
+    return [
+        layout.autoencoder,
+        layout.encoder,
+        layout.run_dir("diffusion", 0),
+        layout.run_dir("diffusion", 1),
+    ]
 
 
 def test_every_stage_runs_in_order_and_reports(finished):
@@ -109,9 +113,19 @@ def test_stages_run_in_their_own_processes_side_by_side(tmp_path, finished):
     common = [*DATA, *TRAINER, "--trainer.max_steps=2"]
     jobs = [
         (good, fit_arguments(good, config, [f"--data.experiment={good.parent}", *common])),
-        (bad, fit_arguments(bad, config, [f"--data.experiment={bad.parent}", *common,
-                                          "--model.init_args.no_such_argument=1"])),
-    ]  # fmt: skip
+        (
+            bad,
+            fit_arguments(
+                bad,
+                config,
+                [
+                    f"--data.experiment={bad.parent}",
+                    *common,
+                    "--model.init_args.no_such_argument=1",
+                ],
+            ),
+        ),
+    ]
     with pytest.raises(StageError, match=r"stages did not finish: encoder failed \(exit code 2\)"):
         run_fit_processes(jobs, parallel=2)
     assert json.loads(done_marker(good).read_text())["global_step"] == 2  # the other finished

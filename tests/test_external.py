@@ -28,13 +28,26 @@ from lightning_mia.paths import ExperimentLayout
 N = 24  # members and non-members each: the target is tested on half, the shadows draw the rest
 SHADOW_CONFIG = {  # a tiny recipe: the audit puts in the base, the LoRA settings and the data
     "seed_everything": 0,
-    "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "logger": False,
-                "enable_progress_bar": False, "enable_model_summary": False},
-    "model": {"class_path": "lightning_mia.models.diffusion.LatentDiffusionModule",
-              "init_args": {"resolution": 0, "num_inference_steps": 2, "guidance_scale": 2.0,
-                            "lr": 0.01, "caption_dropout": 0.0}},
+    "trainer": {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": 3,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    },
+    "model": {
+        "class_path": "lightning_mia.models.diffusion.LatentDiffusionModule",
+        "init_args": {
+            "resolution": 0,
+            "num_inference_steps": 2,
+            "guidance_scale": 2.0,
+            "lr": 0.01,
+            "caption_dropout": 0.0,
+        },
+    },
     "data": {"batch_size": 8},
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +73,15 @@ def inputs(tmp_path_factory):
     config = root / "shadow.yaml"
     config.write_text(yaml.safe_dump(SHADOW_CONFIG))
     torch.set_num_threads(threads)
-    return dict(root=root, pipeline=pipeline, lora=lora, members=members,
-                non_members=non_members, clip=clip, config=config)  # fmt: skip
+    return dict(
+        root=root,
+        pipeline=pipeline,
+        lora=lora,
+        members=members,
+        non_members=non_members,
+        clip=clip,
+        config=config,
+    )
 
 
 def unet_out(unet, seed=0):
@@ -72,17 +92,42 @@ def unet_out(unet, seed=0):
 
 
 def audit_args(inputs, experiment, *extra):
-    return ["--pipeline", str(inputs["pipeline"]), "--members", str(inputs["members"]),
-            "--non-members", str(inputs["non_members"]), "--experiment", str(experiment),
-            "--shadow-config", str(inputs["config"]), "--num-shadows", "1",
-            "--encoder", str(inputs["clip"]), *extra]  # fmt: skip
+    return [
+        "--pipeline",
+        str(inputs["pipeline"]),
+        "--members",
+        str(inputs["members"]),
+        "--non-members",
+        str(inputs["non_members"]),
+        "--experiment",
+        str(experiment),
+        "--shadow-config",
+        str(inputs["config"]),
+        "--num-shadows",
+        "1",
+        "--encoder",
+        str(inputs["clip"]),
+        *extra,
+    ]
 
 
 def test_a_lora_target_trained_elsewhere_is_audited_end_to_end(inputs, tmp_path, capsys):
     exp = tmp_path / "audit"
-    attack_main(audit_args(inputs, exp, "--lora", str(inputs["lora"]), "--num_images=1",
-                           "--max_epochs=5", "--progress=false", "--attacks", "all",
-                           "--signals", "loss"))  # fmt: skip
+    attack_main(
+        audit_args(
+            inputs,
+            exp,
+            "--lora",
+            str(inputs["lora"]),
+            "--num_images=1",
+            "--max_epochs=5",
+            "--progress=false",
+            "--attacks",
+            "all",
+            "--signals",
+            "loss",
+        )
+    )
     assert "blind (diagnostic)" in capsys.readouterr().out
     report = json.loads((exp / "attack" / "report.json").read_text())
     external = report["target"]["external"]
@@ -100,7 +145,7 @@ def test_a_lora_target_trained_elsewhere_is_audited_end_to_end(inputs, tmp_path,
     assert [len(splits["rows"][0][k]) for k in ("members", "nonmembers")] == [N // 2, N // 2]
     assert len(splits["aux_pool"]) == N and set(splits["aux_pool"]).isdisjoint(
         splits["target_pool"]
-    )  # fmt: skip
+    )
     assert [len(splits["rows"][1][k]) for k in ("members", "nonmembers")] == [N // 2, N // 2]
 
     # the target checkpoint: the adapter alone, and the same model as peft's own loading
@@ -133,9 +178,15 @@ def test_a_lora_target_trained_elsewhere_is_audited_end_to_end(inputs, tmp_path,
 
 
 def _options(inputs, exp, **kwargs) -> AttackOptions:
-    fields = dict(pipeline=str(inputs["pipeline"]), members=str(inputs["members"]),
-                  non_members=str(inputs["non_members"]), experiment=str(exp), num_shadows=1,
-                  shadow_config=str(inputs["config"]), encoder=str(inputs["clip"]))  # fmt: skip
+    fields = dict(
+        pipeline=str(inputs["pipeline"]),
+        members=str(inputs["members"]),
+        non_members=str(inputs["non_members"]),
+        experiment=str(exp),
+        num_shadows=1,
+        shadow_config=str(inputs["config"]),
+        encoder=str(inputs["clip"]),
+    )
     return AttackOptions(**{**fields, **kwargs})
 
 
@@ -144,8 +195,14 @@ def test_a_full_fine_tune_over_ids_of_a_data_source(inputs, tmp_path):
     an image folder given with --data, whose other samples are the shadows' data."""
     folder = tmp_path / "data"
     folder.mkdir()
-    rows = [{"file_name": str(inputs["root"] / "images" / f"{i:03d}.png"), "text": f"shape {i}",
-             "sample_id": 100 + i} for i in range(2 * N)]  # fmt: skip
+    rows = [
+        {
+            "file_name": str(inputs["root"] / "images" / f"{i:03d}.png"),
+            "text": f"shape {i}",
+            "sample_id": 100 + i,
+        }
+        for i in range(2 * N)
+    ]
     write_member_list(folder / "metadata.jsonl", rows)
     data = tmp_path / "data.yaml"
     data.write_text(
@@ -160,9 +217,16 @@ def test_a_full_fine_tune_over_ids_of_a_data_source(inputs, tmp_path):
     members.write_text("".join(f"{100 + i}\n" for i in range(8)))
     non = write_member_list(tmp_path / "non.csv", [{"id": 108 + i} for i in range(8)])
     tuned = save_tiny_pipeline(tmp_path / "tuned", seed=7)
-    options = _options(inputs, tmp_path / "exp", pipeline=str(tuned), base=str(inputs["pipeline"]),
-                       members=str(members), non_members=str(non), data=str(data),
-                       num_shadows=0)  # fmt: skip
+    options = _options(
+        inputs,
+        tmp_path / "exp",
+        pipeline=str(tuned),
+        base=str(inputs["pipeline"]),
+        members=str(members),
+        non_members=str(non),
+        data=str(data),
+        num_shadows=0,
+    )
     ckpt = prepare_external(options).ckpt
     card = read_card(ckpt)
     assert card.extra["external"]["base"] == str(inputs["pipeline"])
@@ -225,11 +289,19 @@ def test_cautions_name_only_the_components_trained_elsewhere(tmp_path):
     card = RunCard("diffusion", "tiny", 0, "h", str(layout.root), autoencoder=own)
     assert pretrained_components(card, layout, encoder=str(layout.encoder)) == []
     # DALL-E mini's VQGAN converted into the experiment (no stage trained it), a real CLIP, BLIP
-    imported = RunCard("seq2seq", "dalle-mini", 0, "h", str(layout.root),
-                       autoencoder=str(layout.root / "vqgan"),
-                       extra={"text_init": "/models/bart-large"})  # fmt: skip
+    imported = RunCard(
+        "seq2seq",
+        "dalle-mini",
+        0,
+        "h",
+        str(layout.root),
+        autoencoder=str(layout.root / "vqgan"),
+        extra={"text_init": "/models/bart-large"},
+    )
     found = pretrained_components(imported, layout, "/models/clip", "/models/blip")
-    assert found == [f"VQGAN image tokenizer {layout.root / 'vqgan'}",
-                     "pretrained BART text side /models/bart-large",
-                     "CLIP encoder /models/clip (semantic and text attacks)",
-                     "captioner /models/blip"]  # fmt: skip
+    assert found == [
+        f"VQGAN image tokenizer {layout.root / 'vqgan'}",
+        "pretrained BART text side /models/bart-large",
+        "CLIP encoder /models/clip (semantic and text attacks)",
+        "captioner /models/blip",
+    ]

@@ -33,9 +33,14 @@ def diffusers_images(folder, seed, steps, scale) -> torch.Tensor:
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(
-        CAPTION, num_inference_steps=steps, guidance_scale=scale, output_type="pt",
-        generator=torch.Generator().manual_seed(seed), height=RES, width=RES,
-    )  # fmt: skip
+        CAPTION,
+        num_inference_steps=steps,
+        guidance_scale=scale,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(seed),
+        height=RES,
+        width=RES,
+    )
     return out.images * 2 - 1
 
 
@@ -54,9 +59,11 @@ def test_the_folders_schedule_and_prediction_type_are_trained_and_sampled(
     latents = torch.randn(2, *model.latent_shape)
     noise, t = torch.randn_like(latents), torch.tensor([100, 700])
     out = model.denoise(latents, model.encode_text([CAPTION] * 2), t, noise)
-    expected = noise if prediction_type == "epsilon" else model.noise_scheduler.get_velocity(
-        latents, noise, t
-    )  # fmt: skip
+    expected = (
+        noise
+        if prediction_type == "epsilon"
+        else model.noise_scheduler.get_velocity(latents, noise, t)
+    )
     torch.testing.assert_close(out.target, expected)
 
     # sampling: the module's batched loop agrees with diffusers' own pipeline on the folder

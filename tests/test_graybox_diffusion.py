@@ -258,8 +258,9 @@ def test_pia_follows_the_reference_recipe(model, signals):
 
         def eps(x, step):  # guided eps at x (B, C, h, w), timestep `step`
             out = view.predict(x.repeat(2, 1, 1, 1), step, both)
-            e = split_prediction(out, x.repeat(2, 1, 1, 1), view.alpha_bar(step, 2 * len(IDS)),
-                                 "v_prediction")[0]  # fmt: skip
+            e = split_prediction(
+                out, x.repeat(2, 1, 1, 1), view.alpha_bar(step, 2 * len(IDS)), "v_prediction"
+            )[0]
             return e[len(IDS) :] * scale + e[: len(IDS)] * (1 - scale)
 
         eps0 = eps(x0, 0)  # the model at t = 0 on the clean latents
@@ -325,8 +326,11 @@ def test_fixed_noise_determinism_and_batch_independence(model, signals):
 
 def test_bad_requests_fail_with_one_clear_error(model):
     batch = shapes_batch([0, 1])
-    with pytest.raises(ValueError, match=r"timesteps \[1000\] out of the scheduler's range "
-                       r"\(0 <= t < num_train_timesteps = 1000\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"timesteps \[1000\] out of the scheduler's range "
+        r"\(0 <= t < num_train_timesteps = 1000\)",
+    ):
         compute_signals(model, batch, ["loss"], seed=0, timesteps=[100, 1000])
     with pytest.raises(SignalError, match=r"\['nll'\] are not for the 'diffusion' family"):
         compute_signals(model, batch, ["nll"], seed=0)

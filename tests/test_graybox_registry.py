@@ -95,9 +95,14 @@ def test_check_signals_names_family_and_each_problem():
     with pytest.raises(SignalError, match="no signal"):
         check_signals("seq2seq", [], SignalOptions())
     bad = SignalOptions(
-        timesteps=(10, 1000, -1), secmi_t=100, secmi_steps=7, pia_p=0.0, pia_guidance=0.0,
-        clid_timesteps=(), clid_cut_rates=(0.3, 1.0, 0.301),
-    )  # fmt: skip
+        timesteps=(10, 1000, -1),
+        secmi_t=100,
+        secmi_steps=7,
+        pia_p=0.0,
+        pia_guidance=0.0,
+        clid_timesteps=(),
+        clid_cut_rates=(0.3, 1.0, 0.301),
+    )
     with pytest.raises(SignalError) as err:
         check_signals("diffusion", ["loss", "secmi", "pia", "clid"], bad, 1000)
     msg = str(err.value)

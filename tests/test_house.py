@@ -145,7 +145,7 @@ def new_attack():
             "black-box",
             "mean brightness of the generations",
             score_feature="brightness/gen_mean",
-        )  # fmt: skip
+        )
     )
     yield spec, group
     ATTACKS.unregister("bright")
@@ -159,8 +159,13 @@ def _table(layout, index, leak):
         "brightness/gen_mean": torch.randn(120, generator=g) + leak * member.float(),
         "blind/noise": torch.randn(120, generator=g),
     }
-    meta = {"splits_hash": "h", "run_name": f"diffusion-x-{index:03d}", "family": "diffusion",
-            "experiment": "x", "num_images": "2"}  # fmt: skip
+    meta = {
+        "splits_hash": "h",
+        "run_name": f"diffusion-x-{index:03d}",
+        "family": "diffusion",
+        "experiment": "x",
+        "num_images": "2",
+    }
     folder = layout.queries(meta["run_name"])
     write_shard(folder / "shard-0.safetensors", torch.arange(120), member, index, feats, meta)
     return load_query_table(folder)
@@ -171,8 +176,9 @@ def test_an_attack_declared_once_reaches_query_report_and_calibration(tmp_path, 
     assert lira_features(["bright"]) == {"bright": "brightness/gen_mean"}  # LiRA candidate
     layout = ExperimentLayout(tmp_path)
     tables = [_table(layout, i, leak=3.0) for i in range(3)]
-    report = run_attacks(layout, tables[0], tables[1:], ["all"], max_epochs=10, n_boot=50,
-                         progress=False)  # fmt: skip
+    report = run_attacks(
+        layout, tables[0], tables[1:], ["all"], max_epochs=10, n_boot=50, progress=False
+    )
     # `all` = every attack whose features exist; the shadows saw the same sample ids, so its
     # score is LiRA-calibrated too
     assert set(report.attacks) == {"bright", "lira-online-bright", "lira-offline-bright"}

@@ -39,8 +39,15 @@ DATA = [
     "--trainer.enable_progress_bar=false",
     "--trainer.logger=false",
 ]
-ATTACK = ["--num_images=1", "--attacks", "pixel", "--signals", "loss", "--max_epochs=40",
-          "--progress=false"]  # fmt: skip
+ATTACK = [
+    "--num_images=1",
+    "--attacks",
+    "pixel",
+    "--signals",
+    "loss",
+    "--max_epochs=40",
+    "--progress=false",
+]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -53,10 +60,15 @@ def _one_thread():
 
 
 def _model_args(exp, index, steps):
-    return [*DATA, f"--data.experiment={exp}", f"--data.model_index={index}",
-            f"--model.init_args.autoencoder={exp / 'autoencoder'}",
-            f"--trainer.max_steps={steps}", "--checkpoint_every_n_steps=2",
-            "--model.init_args.num_inference_steps=2"]  # fmt: skip
+    return [
+        *DATA,
+        f"--data.experiment={exp}",
+        f"--data.model_index={index}",
+        f"--model.init_args.autoencoder={exp / 'autoencoder'}",
+        f"--trainer.max_steps={steps}",
+        "--checkpoint_every_n_steps=2",
+        "--model.init_args.num_inference_steps=2",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +125,15 @@ def test_killed_training_resumes_to_the_same_weights(base, tmp_path, kill_after)
             saves.append(ckpt.stat().st_mtime_ns)
         return len(saves) >= kill_after
 
-    cmd = [sys.executable, "-m", "lightning_mia.cli", "fit", "--config", DIFFUSION,
-           *_model_args(killed.root, 1, 6)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_mia.cli",
+        "fit",
+        "--config",
+        DIFFUSION,
+        *_model_args(killed.root, 1, 6),
+    ]
     _kill_when(cmd, saved_enough)
     run = killed.run_dir("diffusion", 1)
     assert not done_marker(run).exists()
@@ -139,25 +158,35 @@ def _attack(layout):
 
 @pytest.fixture(scope="module")
 def reference_report(base, tmp_path_factory):
-    keep = ("splits.json", "autoencoder", "encoder", *(base.run_dir("diffusion", i).name
-                                                       for i in range(3)))  # fmt: skip
+    keep = (
+        "splits.json",
+        "autoencoder",
+        "encoder",
+        *(base.run_dir("diffusion", i).name for i in range(3)),
+    )
     layout = _copy(base, tmp_path_factory.mktemp("ref") / "exp", keep)
     return _attack(layout), keep
 
 
 KILL_POINTS = {
-    "while the shadows are queried": lambda lay: (lay.queries("diffusion-target-000")
-                                                  / "COMPLETE.json").is_file(),
+    "while the shadows are queried": lambda lay: (
+        lay.queries("diffusion-target-000") / "COMPLETE.json"
+    ).is_file(),
     "while the attacks train": lambda lay: any(lay.attack.glob("*/shadow.ckpt")),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("point", KILL_POINTS, ids=list(KILL_POINTS))
 def test_killed_attack_stage_gives_the_same_report(base, reference_report, tmp_path, point):
     want, keep = reference_report
     layout = _copy(base, tmp_path / "exp", keep)
-    cmd = [sys.executable, str(ROOT / "attack.py"), "--ckpt",
-           str(layout.checkpoint("diffusion", 0)), *ATTACK]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "attack.py"),
+        "--ckpt",
+        str(layout.checkpoint("diffusion", 0)),
+        *ATTACK,
+    ]
     _kill_when(cmd, lambda: KILL_POINTS[point](layout))
     _no_half_written_files(layout.root)
     assert _attack(layout) == want
@@ -186,8 +215,13 @@ def test_sigterm_stops_training_with_a_failing_status(base, tmp_path):
     layout = _copy(base, tmp_path / "exp")
     folder = layout.run_dir("diffusion", 0)
     argv = ["fit", "--config", DIFFUSION, *_model_args(layout.root, 0, 400)]
-    proc = subprocess.Popen([sys.executable, "-m", "lightning_mia.cli", *argv], env=ONE_THREAD,
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lightning_mia.cli", *argv],
+        env=ONE_THREAD,
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (folder / "checkpoints" / "last.ckpt").is_file() and time.time() < deadline:
         time.sleep(0.05)

@@ -27,20 +27,35 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def lora_model(folder, **kwargs) -> LatentDiffusionModule:
-    args = dict(preset="pretrained", pretrained=str(folder), autoencoder="", resolution=0,
-                lora_rank=4, lora_alpha=8.0, num_inference_steps=3, lr=1e-2)  # fmt: skip
+    args = dict(
+        preset="pretrained",
+        pretrained=str(folder),
+        autoencoder="",
+        resolution=0,
+        lora_rank=4,
+        lora_alpha=8.0,
+        num_inference_steps=3,
+        lr=1e-2,
+    )
     return LatentDiffusionModule(**{**args, **kwargs})
 
 
 def fit(model, root, steps=4):
-    dm = MembershipDataModule(str(root), ShapesSource(num_samples=16, resolution=RES),
-                              num_shadows=1, batch_size=4)  # fmt: skip
+    dm = MembershipDataModule(
+        str(root), ShapesSource(num_samples=16, resolution=RES), num_shadows=1, batch_size=4
+    )
     run = dm.layout.run_dir("diffusion", 0)
     callback = ModelCheckpoint(dirpath=run / "checkpoints", save_last=True, save_top_k=0)
     seed_everything(0)
-    Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, callbacks=[callback],
-            default_root_dir=run).fit(model, datamodule=dm)  # fmt: skip
+    Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        default_root_dir=run,
+    ).fit(model, datamodule=dm)
     return run / "checkpoints" / "last.ckpt"
 
 
@@ -72,12 +87,14 @@ def test_lora_trains_only_adapters_and_checkpoints_only_them(tmp_path):
     adapters = {n for n, _ in model.named_parameters() if ".lora_" in n}
     assert keys == adapters | {"samples_seen"}  # no base weight, no autoencoder
     assert saved[CARD_KEY]["extra"]["base"] == {
-        "path": str(folder), "sha256": pipeline_sha256(folder)
-    }  # fmt: skip
+        "path": str(folder),
+        "sha256": pipeline_sha256(folder),
+    }
     loaded = load_family_module(last)
     model.eval()
-    torch.testing.assert_close(unet_out(loaded.unet, loaded.text_encoder),
-                               unet_out(model.unet, model.text_encoder))  # fmt: skip
+    torch.testing.assert_close(
+        unet_out(loaded.unet, loaded.text_encoder), unet_out(model.unet, model.text_encoder)
+    )
     images = model.generate(CAPTIONS, 1, seed=2)
     torch.testing.assert_close(loaded.generate(CAPTIONS, 1, seed=2), images)
 
@@ -108,11 +125,13 @@ def test_export_loads_into_a_plain_stable_diffusion_pipeline(tmp_path):
 
 
 def test_lora_on_the_tiny_preset_keeps_its_random_base_in_the_checkpoint(trained_autoencoder):
-    model = LatentDiffusionModule(autoencoder=str(trained_autoencoder), resolution=16,
-                                  max_caption_length=77, lora_rank=2)  # fmt: skip
+    model = LatentDiffusionModule(
+        autoencoder=str(trained_autoencoder), resolution=16, max_caption_length=77, lora_rank=2
+    )
     state = model.state_dict()
-    assert any(".lora_" in k for k in state) and any(k.startswith("unet.") and ".lora_" not in k
-                                                     for k in state)  # fmt: skip
+    assert any(".lora_" in k for k in state) and any(
+        k.startswith("unet.") and ".lora_" not in k for k in state
+    )
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all(".lora_" in n for n in trained)
     optimizer = model.configure_optimizers()["optimizer"]

@@ -78,13 +78,18 @@ def experiment(tmp_path_factory):
     folders are kept in `ref-queries/`)."""
     tmp = tmp_path_factory.mktemp("multi")
     config = {
-        "experiment": str(tmp / "exp"), "family": "diffusion", "num_shadows": 2,
+        "experiment": str(tmp / "exp"),
+        "family": "diffusion",
+        "num_shadows": 2,
         "autoencoder": str(ROOT / "configs/autoencoder/tiny-kl.yaml"),
         "encoder": str(ROOT / "configs/encoder/tiny.yaml"),
-        "model": str(ROOT / "configs/diffusion/tiny.yaml"), "data_args": DATA,
-        "trainer_args": TRAINER, "model_args": ["--model.init_args.num_inference_steps=2"],
-        "num_images": 1, "attacks": ATTACKS,
-    }  # fmt: skip
+        "model": str(ROOT / "configs/diffusion/tiny.yaml"),
+        "data_args": DATA,
+        "trainer_args": TRAINER,
+        "model_args": ["--model.init_args.num_inference_steps=2"],
+        "num_images": 1,
+        "attacks": ATTACKS,
+    }
     (tmp / "tiny.yaml").write_text(yaml.safe_dump(config))
     experiment_main([str(tmp / "tiny.yaml"), "--query_accelerator=cpu", "--query_devices=1"])
     exp = tmp / "exp"
@@ -108,8 +113,14 @@ def _fresh(tmp: Path, exp: Path, requery: list[str] | None = None) -> list[str]:
 
 
 def _run(args: list[str], tmp: Path, wandb: str = "disabled") -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(tmp, wandb),
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=_env(tmp, wandb),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-5000:]
     return proc
@@ -157,8 +168,18 @@ def _same_as_one_device(exp: Path, report: dict, tables: dict, requeried: list[s
 
 def _attack_py(exp: Path, *flags: str) -> list[str]:
     target = exp / "diffusion-target-000" / "checkpoints" / "last.ckpt"
-    return ["attack.py", "--ckpt", str(target), "--num_images=1", "--attacks", *ATTACKS,
-            "--accelerator=cpu", "--devices=2", "--progress=false", *flags]  # fmt: skip
+    return [
+        "attack.py",
+        "--ckpt",
+        str(target),
+        "--num_images=1",
+        "--attacks",
+        *ATTACKS,
+        "--accelerator=cpu",
+        "--devices=2",
+        "--progress=false",
+        *flags,
+    ]
 
 
 def test_attack_ddp_on_two_processes_writes_the_one_device_report(experiment):
@@ -189,14 +210,27 @@ def test_attack_as_srun_starts_it_writes_the_one_device_report(experiment):
     # gets on one node): each runs attack.py whole, Lightning's SLURMEnvironment joins them
     tmp, exp, report, tables = experiment
     requery = _fresh(tmp, exp, [TARGET])
-    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1",
-             "SLURM_NODEID": "0", "SLURM_JOB_NAME": "mia-attack", "SLURM_JOB_ID": "4242",
-             "SLURM_NODELIST": "localhost", "MASTER_PORT": "29541"}  # fmt: skip
-    tasks = [subprocess.Popen([sys.executable, *_attack_py(exp)], cwd=ROOT, text=True,
-                              env={**_env(tmp), **slurm, "SLURM_PROCID": str(r),
-                                   "SLURM_LOCALID": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for r in (0, 1)]  # fmt: skip
+    slurm = {
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_NAME": "mia-attack",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NODELIST": "localhost",
+        "MASTER_PORT": "29541",
+    }
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, *_attack_py(exp)],
+            cwd=ROOT,
+            text=True,
+            env={**_env(tmp), **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for r in (0, 1)
+    ]
     outs = [task.communicate(timeout=600) for task in tasks]
     assert [task.returncode for task in tasks] == [0, 0], [err[-3000:] for _, err in outs]
     assert "shadow setting, diffusion" in outs[0][0] and not outs[1][0].strip()  # rank 0 only
@@ -206,9 +240,17 @@ def test_attack_as_srun_starts_it_writes_the_one_device_report(experiment):
 def test_experiment_attack_stage_under_ddp_runs_as_its_own_process(experiment):
     tmp, exp, report, tables = experiment
     requery = _fresh(tmp, exp, [TARGET])
-    proc = _run(["-m", "lightning_mia.experiment", str(tmp / "tiny.yaml"),
-                 "--query_accelerator=cpu", "--query_devices=2", "--query_strategy=ddp"],
-                tmp)  # fmt: skip
+    proc = _run(
+        [
+            "-m",
+            "lightning_mia.experiment",
+            str(tmp / "tiny.yaml"),
+            "--query_accelerator=cpu",
+            "--query_devices=2",
+            "--query_strategy=ddp",
+        ],
+        tmp,
+    )
     err = proc.stderr
     assert "[attack] in its own process: -m lightning_mia.attack" in err
     assert err.count("[skip]") == 5  # the launcher re-ran the attack command, not the stages
@@ -223,41 +265,76 @@ def test_which_settings_relaunch_the_command_line(monkeypatch):
     assert not relaunches_command("cpu", 2, "ddp_spawn")
     assert not relaunches_command("cpu", 1, "auto")
     assert not relaunches_command("cpu", "auto", "auto")  # one CPU process
-    for var, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2",
-                       "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
-                       "TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29500"}.items():  # fmt: skip
+    for var, value in {
+        "LOCAL_RANK": "0",
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "GROUP_RANK": "0",
+        "TORCHELASTIC_RUN_ID": "x",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+    }.items():
         monkeypatch.setenv(var, value)  # torchrun started the ranks: nothing is re-launched
     assert not relaunches_command("cpu", 2, "ddp")
 
 
 def test_attack_argv_round_trips_the_options():
-    options = AttackOptions(ckpt="t.ckpt", attacks=["pixel", "loss"], signals=[], devices=2,
-                            strategy="ddp", num_nodes=2, calibrate=False, num_images=1,
-                            shadow_args="--trainer.max_steps=3", public_size=5)  # fmt: skip
+    options = AttackOptions(
+        ckpt="t.ckpt",
+        attacks=["pixel", "loss"],
+        signals=[],
+        devices=2,
+        strategy="ddp",
+        num_nodes=2,
+        calibrate=False,
+        num_images=1,
+        shadow_args="--trainer.max_steps=3",
+        public_size=5,
+    )
     assert options_from(attack_parser().parse_args(attack_argv(options))) == options
 
 
 AUTOENCODER_TINY = {  # the GPU configs' structure (discriminator, strategy ddp) at tiny sizes
     "trainer": {
-        "accelerator": "cpu", "devices": 2, "max_steps": 8, "logger": False,
+        "accelerator": "cpu",
+        "devices": 2,
+        "max_steps": 8,
+        "logger": False,
         "enable_progress_bar": False,
         # bf16 autocast is emulated on CPUs without bf16 units (~10x slower here): fp32 on CPU
         "precision": "32-true",
     },
-    "model": {"init_args": {
-        "resolution": 16, "block_out_channels": [8, 16], "layers_per_block": 1,
-        "norm_num_groups": 4, "latent_channels": 4, "num_vq_embeddings": 64,
-        "vq_embed_dim": 4, "mid_block_add_attention": False, "disc_start_step": 2,
-        "disc_channels": 8, "restart_dead_codes_every": 2, "sample_every_n_steps": 0,
-    }},
-    "data": {
-        "source": {"class_path": "lightning_mia.data.shapes.ShapesSource",
-                   "init_args": {"num_samples": 200, "resolution": 16, "seed": 0}},
-        "num_shadows": 1, "target_size": 16, "aux_size": 64, "shadow_size": 16,
-        "public_size": 64, "batch_size": 4, "num_workers": 0,
+    "model": {
+        "init_args": {
+            "resolution": 16,
+            "block_out_channels": [8, 16],
+            "layers_per_block": 1,
+            "norm_num_groups": 4,
+            "latent_channels": 4,
+            "num_vq_embeddings": 64,
+            "vq_embed_dim": 4,
+            "mid_block_add_attention": False,
+            "disc_start_step": 2,
+            "disc_channels": 8,
+            "restart_dead_codes_every": 2,
+            "sample_every_n_steps": 0,
+        }
     },
-}  # fmt: skip
+    "data": {
+        "source": {
+            "class_path": "lightning_mia.data.shapes.ShapesSource",
+            "init_args": {"num_samples": 200, "resolution": 16, "seed": 0},
+        },
+        "num_shadows": 1,
+        "target_size": 16,
+        "aux_size": 64,
+        "shadow_size": 16,
+        "public_size": 64,
+        "batch_size": 4,
+        "num_workers": 0,
+    },
+}
 
 
 @pytest.mark.parametrize("config", ["kl-f8-256", "vqgan-f16-256"])
@@ -268,12 +345,23 @@ def test_discriminator_autoencoder_trains_under_plain_ddp(tmp_path, config):
     assert gpu_config["trainer"]["strategy"] == "ddp"  # what the test keeps from the config
     override = json.loads(json.dumps(AUTOENCODER_TINY))
     override["data"]["experiment"] = str(tmp_path / "exp")
-    probe = {"class_path": "tests.ddp_probe.WeightDigestCallback",
-             "init_args": {"folder": str(tmp_path / "probe")}}  # fmt: skip
+    probe = {
+        "class_path": "tests.ddp_probe.WeightDigestCallback",
+        "init_args": {"folder": str(tmp_path / "probe")},
+    }
     override["trainer"]["callbacks"] = [probe]
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(override))
-    proc = _run(["train.py", "fit", "--config", f"configs/autoencoder/{config}.yaml",
-                 "--config", str(tmp_path / "tiny.yaml")], tmp_path)  # fmt: skip
+    proc = _run(
+        [
+            "train.py",
+            "fit",
+            "--config",
+            f"configs/autoencoder/{config}.yaml",
+            "--config",
+            str(tmp_path / "tiny.yaml"),
+        ],
+        tmp_path,
+    )
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr
     ranks = [json.loads((tmp_path / "probe" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]  # the replicas hold the same weights after every step
@@ -295,9 +383,15 @@ def test_one_backward_trains_each_part_with_its_own_loss():
     from lightning_mia.models.autoencoder import AutoencoderModule
 
     torch.manual_seed(0)
-    module = AutoencoderModule(kind="kl", resolution=16, block_out_channels=(8, 16),
-                               norm_num_groups=4, latent_channels=4, disc_weight=0.5,
-                               disc_channels=8)  # fmt: skip
+    module = AutoencoderModule(
+        kind="kl",
+        resolution=16,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        latent_channels=4,
+        disc_weight=0.5,
+        disc_channels=8,
+    )
     x = torch.rand(2, 3, 16, 16) * 2 - 1  # (B, 3, H, W)
     rec, _, _ = module.reconstruct(x)
     rec_loss = (rec - x).abs().mean()

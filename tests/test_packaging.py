@@ -43,10 +43,21 @@ def wheel(tmp_path_factory):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         str(src), "-w", str(tmp / "dist")],
-        check=True, cwd=tmp,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(src),
+            "-w",
+            str(tmp / "dist"),
+        ],
+        check=True,
+        cwd=tmp,
+    )
     (path,) = (tmp / "dist").glob("lightning_mia-*.whl")
     return path
 
@@ -69,10 +80,19 @@ def installed(wheel, tmp_path_factory):
     """The wheel installed into its own folder (the shared environment's dependencies)."""
     site = tmp_path_factory.mktemp("site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
-         str(wheel)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
         check=True,
-    )  # fmt: skip
+    )
     elsewhere = tmp_path_factory.mktemp("elsewhere")  # no configs/ here
     env = {**os.environ, "PYTHONPATH": str(site), "WANDB_MODE": "disabled"}
     return site, elsewhere, env
@@ -82,8 +102,9 @@ def test_an_installed_entry_point_runs_from_another_folder(installed):
     site, elsewhere, env = installed
     assert all((site / "bin" / script).is_file() for script in SCRIPTS)
     script = site / "bin" / "lightning-mia-experiment"
-    out = subprocess.run([str(script), "--help"], cwd=elsewhere, env=env, capture_output=True,
-                         text=True)  # fmt: skip
+    out = subprocess.run(
+        [str(script), "--help"], cwd=elsewhere, env=env, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "usage: lightning_mia.experiment" in out.stdout and "--num_shadows" in out.stdout
 
@@ -98,17 +119,26 @@ def test_installed_commands_find_their_configs_from_another_folder(installed):
         "from lightning_mia.cli import find_config\n"
         "print(lightning_mia.__file__, path, find_config(cfg.model), sep='\\n')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env,
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     package, demo, model = out.stdout.split()
     assert Path(package).is_relative_to(site)  # the installed copy, not the checkout
     assert Path(demo) == site / "lightning_mia" / "configs" / "experiments" / "demo.yaml"
     assert Path(model) == site / "lightning_mia" / "configs" / "diffusion" / "tiny.yaml"
     train = subprocess.run(
-        [str(site / "bin" / "lightning-mia-train"), "fit", "--config",
-         "configs/encoder/tiny.yaml", "--print_config"],
-        cwd=elsewhere, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            str(site / "bin" / "lightning-mia-train"),
+            "fit",
+            "--config",
+            "configs/encoder/tiny.yaml",
+            "--print_config",
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert train.returncode == 0, train.stderr[-2000:]
     assert "class_path: lightning_mia.models.encoder.EncoderModule" in train.stdout

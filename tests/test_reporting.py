@@ -21,9 +21,15 @@ def _result(name, shift, access="black-box", seed=0, n=300):
     scores = torch.randn(n, generator=g) + shift * labels
     metrics = evaluate(scores, labels, threshold=shift / 2, n_boot=50)
     return AttackResult(
-        name, access, 4 if access == "black-box" else 0, metrics, [f"{name}/x"],
-        scores=scores, labels=labels, sample_id=torch.arange(n) + 100,
-    )  # fmt: skip
+        name,
+        access,
+        4 if access == "black-box" else 0,
+        metrics,
+        [f"{name}/x"],
+        scores=scores,
+        labels=labels,
+        sample_id=torch.arange(n) + 100,
+    )
 
 
 def _report():
@@ -38,7 +44,7 @@ def _report():
             "run_name": "diffusion-target-000",
             "train_steps_per_image": 250.0,
             "augmentation": {},
-        },  # fmt: skip
+        },
         attacks={"pixel": _result("pixel", 2.0), "text": _result("text", 0.3, seed=1)},
         baselines={"blind": _result("blind", 0.0, access="none", seed=2)},
         test_samples={"members": 150, "non_members": 150},
@@ -209,15 +215,22 @@ def offline_experiment(tmp_path_factory):
     patch.setenv("HOME", str(tmp / "home"))
     root = Path(__file__).resolve().parents[1]
     config = {
-        "experiment": str(tmp / "exp"), "family": "diffusion", "num_shadows": 1,
+        "experiment": str(tmp / "exp"),
+        "family": "diffusion",
+        "num_shadows": 1,
         "autoencoder": str(root / "configs/autoencoder/tiny-kl.yaml"),
         "encoder": str(root / "configs/encoder/tiny.yaml"),
-        "model": str(root / "configs/diffusion/tiny.yaml"), "data_args": DATA,
-        "trainer_args": ["--trainer.max_steps=3", "--trainer.log_every_n_steps=1",
-                         "--trainer.enable_progress_bar=false"],
+        "model": str(root / "configs/diffusion/tiny.yaml"),
+        "data_args": DATA,
+        "trainer_args": [
+            "--trainer.max_steps=3",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false",
+        ],
         "model_args": ["--model.init_args.num_inference_steps=2"],
-        "num_images": 2, "attacks": ["pixel"],
-    }  # fmt: skip
+        "num_images": 2,
+        "attacks": ["pixel"],
+    }
     (tmp / "tiny.yaml").write_text(yaml.safe_dump(config))
     try:
         (outcome,) = experiment_main([str(tmp / "tiny.yaml")])
@@ -235,8 +248,10 @@ def test_every_stage_declares_what_it_used_and_made(offline_experiment):
     assert runs["autoencoder"].used == [f"{name}-splits"]
     assert runs["autoencoder"].made == [f"{name}-autoencoder"]
     assert runs["attacker"].made == [f"{name}-encoder"]
-    for role, run_name, index in (("target", "diffusion-target-000", 0),
-                                  ("shadow", "diffusion-shadow-001", 1)):  # fmt: skip
+    for role, run_name, index in (
+        ("target", "diffusion-target-000", 0),
+        ("shadow", "diffusion-shadow-001", 1),
+    ):
         assert runs[role].used == [f"{name}-splits", f"{name}-autoencoder"]
         assert runs[role].made == [f"{name}-{run_name}"]
         (model,) = [a for a in runs[role].artifacts if a["type"] == "model"]

@@ -260,9 +260,17 @@ def save_random_bart(folder, **sizes):
     from transformers import BartConfig, BartForConditionalGeneration
 
     torch.manual_seed(3)
-    config = dict(vocab_size=BART_VOCAB, d_model=128, encoder_layers=2, decoder_layers=2,
-                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=512,
-                  decoder_ffn_dim=512, max_position_embeddings=1024)  # fmt: skip
+    config = dict(
+        vocab_size=BART_VOCAB,
+        d_model=128,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=512,
+        decoder_ffn_dim=512,
+        max_position_embeddings=1024,
+    )
     model = BartForConditionalGeneration(BartConfig(**{**config, **sizes}))
     model.save_pretrained(folder)
     save_bart_sized_tokenizer(folder)
@@ -274,8 +282,9 @@ def test_a_real_size_bart_folder_initialises_the_text_side(parts, tmp_path):
     tok = load_caption_tokenizer(tmp_path / "bart", max_vocab_size=BART_VOCAB)  # BART's layout
     assert len(tok) == BART_VOCAB and tok.convert_tokens_to_ids("<mask>") == BART_VOCAB - 1
     torch.manual_seed(0)
-    model = Seq2SeqModule(autoencoder=str(parts / "autoencoder"),
-                          pretrained_text=str(tmp_path / "bart"))  # fmt: skip
+    model = Seq2SeqModule(
+        autoencoder=str(parts / "autoencoder"), pretrained_text=str(tmp_path / "bart")
+    )
     assert model.spec.caption_vocab_size == BART_VOCAB  # the folder's, not the preset's 512
     assert model.hparams.tokenizer == str(tmp_path / "bart")
     ours = model.bart.model
@@ -283,8 +292,9 @@ def test_a_real_size_bart_folder_initialises_the_text_side(parts, tmp_path):
     for name, value in pretrained.encoder.layers.state_dict().items():
         torch.testing.assert_close(ours.encoder.layers.state_dict()[name], value, msg=name)
     rows = ours.encoder.embed_positions.weight.shape[0]
-    torch.testing.assert_close(ours.encoder.embed_positions.weight,
-                               pretrained.encoder.embed_positions.weight[:rows])  # fmt: skip
+    torch.testing.assert_close(
+        ours.encoder.embed_positions.weight, pretrained.encoder.embed_positions.weight[:rows]
+    )
     assert not torch.allclose(
         ours.decoder.layers[0].fc1.weight, pretrained.decoder.layers[0].fc1.weight
     )  # image side: from scratch

@@ -25,8 +25,16 @@ def _result(name, shift, n=400, seed=0):
     labels = torch.arange(n) % 2 == 0
     scores = torch.randn(n, generator=g) + shift * labels
     metrics = evaluate(scores, labels, threshold=shift / 2, n_boot=20)
-    return AttackResult(name, "black-box", 4, metrics, [f"{name}/x"], scores=scores,
-                        labels=labels, sample_id=torch.arange(n))  # fmt: skip
+    return AttackResult(
+        name,
+        "black-box",
+        4,
+        metrics,
+        [f"{name}/x"],
+        scores=scores,
+        labels=labels,
+        sample_id=torch.arange(n),
+    )
 
 
 def _experiment(root, name, setting="shadow", **factors):
@@ -36,12 +44,16 @@ def _experiment(root, name, setting="shadow", **factors):
     (folder / "splits.json").write_text(json.dumps({"config": {"aux_size": f["aux_size"]}}))
     shift = f["steps"] / 250 + f["num_images"] / 8  # leakage grows with both
     report = AttackReport(
-        setting=setting, family="diffusion", num_images=f["num_images"],
-        num_shadows=f["num_shadows"], seeds={"attack": 0}, splits_hash="h",
+        setting=setting,
+        family="diffusion",
+        num_images=f["num_images"],
+        num_shadows=f["num_shadows"],
+        seeds={"attack": 0},
+        splits_hash="h",
         target={"run_name": "diffusion-target-000", "train_steps_per_image": f["steps"]},
         attacks={"pixel": _result("pixel", shift), "text": _result("text", shift / 4, seed=1)},
         baselines={"blind": _result("blind", 0.0, seed=2)},
-    )  # fmt: skip
+    )
     out = folder / "attack" if setting == "shadow" else folder / "attack" / setting
     write_report(out, report)
     return folder
@@ -68,8 +80,12 @@ def test_every_report_is_one_row_with_its_factors(runs):
     assert skipped == [str(root / "not-an-experiment")]
     by_name = {r.experiment: r for r in rows}
     assert set(by_name) == {"demo", "steps-050", "steps-100", "images-01", "images-16", "aux-0256"}
-    assert by_name["steps-050"].factors == {"steps_per_image": 50.0, "num_images": 4,
-                                            "aux_size": 2048, "num_shadows": 2}  # fmt: skip
+    assert by_name["steps-050"].factors == {
+        "steps_per_image": 50.0,
+        "num_images": 4,
+        "aux_size": 2048,
+        "num_shadows": 2,
+    }
     assert by_name["aux-0256"].factors["aux_size"] == 256
     pixel = by_name["demo"].metrics["pixel"]
     assert 0.5 < pixel["auc"] <= 1.0 and pixel["tpr@1%fpr"] is not None

@@ -78,13 +78,27 @@ def test_verbose_requested(argv, verbose):
 
 def _fit_encoder(tmp_path, *extra):
     """`python -m lightning_mia.cli fit` of a tiny encoder, W&B offline; its whole output."""
-    env = {**os.environ, "WANDB_MODE": "offline", "HOME": str(tmp_path / "home"),
-           "WANDB_DIR": str(tmp_path / "wandb-home"), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "HOME": str(tmp_path / "home"),
+        "WANDB_DIR": str(tmp_path / "wandb-home"),
+        "OMP_NUM_THREADS": "1",
+    }
     for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_SILENT"):
         env.pop(var, None)
-    cmd = [sys.executable, "-m", "lightning_mia.cli", "fit", "--config",
-           "configs/encoder/tiny.yaml", f"--data.experiment={tmp_path / 'exp'}", *DATA,
-           "--trainer.max_steps=2", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_mia.cli",
+        "fit",
+        "--config",
+        "configs/encoder/tiny.yaml",
+        f"--data.experiment={tmp_path / 'exp'}",
+        *DATA,
+        "--trainer.max_steps=2",
+        *extra,
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout + out.stderr
@@ -92,8 +106,15 @@ def _fit_encoder(tmp_path, *extra):
 
 def test_a_stage_is_quiet_and_verbose_shows_everything(tmp_path):
     quiet = _fit_encoder(tmp_path / "quiet")
-    for noise in ("💡", "GPU available", "Seed set to", "wandb:", "Trainable params",
-                  "Loading weights", "Writing model shards"):  # fmt: skip
+    for noise in (
+        "💡",
+        "GPU available",
+        "Seed set to",
+        "wandb:",
+        "Trainable params",
+        "Loading weights",
+        "Writing model shards",
+    ):
         assert noise not in quiet, (noise, quiet)
     assert "attacker encoder written to" in quiet  # the stage's own line stays
     verbose = _fit_encoder(tmp_path / "verbose", "--verbose")

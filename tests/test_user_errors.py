@@ -88,17 +88,24 @@ def shards_args(tmp_path, cut):
     raw = (folder / "00000.tar").read_bytes()
     (folder / "00000.tar").write_bytes(raw[: len(raw) // 2] if cut else raw)
     source = "lightning_mia.data.webdataset.WebDatasetSource"
-    return [f"--data.source={source}", f"--data.source.shards={folder}",
-            "--data.source.resolution=32", *FOLDER]  # fmt: skip
+    return [
+        f"--data.source={source}",
+        f"--data.source.shards={folder}",
+        "--data.source.resolution=32",
+        *FOLDER,
+    ]
 
 
 def coco_args(tmp_path):
     (tmp_path / "img").mkdir()
     (tmp_path / "captions.json").write_text('{"images": [{"id": 1, "file_name": "a.jpg"}')
-    return ["--data.source=lightning_mia.data.coco.CocoSource",
-            f"--data.source.annotations={tmp_path / 'captions.json'}",
-            f"--data.source.images={tmp_path / 'img'}", "--data.source.resolution=32",
-            *FOLDER]  # fmt: skip
+    return [
+        "--data.source=lightning_mia.data.coco.CocoSource",
+        f"--data.source.annotations={tmp_path / 'captions.json'}",
+        f"--data.source.images={tmp_path / 'img'}",
+        "--data.source.resolution=32",
+        *FOLDER,
+    ]
 
 
 def run(main, args, capsys):
@@ -116,8 +123,9 @@ def snapshot(folder):
     """{relative path: bytes} of every file under `folder` (to show nothing was written)."""
     if not Path(folder).exists():
         return {}
-    return {str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*")
-            if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()
+    }
 
 
 # --- data, split settings and configs: train.py fit ------------------------------------------
@@ -142,7 +150,7 @@ DATA_CASES = {
             )
         ),
         "caption",
-    ),  # fmt: skip
+    ),
     "text named .png": (
         lambda t: folder_args(image_folder(t / "d", images={"3.png": b"not an image\n"})),
         "3.png",
@@ -186,8 +194,16 @@ def trained(tmp_path_factory):
     train_main(["fit", "--config", AUTOENCODER, *common])
     train_main(["fit", "--config", ENCODER, *common])
     for index in (0, 1):
-        train_main(["fit", "--config", DIFFUSION, *common, f"--data.model_index={index}",
-                    f"--model.init_args.autoencoder={exp / 'autoencoder'}"])  # fmt: skip
+        train_main(
+            [
+                "fit",
+                "--config",
+                DIFFUSION,
+                *common,
+                f"--data.model_index={index}",
+                f"--model.init_args.autoencoder={exp / 'autoencoder'}",
+            ]
+        )
     return ExperimentLayout(exp)
 
 
@@ -205,24 +221,43 @@ def test_splits_edited_by_hand(trained, tmp_path, capsys):
 
 def test_splits_made_with_other_settings(trained, capsys):
     before = snapshot(trained.root)
-    args = ["fit", "--config", ENCODER, *SMALL, f"--data.experiment={trained.root}",
-            "--data.target_size=18"]  # fmt: skip
+    args = [
+        "fit",
+        "--config",
+        ENCODER,
+        *SMALL,
+        f"--data.experiment={trained.root}",
+        "--data.target_size=18",
+    ]
     code, line = run(train_main, args, capsys)
     assert code != 0 and "target_size=16 (asked 18)" in line
     assert snapshot(trained.root) == before
 
 
 def test_a_missing_autoencoder_folder(trained, tmp_path, capsys):
-    args = ["fit", "--config", DIFFUSION, *SMALL, f"--data.experiment={trained.root}",
-            f"--model.init_args.autoencoder={tmp_path / 'nope'}"]  # fmt: skip
+    args = [
+        "fit",
+        "--config",
+        DIFFUSION,
+        *SMALL,
+        f"--data.experiment={trained.root}",
+        f"--model.init_args.autoencoder={tmp_path / 'nope'}",
+    ]
     code, line = run(train_main, args, capsys)
     assert code != 0 and "nope" in line and "config.json" in line
 
 
 def test_resuming_from_a_checkpoint_of_another_family(trained, capsys):
-    args = ["fit", "--config", DIFFUSION, *SMALL, f"--data.experiment={trained.root}",
-            f"--model.init_args.autoencoder={trained.autoencoder}", "--data.model_index=1",
-            f"--ckpt_path={last_checkpoint(trained.autoencoder)}"]  # fmt: skip
+    args = [
+        "fit",
+        "--config",
+        DIFFUSION,
+        *SMALL,
+        f"--data.experiment={trained.root}",
+        f"--model.init_args.autoencoder={trained.autoencoder}",
+        "--data.model_index=1",
+        f"--ckpt_path={last_checkpoint(trained.autoencoder)}",
+    ]
     code, line = run(train_main, args, capsys)
     assert code != 0 and "autoencoder" in line
 

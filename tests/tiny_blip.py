@@ -21,15 +21,26 @@ def tiny_blip_folder(path, first_token=""):
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = BertTokenizer.from_pretrained(str(path))  # transformers 5 ignores vocab_file=
     text = dict(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, encoder_hidden_size=32, max_position_embeddings=32,
-        bos_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
-    )  # fmt: skip
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        encoder_hidden_size=32,
+        max_position_embeddings=32,
+        bos_token_id=tok.cls_token_id,
+        sep_token_id=tok.sep_token_id,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.sep_token_id,
+    )
     vision = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        image_size=32, patch_size=8,
-    )  # fmt: skip
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
     torch.manual_seed(0)
     model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))
     with torch.no_grad():  # larger random weights: captions then depend on the image

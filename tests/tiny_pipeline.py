@@ -59,17 +59,22 @@ def tiny_parts(seed: int = 0, prediction_type: str = "epsilon") -> dict:
         steps_offset=1,
     )
     return dict(
-        unet=unet, vae=vae, text_encoder=CLIPTextModel(text), tokenizer=tokenizer,
+        unet=unet,
+        vae=vae,
+        text_encoder=CLIPTextModel(text),
+        tokenizer=tokenizer,
         scheduler=scheduler,
-    )  # fmt: skip
+    )
 
 
 def save_tiny_pipeline(folder, seed=0, prediction_type="epsilon", variant=None) -> Path:
     """Write a tiny StableDiffusionPipeline folder (fp16 files only with variant="fp16")."""
     pipe = StableDiffusionPipeline(
-        **tiny_parts(seed, prediction_type), safety_checker=None, feature_extractor=None,
+        **tiny_parts(seed, prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
-    )  # fmt: skip
+    )
     if variant == "fp16":
         pipe.unet.half(), pipe.vae.half(), pipe.text_encoder.half()
     pipe.save_pretrained(str(folder), variant=variant)

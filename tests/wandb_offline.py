@@ -89,10 +89,18 @@ def read_offline_run(folder: str | Path) -> OfflineRun:
             a = rec.artifact
             entries = [m.path for m in a.manifest.contents]
             refs = [m.path for m in a.manifest.contents if m.ref]
-            run.artifacts.append({"name": a.name, "type": a.type, "files": entries,
-                                  "references": refs, "aliases": list(a.aliases),
-                                  "digest": a.digest, "metadata": json.loads(a.metadata or "{}"),
-                                  "use_after_commit": a.use_after_commit})  # fmt: skip
+            run.artifacts.append(
+                {
+                    "name": a.name,
+                    "type": a.type,
+                    "files": entries,
+                    "references": refs,
+                    "aliases": list(a.aliases),
+                    "digest": a.digest,
+                    "metadata": json.loads(a.metadata or "{}"),
+                    "use_after_commit": a.use_after_commit,
+                }
+            )
             # an input logged offline (what `use_artifact` does with a new artifact online)
             (run.used if a.use_after_commit else run.made).append(a.name)
         elif kind == "use_artifact":

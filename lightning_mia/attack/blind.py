@@ -91,9 +91,15 @@ def _described(names: Sequence[str], k: int) -> list[str]:
 
 
 def blind_diagnostic(
-    rows: Rows, names: Sequence[str], folder: Path, setting: str, seed: int, fit: FitOptions,
-    folds: int = BLIND_FOLDS, components: int = EMBEDDING_COMPONENTS,
-) -> BlindDiagnostic:  # fmt: skip
+    rows: Rows,
+    names: Sequence[str],
+    folder: Path,
+    setting: str,
+    seed: int,
+    fit: FitOptions,
+    folds: int = BLIND_FOLDS,
+    components: int = EMBEDDING_COMPONENTS,
+) -> BlindDiagnostic:
     """Stratified `folds`-fold cross-validation of the blind features `names` on `rows` (the
     target's); fold k's classifier is `<folder>/<setting>-fold<k>.ckpt`."""
     x, y = rows.matrix(names), rows.labels  # (S, F), (S,)
@@ -103,9 +109,15 @@ def blind_diagnostic(
         test, train = fold == k, fold != k
         xa, xb, used = reduce_embeddings(x[train], x[test], names, components)
         model = fit_on_rows(
-            xa, y[train], used, folder, f"{setting}-fold{k}", seed, fit,
+            xa,
+            y[train],
+            used,
+            folder,
+            f"{setting}-fold{k}",
+            seed,
+            fit,
             prefix=f"attack/blind/fold{k}",
-        )  # fmt: skip
+        )
         scores[test] = model.score(xb)
     details = {
         "diagnostic": (
@@ -117,5 +129,6 @@ def blind_diagnostic(
         "embedding_components": components,
         "rows": len(rows),
     }
-    return BlindDiagnostic(scores, rows.is_member, rows.sample_id, _described(names, components),
-                           details)  # fmt: skip
+    return BlindDiagnostic(
+        scores, rows.is_member, rows.sample_id, _described(names, components), details
+    )

@@ -58,14 +58,18 @@ def external_note(facts: dict[str, Any]) -> str:
     if facts.get("lora"):
         given.append(f"LoRA adapter {named('lora')}")
     given.append(f"members {facts['members']}, non-members {facts['non_members']}")
-    return (f"external target: {'; '.join(given)}; shadows fine-tuned the same way from "
-            f"{named('base')}")  # fmt: skip
+    return (
+        f"external target: {'; '.join(given)}; shadows fine-tuned the same way from {named('base')}"
+    )
 
 
 def annotate_report(
-    report: AttackReport, card: RunCard, layout: ExperimentLayout, encoder: str = "",
+    report: AttackReport,
+    card: RunCard,
+    layout: ExperimentLayout,
+    encoder: str = "",
     captioner: str = "",
-) -> AttackReport:  # fmt: skip
+) -> AttackReport:
     """Add the external target's facts (report.json `target.external` and a note) and the
     caution about pretrained components to `report.notes`; returns the report."""
     external = card.extra.get("external")

@@ -136,8 +136,9 @@ def attack_parser() -> Any:
         required = f.default is dataclasses.MISSING
         default = None if required else f.default
         default = list(default) if isinstance(default, tuple) else default
-        parser.add_argument(*flags, help=f.metadata["help"], required=required, default=default,
-                            **extra)  # fmt: skip
+        parser.add_argument(
+            *flags, help=f.metadata["help"], required=required, default=default, **extra
+        )
     return parser
 
 
@@ -245,16 +246,27 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
     shadows = _shadow_checkpoints(options, card, layout)
     if options.captioner:  # not a captioner, or one of another experiment: before any file
         check_captioner(options.captioner, card.splits_hash)
-    logger = make_logger(str(layout.root), name="attack", job_type="attack", group=layout.name,
-                         config={"attack": dataclasses.asdict(options)})  # fmt: skip
+    logger = make_logger(
+        str(layout.root),
+        name="attack",
+        job_type="attack",
+        group=layout.name,
+        config={"attack": dataclasses.asdict(options)},
+    )
     query = dict(
-        num_images=options.num_images, seed=options.seed, encoder=options.encoder,
+        num_images=options.num_images,
+        seed=options.seed,
+        encoder=options.encoder,
         captioner=options.captioner,
         signals=resolve_signals(options.signals, card, layout, options.captioner),
-        signal_timesteps=options.signal_timesteps, accelerator=options.accelerator,
-        devices=options.devices, strategy=options.strategy, num_nodes=options.num_nodes,
-        progress=options.progress, logger=logger,
-    )  # fmt: skip
+        signal_timesteps=options.signal_timesteps,
+        accelerator=options.accelerator,
+        devices=options.devices,
+        strategy=options.strategy,
+        num_nodes=options.num_nodes,
+        progress=options.progress,
+        logger=logger,
+    )
     target = run_query(options.ckpt, **query)  # every rank queries its share of each model
     shadow_tables = [run_query(str(c), **query) for c in shadows]
     calibrate = options.calibrate and options.setting == "shadow"
@@ -267,12 +279,19 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
     facts = TargetFacts(card.run_name, steps, dict(card.augmentation))
     context = AttackContext.from_tables(target, shadow_tables, options.seed, facts)
     report = run_attacks(
-        layout, target, shadow_tables, attacks=attacks, setting=options.setting,
-        known_fraction=options.known_fraction, seed=options.seed,
-        max_epochs=options.max_epochs, logger=logger, context=context,
+        layout,
+        target,
+        shadow_tables,
+        attacks=attacks,
+        setting=options.setting,
+        known_fraction=options.known_fraction,
+        seed=options.seed,
+        max_epochs=options.max_epochs,
+        logger=logger,
+        context=context,
         calibration=calibration,
         progress=options.progress and options.verbose,  # short loops: bars only when verbose
-    )  # fmt: skip
+    )
     if options.captioner:
         report.captions, report.captioner = "captioner", captioner_facts(options.captioner)
     annotate_report(report, card, layout, options.encoder, options.captioner)  # provenance

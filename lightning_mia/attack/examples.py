@@ -55,8 +55,14 @@ def pick_rows(result: AttackResult, kept: set[int]) -> list[dict[str, Any]]:
     for rank, i in enumerate(order.tolist(), start=1):
         sid = int(result.sample_id[i])
         if sid in kept:
-            rows.append({"sample_id": sid, "score": float(result.scores[i]), "rank": rank,
-                         "member": bool(result.labels[i])})  # fmt: skip
+            rows.append(
+                {
+                    "sample_id": sid,
+                    "score": float(result.scores[i]),
+                    "rank": rank,
+                    "member": bool(result.labels[i]),
+                }
+            )
     if len(rows) > 2 * ROWS_PER_END:
         rows = rows[:ROWS_PER_END] + rows[-ROWS_PER_END:]
     return rows
@@ -99,15 +105,26 @@ def render_examples(report: AttackReport, examples: dict[int, dict[str, Any]]) -
         text.axis("off")
         who = "member" if info["member"] else "non-member"
         caption = textwrap.shorten(example["caption"], 3 * CAPTION_WIDTH, placeholder="...")
-        lines = [f"{who} #{info['sample_id']}",
-                 f"score {info['score']:.4g}, rank {info['rank']}/{len(result.scores)}",
-                 *textwrap.wrap(caption, CAPTION_WIDTH)]  # fmt: skip
-        text.text(0, 0.5, "\n".join(lines), fontsize=7, va="center",
-                  color="tab:green" if info["member"] else "tab:red")  # fmt: skip
+        lines = [
+            f"{who} #{info['sample_id']}",
+            f"score {info['score']:.4g}, rank {info['rank']}/{len(result.scores)}",
+            *textwrap.wrap(caption, CAPTION_WIDTH),
+        ]
+        text.text(
+            0,
+            0.5,
+            "\n".join(lines),
+            fontsize=7,
+            va="center",
+            color="tab:green" if info["member"] else "tab:red",
+        )
     auc = result.metrics.get("auc")
     auc_text = f", AUC {auc.value:.3f}" if auc is not None and auc.value is not None else ""
-    fig.suptitle(f"{report.target.get('run_name', 'target')}: ranked by {result.name}{auc_text}"
-                 " (highest scores at the top)", fontsize=9)  # fmt: skip
+    fig.suptitle(
+        f"{report.target.get('run_name', 'target')}: ranked by {result.name}{auc_text}"
+        " (highest scores at the top)",
+        fontsize=9,
+    )
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -91,9 +91,15 @@ def _counts(mask: torch.Tensor) -> dict[str, int]:
 
 
 def _calibrated(
-    spec: AttackSpec, source: ScoreSource, target: QueryTable, shadows: Sequence[QueryTable],
-    tables: Sequence[QueryTable], costs: QueryCosts, seed: int, n_boot: int,
-) -> tuple[dict[str, AttackResult], list[str]]:  # fmt: skip
+    spec: AttackSpec,
+    source: ScoreSource,
+    target: QueryTable,
+    shadows: Sequence[QueryTable],
+    tables: Sequence[QueryTable],
+    costs: QueryCosts,
+    seed: int,
+    n_boot: int,
+) -> tuple[dict[str, AttackResult], list[str]]:
     """lira-offline-<name> (and lira-online-<name> where IN scores exist) of one attack, and
     the names of those the shadows cannot give a variance for (skipped)."""
     sign = direction(source, shadows)
@@ -103,15 +109,18 @@ def _calibrated(
     x = sign * source.values(target)  # (S,)
     fixed = len(tables) < FIXED_VARIANCE_BELOW
     common = {
-        "calibrates": source.description, "direction": sign, "shadows": len(tables),
+        "calibrates": source.description,
+        "direction": sign,
+        "shadows": len(tables),
         "variance": "global (fixed)" if fixed else "per sample (global where < 4 on a side)",
         "in_shadows_per_sample": _counts(is_in & observed),
         "out_shadows_per_sample": _counts(~is_in & observed),
-    }  # fmt: skip
+    }
     out, skipped = {}, []
     for mode, online, threshold in (
-        ("offline", False, OFFLINE_THRESHOLD), ("online", True, ONLINE_THRESHOLD),
-    ):  # fmt: skip
+        ("offline", False, OFFLINE_THRESHOLD),
+        ("online", True, ONLINE_THRESHOLD),
+    ):
         side = is_in if online else ~is_in
         if not (side & observed).any():
             continue
@@ -124,17 +133,31 @@ def _calibrated(
         name = f"lira-{mode}-{spec.name}"
         derived = AttackSpec(name, spec.groups, spec.access)
         out[name] = AttackResult.from_scores(
-            derived, lira, target.is_member, target.sample_id, [source.description], threshold,
-            costs, seed, n_boot, measured=False, details={**common, "mode": mode},
-        )  # fmt: skip
+            derived,
+            lira,
+            target.is_member,
+            target.sample_id,
+            [source.description],
+            threshold,
+            costs,
+            seed,
+            n_boot,
+            measured=False,
+            details={**common, "mode": mode},
+        )
     return out, skipped
 
 
 def lira_results(
-    names: Sequence[str], target: QueryTable, shadows: Sequence[QueryTable],
-    calibration: Sequence[QueryTable], models: Models,
-    costs: QueryCosts, seed: int, n_boot: int,
-) -> tuple[dict[str, AttackResult], list[str]]:  # fmt: skip
+    names: Sequence[str],
+    target: QueryTable,
+    shadows: Sequence[QueryTable],
+    calibration: Sequence[QueryTable],
+    models: Models,
+    costs: QueryCosts,
+    seed: int,
+    n_boot: int,
+) -> tuple[dict[str, AttackResult], list[str]]:
     """Offline and (where possible) online LiRA of every attack in `names`; notes say what
     was calibrated and what was skipped."""
     if not shadows:
@@ -142,9 +165,7 @@ def lira_results(
     if len(shadows) < 2:
         return {}, ["LiRA skipped: one shadow model gives no variance to fit (needs >= 2)"]
     tables = list(calibration) or list(shadows)
-    _, _, observed = score_matrix(
-        target.sample_id, tables, [torch.zeros(len(t)) for t in tables]
-    )  # fmt: skip
+    _, _, observed = score_matrix(target.sample_id, tables, [torch.zeros(len(t)) for t in tables])
     if not observed.any():
         return {}, [
             "LiRA skipped: no shadow was queried on the target's samples (attack.py does so "
@@ -157,15 +178,17 @@ def lira_results(
         if (not source.feature and source.model is None) or lacking:
             skipped.append(f"{name} ({', '.join(sorted(set(lacking))) or 'not trained'})")
             continue
-        done, no_variance = _calibrated(ATTACKS[name], source, target, shadows, tables, costs,
-                                        seed, n_boot)  # fmt: skip
+        done, no_variance = _calibrated(
+            ATTACKS[name], source, target, shadows, tables, costs, seed, n_boot
+        )
         results.update(done)
         skipped += [f"{n} (the shadows give no variance: too few shadows)" for n in no_variance]
     fixed = len(tables) < FIXED_VARIANCE_BELOW
     variance = (
         f"one global variance, as Carlini et al. below {FIXED_VARIANCE_BELOW} shadows"
-        if fixed else "per-sample variances"
-    )  # fmt: skip
+        if fixed
+        else "per-sample variances"
+    )
     notes = [
         f"lira-offline-*: offline LiRA over {len(tables)} shadows' OUT scores of each target "
         f"sample ({variance}), member above the OUT median; lira-online-* (where shadows "

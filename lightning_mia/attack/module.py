@@ -175,10 +175,16 @@ def fit_attack(
 
 
 def _fit(
-    module: AttackModule, datamodule: AttackDataModule, folder: str | os.PathLike,
-    max_epochs: int, patience: int, logger: Logger | None, progress: bool, seed: int,
+    module: AttackModule,
+    datamodule: AttackDataModule,
+    folder: str | os.PathLike,
+    max_epochs: int,
+    patience: int,
+    logger: Logger | None,
+    progress: bool,
+    seed: int,
     filename: str,
-) -> AttackModule:  # fmt: skip
+) -> AttackModule:
     lightning.seed_everything(seed, verbose=False)
     module.fit_standardizer(*datamodule.train)
     folder = Path(folder)
@@ -187,9 +193,14 @@ def _fit(
         stale.unlink()  # a previous run's attack of the same name: replaced, never mixed
     monitor = module._prefix("val_loss")
     checkpoint = ModelCheckpoint(
-        dirpath=folder, filename=filename, monitor=monitor, mode="min", save_top_k=1,
-        enable_version_counter=False, auto_insert_metric_name=False,
-    )  # fmt: skip
+        dirpath=folder,
+        filename=filename,
+        monitor=monitor,
+        mode="min",
+        save_top_k=1,
+        enable_version_counter=False,
+        auto_insert_metric_name=False,
+    )
     trainer = Trainer(
         accelerator="cpu",
         devices=1,

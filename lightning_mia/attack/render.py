@@ -165,8 +165,13 @@ def render_roc_png(report: AttackReport) -> bytes:
         text = label(kind, r)
         if auc is not None and auc.value is not None:
             text += f" AUC {auc.value:.3f}"
-        ax.plot(fpr.clamp(min=floor), tpr.clamp(min=floor), "-" if kind == "attack" else "--",
-                label=text, linewidth=1.4)  # fmt: skip
+        ax.plot(
+            fpr.clamp(min=floor),
+            tpr.clamp(min=floor),
+            "-" if kind == "attack" else "--",
+            label=text,
+            linewidth=1.4,
+        )
     ax.plot([floor, 1], [floor, 1], ":", color="gray", label="chance")
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -43,10 +43,13 @@ def _metric(reports: Sequence[AttackReport], name: str, metric: str) -> dict[str
     mean = statistics.fmean(values) if resolvable else None
     sd = statistics.stdev(values) if resolvable and len(values) > 1 else None
     return {
-        "mean": mean, "sd": sd, "values": values, "resolvable": resolvable,
+        "mean": mean,
+        "sd": sd,
+        "values": values,
+        "resolvable": resolvable,
         "low": [m.low if m is not None else None for m in found],
         "high": [m.high if m is not None else None for m in found],
-    }  # fmt: skip
+    }
 
 
 def summarize_repeats(
@@ -57,17 +60,21 @@ def summarize_repeats(
         raise ValueError("no repeats to summarise")
     first = reports[0]
     names = [
-        (kind, r.name) for kind, r in first.results()
+        (kind, r.name)
+        for kind, r in first.results()
         if all(r.name in {**x.attacks, **x.baselines} for x in reports)
-    ]  # fmt: skip
+    ]
     results = {
         name: {"kind": kind, "metrics": {m: _metric(reports, name, m) for m in METRIC_NAMES}}
         for kind, name in names
     }
     return {
-        "setting": first.setting, "repeats": len(reports), "folders": [str(f) for f in folders],
-        "seeds": list(seeds), "results": results,
-    }  # fmt: skip
+        "setting": first.setting,
+        "repeats": len(reports),
+        "folders": [str(f) for f in folders],
+        "seeds": list(seeds),
+        "results": results,
+    }
 
 
 def repeat_cell(entry: dict[str, Any]) -> str:
@@ -83,10 +90,12 @@ def repeat_cell(entry: dict[str, Any]) -> str:
 
 def _rows(summary: dict[str, Any]) -> list[list[str]]:
     return [
-        [name if r["kind"] == "attack" else f"{name} ({r['kind']})",
-         *(repeat_cell(r["metrics"][m]) for m in METRIC_NAMES)]
+        [
+            name if r["kind"] == "attack" else f"{name} ({r['kind']})",
+            *(repeat_cell(r["metrics"][m]) for m in METRIC_NAMES),
+        ]
         for name, r in summary["results"].items()
-    ]  # fmt: skip
+    ]
 
 
 def _title(summary: dict[str, Any]) -> str:
@@ -111,10 +120,21 @@ def render_repeats_md(summary: dict[str, Any]) -> str:
     header = ["attack", *(METRIC_LABELS[m] for m in METRIC_NAMES)]
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(row) + " |" for row in _rows(summary)]
-    folders = [f"- repeat {i} (seed {s}): `{f}`"
-               for i, (f, s) in enumerate(zip(summary["folders"], summary["seeds"]))]  # fmt: skip
-    parts = ["# Membership inference across repeats", "", _title(summary), "", *table, "",
-             "## Repeats", "", *folders]  # fmt: skip
+    folders = [
+        f"- repeat {i} (seed {s}): `{f}`"
+        for i, (f, s) in enumerate(zip(summary["folders"], summary["seeds"]))
+    ]
+    parts = [
+        "# Membership inference across repeats",
+        "",
+        _title(summary),
+        "",
+        *table,
+        "",
+        "## Repeats",
+        "",
+        *folders,
+    ]
     return "\n".join(parts) + "\n"
 
 

@@ -105,9 +105,10 @@ class AttackContext:
         meta = target.metadata
         steps = meta.get("train_steps_per_image")
         facts = target_facts or TargetFacts(
-            meta.get("run_name", ""), float(steps) if steps else None,
+            meta.get("run_name", ""),
+            float(steps) if steps else None,
             model_index=int(target.model_index),
-        )  # fmt: skip
+        )
         seeds = {"query": int(meta["seed"])} if meta.get("seed") else {}
         return cls(
             family=meta.get("family", ""),
@@ -137,19 +138,35 @@ class AttackResult:
 
     @classmethod
     def from_scores(
-        cls, spec: AttackSpec, scores: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
-        features: list[str], threshold: float, costs: QueryCosts, seed: int, n_boot: int,
-        measured: bool = True, details: dict[str, Any] | None = None,
-    ) -> AttackResult:  # fmt: skip
+        cls,
+        spec: AttackSpec,
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        ids: torch.Tensor,
+        features: list[str],
+        threshold: float,
+        costs: QueryCosts,
+        seed: int,
+        n_boot: int,
+        measured: bool = True,
+        details: dict[str, Any] | None = None,
+    ) -> AttackResult:
         """The result of test `scores` (S,) with `labels` (S,): every metric with its bootstrap
         interval, accuracy at `threshold`. `measured=False` for results derived from another
         attack's features (threshold baseline, LiRA): no seconds of their own are measured."""
         metrics = evaluate(scores, labels, threshold, n_boot=n_boot, seed=seed)
         return cls(
-            spec.name, spec.access, spec.queries(costs), metrics, features,
-            spec.seconds(costs) if measured else None, dict(details or {}), scores=scores,
-            labels=labels.bool(), sample_id=ids,
-        )  # fmt: skip
+            spec.name,
+            spec.access,
+            spec.queries(costs),
+            metrics,
+            features,
+            spec.seconds(costs) if measured else None,
+            dict(details or {}),
+            scores=scores,
+            labels=labels.bool(),
+            sample_id=ids,
+        )
 
     @property
     def is_diagnostic(self) -> bool:
@@ -179,9 +196,15 @@ class AttackResult:
     def from_dict(cls, name: str, d: Mapping[str, Any]) -> AttackResult:
         metrics = {k: Metric.from_dict(m) for k, m in d.get("metrics", {}).items()}
         return cls(
-            name, d["access"], d.get("queries_per_sample"), metrics, list(d.get("features", [])),
-            d.get("seconds_per_sample"), dict(d.get("details", {})), flags=list(d.get("flags", [])),
-        )  # fmt: skip
+            name,
+            d["access"],
+            d.get("queries_per_sample"),
+            metrics,
+            list(d.get("features", [])),
+            d.get("seconds_per_sample"),
+            dict(d.get("details", {})),
+            flags=list(d.get("flags", [])),
+        )
 
 
 @dataclass

@@ -49,9 +49,15 @@ __all__ = ["AttackError", "SETTINGS", "run_attacks"]
 SETTINGS = ("shadow", "partial")
 # shard metadata target and shadow queries must agree on (QueryModule.shard_metadata)
 CHECKED_METADATA = (
-    "family", "splits_hash", "num_images", "seed", "captions", "captioner", "encoder",
+    "family",
+    "splits_hash",
+    "num_images",
+    "seed",
+    "captions",
+    "captioner",
+    "encoder",
     "signal_options",
-)  # fmt: skip
+)
 CHECKED_WHEN_SET = ("num_images", "signal_options")  # compared where both tables record one
 
 
@@ -67,9 +73,13 @@ class AttackPlan:
         """(X_train, y_train, X_test, y_test, test sample ids, names) for feature `groups`."""
         names, _ = self.train.check(groups)
         return (
-            self.train.matrix(names), self.train.labels, self.test.matrix(names),
-            self.test.labels, self.test.sample_id, names,
-        )  # fmt: skip
+            self.train.matrix(names),
+            self.train.labels,
+            self.test.matrix(names),
+            self.test.labels,
+            self.test.sample_id,
+            names,
+        )
 
 
 def _check_labels(y: torch.Tensor, what: str, minimum: int) -> list[str]:
@@ -92,8 +102,9 @@ def _check_tables(target: QueryTable, others: Sequence[QueryTable], what: str) -
             name = table.metadata.get("run_name") or f"{what} {i}"
             problems.append(
                 f"{what} {name} was queried with other settings than the target: "
-                + ", ".join(diffs) + "; query every model with the same settings"
-            )  # fmt: skip
+                + ", ".join(diffs)
+                + "; query every model with the same settings"
+            )
     return problems
 
 
@@ -111,8 +122,9 @@ def _check_calibration(
     for shadow, table in zip(shadows, calibration):
         name = shadow.metadata.get("run_name", "")
         if table.metadata.get("run_name", "") != name:
-            problems.append(f"calibration table of {table.metadata.get('run_name')!r} "
-                            f"given for shadow {name!r}")  # fmt: skip
+            problems.append(
+                f"calibration table of {table.metadata.get('run_name')!r} given for shadow {name!r}"
+            )
         elif not targets <= set(table.sample_id.tolist()):
             lacking = len(targets - set(table.sample_id.tolist()))
             problems.append(f"calibration query of {name} lacks {lacking} of the target's samples")
@@ -120,9 +132,12 @@ def _check_calibration(
 
 
 def _plan(
-    setting: str, target: QueryTable, shadows: Sequence[QueryTable], known_fraction: float,
+    setting: str,
+    target: QueryTable,
+    shadows: Sequence[QueryTable],
+    known_fraction: float,
     seed: int,
-) -> tuple[AttackPlan | None, list[str]]:  # fmt: skip
+) -> tuple[AttackPlan | None, list[str]]:
     """The train/test rows of the setting, and every problem that prevents them."""
     problems = _check_labels(target.is_member, "the target table", 1)
     if setting == "shadow":
@@ -174,9 +189,14 @@ def _feature_problems(plan: AttackPlan, spec: AttackSpec) -> list[str]:
 
 
 def _validate(
-    target: QueryTable, shadows: Sequence[QueryTable], attacks: Sequence[str], setting: str,
-    known_fraction: float, seed: int, calibration: Sequence[QueryTable] = (),
-) -> tuple[AttackPlan, list[str], list[str]]:  # fmt: skip
+    target: QueryTable,
+    shadows: Sequence[QueryTable],
+    attacks: Sequence[str],
+    setting: str,
+    known_fraction: float,
+    seed: int,
+    calibration: Sequence[QueryTable] = (),
+) -> tuple[AttackPlan, list[str], list[str]]:
     """(plan, attack names, notes), or one AttackError listing every problem found."""
     plan, problems = _plan(setting, target, shadows, known_fraction, seed)
     problems += _check_calibration(target, shadows, calibration)
@@ -196,9 +216,10 @@ def _validate(
         missing = _feature_problems(plan, spec) if plan is not None else []
         if missing:
             problems.append(
-                f"attack {name!r} ({list(spec.groups)}): " + "; ".join(missing)
+                f"attack {name!r} ({list(spec.groups)}): "
+                + "; ".join(missing)
                 + f" -> {spec.how_to_compute}"
-            )  # fmt: skip
+            )
     if len(problems) == 1:
         raise AttackError(f"cannot run the attacks: {problems[0]}")
     if problems:
@@ -211,8 +232,17 @@ def _train_one(
 ) -> tuple[AttackModule, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """Fit one AttackModule on the training rows; (model, test logits, labels, ids, names)."""
     x, y, xt, yt, ids, names = plan.matrices(spec.groups)
-    model = fit_on_rows(x, y, names, folder / spec.name, setting, seed, fit, plan.strata,
-                        prefix=f"attack/{spec.name}")  # fmt: skip
+    model = fit_on_rows(
+        x,
+        y,
+        names,
+        folder / spec.name,
+        setting,
+        seed,
+        fit,
+        plan.strata,
+        prefix=f"attack/{spec.name}",
+    )
     return model, model.score(xt), yt.bool(), ids, names
 
 
@@ -228,9 +258,18 @@ def _threshold_baseline(
     owner = next(s for s in ATTACKS.values() if group in s.groups and s.name in attacks)
     spec = AttackSpec("threshold", owner.groups, owner.access)
     return AttackResult.from_scores(
-        spec, best.scores(xt, names), yt.bool(), ids, [best.feature], best.threshold, costs,
-        seed, n_boot, measured=False, details=best.to_dict(),
-    )  # fmt: skip
+        spec,
+        best.scores(xt, names),
+        yt.bool(),
+        ids,
+        [best.feature],
+        best.threshold,
+        costs,
+        seed,
+        n_boot,
+        measured=False,
+        details=best.to_dict(),
+    )
 
 
 def _clid_threshold(plan: AttackPlan, costs: QueryCosts, seed: int, n_boot: int) -> AttackResult:
@@ -240,24 +279,46 @@ def _clid_threshold(plan: AttackPlan, costs: QueryCosts, seed: int, n_boot: int)
     choice = fit_clid_threshold(x, y, names)
     spec = AttackSpec("clid-th", ATTACKS["clid"].groups, "gray-box")
     return AttackResult.from_scores(
-        spec, choice.scores(xt, names), yt.bool(), ids, list(CLID_FEATURES), choice.threshold,
-        costs, seed, n_boot, measured=False, details=choice.to_dict(),
-    )  # fmt: skip
+        spec,
+        choice.scores(xt, names),
+        yt.bool(),
+        ids,
+        list(CLID_FEATURES),
+        choice.threshold,
+        costs,
+        seed,
+        n_boot,
+        measured=False,
+        details=choice.to_dict(),
+    )
 
 
 def _blind(
-    target: QueryTable, folder: Any, setting: str, costs: QueryCosts, seed: int, n_boot: int,
+    target: QueryTable,
+    folder: Any,
+    setting: str,
+    costs: QueryCosts,
+    seed: int,
+    n_boot: int,
     fit: FitOptions,
-) -> AttackResult:  # fmt: skip
+) -> AttackResult:
     """The blind baseline, cross-validated on the target's own rows (`attack.blind`)."""
     spec = baseline_attack()
     rows = Rows.stack([target])
     names, _ = rows.check(spec.groups)
     cv = blind_diagnostic(rows, names, folder / spec.name, setting, seed, fit)
     return AttackResult.from_scores(
-        spec, cv.scores, cv.labels, cv.sample_id, cv.features, 0.0, costs, seed, n_boot,
+        spec,
+        cv.scores,
+        cv.labels,
+        cv.sample_id,
+        cv.features,
+        0.0,
+        costs,
+        seed,
+        n_boot,
         details=cv.details,
-    )  # fmt: skip
+    )
 
 
 def _beside(results: dict[str, AttackResult], lira: dict[str, AttackResult]) -> dict:
@@ -265,8 +326,9 @@ def _beside(results: dict[str, AttackResult], lira: dict[str, AttackResult]) -> 
     out = {}
     for name, result in results.items():
         out[name] = result
-        out.update({k: lira[k] for k in (f"lira-{m}-{name}" for m in ("offline", "online"))
-                    if k in lira})  # fmt: skip
+        out.update(
+            {k: lira[k] for k in (f"lira-{m}-{name}" for m in ("offline", "online")) if k in lira}
+        )
     return out
 
 
@@ -336,7 +398,7 @@ def run_attacks(
     """
     plan, names, notes = _validate(
         target, shadows, attacks, setting, known_fraction, seed, calibration
-    )  # fmt: skip
+    )
     context = context or AttackContext.from_tables(target, list(shadows), seed)
     costs = context.costs
     fit = FitOptions(max_epochs, patience, logger, progress)
@@ -344,24 +406,27 @@ def run_attacks(
     models: dict[str, tuple[AttackModule, list[str]]] = {}
     for name in names:
         start, spec = time.perf_counter(), ATTACKS[name]
-        model, scores, labels, ids, used = _train_one(spec, plan, experiment.attack, setting,
-                                                      seed, fit)  # fmt: skip
+        model, scores, labels, ids, used = _train_one(
+            spec, plan, experiment.attack, setting, seed, fit
+        )
         models[name] = (model, used)
-        results[name] = AttackResult.from_scores(spec, scores, labels, ids, used, 0.0, costs,
-                                                 seed, n_boot)  # fmt: skip
+        results[name] = AttackResult.from_scores(
+            spec, scores, labels, ids, used, 0.0, costs, seed, n_boot
+        )
         rank_zero_info(f"attack {name}: done in {time.perf_counter() - start:.1f} s")
     if "clid" in names:  # the reference's calibrated combination, beside the learned attack
         results["clid-th"] = _clid_threshold(plan, costs, seed, n_boot)
     if setting == "shadow":
-        lira, lira_notes = lira_results(names, target, shadows, calibration, models, costs, seed,
-                                        n_boot)  # fmt: skip
+        lira, lira_notes = lira_results(
+            names, target, shadows, calibration, models, costs, seed, n_boot
+        )
         results = _beside(results, lira)
         notes = [*notes, *lira_notes]
     baselines = {
         "threshold": _threshold_baseline(plan, names, costs, seed, n_boot),
         baseline_attack().name: _blind(
             target, experiment.attack, setting, costs, seed, n_boot, fit
-        ),  # fmt: skip
+        ),
     }
     notes += flag_backwards([*results.values(), *baselines.values()])
     labels = plan.test.is_member

@@ -36,9 +36,16 @@ class FitOptions:
 
 
 def fit_on_rows(
-    x: torch.Tensor, y: torch.Tensor, names: Sequence[str], folder: Path, filename: str,
-    seed: int, fit: FitOptions, strata: torch.Tensor | None = None, prefix: str = "attack",
-) -> AttackModule:  # fmt: skip
+    x: torch.Tensor,
+    y: torch.Tensor,
+    names: Sequence[str],
+    folder: Path,
+    filename: str,
+    seed: int,
+    fit: FitOptions,
+    strata: torch.Tensor | None = None,
+    prefix: str = "attack",
+) -> AttackModule:
     """An AttackModule fitted on rows x (S, F) with labels y (S,) in {0, 1}; its checkpoint is
     `<folder>/<filename>.ckpt`, its logged metrics `<prefix>/...`."""
     keep, held = stratified_split(y, VAL_FRACTION, seed + 1, strata)
@@ -47,6 +54,13 @@ def fit_on_rows(
     module = AttackModule(len(names), feature_names=list(names), metric_prefix=prefix)
     rank_zero_info(f"{prefix}: {len(names)} features, {len(keep)} training rows")
     return fit_attack(
-        module, dm, folder, seed=seed, filename=filename, max_epochs=fit.max_epochs,
-        patience=fit.patience, logger=fit.logger, progress=fit.progress,
-    )  # fmt: skip
+        module,
+        dm,
+        folder,
+        seed=seed,
+        filename=filename,
+        max_epochs=fit.max_epochs,
+        patience=fit.patience,
+        logger=fit.logger,
+        progress=fit.progress,
+    )

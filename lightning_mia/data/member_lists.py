@@ -86,9 +86,12 @@ class MemberListSource(ImageFileSource):
         """
         super().__init__(resolution, skip_bad_samples)
         self._init_args = {
-            "members": str(members), "non_members": str(non_members), "base": base,
-            "resolution": resolution, "skip_bad_samples": skip_bad_samples,
-        }  # fmt: skip
+            "members": str(members),
+            "non_members": str(non_members),
+            "base": base,
+            "resolution": resolution,
+            "skip_bad_samples": skip_bad_samples,
+        }
         self.base: ImageCaptionSource | None = build_source(base) if base else None
         base_ids = self.base.sample_ids() if self.base is not None else []
         self._base_ids = set(base_ids)
@@ -122,8 +125,9 @@ class MemberListSource(ImageFileSource):
         sid, self._next_id = self._next_id, self._next_id + 1
         self._paths[sid], self._captions[sid] = path, caption
         if caption is None:
-            self.report_bad(sid, f"{where} ({image}): no caption (a {' or '.join(CAPTION_COLUMNS)}"
-                                 " column)")  # fmt: skip
+            self.report_bad(
+                sid, f"{where} ({image}): no caption (a {' or '.join(CAPTION_COLUMNS)} column)"
+            )
         elif problem := caption_problem(caption):
             self.report_bad(sid, f"{where} ({image}): {problem}")
         elif not path.is_file():

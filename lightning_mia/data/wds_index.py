@@ -187,8 +187,10 @@ def _merge(paths: Sequence[Path], out: Path, num_workers: int | None) -> None:
                 continue
             rows = scan.rows.copy()
             rows["shard"] = k
-            for start, end, base in (("caption_start", "caption_end", caption_base),
-                                     ("key_start", "key_end", key_base)):  # fmt: skip
+            for start, end, base in (
+                ("caption_start", "caption_end", caption_base),
+                ("key_start", "key_end", key_base),
+            ):
                 rows[start] += base
                 rows[end] += base
             caption_base += cap_f.write(scan.captions)

@@ -151,8 +151,17 @@ def _pack(entries: list[_Entry], images_sha256: str) -> ShardScan:
             text = e.caption.encode("utf-8")
         elif e.kind == CAPTION_JSON:  # ASCII JSON: a lone surrogate survives the round trip
             text = json.dumps(e.caption, ensure_ascii=True).encode("ascii")
-        rows[k] = (0, e.offset, e.size, e.ext.encode(), e.kind, len(captions),
-                   len(captions) + len(text), len(keys), len(keys) + len(key))  # fmt: skip
+        rows[k] = (
+            0,
+            e.offset,
+            e.size,
+            e.ext.encode(),
+            e.kind,
+            len(captions),
+            len(captions) + len(text),
+            len(keys),
+            len(keys) + len(key),
+        )
         captions += text
         keys += key
     return ShardScan(

@@ -64,14 +64,15 @@ def check_options(options: Any) -> list[str]:
     if options.ckpt:
         problems.append("give --ckpt (a checkpoint of this package) or --pipeline, not both")
     if options.lora and options.base:
-        problems.append("--base is for a fully fine-tuned --pipeline; with --lora the pipeline "
-                        "is the base")  # fmt: skip
+        problems.append(
+            "--base is for a fully fine-tuned --pipeline; with --lora the pipeline is the base"
+        )
     if not options.lora and not options.base:
         problems.append(
             "a fully fine-tuned --pipeline needs --base <the pipeline it started "
             "from> (shadows are fine-tuned from it); a LoRA fine-tune needs --lora"
         )
-    return problems  # fmt: skip
+    return problems
 
 
 def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
@@ -112,17 +113,21 @@ def facts_of(options: Any, base: str) -> dict[str, Any]:
     """What the report says was given: paths and sha256 of the pipeline, adapter and base."""
     lora = Path(options.lora) if options.lora else None
     return {
-        "pipeline": str(options.pipeline), "pipeline_sha256": pipeline_sha256(options.pipeline),
+        "pipeline": str(options.pipeline),
+        "pipeline_sha256": pipeline_sha256(options.pipeline),
         "lora": str(lora) if lora else None,
         "lora_sha256": folder_or_file_sha256(lora) if lora else None,
-        "base": str(base), "base_sha256": pipeline_sha256(base),
-        "members": str(options.members), "non_members": str(options.non_members),
+        "base": str(base),
+        "base_sha256": pipeline_sha256(base),
+        "members": str(options.members),
+        "non_members": str(options.non_members),
         "data": str(options.data) or None,
-    }  # fmt: skip
+    }
 
 
-def ensure_target(layout: ExperimentLayout, splits: Any, options: Any, settings: dict,
-                  facts: dict) -> Path:  # fmt: skip
+def ensure_target(
+    layout: ExperimentLayout, splits: Any, options: Any, settings: dict, facts: dict
+) -> Path:
     """The target's checkpoint (row 0): written once, then checked to be of the same inputs."""
     ckpt = layout.checkpoint("diffusion", 0)
     if ckpt.is_file():
@@ -137,20 +142,32 @@ def ensure_target(layout: ExperimentLayout, splits: Any, options: Any, settings:
         return ckpt
     module = target_module(options.pipeline, options.lora, settings)
     card = RunCard(
-        family="diffusion", preset="pretrained", model_index=0, splits_hash=splits.hash,
-        experiment=str(layout.root), **module.card_references(),
+        family="diffusion",
+        preset="pretrained",
+        model_index=0,
+        splits_hash=splits.hash,
+        experiment=str(layout.root),
+        **module.card_references(),
         extra={"external": facts, "base": base_reference(options.pipeline)},
-    )  # fmt: skip
+    )
     rank_zero_info(f"external target: wrote {write_target_checkpoint(module, card, ckpt)}")
     return ckpt
 
 
-def stage_config(config: dict, layout: ExperimentLayout, splits: Any, init_args: dict,
-                 train_split: str = "members") -> dict:  # fmt: skip
+def stage_config(
+    config: dict,
+    layout: ExperimentLayout,
+    splits: Any,
+    init_args: dict,
+    train_split: str = "members",
+) -> dict:
     """`config` with this experiment's data (the member-list source of splits.json) and
     `init_args` put into its model."""
-    kept = {k: v for k, v in (config.get("data") or {}).items()
-            if k in ("batch_size", "num_workers", "query_batch_size")}  # fmt: skip
+    kept = {
+        k: v
+        for k, v in (config.get("data") or {}).items()
+        if k in ("batch_size", "num_workers", "query_batch_size")
+    }
     source = splits.dataset["source"]
     data = {
         "experiment": str(layout.root),
@@ -161,7 +178,7 @@ def stage_config(config: dict, layout: ExperimentLayout, splits: Any, init_args:
     }
     model = dict(config.get("model") or {})
     model["init_args"] = {**(model.get("init_args") or {}), **init_args}
-    return {**config, "model": model, "data": data}  # fmt: skip
+    return {**config, "model": model, "data": data}
 
 
 def fit_stage(folder: Path, config: dict, name: str, args: list[str]) -> None:
@@ -180,11 +197,19 @@ def shadow_settings(target: dict[str, Any], options: Any, base: str) -> dict[str
     fields = {k: target[k] for k in TARGET_FIELDS}
     fields["lora_targets"] = list(fields["lora_targets"])
     if not options.lora:  # a full fine-tune: the UNet trains; the text encoder if it changed
-        text = [files_sha256(f, sorted((Path(f) / "text_encoder").iterdir()))
-                for f in (options.pipeline, base)]  # fmt: skip
+        text = [
+            files_sha256(f, sorted((Path(f) / "text_encoder").iterdir()))
+            for f in (options.pipeline, base)
+        ]
         fields.update(train_unet=True, train_text_encoder=text[0] != text[1])
-    return {**fields, "preset": "pretrained", "pretrained": str(base), "autoencoder": "",
-            "tokenizer": "", "resolution": target["resolution"]}  # fmt: skip
+    return {
+        **fields,
+        "preset": "pretrained",
+        "pretrained": str(base),
+        "autoencoder": "",
+        "tokenizer": "",
+        "resolution": target["resolution"],
+    }
 
 
 def prepare_external(options: Any) -> Any:
@@ -199,20 +224,28 @@ def prepare_external(options: Any) -> Any:
     if options.lora:
         adapter_kind(options.lora)  # a path that holds no adapter: said now, not after the splits
     layout = ExperimentLayout(options.experiment)
-    config = read_yaml(options.shadow_config or SHADOW_CONFIGS["lora" if options.lora else "full"],
-                       "shadow config")  # fmt: skip
+    config = read_yaml(
+        options.shadow_config or SHADOW_CONFIGS["lora" if options.lora else "full"], "shadow config"
+    )
     model = config.get("model") or {}
     if not str(model.get("class_path", "")).endswith("LatentDiffusionModule"):
-        raise ExternalError(f"shadow config {options.shadow_config}: its model is not a "
-                            "lightning_mia.models.diffusion.LatentDiffusionModule")  # fmt: skip
+        raise ExternalError(
+            f"shadow config {options.shadow_config}: its model is not a "
+            "lightning_mia.models.diffusion.LatentDiffusionModule"
+        )
     settings = dict(model.get("init_args") or {})
     settings["resolution"] = settings.get("resolution") or native_resolution(options.pipeline)
-    source = MemberListSource(options.members, options.non_members,
-                              data_description(options.data), settings["resolution"])  # fmt: skip
+    source = MemberListSource(
+        options.members, options.non_members, data_description(options.data), settings["resolution"]
+    )
     splits = ensure_external_splits(
-        layout, source, num_shadows=options.num_shadows, seed=options.seed,
-        query_fraction=options.query_fraction, public_size=options.public_size,
-    )  # fmt: skip
+        layout,
+        source,
+        num_shadows=options.num_shadows,
+        seed=options.seed,
+        query_fraction=options.query_fraction,
+        public_size=options.public_size,
+    )
     ckpt = ensure_target(layout, splits, options, settings, facts_of(options, base))
     extra = shlex.split(options.shadow_args)
     if not options.encoder:

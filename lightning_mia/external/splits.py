@@ -78,10 +78,14 @@ def external_splits(
     aux, public = sorted(order[: len(order) - p]), sorted(order[len(order) - p :])
     t = len(target_pool)
     cfg = SplitConfig(
-        num_shadows=num_shadows, target_size=t, aux_size=len(aux),
-        member_fraction=len(row.members) / max(1, t), seed=seed,
-        shadow_size=min(t, len(aux)) if num_shadows else None, public_size=public_size,
-    )  # fmt: skip
+        num_shadows=num_shadows,
+        target_size=t,
+        aux_size=len(aux),
+        member_fraction=len(row.members) / max(1, t),
+        seed=seed,
+        shadow_size=min(t, len(aux)) if num_shadows else None,
+        public_size=public_size,
+    )
     problems = config_problems(cfg, t, len(aux), t + len(rest))
     if problems:
         raise DataError(f"cannot make splits of {source}: " + "; ".join(problems))
@@ -94,10 +98,17 @@ def external_splits(
         rank_zero_warn(duplicates_message(source, duplicates))
     dataset = {**source.dataset_fingerprint().to_dict(), "source": source.describe()}
     splits = Splits(
-        seed, cfg.recorded(), rows, target_pool, aux, dataset, dict(source.bad_samples),
-        public_pool=public if public_size else None, skipped_files=dict(source.skipped_files),
+        seed,
+        cfg.recorded(),
+        rows,
+        target_pool,
+        aux,
+        dataset,
+        dict(source.bad_samples),
+        public_pool=public if public_size else None,
+        skipped_files=dict(source.skipped_files),
         duplicates=duplicates,
-    )  # fmt: skip
+    )
     return replace(splits, hash=body_hash(splits.body()))
 
 

@@ -56,8 +56,10 @@ def _load_peft_folder(module: LatentDiffusionModule, folder: Path) -> None:
     result = set_peft_model_state_dict(module.unet, state, adapter_name=ADAPTER)
     unexpected = [k for k in result.unexpected_keys if ".lora_" in k]
     if unexpected:
-        raise LoraError(f"LoRA adapter {folder}: {len(unexpected)} weights fit no UNet layer "
-                        f"(e.g. {unexpected[0]}); is it an adapter of this UNet?")  # fmt: skip
+        raise LoraError(
+            f"LoRA adapter {folder}: {len(unexpected)} weights fit no UNet layer "
+            f"(e.g. {unexpected[0]}); is it an adapter of this UNet?"
+        )
 
 
 def _load_diffusers_lora(module: LatentDiffusionModule, path: Path) -> None:
@@ -113,9 +115,15 @@ def target_module(pipeline: str, lora: str, settings: dict[str, Any]) -> LatentD
     """The external target: `settings` (sampler, resolution... of the shadows' config) over
     the pipeline folder, with the LoRA adapter if any; frozen, in eval mode."""
     fixed = dict(
-        preset="pretrained", pretrained=str(pipeline), autoencoder="", tokenizer="",
-        lora_rank=0, train_unet=False, train_text_encoder=False, ema_decay=0.0,
-    )  # fmt: skip
+        preset="pretrained",
+        pretrained=str(pipeline),
+        autoencoder="",
+        tokenizer="",
+        lora_rank=0,
+        train_unet=False,
+        train_text_encoder=False,
+        ema_decay=0.0,
+    )
     module = LatentDiffusionModule(**{**settings, **fixed})
     if lora:
         attach_adapter(module, lora)

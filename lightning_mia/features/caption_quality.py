@@ -86,8 +86,15 @@ class CaptionQuality(Metric):
     def __init__(self) -> None:
         super().__init__()
         self.bleu = SacreBLEUScore(n_gram=4, tokenize="13a", lowercase=True)
-        for name in ("total", "not_shapes", "parsed", "right_count", "right_colours",
-                     "right_colour_shapes", "right_exact"):  # fmt: skip
+        for name in (
+            "total",
+            "not_shapes",
+            "parsed",
+            "right_count",
+            "right_colours",
+            "right_colour_shapes",
+            "right_exact",
+        ):
             self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: list[str], targets: list[str]) -> None:

@@ -94,9 +94,12 @@ def mask_word(model: Any) -> str:
 
 
 def clid_losses(
-    view: Any, x0: torch.Tensor, conds: Sequence[torch.Tensor], seeds: Sequence[int],
+    view: Any,
+    x0: torch.Tensor,
+    conds: Sequence[torch.Tensor],
+    seeds: Sequence[int],
     timesteps: Sequence[int],
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """ℓ (K, B): noise-space error of latents x0 (B, C, h, w) under each of K conditionings
     (B, S, D), the same fixed noise for all at each timestep, averaged over the timesteps."""
     per_t = []

@@ -22,8 +22,14 @@ from transformers import BartConfig, BartForConditionalGeneration
 from lightning_mia.models.seq2seq_presets import Seq2SeqError, Seq2SeqPreset
 
 # BartConfig keys the encoder's weights (and what they compute) depend on
-ENCODER_KEYS = ("d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
-                "activation_function", "scale_embedding")  # fmt: skip
+ENCODER_KEYS = (
+    "d_model",
+    "encoder_layers",
+    "encoder_attention_heads",
+    "encoder_ffn_dim",
+    "activation_function",
+    "scale_embedding",
+)
 
 
 def _config(folder: str | Path) -> dict:
@@ -49,22 +55,28 @@ def text_defaults(folder: str, caption_vocab_size: int, tokenizer: str) -> tuple
     return caption_vocab_size or int(_config(folder)["vocab_size"]), tokenizer or folder
 
 
-def init_text_side(bart: BartForConditionalGeneration, folder: str | Path,
-                   spec: Seq2SeqPreset) -> None:  # fmt: skip
+def init_text_side(
+    bart: BartForConditionalGeneration, folder: str | Path, spec: Seq2SeqPreset
+) -> None:
     """Copy a pretrained BART's caption embeddings and encoder into `bart` (in place); nothing
     when `folder` is ""."""
     if not folder:
         return
     config, defaults = _config(folder), BartConfig()
-    differ = [f"{k} {config.get(k, getattr(defaults, k))!r} (model: {getattr(bart.config, k)!r})"
-              for k in ENCODER_KEYS
-              if config.get(k, getattr(defaults, k)) != getattr(bart.config, k)]  # fmt: skip
+    differ = [
+        f"{k} {config.get(k, getattr(defaults, k))!r} (model: {getattr(bart.config, k)!r})"
+        for k in ENCODER_KEYS
+        if config.get(k, getattr(defaults, k)) != getattr(bart.config, k)
+    ]
     if config["vocab_size"] > spec.caption_vocab_size:
-        differ.append(f"vocab_size {config['vocab_size']} (preset caption vocabulary: "
-                      f"{spec.caption_vocab_size})")  # fmt: skip
+        differ.append(
+            f"vocab_size {config['vocab_size']} (preset caption vocabulary: "
+            f"{spec.caption_vocab_size})"
+        )
     if differ:
-        raise Seq2SeqError(f"pretrained BART folder {folder} does not fit the preset: "
-                           f"{'; '.join(differ)}")  # fmt: skip
+        raise Seq2SeqError(
+            f"pretrained BART folder {folder} does not fit the preset: {'; '.join(differ)}"
+        )
     source = BartForConditionalGeneration.from_pretrained(
         str(folder), local_files_only=True, dtype=torch.float32
     ).model
@@ -72,8 +84,10 @@ def init_text_side(bart: BartForConditionalGeneration, folder: str | Path,
     with torch.no_grad():
         v = config["vocab_size"]
         ours.shared.weight[:v] = theirs.shared.weight[:v]  # tied: encoder input and output rows
-        positions = min(ours.encoder.embed_positions.weight.shape[0],
-                        theirs.encoder.embed_positions.weight.shape[0])  # fmt: skip
+        positions = min(
+            ours.encoder.embed_positions.weight.shape[0],
+            theirs.encoder.embed_positions.weight.shape[0],
+        )
         rows = theirs.encoder.embed_positions.weight[:positions]
         ours.encoder.embed_positions.weight[:positions] = rows
     for part in ("layers", "layernorm_embedding"):

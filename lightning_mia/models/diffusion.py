@@ -317,10 +317,11 @@ class LatentDiffusionModule(TextToImageModule):
         seeds = caption_seeds(len(captions), seed)
         per_loop = max(1, self.hparams.generation_batch_size // max(1, num_images))
         chunks = [
-            sample_images(self, captions[i : i + per_loop], seeds[i : i + per_loop],
-                          num_images, steps, scale)
+            sample_images(
+                self, captions[i : i + per_loop], seeds[i : i + per_loop], num_images, steps, scale
+            )
             for i in range(0, len(captions), per_loop)
-        ]  # fmt: skip
+        ]
         return torch.cat(chunks) if chunks else torch.empty(0, num_images, 3, *self._hw)
 
     @property

@@ -173,8 +173,9 @@ def noise_scheduler(pretrained: str, asked: dict[str, Any]) -> DDPMScheduler:
     if not pretrained:
         return DDPMScheduler(**{**SCRATCH_SCHEDULE, **asked}, clip_sample=False)
     config = scheduler_config(pretrained)
-    differ = [f"{k}={v!r} (folder: {config.get(k)!r})" for k, v in asked.items()
-              if config.get(k) != v]  # fmt: skip
+    differ = [
+        f"{k}={v!r} (folder: {config.get(k)!r})" for k, v in asked.items() if config.get(k) != v
+    ]
     if differ:
         rank_zero_warn(
             f"{pretrained}: training with {', '.join(differ)} instead of the pretrained "

@@ -74,9 +74,11 @@ def load_autoencoder(folder: str | os.PathLike) -> Autoencoder:
         # then load whether or not accelerate is installed, so the global RNG advances the same
         # on every machine (seeded runs draw the next model's weights after this)
         ae = AUTOENCODER_CLASSES[class_name].from_pretrained(
-            str(path), local_files_only=True, variant=weights_variant(path),
+            str(path),
+            local_files_only=True,
+            variant=weights_variant(path),
             low_cpu_mem_usage=False,
-        )  # fmt: skip
+        )
     except (OSError, ValueError, RuntimeError) as err:
         raise AutoencoderError(f"autoencoder folder {path}: cannot load weights ({err})") from err
     return ae.eval()

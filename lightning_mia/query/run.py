@@ -176,11 +176,18 @@ def query_trainer(
     data shards itself). Settings Lightning refuses become one QueryError line."""
     try:
         return Trainer(
-            accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
-            precision=precision, logger=logger, enable_progress_bar=enable_progress_bar,
-            enable_model_summary=False, enable_checkpointing=False,
-            default_root_dir=default_root_dir, use_distributed_sampler=False,
-        )  # fmt: skip
+            accelerator=accelerator,
+            devices=devices,
+            strategy=strategy,
+            num_nodes=num_nodes,
+            precision=precision,
+            logger=logger,
+            enable_progress_bar=enable_progress_bar,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=default_root_dir,
+            use_distributed_sampler=False,
+        )
     except (MisconfigurationException, ValueError) as err:
         raise QueryError(
             f"query devices: accelerator={accelerator!r}, devices={devices!r}, "
@@ -235,10 +242,15 @@ def run_query(
         module.card.experiment, model_index=module.card.model_index, query_batch_size=batch_size
     )
     trainer = query_trainer(
-        accelerator, devices, strategy, num_nodes,
-        precision=precision, logger=logger, enable_progress_bar=progress,
+        accelerator,
+        devices,
+        strategy,
+        num_nodes,
+        precision=precision,
+        logger=logger,
+        enable_progress_bar=progress,
         default_root_dir=str(query_folder(module)),
-    )  # fmt: skip
+    )
     return execute_query(module, datamodule, trainer)
 
 

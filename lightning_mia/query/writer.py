@@ -75,8 +75,11 @@ def read_examples(folder: str | os.PathLike) -> dict[int, dict[str, Any]]:
             raise ShardError(f"examples file {path}: unreadable ({err})") from err
         for i, sid in enumerate(tensors["sample_id"].tolist()):
             caption = captions[i] if i < len(captions) else ""
-            out[sid] = {"query": tensors["query"][i], "generated": tensors["generated"][i],
-                        "caption": caption}  # fmt: skip
+            out[sid] = {
+                "query": tensors["query"][i],
+                "generated": tensors["generated"][i],
+                "caption": caption,
+            }
     return out
 
 
@@ -116,8 +119,9 @@ class ShardWriter(BasePredictionWriter):
         if keep and "generated" in prediction:
             captions = [prediction["caption"][i] for i in keep]
             query, generated = prediction["query"][keep], prediction["generated"][keep]
-            write_examples(self.folder / f"examples-{tag}.safetensors", ids[keep], query,
-                           generated, captions)  # fmt: skip
+            write_examples(
+                self.folder / f"examples-{tag}.safetensors", ids[keep], query, generated, captions
+            )
         name = f"shard-{tag}.safetensors"
         write_shard(
             self.folder / name,
@@ -128,12 +132,14 @@ class ShardWriter(BasePredictionWriter):
             self.metadata,
         )
         if len(self.examples) < 8 and "query" in prediction:  # the first 2 of a batch, for W&B
-            self.examples.append({
-                "query": prediction["query"][:2].cpu(),
-                "generated": prediction["generated"][:2].cpu(),
-                "caption": list(prediction["caption"][:2]),
-                "is_member": prediction["is_member"][:2].cpu(),
-            })  # fmt: skip
+            self.examples.append(
+                {
+                    "query": prediction["query"][:2].cpu(),
+                    "generated": prediction["generated"][:2].cpu(),
+                    "caption": list(prediction["caption"][:2]),
+                    "is_member": prediction["is_member"][:2].cpu(),
+                }
+            )
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Add this rank's measured seconds (per stage) and sample count to its timing file."""
