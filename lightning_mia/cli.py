@@ -129,7 +129,7 @@ def query_data_config(data: Any, ckpt: str) -> None:
     from jsonargparse import Namespace
 
     from lightning_mia.card import read_card
-    from lightning_mia.data import SOURCES
+    from lightning_mia.data.sources import SOURCES
     from lightning_mia.data.splits import load_splits
 
     card = read_card(ckpt)

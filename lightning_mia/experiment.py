@@ -28,7 +28,6 @@ from typing import Any
 from lightning.pytorch.cli import ArgsType
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_mia.attack.catalog import paper_attacks
 from lightning_mia.attack.command import (
     AttackOptions,
     AttackOutcome,
@@ -43,6 +42,7 @@ from lightning_mia.cli import find_config, run_cli, say, show_outcome, train_mai
 from lightning_mia.errors import UserError
 from lightning_mia.paths import ExperimentLayout, caption_tag
 from lightning_mia.reporting import finish_wandb_run
+from lightning_mia.specs.attacks import paper_attacks
 from lightning_mia.stages import StageError, fit_arguments, run_fit_process, run_fit_processes
 from lightning_mia.terminal import (
     add_verbose_argument,
@@ -256,7 +256,7 @@ def run_experiment(
         model_args: extra CLI arguments for the target/shadow stage only.
         trainer_args: extra CLI arguments for every training stage (devices, strategy...).
         num_images: images generated per query (N).
-        attacks: attacks to run (default: the paper's four, `attack.catalog.paper_attacks`).
+        attacks: attacks to run (default: the paper's four, `specs.attacks.paper_attacks`).
         settings: attacker settings to report: shadow and/or partial.
         known_fraction: fraction of the target's queries known in the partial setting.
         seed: seed of queries and attack training (repeat r >= 1: also splits and training,

@@ -4,9 +4,9 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from lightning_mia.attack import QueryCosts
+from lightning_mia.specs.attacks import QueryCosts
 from lightning_mia.attack.baselines import fit_threshold_baseline
-from lightning_mia.attack.catalog import ATTACKS, paper_attacks, query_feature_groups
+from lightning_mia.specs.attacks import ATTACKS, paper_attacks, query_feature_groups
 from lightning_mia.attack.data import AttackDataModule, Rows, stratified_split
 from lightning_mia.attack.module import AttackModule, fit_attack
 from lightning_mia.metrics import bootstrap_interval, roc_auc

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_mia.attack import AttackError
+from lightning_mia.specs.attacks import AttackError
 from lightning_mia.attack.calibration import (
     fit_gaussians,
     lira_offline,

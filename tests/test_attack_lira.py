@@ -4,7 +4,7 @@ all OUT), and the checks on the tables it reads, on synthetic query shards."""
 import pytest
 import torch
 
-from lightning_mia.attack import AttackError
+from lightning_mia.specs.attacks import AttackError
 from lightning_mia.attack.calibration import FIXED_VARIANCE_BELOW
 from lightning_mia.attack.runner import run_attacks
 from lightning_mia.paths import ExperimentLayout, run_name

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from lightning_mia.attack import AttackError
+from lightning_mia.specs.attacks import AttackError
 from lightning_mia.attack.render import REPORT_JSON, REPORT_MD, ROC_PNG, write_report
 from lightning_mia.attack.report import AttackContext, TargetFacts
 from lightning_mia.attack.runner import run_attacks

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from test_configs import ParseOnlyCLI
 
-from lightning_mia.attack.catalog import ATTACKS
+from lightning_mia.specs.attacks import ATTACKS
 from lightning_mia.attack.command import attack_parser, options_from, split_names
 from lightning_mia.attack.runner import SETTINGS
 from lightning_mia.cli import find_config, with_found_configs

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_mia.attack.catalog import ATTACKS
+from lightning_mia.specs.attacks import ATTACKS
 from lightning_mia.features import FEATURE_GROUPS, FeatureExtractor
 from lightning_mia.features.blind import blind_features
 from lightning_mia.features.pixel import MAX_PSNR_DB, aggregate_over_images, pixel_features

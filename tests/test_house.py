@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_mia.attack.catalog import ATTACKS, lira_features, query_feature_groups
+from lightning_mia.specs.attacks import ATTACKS, lira_features, query_feature_groups
 from lightning_mia.attack.runner import run_attacks
-from lightning_mia.attack.spec import AttackSpec, register_attack
+from lightning_mia.specs.attacks import AttackSpec, register_attack
 from lightning_mia.features.groups import FEATURE_GROUPS, FeatureGroup, register_group
 from lightning_mia.paths import ExperimentLayout
 from lightning_mia.query.shards import load_query_table, write_shard

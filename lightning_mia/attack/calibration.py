@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_mia.attack import AttackError
 from lightning_mia.query.shards import QueryTable
+from lightning_mia.specs.attacks import AttackError
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 FIXED_VARIANCE_BELOW = 64  # fewer shadows than this: one global variance (Carlini et al.)

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_mia.attack.spec import AttackError
 from lightning_mia.metrics import roc_auc, threshold_from
+from lightning_mia.specs.attacks import AttackError
 
 CLID_LOSS = "clid/loss_cond"  # L: conditional denoising loss, lower = member
 CLID_DISCREPANCY = "clid/score"  # D: mean likelihood gap, higher = member

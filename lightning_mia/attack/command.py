@@ -23,21 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_mia.attack.catalog import ATTACKS, paper_attacks
 from lightning_mia.attack.cautions import annotate_report
 from lightning_mia.attack.render import write_report
 from lightning_mia.attack.report import AttackContext, AttackReport, TargetFacts
 from lightning_mia.attack.runner import SETTINGS, run_attacks
-from lightning_mia.attack.spec import AttackError
 from lightning_mia.card import CheckpointError, RunCard, read_card
 from lightning_mia.external.audit import prepare_external
 from lightning_mia.graybox import signals_for
+from lightning_mia.models.base import FAMILIES
 from lightning_mia.models.captioner import captioner_facts, check_captioner
-from lightning_mia.models.registry import FAMILIES
 from lightning_mia.paths import ExperimentLayout, last_checkpoint
 from lightning_mia.query.run import leave_process_group, run_query
 from lightning_mia.query.shards import read_complete
 from lightning_mia.reporting import log_report, make_logger
+from lightning_mia.specs.attacks import ATTACKS, AttackError, paper_attacks
 from lightning_mia.terminal import argument_parser, configure_terminal
 
 

@@ -17,8 +17,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mia.attack.spec import AttackError
 from lightning_mia.query.shards import QueryTable
+from lightning_mia.specs.attacks import AttackError
 
 XY = tuple[torch.Tensor, torch.Tensor]  # (S, F) float32, (S,) float32 in {0, 1}
 

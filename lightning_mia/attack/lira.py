@@ -31,12 +31,11 @@ from dataclasses import dataclass
 import torch
 
 from lightning_mia.attack.calibration import FIXED_VARIANCE_BELOW, calibrate, score_matrix
-from lightning_mia.attack.catalog import ATTACKS
 from lightning_mia.attack.module import AttackModule
 from lightning_mia.attack.report import AttackResult
-from lightning_mia.attack.spec import AttackSpec, QueryCosts
 from lightning_mia.metrics import roc_auc
 from lightning_mia.query.shards import QueryTable
+from lightning_mia.specs.attacks import ATTACKS, AttackSpec, QueryCosts
 
 OFFLINE_THRESHOLD = math.log(2.0)  # -log P(Z >= x) = log 2: x at the OUT Gaussian's median
 ONLINE_THRESHOLD = 0.0  # log-likelihood ratio 0: IN and OUT equally likely

@@ -56,8 +56,8 @@ from typing import Any
 
 import torch
 
-from lightning_mia.attack.spec import AttackSpec, QueryCosts
 from lightning_mia.metrics import Metric, evaluate
+from lightning_mia.specs.attacks import AttackSpec, QueryCosts
 
 REPORT_JSON, REPORT_MD, ROC_PNG = "report.json", "report.md", "roc.png"
 BACKWARDS = "ranks the target backwards: shadow/target mismatch"

@@ -32,17 +32,23 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_mia.attack.baselines import fit_threshold_baseline
 from lightning_mia.attack.blind import BLIND_FOLDS, blind_diagnostic
-from lightning_mia.attack.catalog import ATTACKS, baseline_attack
 from lightning_mia.attack.clid import CLID_FEATURES, fit_clid_threshold
 from lightning_mia.attack.data import Rows, stratified_split
 from lightning_mia.attack.lira import lira_results
 from lightning_mia.attack.module import AttackModule
 from lightning_mia.attack.report import AttackContext, AttackReport, AttackResult, flag_backwards
-from lightning_mia.attack.spec import AttackError, AttackSpec, QueryCosts
 from lightning_mia.attack.training import FitOptions, fit_on_rows
 from lightning_mia.metrics import FPR_BUDGETS, is_resolvable
 from lightning_mia.paths import ExperimentLayout
 from lightning_mia.query.shards import QueryTable
+from lightning_mia.specs.attacks import (
+    ATTACKS,
+    AttackError,
+    AttackSpec,
+    QueryCosts,
+    baseline_attack,
+    listing_order,
+)
 
 __all__ = ["AttackError", "SETTINGS", "run_attacks"]
 
@@ -175,6 +181,7 @@ def _resolve(attacks: Sequence[str], plan: AttackPlan | None) -> tuple[list[str]
     for name in attacks:
         if name == "all":
             usable = [n for n, s in ATTACKS.items() if plan and not _feature_problems(plan, s)]
+            usable = listing_order(usable)
             names += [n for n in usable if n != blind]
         elif name == blind:
             notes.append(f"`{blind}` is always trained and reported among the baselines")
@@ -381,7 +388,7 @@ def run_attacks(
         experiment: experiment folder; attack checkpoints go under its `attack/`.
         target: the target model's query table (row 0).
         shadows: the shadow models' query tables (rows 1..K); needed in the shadow setting.
-        attacks: registered attack names (`lightning_mia.attack.catalog.ATTACKS`) or "all".
+        attacks: registered attack names (`lightning_mia.specs.attacks.ATTACKS`) or "all".
         setting: "shadow" or "partial".
         known_fraction: partial setting: share of the target's rows the attacker knows.
         seed: seed of the splits, the folds, the attack initialisation and the bootstrap.

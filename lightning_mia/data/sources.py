@@ -36,7 +36,7 @@ from lightning_mia.registry import Registry
 
 log = logging.getLogger("lightning_mia.data")
 
-SOURCES: Registry[type[ImageCaptionSource]] = Registry("source")
+SOURCES: Registry[type[ImageCaptionSource]] = Registry("source", plugins="lightning_mia.data")
 CACHE_ENV = "LIGHTNING_MIA_CACHE"  # folder for the file-digest cache (default ~/.cache/...)
 HASH_CHUNK = 1 << 20
 CHECK_RESOLUTION = 8  # the registration check converts and resizes too, at this side

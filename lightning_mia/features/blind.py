@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lightning_mia.attack.spec import AttackSpec, register_attack
 from lightning_mia.features.groups import FeatureGroup, register_group
+from lightning_mia.specs.attacks import AttackSpec, register_attack
 
 EMBEDDING_PREFIXES = ("blind/img_emb_", "blind/txt_emb_")  # one feature per coordinate
 CHANNELS = ("r", "g", "b")

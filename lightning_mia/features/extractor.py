@@ -17,11 +17,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-import lightning_mia.features.blind  # noqa: F401  (each feature module registers its group)
-import lightning_mia.features.pixel  # noqa: F401
-import lightning_mia.features.quality  # noqa: F401
-import lightning_mia.features.semantic  # noqa: F401
-import lightning_mia.features.text  # noqa: F401
 from lightning_mia.features.groups import FEATURE_GROUPS, FeatureInputs
 from lightning_mia.features.pixel import check_pair
 

@@ -2,7 +2,7 @@
 
     FEATURE_GROUPS["pixel"].compute(inputs)  # {"pixel/mse_mean": (B,), ...}
 
-Each feature module registers its group here (and its attack in `lightning_mia.attack.spec`);
+Each feature module registers its group here (and its attack in `lightning_mia.specs.attacks`);
 `FeatureExtractor` computes the union of embeddings the asked groups need in one batched pass
 and hands every group the same `FeatureInputs`.
 """
@@ -48,7 +48,7 @@ class FeatureGroup:
         return bool(self.embeddings)
 
 
-FEATURE_GROUPS: Registry[FeatureGroup] = Registry("feature group")
+FEATURE_GROUPS: Registry[FeatureGroup] = Registry("feature group", plugins="lightning_mia.features")
 
 
 def register_group(group: FeatureGroup) -> FeatureGroup:

@@ -27,8 +27,8 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
-from lightning_mia.attack.spec import AttackSpec, register_attack
 from lightning_mia.features.groups import FeatureGroup, register_group
+from lightning_mia.specs.attacks import AttackSpec, register_attack
 
 STATS = ("mean", "min", "max", "std")
 MAX_PSNR_DB = 100.0
@@ -99,6 +99,6 @@ register_attack(
         "black-box",
         "attack I: MSE, PSNR, SSIM between the query image and each of the N generated images",
         score_feature="pixel/psnr_max",
-        paper=True,
+        paper=1,
     )
 )

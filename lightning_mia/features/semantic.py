@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lightning_mia.attack.spec import AttackSpec, register_attack
 from lightning_mia.features.groups import FeatureGroup, register_group
 from lightning_mia.features.pixel import aggregate_over_images
+from lightning_mia.specs.attacks import AttackSpec, register_attack
 
 
 def check_embeddings(query_emb: torch.Tensor, gen_emb: torch.Tensor) -> None:
@@ -64,6 +64,6 @@ register_attack(
         "black-box",
         "attack II: cosine and L2 distance of image embeddings of query and generated images",
         score_feature="semantic/cos_max",
-        paper=True,
+        paper=2,
     )
 )

@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lightning_mia.attack.spec import AttackSpec, register_attack
 from lightning_mia.features.groups import FeatureGroup, register_group
 from lightning_mia.features.pixel import aggregate_over_images
 from lightning_mia.features.semantic import check_embeddings
+from lightning_mia.specs.attacks import AttackSpec, register_attack
 
 
 @torch.no_grad()
@@ -58,6 +58,6 @@ register_attack(
         "attack III: caption-image cosine of each generated image and of the query; "
         "no-reference quality (BRISQUE) of the generated images",
         score_feature="text/gen_cos_mean",
-        paper=True,
+        paper=3,
     )
 )

@@ -18,8 +18,6 @@ from typing import Any
 
 import torch
 
-import lightning_mia.graybox.diffusion  # noqa: F401  (each family module registers its signals)
-import lightning_mia.graybox.seq2seq  # noqa: F401
 from lightning_mia.graybox.spec import SIGNALS, SignalError, SignalOptions
 
 REQUIRED_KEYS = ("pixel_values", "caption", "sample_id")

@@ -13,7 +13,6 @@ names its reference and what still differs from it.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,8 +27,6 @@ from lightning_mia.graybox.denoiser import (
     timestep_problems,
 )
 from lightning_mia.graybox.spec import SignalOptions, SignalSpec, register_signal
-
-SIGNAL_MODULES = ("secmi", "pia", "clid")  # declared after `loss`, in this order
 
 
 # --- loss (Matsumoto et al. 2023; Hu & Pang 2023) -------------------------------------------------
@@ -83,5 +80,3 @@ register_signal(
         check=_loss_problems,
     )
 )
-for _module in SIGNAL_MODULES:
-    importlib.import_module(f"lightning_mia.graybox.{_module}")

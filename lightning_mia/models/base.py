@@ -25,6 +25,7 @@ from lightning_mia.card import CARD_KEY, CheckpointError, RunCard
 from lightning_mia.data.stage import stage_data
 from lightning_mia.models.augment import augment_images
 from lightning_mia.paths import ExperimentLayout, atomic_write_bytes
+from lightning_mia.registry import Registry
 
 SAMPLES_PNG = "samples.png"  # the end-of-fit sample grid, in the run folder
 RNG_KEY = "lightning_mia_rng"  # the global random state at a checkpoint, for exact resumes
@@ -252,6 +253,22 @@ class TextToImageModule(LightningModule, ABC):
                 self.family, self.card.model_index
             )
             atomic_write_bytes(folder / SAMPLES_PNG, grid_png(images))
+
+
+# the families by name: each family module registers its class (`@register_family("flow")`)
+FAMILIES: Registry[type[TextToImageModule]] = Registry(
+    "text-to-image family", plugins="lightning_mia.models"
+)
+
+
+def register_family(name: str) -> Callable[[type[TextToImageModule]], type[TextToImageModule]]:
+    """Class decorator: a text-to-image family, found by `name` (its module is named so)."""
+
+    def wrap(cls: type[TextToImageModule]) -> type[TextToImageModule]:
+        cls.family = name
+        return FAMILIES.register(name, cls)
+
+    return wrap
 
 
 def _drop_frozen_keys(module: TextToImageModule, state_dict: dict, prefix: str, meta: Any) -> None:

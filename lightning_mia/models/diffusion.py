@@ -30,6 +30,7 @@ from lightning_mia.models.base import (
     TextToImageModule,
     cached_by_id,
     caption_seeds,
+    register_family,
 )
 from lightning_mia.models.diffusion_presets import (
     SCRATCH_SCHEDULE,
@@ -87,10 +88,10 @@ class Denoised(NamedTuple):
         return (self.prediction.float() - self.target.float()).pow(2).flatten(1).mean(1)
 
 
+@register_family("diffusion")
 class LatentDiffusionModule(TextToImageModule):
     """Text-to-image latent diffusion (LDM / Stable Diffusion architecture) on diffusers."""
 
-    family = "diffusion"
     frozen_prefix = "vae."
 
     def __init__(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,25 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 CARD_FILE = "card.json"
 ATTACKER_POOLS = ("auxiliary", "public")  # training splits of the attacker's own components
 
-PRESETS: Registry[dict[str, int]] = Registry("encoder preset")
+
+@dataclass(frozen=True)
+class EncoderPreset:
+    """A CLIP size: ViT image side and patch, width, layers, heads, projection, text length."""
+
+    image_size: int
+    patch_size: int
+    hidden: int
+    layers: int
+    heads: int
+    dim: int
+    text_len: int
+
+
+PRESETS: Registry[EncoderPreset] = Registry("encoder preset")
 # ViT patch 4 on 32x32 (64 patches) and a 2-layer text transformer over characters
+PRESETS.register("tiny", EncoderPreset(32, 4, hidden=64, layers=2, heads=2, dim=64, text_len=128))
 PRESETS.register(
-    "tiny", dict(image_size=32, patch_size=4, hidden=64, layers=2, heads=2, dim=64, text_len=128)
-)
-PRESETS.register(
-    "small", dict(image_size=64, patch_size=8, hidden=128, layers=4, heads=4, dim=128, text_len=128)
+    "small", EncoderPreset(64, 8, hidden=128, layers=4, heads=4, dim=128, text_len=128)
 )
 
 
@@ -57,26 +70,26 @@ class EncoderError(UserError):
 def clip_config(preset: str, tokenizer: CLIPTokenizer, image_size: int = 0) -> CLIPConfig:
     """A random-init `CLIPConfig` of a named preset for `tokenizer`'s vocabulary."""
     p = PRESETS[preset]
-    size = image_size or p["image_size"]
-    if size % p["patch_size"]:
-        raise EncoderError(f"image_size {size} is not a multiple of patch {p['patch_size']}")
+    size = image_size or p.image_size
+    if size % p.patch_size:
+        raise EncoderError(f"image_size {size} is not a multiple of patch {p.patch_size}")
     common = dict(
-        hidden_size=p["hidden"],
-        intermediate_size=4 * p["hidden"],
-        num_hidden_layers=p["layers"],
-        num_attention_heads=p["heads"],
-        projection_dim=p["dim"],
+        hidden_size=p.hidden,
+        intermediate_size=4 * p.hidden,
+        num_hidden_layers=p.layers,
+        num_attention_heads=p.heads,
+        projection_dim=p.dim,
     )
     text = dict(
         common,
         vocab_size=len(tokenizer),
-        max_position_embeddings=p["text_len"],
+        max_position_embeddings=p.text_len,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    vision = dict(common, image_size=size, patch_size=p["patch_size"])
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=p["dim"])
+    vision = dict(common, image_size=size, patch_size=p.patch_size)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=p.dim)
 
 
 class ImageTextEncoder(torch.nn.Module):
@@ -287,7 +300,7 @@ class EncoderModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         tok = load_clip_tokenizer(
-            tokenizer, model_max_length=(PRESETS.get(preset) or {}).get("text_len", 77)
+            tokenizer, model_max_length=PRESETS[preset].text_len if preset in PRESETS else 77
         )
         self.encoder = ImageTextEncoder(CLIPModel(clip_config(preset, tok, image_size)), tok)
         self.card: RunCard | None = None

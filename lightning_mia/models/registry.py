@@ -1,19 +1,15 @@
-"""The text-to-image families by name, and loading any family module from its checkpoint by
-reading the run card first."""
+"""Loading any family module from its checkpoint, by reading the run card first.
+
+The families themselves are registered by their modules (`models.base.FAMILIES`,
+`@register_family("diffusion")` in `models/diffusion.py`) and found by name.
+"""
 
 from __future__ import annotations
 
-import importlib
 import os
 
 from lightning_mia.card import CheckpointError, read_card_and_moves
-from lightning_mia.models.base import TextToImageModule
-from lightning_mia.registry import Registry
-
-# family -> "module:class", imported on first use (each family pulls in diffusers/transformers)
-FAMILIES: Registry[str] = Registry("text-to-image family")
-FAMILIES.register("diffusion", "lightning_mia.models.diffusion:LatentDiffusionModule")
-FAMILIES.register("seq2seq", "lightning_mia.models.seq2seq:Seq2SeqModule")
+from lightning_mia.models.base import FAMILIES, TextToImageModule
 
 
 def family_class(family: str) -> type[TextToImageModule]:
@@ -22,8 +18,7 @@ def family_class(family: str) -> type[TextToImageModule]:
         raise CheckpointError(
             f"family {family!r} is not a text-to-image family (known: {FAMILIES.names()})"
         )
-    module, name = FAMILIES[family].split(":")
-    return getattr(importlib.import_module(module), name)
+    return FAMILIES[family]
 
 
 def load_family_module(

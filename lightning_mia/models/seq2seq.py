@@ -38,6 +38,7 @@ from lightning_mia.models.base import (
     cached_by_id,
     caption_seeds,
     per_caption_rand,
+    register_family,
 )
 from lightning_mia.models.seq2seq_presets import Seq2SeqError, bart_config, get_preset
 from lightning_mia.models.seq2seq_sampling import (
@@ -54,10 +55,10 @@ ADAM_BETAS = (0.9, 0.98)
 ARCHITECTURE_HPARAMS = ("preset", "caption_vocab_size", "max_caption_length")
 
 
+@register_family("seq2seq")
 class Seq2SeqModule(TextToImageModule):
     """BART from caption tokens to VQGAN image codes (DALL-E mini), with batched sampling."""
 
-    family = "seq2seq"
     frozen_prefix = "vq."
 
     def __init__(

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
-from lightning_mia.attack.catalog import query_feature_groups
 from lightning_mia.card import read_card
 from lightning_mia.errors import UserError
 from lightning_mia.features import FEATURE_GROUPS, FeatureExtractor, encoder_groups
@@ -29,6 +28,7 @@ from lightning_mia.graybox import SignalOptions, check_signals, compute_signals,
 from lightning_mia.models.registry import load_family_module
 from lightning_mia.paths import ExperimentLayout
 from lightning_mia.query.writer import to_uint8
+from lightning_mia.specs.attacks import query_feature_groups
 
 SEED_STRIDE = 2**32
 
@@ -64,7 +64,7 @@ class QueryModule(LightningModule):
             num_images: images generated per caption (N, the queries per sample).
             seed: base seed; sample i is generated with a seed derived from (seed, sample_id).
             feature_groups: feature groups to compute; None = every group a black-box attack or
-                the blind baseline reads (`attack.catalog.query_feature_groups`).
+                the blind baseline reads (`specs.attacks.query_feature_groups`).
             encoder: folder of a CLIP model (transformers format); "" = the experiment's
                 trained attacker encoder (`<experiment>/encoder`).
             captioner: folder of a BLIP captioner: query with its captions of the image

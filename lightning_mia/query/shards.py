@@ -25,9 +25,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from lightning_mia.attack.spec import QueryCosts
 from lightning_mia.errors import UserError
 from lightning_mia.paths import QUERY_COMPLETE, atomic_write_bytes, atomic_write_json
+from lightning_mia.specs.attacks import QueryCosts
 
 SHARD_GLOB = "shard-*.safetensors"
 TIMING_GLOB = "timing-r*.json"  # per rank: measured seconds per query stage, samples queried

@@ -1,4 +1,4 @@
-"""What an attack is: `AttackSpec`, the `ATTACKS` registry and what a query cost (`QueryCosts`).
+"""What an attack is: `AttackSpec`, the `ATTACKS` registry, and what a query cost (`QueryCosts`).
 
 An attack is declared once, beside the features or signals it reads:
 
@@ -6,15 +6,15 @@ An attack is declared once, beside the features or signals it reads:
     register_attack(AttackSpec("pixel", ("pixel",), "black-box", paper=True, ...))
     # lightning_mia/graybox/spec.py registers one gray-box attack per signal
 
-`lightning_mia.attack.catalog` imports those modules, so it holds every attack; the report's
-attack list, the LiRA candidates and the query's feature groups are all read from it. This module
-sits on a low floor (it imports only the registry) so that feature and signal modules can
-register here without an import cycle.
+`ATTACKS` finds those declarations by importing the modules of `lightning_mia.features` and
+`lightning_mia.graybox` when it is first listed; the report's attack list, LiRA's candidates and
+the query's feature groups are all read from it (`paper_attacks`, `query_feature_groups`,
+`lira_features`, `baseline_attack`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -48,7 +48,8 @@ class AttackSpec:
         access: "black-box" (generated images), "gray-box" (model weights) or "none".
         description: one line for listings and the README.
         score_feature: the one scalar LiRA calibrates per sample ("" = not calibrated).
-        paper: one of Wu et al.'s four attacks (the default attack list).
+        paper: which of Wu et al.'s four attacks it is (1-4 = I-IV, the default attack list);
+            0 = not one of them.
         baseline: reported among the baselines and trained in every report (`blind`).
     """
 
@@ -57,7 +58,7 @@ class AttackSpec:
     access: Access
     description: str = ""
     score_feature: str = ""
-    paper: bool = False
+    paper: int = 0
     baseline: bool = False
 
     def queries(self, costs: QueryCosts) -> int | None:
@@ -85,7 +86,7 @@ class AttackSpec:
         if self.access == "gray-box":
             return (
                 f"compute the gray-box signal(s) {list(self.groups)} in the query stage "
-                "(`attack.py --signals all`, or QueryModule(signals=[...]))"
+                "(`attack.py --query.signals all`)"
             )
         return (
             f"compute the feature groups {list(self.groups)} in the query stage; delete the "
@@ -93,7 +94,9 @@ class AttackSpec:
         )
 
 
-ATTACKS: Registry[AttackSpec] = Registry("attack")
+ATTACKS: Registry[AttackSpec] = Registry(
+    "attack", plugins=("lightning_mia.features", "lightning_mia.graybox")
+)
 
 
 def register_attack(spec: AttackSpec) -> AttackSpec:
@@ -101,3 +104,35 @@ def register_attack(spec: AttackSpec) -> AttackSpec:
     if not spec.groups:
         raise ValueError(f"attack {spec.name!r} reads no feature group")
     return ATTACKS.register(spec.name, spec)
+
+
+def paper_attacks() -> list[str]:
+    """Wu et al.'s four attacks, I to IV: the default `--attacks`."""
+    return [s.name for s in sorted(ATTACKS.values(), key=lambda s: s.paper) if s.paper]
+
+
+def listing_order(names: Sequence[str]) -> list[str]:
+    """`names` as reports list them: the paper's attacks (I-IV), the other black-box ones, then
+    the gray-box ones, each in registration order."""
+    rank = {"black-box": 0, "none": 1, "gray-box": 2}
+    position = {n: i for i, n in enumerate(ATTACKS.names())}
+    return sorted(
+        names, key=lambda n: (rank[ATTACKS[n].access], ATTACKS[n].paper or 5, position[n])
+    )
+
+
+def baseline_attack() -> AttackSpec:
+    """The learned baseline every report trains beside the attacks (`blind`)."""
+    return next(s for s in ATTACKS.values() if s.baseline)
+
+
+def query_feature_groups() -> list[str]:
+    """Feature groups of every attack that reads generated images or the query alone: what a
+    query computes beside its gray-box signals."""
+    groups = [g for s in ATTACKS.values() if s.access != "gray-box" for g in s.groups]
+    return list(dict.fromkeys(groups))
+
+
+def lira_features(names: Sequence[str]) -> dict[str, str]:
+    """{attack: the scalar feature LiRA calibrates} for the attacks among `names` that have one."""
+    return {n: ATTACKS[n].score_feature for n in names if n in ATTACKS and ATTACKS[n].score_feature}
