@@ -6,61 +6,87 @@
 
 Stages, each skipped when its folder says it is done (`DONE.json`, `COMPLETE.json`):
 autoencoder, attacker's encoder and captioner -> target (row 0) and shadows (rows 1..K) ->
-queries -> attack. With `captioner:` (a stage config or a ready BLIP folder) and `captions:
-[ground-truth, captioner]` both attackers are reported and compared side by side.
-With `repeats: R` the whole experiment runs R times (repeat r >= 1 in `<experiment>/repeat-0r/`
-with seed + r) and `attack/repeats.{json,md}` hold mean ± sd across the repeats.
-A stage interrupted midway resumes from its `last.ckpt` (training) or its shards (queries).
-With `isolate: true` each training stage runs as its own `python -m lightning_mia.cli fit ...`
-process (the same command line as `python train.py fit ...`), which is what multi-GPU DDP
-(`strategy: ddp`) and clusters need; otherwise they run in this process.
+queries -> attack, once per setting and caption mode. The query of every model is the
+config's `query:` group (a `QuerySpec`), the attack stage's settings its `attack:` group.
+Caption modes (`captions:`): ground-truth, captioner (with `captioner:`, a stage config or a
+ready BLIP folder) and the controls fixed-caption and swapped-caption; their reports are
+compared side by side. With `repeats: R` the whole experiment runs R times (repeat r >= 1 in
+`<experiment>/repeat-0r/` with seed + r) and `attack/repeats.{json,md}` hold mean ± sd.
+Training stages are LightningCLI runs (`train.py fit` arguments, in this process or, with
+`isolate: true` or `parallel` > 1, as their own processes, which DDP and clusters need).
 """
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import ArgsType
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_mia.attack.command import (
-    AttackOptions,
-    AttackOutcome,
-    attack_argv,
-    run_attack,
-    split_names,
-)
+from lightning_mia.attack.command import run_attack_stage
+from lightning_mia.attack.options import AttackOptions, AttackSettings
+from lightning_mia.attack.outcome import AttackOutcome, show_outcome
 from lightning_mia.attack.render import format_comparison
 from lightning_mia.attack.repeats import format_repeats, summarize_repeats, write_repeats
-from lightning_mia.attack.report import read_report
-from lightning_mia.cli import find_config, run_cli, say, show_outcome, train_main
+from lightning_mia.cli import train_main
 from lightning_mia.errors import UserError
-from lightning_mia.paths import ExperimentLayout, caption_tag
+from lightning_mia.paths import ExperimentLayout, find_config
+from lightning_mia.query.run import Devices
 from lightning_mia.reporting import finish_wandb_run
-from lightning_mia.specs.attacks import paper_attacks
-from lightning_mia.stages import StageError, fit_arguments, run_fit_process, run_fit_processes
+from lightning_mia.specs.query import CAPTION_MODES, QuerySpec
+from lightning_mia.stages import fit_arguments, run_fit_process, run_fit_processes
 from lightning_mia.terminal import (
     add_verbose_argument,
     argument_parser,
     configure_terminal,
+    normalized_argv,
+    run_cli,
+    say,
     verbose_requested,
 )
 
 CONFIG_DIR = Path("configs/experiments")
-CAPTION_MODES = ("ground-truth", "captioner")  # what the attacker queries the target with
-
-
 OVERFIT_NOTE = (
     "Note: this experiment is a deliberately overfit regime (few members, hundreds of training "
     "steps per image), where leakage is large by design. For a realistic regime (about 20 "
     "steps per image with crop/flip augmentation) run: "
     "python -m lightning_mia.experiment shapes-diffusion-realistic"
 )
+
+
+@dataclass(frozen=True)
+class StageConfigs:
+    """The training stages of an experiment: each a `train.py fit` config ("" = none).
+
+    Args:
+        autoencoder: the image autoencoder ("" = the model config's `autoencoder` folder).
+        encoder: the attacker's image-text encoder ("" when `query.encoder` names a CLIP).
+        captioner: the attacker's captioner: a stage config (trained into
+            `<experiment>/captioner/`) or a ready BLIP folder; "" = none.
+        model: the target and shadow models.
+        data_args: `train.py` arguments for the data of every stage (`--data.source...`).
+        model_args: `train.py` arguments for the target and shadows only.
+        trainer_args: `train.py` arguments for every training stage (devices, strategy...).
+        isolate: run each training stage as its own process (what strategy=ddp needs).
+        parallel: stages that do not depend on each other (autoencoder and encoder; then
+            target and shadows) run as this many processes at once, each with its share of
+            the CPU threads (> 1 implies isolate; for small models on few cores).
+    """
+
+    autoencoder: str = "configs/autoencoder/tiny.yaml"
+    encoder: str = "configs/encoder/tiny.yaml"
+    captioner: str = ""
+    model: str = "configs/diffusion/tiny.yaml"
+    data_args: list[str] = field(default_factory=list)
+    model_args: list[str] = field(default_factory=list)
+    trainer_args: list[str] = field(default_factory=list)
+    isolate: bool = False
+    parallel: int = 1
 
 
 def fit_stage(folder: Path, config: str, args: list[str], isolate: bool) -> None:
@@ -79,39 +105,53 @@ def fit_stage(folder: Path, config: str, args: list[str], isolate: bool) -> None
     rank_zero_info(f"[fit] {folder.name} done in {time.perf_counter() - start:.0f} s")
 
 
-def relaunches_command(accelerator: str, devices: int | str, strategy: str) -> bool:
-    """Whether a Trainer of these settings starts its other ranks by running this process's
-    command line again (Lightning's DDP script launcher: `ddp`, or `auto` on several devices,
-    e.g. `devices: auto` on a multi-GPU node), rather than in workers (`ddp_spawn`) or not at
-    all (one device; ranks started by torchrun or SLURM)."""
-    from lightning.pytorch.strategies.launchers.subprocess_script import (
-        _SubprocessScriptLauncher,
-    )
-
-    from lightning_mia.query.run import query_trainer
-
-    probe = query_trainer(accelerator, devices, strategy)  # builds, launches nothing
-    environment = getattr(probe.strategy, "cluster_environment", None)
-    external = environment is not None and environment.creates_processes_externally
-    return isinstance(probe.strategy.launcher, _SubprocessScriptLauncher) and not external
+def train_stages(
+    layout: ExperimentLayout,
+    family: str,
+    num_shadows: int,
+    stages: StageConfigs,
+    common: list[str],
+    given_encoder: bool = False,
+) -> None:
+    """An experiment's training stages (`experiment.StageConfigs`): autoencoder, attacker's
+    encoder (unless `given_encoder`) and captioner (a stage config), then target and shadows,
+    each skipped when done; with `stages.parallel` > 1 the stages of each phase (they do not
+    depend on each other) run as that many processes at once."""
+    shared = []
+    if stages.autoencoder:
+        shared.append((layout.autoencoder, stages.autoencoder, common))
+    if stages.encoder and not given_encoder:
+        shared.append((layout.encoder, stages.encoder, common))
+    if Path(stages.captioner).suffix in (".yaml", ".yml"):
+        shared.append((layout.captioner, stages.captioner, common))
+    models = []
+    for index in range(num_shadows + 1):
+        args = [*common, f"--data.model_index={index}"]
+        if stages.autoencoder:  # the autoencoder this experiment trained, not a config's
+            args.append(f"--model.init_args.autoencoder={layout.autoencoder}")
+        models.append((layout.run_dir(family, index), stages.model, [*args, *stages.model_args]))
+    for phase in (shared, models):
+        if stages.parallel <= 1:
+            for folder, config, args in phase:
+                fit_stage(folder, config, args, stages.isolate)
+            continue
+        jobs = [(f, argv) for f, c, a in phase if (argv := fit_arguments(f, find_config(c), a))]
+        start = time.perf_counter()
+        run_fit_processes(jobs, stages.parallel)
+        if jobs:
+            names = ", ".join(f.name for f, _ in jobs)
+            rank_zero_info(f"[fit] {names} done in {time.perf_counter() - start:.0f} s")
 
 
 def attack_stage(options: AttackOptions) -> AttackOutcome | None:
-    """The attack stage: queries, attacks, report. When its queries would re-launch the
-    command line (`relaunches_command`), it runs as its own `python -m
-    lightning_mia.attack` process (= `attack.py`, which prints its table), so the DDP
-    launcher re-runs that command and not the whole experiment; the report is then read back
-    from its report.json."""
-    if not relaunches_command(options.accelerator, options.devices, options.strategy):
-        return run_attack(options)
-    argv = [sys.executable, "-m", "lightning_mia.attack", *attack_argv(options)]
-    rank_zero_info(f"[attack] in its own process: {' '.join(argv[1:])}")
-    code = subprocess.run(argv).returncode
-    if code:
-        raise StageError(f"the attack stage failed (exit code {code}; its error is above)")
-    layout = ExperimentLayout(options.experiment)
-    folder = layout.report_dir(options.setting, options.captioner)
-    return AttackOutcome(read_report(folder), folder, layout, shown=True)
+    """One attack stage of the experiment (its own W&B run), timed on the terminal."""
+    what = f"{options.attack.setting} setting{options.query.tag}"
+    rank_zero_info(f"[attack] {what}: {', '.join(options.attack.attacks)}")
+    start = time.perf_counter()
+    outcome = run_attack_stage(options)
+    finish_wandb_run()
+    rank_zero_info(f"[attack] {what} done in {time.perf_counter() - start:.0f} s")
+    return outcome
 
 
 def repeat_runs(experiment: str, seed: int, repeats: int) -> list[tuple[str, int, list[str]]]:
@@ -130,14 +170,11 @@ def repeat_runs(experiment: str, seed: int, repeats: int) -> list[tuple[str, int
     return runs
 
 
-def is_stage_config(path: str) -> bool:
-    """A stage's YAML config (trained here), not a ready model folder."""
-    return Path(path).suffix in (".yaml", ".yml")
-
-
-def caption_runs(captioner: str, captions: list[str] | None, layout: ExperimentLayout) -> list:
-    """The captioner folder of each caption mode asked ("" = ground-truth captions): the
-    experiment's `captioner/` when `captioner` is a stage config, else the folder given."""
+def caption_queries(
+    query: QuerySpec, captions: list[str], captioner: str, layout: ExperimentLayout
+) -> list[QuerySpec]:
+    """The query of each caption mode asked (default: captioner when `captioner` is set,
+    else ground-truth); a captioner stage config is trained into `<experiment>/captioner/`."""
     modes = list(captions or (["captioner"] if captioner else ["ground-truth"]))
     unknown = [m for m in modes if m not in CAPTION_MODES]
     if unknown:
@@ -145,66 +182,30 @@ def caption_runs(captioner: str, captions: list[str] | None, layout: ExperimentL
     if "captioner" in modes and not captioner:
         raise UserError("captions: 'captioner' needs the experiment key captioner: <config|folder>")
     folder = str(layout.captioner) if is_stage_config(captioner) else captioner
-    return [folder if m == "captioner" else "" for m in modes]
+    return [
+        query.with_updates(captions=m, captioner=folder if m == "captioner" else "") for m in modes
+    ]
 
 
-def _train_stages(
-    layout: ExperimentLayout,
-    family: str,
-    num_shadows: int,
-    autoencoder: str,
-    encoder: str,
-    clip: str,
-    model: str,
-    common: list[str],
-    model_args: list[str],
-    isolate: bool,
-    parallel: int = 1,
-    captioner: str = "",
-) -> None:
-    """Autoencoder, attacker's encoder and captioner (a stage config), then target and
-    shadows, each skipped when done; with `parallel` > 1 the stages of each phase (they do not
-    depend on each other) run as that many processes at once."""
-    shared = []
-    if autoencoder:
-        shared.append((layout.autoencoder, autoencoder, common))
-    if encoder and not clip:
-        shared.append((layout.encoder, encoder, common))
-    if is_stage_config(captioner):
-        shared.append((layout.captioner, captioner, common))
-    models = []
-    for index in range(num_shadows + 1):
-        args = [*common, f"--data.model_index={index}"]
-        if autoencoder:  # the autoencoder this experiment trained, not a config's default path
-            args.append(f"--model.init_args.autoencoder={layout.autoencoder}")
-        models.append((layout.run_dir(family, index), model, [*args, *model_args]))
-    for phase in (shared, models):
-        if parallel <= 1:
-            for folder, config, args in phase:
-                fit_stage(folder, config, args, isolate)
-            continue
-        jobs = [(f, argv) for f, c, a in phase if (argv := fit_arguments(f, find_config(c), a))]
-        start = time.perf_counter()
-        run_fit_processes(jobs, parallel)
-        if jobs:
-            names = ", ".join(f.name for f, _ in jobs)
-            rank_zero_info(f"[fit] {names} done in {time.perf_counter() - start:.0f} s")
+def is_stage_config(path: str) -> bool:
+    """A stage's YAML config (trained here), not a ready model folder."""
+    return Path(path).suffix in (".yaml", ".yml")
 
 
 def _summarize(
     experiment: str,
-    attacks: list[tuple[str, str]],
+    plans: list[AttackOptions],
     runs: list[tuple[str, int, list[str]]],
     outcomes: list[AttackOutcome | None],
 ) -> None:
-    """repeats.json / repeats.md of each (setting, captioner) beside repeat 0's report (rank
-    zero)."""
+    """repeats.json / repeats.md of each (setting, caption mode) beside repeat 0's report."""
     if any(o is None for o in outcomes):
         return
-    for j, (setting, captioner) in enumerate(attacks):
-        reports = [outcomes[r * len(attacks) + j].report for r in range(len(runs))]
+    for j, options in enumerate(plans):
+        reports = [outcomes[r * len(plans) + j].report for r in range(len(runs))]
         summary = summarize_repeats(reports, [f for f, _, _ in runs], [s for _, s, _ in runs])
-        path = write_repeats(ExperimentLayout(experiment).report_dir(setting, captioner), summary)
+        folder = ExperimentLayout(experiment).report_dir(options.attack.setting, options.query.tag)
+        path = write_repeats(folder, summary)
         say(format_repeats(summary))
         say(f"repeats: {path}, {path.with_suffix('.md')}")
 
@@ -213,121 +214,70 @@ def run_experiment(
     experiment: str = "runs/demo",
     family: str = "diffusion",
     num_shadows: int = 2,
-    autoencoder: str = "configs/autoencoder/tiny.yaml",
-    encoder: str = "configs/encoder/tiny.yaml",
-    clip: str = "",
-    captioner: str = "",
-    captions: list[str] | None = None,
-    model: str = "configs/diffusion/tiny.yaml",
-    data_args: list[str] | None = None,
-    model_args: list[str] | None = None,
-    trainer_args: list[str] | None = None,
-    num_images: int = 4,
-    attacks: list[str] | None = None,
+    stages: StageConfigs = StageConfigs(),
+    query: QuerySpec = QuerySpec(signals=("auto",)),
+    attack: AttackSettings = AttackSettings(),
     settings: list[str] | None = None,
-    known_fraction: float = 0.5,
+    captions: list[str] | None = None,
+    devices: Devices = Devices(),
     seed: int = 0,
-    isolate: bool = False,
-    overfit: bool = False,
     repeats: int = 1,
-    parallel: int = 1,
-    query_accelerator: str = "auto",
-    query_devices: int | str = "auto",
-    query_strategy: str = "auto",
+    overfit: bool = False,
     verbose: bool = False,
 ) -> list[AttackOutcome | None]:
-    """Run every stage of one experiment in order; returns the attack outcomes (one a setting
-    and repeat, repeat by repeat; None on ranks other than zero).
+    """Run every stage of one experiment in order; returns the attack outcomes (one a setting,
+    caption mode and repeat; None on ranks other than zero).
 
     Args:
-        experiment: experiment folder (splits, runs, queries, attack report).
-        family: model family of target and shadows: diffusion | seq2seq.
+        experiment: experiment folder (splits, runs, queries, attack reports).
+        family: model family of target and shadows (diffusion | seq2seq | ...).
         num_shadows: shadow models trained (rows 1..K of splits.json).
-        autoencoder: config of the image autoencoder stage ("" = use the model config's
-            `autoencoder` folder as is, e.g. a pretrained one).
-        encoder: config of the attacker's encoder stage ("" when `clip` is given).
-        clip: local folder of a pretrained CLIP model to use instead of training an encoder.
-        captioner: the attacker's captioner: a stage config (`configs/captioner/tiny.yaml`,
-            trained into `<experiment>/captioner/`) or a ready BLIP folder; "" = none.
-        captions: caption modes attacked, each a report: ground-truth and/or captioner
-            (default: captioner when `captioner` is set, else ground-truth).
-        model: config of the target/shadow model stage.
-        data_args: extra CLI arguments for the data of every stage (`--data.source...`).
-        model_args: extra CLI arguments for the target/shadow stage only.
-        trainer_args: extra CLI arguments for every training stage (devices, strategy...).
-        num_images: images generated per query (N).
-        attacks: attacks to run (default: the paper's four, `specs.attacks.paper_attacks`).
-        settings: attacker settings to report: shadow and/or partial.
-        known_fraction: fraction of the target's queries known in the partial setting.
-        seed: seed of queries and attack training (repeat r >= 1: also splits and training,
-            seed + r).
-        isolate: run each training stage as its own process (needed for strategy=ddp).
+        stages: the training stages and their `train.py` arguments.
+        query: what every model is queried with (its seed is replaced by `seed`).
+        attack: what the attack stage does (setting and seed replaced by `settings`, `seed`).
+        settings: attacker settings reported: shadow and/or partial (default: shadow).
+        captions: caption modes attacked, a report each: ground-truth, captioner,
+            fixed-caption, swapped-caption (default: captioner when a captioner is set).
+        devices: where the attack stage's queries run; on several devices `ddp` / `auto` run
+            the attack stage as its own process (`stages.attack_stage`).
+        seed: seed of splits, training, queries and attacks (repeat r >= 1: seed + r).
+        repeats: R >= 2 runs the whole experiment R times (`repeat_runs`) and writes mean ±
+            sd across them beside the bootstrap interval (attack/repeats.json and .md).
         overfit: the experiment is a deliberately overfit regime (its output says so).
-        repeats: R >= 2 runs the whole experiment R times (`repeat_runs`: new splits, target,
-            shadows, queries and attacks each) and writes mean ± sd across them beside the
-            bootstrap interval, as attack/repeats.json and repeats.md.
-        parallel: training stages that do not depend on each other (autoencoder and encoder;
-            then target and shadows) run as this many processes at once, each with its share
-            of the CPU threads (> 1 implies isolate; for small models on few cores).
-        query_accelerator: Lightning accelerator of the attack stage's queries.
-        query_devices: its devices (`auto`: every GPU of the node, else one CPU process).
-        query_strategy: its strategy; on several devices `ddp` / `auto` run the attack stage
-            as its own process (`attack_stage`), `ddp_spawn` in this one.
         verbose: every stage shows every message of Lightning, W&B and the model libraries.
     """
     del overfit  # read by the command line, which prints OVERFIT_NOTE
-    settings = list(settings or ["shadow"])
     runs = repeat_runs(experiment, seed, repeats)
-    outcomes = []
+    outcomes, plans = [], []
     for folder, run_seed, extra in runs:
         layout = ExperimentLayout(folder)
-        plan = [(s, c) for s in settings for c in caption_runs(captioner, captions, layout)]
-        common = [f"--data.experiment={folder}", *(data_args or []), *(trainer_args or []), *extra]
-        common += ["--verbose"] if verbose else []
-        _train_stages(
-            layout,
-            family,
-            num_shadows,
-            autoencoder,
-            encoder,
-            clip,
-            model,
-            common,
-            list(model_args or []),
-            isolate,
-            parallel,
-            captioner,
+        queries = caption_queries(
+            query.with_updates(seed=run_seed), captions or [], stages.captioner, layout
         )
-        for setting, caption_folder in plan:
-            options = AttackOptions(
+        plans = [
+            AttackOptions(
                 ckpt=str(layout.checkpoint(family, 0)),
                 experiment=folder,
-                attacks=list(attacks or paper_attacks()),
-                setting=setting,
-                known_fraction=known_fraction,
-                num_images=num_images,
-                seed=run_seed,
-                encoder=clip,
-                captioner=caption_folder,
-                accelerator=query_accelerator,
-                devices=query_devices,
-                strategy=query_strategy,
+                attack=replace(attack, setting=setting, seed=run_seed),
+                query=q,
+                devices=devices,
                 verbose=verbose,
             )
-            what = f"{setting} setting{caption_tag(caption_folder)}"
-            rank_zero_info(f"[attack] {what}: {', '.join(options.attacks)}")
-            start = time.perf_counter()
-            outcomes.append(attack_stage(options))
-            finish_wandb_run()
-            rank_zero_info(f"[attack] {what} done in {time.perf_counter() - start:.0f} s")
+            for setting in settings or ["shadow"]
+            for q in queries
+        ]
+        common = [f"--data.experiment={folder}", *stages.data_args, *stages.trainer_args, *extra]
+        common += ["--verbose"] if verbose else []
+        train_stages(layout, family, num_shadows, stages, common, bool(query.encoder))
+        outcomes += [attack_stage(options) for options in plans]
     if repeats > 1:
-        _summarize(experiment, plan, runs, outcomes)
+        _summarize(experiment, plans, runs, outcomes)
     return outcomes
 
 
 def show_comparisons(outcomes: list[AttackOutcome | None]) -> None:
-    """The ground-truth and captioner reports of each experiment folder and setting side by
-    side (the paper's comparison of the two attackers), on the terminal."""
+    """The reports of each experiment folder and setting in their caption modes side by side
+    (the paper's comparison of the attackers, and the controls), on the terminal."""
     groups: dict[tuple[str, str], list] = {}
     for outcome in filter(None, outcomes):
         key = (str(outcome.layout.root), outcome.report.setting)
@@ -339,7 +289,7 @@ def show_comparisons(outcomes: list[AttackOutcome | None]) -> None:
 
 def config_path(name: str) -> str:
     """A named experiment (`demo`) or a path to its YAML, in the working folder or else in the
-    installed package (`cli.find_config`); FileNotFoundError lists the names."""
+    installed package (`paths.find_config`); FileNotFoundError lists the names."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml"):
         if not Path(find_config(path)).is_file():
@@ -352,9 +302,13 @@ def config_path(name: str) -> str:
     return str(named)
 
 
+EXPERIMENT_LISTS = ["settings", "captions", "attack.attacks", "query.signals"]
+EXPERIMENT_LISTS += [f"stages.{k}" for k in ("data_args", "model_args", "trainer_args")]
+
+
 def experiment_parser() -> Any:
     """The parser of `python -m lightning_mia.experiment`: `--config` and `run_experiment`'s
-    arguments (`--verbose` also alone; `--attacks` / `--settings` also as bare words)."""
+    arguments, nested groups included (`--query.num_images 8`, `--attack.attacks all`)."""
     from jsonargparse import ActionConfigFile
 
     parser = argument_parser(
@@ -363,17 +317,16 @@ def experiment_parser() -> Any:
         "<name of configs/experiments/ | config.yaml> [--key value ...]",
     )
     parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(
-        run_experiment, skip={"verbose", "attacks", "settings", "captions"}
-    )
-    attacks = "attacks: names, `all`, or '[pixel, semantic]' (default: the paper's four)"
-    parser.add_argument("--attacks", nargs="*", type=str, default=None, help=attacks)
-    settings = "attacker settings: shadow and/or partial (default: shadow)"
-    parser.add_argument("--settings", nargs="*", type=str, default=None, help=settings)
-    captions = "caption modes: ground-truth and/or captioner (default: captioner if set)"
-    parser.add_argument("--captions", nargs="*", type=str, default=None, help=captions)
+    parser.add_function_arguments(run_experiment, skip={"verbose"})
     add_verbose_argument(parser)
     return parser
+
+
+def experiment_config(argv: list[str]) -> Any:
+    """The parsed config of `<name | config.yaml> [--key value ...]` (bare-word lists and lone
+    flags too): the named experiment's YAML, then the overrides."""
+    rest = normalized_argv(argv[1:], EXPERIMENT_LISTS, ["verbose", "overfit"])
+    return experiment_parser().parse_args(["--config", config_path(argv[0]), *rest])
 
 
 def experiment_main(args: ArgsType = None) -> list[AttackOutcome | None]:
@@ -387,13 +340,11 @@ def experiment_main(args: ArgsType = None) -> list[AttackOutcome | None]:
     configure_terminal(verbose_requested(argv))
 
     def run() -> list[AttackOutcome | None]:
-        cfg = experiment_parser().parse_args(["--config", config_path(argv[0]), *argv[1:]])
+        cfg = experiment_config(argv)
         configure_terminal(cfg.verbose)
         start = time.perf_counter()
-        kwargs = cfg.as_dict()
+        kwargs = dict(experiment_parser().instantiate(cfg))
         kwargs.pop("config", None)
-        for name in ("attacks", "settings", "captions"):  # `--attacks pixel semantic` too
-            kwargs[name] = split_names(kwargs[name]) or None
         outcomes = run_experiment(**kwargs)
         for outcome in filter(None, outcomes):
             if not outcome.shown:

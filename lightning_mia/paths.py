@@ -4,9 +4,10 @@ Layout::
 
     runs/<experiment>/
       splits.json  autoencoder/  encoder/  captioner/  <family>-<role>-<index:03d>/
-      queries/<run>/  queries/<run>@<captioner>/  attack/  attack/<setting>@<captioner>/
+      queries/<run>/  queries/<run>@<tag>/  attack/  attack/<setting>@<tag>/
 
-`@<captioner>`: queried with the captions of an attacker's captioner (the image-only setting).
+`@<tag>`: queried with other captions than the ground truth (an attacker's captioner's, the
+fixed-caption or swapped-caption control; `specs.query.caption_tag`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+PACKAGE_DIR = Path(__file__).resolve().parent
 ROLES = ("target", "shadow")
 CHECKPOINT_DIR, LAST_CKPT = "checkpoints", "last.ckpt"
 DONE_MARKER = "DONE.json"  # a training stage that finished (written by rank 0 after last.ckpt)
@@ -42,12 +44,6 @@ def role_of(model_index: int) -> str:
 def run_name(family: str, model_index: int) -> str:
     """`{family}-{role}-{index:03d}`, e.g. `diffusion-target-000`, `seq2seq-shadow-002`."""
     return f"{family}-{role_of(model_index)}-{model_index:03d}"
-
-
-def caption_tag(captioner: str) -> str:
-    """The suffix of a caption mode's query and report folders: none for ground-truth
-    captions, `@<folder name>` for a captioner's (`runs/demo/captioner` -> `@captioner`)."""
-    return f"@{Path(captioner).name}" if captioner else ""
 
 
 def last_checkpoint(folder: str | os.PathLike) -> Path:
@@ -109,17 +105,17 @@ class ExperimentLayout:
         """`last.ckpt` of a model run (`<family>-<role>-<index>/checkpoints/last.ckpt`)."""
         return last_checkpoint(self.run_dir(family, model_index))
 
-    def queries(self, name: str, captioner: str = "") -> Path:
-        """`queries/<name>/`; `queries/<name>@<captioner>/` when queried with a captioner's
-        captions (`caption_tag`), so both caption modes of one model live side by side."""
-        return self.root / "queries" / f"{name}{caption_tag(captioner)}"
+    def queries(self, name: str, tag: str = "") -> Path:
+        """`queries/<name><tag>/`: the caption modes of one model side by side (`tag` = ""
+        for the ground-truth captions, `QuerySpec.tag`)."""
+        return self.root / "queries" / f"{name}{tag}"
 
-    def report_dir(self, setting: str, captioner: str = "") -> Path:
-        """`attack/` for the default shadow setting, `attack/<setting>/` for the others;
-        `attack/<setting>@<captioner>/` for an attack with a captioner's captions."""
-        if setting == "shadow" and not captioner:
+    def report_dir(self, setting: str, tag: str = "") -> Path:
+        """`attack/` for the shadow setting with ground-truth captions, else
+        `attack/<setting><tag>/`."""
+        if setting == "shadow" and not tag:
             return self.attack
-        return self.attack / f"{setting}{caption_tag(captioner)}"
+        return self.attack / f"{setting}{tag}"
 
     def stage(self, family: str, model_index: int = 0) -> StagePaths:
         """Folder, run name and role of a training stage of `family` (model row `model_index`)."""
@@ -129,10 +125,9 @@ class ExperimentLayout:
         name = run_name(family, model_index)
         return StagePaths(self.root / name, name, role_of(model_index))
 
-    def query_stage(self, model_run: str, captioner: str = "") -> StagePaths:
-        """The query of one model run (`queries/<run>/`, or `queries/<run>@<captioner>/`)."""
-        name = f"query-{model_run}{caption_tag(captioner)}"
-        return StagePaths(self.queries(model_run, captioner), name, "query")
+    def query_stage(self, model_run: str, tag: str = "") -> StagePaths:
+        """The query of one model run in one caption mode (`queries/<run><tag>/`)."""
+        return StagePaths(self.queries(model_run, tag), f"query-{model_run}{tag}", "query")
 
     def finished_runs(self, family: str, role: str = "shadow") -> list[Path]:
         """Folders of the finished (DONE) runs of `family` in `role`, by model index."""
@@ -214,3 +209,26 @@ def write_model_files(folder: str | os.PathLike, write: Callable[[Path], Any]) -
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def find_config(path: str | os.PathLike) -> str:
+    """`path` as given if it exists; else a relative `configs/...` path (file or folder) found
+    in the installed package (`lightning_mia/configs/`, or a checkout's `configs/`)."""
+    given = Path(path)
+    if given.exists() or given.is_absolute() or given.parts[:1] != ("configs",):
+        return str(path)
+    for root in (PACKAGE_DIR, PACKAGE_DIR.parent):
+        if (root / given).exists():
+            return str(root / given)
+    return str(path)
+
+
+def with_found_configs(argv: list[str]) -> list[str]:
+    """`argv` with every `--config X` / `--config=X` resolved by `find_config`."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = find_config(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + find_config(arg.split("=", 1)[1])
+    return out

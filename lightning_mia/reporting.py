@@ -16,16 +16,14 @@ import os
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lightning_mia.attack.examples import EXAMPLES_PNG
-from lightning_mia.attack.report import AttackReport
 from lightning_mia.lineage import ArtifactSpec, report_artifact
-from lightning_mia.metrics import METRIC_NAMES, Metric
 from lightning_mia.terminal import is_verbose
 
 WANDB_HOST = "api.wandb.ai"
@@ -65,37 +63,29 @@ def grid_png(images: torch.Tensor, min_side: int = 96) -> bytes:
     return buf.getvalue()
 
 
-def log_report(logger: Any, report: AttackReport, roc_png: str | os.PathLike) -> None:
-    """Log the result table, the ROC image, summary scalars and per-sample scores to W&B."""
+@dataclass(frozen=True)
+class RunResults:
+    """What a stage's results are in W&B: tables, images, summary scalars and its folder (a
+    report artifact). The attack stage builds one from its report (`attack.render`)."""
+
+    tables: dict[str, tuple[list[str], list[list[Any]]]] = field(default_factory=dict)
+    images: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)  # paths, captions
+    summary: dict[str, float] = field(default_factory=dict)
+    folder: Path | None = None  # the report folder, logged as the stage's artifact
+    setting: str = ""
+
+
+def log_results(logger: Any, results: RunResults) -> None:
+    """Log a stage's result tables, images, summary scalars and report folder to W&B."""
     for lg in _wandb_loggers(logger):
-        columns = ["kind", "attack", "access", "queries"]
-        columns += [f"{m}{s}" for m in METRIC_NAMES for s in ("", "/low", "/high")]
-        data, summary = [], {}
-        for kind, r in report.results():
-            row: list[Any] = [kind, r.name, r.access, r.queries_per_sample]
-            for m in METRIC_NAMES:
-                metric = r.metrics.get(m, Metric(None, resolvable=False))
-                row += [metric.value, metric.low, metric.high]
-                summary[f"{kind}/{r.name}/{m}"] = metric.value
-            data.append(row)
-        lg.log_table("attack/results", columns=columns, data=data)
-        lg.log_image("attack/roc", [str(roc_png)], caption=[f"{report.setting} setting"])
-        scored = [r for _, r in report.results() if r.scores is not None]
-        if scored and all(r.scores.numel() == scored[0].scores.numel() for r in scored):
-            ids, labels = scored[0].sample_id, scored[0].labels
-            rows = [
-                [int(ids[i]) if ids is not None else i, bool(labels[i])]
-                + [float(r.scores[i]) for r in scored]
-                for i in range(scored[0].scores.numel())
-            ]
-            cols = ["sample_id", "is_member", *(r.name for r in scored)]
-            lg.log_table("attack/scores", columns=cols, data=rows)
-        lg.experiment.summary.update({k: v for k, v in summary.items() if v is not None})
-        folder = Path(roc_png).parent
-        if (folder / EXAMPLES_PNG).is_file():
-            lg.log_image("attack/examples", [str(folder / EXAMPLES_PNG)])
-        group = lg.experiment.group or "experiment"
-        log_lineage(lg, [], [report_artifact(folder, group, report.setting)])
+        for key, (columns, data) in results.tables.items():
+            lg.log_table(key, columns=columns, data=data)
+        for key, (paths, captions) in results.images.items():
+            lg.log_image(key, list(paths), caption=list(captions) or None)
+        lg.experiment.summary.update({k: v for k, v in results.summary.items() if v is not None})
+        if results.folder is not None:
+            group = lg.experiment.group or "experiment"
+            log_lineage(lg, [], [report_artifact(results.folder, group, results.setting)])
 
 
 def log_image_grid(

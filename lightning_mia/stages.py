@@ -1,12 +1,13 @@
-"""A training stage as the runners start it: skipped when done, resumed from its last.ckpt,
-and, where it must be (DDP's launcher, clusters), in its own process.
+"""Training stages as the runners start them: skipped when done, resumed from their last.ckpt,
+and, where they must be (DDP's launcher, clusters), in their own process.
 
     argv = fit_arguments(folder, "configs/encoder/tiny.yaml", ["--data.experiment=runs/x"])
     if argv is not None:          # None: the stage is done (its DONE.json exists)
         run_fit_process(folder, argv)   # python -m lightning_mia.cli fit ... (= train.py fit)
 
-Used by `lightning_mia.experiment` (which can also train in its own process) and by the
-external audit (`lightning_mia.external`, whose shadows always train in their own process).
+A stage's settings are `train.py fit` arguments: the same list runs in the runner's process
+(`cli.train_main`) or as its own. Used by `lightning_mia.experiment` and by the external audit
+(`lightning_mia.external`, whose shadows always train in their own process).
 """
 
 from __future__ import annotations

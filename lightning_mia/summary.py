@@ -26,7 +26,8 @@ from typing import Any
 
 from lightning_mia.attack.report import REPORT_JSON, AttackReport, read_report
 from lightning_mia.errors import UserError
-from lightning_mia.paths import ExperimentLayout, caption_tag
+from lightning_mia.paths import ExperimentLayout
+from lightning_mia.specs.query import caption_tag
 from lightning_mia.terminal import argument_parser
 
 FACTORS = {
@@ -67,7 +68,7 @@ def _row(layout: ExperimentLayout, report: AttackReport) -> SummaryRow:
         "num_shadows": report.num_shadows if report.setting == "shadow" else None,
     }
     # a captioner's report is another attacker (image only): its own row, not in the figures
-    setting = report.setting + caption_tag(report.captioner.get("folder", ""))
+    setting = report.setting + caption_tag(report.captions, report.captioner.get("folder", ""))
     row = SummaryRow(layout.name, setting, report.family, factors)
     for kind, result in report.results():
         name = result.name if kind == "attack" else f"{result.name} (baseline)"
@@ -200,7 +201,7 @@ def summary_parser() -> Any:
 
 def summary_main(args: list[str] | None = None) -> list[SummaryRow]:
     """`python -m lightning_mia.summary <experiment folders> [--output folder]`."""
-    from lightning_mia.cli import run_cli, say
+    from lightning_mia.terminal import run_cli, say
 
     cfg = summary_parser().parse_args(args)
 

@@ -17,13 +17,16 @@ autoencoder in eval mode). W&B runs silently (`reporting.make_logger`), model su
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from lightning_mia.errors import UserError
 
 # logger name -> substrings of the messages dropped in quiet mode
 QUIET_MESSAGES: dict[str, tuple[str, ...]] = {
@@ -86,6 +89,45 @@ def verbose_requested(argv: Sequence[str] | None) -> bool:
         if arg.startswith("--verbose="):
             return arg.split("=", 1)[1].lower() == "true"
     return False
+
+
+def normalized_argv(
+    argv: Sequence[str], list_keys: Sequence[str], flag_keys: Sequence[str]
+) -> list[str]:
+    """A command line as jsonargparse reads it: `--a-b` is `--a_b`; a list option given as
+    bare words or commas (`--attacks pixel semantic`, `--attacks pixel,semantic`, `none` for
+    an empty list) becomes one YAML list; a boolean flag alone (`--verbose`) becomes `=true`."""
+    out, args, i = [], list(argv), 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            out.append(arg)
+            i += 1
+            continue
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        following = args[i + 1] if i + 1 < len(args) else None
+        if key in list_keys:
+            values = [value] if eq else []
+            while not eq and i + 1 < len(args) and not args[i + 1].startswith("--"):
+                values.append(args[i + 1])
+                i += 1
+            out.append(f"--{key}={yaml_list(values)}")
+        elif key in flag_keys and not eq and (following is None or following.startswith("--")):
+            out.append(f"--{key}=true")
+        else:
+            out.append(f"--{key}{eq}{value}")
+        i += 1
+    return out
+
+
+def yaml_list(values: Sequence[str]) -> str:
+    """Bare words, comma lists or one YAML list (`[a, b]`) as one YAML list; `none` = []."""
+    text = " ".join(values).strip()
+    if text.startswith("["):
+        return text
+    items = [v.strip().strip("'\"") for part in values for v in part.split(",") if v.strip()]
+    return json.dumps([] if items == ["none"] else items)
 
 
 def add_verbose_argument(parser: Any) -> None:
@@ -176,11 +218,59 @@ def argument_parser(**kwargs: Any) -> Any:
     return OneLineArgumentParser(**kwargs)
 
 
+def user_error_in(err: BaseException) -> BaseException | None:
+    """The user error behind `err`: itself, or one jsonargparse wrapped while instantiating
+    a class from a config (it re-raises a ValueError whose cause or context is the error)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (UserError, FileNotFoundError)):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (a list of problems joined with '; ')."""
+    lines = [ln.strip() for ln in str(err).splitlines()]
+    lines = [ln[2:] if ln.startswith("- ") else ln for ln in lines]  # a list's bullets
+    return "; ".join(ln for ln in lines if ln).replace(":; ", ": ")
+
+
+def run_cli(main: Callable[[], Any]) -> Any:
+    """Run `main`; a user error becomes one line on stderr and exit status 1. Lightning ends a
+    run sent SIGTERM with a SystemExit of status 0; here it is 143 (128 + SIGTERM), so a shell,
+    a scheduler or the experiment runner never takes a stopped stage for a finished one."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        return main()
+    except SIGTERMException:
+        sys.stderr.write("error: stopped by SIGTERM; run the same command again to resume\n")
+        raise SystemExit(143) from None
+    except Exception as err:  # noqa: BLE001 - only user errors are caught, the rest re-raised
+        user = user_error_in(err)
+        if user is None:
+            raise
+        sys.stderr.write(f"error: {one_line(user)}\n")
+        raise SystemExit(1) from None
+
+
+def say(text: str) -> None:
+    """A command's own output (tables, paths, hints) on stdout, from global rank zero only."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    rank_zero_only(lambda: sys.stdout.write(f"{text}\n"))()
+
+
 __all__ = [
     "OneLineErrors",
-    "argument_parser",
     "add_verbose_argument",
+    "argument_parser",
     "configure_terminal",
     "is_verbose",
+    "normalized_argv",
+    "run_cli",
+    "say",
     "verbose_requested",
 ]

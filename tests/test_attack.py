@@ -4,13 +4,13 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from lightning_mia.specs.attacks import QueryCosts
 from lightning_mia.attack.baselines import fit_threshold_baseline
-from lightning_mia.specs.attacks import ATTACKS, paper_attacks, query_feature_groups
 from lightning_mia.attack.data import AttackDataModule, Rows, stratified_split
 from lightning_mia.attack.module import AttackModule, fit_attack
 from lightning_mia.metrics import bootstrap_interval, roc_auc
 from lightning_mia.query.shards import QueryTable
+from lightning_mia.specs.attacks import ATTACKS, QueryCosts, paper_attacks, query_feature_groups
+from lightning_mia.specs.query import QueryRecord
 
 
 def _rows(n, separation, seed, num_features=6):
@@ -79,7 +79,7 @@ def test_stratified_split_is_seeded_disjoint_and_stratified():
 def _table(features, member, run_name):
     n = member.numel()
     return QueryTable(
-        torch.arange(n), member, 1, features=features, metadata={"run_name": run_name}
+        torch.arange(n), member, 1, features=features, record=QueryRecord(run_name=run_name)
     )
 
 

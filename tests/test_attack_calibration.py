@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from lightning_mia.specs.attacks import AttackError
 from lightning_mia.attack.calibration import (
     fit_gaussians,
     lira_offline,
@@ -13,6 +12,7 @@ from lightning_mia.attack.calibration import (
 )
 from lightning_mia.metrics import bootstrap_interval, roc_auc
 from lightning_mia.query.shards import QueryTable
+from lightning_mia.specs.attacks import AttackError
 
 
 def _world(shift, num_shadows=16, num_samples=600, noise=0.5, seed=0):

@@ -7,9 +7,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import RobustScaler
 
-from lightning_mia.specs.attacks import AttackError
 from lightning_mia.attack.clid import ALPHAS, CLID_FEATURES, fit_clid_threshold, robust_scaler
 from lightning_mia.metrics import threshold_from
+from lightning_mia.specs.attacks import AttackError
 
 NAMES = ["clid/gap_null", "clid/loss_cond", "clid/score"]  # columns in sorted order, as shards
 

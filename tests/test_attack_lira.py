@@ -4,11 +4,12 @@ all OUT), and the checks on the tables it reads, on synthetic query shards."""
 import pytest
 import torch
 
-from lightning_mia.specs.attacks import AttackError
 from lightning_mia.attack.calibration import FIXED_VARIANCE_BELOW
 from lightning_mia.attack.runner import run_attacks
 from lightning_mia.paths import ExperimentLayout, run_name
 from lightning_mia.query.shards import load_query_table, write_shard
+from lightning_mia.specs.attacks import AttackError
+from lightning_mia.specs.query import QueryRecord, QuerySpec
 
 FAST = dict(max_epochs=15, n_boot=100, progress=False)
 N = 200  # target rows: 100 non-members, TPR@1%FPR resolvable
@@ -29,22 +30,14 @@ def _features(difficulty, member, g):
     }
 
 
-def _write(layout, folder, index, ids, member, difficulty, meta=None):
+def _write(layout, folder, index, ids, member, difficulty, spec=None):
     """One query table: `difficulty` (one per row of `ids`) under the membership `member`."""
     g = torch.Generator().manual_seed(int(ids[0]) + 7 * index)
     name = run_name("diffusion", index)
-    meta = {
-        "splits_hash": "h",
-        "run_name": name,
-        "family": "diffusion",
-        "experiment": "x",
-        "num_images": "4",
-        "seed": "0",
-        "encoder": "enc",
-        **(meta or {}),
-    }
+    spec = QuerySpec(num_images=4, seed=0, encoder="enc", **(spec or {}))
+    record = QueryRecord(splits_hash="h", run_name=name, family="diffusion", spec=spec)
     feats = _features(difficulty, member, g)
-    write_shard(folder / "shard-0.safetensors", ids, member, index, feats, meta)
+    write_shard(folder / "shard-0.safetensors", ids, member, index, feats, record)
     return load_query_table(folder)
 
 
@@ -131,10 +124,10 @@ def test_query_settings_must_agree_one_line(world, tmp_path):
         shadows[1].sample_id,
         shadows[1].is_member,
         torch.zeros(N),
-        meta={"seed": "5", "encoder": "/models/clip"},
+        spec={"seed": 5, "encoder": "/models/clip"},
     )
     message = _refused(world, shadows=[shadows[0], other, *shadows[2:]])
     assert message.count("\n") == 0, message
-    assert "shadow diffusion-shadow-002 was queried with other settings than the target" in message
-    assert "seed='5' (target seed='0')" in message
-    assert "encoder='/models/clip' (target encoder='enc')" in message
+    assert "shadow diffusion-shadow-002 was queried otherwise than the target" in message
+    assert "spec.seed: 0 vs 5" in message
+    assert "spec.encoder: 'enc' vs '/models/clip'" in message

@@ -5,13 +5,14 @@ import json
 import pytest
 import torch
 
-from lightning_mia.specs.attacks import AttackError
 from lightning_mia.attack.render import REPORT_JSON, REPORT_MD, ROC_PNG, write_report
 from lightning_mia.attack.report import AttackContext, TargetFacts
 from lightning_mia.attack.runner import run_attacks
 from lightning_mia.metrics import METRIC_NAMES
 from lightning_mia.paths import ExperimentLayout, run_name
 from lightning_mia.query.shards import load_query_table, write_shard
+from lightning_mia.specs.attacks import AttackError
+from lightning_mia.specs.query import QueryRecord, QuerySpec
 
 FAST = dict(max_epochs=15, n_boot=100, progress=False)
 
@@ -36,14 +37,13 @@ def _write_table(layout, index, n=160, seed=0, family="diffusion", splits="abc12
     ids = torch.arange(n) + 1000 * index
     features = {k: v for k, v in _features(member, g).items() if k not in drop}
     name = run_name(family, index)
-    meta = {
-        "splits_hash": splits,
-        "run_name": name,
-        "family": family,
-        "experiment": "x",
-        "num_images": "4",
-        "train_steps_per_image": "300.0",
-    }
+    meta = QueryRecord(
+        splits_hash=splits,
+        run_name=name,
+        family=family,
+        train_steps_per_image=300.0,
+        spec=QuerySpec(num_images=4),
+    )
     folder = layout.queries(name)
     half = n // 2  # two shards, as two ranks would write
     for k, part in enumerate((slice(0, half), slice(half, n))):
@@ -150,7 +150,8 @@ def test_mixed_family_and_splits(world):
     layout = world[0]
     other = _write_table(layout, 3, family="seq2seq", splits="zzz")
     message = _error(world, shadows=[*world[2], other])
-    assert "family='seq2seq'" in message and "splits_hash='zzz'" in message
+    assert "family: 'diffusion' vs 'seq2seq'" in message
+    assert "splits_hash: 'abc123' vs 'zzz'" in message
 
 
 def test_unknown_attack_lists_known_ones(world):
@@ -179,13 +180,9 @@ def _loss_table(layout, index, ids, member, per_sample, seed):
     g = torch.Generator().manual_seed(seed)
     loss = per_sample[ids] - 0.6 * member.float() + 0.05 * torch.randn(ids.numel(), generator=g)
     name = run_name("diffusion", index)
-    meta = {
-        "splits_hash": "h",
-        "run_name": name,
-        "family": "diffusion",
-        "experiment": "x",
-        "num_images": "4",
-    }
+    meta = QueryRecord(
+        splits_hash="h", run_name=name, family="diffusion", spec=QuerySpec(num_images=4)
+    )
     feats = {"loss/mean": loss, "blind/noise": torch.randn(ids.numel(), generator=g)}
     write_shard(layout.queries(name) / "shard-0.safetensors", ids, member, index, feats, meta)
     return load_query_table(layout.queries(name))

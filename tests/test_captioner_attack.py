@@ -49,16 +49,22 @@ def _config(tmp, exp):
         "experiment": str(exp),
         "family": "diffusion",
         "num_shadows": 1,
-        "autoencoder": str(ROOT / "configs/autoencoder/tiny-kl.yaml"),
-        "encoder": str(ROOT / "configs/encoder/tiny.yaml"),
-        "captioner": CAPTIONER,
         "captions": ["ground-truth", "captioner"],
-        "model": str(ROOT / "configs/diffusion/tiny.yaml"),
-        "data_args": DATA,
-        "trainer_args": [*TRAINER, "--trainer.max_steps=4"],
-        "model_args": ["--model.init_args.num_inference_steps=2"],
-        "num_images": 1,
-        "attacks": ["pixel", "loss"],
+        "stages": {
+            "autoencoder": str(ROOT / "configs/autoencoder/tiny-kl.yaml"),
+            "encoder": str(ROOT / "configs/encoder/tiny.yaml"),
+            "captioner": CAPTIONER,
+            "model": str(ROOT / "configs/diffusion/tiny.yaml"),
+            "data_args": DATA,
+            "trainer_args": [*TRAINER, "--trainer.max_steps=4"],
+            "model_args": ["--model.init_args.num_inference_steps=2"],
+        },
+        "query": {
+            "num_images": 1,
+        },
+        "attack": {
+            "attacks": ["pixel", "loss"],
+        },
     }
     path = tmp / "captioner-experiment.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -116,11 +122,10 @@ def test_every_signal_reads_the_captioners_captions(finished):
     """The captioner queries (own folder, beside the ground-truth ones) hold the captioner's
     captions of the images, and the gray-box loss is that of those captions."""
     _, layout, _, _ = finished
-    plain, mine = layout.queries(TARGET), layout.queries(TARGET, str(layout.captioner))
-    assert mine.name == f"{TARGET}@captioner"
-    assert read_complete(plain)["captions"] == "ground-truth"
-    assert read_complete(mine)["captions"] == "captioner"
-    assert read_complete(mine)["captioner"] == str(layout.captioner.resolve())
+    plain, mine = layout.queries(TARGET), layout.queries(TARGET, "@captioner")
+    assert read_complete(plain).spec.captions == "ground-truth"
+    assert read_complete(mine).spec.captions == "captioner"
+    assert read_complete(mine).spec.captioner == "captioner"  # relative to the experiment
     examples = read_examples(mine)
     ids = sorted(examples)[:4]
     source = ShapesSource(**SOURCE)
@@ -146,11 +151,11 @@ def test_a_saved_random_init_blip_folder_attacks_through_the_same_path(finished,
         [
             "--ckpt",
             str(layout.checkpoint("diffusion", 0)),
-            "--captioner",
+            "--query.captioner",
             str(blip),
-            "--attacks",
+            "--attack.attacks",
             "pixel",
-            "--num_images",
+            "--query.num_images",
             "1",
             "--progress=false",
         ]
@@ -217,9 +222,9 @@ def test_bad_captioners_are_refused_in_one_line(case, finished, tmp_path, capsys
             [
                 "--ckpt",
                 str(layout.checkpoint("diffusion", 0)),
-                "--captioner",
+                "--query.captioner",
                 str(folder),
-                "--attacks",
+                "--attack.attacks",
                 "pixel",
                 "--progress=false",
             ]
@@ -242,7 +247,7 @@ def test_bad_captioners_are_refused_in_one_line(case, finished, tmp_path, capsys
 )
 def test_experiment_caption_modes_are_checked_first(extra, needle, tmp_path, capsys):
     config = yaml.safe_load(_config(tmp_path, tmp_path / "exp").read_text())
-    del config["captioner"], config["captions"]
+    del config["stages"]["captioner"], config["captions"]
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit) as err:

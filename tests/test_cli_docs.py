@@ -1,7 +1,7 @@
 """Every command the README and the config headers show parses with the real parsers, as
 written (nothing is run): train.py / LightningCLI, attack.py, the experiment runner, the
 summary; other scripts exist and know the flags they are given; make targets exist. Also the
-`--attacks` spellings people type, and the W&B sweep config of the shadows."""
+`--attack.attacks` spellings people type, and the W&B sweep config of the shadows."""
 
 import re
 import shlex
@@ -12,11 +12,10 @@ import pytest
 import yaml
 from test_configs import ParseOnlyCLI
 
+from lightning_mia.attack.options import SETTINGS, parse_attack_options
+from lightning_mia.experiment import experiment_config
+from lightning_mia.paths import find_config, with_found_configs
 from lightning_mia.specs.attacks import ATTACKS
-from lightning_mia.attack.command import attack_parser, options_from, split_names
-from lightning_mia.attack.runner import SETTINGS
-from lightning_mia.cli import find_config, with_found_configs
-from lightning_mia.experiment import config_path, experiment_parser
 from lightning_mia.summary import summary_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,14 +91,16 @@ def parse_command(command: str) -> str:
         ParseOnlyCLI(args=with_found_configs(args))
         return "train"
     if program == "lightning-mia-attack":
-        options = options_from(attack_parser().parse_args(with_found_configs(args)))
-        unknown = [a for a in options.attacks if a != "all" and a not in ATTACKS]
-        assert not unknown and options.setting in SETTINGS, (command, unknown)
+        options = parse_attack_options(with_found_configs(args))
+        asked = options.attack.attacks
+        unknown = [a for a in asked if a not in ("all", "paper") and a not in ATTACKS]
+        assert not unknown and options.attack.setting in SETTINGS, (command, unknown)
         return "attack"
     if program == "lightning-mia-experiment":
-        cfg = experiment_parser().parse_args(["--config", config_path(args[0]), *args[1:]])
+        cfg = experiment_config(args)
         for key in ("autoencoder", "encoder", "model"):
-            assert not cfg[key] or Path(find_config(cfg[key])).is_file(), (command, key)
+            path = cfg.stages[key]
+            assert not path or Path(find_config(path)).is_file(), (command, key)
         return "experiment"
     if program == "lightning-mia-summary":
         summary_parser().parse_args(args)
@@ -155,7 +156,7 @@ def test_a_wrong_command_fails():
     with pytest.raises(SystemExit):
         parse_command("python train.py fit --config configs/diffusion/tiny.yaml --data.nope 1")
     with pytest.raises(AssertionError):
-        parse_command("python attack.py --ckpt x.ckpt --attacks pixle")
+        parse_command("python attack.py --ckpt x.ckpt --attack.attacks pixle")
     with pytest.raises(FileNotFoundError):
         parse_command("python -m lightning_mia.experiment no-such-experiment")
 
@@ -163,26 +164,25 @@ def test_a_wrong_command_fails():
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--attacks", "all"], ["all"]),
-        (["--attacks", "pixel", "semantic"], ["pixel", "semantic"]),
-        (["--attacks", "[pixel, semantic]"], ["pixel", "semantic"]),
-        (["--attacks=pixel,semantic"], ["pixel", "semantic"]),
-        (["--attacks", "pixel", "--setting", "partial"], ["pixel"]),
+        ([], ("paper",)),
+        (["--attack.attacks", "all"], ("all",)),
+        (["--attack.attacks", "pixel", "semantic"], ("pixel", "semantic")),
+        (["--attack.attacks", "[pixel, semantic]"], ("pixel", "semantic")),
+        (["--attack.attacks=pixel,semantic"], ("pixel", "semantic")),
+        (["--attack.attacks", "pixel", "--attack.setting", "partial"], ("pixel",)),
     ],
 )
 def test_attacks_spellings(args, expected):
-    options = options_from(attack_parser().parse_args(["--ckpt", "x.ckpt", *args]))
-    assert options.attacks == expected
+    options = parse_attack_options(["--ckpt", "x.ckpt", *args])
+    assert options.attack.attacks == expected
 
 
 @pytest.mark.parametrize(
     "args, verbose", [([], False), (["--verbose"], True), (["--verbose", "false"], False)]
 )
 def test_verbose_flag_on_every_command(args, verbose):
-    assert attack_parser().parse_args(["--ckpt", "x", *args]).verbose is verbose
-    assert experiment_parser().parse_args(["--config", config_path("demo"), *args]).verbose is (
-        verbose
-    )
+    assert parse_attack_options(["--ckpt", "x", *args]).verbose is verbose
+    assert experiment_config(["demo", *args]).verbose is verbose
     cli = ParseOnlyCLI(args=["fit", "--config", find_config("configs/encoder/tiny.yaml"), *args])
     assert cli.config.fit.verbose is verbose
 
@@ -216,13 +216,13 @@ def test_the_shadow_sweep_trains_each_shadow_row():
 @pytest.mark.parametrize(
     "args, expected",
     [
-        ([], ["all"]),  # demo.yaml's
-        (["--attacks", "pixel", "semantic"], ["pixel", "semantic"]),
-        (["--attacks", "[pixel, semantic]"], ["pixel", "semantic"]),
-        (["--attacks", "all", "--settings", "shadow", "partial"], ["all"]),
+        ([], ("all",)),  # demo.yaml's
+        (["--attack.attacks", "pixel", "semantic"], ("pixel", "semantic")),
+        (["--attack.attacks", "[pixel, semantic]"], ("pixel", "semantic")),
+        (["--attack.attacks", "all", "--settings", "shadow", "partial"], ("all",)),
     ],
 )
 def test_experiment_attacks_spellings(args, expected):
-    cfg = experiment_parser().parse_args(["--config", config_path("demo"), *args])
-    assert split_names(cfg.attacks) == expected
-    assert split_names(cfg.settings) in (["shadow"], ["shadow", "partial"])
+    cfg = experiment_config(["demo", *args])
+    assert tuple(cfg.attack.attacks) == expected
+    assert list(cfg.settings) in (["shadow"], ["shadow", "partial"])

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 from test_configs import ParseOnlyCLI
 
-from lightning_mia.attack.command import attack_parser, options_from
-from lightning_mia.cli import with_found_configs
-from lightning_mia.query.run import query_trainer
+from lightning_mia.attack.options import parse_attack_options
+from lightning_mia.paths import with_found_configs
+from lightning_mia.query.run import Devices, query_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "scripts" / "cluster"
@@ -107,19 +107,16 @@ def parsed_stage(argv: list[str]) -> tuple[str, object]:
         assert argv[2] == "fit", argv
         return "train", ParseOnlyCLI(args=with_found_configs(argv[2:])).config.fit
     assert argv[1] == "attack.py", argv
-    return "attack", options_from(attack_parser().parse_args(with_found_configs(argv[2:])))
+    return "attack", parse_attack_options(with_found_configs(argv[2:]))
 
 
 def lightning_environment(kind: str, parsed, env: dict[str, str]):
     """The cluster environment a Trainer of the command's settings picks under `env`, after
     it has checked the settings against it (as Lightning does before it starts)."""
-    if kind == "train":
-        t = parsed.trainer
-        settings = ("cpu", t.devices, t.strategy, t.num_nodes)  # cpu: same ranks, no GPU here
-    else:
-        settings = ("cpu", parsed.devices, parsed.strategy, parsed.num_nodes)
+    d = parsed.trainer if kind == "train" else parsed.devices
+    settings = Devices("cpu", d.devices, d.strategy, d.num_nodes)  # cpu: same ranks, no GPU here
     with environment(env):
-        trainer = query_trainer(*settings)
+        trainer = query_trainer(settings)
         cluster = trainer.strategy.cluster_environment
         devices, nodes = trainer.num_devices, trainer.num_nodes  # "8" on a command line: 8
         cluster.validate_settings(num_devices=devices, num_nodes=nodes)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from jsonargparse import ArgumentParser
 
-from lightning_mia.attack.command import attack_parser
+from lightning_mia.attack.options import attack_parser
 from lightning_mia.cli import MIACLI
 from lightning_mia.experiment import run_experiment
 
@@ -58,11 +58,12 @@ def test_experiment_config_parses(path):
     parser.add_function_arguments(run_experiment)
     cfg = parser.parse_path(str(path))
     for key in ("autoencoder", "encoder", "captioner", "model"):
-        if cfg[key]:
-            assert (ROOT / cfg[key]).is_file(), f"{path.name}: {key} config {cfg[key]} missing"
+        value = cfg.stages[key]
+        if value:
+            assert (ROOT / value).is_file(), f"{path.name}: {key} config {value} missing"
 
 
 @pytest.mark.parametrize("path", ATTACK_CONFIGS, ids=lambda p: p.stem)
 def test_attack_config_parses(path):
     cfg = attack_parser().parse_args(["--config", str(path), "--ckpt", "x.ckpt"])
-    assert cfg.setting in ("shadow", "partial")
+    assert cfg.attack.setting in ("shadow", "partial")

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lightning_mia.cli import run_cli
 from lightning_mia.data import (
     CocoSource,
     DataError,
@@ -25,6 +24,7 @@ from lightning_mia.data.checks import CheckCache
 from lightning_mia.data.sources import file_digests
 from lightning_mia.errors import UserError
 from lightning_mia.paths import ExperimentLayout
+from lightning_mia.terminal import run_cli
 
 N = 8
 BAD_INDEX = 3

@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from lightning_mia.cli import attack_main, train_main
-from lightning_mia.query.run import run_query
+from lightning_mia.query.run import Devices, run_query
 from lightning_mia.query.shards import load_query_table, shard_paths
+from lightning_mia.specs.query import QuerySpec
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = [  # small splits: 15 target queries (odd, for the DDP check), shadows of the same size
@@ -73,10 +74,10 @@ def test_attack_command_end_to_end(experiment, family, capsys):
         [
             "--ckpt",
             str(ckpt(experiment, family, 0)),
-            "--num_images=1",
-            "--max_epochs=5",
+            "--query.num_images=1",
+            "--attack.max_epochs=5",
             "--progress=false",
-            "--attacks",
+            "--attack.attacks",
             '["all"]',
         ]
     )
@@ -114,7 +115,7 @@ def test_query_holds_every_sample_once_also_under_ddp(experiment):
     target = str(ckpt(experiment, "seq2seq", 0))
     folder = experiment / "queries" / "seq2seq-target-000"
     clear(folder)  # the attack test queried it with gray-box signals
-    table = run_query(target, num_images=1, progress=False)
+    table = run_query(target, QuerySpec(num_images=1), progress=False)
     splits = json.loads((experiment / "splits.json").read_text())
     row = splits["rows"][0]
     expected = sorted(row["members"] + row["nonmembers"])
@@ -123,11 +124,9 @@ def test_query_holds_every_sample_once_also_under_ddp(experiment):
     clear(folder)  # query again from scratch, with 2 processes
     run_query(
         target,
-        num_images=1,
+        QuerySpec(num_images=1),
+        devices=Devices("cpu", 2, "ddp_spawn"),
         progress=False,
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
         batch_size=4,
     )
     ranks = {p.name.split("-")[1] for p in shard_paths(folder)}
@@ -173,13 +172,14 @@ def test_kill_and_resume_equals_one_run(experiment, tmp_path):
     # every run on one thread: a thread count changes how float32 sums are split (the killed
     # and the reference run differed by 1.1e-4 at 1 vs 2 threads on AVX2 kernels)
     with torch_threads(1):
-        reference = run_query(str(target), num_images=2, batch_size=2, progress=False)
+        reference = run_query(str(target), QuerySpec(num_images=2), batch_size=2, progress=False)
     clear(folder)
     code = (
         "import torch\n"
         "torch.set_num_threads(1)\n"
         "from lightning_mia.query.run import run_query\n"
-        f"run_query({str(target)!r}, num_images=2, batch_size=2, progress=False)\n"
+        "from lightning_mia.specs.query import QuerySpec\n"
+        f"run_query({str(target)!r}, QuerySpec(num_images=2), batch_size=2, progress=False)\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT)
@@ -192,7 +192,7 @@ def test_kill_and_resume_equals_one_run(experiment, tmp_path):
     partial = len(shard_paths(folder))
     assert partial >= 2
     with torch_threads(1):
-        resumed = run_query(str(target), num_images=2, batch_size=2, progress=False)
+        resumed = run_query(str(target), QuerySpec(num_images=2), batch_size=2, progress=False)
     assert resumed.sample_id.tolist() == reference.sample_id.tolist()
     # same thread count, same batches of 2: the same float ops (bitwise equal here on AVX-512
     # and AVX2 kernels). The margin is for kernels that choose code paths by memory alignment
@@ -226,8 +226,8 @@ def test_bad_input_one_clear_error_each(experiment, tmp_path, capsys):
         [
             "--ckpt",
             str(ckpt(experiment, "seq2seq", 0)),
-            "--num_images=1",
-            "--attacks",
+            "--query.num_images=1",
+            "--attack.attacks",
             '["nosuch"]',
         ],
         "nosuch",

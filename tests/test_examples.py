@@ -16,6 +16,7 @@ from lightning_mia.attack.report import REPORT_MD, AttackReport, AttackResult
 from lightning_mia.metrics import evaluate
 from lightning_mia.paths import ExperimentLayout
 from lightning_mia.query.writer import ShardWriter, read_examples
+from lightning_mia.specs.query import QueryRecord
 
 
 class _Trainer:
@@ -99,7 +100,8 @@ def test_the_report_holds_examples_png_when_the_target_query_kept_examples(tmp_p
     write_report(layout.attack, report)
     assert not (layout.attack / EXAMPLES_PNG).exists()
     assert EXAMPLES_PNG not in (layout.attack / REPORT_MD).read_text()
-    writer = ShardWriter(layout.queries("diffusion-target-000"), {}, example_ids=[0, 3, 6, 7])
+    folder = layout.queries("diffusion-target-000")
+    writer = ShardWriter(folder, QueryRecord(), example_ids=[0, 3, 6, 7])
     writer.write_on_batch_end(_Trainer(), None, _prediction([0, 3, 6, 7]), None, None, 0)
     png = render_examples(report, read_examples(layout.queries("diffusion-target-000")))
     assert png[:4] == b"\x89PNG"

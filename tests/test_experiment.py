@@ -27,14 +27,20 @@ def _config(tmp_path, steps):
         "experiment": str(tmp_path / "exp"),
         "family": "diffusion",
         "num_shadows": 1,
-        "autoencoder": str(ROOT / "configs/autoencoder/tiny-kl.yaml"),
-        "encoder": str(ROOT / "configs/encoder/tiny.yaml"),
-        "model": str(ROOT / "configs/diffusion/tiny.yaml"),
-        "data_args": DATA,
-        "trainer_args": [*TRAINER, f"--trainer.max_steps={steps}"],
-        "model_args": ["--model.init_args.num_inference_steps=2"],
-        "num_images": 1,
-        "attacks": ["pixel"],
+        "stages": {
+            "autoencoder": str(ROOT / "configs/autoencoder/tiny-kl.yaml"),
+            "encoder": str(ROOT / "configs/encoder/tiny.yaml"),
+            "model": str(ROOT / "configs/diffusion/tiny.yaml"),
+            "data_args": DATA,
+            "trainer_args": [*TRAINER, f"--trainer.max_steps={steps}"],
+            "model_args": ["--model.init_args.num_inference_steps=2"],
+        },
+        "query": {
+            "num_images": 1,
+        },
+        "attack": {
+            "attacks": ["pixel"],
+        },
     }
     path = tmp_path / f"tiny-{steps}.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -13,7 +13,7 @@ from peft import PeftModel
 from tiny_pipeline import RES, save_peft_adapter, save_tiny_pipeline, write_member_list
 from transformers import CLIPModel
 
-from lightning_mia.attack.command import AttackOptions
+from lightning_mia.attack.options import AttackOptions, ExternalTarget
 from lightning_mia.card import CARD_KEY, read_card
 from lightning_mia.cli import attack_main
 from lightning_mia.data.images import tensor_to_pil
@@ -24,6 +24,7 @@ from lightning_mia.models.pipeline_folder import pipeline_sha256
 from lightning_mia.models.registry import load_family_module
 from lightning_mia.models.tokenizers import char_clip_tokenizer
 from lightning_mia.paths import ExperimentLayout
+from lightning_mia.specs.query import QuerySpec
 
 N = 24  # members and non-members each: the target is tested on half, the shadows draw the rest
 SHADOW_CONFIG = {  # a tiny recipe: the audit puts in the base, the LoRA settings and the data
@@ -93,19 +94,19 @@ def unet_out(unet, seed=0):
 
 def audit_args(inputs, experiment, *extra):
     return [
-        "--pipeline",
+        "--external.pipeline",
         str(inputs["pipeline"]),
-        "--members",
+        "--external.members",
         str(inputs["members"]),
-        "--non-members",
+        "--external.non_members",
         str(inputs["non_members"]),
         "--experiment",
         str(experiment),
-        "--shadow-config",
+        "--external.shadow_config",
         str(inputs["config"]),
-        "--num-shadows",
+        "--external.num_shadows",
         "1",
-        "--encoder",
+        "--query.encoder",
         str(inputs["clip"]),
         *extra,
     ]
@@ -117,14 +118,14 @@ def test_a_lora_target_trained_elsewhere_is_audited_end_to_end(inputs, tmp_path,
         audit_args(
             inputs,
             exp,
-            "--lora",
+            "--external.lora",
             str(inputs["lora"]),
-            "--num_images=1",
-            "--max_epochs=5",
+            "--query.num_images=1",
+            "--attack.max_epochs=5",
             "--progress=false",
-            "--attacks",
+            "--attack.attacks",
             "all",
-            "--signals",
+            "--query.signals",
             "loss",
         )
     )
@@ -171,23 +172,25 @@ def test_a_lora_target_trained_elsewhere_is_audited_end_to_end(inputs, tmp_path,
 
     # a second command reuses splits, target and shadow
     stamp = layout.checkpoint("diffusion", 1).stat().st_mtime_ns
-    options = AttackOptions(**{**vars(_options(inputs, exp)), "lora": str(inputs["lora"])})
+    options = _options(inputs, exp, lora=str(inputs["lora"]))
     again = prepare_external(options)
     assert again.ckpt == str(layout.checkpoint("diffusion", 0))
     assert layout.checkpoint("diffusion", 1).stat().st_mtime_ns == stamp
 
 
-def _options(inputs, exp, **kwargs) -> AttackOptions:
+def _options(inputs, exp, **external) -> AttackOptions:
     fields = dict(
         pipeline=str(inputs["pipeline"]),
         members=str(inputs["members"]),
         non_members=str(inputs["non_members"]),
-        experiment=str(exp),
         num_shadows=1,
         shadow_config=str(inputs["config"]),
-        encoder=str(inputs["clip"]),
     )
-    return AttackOptions(**{**fields, **kwargs})
+    return AttackOptions(
+        experiment=str(exp),
+        external=ExternalTarget(**{**fields, **external}),
+        query=QuerySpec(encoder=str(inputs["clip"])),
+    )
 
 
 def test_a_full_fine_tune_over_ids_of_a_data_source(inputs, tmp_path):
@@ -250,7 +253,7 @@ def test_bad_external_inputs_give_one_clear_line_each(inputs, tmp_path, capsys):
         assert needle in message and "Traceback" not in message, message
         return message
 
-    lora = ["--lora", str(inputs["lora"])]
+    lora = ["--external.lora", str(inputs["lora"])]
     rows = [json.loads(line) for line in inputs["members"].read_text().splitlines()]
     missing = write_member_list(
         inputs["root"] / "missing.jsonl",
@@ -269,12 +272,12 @@ def test_bad_external_inputs_give_one_clear_line_each(inputs, tmp_path, capsys):
     index["_class_name"] = "KandinskyPipeline"
     (other / "model_index.json").write_text(json.dumps(index))
     fails(lora, "holds a KandinskyPipeline", pipeline=other)
-    fails([], "a fully fine-tuned --pipeline needs --base")
-    fails([*lora, "--base", str(other)], "with --lora the pipeline is the base")
-    fails(["--lora", str(tmp_path)], "not a .safetensors file")
+    fails([], "a fully fine-tuned --external.pipeline needs --external.base")
+    fails([*lora, "--external.base", str(other)], "with --external.lora the pipeline is the base")
+    fails(["--external.lora", str(tmp_path)], "not a .safetensors file")
     with pytest.raises(SystemExit):
-        attack_main(["--pipeline", str(inputs["pipeline"]), *lora])
-    assert "--members is needed" in capsys.readouterr().err
+        attack_main(["--external.pipeline", str(inputs["pipeline"]), *lora])
+    assert "--external.members is needed" in capsys.readouterr().err
 
 
 def test_cautions_name_only_the_components_trained_elsewhere(tmp_path):

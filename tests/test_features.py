@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_mia.specs.attacks import ATTACKS
 from lightning_mia.features import FEATURE_GROUPS, FeatureExtractor
 from lightning_mia.features.blind import blind_features
 from lightning_mia.features.pixel import MAX_PSNR_DB, aggregate_over_images, pixel_features
 from lightning_mia.features.quality import brisque_score, brisque_statistics, quality_features
 from lightning_mia.features.semantic import semantic_features
 from lightning_mia.features.text import text_features
+from lightning_mia.specs.attacks import ATTACKS
 
 STATS = ("mean", "min", "max", "std")
 

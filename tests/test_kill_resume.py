@@ -40,12 +40,12 @@ DATA = [
     "--trainer.logger=false",
 ]
 ATTACK = [
-    "--num_images=1",
-    "--attacks",
+    "--query.num_images=1",
+    "--attack.attacks",
     "pixel",
-    "--signals",
+    "--query.signals",
     "loss",
-    "--max_epochs=40",
+    "--attack.max_epochs=40",
     "--progress=false",
 ]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}

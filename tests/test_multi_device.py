@@ -23,9 +23,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_mia.attack.command import AttackOptions, attack_argv, attack_parser, options_from
-from lightning_mia.experiment import experiment_main, relaunches_command
+from lightning_mia.attack.command import relaunches_command
+from lightning_mia.attack.options import (
+    AttackOptions,
+    AttackSettings,
+    ExternalTarget,
+    dump_attack_options,
+    parse_attack_options,
+)
+from lightning_mia.experiment import experiment_main
+from lightning_mia.query.run import Devices
 from lightning_mia.query.shards import load_query_table, read_shard, shard_paths
+from lightning_mia.specs.query import QuerySpec
+from lightning_mia.specs.signals import SignalOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = [
@@ -81,17 +91,23 @@ def experiment(tmp_path_factory):
         "experiment": str(tmp / "exp"),
         "family": "diffusion",
         "num_shadows": 2,
-        "autoencoder": str(ROOT / "configs/autoencoder/tiny-kl.yaml"),
-        "encoder": str(ROOT / "configs/encoder/tiny.yaml"),
-        "model": str(ROOT / "configs/diffusion/tiny.yaml"),
-        "data_args": DATA,
-        "trainer_args": TRAINER,
-        "model_args": ["--model.init_args.num_inference_steps=2"],
-        "num_images": 1,
-        "attacks": ATTACKS,
+        "stages": {
+            "autoencoder": str(ROOT / "configs/autoencoder/tiny-kl.yaml"),
+            "encoder": str(ROOT / "configs/encoder/tiny.yaml"),
+            "model": str(ROOT / "configs/diffusion/tiny.yaml"),
+            "data_args": DATA,
+            "trainer_args": TRAINER,
+            "model_args": ["--model.init_args.num_inference_steps=2"],
+        },
+        "query": {
+            "num_images": 1,
+        },
+        "attack": {
+            "attacks": ATTACKS,
+        },
     }
     (tmp / "tiny.yaml").write_text(yaml.safe_dump(config))
-    experiment_main([str(tmp / "tiny.yaml"), "--query_accelerator=cpu", "--query_devices=1"])
+    experiment_main([str(tmp / "tiny.yaml"), "--devices.accelerator=cpu", "--devices.devices=1"])
     exp = tmp / "exp"
     report = json.loads((exp / "attack" / "report.json").read_text())
     shutil.copytree(exp / "queries", tmp / "ref-queries")
@@ -172,11 +188,11 @@ def _attack_py(exp: Path, *flags: str) -> list[str]:
         "attack.py",
         "--ckpt",
         str(target),
-        "--num_images=1",
-        "--attacks",
+        "--query.num_images=1",
+        "--attack.attacks",
         *ATTACKS,
-        "--accelerator=cpu",
-        "--devices=2",
+        "--devices.accelerator=cpu",
+        "--devices.devices=2",
         "--progress=false",
         *flags,
     ]
@@ -187,7 +203,7 @@ def test_attack_ddp_on_two_processes_writes_the_one_device_report(experiment):
 
     tmp, exp, report, tables = experiment
     requery = _fresh(tmp, exp)  # all 5: target, shadows, shadows on the target's samples
-    proc = _run(_attack_py(exp, "--strategy=ddp"), tmp, wandb="offline")
+    proc = _run(_attack_py(exp, "--devices.strategy=ddp"), tmp, wandb="offline")
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr  # a second process really ran
     assert proc.stdout.count("shadow setting, diffusion, 2 shadow model(s)") == 1
     _same_as_one_device(exp, report, tables, requery)
@@ -200,7 +216,7 @@ def test_attack_ddp_spawn_on_two_processes_writes_the_one_device_report(experime
     # only the target is queried again; the shadows' queries are the same run_query
     tmp, exp, report, tables = experiment
     requery = _fresh(tmp, exp, [TARGET])
-    proc = _run(_attack_py(exp, "--strategy=ddp_spawn"), tmp)
+    proc = _run(_attack_py(exp, "--devices.strategy=ddp_spawn"), tmp)
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr
     _same_as_one_device(exp, report, tables, requery)
 
@@ -245,9 +261,9 @@ def test_experiment_attack_stage_under_ddp_runs_as_its_own_process(experiment):
             "-m",
             "lightning_mia.experiment",
             str(tmp / "tiny.yaml"),
-            "--query_accelerator=cpu",
-            "--query_devices=2",
-            "--query_strategy=ddp",
+            "--devices.accelerator=cpu",
+            "--devices.devices=2",
+            "--devices.strategy=ddp",
         ],
         tmp,
     )
@@ -260,11 +276,11 @@ def test_experiment_attack_stage_under_ddp_runs_as_its_own_process(experiment):
 
 
 def test_which_settings_relaunch_the_command_line(monkeypatch):
-    assert relaunches_command("cpu", 2, "ddp")
-    assert relaunches_command("cpu", 2, "auto")  # what `devices: auto` is on a multi-GPU node
-    assert not relaunches_command("cpu", 2, "ddp_spawn")
-    assert not relaunches_command("cpu", 1, "auto")
-    assert not relaunches_command("cpu", "auto", "auto")  # one CPU process
+    assert relaunches_command(Devices("cpu", 2, "ddp"))
+    assert relaunches_command(Devices("cpu", 2, "auto"))  # `devices: auto` on a multi-GPU node
+    assert not relaunches_command(Devices("cpu", 2, "ddp_spawn"))
+    assert not relaunches_command(Devices("cpu", 1, "auto"))
+    assert not relaunches_command(Devices("cpu", "auto", "auto"))  # one CPU process
     for var, value in {
         "LOCAL_RANK": "0",
         "RANK": "0",
@@ -276,23 +292,21 @@ def test_which_settings_relaunch_the_command_line(monkeypatch):
         "MASTER_PORT": "29500",
     }.items():
         monkeypatch.setenv(var, value)  # torchrun started the ranks: nothing is re-launched
-    assert not relaunches_command("cpu", 2, "ddp")
+    assert not relaunches_command(Devices("cpu", 2, "ddp"))
 
 
-def test_attack_argv_round_trips_the_options():
+def test_options_round_trip_through_the_stage_config(tmp_path):
+    """The options of an attack stage run as its own process reach it unchanged."""
     options = AttackOptions(
         ckpt="t.ckpt",
-        attacks=["pixel", "loss"],
-        signals=[],
-        devices=2,
-        strategy="ddp",
-        num_nodes=2,
-        calibrate=False,
-        num_images=1,
-        shadow_args="--trainer.max_steps=3",
-        public_size=5,
+        attack=AttackSettings(attacks=("pixel", "loss"), calibrate=False),
+        query=QuerySpec(num_images=1, signals=(), signal_options=SignalOptions(secmi_t=150)),
+        devices=Devices(devices=2, strategy="ddp", num_nodes=2),
+        external=ExternalTarget(shadow_args="--trainer.max_steps=3", public_size=5),
     )
-    assert options_from(attack_parser().parse_args(attack_argv(options))) == options
+    config = tmp_path / "options.yaml"
+    config.write_text(dump_attack_options(options))
+    assert parse_attack_options(["--config", str(config)]) == options
 
 
 AUTOENCODER_TINY = {  # the GPU configs' structure (discriminator, strategy ddp) at tiny sizes

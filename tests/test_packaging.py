@@ -116,7 +116,7 @@ def test_installed_commands_find_their_configs_from_another_folder(installed):
         "from lightning_mia.experiment import config_path, experiment_parser\n"
         "path = config_path('demo')\n"
         "cfg = experiment_parser().parse_args(['--config', path])\n"
-        "from lightning_mia.cli import find_config\n"
+        "from lightning_mia.paths import find_config\n"
         "print(lightning_mia.__file__, path, find_config(cfg.model), sep='\\n')\n"
     )
     out = subprocess.run(

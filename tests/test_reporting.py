@@ -218,18 +218,24 @@ def offline_experiment(tmp_path_factory):
         "experiment": str(tmp / "exp"),
         "family": "diffusion",
         "num_shadows": 1,
-        "autoencoder": str(root / "configs/autoencoder/tiny-kl.yaml"),
-        "encoder": str(root / "configs/encoder/tiny.yaml"),
-        "model": str(root / "configs/diffusion/tiny.yaml"),
-        "data_args": DATA,
-        "trainer_args": [
-            "--trainer.max_steps=3",
-            "--trainer.log_every_n_steps=1",
-            "--trainer.enable_progress_bar=false",
-        ],
-        "model_args": ["--model.init_args.num_inference_steps=2"],
-        "num_images": 2,
-        "attacks": ["pixel"],
+        "stages": {
+            "autoencoder": str(root / "configs/autoencoder/tiny-kl.yaml"),
+            "encoder": str(root / "configs/encoder/tiny.yaml"),
+            "model": str(root / "configs/diffusion/tiny.yaml"),
+            "data_args": DATA,
+            "trainer_args": [
+                "--trainer.max_steps=3",
+                "--trainer.log_every_n_steps=1",
+                "--trainer.enable_progress_bar=false",
+            ],
+            "model_args": ["--model.init_args.num_inference_steps=2"],
+        },
+        "query": {
+            "num_images": 2,
+        },
+        "attack": {
+            "attacks": ["pixel"],
+        },
     }
     (tmp / "tiny.yaml").write_text(yaml.safe_dump(config))
     try:
@@ -303,7 +309,7 @@ def test_runs_hold_config_splits_learning_rate_and_sample_grids(offline_experime
 
 
 def test_the_sync_hint_lists_every_run_oldest_first(offline_experiment, capsys):
-    from lightning_mia.cli import show_outcome
+    from lightning_mia.attack.outcome import show_outcome
 
     exp, _, outcome = offline_experiment
     show_outcome(outcome)

@@ -282,24 +282,31 @@ ATTACK_CASES = {
         lambda e, t: ["--ckpt", target(e), "--experiment", str(t)],
         "belongs to experiment",
     ),
-    "unknown attack": (lambda e, t: ["--ckpt", target(e), "--attacks", "pixle"], "pixle"),
+    "unknown attack": (lambda e, t: ["--ckpt", target(e), "--attack.attacks", "pixle"], "pixle"),
     "unknown setting": (
-        lambda e, t: ["--ckpt", target(e), "--setting", "sideways"],
+        lambda e, t: ["--ckpt", target(e), "--attack.setting", "sideways"],
         "sideways",
     ),
     "known fraction out of range": (
-        lambda e, t: ["--ckpt", target(e), "--setting", "partial", "--known_fraction", "1.5"],
+        lambda e, t: [
+            "--ckpt",
+            target(e),
+            "--attack.setting",
+            "partial",
+            "--attack.known_fraction",
+            "1.5",
+        ],
         "known_fraction",
     ),
     "encoder folder missing": (
-        lambda e, t: ["--ckpt", target(e), "--encoder", str(t / "nope")],
+        lambda e, t: ["--ckpt", target(e), "--query.encoder", str(t / "nope")],
         "nope",
     ),
     "no images per query": (
-        lambda e, t: ["--ckpt", target(e), "--num_images", "0"],
+        lambda e, t: ["--ckpt", target(e), "--query.num_images", "0"],
         "num_images",
     ),
-    "unknown signal": (lambda e, t: ["--ckpt", target(e), "--signals", "lossy"], "lossy"),
+    "unknown signal": (lambda e, t: ["--ckpt", target(e), "--query.signals", "lossy"], "lossy"),
 }
 
 

@@ -141,7 +141,7 @@ def shadow_score_matrix(
     """(scores, is_in, observed), each (M, S): shadow m's `feature` for target sample s."""
     for i, shadow in enumerate(shadows):
         if feature not in shadow.features:
-            raise AttackError(f"LiRA: shadow {shadow.metadata.get('run_name', i)} lacks {feature}")
+            raise AttackError(f"LiRA: shadow {shadow.record.run_name or i} lacks {feature}")
     return score_matrix(target.sample_id, shadows, [t.features[feature] for t in shadows])
 
 
@@ -170,7 +170,7 @@ def lira_scores(
 ) -> torch.Tensor:
     """Calibrated member scores (S,) of the target's rows for one scalar `feature`."""
     if feature not in target.features:
-        raise AttackError(f"LiRA: target {target.metadata.get('run_name')} lacks {feature}")
+        raise AttackError(f"LiRA: target {target.record.run_name} lacks {feature}")
     scores, is_in, observed = shadow_score_matrix(target, shadows, feature)
     if not observed.any():
         raise AttackError(

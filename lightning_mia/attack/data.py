@@ -39,7 +39,7 @@ class Rows:
         names = sorted({n for t in tables for n in t.features})
         problems: dict[str, list[str]] = {}
         for i, table in enumerate(tables):
-            label = table.metadata.get("run_name") or f"table {i}"
+            label = table.record.run_name or f"table {i}"
             for name in names:
                 if name not in table.features:
                     problems.setdefault(name, []).append(f"{label} lacks {name}")

@@ -25,6 +25,7 @@ from lightning_mia.attack.report import AttackReport, AttackResult
 from lightning_mia.features.pixel import match_resolution
 from lightning_mia.paths import ExperimentLayout
 from lightning_mia.query.writer import read_examples
+from lightning_mia.specs.query import caption_tag
 
 EXAMPLES_PNG = "examples.png"
 ROWS_PER_END = 4  # highest- and lowest-scoring rows shown
@@ -146,6 +147,7 @@ def examples_png(folder: str | os.PathLike, report: AttackReport) -> bytes | Non
     run_name = report.target.get("run_name")
     if root is None or not run_name:
         return None
-    queries = ExperimentLayout(root).queries(run_name, report.captioner.get("folder", ""))
+    tag = caption_tag(report.captions, report.captioner.get("folder", ""))
+    queries = ExperimentLayout(root).queries(run_name, tag)
     examples = read_examples(queries)
     return render_examples(report, examples) if examples else None

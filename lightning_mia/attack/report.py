@@ -100,21 +100,18 @@ class AttackContext:
         seed: int,
         target_facts: TargetFacts | None = None,
     ) -> AttackContext:
-        """Everything the target's query table records (its shard metadata and timing files);
+        """Everything the target's query table records (its query record and timing files);
         `target_facts` (from the run card) replaces what the shards only round."""
-        meta = target.metadata
-        steps = meta.get("train_steps_per_image")
+        record = target.record
+        steps = record.train_steps_per_image
         facts = target_facts or TargetFacts(
-            meta.get("run_name", ""),
-            float(steps) if steps else None,
-            model_index=int(target.model_index),
+            record.run_name, float(steps) if steps else None, model_index=int(target.model_index)
         )
-        seeds = {"query": int(meta["seed"])} if meta.get("seed") else {}
         return cls(
-            family=meta.get("family", ""),
+            family=record.family,
             num_shadows=len(shadows),
-            seeds={**seeds, "attack": seed},
-            splits_hash=meta.get("splits_hash", ""),
+            seeds={"query": record.spec.seed, "attack": seed},
+            splits_hash=record.splits_hash,
             target=facts,
             costs=target.costs(),
         )

@@ -3,27 +3,22 @@
     report = run_attacks(ExperimentLayout("runs/demo"), target, shadows, ["pixel", "combined"])
     write_report(layout.attack, report)  # lightning_mia.attack.render
 
-Settings (ATTACKS.md):
-- `shadow`: fit on every shadow table's rows (a seeded, stratified held-out part of them for
-  early stopping), test on the target table.
-- `partial`: a seeded, stratified `known_fraction` of the target's rows is the attacker's
-  training data (again with a held-out part); the disjoint rest is the test set.
-Nothing is chosen on test labels: learned attacks classify at probability 0.5, the threshold
-baseline at the cut chosen on the training rows. Attack checkpoints go to
+The rows of each setting (`shadow`, `partial`) and the checks of the tables are in
+`attack.plan`. Nothing is chosen on test labels: learned attacks classify at probability 0.5,
+the threshold baseline at the cut chosen on the training rows. Attack checkpoints go to
 `<experiment>/attack/<name>/<setting>.ckpt`.
 
 Beside the attacks, in every report: the `threshold` baseline; the `blind` diagnostic,
 cross-validated on the target's own rows (`attack.blind`); in the shadow setting, LiRA of every
 attack (`attack.lira`) from `calibration` tables (each shadow queried on the target's samples)
 or from shadows that hold target samples. An attack whose AUC interval lies wholly below 0.5 is
-flagged (`report.BACKWARDS`). Target and shadow queries must agree on `CHECKED_METADATA`.
+flagged (`report.BACKWARDS`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,9 +28,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_mia.attack.baselines import fit_threshold_baseline
 from lightning_mia.attack.blind import BLIND_FOLDS, blind_diagnostic
 from lightning_mia.attack.clid import CLID_FEATURES, fit_clid_threshold
-from lightning_mia.attack.data import Rows, stratified_split
+from lightning_mia.attack.data import Rows
 from lightning_mia.attack.lira import lira_results
 from lightning_mia.attack.module import AttackModule
+from lightning_mia.attack.plan import SETTINGS, AttackPlan, validate
 from lightning_mia.attack.report import AttackContext, AttackReport, AttackResult, flag_backwards
 from lightning_mia.attack.training import FitOptions, fit_on_rows
 from lightning_mia.metrics import FPR_BUDGETS, is_resolvable
@@ -47,191 +43,9 @@ from lightning_mia.specs.attacks import (
     AttackSpec,
     QueryCosts,
     baseline_attack,
-    listing_order,
 )
 
 __all__ = ["AttackError", "SETTINGS", "run_attacks"]
-
-SETTINGS = ("shadow", "partial")
-# shard metadata target and shadow queries must agree on (QueryModule.shard_metadata)
-CHECKED_METADATA = (
-    "family",
-    "splits_hash",
-    "num_images",
-    "seed",
-    "captions",
-    "captioner",
-    "encoder",
-    "signal_options",
-)
-CHECKED_WHEN_SET = ("num_images", "signal_options")  # compared where both tables record one
-
-
-@dataclass(frozen=True)
-class AttackPlan:
-    """The rows an attack trains on and is tested on in one setting, built once."""
-
-    train: Rows
-    test: Rows
-    strata: torch.Tensor | None  # (S_train,) source model of each training row (shadow setting)
-
-    def matrices(self, groups: Sequence[str]) -> tuple[Any, ...]:
-        """(X_train, y_train, X_test, y_test, test sample ids, names) for feature `groups`."""
-        names, _ = self.train.check(groups)
-        return (
-            self.train.matrix(names),
-            self.train.labels,
-            self.test.matrix(names),
-            self.test.labels,
-            self.test.sample_id,
-            names,
-        )
-
-
-def _check_labels(y: torch.Tensor, what: str, minimum: int) -> list[str]:
-    members, non = int(y.bool().sum()), int((~y.bool()).sum())
-    if members < minimum or non < minimum:
-        return [f"{what} has {members} members and {non} non-members; needs >= {minimum} of each"]
-    return []
-
-
-def _check_tables(target: QueryTable, others: Sequence[QueryTable], what: str) -> list[str]:
-    """One line per table of `others` whose query settings differ from the target's."""
-    problems = []
-    for i, table in enumerate(others):
-        diffs = []
-        for key in CHECKED_METADATA:
-            a, b = target.metadata.get(key) or "", table.metadata.get(key) or ""
-            if a != b and not (key in CHECKED_WHEN_SET and "" in (a, b)):
-                diffs.append(f"{key}={b!r} (target {key}={a!r})")
-        if diffs:
-            name = table.metadata.get("run_name") or f"{what} {i}"
-            problems.append(
-                f"{what} {name} was queried with other settings than the target: "
-                + ", ".join(diffs)
-                + "; query every model with the same settings"
-            )
-    return problems
-
-
-def _check_calibration(
-    target: QueryTable, shadows: Sequence[QueryTable], calibration: Sequence[QueryTable]
-) -> list[str]:
-    """Calibration tables: one per shadow, in order, of the same model, holding every target
-    sample (a query of the target's row, or the shadow's own table where it holds them)."""
-    if not calibration:
-        return []
-    if len(calibration) != len(shadows):
-        return [f"{len(calibration)} calibration tables for {len(shadows)} shadow tables"]
-    problems = _check_tables(target, calibration, "calibration query")
-    targets = set(target.sample_id.tolist())
-    for shadow, table in zip(shadows, calibration):
-        name = shadow.metadata.get("run_name", "")
-        if table.metadata.get("run_name", "") != name:
-            problems.append(
-                f"calibration table of {table.metadata.get('run_name')!r} given for shadow {name!r}"
-            )
-        elif not targets <= set(table.sample_id.tolist()):
-            lacking = len(targets - set(table.sample_id.tolist()))
-            problems.append(f"calibration query of {name} lacks {lacking} of the target's samples")
-    return problems
-
-
-def _plan(
-    setting: str,
-    target: QueryTable,
-    shadows: Sequence[QueryTable],
-    known_fraction: float,
-    seed: int,
-) -> tuple[AttackPlan | None, list[str]]:
-    """The train/test rows of the setting, and every problem that prevents them."""
-    problems = _check_labels(target.is_member, "the target table", 1)
-    if setting == "shadow":
-        if not shadows:
-            return None, [
-                *problems,
-                "no shadow tables: train shadow models (`python train.py fit ... "
-                "--data.model_index K`, K >= 1) and query them, or use setting='partial'",
-            ]
-        rows = Rows.stack([target, *shadows])  # source 0 = target, 1..K = shadows
-        train, test = (
-            rows.take(torch.nonzero(rows.source > 0)[:, 0]),
-            rows.take(torch.nonzero(rows.source == 0)[:, 0]),
-        )
-        problems += _check_labels(train.is_member, "the shadow tables together", 2)
-        problems += _check_tables(target, shadows, "shadow")
-        return AttackPlan(train, test, train.source - 1), problems
-    if setting != "partial":
-        return None, [*problems, f"unknown setting {setting!r}; known: {list(SETTINGS)}"]
-    if not 0.0 < known_fraction < 1.0:
-        return None, [*problems, f"known_fraction must be in (0, 1), got {known_fraction}"]
-    if problems:
-        return None, problems
-    rows = Rows.stack([target])
-    test, known = stratified_split(target.is_member, known_fraction, seed)
-    problems += _check_labels(target.is_member[known], "the known part of the target", 2)
-    problems += _check_labels(target.is_member[test], "the unknown part of the target", 1)
-    return AttackPlan(rows.take(known), rows.take(test), None), problems
-
-
-def _resolve(attacks: Sequence[str], plan: AttackPlan | None) -> tuple[list[str], list[str]]:
-    """(attack names, notes): `all` = every registered attack whose features are present."""
-    names, notes = [], []
-    blind = baseline_attack().name
-    for name in attacks:
-        if name == "all":
-            usable = [n for n, s in ATTACKS.items() if plan and not _feature_problems(plan, s)]
-            usable = listing_order(usable)
-            names += [n for n in usable if n != blind]
-        elif name == blind:
-            notes.append(f"`{blind}` is always trained and reported among the baselines")
-        else:
-            names.append(name)
-    return list(dict.fromkeys(names)), notes
-
-
-def _feature_problems(plan: AttackPlan, spec: AttackSpec) -> list[str]:
-    problems = [*plan.train.check(spec.groups)[1], *plan.test.check(spec.groups)[1]]
-    return list(dict.fromkeys(problems))
-
-
-def _validate(
-    target: QueryTable,
-    shadows: Sequence[QueryTable],
-    attacks: Sequence[str],
-    setting: str,
-    known_fraction: float,
-    seed: int,
-    calibration: Sequence[QueryTable] = (),
-) -> tuple[AttackPlan, list[str], list[str]]:
-    """(plan, attack names, notes), or one AttackError listing every problem found."""
-    plan, problems = _plan(setting, target, shadows, known_fraction, seed)
-    problems += _check_calibration(target, shadows, calibration)
-    members = int(target.is_member.sum())
-    if 0 < min(members, len(target) - members) < BLIND_FOLDS:  # (none: reported above)
-        problems.append(
-            f"the target table has {members} members and {len(target) - members} non-members; "
-            f"the blind diagnostic's {BLIND_FOLDS}-fold cross-validation needs >= {BLIND_FOLDS} "
-            "of each"
-        )
-    names, notes = _resolve(attacks, plan)
-    problems += ATTACKS.check(names)
-    if not names:
-        problems.append(f"no attack to run (asked for {list(attacks)})")
-    for name in [n for n in names if n in ATTACKS] + [baseline_attack().name]:
-        spec = ATTACKS[name]
-        missing = _feature_problems(plan, spec) if plan is not None else []
-        if missing:
-            problems.append(
-                f"attack {name!r} ({list(spec.groups)}): "
-                + "; ".join(missing)
-                + f" -> {spec.how_to_compute}"
-            )
-    if len(problems) == 1:
-        raise AttackError(f"cannot run the attacks: {problems[0]}")
-    if problems:
-        raise AttackError("cannot run the attacks:\n  - " + "\n  - ".join(problems))
-    return plan, names, notes
 
 
 def _train_one(
@@ -403,7 +217,7 @@ def run_attacks(
             table per shadow, in order, labelled with that shadow's membership); () = the
             shadows' own tables where they hold target samples.
     """
-    plan, names, notes = _validate(
+    plan, names, notes = validate(
         target, shadows, attacks, setting, known_fraction, seed, calibration
     )
     context = context or AttackContext.from_tables(target, list(shadows), seed)

@@ -169,9 +169,6 @@ class MembershipDataModule(pl.LightningDataModule):
     ) -> MembershipDataModule:
         """The DataModule of an existing experiment, rebuilt from what splits.json records
         (the source and the split config), so later stages need only the experiment folder."""
-        import lightning_mia.data.coco  # noqa: F401  (each reader module registers its source)
-        import lightning_mia.data.imagefolder  # noqa: F401
-        import lightning_mia.data.webdataset  # noqa: F401
         from lightning_mia.data.sources import build_source
 
         layout = ExperimentLayout(experiment)

@@ -56,21 +56,26 @@ class ExternalError(UserError):
 
 def check_options(options: Any) -> list[str]:
     """Every problem with the external-target options, for one error."""
+    external = options.external
     problems = [
-        f"--{name.replace('_', '-')} is needed with --pipeline"
-        for name in ("members", "non_members", "experiment")
-        if not getattr(options, name)
+        f"--external.{name} is needed with --external.pipeline"
+        for name in ("members", "non_members")
+        if not getattr(external, name)
     ]
+    if not options.experiment:
+        problems.append("--experiment is needed with --external.pipeline")
     if options.ckpt:
-        problems.append("give --ckpt (a checkpoint of this package) or --pipeline, not both")
-    if options.lora and options.base:
+        problems.append("give --ckpt (a checkpoint of this package) or --external.pipeline")
+    if external.lora and external.base:
         problems.append(
-            "--base is for a fully fine-tuned --pipeline; with --lora the pipeline is the base"
+            "--external.base is for a fully fine-tuned pipeline; with --external.lora the "
+            "pipeline is the base"
         )
-    if not options.lora and not options.base:
+    if not external.lora and not external.base:
         problems.append(
-            "a fully fine-tuned --pipeline needs --base <the pipeline it started "
-            "from> (shadows are fine-tuned from it); a LoRA fine-tune needs --lora"
+            "a fully fine-tuned --external.pipeline needs --external.base <the pipeline it "
+            "started from> (shadows are fine-tuned from it); a LoRA fine-tune needs "
+            "--external.lora"
         )
     return problems
 
@@ -218,43 +223,44 @@ def prepare_external(options: Any) -> Any:
     problems = check_options(options)
     if problems:
         raise ExternalError("cannot audit the external target:\n  - " + "\n  - ".join(problems))
-    base = options.pipeline if options.lora else options.base
-    for folder in {options.pipeline, base}:
+    ext = options.external
+    base = ext.pipeline if ext.lora else ext.base
+    for folder in {ext.pipeline, base}:
         check_pipeline_folder(folder)
-    if options.lora:
-        adapter_kind(options.lora)  # a path that holds no adapter: said now, not after the splits
+    if ext.lora:
+        adapter_kind(ext.lora)  # a path that holds no adapter: said now, not after the splits
     layout = ExperimentLayout(options.experiment)
     config = read_yaml(
-        options.shadow_config or SHADOW_CONFIGS["lora" if options.lora else "full"], "shadow config"
+        ext.shadow_config or SHADOW_CONFIGS["lora" if ext.lora else "full"], "shadow config"
     )
     model = config.get("model") or {}
     if not str(model.get("class_path", "")).endswith("LatentDiffusionModule"):
         raise ExternalError(
-            f"shadow config {options.shadow_config}: its model is not a "
+            f"shadow config {ext.shadow_config}: its model is not a "
             "lightning_mia.models.diffusion.LatentDiffusionModule"
         )
     settings = dict(model.get("init_args") or {})
-    settings["resolution"] = settings.get("resolution") or native_resolution(options.pipeline)
+    settings["resolution"] = settings.get("resolution") or native_resolution(ext.pipeline)
     source = MemberListSource(
-        options.members, options.non_members, data_description(options.data), settings["resolution"]
+        ext.members, ext.non_members, data_description(ext.data), settings["resolution"]
     )
     splits = ensure_external_splits(
         layout,
         source,
-        num_shadows=options.num_shadows,
-        seed=options.seed,
-        query_fraction=options.query_fraction,
-        public_size=options.public_size,
+        num_shadows=ext.num_shadows,
+        seed=options.attack.seed,
+        query_fraction=ext.query_fraction,
+        public_size=ext.public_size,
     )
-    ckpt = ensure_target(layout, splits, options, settings, facts_of(options, base))
-    extra = shlex.split(options.shadow_args)
-    if not options.encoder:
-        encoder = read_yaml(options.encoder_config, "encoder config")
+    ckpt = ensure_target(layout, splits, ext, settings, facts_of(ext, base))
+    extra = shlex.split(ext.shadow_args)
+    if not options.query.encoder:
+        encoder = read_yaml(ext.encoder_config, "encoder config")
         split = "public" if splits.public_pool is not None else "auxiliary"
         fit_stage(layout.encoder, stage_config(encoder, layout, splits, {}, split), "encoder", [])
     hparams = load_checkpoint(ckpt)["hyper_parameters"]
-    shadow = stage_config(config, layout, splits, shadow_settings(hparams, options, base))
-    for k in range(1, options.num_shadows + 1):
+    shadow = stage_config(config, layout, splits, shadow_settings(hparams, ext, base))
+    for k in range(1, ext.num_shadows + 1):
         args = [f"--data.model_index={k}", *extra]
         fit_stage(layout.run_dir("diffusion", k), shadow, "shadow", args)
     return dataclasses.replace(options, ckpt=str(ckpt), experiment=str(layout.root))

@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 import torch
 from diffusers import AutoencoderKL, VQModel
-from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.func import functional_call
 from torchmetrics.functional.image import peak_signal_noise_ratio
@@ -36,12 +35,13 @@ from lightning_mia.models.vae import (
     check_resolution,
     save_autoencoder,
 )
+from lightning_mia.stage_module import StageModule
 
 RECONSTRUCTIONS_PNG = "reconstructions.png"  # end-of-fit grid (original | reconstruction)
 
 
 # --- the training module -----------------------------------------------------------------------
-class AutoencoderModule(LightningModule):
+class AutoencoderModule(StageModule):
     """Train a VQGAN-style image autoencoder (diffusers `VQModel` by default)."""
 
     family = "autoencoder"

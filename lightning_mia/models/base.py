@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_mia.card import CARD_KEY, CheckpointError, RunCard
@@ -26,6 +25,7 @@ from lightning_mia.data.stage import stage_data
 from lightning_mia.models.augment import augment_images
 from lightning_mia.paths import ExperimentLayout, atomic_write_bytes
 from lightning_mia.registry import Registry
+from lightning_mia.stage_module import StageModule
 
 SAMPLES_PNG = "samples.png"  # the end-of-fit sample grid, in the run folder
 RNG_KEY = "lightning_mia_rng"  # the global random state at a checkpoint, for exact resumes
@@ -80,7 +80,7 @@ def cached_by_id(
     return torch.stack([cache[sid] for sid in ids])
 
 
-class TextToImageModule(LightningModule, ABC):
+class TextToImageModule(StageModule, ABC):
     """Base of the text-to-image families: run card, training-length accounting, sample grids."""
 
     family: ClassVar[str] = ""
@@ -112,9 +112,10 @@ class TextToImageModule(LightningModule, ABC):
     ) -> torch.Tensor:
         """Images for each caption, (B, N, 3, H, W) in [-1, 1]."""
 
-    def card_references(self) -> dict[str, str]:
-        """Folders the model depends on: {"autoencoder": ..., "tokenizer": ...}."""
-        return {}
+    @property
+    def num_train_timesteps(self) -> int:
+        """Length of the training time grid the gray-box signals' timesteps index (0: none)."""
+        return 0
 
     def augmentation_config(self) -> dict[str, Any]:
         """Training augmentation in force (recorded in the card: it changes leakage)."""

@@ -27,7 +27,6 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import (
@@ -56,6 +55,7 @@ from lightning_mia.models.captioner_presets import (
 )
 from lightning_mia.models.encoder import CLIP_MEAN, CLIP_STD, random_shift
 from lightning_mia.paths import ExperimentLayout, StagePaths, atomic_write_json, write_model_files
+from lightning_mia.stage_module import StageModule
 
 VOCAB_KEY = "captioner_vocab"  # checkpoint entry: the word list (checked on resume)
 IGNORE_INDEX = -100  # label of padding and held-out rows (cross-entropy skips it)
@@ -79,7 +79,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
 
 
-class CaptionerModule(L.LightningModule):
+class CaptionerModule(StageModule):
     """Trains a small `BlipForConditionalGeneration` on the attacker's own image-caption pool."""
 
     family = "captioner"
@@ -138,7 +138,7 @@ class CaptionerModule(L.LightningModule):
         self.quality: dict[str, float] | None = None
 
     # ---- set-up: data facts, tokenizer, model ----
-    def stage_paths(self, layout: ExperimentLayout) -> StagePaths:
+    def stage_paths(self, layout: ExperimentLayout, model_index: int = 0) -> StagePaths:
         """The stage's folder (checkpoints, DONE marker, logs): the folder it writes the
         captioner to, so a second one (`model.output`, e.g. fewer steps) is its own stage."""
         folder = Path(self.hparams.output) if self.hparams.output else layout.captioner

@@ -207,6 +207,10 @@ class LatentDiffusionModule(TextToImageModule):
         encoder = text_encoder if text_encoder is not None else self.text_encoder
         return encoder(self.token_ids(captions))[0]
 
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.noise_scheduler.config.num_train_timesteps)
+
     def card_references(self) -> dict[str, str]:
         return {"autoencoder": self._autoencoder_folder, "tokenizer": self._tokenizer_folder}
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
@@ -33,6 +32,7 @@ from lightning_mia.errors import UserError
 from lightning_mia.models.tokenizers import load_clip_tokenizer
 from lightning_mia.paths import atomic_write_json, write_model_files
 from lightning_mia.registry import Registry
+from lightning_mia.stage_module import StageModule
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP image normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -270,7 +270,7 @@ def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
     return F.grid_sample(images, grid, mode="nearest", padding_mode="border", align_corners=False)
 
 
-class EncoderModule(L.LightningModule):
+class EncoderModule(StageModule):
     """Trains a small `CLIPModel` contrastively on the attacker's auxiliary image-caption pool."""
 
     family = "encoder"

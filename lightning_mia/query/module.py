@@ -1,36 +1,39 @@
 """`QueryModule`: query one trained text-to-image model with its members and non-members.
 
     python train.py predict --config configs/query/default.yaml \
-        --model.ckpt runs/demo/diffusion-shadow-001/checkpoints/last.ckpt
+        --model.ckpt runs/demo/diffusion-shadow-001/checkpoints/last.ckpt --model.query.num_images 8
 
-For every sample of the model's row of splits.json, the caption goes to `generate` with
-`num_images` images and a seed derived from (seed, sample_id) — so the result does not depend
-on batching, ranks or interruptions — and the features of the requested groups are computed
-from (query image, generated images, caption). `ShardWriter` writes them as shards.
+For every sample of the model's row of splits.json, the caption the `QuerySpec` asks for (the
+ground truth, the attacker's captioner's, a fixed one or another sample's) goes to `generate`
+with N images and a seed derived from (seed, sample_id) — so the result does not depend on
+batching, ranks or interruptions — and the features of the spec's groups and gray-box signals
+are computed from (query image, generated images, caption). `ShardWriter` writes them as shards
+that record the portable spec (`QueryRecord`).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Trainer
 
 from lightning_mia.card import read_card
 from lightning_mia.errors import UserError
 from lightning_mia.features import FEATURE_GROUPS, FeatureExtractor, encoder_groups
-from lightning_mia.graybox import SignalOptions, check_signals, compute_signals, signal_queries
+from lightning_mia.graybox import check_signals, compute_signals, signal_queries, signals_for
 from lightning_mia.models.registry import load_family_module
-from lightning_mia.paths import ExperimentLayout
+from lightning_mia.paths import ExperimentLayout, StagePaths
 from lightning_mia.query.writer import to_uint8
 from lightning_mia.specs.attacks import query_feature_groups
+from lightning_mia.specs.query import QueryRecord, QuerySpec
+from lightning_mia.stage_module import StageModule
 
 SEED_STRIDE = 2**32
+ANY_TIMESTEP = 2**62  # before the model is loaded its time range is unknown: checked later
 
 
 class QueryError(UserError):
@@ -42,70 +45,122 @@ def sample_seeds(seed: int, sample_ids: torch.Tensor) -> list[int]:
     return [(seed * SEED_STRIDE + int(s)) % 2**63 for s in sample_ids.tolist()]
 
 
-class QueryModule(LightningModule):
+def completed_spec(spec: QuerySpec, family: str) -> QuerySpec:
+    """`spec` with its defaults filled in for `family`: the feature groups (None = every
+    black-box group) and the signals (`all` = every signal of the family)."""
+    groups = query_feature_groups() if spec.feature_groups is None else spec.feature_groups
+    signals = signals_for(family) if "all" in spec.signals else spec.signals
+    return spec.with_updates(feature_groups=tuple(groups), signals=tuple(signals))
+
+
+class QueryModule(StageModule):
     """Generate and extract features for one model's members and non-members (predict only)."""
 
     def __init__(
         self,
         ckpt: str,
-        num_images: int = 4,
-        seed: int = 0,
-        feature_groups: list[str] | None = None,
-        encoder: str = "",
-        captioner: str = "",
-        save_images: bool = False,
-        signals: list[str] | None = None,
-        signal_timesteps: list[int] | None = None,
+        query: QuerySpec = QuerySpec(),
         row: int | None = None,
+        save_images: bool = False,
     ) -> None:
         """
         Args:
             ckpt: checkpoint of the target or shadow model to query.
-            num_images: images generated per caption (N, the queries per sample).
-            seed: base seed; sample i is generated with a seed derived from (seed, sample_id).
-            feature_groups: feature groups to compute; None = every group a black-box attack or
-                the blind baseline reads (`specs.attacks.query_feature_groups`).
-            encoder: folder of a CLIP model (transformers format); "" = the experiment's
-                trained attacker encoder (`<experiment>/encoder`).
-            captioner: folder of a BLIP captioner: query with its captions of the image
-                instead of the ground-truth caption (the attacker holds only the image); the
-                gray-box signals read them too. Its queries go to `queries/<run>@<name>/`.
-            save_images: also write the generated images as PNG under the query folder.
-            signals: gray-box signals to compute beside the features (loss, secmi, pia, clid
-                for diffusion; nll, nll_gap for seq2seq); they read the model's weights.
-            signal_timesteps: diffusion timesteps of loss and pia (None = defaults; CLiD has
-                its own).
+            query: what the query is (N, seeds, captions, encoder, features, signals).
             row: query the samples of another row of splits.json instead of the model's own
                 (labelled with this model's membership), into `queries/<run>/row-<row>/`: a
                 shadow queried on the target's samples (row 0) calibrates LiRA.
+            save_images: also write the generated images as PNG under the query folder.
         """
         super().__init__()
-        if feature_groups is None:
-            feature_groups = query_feature_groups()
-        feature_groups = list(feature_groups)
         self.save_hyperparameters()
-        self.hparams.feature_groups = feature_groups
-        if num_images < 1:
-            raise QueryError(f"num_images must be >= 1, got {num_images}")
         # the run card is read now; the model and encoders are built in configure_model, so a
         # LightningCLI instantiating this module does not also instantiate the loaded model
         self.card = read_card(ckpt)
-        self.signals = list(signals or [])
-        self.signal_options = SignalOptions()
-        if signal_timesteps is not None:
-            self.signal_options = replace(
-                self.signal_options, timesteps=tuple(int(t) for t in signal_timesteps)
+        self.layout = ExperimentLayout(self.card.experiment)
+        spec = completed_spec(query, self.card.family)
+        problems = FEATURE_GROUPS.check(list(spec.feature_groups))
+        if problems:
+            raise QueryError(problems[0])
+        self.spec = spec.portable(self.layout.root, bool(encoder_groups(spec.feature_groups)))
+        self.folders = self.spec.resolved(self.layout.root)  # encoder and captioner to open
+        if self.spec.signals:  # names and family now; timesteps once the model is known
+            check_signals(
+                self.card.family, self.spec.signals, self.spec.signal_options, ANY_TIMESTEP
             )
-        if self.signals:  # names and family now; timesteps once the scheduler is known
-            check_signals(self.card.family, self.signals, self.signal_options, 10**9)
-        self.seconds: dict[str, float] = {}  # measured cost per stage, this rank
-        self.num_queried = 0
-        self.encoder_folder = self._encoder_folder(feature_groups, encoder)
-        if captioner:  # refused now, before a trainer or a query folder exists
+        self._check_encoder()
+        if self.spec.captioner:  # refused now, before a trainer or a query folder exists
             from lightning_mia.models.captioner import check_captioner
 
-            check_captioner(captioner, self.card.splits_hash)
+            check_captioner(self.folders.captioner, self.card.splits_hash)
+        self.seconds: dict[str, float] = {}  # measured cost per stage, this rank
+        self.num_queried = 0
+        self.caption_of: dict[int, str] = {}  # swapped-caption: sample id -> caption used
         self.model: torch.nn.Module | None = None
+
+    def _check_encoder(self) -> None:
+        needs = sorted(encoder_groups(self.spec.feature_groups))
+        if needs and not Path(self.folders.encoder).is_dir():
+            raise QueryError(
+                f"encoder folder {self.folders.encoder} does not exist: feature groups "
+                f"{needs} need an image-text encoder. Train the attacker's encoder (python "
+                "train.py fit --config configs/encoder/tiny.yaml) or pass --query.encoder "
+                "<local CLIP folder>."
+            )
+
+    @property
+    def run_name(self) -> str:
+        return self.card.run_name
+
+    @property
+    def folder(self) -> Path:
+        """`queries/<run><tag>/` (`.../row-<r>/` when it queries another row's samples)."""
+        folder = self.layout.queries(self.run_name, self.spec.tag)
+        row = self.hparams.row
+        return folder if row is None else folder / f"row-{row:03d}"
+
+    def stage_paths(self, layout: ExperimentLayout, model_index: int = 0) -> StagePaths:
+        """Where this stage writes: its query folder, run name and role (W&B)."""
+        return self.layout.query_stage(self.run_name, self.spec.tag)
+
+    @classmethod
+    def complete_data_config(cls, model_args: Any, data: Any) -> None:
+        """A query reads its data from the checkpoint's experiment: the row from the run card,
+        the source and the split settings from splits.json (no data config is needed)."""
+        from jsonargparse import Namespace
+
+        from lightning_mia.data.sources import SOURCES
+        from lightning_mia.data.splits import load_splits
+
+        card = read_card(model_args.ckpt)
+        data.experiment, data.model_index = card.experiment, card.model_index
+        splits = load_splits(ExperimentLayout(card.experiment).splits)
+        for key, value in splits.config.items():
+            data[key] = value
+        source = splits.dataset["source"]
+        source_class = SOURCES[source["name"]]
+        class_path = f"{source_class.__module__}.{source_class.__qualname__}"
+        data.source = Namespace(class_path=class_path, init_args=Namespace(**source["init_args"]))
+
+    def run_predict(self, trainer: Trainer, datamodule: Any) -> Any:
+        """`train.py predict`: query what is missing, then merge and mark the folder complete."""
+        from lightning_mia.query.execute import execute_query
+
+        return execute_query(self, datamodule, trainer)
+
+    def record(self) -> QueryRecord:
+        """What every shard of this query records (compared before resuming into a folder)."""
+        return QueryRecord(
+            splits_hash=self.card.splits_hash,
+            run_name=self.card.run_name,
+            family=self.card.family,
+            preset=self.card.preset,
+            model_index=self.card.model_index,
+            train_steps_per_image=round(self.card.train_steps_per_image, 4),
+            row=self.hparams.row,
+            spec=self.spec,
+            signal_queries=signal_queries(self.spec.signals, self.spec.signal_options),
+        )
 
     def configure_model(self) -> None:
         """Load the queried model, the feature extractor and the captioner (once)."""
@@ -113,64 +168,24 @@ class QueryModule(LightningModule):
             return
         self.model = load_family_module(self.hparams.ckpt).requires_grad_(False)
         self.card = self.model.card
-        if self.signals and self.card.family == "diffusion":
-            n_train = int(self.model.noise_scheduler.config.num_train_timesteps)
-            check_signals(self.card.family, self.signals, self.signal_options, n_train)
+        if self.spec.signals:
+            check_signals(
+                self.card.family,
+                self.spec.signals,
+                self.spec.signal_options,
+                self.model.num_train_timesteps,
+            )
         clip = None
-        if self.encoder_folder is not None:
+        if encoder_groups(self.spec.feature_groups):
             from lightning_mia.models.encoder import load_encoder
 
-            clip = load_encoder(str(self.encoder_folder))
-        self.extractor = FeatureExtractor(clip, groups=list(self.hparams.feature_groups))
+            clip = load_encoder(self.folders.encoder)
+        self.extractor = FeatureExtractor(clip, groups=list(self.spec.feature_groups))
         self.captioner = None
-        if self.hparams.captioner:
+        if self.spec.captions == "captioner":
             from lightning_mia.models.captioner import Captioner
 
-            self.captioner = Captioner(self.hparams.captioner)
-
-    def _encoder_folder(self, groups: list[str], encoder: str) -> Path | None:
-        problems = FEATURE_GROUPS.check(groups)
-        if problems:
-            raise QueryError(problems[0])
-        needs = sorted(encoder_groups(groups))
-        if not needs:
-            return None
-        folder = Path(encoder) if encoder else ExperimentLayout(self.card.experiment).encoder
-        if not folder.is_dir():
-            raise QueryError(
-                f"encoder folder {folder} does not exist: feature groups "
-                f"{needs} need an image-text encoder. "
-                "Train the attacker's encoder (python train.py fit --config "
-                "configs/encoder/tiny.yaml) or pass --model.encoder <local CLIP folder>."
-            )
-        return folder
-
-    @property
-    def run_name(self) -> str:
-        return self.card.run_name
-
-    def shard_metadata(self) -> dict[str, str]:
-        """What every shard of this query records (checked before resuming into a folder)."""
-        hp = self.hparams
-        return {
-            "splits_hash": self.card.splits_hash,
-            "run_name": self.card.run_name,
-            "family": self.card.family,
-            "preset": self.card.preset,
-            "experiment": str(Path(self.card.experiment)),
-            "model_index": str(self.card.model_index),
-            "num_images": str(hp.num_images),
-            "seed": str(hp.seed),
-            "feature_groups": ",".join(sorted(hp.feature_groups)),
-            "captions": "captioner" if hp.captioner else "ground-truth",
-            "train_steps_per_image": f"{self.card.train_steps_per_image:.4f}",
-            "signals": ",".join(self.signals),
-            "signal_queries": json.dumps(signal_queries(self.signals, self.signal_options)),
-            "signal_options": json.dumps(asdict(self.signal_options)) if self.signals else "",
-            "encoder": str(self.encoder_folder.resolve()) if self.encoder_folder else "",
-            **({"captioner": str(Path(hp.captioner).resolve())} if hp.captioner else {}),
-            **({"row": str(hp.row)} if hp.row is not None else {}),
-        }
+            self.captioner = Captioner(self.folders.captioner)
 
     def _timed(self, name: str, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
@@ -178,20 +193,29 @@ class QueryModule(LightningModule):
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         return out
 
+    def query_captions(self, batch: dict[str, Any]) -> list[str]:
+        """The captions the model is queried with, by the spec's caption mode."""
+        mode = self.spec.captions
+        if mode == "captioner":
+            return self.captioner.caption(batch["pixel_values"])
+        if mode == "fixed-caption":
+            return [self.spec.fixed_caption] * len(batch["caption"])
+        if mode == "swapped-caption":
+            return [self.caption_of[int(s)] for s in batch["sample_id"].tolist()]
+        return list(batch["caption"])
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         query = batch["pixel_values"]  # (B, 3, H, W) in [-1, 1]
-        captions = list(batch["caption"])
-        if self.captioner is not None:
-            captions = self.captioner.caption(query)
+        captions = self.query_captions(batch)
         # the attacker's view of the pair: every signal, black-box and gray-box, reads its captions
         attacker_batch = {**batch, "caption": captions}
-        seeds = sample_seeds(self.hparams.seed, batch["sample_id"])
-        n = self.hparams.num_images
+        seeds = sample_seeds(self.spec.seed, batch["sample_id"])
+        n = self.spec.num_images
         generated = self._timed(
             "generate", lambda: self.model.generate(captions, n, seed=seeds)
         )  # (B, N, 3, H, W)
         features = self._timed("features", lambda: self.extractor(query, generated, captions))
-        for name in self.signals:  # gray-box: same fixed noise per sample for every model
+        for name in self.spec.signals:  # gray-box: same fixed noise per sample for every model
             features.update(
                 self._timed(
                     name,
@@ -199,8 +223,8 @@ class QueryModule(LightningModule):
                         self.model,
                         attacker_batch,
                         [name],
-                        self.hparams.seed,
-                        options=self.signal_options,
+                        self.spec.seed,
+                        options=self.spec.signal_options,
                     ),
                 )
             )

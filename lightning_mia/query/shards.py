@@ -7,9 +7,10 @@ One folder per queried model (`queries/<run-name>/`). Each shard holds
     model_index  int64  (S,)
     <group>/<name> float32 (S,)   one tensor per feature
 
-and string metadata (`splits_hash`, `run_name`, `family`, `experiment`, ...). Shards are written
-atomically (temporary file + rename), one or more per rank; `load_query_table` merges a folder,
-de-duplicates by `sample_id` and sorts by it. `COMPLETE.json` marks a finished query;
+and, as metadata, the query's `QueryRecord` (the queried model and the portable `QuerySpec`) as
+one JSON document. Shards are written atomically (temporary file + rename), one or more per
+rank; `load_query_table` merges a folder whose shards record one query, de-duplicates by
+`sample_id` and sorts by it. `COMPLETE.json` marks a finished query (sample count and record);
 `timing-r<rank>.json` files hold what each rank measured (seconds per query stage).
 """
 
@@ -28,6 +29,7 @@ from safetensors.torch import load, save
 from lightning_mia.errors import UserError
 from lightning_mia.paths import QUERY_COMPLETE, atomic_write_bytes, atomic_write_json
 from lightning_mia.specs.attacks import QueryCosts
+from lightning_mia.specs.query import QueryRecord, QuerySpecError
 
 SHARD_GLOB = "shard-*.safetensors"
 TIMING_GLOB = "timing-r*.json"  # per rank: measured seconds per query stage, samples queried
@@ -46,7 +48,7 @@ class QueryTable:
     is_member: torch.Tensor  # bool (S,)
     model_index: int
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> float32 (S,)
-    metadata: dict[str, str] = field(default_factory=dict)
+    record: QueryRecord = field(default_factory=QueryRecord)  # the model and the query
     seconds: dict[str, float] = field(default_factory=dict)  # measured per sample, per stage
 
     def __len__(self) -> int:
@@ -56,17 +58,14 @@ class QueryTable:
         """Stack the named features into (S, F); KeyError names what is missing."""
         missing = [n for n in names if n not in self.features]
         if missing:
-            raise KeyError(
-                f"features not in the shards of {self.metadata.get('run_name')}: {missing}"
-            )
+            raise KeyError(f"features not in the shards of {self.record.run_name}: {missing}")
         return torch.stack([self.features[n] for n in names], dim=1)
 
     def costs(self) -> QueryCosts:
         """What querying this model cost per sample (N images, signal passes, seconds)."""
-        n = self.metadata.get("num_images")
         return QueryCosts(
-            num_images=int(n) if n else None,
-            signal_queries=json.loads(self.metadata.get("signal_queries") or "{}"),
+            num_images=self.record.spec.num_images,
+            signal_queries=dict(self.record.signal_queries),
             seconds=dict(self.seconds),
         )
 
@@ -77,7 +76,7 @@ def write_shard(
     is_member: torch.Tensor,
     model_index: int | torch.Tensor,
     features: Mapping[str, torch.Tensor],
-    metadata: Mapping[str, str],
+    record: QueryRecord,
 ) -> Path:
     """Write one shard atomically; every feature must be (S,) like `sample_id`."""
     sample_id = sample_id.detach().to("cpu", torch.int64).reshape(-1)
@@ -96,14 +95,13 @@ def write_shard(
         if value.numel() != n:
             raise ValueError(f"feature {name!r} has {value.numel()} values for {n} samples")
         tensors[name] = value
-    meta = {str(k): str(v) for k, v in metadata.items()}
     path = Path(path)
-    atomic_write_bytes(path, save(tensors, metadata=meta))
+    atomic_write_bytes(path, save(tensors, metadata=record.to_metadata()))
     return path
 
 
-def read_shard(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of one shard; ShardError names the file if it is unreadable."""
+def read_shard(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], QueryRecord]:
+    """Tensors and query record of one shard; ShardError names the file if it is unreadable."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -115,20 +113,18 @@ def read_shard(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
     for key in RESERVED:
         if key not in tensors:
             raise ShardError(f"shard {path}: missing tensor {key!r}")
-    return tensors, meta
+    try:
+        return tensors, QueryRecord.from_metadata(meta, f"shard {path}")
+    except (QuerySpecError, TypeError, ValueError) as err:
+        detail = str(err) if isinstance(err, QuerySpecError) else f"unreadable record ({err})"
+        raise ShardError(
+            detail if detail.startswith("shard ") else f"shard {path}: {detail}"
+        ) from None
 
 
 def shard_paths(folder: str | os.PathLike) -> list[Path]:
     """Shard files of a query folder, in a stable order."""
     return sorted(Path(folder).glob(SHARD_GLOB))
-
-
-def _check_same(key: str, values: dict[str, str], folder: Path) -> str:
-    distinct = set(values.values())
-    if len(distinct) > 1:
-        detail = ", ".join(f"{Path(p).name}: {v}" for p, v in sorted(values.items()))
-        raise ShardError(f"query folder {folder}: shards disagree on {key} ({detail})")
-    return distinct.pop() if distinct else ""
 
 
 def load_query_table(folder: str | os.PathLike) -> QueryTable:
@@ -142,8 +138,14 @@ def load_query_table(folder: str | os.PathLike) -> QueryTable:
     if not paths:
         raise ShardError(f"query folder {folder}: no shards ({SHARD_GLOB})")
     parts = [read_shard(p) for p in paths]
-    for key in ("splits_hash", "run_name", "experiment"):
-        _check_same(key, {str(p): m.get(key, "") for p, (_, m) in zip(paths, parts)}, folder)
+    records = [r for _, r in parts]
+    for p, (_, record) in zip(paths, parts):
+        if record != records[0]:
+            diff = record_difference(records[0], record)
+            raise ShardError(
+                f"query folder {folder}: {paths[0].name} and {p.name} are shards of different "
+                f"queries ({diff})"
+            )
     names = sorted({k for t, _ in parts for k in t if k not in RESERVED})
     for p, (t, _) in zip(paths, parts):
         missing = [k for k in names if k not in t]
@@ -157,14 +159,12 @@ def load_query_table(folder: str | os.PathLike) -> QueryTable:
     model_index = cat["model_index"][idx].unique()
     if model_index.numel() != 1:
         raise ShardError(f"query folder {folder}: mixes model indices {model_index.tolist()}")
-    merged_meta = dict(parts[0][1])
-    merged_meta.pop("shard", None)
     return QueryTable(
         sample_id=cat["sample_id"][idx],
         is_member=cat["is_member"][idx].bool(),
         model_index=int(model_index.item()),
         features={k: cat[k][idx] for k in names},
-        metadata=merged_meta,
+        record=records[0],
         seconds=seconds_per_sample(folder),
     )
 
@@ -182,14 +182,29 @@ def seconds_per_sample(folder: str | os.PathLike) -> dict[str, float]:
     return {k: v / samples for k, v in seconds.items()} if samples else {}
 
 
-def mark_complete(folder: str | os.PathLike, num_samples: int, metadata: Mapping[str, str]) -> None:
+def record_difference(a: QueryRecord, b: QueryRecord, keys: tuple[str, ...] = ()) -> str:
+    """Where two records differ (`name: a vs b; spec.name: a vs b`), over `keys` and the
+    spec (every field when `keys` is empty)."""
+    da, db = a.to_dict(), b.to_dict()
+    da.pop("spec"), db.pop("spec")
+    keys = keys or tuple(da)
+    diff = [f"{k}: {da[k]!r} vs {db[k]!r}" for k in keys if da[k] != db[k]]
+    diff += [f"spec.{d}" for d in a.spec.differences(b.spec)]
+    return "; ".join(diff) or "equal"
+
+
+def mark_complete(folder: str | os.PathLike, num_samples: int, record: QueryRecord) -> None:
     """Record that the query of this folder finished with `num_samples` samples."""
-    atomic_write_json(Path(folder) / QUERY_COMPLETE, {"num_samples": num_samples, **metadata})
+    doc = {"num_samples": num_samples, "record": record.to_dict()}
+    atomic_write_json(Path(folder) / QUERY_COMPLETE, doc)
 
 
-def read_complete(folder: str | os.PathLike) -> dict | None:
-    """The COMPLETE.json record of a finished query folder, or None."""
+def read_complete(folder: str | os.PathLike) -> QueryRecord | None:
+    """The record of a finished query folder (its COMPLETE.json), or None."""
     path = Path(folder) / QUERY_COMPLETE
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    if "record" not in doc:  # an older format: treated as unfinished, refused by its shards
+        return None
+    return QueryRecord.from_dict(doc["record"])

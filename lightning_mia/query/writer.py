@@ -28,6 +28,7 @@ from safetensors.torch import save
 
 from lightning_mia.paths import atomic_write_bytes, atomic_write_json
 from lightning_mia.query.shards import ShardError, write_shard
+from lightning_mia.specs.query import QueryRecord
 
 EXAMPLES_GLOB = "examples-r*.safetensors"
 
@@ -88,11 +89,11 @@ class ShardWriter(BasePredictionWriter):
     pictures of the samples in `example_ids` as example files."""
 
     def __init__(
-        self, folder: str | os.PathLike, metadata: dict[str, str], example_ids: Any = ()
+        self, folder: str | os.PathLike, record: QueryRecord, example_ids: Any = ()
     ) -> None:
         super().__init__(write_interval="batch")
         self.folder = Path(folder)
-        self.metadata = dict(metadata)
+        self.record = record
         self.example_ids = {int(i) for i in example_ids}
         self.examples: list[dict[str, Any]] = []  # a few (query, generated) pairs for W&B
 
@@ -129,7 +130,7 @@ class ShardWriter(BasePredictionWriter):
             prediction["is_member"],
             prediction["model_index"],
             prediction["features"],
-            self.metadata,
+            self.record,
         )
         if len(self.examples) < 8 and "query" in prediction:  # the first 2 of a batch, for W&B
             self.examples.append(

@@ -1,0 +1,107 @@
+"""The callbacks every `train.py fit` stage gets (`lightning_mia.cli.MIACLI` adds them), and
+the check of a checkpoint to resume from.
+
+- `fit_callbacks`: checkpointing, the DONE marker and the learning-rate monitor;
+- `FinalCheckpoint`: `checkpoints/last.ckpt` at the end of fit, whatever the step count, and a
+  DONE marker, so a re-run of a finished stage skips it;
+- `LoggedConfigCallback`: the resolved config in the stage folder (Lightning's config.yaml)
+  and in the W&B run, with the experiment's splits settings.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import SaveConfigCallback
+
+from lightning_mia.card import CheckpointError, read_card
+from lightning_mia.paths import (
+    CHECKPOINT_DIR,
+    ExperimentLayout,
+    atomic_write_json,
+    done_marker,
+    last_checkpoint,
+)
+
+
+class FinalCheckpoint(Callback):
+    """Write `last.ckpt` when fit ends, whatever the step count (ModelCheckpoint saves by
+    interval only), and a DONE marker so a re-run of a finished stage can skip it."""
+
+    def __init__(self, dirpath: Path) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.interrupted:
+            return
+        # full state (optimizer, loops), so a later `--ckpt_path last` can train on
+        trainer.save_checkpoint(last_checkpoint(self.dirpath), weights_only=False)
+        if trainer.is_global_zero:
+            atomic_write_json(
+                done_marker(self.dirpath),
+                {"global_step": trainer.global_step, "max_steps": trainer.max_steps},
+            )
+
+
+class LoggedConfigCallback(SaveConfigCallback):
+    """config.yaml in the stage folder (Lightning's) and the same resolved config, with the
+    experiment's splits settings, in the W&B run (rank zero)."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        import yaml
+
+        from lightning_mia.lineage import splits_summary
+        from lightning_mia.reporting import log_config
+
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "experiment"):
+            config["splits"] = splits_summary(ExperimentLayout(datamodule.experiment))
+        log_config(trainer.logger, config)
+
+
+def fit_callbacks(
+    configured: list[Callback], folder: Path, every_n_steps: int | None, monitor_lr: bool
+) -> list[Callback]:
+    """The configured callbacks, plus `checkpoints/last.ckpt` every `every_n_steps` steps, the
+    final checkpoint with its DONE marker and (with a logger) the learning-rate monitor."""
+    callbacks = list(configured)
+    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=folder / CHECKPOINT_DIR,
+                save_last=True,
+                save_top_k=0,
+                enable_version_counter=False,
+                every_n_train_steps=every_n_steps,
+            )
+        )
+    callbacks.append(FinalCheckpoint(folder))
+    if monitor_lr and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    return callbacks
+
+
+def import_class(class_path: str) -> Any:
+    """The class a config's `class_path` names (None when it does not import)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
+def check_resume_checkpoint(ckpt: str, model_class: Any) -> None:
+    """CheckpointError unless `ckpt` is a lightning_mia checkpoint of the configured model's
+    family (resuming a diffusion run from an autoencoder checkpoint, say)."""
+    card, family = read_card(ckpt), getattr(model_class, "family", "")
+    if family and card.family != family:
+        raise CheckpointError(
+            f"--ckpt_path {ckpt} is a {card.family} checkpoint, but the config trains a "
+            f"{family} model ({model_class.__name__}): resume a run from its own "
+            "checkpoints/last.ckpt"
+        )
