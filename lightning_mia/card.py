@@ -36,7 +36,15 @@ class RunCard:
     tokenizer: str = ""  # folder of the caption tokenizer ("" = built in code by the preset)
     train_steps_per_image: float = 0.0  # optimizer steps x batch size / members
     augmentation: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    train_split: str = ""  # an attacker's component: the pool it trained on (auxiliary | public)
+    base: dict[str, str] = field(default_factory=dict)  # a fine-tune's base folder: path, sha256
+    autoencoder_sha256: str = ""  # the frozen autoencoder's weights the model trained with
+    text_init: str = ""  # seq2seq: the pretrained BART folder its text side started from
+    external: dict[str, Any] = field(default_factory=dict)  # a model trained elsewhere: given
+    # paths and their sha256 (`external.audit.facts_of`)
+    train_steps: int = 0  # a captioner's optimizer steps
+    quality: dict[str, float] = field(default_factory=dict)  # a captioner's held-out quality
+    holdout: dict[str, Any] = field(default_factory=dict)  # a captioner's held-out share, seed
 
     def __post_init__(self) -> None:
         from lightning_mia.paths import role_of
@@ -55,8 +63,9 @@ class RunCard:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunCard:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        """The card of a checkpoint (an older card's `extra` mapping read into the fields)."""
+        values = {**(d.get("extra") or {}), **d}
+        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -49,8 +49,8 @@ def test_trained_captioner_folder_loads_and_captions(trained):
     folder, exp = trained["folder"], trained["exp"]
     splits = load_splits(exp / "splits.json")
     card = check_captioner_card(folder, splits.hash)  # trained on this experiment: accepted
-    assert card.family == "captioner" and card.extra["train_split"] == "public"
-    assert card.experiment == str(exp) and card.extra["train_steps"] == STEPS
+    assert card.family == "captioner" and card.train_split == "public"
+    assert card.experiment == str(exp) and card.train_steps == STEPS
     for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
         assert (folder / name).is_file(), name
     source = ShapesSource(num_samples=384, resolution=32)
@@ -75,7 +75,7 @@ def test_held_out_quality_is_logged_and_recorded(trained):
     quality = CaptionQuality()
     quality.update(Captioner(str(folder)).caption(images), [source.caption(i) for i in held])
     expected = {k: float(v) for k, v in quality.compute().items()}
-    recorded = json.loads((folder / "card.json").read_text())["extra"]["quality"]
+    recorded = json.loads((folder / "card.json").read_text())["quality"]
     assert recorded["num_captions"] == len(held)
     for name in ("bleu", "shapes_parsed", "count", "colours", "shapes_colours", "exact"):
         assert recorded[name] == pytest.approx(expected[name], abs=1e-6), name
@@ -191,7 +191,7 @@ def test_cards_of_other_pools_are_refused(tmp_path):
         "model_index": 0,
         "splits_hash": "abc",
         "experiment": "runs/x",
-        "extra": {"train_split": "members"},
+        "train_split": "members",
     }
     (tmp_path / "card.json").write_text(json.dumps(card))
     with pytest.raises(CaptionerError, match="never a model's members"):

@@ -171,7 +171,6 @@ def _card_edited(layout, tmp, name, **changes):
     folder = tmp / name
     shutil.copytree(layout.captioner, folder, ignore=shutil.ignore_patterns("checkpoints"))
     card = json.loads((folder / "card.json").read_text())
-    card["extra"].update(changes.pop("extra", {}))
     card.update(changes)
     (folder / "card.json").write_text(json.dumps(card))
     return folder
@@ -200,7 +199,7 @@ BAD_CAPTIONERS = {
     "no model at all": (lambda lay, t: t, "no config.json"),
     "trained on another experiment": (_other_experiments_captioner, "not on this experiment's"),
     "trained on the target's members": (
-        lambda lay, t: _card_edited(lay, t, "members", extra={"train_split": "members"}),
+        lambda lay, t: _card_edited(lay, t, "members", train_split="members"),
         "never a model's members",
     ),
     "captions that come out empty": (

@@ -103,7 +103,7 @@ def test_fit_checkpoints_and_resume_continues_the_global_step(trained_autoencode
     assert card.autoencoder == str(trained_autoencoder)
     assert card.train_steps_per_image == pytest.approx(3 * 4 / 8)  # 8 members, batch 4
     saved = torch.load(last, weights_only=True)
-    assert len(saved[CARD_KEY]["extra"]["autoencoder_sha256"]) == 64
+    assert len(saved[CARD_KEY]["autoencoder_sha256"]) == 64
     assert not any(k.startswith("vae.") for k in saved["state_dict"])  # kept in its folder
     assert int(saved["state_dict"]["ema.num_updates"]) == 3
 

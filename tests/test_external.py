@@ -167,7 +167,7 @@ def test_a_lora_target_trained_elsewhere_is_audited_end_to_end(inputs, tmp_path,
     assert (sp["pretrained"], sp["lora_rank"], sp["lora_alpha"]) == (str(inputs["pipeline"]), 2, 4)
     assert tuple(sp["lora_targets"]) == ("to_q", "to_v") and not sp["train_text_encoder"]
     assert all(".lora_" in k for k in shadow["state_dict"] if k != "samples_seen")
-    assert shadow[CARD_KEY]["extra"]["base"]["sha256"] == external["pipeline_sha256"]
+    assert shadow[CARD_KEY]["base"]["sha256"] == external["pipeline_sha256"]
     assert (exp / "external" / "shadow.yaml").is_file()
 
     # a second command reuses splits, target and shadow
@@ -232,7 +232,7 @@ def test_a_full_fine_tune_over_ids_of_a_data_source(inputs, tmp_path):
     )
     ckpt = prepare_external(options).ckpt
     card = read_card(ckpt)
-    assert card.extra["external"]["base"] == str(inputs["pipeline"])
+    assert card.external["base"] == str(inputs["pipeline"])
     saved = torch.load(ckpt, weights_only=True)
     assert list(saved["state_dict"]) == ["samples_seen"]  # every weight is the folder's
     model = load_family_module(ckpt)

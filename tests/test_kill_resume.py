@@ -197,6 +197,22 @@ def test_killed_attack_stage_gives_the_same_report(base, reference_report, tmp_p
         assert len(load_query_table(folder)) == 16, f"{run}: a sample lost"
 
 
+def test_a_copied_experiment_reuses_its_queries(base, reference_report, tmp_path):
+    """`cp -r` of a queried experiment: the copy's attack reads the copied shards (their
+    QuerySpec names the encoder relative to the experiment) and queries nothing again."""
+    want, keep = reference_report
+    queried = _copy(base, tmp_path / "queried", keep)
+    assert _attack(queried) == want
+    copy = ExperimentLayout(tmp_path / "copy")
+    shutil.copytree(queried.root, copy.root)
+    shutil.rmtree(queried.root)  # nothing of the original may be needed
+    shutil.rmtree(copy.attack)
+    shards = {p: p.stat().st_mtime_ns for p in (copy.root / "queries").rglob("*.safetensors")}
+    assert _attack(copy) == want
+    after = {p: p.stat().st_mtime_ns for p in (copy.root / "queries").rglob("*.safetensors")}
+    assert after == shards  # not one shard written again
+
+
 def test_a_copied_experiment_reads_its_own_autoencoder(base, tmp_path):
     # the checkpoint names <base>/autoencoder; in a copy it must read the copy's, so the
     # copy still works when the original is gone (and never mixes the two)

@@ -86,7 +86,7 @@ def test_lora_trains_only_adapters_and_checkpoints_only_them(tmp_path):
     keys = set(saved["state_dict"])
     adapters = {n for n, _ in model.named_parameters() if ".lora_" in n}
     assert keys == adapters | {"samples_seen"}  # no base weight, no autoencoder
-    assert saved[CARD_KEY]["extra"]["base"] == {
+    assert saved[CARD_KEY]["base"] == {
         "path": str(folder),
         "sha256": pipeline_sha256(folder),
     }

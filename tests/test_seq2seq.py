@@ -305,7 +305,7 @@ def test_a_real_size_bart_folder_initialises_the_text_side(parts, tmp_path):
     assert loss.shape == (2,) and torch.isfinite(loss).all()
     trainer_card = {CARD_KEY: RunCard("seq2seq", "tiny", 0, "x", "e").to_dict()}
     model.on_save_checkpoint(trainer_card)
-    assert trainer_card[CARD_KEY]["extra"]["text_init"] == str(tmp_path / "bart")
+    assert trainer_card[CARD_KEY]["text_init"] == str(tmp_path / "bart")
 
 
 def test_a_bart_folder_that_does_not_fit_is_refused(parts, tmp_path):

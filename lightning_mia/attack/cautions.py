@@ -34,13 +34,13 @@ def pretrained_components(
 ) -> list[str]:
     """'what (folder)' for each component of the target's report trained outside it."""
     found = []
-    base = card.extra.get("base") or {}
+    base = card.base
     if base.get("path"):
         found.append(f"base model {base['path']} (sha256 {base['sha256'][:12]})")
     if card.autoencoder and not base and not trained_here(card.autoencoder, layout):
         found.append(f"{AUTOENCODER_WHAT.get(card.family, 'autoencoder')} {card.autoencoder}")
-    if card.extra.get("text_init"):
-        found.append(f"pretrained BART text side {card.extra['text_init']}")
+    if card.text_init:
+        found.append(f"pretrained BART text side {card.text_init}")
     if encoder and not trained_here(encoder, layout):
         found.append(f"CLIP encoder {encoder} (semantic and text attacks)")
     if captioner and not trained_here(captioner, layout):
@@ -72,7 +72,7 @@ def annotate_report(
 ) -> AttackReport:
     """Add the external target's facts (report.json `target.external` and a note) and the
     caution about pretrained components to `report.notes`; returns the report."""
-    external = card.extra.get("external")
+    external = card.external
     if external:
         report.target["external"] = dict(external)
         report.notes.append(external_note(external))

@@ -137,7 +137,7 @@ def ensure_target(
     ckpt = layout.checkpoint("diffusion", 0)
     if ckpt.is_file():
         card = read_card(ckpt)
-        before = card.extra.get("external") or {}
+        before = card.external
         digests = [k for k in facts if k.endswith("sha256")]  # paths may be spelt otherwise
         if any(before.get(k) != facts[k] for k in digests) or card.splits_hash != splits.hash:
             raise ExternalError(
@@ -153,7 +153,8 @@ def ensure_target(
         splits_hash=splits.hash,
         experiment=str(layout.root),
         **module.card_references(),
-        extra={"external": facts, "base": base_reference(options.pipeline)},
+        external=facts,
+        base=base_reference(options.pipeline),
     )
     rank_zero_info(f"external target: wrote {write_target_checkpoint(module, card, ckpt)}")
     return ckpt

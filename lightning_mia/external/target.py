@@ -145,5 +145,5 @@ def write_target_checkpoint(module: LatentDiffusionModule, card: RunCard, path: 
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     atomic_write_bytes(path, buffer.getvalue())
-    atomic_write_json(done_marker(path.parent.parent), {"external": card.extra["external"]})
+    atomic_write_json(done_marker(path.parent.parent), {"external": card.external})
     return path

@@ -327,7 +327,7 @@ class AutoencoderModule(StageModule):
             splits_hash=data.splits_hash if data is not None else "",
             experiment=str(data.layout.root) if data is not None else "",
             autoencoder=str(self.output_folder() or ""),
-            extra={"train_split": data.train_split} if data is not None else {},
+            train_split=data.train_split if data is not None else "",
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

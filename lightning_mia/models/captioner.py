@@ -112,7 +112,7 @@ def check_captioner_card(folder: str | os.PathLike, splits_hash: str) -> RunCard
     card = read_captioner_card(folder)
     if card is None:
         return None
-    pool = card.extra.get("train_split", "")
+    pool = card.train_split
     if pool not in ATTACKER_POOLS:
         raise CaptionerError(
             f"captioner folder {folder}: trained on the {pool!r} split; an attacker's captioner "
@@ -142,8 +142,8 @@ def captioner_facts(folder: str | os.PathLike) -> dict[str, Any]:
     card = read_captioner_card(folder)
     facts: dict[str, Any] = {"folder": str(Path(folder).resolve())}
     if card is not None:
-        facts["train_steps"] = card.extra.get("train_steps")
-        facts["quality"] = dict(card.extra.get("quality") or {})
+        facts["train_steps"] = card.train_steps
+        facts["quality"] = dict(card.quality)
     return facts
 
 

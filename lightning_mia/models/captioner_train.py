@@ -179,10 +179,8 @@ class CaptionerModule(StageModule):
             experiment=str(data.layout.root) if data is not None else "",
             tokenizer=hp.tokenizer,
             augmentation={"max_shift": hp.max_shift},
-            extra={
-                "train_split": data.train_split if data is not None else "",
-                "holdout": {"fraction": hp.holdout_fraction, "seed": hp.seed},
-            },
+            train_split=data.train_split if data is not None else "",
+            holdout={"fraction": hp.holdout_fraction, "seed": hp.seed},
         )
 
     def _build_tokenizer(self, data: Any) -> BertTokenizer:
@@ -312,7 +310,7 @@ class CaptionerModule(StageModule):
             self.quality = self.evaluate()
         if not self.trainer.is_global_zero:
             return
-        self.card.extra.update(quality=self.quality, train_steps=int(self.trainer.global_step))
+        self.card.quality, self.card.train_steps = self.quality, int(self.trainer.global_step)
         folder = write_model_files(self.output_folder, self._write)
         q = self.quality
         shapes = (

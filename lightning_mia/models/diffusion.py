@@ -25,7 +25,7 @@ from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
-from lightning_mia.card import CARD_KEY
+from lightning_mia.card import CARD_KEY, RunCard
 from lightning_mia.models.base import (
     TextToImageModule,
     cached_by_id,
@@ -368,8 +368,8 @@ class LatentDiffusionModule(TextToImageModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # the card; the base keeps `vae.` weights out
         if CARD_KEY in checkpoint:
-            record_references(self, checkpoint[CARD_KEY]["extra"])
+            record_references(self, checkpoint[CARD_KEY])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        check_references(self, checkpoint[CARD_KEY].get("extra", {}))
+        check_references(self, RunCard.from_dict(checkpoint[CARD_KEY]))

@@ -334,7 +334,7 @@ class EncoderModule(StageModule):
             experiment=str(data.layout.root) if data is not None else "",
             tokenizer=self.hparams.tokenizer,
             augmentation={"max_shift": self.hparams.max_shift},
-            extra={"train_split": data.train_split} if data is not None else {},
+            train_split=data.train_split if data is not None else "",
         )
         self._output = Path(self.hparams.output) if self.hparams.output else None
         if self._output is None and data is not None:

@@ -127,7 +127,7 @@ def export_lora(module: nn.Module, folder: str | Path) -> Path:
         state = get_peft_model_state_dict(part, adapter_name=ADAPTER)
         layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
         metadata[f"{name}_lora_adapter_metadata"] = part.peft_config[ADAPTER].to_dict()
-    base = (module.card.extra.get("base") if module.card else None) or {}
+    base = module.card.base if module.card else {}
 
     def write(tmp: Path) -> None:
         save = StableDiffusionPipeline.save_lora_weights

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lightning_mia.card import CheckpointError
+from lightning_mia.card import CheckpointError, RunCard
 from lightning_mia.data.sources import file_digests
 from lightning_mia.errors import UserError
 
@@ -158,23 +158,23 @@ def base_reference(folder: str | Path) -> dict[str, str]:
     return {"path": str(folder), "sha256": pipeline_sha256(folder)}
 
 
-def record_references(module: Any, extra: dict[str, Any]) -> None:
-    """Into a checkpoint's card `extra`: the autoencoder's weights hash and, on the pretrained
-    preset, the folder whose weights the checkpoint leaves out (`base`: path and sha256)."""
-    extra["autoencoder_sha256"] = module.vae_fingerprint()
+def record_references(module: Any, card: dict[str, Any]) -> None:
+    """Into a checkpoint's card: the autoencoder's weights hash and, on the pretrained preset,
+    the folder whose weights the checkpoint leaves out (`base`: path and sha256)."""
+    card["autoencoder_sha256"] = module.vae_fingerprint()
     if module.hparams.preset == "pretrained":
-        extra["base"] = extra.get("base") or base_reference(module.hparams.pretrained)
+        card["base"] = card.get("base") or base_reference(module.hparams.pretrained)
 
 
-def check_references(module: Any, extra: dict[str, Any]) -> None:
+def check_references(module: Any, card: RunCard) -> None:
     """CheckpointError when the autoencoder or the base folder differs from the recorded one."""
-    saved = extra.get("autoencoder_sha256")
+    saved = card.autoencoder_sha256
     if saved and saved != module.vae_fingerprint():
         raise CheckpointError(
             f"checkpoint was trained with a different autoencoder than the one now in "
             f"{module.card_references()['autoencoder']} (weights hash differs)"
         )
-    base = extra.get("base")
+    base = card.base
     if base and base_reference(module.hparams.pretrained)["sha256"] != base["sha256"]:
         raise CheckpointError(
             f"checkpoint's base {base['path']} (sha256 {base['sha256'][:12]}) is not the "

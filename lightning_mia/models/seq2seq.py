@@ -216,7 +216,7 @@ class Seq2SeqModule(TextToImageModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # the card: it names a pretrained text side
         if CARD_KEY in checkpoint and self.hparams.pretrained_text:
-            checkpoint[CARD_KEY]["extra"]["text_init"] = self.hparams.pretrained_text
+            checkpoint[CARD_KEY]["text_init"] = self.hparams.pretrained_text
 
     def train(self, mode: bool = True) -> Seq2SeqModule:
         super().train(mode)
