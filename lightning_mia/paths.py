@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-ROLES = ("target", "shadow")
 CHECKPOINT_DIR, LAST_CKPT = "checkpoints", "last.ckpt"
 DONE_MARKER = "DONE.json"  # a training stage that finished (written by rank 0 after last.ckpt)
 QUERY_COMPLETE = "COMPLETE.json"  # a query folder holding every sample of its row

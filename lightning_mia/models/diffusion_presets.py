@@ -205,8 +205,3 @@ def sampling_scheduler(name: str, noise_config: Any) -> SchedulerMixin:
             noise_config, clip_sample=False, set_alpha_to_one=False, steps_offset=1
         )
     return cls.from_config(noise_config)
-
-
-def parameter_count(module: torch.nn.Module) -> int:
-    """Number of parameters (works on the meta device too)."""
-    return sum(p.numel() for p in module.parameters())

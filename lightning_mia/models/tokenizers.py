@@ -8,8 +8,6 @@ with `CLIPTokenizer.from_pretrained(local_folder)` instead.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from transformers import CLIPTokenizer
@@ -40,15 +38,6 @@ def char_clip_vocab() -> dict[str, int]:
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + [CLIP_BOS, CLIP_EOS]
     return {tok: i for i, tok in enumerate(tokens)}
-
-
-def save_char_clip_tokenizer(folder: str | os.PathLike) -> Path:
-    """Write `vocab.json` + `merges.txt` of the character-level tokenizer into `folder`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(char_clip_vocab()), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    return folder
 
 
 def char_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:

@@ -24,7 +24,6 @@ from lightning_mia.errors import UserError
 from lightning_mia.models.pipeline_folder import weights_variant
 
 Autoencoder = VQModel | AutoencoderKL
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
 class AutoencoderError(UserError):

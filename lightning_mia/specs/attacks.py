@@ -3,13 +3,13 @@
 An attack is declared once, beside the features or signals it reads:
 
     # lightning_mia/features/pixel.py
-    register_attack(AttackSpec("pixel", ("pixel",), "black-box", paper=True, ...))
+    register_attack(AttackSpec("pixel", ("pixel",), "black-box", paper=1, ...))
     # lightning_mia/graybox/spec.py registers one gray-box attack per signal
 
 `ATTACKS` finds those declarations by importing the modules of `lightning_mia.features` and
 `lightning_mia.graybox` when it is first listed; the report's attack list, LiRA's candidates and
 the query's feature groups are all read from it (`paper_attacks`, `query_feature_groups`,
-`lira_features`, `baseline_attack`).
+`baseline_attack`).
 """
 
 from __future__ import annotations
@@ -131,8 +131,3 @@ def query_feature_groups() -> list[str]:
     query computes beside its gray-box signals."""
     groups = [g for s in ATTACKS.values() if s.access != "gray-box" for g in s.groups]
     return list(dict.fromkeys(groups))
-
-
-def lira_features(names: Sequence[str]) -> dict[str, str]:
-    """{attack: the scalar feature LiRA calibrates} for the attacks among `names` that have one."""
-    return {n: ATTACKS[n].score_feature for n in names if n in ATTACKS and ATTACKS[n].score_feature}
