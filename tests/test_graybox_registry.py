@@ -15,7 +15,7 @@ from lightning_mia.graybox import (
 from lightning_mia.graybox.denoiser import fixed_noise, noise_seeds, split_prediction
 from lightning_mia.graybox.seq2seq import low_k_mean
 from lightning_mia.models.diffusion import training_target
-from lightning_mia.specs.attacks import ATTACKS, QueryCosts, lira_features
+from lightning_mia.specs.attacks import ATTACKS, QueryCosts
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
@@ -82,7 +82,7 @@ def test_registry_families_and_query_counts():
         attack = ATTACKS[name]
         assert attack.groups == (spec.group,) and attack.access == "gray-box"
         assert attack.queries(costs) == counts[name]
-        assert lira_features([name]) == {name: spec.score_feature}
+        assert attack.score_feature == spec.score_feature
         assert spec.score_feature.startswith(f"{name}/")
 
 
