@@ -10,7 +10,8 @@ report.json (keys sorted; `null` where unknown)::
       "family": "diffusion",                "num_images": 4,       # N images per caption
       "num_shadows": 2,                     "seeds": {"attack": 0, "query": 0, ...},
       "splits_hash": "ab12...",
-      "captions": "ground-truth" | "captioner",   # what every query (and gray-box signal) read
+      "captions": "ground-truth" | "captioner" | "fixed-caption" | "swapped-caption",  # what
+                                      # every query (and gray-box signal) read
       "captioner": {} | {"folder": "/abs/runs/demo/captioner", "train_steps": 2000,
                          "quality": {"bleu": 0.7, "shapes_colours": 0.8, ...}},  # folder
                                       # alone for a pretrained one
@@ -219,7 +220,7 @@ class AttackReport:
     baselines: dict[str, AttackResult]
     known_fraction: float | None = None
     test_samples: dict[str, int] = field(default_factory=dict)
-    captions: str = "ground-truth"  # or "captioner": the attacker holds only the image
+    captions: str = "ground-truth"  # the query's caption mode (`specs.query.CAPTION_MODES`)
     captioner: dict[str, Any] = field(default_factory=dict)  # its folder, training, quality
     notes: list[str] = field(default_factory=list)
     created: str = field(
