@@ -81,7 +81,8 @@ def log_results(logger: Any, results: RunResults) -> None:
         for key, (columns, data) in results.tables.items():
             lg.log_table(key, columns=columns, data=data)
         for key, (paths, captions) in results.images.items():
-            lg.log_image(key, list(paths), caption=list(captions) or None)
+            extra = {"caption": list(captions)} if captions else {}
+            lg.log_image(key, list(paths), **extra)
         lg.experiment.summary.update({k: v for k, v in results.summary.items() if v is not None})
         if results.folder is not None:
             group = lg.experiment.group or "experiment"

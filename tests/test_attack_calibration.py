@@ -13,6 +13,7 @@ from lightning_mia.attack.calibration import (
 from lightning_mia.metrics import bootstrap_interval, roc_auc
 from lightning_mia.query.shards import QueryTable
 from lightning_mia.specs.attacks import AttackError
+from lightning_mia.specs.query import QueryRecord
 
 
 def _world(shift, num_shadows=16, num_samples=600, noise=0.5, seed=0):
@@ -57,7 +58,7 @@ def _table(ids, member, values, index):
         is_member=member,
         model_index=index,
         features={"loss/mean": values.float()},
-        metadata={"run_name": f"diffusion-shadow-{index:03d}"},
+        record=QueryRecord(run_name=f"diffusion-shadow-{index:03d}"),
     )
 
 

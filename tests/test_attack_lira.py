@@ -34,7 +34,7 @@ def _write(layout, folder, index, ids, member, difficulty, spec=None):
     """One query table: `difficulty` (one per row of `ids`) under the membership `member`."""
     g = torch.Generator().manual_seed(int(ids[0]) + 7 * index)
     name = run_name("diffusion", index)
-    spec = QuerySpec(num_images=4, seed=0, encoder="enc", **(spec or {}))
+    spec = QuerySpec(**{"num_images": 4, "seed": 0, "encoder": "enc", **(spec or {})})
     record = QueryRecord(splits_hash="h", run_name=name, family="diffusion", spec=spec)
     feats = _features(difficulty, member, g)
     write_shard(folder / "shard-0.safetensors", ids, member, index, feats, record)

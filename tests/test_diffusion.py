@@ -233,8 +233,14 @@ def test_bad_inputs_give_one_clear_error(trained_autoencoder, tmp_path):
     model = make_model(trained_autoencoder)
 
     def checkpoint(family, autoencoder_sha256):
-        extra = {"autoencoder_sha256": autoencoder_sha256}
-        card = RunCard(family, "tiny", model_index=0, splits_hash="x", experiment="e", extra=extra)
+        card = RunCard(
+            family,
+            "tiny",
+            model_index=0,
+            splits_hash="x",
+            experiment="e",
+            autoencoder_sha256=autoencoder_sha256,
+        )
         path = tmp_path / f"{family}-{autoencoder_sha256[:4]}.ckpt"
         state = {k: v for k, v in model.state_dict().items() if not k.startswith("vae.")}
         torch.save(

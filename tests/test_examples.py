@@ -40,7 +40,7 @@ def _prediction(ids, n=3, size=8):
 
 
 def test_the_writer_keeps_the_pictures_of_the_example_ids(tmp_path):
-    writer = ShardWriter(tmp_path, {"run_name": "x"}, example_ids=[2, 5, 11])
+    writer = ShardWriter(tmp_path, QueryRecord(run_name="x"), example_ids=[2, 5, 11])
     for ids in ([0, 1, 2, 3], [4, 5, 6, 7], [8, 9]):
         writer.write_on_batch_end(_Trainer(), None, _prediction(ids), None, None, 0)
     examples = read_examples(tmp_path)

@@ -299,7 +299,7 @@ def test_cautions_name_only_the_components_trained_elsewhere(tmp_path):
         "h",
         str(layout.root),
         autoencoder=str(layout.root / "vqgan"),
-        extra={"text_init": "/models/bart-large"},
+        text_init="/models/bart-large",
     )
     found = pretrained_components(imported, layout, "/models/clip", "/models/blip")
     assert found == [

@@ -25,11 +25,12 @@ def _data(stage_config, args):
 @pytest.fixture(scope="module")
 def stages():
     experiment = yaml.safe_load(CONFIG.read_text())
-    common, model_args = experiment["data_args"], experiment.get("model_args", [])
+    stages = experiment["stages"]
+    common, model_args = stages["data_args"], stages.get("model_args", [])
     return experiment, {
-        "autoencoder": _data(experiment["autoencoder"], common),
-        "encoder": _data(experiment["encoder"], common),
-        "model": _data(experiment["model"], [*common, *model_args]),
+        "autoencoder": _data(stages["autoencoder"], common),
+        "encoder": _data(stages["encoder"], common),
+        "model": _data(stages["model"], [*common, *model_args]),
     }
 
 

@@ -117,7 +117,7 @@ def test_installed_commands_find_their_configs_from_another_folder(installed):
         "path = config_path('demo')\n"
         "cfg = experiment_parser().parse_args(['--config', path])\n"
         "from lightning_mia.paths import find_config\n"
-        "print(lightning_mia.__file__, path, find_config(cfg.model), sep='\\n')\n"
+        "print(lightning_mia.__file__, path, find_config(cfg.stages.model), sep='\\n')\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True

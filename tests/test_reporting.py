@@ -10,6 +10,7 @@ from wandb_offline import offline_runs
 
 from lightning_mia import reporting as W
 from lightning_mia.attack import render as R
+from lightning_mia.attack.outcome import report_results
 from lightning_mia.attack.report import BACKWARDS, AttackReport, AttackResult, read_report
 from lightning_mia.attack.scores import SCORES_CSV, read_scores
 from lightning_mia.metrics import evaluate
@@ -139,7 +140,7 @@ def test_wandb_helpers_are_noops_without_wandb(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     images = torch.rand(2, 3, 3, 8, 8) * 2 - 1
     for logger in (None, object(), [None]):
-        W.log_report(logger, _report(), tmp_path / "roc.png")
+        W.log_results(logger, report_results(_report(), tmp_path))
         W.log_image_grid(logger, "samples", images, ["a", "b"], step=0)
         W.log_query_table(logger, images[:, 0], images, ["a", "b"], torch.tensor([1, 0]))
         W.log_feature_histograms(logger, {"pixel/x": torch.randn(4)}, torch.tensor([1, 0, 1, 0]))
@@ -163,7 +164,7 @@ def test_offline_run_holds_the_report_and_the_images(offline_wandb):
     report = _report()
     roc = R.write_report(exp / "attack", report)
     images = torch.rand(2, 3, 3, 8, 8) * 2 - 1
-    W.log_report(logger, report, roc)
+    W.log_results(logger, report_results(report, roc.parent))
     W.log_image_grid(logger, "samples", images, ["a", "b"], step=0)
     W.log_query_table(logger, images[:, 0], images, ["a", "b"], torch.tensor([1, 0]))
     W.log_feature_histograms(logger, {"pixel/x": torch.randn(4)}, torch.tensor([1, 0, 1, 0]))
