@@ -156,7 +156,7 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
         name="attack",
         job_type="attack",
         group=layout.name,
-        config={"attack": dataclasses.asdict(options)},
+        config=dataclasses.asdict(options),
     )
     tables = run_queries(options, query, shadows, layout, logger)
     if tables.target is None:  # not global rank zero: rank 0 trains the attacks and reports
