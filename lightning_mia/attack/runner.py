@@ -162,8 +162,8 @@ def _notes(setting: str, labels: torch.Tensor, n_boot: int, seed: int) -> list[s
         "benchmark (near 0.5: members and non-members alike; above: a distribution shift that "
         "inflates every attack) and is the one figure fitted on target labels, by design",
         f"intervals: 95% percentile bootstrap, {n_boot} stratified resamples (seed {seed})",
-        "TPR@FPR is read at the ROC point with the largest FPR not above the budget; (k FP) = "
-        "the non-members admitted there",
+        "TPR@FPR is read at the ROC point with the largest FPR strictly below the budget; (k FP) "
+        "= the non-members admitted there",
     ]
     members, non = int(labels.sum()), int((~labels).sum())
     if members != non:
