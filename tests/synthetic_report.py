@@ -18,6 +18,7 @@ import torch
 
 from lightning_mia.paths import ExperimentLayout, run_name
 from lightning_mia.query.shards import load_query_table, write_shard
+from lightning_mia.specs.query import QueryRecord, QuerySpec
 
 STATS = ("mean", "min", "max", "std")
 
@@ -54,17 +55,11 @@ def _features(member: torch.Tensor, complexity: torch.Tensor, g: torch.Generator
 
 def _table(layout, folder, index, ids, member, complexity):
     g = torch.Generator().manual_seed(int(ids[0]) + 7919 * index + int(member.sum()))
-    meta = {
-        "splits_hash": "synthetic",
-        "run_name": run_name("diffusion", index),
-        "family": "diffusion",
-        "experiment": "synthetic",
-        "num_images": "4",
-        "seed": "0",
-        "encoder": "enc",
-    }
+    spec = QuerySpec(num_images=4, seed=0, encoder="enc")
+    name = run_name("diffusion", index)
+    record = QueryRecord(splits_hash="synthetic", run_name=name, family="diffusion", spec=spec)
     feats = _features(member, complexity, g)
-    write_shard(folder / "shard-0.safetensors", ids, member, index, feats, meta)
+    write_shard(folder / "shard-0.safetensors", ids, member, index, feats, record)
     return load_query_table(folder)
 
 

@@ -20,6 +20,7 @@ from lightning_mia.metrics import roc_auc
 from lightning_mia.query.shards import QueryTable
 from lightning_mia.registry import UnknownNameError
 from lightning_mia.specs.attacks import ATTACKS, SCALES, QueryCosts
+from lightning_mia.specs.query import QueryRecord
 from lightning_mia.specs.signals import SIGNAL_PRESETS, SignalOptions, signal_preset
 
 COSTS = QueryCosts(num_images=1, signal_queries={"loss": 3, "secmi": 11, "pia": 8, "clid": 15})
@@ -43,7 +44,9 @@ def _rows(n, seed, shift=1.0):
         "complexity/png_bpp": complexity * torch.exp(0.05 * torch.randn(n, generator=g)),
         "complexity/highpass": torch.rand(n, generator=g) + 0.1,  # unrelated to the errors
     }
-    table = QueryTable(torch.arange(n) + 1000 * seed, member, seed, feats, {"run_name": str(seed)})
+    table = QueryTable(
+        torch.arange(n) + 1000 * seed, member, seed, feats, QueryRecord(run_name=str(seed))
+    )
     return Rows.stack([table])
 
 
@@ -155,7 +158,7 @@ def test_log_scale_lira_on_log_normal_losses():
     target = torch.exp(difficulty - member.float() + torch.randn(s, generator=g))
 
     def table(values, member, index):
-        return QueryTable(torch.arange(s), member, index, {"loss/mean": values}, {})
+        return QueryTable(torch.arange(s), member, index, {"loss/mean": values})
 
     shadows = [table(shadow[i], is_in[i], i + 1) for i in range(m)]
     for online in (True, False):

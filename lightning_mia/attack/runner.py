@@ -58,10 +58,17 @@ HELD = "held-out training rows"  # where a learned attack's deployed 1%-FPR cut 
 
 
 def _train_one(
-    spec: AttackSpec, plan: AttackPlan, folder: Any, setting: str, seed: int, fit: FitOptions
-) -> tuple[AttackModule, torch.Tensor, torch.Tensor, torch.Tensor, list[str], Realised]:
-    """Fit one AttackModule on the training rows; (model, test logits, labels, ids, names, the
-    1%-FPR cut chosen on the held-out training rows and read on the test rows)."""
+    spec: AttackSpec,
+    plan: AttackPlan,
+    folder: Any,
+    setting: str,
+    fit: FitOptions,
+    costs: QueryCosts,
+    seed: int,
+    n_boot: int,
+) -> tuple[AttackModule, list[str], AttackResult]:
+    """Fit one AttackModule on the training rows; (model, its features, its result: the row
+    `spec.learned_row`, with the 1%-FPR cut chosen on the held-out training rows)."""
     x, y, xt, yt, ids, names = plan.matrices(spec.groups)
     model = fit_on_rows(
         x,
@@ -76,7 +83,21 @@ def _train_one(
     )
     held, scores = held_out(y, seed, plan.strata), model.score(xt)
     shadow = (model.score(x[held]), y[held].bool())
-    return model, scores, yt.bool(), ids, names, Realised.chosen(shadow, (scores, yt.bool()), HELD)
+    realised = Realised.chosen(shadow, (scores, yt.bool()), HELD)
+    result = AttackResult.from_scores(
+        spec,
+        scores,
+        yt.bool(),
+        ids,
+        names,
+        0.0,
+        costs,
+        seed,
+        n_boot,
+        row=spec.learned_row,
+        realised=realised,
+    )
+    return model, names, result
 
 
 def _threshold_baseline(
@@ -221,23 +242,10 @@ def run_attacks(
     models: dict[str, tuple[AttackModule, list[str]]] = {}
     for name in names:
         start, spec = time.perf_counter(), ATTACKS[name]
-        model, scores, labels, ids, used, realised = _train_one(
-            spec, plan, experiment.attack, setting, seed, fit
+        model, used, results[spec.learned_row] = _train_one(
+            spec, plan, experiment.attack, setting, fit, costs, seed, n_boot
         )
         models[name] = (model, used)
-        results[spec.learned_row] = AttackResult.from_scores(
-            spec,
-            scores,
-            labels,
-            ids,
-            used,
-            0.0,
-            costs,
-            seed,
-            n_boot,
-            row=spec.learned_row,
-            realised=realised,
-        )
         rank_zero_info(f"attack {name}: done in {time.perf_counter() - start:.1f} s")
     for rows, more in (  # the papers' own statistics; complexity-calibrated scores
         reference_results(plan, names, costs, seed, n_boot),
