@@ -22,9 +22,8 @@ raw scores (PSNR, logits > 17) into ties, exactly where TPR at low FPR is read.
 
 Accuracy is balanced accuracy (the mean of TPR and TNR at the threshold) when the classes are
 unequal; with equal classes the two are the same number. `threshold_from` maximises balanced
-accuracy on the fitting rows for that reason: it is the metric the report shows when classes
-are unequal and the same ordering as accuracy when they are equal. `threshold_at_fpr` picks the
-cut a deployed attack would use for an FPR budget, `rates_at` reads what it gives elsewhere.
+accuracy on the fitting rows for that reason (the same cut as accuracy with equal classes).
+`threshold_at_fpr` picks the cut deployed for an FPR budget, `rates_at` reads what it gives.
 """
 
 from __future__ import annotations
@@ -220,8 +219,8 @@ def threshold_at_fpr(
     """The cut (admit `score >= cut`) of the ROC point `tpr_at_fpr` reads on these (shadow)
     rows: the lowest distinct score whose FPR is within the budget, +inf if none is.
 
-    What an attacker deploys for an FPR budget; `rates_at` reads what it gives on the target.
-    Unlike `tpr_at_fpr` it needs no resolvability: with few non-members it admits none.
+    What an attacker deploys for an FPR budget (`rates_at`: what it gives on the target); with
+    few non-members it admits none of them.
     """
     scores, labels = _check(scores, labels)
     values, pos, neg = _per_value(scores, labels, _weights(labels, None))
