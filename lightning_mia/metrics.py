@@ -13,12 +13,17 @@ We compute the ROC ourselves rather than with torchmetrics' `binary_roc`/`binary
 squash scores outside [0, 1] through a sigmoid, which saturates in float32 and turns distinct
 raw scores (PSNR, logits > 17) into ties, exactly where TPR at low FPR is read.
 
-    TPR@FPR: read at the lowest threshold whose FPR does not exceed the budget, i.e. the ROC
-    point with the largest FPR <= budget (never the nearest FPR, never interpolated); the number
-    of false positives admitted there is reported beside it (`false_positives_at_fpr`).
+    TPR@FPR: read at the lowest threshold whose FPR is strictly below the budget, i.e. the ROC
+    point with the largest FPR < budget (never the nearest FPR, never interpolated), as the
+    strictest references read it (Carlini et al.'s LiRA `plot.py`: `tpr[np.where(fpr < .001)
+    [0][-1]]`; PIA's `stable_attack.py`: `(fpr < 0.01).sum() - 1`); `strict=False` reads the
+    largest FPR <= budget instead. The number of false positives admitted there is reported
+    beside it (`false_positives_at_fpr`): with 1,000 non-members TPR@0.1%FPR admits none.
 
 Accuracy is balanced accuracy (the mean of TPR and TNR at the threshold) when the classes are
-unequal; with equal classes the two are the same number.
+unequal; with equal classes the two are the same number. `threshold_from` maximises balanced
+accuracy on the fitting rows for that reason (the same cut as accuracy with equal classes).
+`threshold_at_fpr` picks the cut deployed for an FPR budget, `rates_at` reads what it gives.
 """
 
 from __future__ import annotations
@@ -141,26 +146,37 @@ def roc_curve(
 
 
 def is_resolvable(labels: torch.Tensor, fpr_budget: float) -> bool:
-    """TPR@FPR needs at least 1/budget non-members, or the budget admits no false positive."""
+    """TPR@FPR needs at least 1/budget non-members, or the budget admits no false positive.
+
+    (At exactly 1/budget non-members the strict reading admits none: the FP count says so.)"""
     num_negative = int((~torch.as_tensor(labels).reshape(-1).bool()).sum())
     return num_negative * fpr_budget >= 1.0 - _EPS
 
 
+def allowed_false_positives(
+    num_negative: torch.Tensor, fpr_budget: float, strict: bool = True
+) -> torch.Tensor:
+    """The most non-member weight a threshold may admit: FP < budget x N (strict), else <=."""
+    if strict:
+        return torch.ceil(fpr_budget * num_negative - _EPS) - 1
+    return torch.floor(fpr_budget * num_negative + _EPS)
+
+
 def _read_at_budget(
-    pos: torch.Tensor, neg: torch.Tensor, fpr_budget: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(TP, FP) weight (B,) admitted at the lowest threshold whose FPR is <= the budget, from
-    the member / non-member weight per distinct score (B, U), scores ascending."""
+    pos: torch.Tensor, neg: torch.Tensor, fpr_budget: float, strict: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(TP, FP, number of admitted distinct scores) (B,) at the lowest threshold whose FPR is
+    within the budget, from the member / non-member weight per distinct score (B, U), ascending."""
     # Cumulated from the highest score down: admitted weight as the threshold is lowered.
     tp = torch.cumsum(torch.flip(pos, [1]), 1)  # (B, U), non-decreasing
     fp = torch.cumsum(torch.flip(neg, [1]), 1)
-    allowed = torch.floor(fpr_budget * neg.sum(1, keepdim=True) + _EPS)  # (B, 1)
+    allowed = allowed_false_positives(neg.sum(1, keepdim=True), fpr_budget, strict)  # (B, 1)
     count = torch.searchsorted(fp.contiguous(), allowed, right=True)  # thresholds with fp<=allowed
     at = (count - 1).clamp(min=0)
     zero = torch.zeros_like(allowed)
     tp_at = torch.where(count > 0, tp.gather(1, at), zero)[:, 0]
     fp_at = torch.where(count > 0, fp.gather(1, at), zero)[:, 0]
-    return tp_at, fp_at
+    return tp_at, fp_at, count[:, 0]
 
 
 def tpr_at_fpr(
@@ -168,29 +184,65 @@ def tpr_at_fpr(
     labels: torch.Tensor,
     fpr_budget: float,
     weights: torch.Tensor | None = None,
+    strict: bool = True,
 ) -> torch.Tensor:
-    """TPR at the lowest threshold whose FPR is <= `fpr_budget`; NaN when not resolvable.
+    """TPR at the lowest threshold whose FPR is < `fpr_budget` (<= if not `strict`); NaN when
+    not resolvable.
 
     Thresholds are the distinct scores (a threshold admits all samples with score >= it), so
-    the ROC point read is the one with the largest FPR not above the budget.
+    the ROC point read is the one with the largest FPR below the budget.
     """
     scores, labels = _check(scores, labels)
     w = _weights(labels, weights)
     if not is_resolvable(labels, fpr_budget):
         return _squeeze(torch.full((w.shape[0],), math.nan, dtype=torch.float64), weights)
     _, pos, neg = _per_value(scores, labels, w)
-    tp_at, _ = _read_at_budget(pos, neg, fpr_budget)
+    tp_at = _read_at_budget(pos, neg, fpr_budget, strict)[0]
     return _squeeze((tp_at / pos.sum(1)).to(torch.float64), weights)
 
 
-def false_positives_at_fpr(scores: torch.Tensor, labels: torch.Tensor, fpr_budget: float) -> int:
-    """Non-members admitted at the ROC point `tpr_at_fpr` reads (at most budget x non-members);
+def false_positives_at_fpr(
+    scores: torch.Tensor, labels: torch.Tensor, fpr_budget: float, strict: bool = True
+) -> int:
+    """Non-members admitted at the ROC point `tpr_at_fpr` reads (below budget x non-members);
     -1 when not resolvable."""
     scores, labels = _check(scores, labels)
     if not is_resolvable(labels, fpr_budget):
         return -1
     _, pos, neg = _per_value(scores, labels, _weights(labels, None))
-    return int(round(float(_read_at_budget(pos, neg, fpr_budget)[1][0])))
+    return int(round(float(_read_at_budget(pos, neg, fpr_budget, strict)[1][0])))
+
+
+def threshold_at_fpr(
+    scores: torch.Tensor, labels: torch.Tensor, fpr_budget: float, strict: bool = True
+) -> float:
+    """The cut (admit `score >= cut`) of the ROC point `tpr_at_fpr` reads on these (shadow)
+    rows: the lowest distinct score whose FPR is within the budget, +inf if none is.
+
+    What an attacker deploys for an FPR budget (`rates_at`: what it gives on the target); with
+    few non-members it admits none of them.
+    """
+    scores, labels = _check(scores, labels)
+    values, pos, neg = _per_value(scores, labels, _weights(labels, None))
+    count = int(_read_at_budget(pos, neg, fpr_budget, strict)[2][0])
+    return float(torch.flip(values, [0])[count - 1]) if count > 0 else math.inf
+
+
+def rates_at(scores: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict[str, float]:
+    """What `score >= threshold` -> member gives: fpr, tpr, false_positives, true_positives,
+    non_members, members (counts as floats, rates NaN where a class is empty)."""
+    scores, labels = _check(scores, labels)
+    admitted = scores >= threshold
+    fp, tp = int((admitted & ~labels).sum()), int((admitted & labels).sum())
+    neg, pos = int((~labels).sum()), int(labels.sum())
+    return {
+        "fpr": fp / neg if neg else math.nan,
+        "tpr": tp / pos if pos else math.nan,
+        "false_positives": fp,
+        "true_positives": tp,
+        "non_members": neg,
+        "members": pos,
+    }
 
 
 def accuracy(
@@ -222,8 +274,9 @@ def balanced_accuracy(
     return _squeeze(0.5 * (tpr + tnr), weights)
 
 
-def threshold_from(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """The accuracy-maximising threshold on (training/shadow) data, never on test labels.
+def threshold_from(scores: torch.Tensor, labels: torch.Tensor, balanced: bool = True) -> float:
+    """The balanced-accuracy-maximising threshold on (training/shadow) data, never on test
+    labels (`balanced=False`: plain accuracy). With equal classes the two choose the same cut.
 
     Returned as the midpoint between the lowest admitted distinct score and the next lower one,
     so it classifies the fitting data exactly as the chosen cut and generalises symmetrically.
@@ -231,6 +284,8 @@ def threshold_from(scores: torch.Tensor, labels: torch.Tensor) -> float:
     scores, labels = _check(scores, labels)
     values, pos, neg = _per_value(scores, labels, _weights(labels, None))
     pos, neg = pos[0], neg[0]  # (U,)
+    if balanced:  # each class weighs one half: TPR + TNR
+        pos, neg = pos / pos.sum().clamp(min=1), neg / neg.sum().clamp(min=1)
     tp = torch.flip(torch.cumsum(torch.flip(pos, [0]), 0), [0])  # admitted at threshold values[k]
     tn = torch.cumsum(neg, 0) - neg  # rejected: strictly below values[k]
     correct = torch.cat([tp + tn, neg.sum().reshape(1)])  # last candidate: admit nothing
@@ -310,7 +365,8 @@ def evaluate(
     """Accuracy at `threshold`, ROC-AUC, TPR@1%FPR and TPR@0.1%FPR, each with a 95% interval.
 
     Accuracy is balanced accuracy when members and non-members are unequal in number. Each
-    TPR@FPR carries the false positives it admits. All four use the same bootstrap resamples
+    TPR@FPR is read strictly below its budget (`tpr_at_fpr`) and carries the false positives it
+    admits. All four use the same bootstrap resamples
     (same seed). A TPR@FPR with fewer than 1/budget non-members is marked not resolvable
     (value None).
     """

@@ -115,7 +115,14 @@ def test_registry_matches_the_feature_contract():
     assert ATTACKS["loss"].access == "gray-box" and ATTACKS["loss"].queries(costs) == 3
     assert ATTACKS["pia"].queries(costs) is None  # not measured: unknown, not 0
     assert paper_attacks() == ["pixel", "semantic", "text", "combined"]
-    assert set(query_feature_groups()) == {"pixel", "semantic", "text", "quality", "blind"}
+    assert set(query_feature_groups()) == {
+        "pixel",
+        "semantic",
+        "text",
+        "quality",
+        "blind",
+        "complexity",  # no attack of its own: it calibrates the reconstruction errors
+    }
 
 
 def test_threshold_baseline_picks_direction_and_feature():

@@ -178,7 +178,8 @@ def test_target_needs_both_classes(world):
 def _loss_table(layout, index, ids, member, per_sample, seed):
     """A gray-box `loss/mean` per sample: a sample-specific difficulty, lower when trained on."""
     g = torch.Generator().manual_seed(seed)
-    loss = per_sample[ids] - 0.6 * member.float() + 0.05 * torch.randn(ids.numel(), generator=g)
+    noise = 0.05 * torch.randn(ids.numel(), generator=g)
+    loss = torch.exp(per_sample[ids] - 0.6 * member.float() + noise)  # positive, log-normal
     name = run_name("diffusion", index)
     meta = QueryRecord(
         splits_hash="h", run_name=name, family="diffusion", spec=QuerySpec(num_images=4)
@@ -203,13 +204,16 @@ def test_lira_calibrates_gray_box_scores_when_shadows_saw_the_target_samples(tmp
         ] = 1
         tables.append(_loss_table(layout, index, ids, member, per_sample, seed=index))
     report = run_attacks(layout, tables[0], tables[1:], ["loss"], **FAST)
-    raw = report.attacks["loss"].metrics["auc"].value
+    raw = report.attacks["loss-mlp"].metrics["auc"].value
     lira = report.attacks["lira-online-loss"].metrics["auc"].value
     assert lira > 0.9 and lira > raw + 0.1, (raw, lira)
     assert report.attacks["lira-online-loss"].access == "gray-box"
     offline = report.attacks["lira-offline-loss"]
     assert offline.metrics["auc"].value > raw + 0.1, (raw, offline.metrics["auc"].value)
     assert offline.details["variance"] == "global (fixed)"  # 8 shadows < 64
+    assert offline.details["scale"] == "log" and offline.details["centre"] == "median"
+    assert offline.realised.chosen_on == "LiRA's OUT Gaussians"
+    assert report.attacks["lira-online-loss"].realised is None  # no label-free 1% cut
 
 
 def test_lira_is_skipped_with_a_note_on_disjoint_shadows(world):

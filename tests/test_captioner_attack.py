@@ -115,7 +115,8 @@ def test_both_caption_modes_are_reported_side_by_side(finished):
         in (outcomes[1].folder / "report.md").read_text()
     )
     assert "ground-truth captions vs captioner captions (captioner, 48 steps" in said
-    assert {"pixel", "loss"} <= set(truth.attacks) and {"pixel", "loss"} <= set(captioned.attacks)
+    rows = {"pixel", "loss-mlp", "loss-t100"}
+    assert rows <= set(truth.attacks) and rows <= set(captioned.attacks)
 
 
 def test_every_signal_reads_the_captioners_captions(finished):

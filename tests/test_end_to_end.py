@@ -86,10 +86,14 @@ def test_attack_command_end_to_end(experiment, family, capsys):
     report = json.loads((experiment / "attack" / "report.json").read_text())
     assert report["family"] == family and report["setting"] == "shadow"
     assert report["num_shadows"] == 1 and report["num_images"] == 1
-    graybox = {"diffusion": {"loss", "secmi", "pia", "clid"}, "seq2seq": {"nll", "nll_gap"}}
-    attacks = {"pixel", "semantic", "text", "combined"} | graybox[family]
-    derived = {"clid-th"} if family == "diffusion" else set()  # the reference's CLiD_th
-    assert set(report["attacks"]) == attacks | derived  # LiRA needs >= 2 shadows (a variance)
+    graybox = {  # learned classifiers, the papers' statistics, complexity-calibrated scores
+        "diffusion": {"loss-mlp", "secmi-mlp", "pia-mlp", "clid-mlp"}
+        | {"loss-t100", "secmi-stat", "pia-t200", "clid-th"}
+        | {"loss-cc", "secmi-cc", "pia-cc"},
+        "seq2seq": {"nll-mlp", "nll_gap-mlp", "nll-cc"},
+    }
+    attacks = {"pixel", "semantic", "text", "combined", "pixel-cc"} | graybox[family]
+    assert set(report["attacks"]) == attacks  # LiRA needs >= 2 shadows (a variance)
     assert any("LiRA skipped: one shadow model gives no variance" in n for n in report["notes"])
     assert (experiment / "queries" / f"{family}-shadow-001" / "row-000" / "COMPLETE.json").is_file()
     assert (experiment / "attack" / "scores.csv").is_file()

@@ -138,7 +138,7 @@ def test_a_lora_target_trained_elsewhere_is_audited_end_to_end(inputs, tmp_path,
     notes = " ".join(report["notes"])
     assert "external target: pipeline" in notes and "LoRA adapter" in notes
     assert f"base model {inputs['pipeline']}" in notes and f"CLIP encoder {inputs['clip']}" in notes
-    assert {"pixel", "semantic", "text", "combined", "loss"} <= set(report["attacks"])
+    assert {"pixel", "semantic", "text", "combined", "loss-mlp"} <= set(report["attacks"])
     assert report["test_samples"] == {"members": N // 2, "non_members": N // 2}
 
     layout = ExperimentLayout(exp)

@@ -6,7 +6,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    roc_auc_score,
+)
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from lightning_mia import metrics as M
@@ -19,24 +24,28 @@ def _tied_inputs(n=400, levels=25, seed=0):
     return scores, labels
 
 
-def _brute_point(scores, labels, budget):
-    """(TPR, FP) at the lowest threshold t (admit score >= t) with FPR <= budget."""
+def _within(fpr, budget, strict):
+    return fpr < budget - 1e-12 if strict else fpr <= budget + 1e-12
+
+
+def _brute_point(scores, labels, budget, strict=True):
+    """(TPR, FP, t) at the lowest threshold t (admit score >= t) with FPR < budget (<=)."""
     s, y = scores.numpy(), labels.numpy()
     for t in np.unique(s):  # ascending: the first allowed threshold is the lowest
         pred = s >= t
-        if (pred & ~y).sum() / (~y).sum() <= budget + 1e-12:
-            return (pred & y).sum() / y.sum(), int((pred & ~y).sum())
-    return 0.0, 0
+        if _within((pred & ~y).sum() / (~y).sum(), budget, strict):
+            return (pred & y).sum() / y.sum(), int((pred & ~y).sum()), float(t)
+    return 0.0, 0, math.inf
 
 
-def _brute_tpr_at_fpr(scores, labels, budget):
-    """Max TPR over thresholds t (admit score >= t) with FPR <= budget; t=+inf admits none."""
+def _brute_tpr_at_fpr(scores, labels, budget, strict=True):
+    """Max TPR over thresholds t (admit score >= t) with FPR < budget (<= if not strict);
+    t=+inf admits none."""
     s, y = scores.numpy(), labels.numpy()
     best = 0.0
     for t in np.unique(s):
         pred = s >= t
-        fpr = (pred & ~y).sum() / (~y).sum()
-        if fpr <= budget + 1e-12:
+        if _within((pred & ~y).sum() / (~y).sum(), budget, strict):
             best = max(best, (pred & y).sum() / y.sum())
     return best
 
@@ -54,11 +63,45 @@ def test_auc_and_roc_curve_equal_sklearn_with_ties():
     np.testing.assert_allclose(thr.numpy(), sk_thr)
 
 
+@pytest.mark.parametrize("strict", [True, False])
 @pytest.mark.parametrize("budget", [0.01, 0.05, 0.1, 0.3])
-def test_tpr_at_fpr_equals_brute_force(budget):
+def test_tpr_at_fpr_equals_brute_force(budget, strict):
     scores, labels = _tied_inputs(n=2000, levels=60, seed=1)
-    got = float(M.tpr_at_fpr(scores, labels, budget))
-    assert got == pytest.approx(_brute_tpr_at_fpr(scores, labels, budget), abs=1e-12)
+    got = float(M.tpr_at_fpr(scores, labels, budget, strict=strict))
+    assert got == pytest.approx(_brute_tpr_at_fpr(scores, labels, budget, strict), abs=1e-12)
+
+
+def test_strict_reading_admits_no_false_positive_at_one_per_mille():
+    # 1,000 non-members, one above every member but the top one: TPR@0.1%FPR is read at
+    # FPR < 0.1% (no false positive) by default, as Carlini's and PIA's code read it.
+    neg = torch.cat([torch.tensor([5.0]), torch.linspace(-10, 0, 999)])
+    pos = torch.cat([torch.tensor([6.0]), torch.full((9,), 4.0), torch.linspace(-10, 0, 90)])
+    scores, labels = torch.cat([pos, neg]), torch.cat([torch.ones(100), torch.zeros(1000)]).bool()
+    assert float(M.tpr_at_fpr(scores, labels, 0.001)) == pytest.approx(0.01)
+    assert M.false_positives_at_fpr(scores, labels, 0.001) == 0
+    assert float(M.tpr_at_fpr(scores, labels, 0.001, strict=False)) == pytest.approx(0.10)
+    assert M.false_positives_at_fpr(scores, labels, 0.001, strict=False) == 1
+    sk_fpr, sk_tpr, _ = sk_roc_curve(labels.numpy(), scores.numpy())
+    assert sk_tpr[np.where(sk_fpr < 0.001)[0][-1]] == pytest.approx(0.01)  # Carlini's reading
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("budget", [0.01, 0.05, 0.3])
+def test_threshold_at_fpr_and_rates_at(budget, strict):
+    scores, labels = _tied_inputs(n=2000, levels=60, seed=8)
+    tpr, fp, cut = _brute_point(scores, labels, budget, strict)
+    assert M.threshold_at_fpr(scores, labels, budget, strict) == cut
+    rates = M.rates_at(scores, labels, cut)
+    assert rates["false_positives"] == fp and rates["tpr"] == pytest.approx(tpr, abs=1e-12)
+    pred = (scores >= cut).numpy()
+    tn, fp_sk, fn, tp = confusion_matrix(labels.numpy(), pred).ravel()
+    assert (rates["false_positives"], rates["true_positives"]) == (fp_sk, tp)
+    assert rates["fpr"] == pytest.approx(fp_sk / (fp_sk + tn))
+    assert rates["non_members"] + rates["members"] == 2000
+    # too few non-members for the budget: the cut admits none of them
+    few = M.threshold_at_fpr(scores[:40], labels[:40], 0.01)
+    assert few > float(scores[:40][~labels[:40]].max())
+    assert M.rates_at(scores[:40], labels[:40], few)["false_positives"] == 0
 
 
 def test_tpr_at_fpr_is_not_the_nearest_fpr():
@@ -94,16 +137,30 @@ def test_not_resolvable_with_few_non_members():
     assert report["auc"].resolvable and report["auc"].low <= report["auc"].value
 
 
-def test_accuracy_and_threshold_from():
-    scores, labels = _tied_inputs(seed=3)
-    t = M.threshold_from(scores, labels)
-    acc = float(M.accuracy(scores, labels, t))
-    assert acc == pytest.approx(accuracy_score(labels.numpy(), (scores >= t).numpy()))
+@pytest.mark.parametrize("balanced", [True, False])
+def test_accuracy_and_threshold_from(balanced):
+    scores, labels = _tied_inputs(seed=3)  # about 45% members: the two criteria differ
+    metric = balanced_accuracy_score if balanced else accuracy_score
+    t = M.threshold_from(scores, labels, balanced=balanced)
+    reader = M.balanced_accuracy if balanced else M.accuracy
+    acc = float(reader(scores, labels, t))
+    assert acc == pytest.approx(metric(labels.numpy(), (scores >= t).numpy()))
     best = max(
-        accuracy_score(labels.numpy(), (scores >= c).numpy())
-        for c in [*scores.unique().tolist(), math.inf]
+        metric(labels.numpy(), (scores >= c).numpy()) for c in [*scores.unique().tolist(), math.inf]
     )
     assert acc == pytest.approx(best)
+
+
+def test_threshold_from_maximises_balanced_accuracy_with_unequal_classes():
+    # 10 members at 5..9.5, 90 non-members spread over 0..8: plain accuracy admits only the
+    # members above every non-member (balanced 0.69), balanced accuracy admits them all (0.81).
+    scores = torch.cat([5 + 0.5 * torch.arange(10.0), torch.linspace(0, 8, 90)])
+    labels = torch.cat([torch.ones(10), torch.zeros(90)]).bool()
+    plain = M.threshold_from(scores, labels, balanced=False)
+    fair = M.threshold_from(scores, labels)
+    assert float(M.balanced_accuracy(scores, labels, fair)) == pytest.approx(0.8111, abs=1e-3)
+    assert float(M.balanced_accuracy(scores, labels, plain)) == pytest.approx(0.6944, abs=1e-3)
+    assert float(M.accuracy(scores, labels, plain)) == pytest.approx(0.93)
 
 
 def test_vectorised_bootstrap_equals_loop():
@@ -128,13 +185,13 @@ def test_bootstrap_is_fast():
 @pytest.mark.parametrize("budget", [0.01, 0.05, 0.3])
 def test_false_positives_admitted_at_the_point_read(budget):
     scores, labels = _tied_inputs(n=2000, levels=60, seed=5)
-    tpr, fp = _brute_point(scores, labels, budget)
+    tpr, fp, _ = _brute_point(scores, labels, budget)
     assert float(M.tpr_at_fpr(scores, labels, budget)) == pytest.approx(tpr, abs=1e-12)
     assert M.false_positives_at_fpr(scores, labels, budget) == fp
-    assert fp <= budget * int((~labels).sum())
-    # scikit-learn's ROC: the largest TPR among the points with FPR within the budget
+    assert fp < budget * int((~labels).sum())
+    # scikit-learn's ROC: the largest TPR among the points with FPR below the budget
     sk_fpr, sk_tpr, _ = sk_roc_curve(labels.numpy(), scores.numpy())
-    assert tpr == pytest.approx(sk_tpr[sk_fpr <= budget + 1e-12].max(), abs=1e-12)
+    assert tpr == pytest.approx(sk_tpr[sk_fpr < budget - 1e-12].max(), abs=1e-12)
 
 
 def test_false_positives_in_the_report_and_its_json():

@@ -43,7 +43,7 @@ class ThresholdChoice:
 
 
 def fit_feature_threshold(values: torch.Tensor, labels: torch.Tensor, name: str) -> ThresholdChoice:
-    """Direction and accuracy-maximising threshold of one feature on training rows."""
+    """Direction and balanced-accuracy-maximising threshold of one feature on training rows."""
     auc = float(roc_auc(values, labels))
     direction = 1 if auc >= 0.5 else -1
     signed = direction * values.double()

@@ -11,11 +11,12 @@ the reduced and null captions; lower = member for both); a `RobustScaler` (media
 range 25-75) is fitted on every shadow row, members and non-members together, and applied to the
 shadow and target rows alike; M = (1 - α)·RS(L) + α·RS(-D) for α in 0, 0.1, ..., 1, and the α of
 the highest shadow AUC is kept (the first on ties, as the reference's strict `>`). We return -M
-(higher = member, the package's convention) and the accuracy-maximising threshold on the shadow
-scores (the reference's best-ASR threshold, applied unchanged to the target). Deviations: the
-AUC that picks α is the exact one (the reference integrates a 2,000-threshold grid), and the
-reader of TPR@FPR stays the package's (`lightning_mia.metrics`: the largest FPR not above the
-budget; the reference reads TPR at the first ROC point with FPR >= 1%).
+(higher = member, the package's convention) and the balanced-accuracy-maximising threshold on
+the shadow scores (the reference's best-ASR threshold, applied unchanged to the target; the two
+coincide with equal classes). Deviations: the AUC that picks α is the exact one (the reference
+integrates a 2,000-threshold grid), and the reader of TPR@FPR stays the package's
+(`lightning_mia.metrics`: the largest FPR strictly below the budget; the reference reads TPR at
+the first ROC point with FPR >= 1%).
 """
 
 from __future__ import annotations

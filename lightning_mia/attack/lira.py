@@ -5,9 +5,12 @@ against the shadows' scores of the same sample.
     results["lira-offline-pixel"], results["lira-online-loss"]
 
 What is calibrated (`ScoreSource`): the attack's declared scalar (`AttackSpec.score_feature`,
-e.g. `pixel/psnr_max`, `loss/mean`), or, for an attack that declares none (`combined`), the
-learned attack's own logit, which the classifier fitted on the shadows' rows gives for any row.
-Its direction (larger = member) is read off the shadows' own rows, never the target's labels.
+e.g. `pixel/psnr_max`, `loss/mean`) on its declared scale (`AttackSpec.score_scale`: the log of
+a loss, SecMI's t-error or PIA's distance), or, for an attack that declares none (`combined`),
+the learned attack's own logit, which the classifier fitted on the shadows' rows gives for any
+row (a logit: no transform). Its direction (larger = member) is read off the shadows' own rows,
+never the target's labels. The Gaussians' centre is the median (`calibration.CENTRE`), as in
+Carlini et al.'s script; `calibration`'s docstring lists where we follow it and where not.
 
 Where the shadow scores come from: `calibration` tables (each shadow also queried on the target's
 query samples, labelled with that shadow's own membership), or, without them, the shadows' own
@@ -15,11 +18,12 @@ tables where they hold target samples (`shadow_pool: auxiliary+queries`).
 
 - `lira-offline-<attack>`: OUT shadows only, -log P(Z >= x) under the sample's OUT Gaussian; in
   the default splits every shadow is OUT for every target sample. Classifies "member" above
-  the OUT median (score log 2).
+  the OUT median (score log 2); its deployed 1%-FPR threshold (`realised`) is the test's own,
+  p < 1% (score -log 0.01): the realised FPR says whether the Gaussians hold on the target.
 - `lira-online-<attack>`: where some shadows trained on the sample (IN), the log-likelihood
   ratio IN vs OUT; classifies "member" at ratio 1 (score 0).
-- fewer than `FIXED_VARIANCE_BELOW` shadows: one global variance (Carlini et al.'s fixed
-  variance), else per-sample variances.
+- fewer than `FIXED_VARIANCE_BELOW` shadows: one global variance per side (pooled within
+  samples, `calibration`), else per-sample variances.
 """
 
 from __future__ import annotations
@@ -30,14 +34,22 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_mia.attack.calibration import FIXED_VARIANCE_BELOW, calibrate, score_matrix
+from lightning_mia.attack.calibration import (
+    CENTRE,
+    FIXED_VARIANCE_BELOW,
+    calibrate,
+    off_scale,
+    score_matrix,
+    to_scale,
+)
 from lightning_mia.attack.module import AttackModule
-from lightning_mia.attack.report import AttackResult
+from lightning_mia.attack.report import AttackResult, Realised
 from lightning_mia.metrics import roc_auc
 from lightning_mia.query.shards import QueryTable
 from lightning_mia.specs.attacks import ATTACKS, AttackSpec, QueryCosts
 
 OFFLINE_THRESHOLD = math.log(2.0)  # -log P(Z >= x) = log 2: x at the OUT Gaussian's median
+P_ONE_PERCENT = -math.log(0.01)  # -log P(Z >= x) = -log 0.01: the test's 1%-FPR cut
 ONLINE_THRESHOLD = 0.0  # log-likelihood ratio 0: IN and OUT equally likely
 NO_IN_STATISTICS = -1e9  # online score of a sample without IN statistics: least likely member
 Models = Mapping[str, tuple[AttackModule, list[str]]]  # attack -> (fitted classifier, features)
@@ -50,6 +62,7 @@ class ScoreSource:
     feature: str = ""  # a raw feature, or "" = the learned attack's logit
     model: AttackModule | None = None  # the learned attack (when feature is "")
     names: tuple[str, ...] = ()  # its input features, in column order
+    scale: str = "identity"  # the feature's scale (`AttackSpec.score_scale`)
 
     @property
     def description(self) -> str:
@@ -61,16 +74,16 @@ class ScoreSource:
         return [n for n in need if n not in table.features]
 
     def values(self, table: QueryTable) -> torch.Tensor:
-        """(S,) float64 scores of every row of `table`."""
+        """(S,) float64 scores of every row of `table`, on the source's scale."""
         if self.feature:
-            return table.features[self.feature].double()
+            return to_scale(table.features[self.feature], self.scale)
         return self.model.score(table.feature_matrix(list(self.names))).double()
 
 
 def source_for(spec: AttackSpec, models: Models) -> ScoreSource:
     """The declared scalar of `spec`, else its learned logit (None-model source if not trained)."""
     if spec.score_feature:
-        return ScoreSource(spec.score_feature)
+        return ScoreSource(spec.score_feature, scale=spec.score_scale)
     model, names = models.get(spec.name, (None, []))
     return ScoreSource("", model, tuple(names))
 
@@ -106,9 +119,16 @@ def _calibrated(
         target.sample_id, tables, [sign * source.values(t) for t in tables]
     )  # (M, S) each
     x = sign * source.values(target)  # (S,)
+    clamped = sum(
+        off_scale(t.features[source.feature], source.scale)
+        for t in ([target, *tables] if source.feature else [])
+    )
     fixed = len(tables) < FIXED_VARIANCE_BELOW
     common = {
         "calibrates": source.description,
+        "scale": source.scale if source.feature else "logit (the classifier's)",
+        "centre": CENTRE,
+        "off_scale": clamped,  # raw scores outside the scale's domain, clamped into it
         "direction": sign,
         "shadows": len(tables),
         "variance": "global (fixed)" if fixed else "per sample (global where < 4 on a side)",
@@ -129,10 +149,11 @@ def _calibrated(
             skipped.append(f"lira-{mode}-{spec.name}")
             continue
         lira = torch.nan_to_num(lira, nan=NO_IN_STATISTICS)
+        test = (lira, target.is_member.bool())
         name = f"lira-{mode}-{spec.name}"
-        derived = AttackSpec(name, spec.groups, spec.access)
+        realised = None if online else Realised.at(P_ONE_PERCENT, test, "LiRA's OUT Gaussians")
         out[name] = AttackResult.from_scores(
-            derived,
+            spec,
             lira,
             target.is_member,
             target.sample_id,
@@ -143,6 +164,9 @@ def _calibrated(
             n_boot,
             measured=False,
             details={**common, "mode": mode},
+            row=name,
+            statistic="calibrated",
+            realised=realised,
         )
     return out, skipped
 
@@ -184,13 +208,14 @@ def lira_results(
         skipped += [f"{n} (the shadows give no variance: too few shadows)" for n in no_variance]
     fixed = len(tables) < FIXED_VARIANCE_BELOW
     variance = (
-        f"one global variance, as Carlini et al. below {FIXED_VARIANCE_BELOW} shadows"
+        f"one global variance per side (fewer than {FIXED_VARIANCE_BELOW} shadows)"
         if fixed
         else "per-sample variances"
     )
     notes = [
         f"lira-offline-*: offline LiRA over {len(tables)} shadows' OUT scores of each target "
-        f"sample ({variance}), member above the OUT median; lira-online-* (where shadows "
+        f"sample ({variance}, centred at the {CENTRE}, each score on its declared scale: log "
+        "for positive errors), member above the OUT median; lira-online-* (where shadows "
         "trained on target samples): likelihood ratio IN vs OUT, member at ratio 1"
     ]
     if skipped:

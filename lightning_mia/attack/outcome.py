@@ -60,6 +60,7 @@ def report_results(report: AttackReport, folder: Path) -> RunResults:
     the ROC curves and examples, one summary scalar per attack and metric."""
     columns = ["kind", "attack", "access", "queries"]
     columns += [f"{m}{s}" for m in METRIC_NAMES for s in ("", "/low", "/high")]
+    columns += ["realised_fpr@1%cut", "realised_tpr@1%cut"]  # `AttackResult.realised`
     data, summary = [], {}
     for kind, r in report.results():
         row: list[Any] = [kind, r.name, r.access, r.queries_per_sample]
@@ -67,6 +68,7 @@ def report_results(report: AttackReport, folder: Path) -> RunResults:
             metric = r.metrics.get(m, Metric(None, resolvable=False))
             row += [metric.value, metric.low, metric.high]
             summary[f"{kind}/{r.name}/{m}"] = metric.value
+        row += [r.realised.fpr, r.realised.tpr] if r.realised else [None, None]
         data.append(row)
     tables = {"attack/results": (columns, data)}
     scores = _scores_table(report)

@@ -5,12 +5,13 @@ print(format_table(report))
 
 Rows: attacks, then `threshold (baseline)` and `blind (diagnostic)`. An attack whose AUC interval
 lies wholly below 0.5 is marked `!` and named under the table ("ranks the target backwards").
-Each TPR@FPR cell holds the value, its interval and the false positives it admits.
+Each TPR@FPR cell holds the value, its interval and the false positives it admits; the last
+column, `at 1% cut: FPR / TPR`, what the threshold chosen without target labels for 1% FPR
+(`AttackResult.realised`) gives on the target ("-" where there is none). roc.png: `attack.roc`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -24,8 +25,9 @@ from lightning_mia.attack.report import (
     AttackReport,
     AttackResult,
 )
+from lightning_mia.attack.roc import render_roc_png
 from lightning_mia.attack.scores import SCORES_CSV, render_scores_csv
-from lightning_mia.metrics import METRIC_NAMES, roc_curve
+from lightning_mia.metrics import METRIC_NAMES
 from lightning_mia.paths import atomic_write_bytes
 
 METRIC_LABELS = {
@@ -34,6 +36,14 @@ METRIC_LABELS = {
     "tpr@1%fpr": "TPR@1%FPR",
     "tpr@0.1%fpr": "TPR@0.1%FPR",
 }
+REALISED_LABEL = "at 1% cut: FPR / TPR"  # the realised column: see the module docstring
+REALISED_NOTE = (
+    f"`{REALISED_LABEL}`: the threshold an attacker would deploy for FPR < 1%, chosen without "
+    "target labels (on the held-out training rows of a learned attack, the training rows of a "
+    "one-score rule, LiRA's own OUT Gaussians), and the FPR and TPR it gives on the target."
+)
+
+__all__ = ["format_table", "render_markdown", "render_roc_png", "write_report"]
 
 
 def label(kind: str, result: AttackResult) -> str:
@@ -50,7 +60,7 @@ def _header(report: AttackReport) -> list[str]:
     labels = dict(METRIC_LABELS)
     if report.accuracy_is_balanced:
         labels["accuracy"] = "balanced accuracy"
-    return ["attack", "access", "queries", *(labels[m] for m in METRIC_NAMES)]
+    return ["attack", "access", "queries", *(labels[m] for m in METRIC_NAMES), REALISED_LABEL]
 
 
 def _rows(report: AttackReport) -> list[list[str]]:
@@ -58,7 +68,8 @@ def _rows(report: AttackReport) -> list[list[str]]:
     for kind, r in report.results():
         q = "-" if r.queries_per_sample is None else str(r.queries_per_sample)
         cells = [r.metrics[m].format() if m in r.metrics else "-" for m in METRIC_NAMES]
-        rows.append([label(kind, r), r.access, q, *cells])
+        realised = r.realised.format() if r.realised else "-"
+        rows.append([label(kind, r), r.access, q, *cells, realised])
     return rows
 
 
@@ -137,6 +148,7 @@ def render_markdown(report: AttackReport, examples: bool = False) -> str:
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(row) + " |" for row in _rows(report)]
     table += ["", *(f"**{line}**" for line in flag_lines(report))] if flag_lines(report) else []
+    table += ["", REALISED_NOTE]
     notes = [f"- {n}" for n in report.notes]
     scores = f"Per-sample scores: [{SCORES_CSV}]({SCORES_CSV})."
     parts = ["# Membership inference report", "", *facts, "", *table, "", "![ROC](roc.png)"]
@@ -145,46 +157,6 @@ def render_markdown(report: AttackReport, examples: bool = False) -> str:
     if notes:
         parts += ["", "## Notes", "", *notes]
     return "\n".join(parts) + "\n"
-
-
-def render_roc_png(report: AttackReport) -> bytes:
-    """ROC curves of every result with scores, log-log axes, chance line; PNG bytes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5, 5.0), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    negatives = [int((~r.labels).sum()) for _, r in report.results() if r.labels is not None]
-    floor = 0.5 / max(max(negatives, default=1000), 1)
-    for kind, r in report.results():
-        if r.scores is None or r.labels is None:
-            continue
-        fpr, tpr, _ = roc_curve(r.scores, r.labels)
-        auc = r.metrics.get("auc")
-        text = label(kind, r)
-        if auc is not None and auc.value is not None:
-            text += f" AUC {auc.value:.3f}"
-        ax.plot(
-            fpr.clamp(min=floor),
-            tpr.clamp(min=floor),
-            "-" if kind == "attack" else "--",
-            label=text,
-            linewidth=1.4,
-        )
-    ax.plot([floor, 1], [floor, 1], ":", color="gray", label="chance")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlim(floor, 1)
-    ax.set_ylim(floor, 1.05)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(f"{report.family}: {report.setting} setting, {report.captions} captions")
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
 
 
 def write_report(folder: str | os.PathLike, report: AttackReport) -> Path:

@@ -20,7 +20,9 @@ report.json (keys sorted; `null` where unknown)::
       "test_samples": {"members": 64, "non_members": 64},     # rows the metrics are read on
       "accuracy_is_balanced": false,         # true: unequal classes, balanced accuracy
       "attacks": {
-        "<name>": {
+        "<row>": {                           # row names: README "## Attacks"
+          "attack": "loss",                  # the registered attack the row derives from
+          "statistic": "learned" | "reference" | "calibrated" | "baseline" | "diagnostic",
           "access": "black-box" | "gray-box" | "none",
           "queries_per_sample": 4 | null,    "seconds_per_sample": 0.8 | null,
           "features": ["pixel/mse_mean", ...],
@@ -28,7 +30,11 @@ report.json (keys sorted; `null` where unknown)::
           "flags": [] | ["ranks the target backwards: shadow/target mismatch"],
           "metrics": {"accuracy" | "auc": {"value": 0.93 | null, "low": 0.90, "high": 0.95,
                                            "resolvable": true},
-                      "tpr@1%fpr" | "tpr@0.1%fpr": {..., "false_positives": 1}}
+                      "tpr@1%fpr" | "tpr@0.1%fpr": {..., "false_positives": 1}},
+          "realised": null | {"budget": 0.01, "threshold": 2.3, "chosen_on": "training rows",
+                              "shadow_fpr": 0.008 | null, "fpr": 0.012, "tpr": 0.34,
+                              "false_positives": 6, "non_members": 500,
+                              "true_positives": 170, "members": 500}
         }
       },
       "baselines": {"threshold": {...same shape...}, "blind": {...same shape...}},
@@ -38,7 +44,11 @@ report.json (keys sorted; `null` where unknown)::
 
 `value` is null and `resolvable` false for a TPR@FPR with fewer than 1/budget non-members;
 `low`/`high` are the bootstrap 95% percentile interval; `false_positives` is the number of
-non-members the TPR@FPR's threshold admits. The per-sample test scores are in scores.csv
+non-members the TPR@FPR's threshold admits (read strictly below the budget). `realised` is the
+threshold an attacker would deploy for 1% FPR, chosen without target labels (`chosen_on`: the
+held-out shadow rows of a learned attack, the shadow rows of a one-score rule, or LiRA's own OUT
+Gaussians), and what it gives on the target: its realised FPR and TPR; null where no such
+threshold exists (online LiRA, the blind diagnostic). The per-sample test scores are in scores.csv
 beside report.json (`attack.scores`).
 
 `blind` is a diagnostic of the benchmark, not an attack: cross-validated on the target's own
@@ -49,15 +59,16 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightning_mia.metrics import Metric, evaluate
+from lightning_mia.metrics import Metric, evaluate, rates_at, threshold_at_fpr
 from lightning_mia.specs.attacks import AttackSpec, QueryCosts
 
 REPORT_JSON, REPORT_MD, ROC_PNG = "report.json", "report.md", "roc.png"
@@ -118,6 +129,66 @@ class AttackContext:
         )
 
 
+REALISED_BUDGET = 0.01  # the FPR a deployed threshold is chosen for
+
+
+@dataclass(frozen=True)
+class Realised:
+    """A threshold chosen without target labels for an FPR budget, applied to the target."""
+
+    budget: float
+    threshold: float
+    chosen_on: str  # which rows (or model) chose it
+    shadow_fpr: float | None  # its FPR on the rows that chose it (None: chosen by a model)
+    fpr: float  # on the target's test rows
+    tpr: float
+    false_positives: int
+    non_members: int
+    true_positives: int
+    members: int
+
+    @classmethod
+    def chosen(
+        cls,
+        train: tuple[torch.Tensor, torch.Tensor],
+        test: tuple[torch.Tensor, torch.Tensor],
+        chosen_on: str,
+        budget: float = REALISED_BUDGET,
+    ) -> Realised:
+        """The cut of FPR < `budget` on (scores, labels) `train`, read on `test`."""
+        cut = threshold_at_fpr(*train, budget)
+        return cls.at(cut, test, chosen_on, rates_at(*train, cut)["fpr"], budget)
+
+    @classmethod
+    def at(
+        cls,
+        threshold: float,
+        test: tuple[torch.Tensor, torch.Tensor],
+        chosen_on: str,
+        shadow_fpr: float | None = None,
+        budget: float = REALISED_BUDGET,
+    ) -> Realised:
+        """A given cut (e.g. a p-value's) read on (scores, labels) `test`."""
+        r = rates_at(*test, threshold)
+        return cls(budget, float(threshold), chosen_on, shadow_fpr, **r)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["threshold"] = d["threshold"] if math.isfinite(d["threshold"]) else None  # JSON: no inf
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Realised | None:
+        if not d:
+            return None
+        t = d.get("threshold")
+        return cls(**{**d, "threshold": math.inf if t is None else t})
+
+    def format(self) -> str:
+        """`0.012 / 0.340`: realised FPR / TPR on the target."""
+        return f"{self.fpr:.3f} / {self.tpr:.3f}"
+
+
 @dataclass
 class AttackResult:
     """One attack's (or baseline's) figures; `scores` etc. are kept for plots, not in JSON."""
@@ -133,6 +204,9 @@ class AttackResult:
     labels: torch.Tensor | None = None  # (S,) bool
     sample_id: torch.Tensor | None = None  # (S,) int64
     flags: list[str] = field(default_factory=list)  # warnings about the figures (BACKWARDS)
+    attack: str = ""  # the registered attack the row derives from ("" = the row's name)
+    statistic: str = "learned"  # learned | reference | calibrated | baseline | diagnostic
+    realised: Realised | None = None  # the 1%-FPR cut chosen without target labels
 
     @classmethod
     def from_scores(
@@ -148,13 +222,18 @@ class AttackResult:
         n_boot: int,
         measured: bool = True,
         details: dict[str, Any] | None = None,
+        *,
+        row: str = "",
+        statistic: str = "learned",
+        realised: Realised | None = None,
     ) -> AttackResult:
         """The result of test `scores` (S,) with `labels` (S,): every metric with its bootstrap
         interval, accuracy at `threshold`. `measured=False` for results derived from another
-        attack's features (threshold baseline, LiRA): no seconds of their own are measured."""
+        attack's features (threshold baseline, LiRA): no seconds of their own are measured.
+        `row` names the report row (default: the attack's name)."""
         metrics = evaluate(scores, labels, threshold, n_boot=n_boot, seed=seed)
         return cls(
-            spec.name,
+            row or spec.name,
             spec.access,
             spec.queries(costs),
             metrics,
@@ -164,6 +243,9 @@ class AttackResult:
             scores=scores,
             labels=labels.bool(),
             sample_id=ids,
+            attack=spec.name,
+            statistic=statistic,
+            realised=realised,
         )
 
     @property
@@ -181,6 +263,9 @@ class AttackResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "attack": self.attack or self.name,
+            "statistic": self.statistic,
+            "realised": self.realised.to_dict() if self.realised else None,
             "access": self.access,
             "queries_per_sample": self.queries_per_sample,
             "seconds_per_sample": self.seconds_per_sample,
@@ -202,6 +287,9 @@ class AttackResult:
             d.get("seconds_per_sample"),
             dict(d.get("details", {})),
             flags=list(d.get("flags", [])),
+            attack=d.get("attack", name),
+            statistic=d.get("statistic", "learned"),
+            realised=Realised.from_dict(d.get("realised")),
         )
 
 

@@ -27,13 +27,20 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_mia.attack.baselines import fit_threshold_baseline
 from lightning_mia.attack.blind import BLIND_FOLDS, blind_diagnostic
-from lightning_mia.attack.clid import CLID_FEATURES, fit_clid_threshold
+from lightning_mia.attack.complexity import complexity_results
 from lightning_mia.attack.data import Rows
 from lightning_mia.attack.lira import lira_results
 from lightning_mia.attack.module import AttackModule
 from lightning_mia.attack.plan import SETTINGS, AttackPlan, validate
-from lightning_mia.attack.report import AttackContext, AttackReport, AttackResult, flag_backwards
-from lightning_mia.attack.training import FitOptions, fit_on_rows
+from lightning_mia.attack.reference import reference_results
+from lightning_mia.attack.report import (
+    AttackContext,
+    AttackReport,
+    AttackResult,
+    Realised,
+    flag_backwards,
+)
+from lightning_mia.attack.training import FitOptions, fit_on_rows, held_out
 from lightning_mia.metrics import FPR_BUDGETS, is_resolvable
 from lightning_mia.paths import ExperimentLayout
 from lightning_mia.query.shards import QueryTable
@@ -47,11 +54,21 @@ from lightning_mia.specs.attacks import (
 
 __all__ = ["AttackError", "SETTINGS", "run_attacks"]
 
+HELD = "held-out training rows"  # where a learned attack's deployed 1%-FPR cut is chosen
+
 
 def _train_one(
-    spec: AttackSpec, plan: AttackPlan, folder: Any, setting: str, seed: int, fit: FitOptions
-) -> tuple[AttackModule, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """Fit one AttackModule on the training rows; (model, test logits, labels, ids, names)."""
+    spec: AttackSpec,
+    plan: AttackPlan,
+    folder: Any,
+    setting: str,
+    fit: FitOptions,
+    costs: QueryCosts,
+    seed: int,
+    n_boot: int,
+) -> tuple[AttackModule, list[str], AttackResult]:
+    """Fit one AttackModule on the training rows; (model, its features, its result: the row
+    `spec.learned_row`, with the 1%-FPR cut chosen on the held-out training rows)."""
     x, y, xt, yt, ids, names = plan.matrices(spec.groups)
     model = fit_on_rows(
         x,
@@ -64,7 +81,23 @@ def _train_one(
         plan.strata,
         prefix=f"attack/{spec.name}",
     )
-    return model, model.score(xt), yt.bool(), ids, names
+    held, scores = held_out(y, seed, plan.strata), model.score(xt)
+    shadow = (model.score(x[held]), y[held].bool())
+    realised = Realised.chosen(shadow, (scores, yt.bool()), HELD)
+    result = AttackResult.from_scores(
+        spec,
+        scores,
+        yt.bool(),
+        ids,
+        names,
+        0.0,
+        costs,
+        seed,
+        n_boot,
+        row=spec.learned_row,
+        realised=realised,
+    )
+    return model, names, result
 
 
 def _threshold_baseline(
@@ -78,6 +111,7 @@ def _threshold_baseline(
     group = best.feature.split("/", 1)[0]
     owner = next(s for s in ATTACKS.values() if group in s.groups and s.name in attacks)
     spec = AttackSpec("threshold", owner.groups, owner.access)
+    train, test = (best.scores(x, names), y.bool()), (best.scores(xt, names), yt.bool())
     return AttackResult.from_scores(
         spec,
         best.scores(xt, names),
@@ -90,27 +124,8 @@ def _threshold_baseline(
         n_boot,
         measured=False,
         details=best.to_dict(),
-    )
-
-
-def _clid_threshold(plan: AttackPlan, costs: QueryCosts, seed: int, n_boot: int) -> AttackResult:
-    """CLiD_th (Zhai et al. 2024): loss and CLiD terms robust-scaled on the training rows, α
-    and the threshold chosen there (`attack.clid`)."""
-    x, y, xt, yt, ids, names = plan.matrices(ATTACKS["clid"].groups)
-    choice = fit_clid_threshold(x, y, names)
-    spec = AttackSpec("clid-th", ATTACKS["clid"].groups, "gray-box")
-    return AttackResult.from_scores(
-        spec,
-        choice.scores(xt, names),
-        yt.bool(),
-        ids,
-        list(CLID_FEATURES),
-        choice.threshold,
-        costs,
-        seed,
-        n_boot,
-        measured=False,
-        details=choice.to_dict(),
+        statistic="baseline",
+        realised=Realised.chosen(train, test, "training rows"),
     )
 
 
@@ -139,17 +154,17 @@ def _blind(
         seed,
         n_boot,
         details=cv.details,
+        statistic="diagnostic",
     )
 
 
 def _beside(results: dict[str, AttackResult], lira: dict[str, AttackResult]) -> dict:
-    """Every attack followed by what calibrates it (`lira-offline-<name>`, `lira-online-...`)."""
+    """Every attack's rows together: learned, the paper's statistic, complexity-calibrated,
+    then its LiRA rows (`lira-offline-<attack>`, `lira-online-...`)."""
     out = {}
-    for name, result in results.items():
-        out[name] = result
-        out.update(
-            {k: lira[k] for k in (f"lira-{m}-{name}" for m in ("offline", "online")) if k in lira}
-        )
+    for attack in dict.fromkeys(r.attack for r in [*results.values(), *lira.values()]):
+        out.update({k: r for k, r in results.items() if r.attack == attack})
+        out.update({k: r for k, r in lira.items() if r.attack == attack})
     return out
 
 
@@ -162,8 +177,8 @@ def _notes(setting: str, labels: torch.Tensor, n_boot: int, seed: int) -> list[s
         "benchmark (near 0.5: members and non-members alike; above: a distribution shift that "
         "inflates every attack) and is the one figure fitted on target labels, by design",
         f"intervals: 95% percentile bootstrap, {n_boot} stratified resamples (seed {seed})",
-        "TPR@FPR is read at the ROC point with the largest FPR not above the budget; (k FP) = "
-        "the non-members admitted there",
+        "TPR@FPR is read at the ROC point with the largest FPR strictly below the budget; (k FP) "
+        "= the non-members admitted there",
     ]
     members, non = int(labels.sum()), int((~labels).sum())
     if members != non:
@@ -227,16 +242,16 @@ def run_attacks(
     models: dict[str, tuple[AttackModule, list[str]]] = {}
     for name in names:
         start, spec = time.perf_counter(), ATTACKS[name]
-        model, scores, labels, ids, used = _train_one(
-            spec, plan, experiment.attack, setting, seed, fit
+        model, used, results[spec.learned_row] = _train_one(
+            spec, plan, experiment.attack, setting, fit, costs, seed, n_boot
         )
         models[name] = (model, used)
-        results[name] = AttackResult.from_scores(
-            spec, scores, labels, ids, used, 0.0, costs, seed, n_boot
-        )
         rank_zero_info(f"attack {name}: done in {time.perf_counter() - start:.1f} s")
-    if "clid" in names:  # the reference's calibrated combination, beside the learned attack
-        results["clid-th"] = _clid_threshold(plan, costs, seed, n_boot)
+    for rows, more in (  # the papers' own statistics; complexity-calibrated scores
+        reference_results(plan, names, costs, seed, n_boot),
+        complexity_results(plan, names, costs, seed, n_boot),
+    ):
+        results, notes = {**results, **rows}, [*notes, *more]
     if setting == "shadow":
         lira, lira_notes = lira_results(
             names, target, shadows, calibration, models, costs, seed, n_boot

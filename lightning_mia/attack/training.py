@@ -35,6 +35,19 @@ class FitOptions:
     progress: bool = True  # progress bars
 
 
+def split_rows(
+    y: torch.Tensor, seed: int, strata: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(trained-on, held-out) row indices of `fit_on_rows`: early stopping reads the held-out
+    ones, which the classifier never trains on."""
+    return stratified_split(y, VAL_FRACTION, seed + 1, strata)
+
+
+def held_out(y: torch.Tensor, seed: int, strata: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the rows `fit_on_rows` holds out (`split_rows`)."""
+    return split_rows(y, seed, strata)[1]
+
+
 def fit_on_rows(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -48,7 +61,7 @@ def fit_on_rows(
 ) -> AttackModule:
     """An AttackModule fitted on rows x (S, F) with labels y (S,) in {0, 1}; its checkpoint is
     `<folder>/<filename>.ckpt`, its logged metrics `<prefix>/...`."""
-    keep, held = stratified_split(y, VAL_FRACTION, seed + 1, strata)
+    keep, held = split_rows(y, seed, strata)
     dm = AttackDataModule((x[keep], y[keep]), (x[held], y[held]), seed=seed)
     lightning.seed_everything(seed, verbose=False)  # initial weights: same seed, same attack
     module = AttackModule(len(names), feature_names=list(names), metric_prefix=prefix)

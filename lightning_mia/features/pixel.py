@@ -100,5 +100,7 @@ register_attack(
         "attack I: MSE, PSNR, SSIM between the query image and each of the N generated images",
         score_feature="pixel/psnr_max",
         paper=1,
+        score_scale="identity",  # PSNR is already -10 log10(MSE)
+        calibrated_by=("complexity",),
     )
 )

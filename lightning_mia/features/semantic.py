@@ -65,5 +65,6 @@ register_attack(
         "attack II: cosine and L2 distance of image embeddings of query and generated images",
         score_feature="semantic/cos_max",
         paper=2,
+        score_scale="identity",  # a cosine, bounded and not skewed like an error
     )
 )

@@ -59,5 +59,6 @@ register_attack(
         "no-reference quality (BRISQUE) of the generated images",
         score_feature="text/gen_cos_mean",
         paper=3,
+        score_scale="identity",  # a mean cosine, bounded and not skewed like an error
     )
 )

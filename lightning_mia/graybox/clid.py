@@ -156,5 +156,6 @@ register_signal(
         "CLiD: loss with null / reduced captions minus loss with the caption (Zhai et al. 2024)",
         score_feature="clid/score",
         check=_clid_problems,
+        score_scale="identity",  # a mean gap of losses, either sign
     )
 )

@@ -78,5 +78,7 @@ register_signal(
         "per-sample denoising loss at fixed timesteps and noise (Matsumoto et al. 2023)",
         score_feature="loss/mean",
         check=_loss_problems,
+        score_scale="log",  # a mean squared error: positive, right-skewed
+        calibrated_by=("complexity",),
     )
 )

@@ -79,5 +79,7 @@ register_signal(
         "PIA: noise prediction at t=0 as proximal initialisation (Kong et al. ICLR 2024)",
         score_feature="pia/mean",
         check=_pia_problems,
+        score_scale="log",  # a mean p-th power distance: positive, right-skewed
+        calibrated_by=("complexity",),
     )
 )

@@ -127,5 +127,7 @@ register_signal(
         "SecMI t-error of a DDIM round trip at t_sec (Duan et al. ICML 2023)",
         score_feature="secmi/t_error",
         check=_secmi_problems,
+        score_scale="log",  # a squared reconstruction error: positive, right-skewed
+        calibrated_by=("complexity",),
     )
 )

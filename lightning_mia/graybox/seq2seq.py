@@ -95,6 +95,8 @@ register_signal(
         "per-token NLL of the image codes given the caption (mean, Min-K%, max)",
         score_feature="nll/mean",
         check=_low_k_problems,
+        score_scale="identity",  # already -log p (Carlini's logit is about -NLL when p is small)
+        calibrated_by=("complexity",),
     )
 )
 register_signal(
@@ -106,5 +108,6 @@ register_signal(
         "NLL of the codes with the null caption minus with the true caption",
         score_feature="nll_gap/mean",
         check=_low_k_problems,
+        score_scale="identity",  # a difference of log-probabilities, either sign
     )
 )

@@ -17,7 +17,7 @@ import torch
 
 from lightning_mia.errors import UserError
 from lightning_mia.registry import Registry
-from lightning_mia.specs.attacks import AttackSpec, register_attack
+from lightning_mia.specs.attacks import AttackSpec, Scale, register_attack
 from lightning_mia.specs.signals import SignalOptions
 
 
@@ -45,6 +45,8 @@ class SignalSpec:
     description: str = ""
     score_feature: str = ""  # e.g. "loss/mean"
     check: OptionCheck = field(default=lambda options, n_train: [], repr=False)
+    score_scale: Scale = "identity"  # LiRA's scale of score_feature ("log": a positive error)
+    calibrated_by: tuple[str, ...] = ()  # query-only groups normalising it (`<name>-cc` row)
 
     @property
     def group(self) -> str:
@@ -64,6 +66,8 @@ def register_signal(spec: SignalSpec) -> SignalSpec:
             "gray-box",
             spec.description,
             score_feature=spec.score_feature,
+            score_scale=spec.score_scale,
+            calibrated_by=spec.calibrated_by,
         )
     )
     return spec

@@ -22,6 +22,12 @@ from lightning_mia.errors import UserError
 from lightning_mia.registry import Registry
 
 Access = Literal["black-box", "gray-box", "none"]
+# The scale LiRA fits its Gaussians on (`attack.calibration.to_scale`): "log" for a positive
+# error (a loss, SecMI's t-error, PIA's distance), "logit" for a probability in (0, 1),
+# "identity" for a score already on a log or signed scale (PSNR, a cosine, a logit, a gap).
+Scale = Literal["identity", "log", "logit"]
+SCALES = ("identity", "log", "logit")
+MLP_SUFFIX = "-mlp"  # the row of a learned classifier that is not its paper's own statistic
 
 
 class AttackError(UserError):
@@ -51,6 +57,10 @@ class AttackSpec:
         paper: which of Wu et al.'s four attacks it is (1-4 = I-IV, the default attack list);
             0 = not one of them.
         baseline: reported among the baselines and trained in every report (`blind`).
+        score_scale: the scale of `score_feature` LiRA fits its Gaussians on (`Scale`).
+        calibrated_by: query-only feature groups that normalise `score_feature`, a
+            reconstruction error of the query image (the `<name>-cc` row, `attack.complexity`);
+            the query computes them with the attack's own groups.
     """
 
     name: str
@@ -60,6 +70,22 @@ class AttackSpec:
     score_feature: str = ""
     paper: int = 0
     baseline: bool = False
+    score_scale: Scale = "identity"
+    calibrated_by: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.score_scale not in SCALES:
+            raise ValueError(
+                f"attack {self.name!r}: score_scale {self.score_scale!r} not in {SCALES}"
+            )
+
+    @property
+    def learned_row(self) -> str:
+        """The report row of the classifier learned over `groups`: the attack's name where its
+        paper's attack is such a classifier (Wu et al.'s black-box attacks, and any attack that
+        does not read a model's weights), `<name>-mlp` for a gray-box attack, whose paper
+        thresholds one statistic (that statistic's row: `attack.reference`)."""
+        return f"{self.name}{MLP_SUFFIX}" if self.access == "gray-box" else self.name
 
     def queries(self, costs: QueryCosts) -> int | None:
         """Model queries per sample (None when the costs do not say)."""
@@ -127,7 +153,9 @@ def baseline_attack() -> AttackSpec:
 
 
 def query_feature_groups() -> list[str]:
-    """Feature groups of every attack that reads generated images or the query alone: what a
-    query computes beside its gray-box signals."""
+    """Feature groups of every attack that reads generated images or the query alone, and the
+    query-only groups that calibrate any attack's score: what a query computes beside its
+    gray-box signals."""
     groups = [g for s in ATTACKS.values() if s.access != "gray-box" for g in s.groups]
+    groups += [g for s in ATTACKS.values() for g in s.calibrated_by]
     return list(dict.fromkeys(groups))

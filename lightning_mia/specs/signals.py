@@ -3,11 +3,16 @@
 Each field names the signals it affects; the defaults are the references' (the authors' DDPM
 code for SecMI, the Stable Diffusion settings of PIA and CLiD). `lightning_mia.graybox` checks
 them against a model (timesteps in its scheduler's range) before a query starts.
+
+Named option sets live in `SIGNAL_PRESETS` (`signal_preset("reference-sd")`: the authors'
+Stable Diffusion settings of SecMI, PIA and CLiD, each with the file it was read from).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from lightning_mia.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -36,3 +41,38 @@ class SignalOptions:
     clid_timesteps: tuple[int, ...] = (440, 450, 460)
     clid_cut_rates: tuple[float, ...] = (0.3, 0.5, 0.7)
     low_k_percent: float = 20.0
+
+
+SIGNAL_PRESETS: Registry[SignalOptions] = Registry("signal preset")
+"""Named `SignalOptions` (`--signal-preset NAME`), each registered below with its sources."""
+
+# The package's defaults: SecMI as the authors' DDPM code (github.com/jinhaoduan/SecMI,
+# `mia_evals/secmia.py`: t_sec = 100, Δ = 10), PIA and CLiD at their Stable Diffusion settings.
+SIGNAL_PRESETS.register("default", SignalOptions())
+
+# The authors' Stable Diffusion settings, each read in their code:
+# - SecMI (github.com/jinhaoduan/SecMI-LDM, `src/mia/secmi.py` over the time grid 0, 10, ..., 190
+#   of its modified `pipeline_stable_diffusion.py`): `denoising_results[-15]` (140 -> 150 -> 140)
+#   against `reverse_results[14]` (t = 140): t_sec = 150, Δ = 10, 15 steps; guidance 1.
+# - PIA (github.com/kong13661/PIA, `stable_diffusion/stable_attack.py`, class `PIA` in
+#   `components.py`): p = 4 (`lp`), the pipeline's guidance 7.5, each t = 10k an attack of its
+#   own (interval 10); `timesteps` keeps 100, 200 (the `pia-t200` row) and 300.
+# - CLiD (github.com/zhaisf/CLiD, `mia_CLiD_impt.py`): Tmid 450, even_num 10, 3 samples -> t =
+#   440, 450, 460; cut_list 0.3, 0.5, 0.7; the UNet called directly (guidance 1).
+SIGNAL_PRESETS.register(
+    "reference-sd",
+    SignalOptions(
+        timesteps=(100, 200, 300),
+        secmi_t=150,
+        secmi_steps=15,
+        pia_p=4.0,
+        pia_guidance=7.5,
+        clid_timesteps=(440, 450, 460),
+        clid_cut_rates=(0.3, 0.5, 0.7),
+    ),
+)
+
+
+def signal_preset(name: str) -> SignalOptions:
+    """The `SignalOptions` registered as `name` (UnknownNameError lists the known presets)."""
+    return SIGNAL_PRESETS[name]
