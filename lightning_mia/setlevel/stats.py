@@ -95,14 +95,13 @@ def auc_greater(suspect: np.ndarray, reference: np.ndarray) -> float:
 
 
 def welch_greater(suspect: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """(t, p) of Welch's one-sided t-test that the suspect mean is larger; p = 1 when both
-    sides are constant (no evidence either way, where scipy gives NaN)."""
-    res = stats.ttest_ind(suspect, reference, equal_var=False, alternative="greater")
-    t, p = float(res.statistic), float(res.pvalue)
-    if math.isnan(p):
-        diff = float(np.mean(suspect) - np.mean(reference))
+    """(t, p) of Welch's one-sided t-test that the suspect mean is larger. Both sides constant
+    (where scipy gives NaN): p = 1 unless the suspect constant is the larger (then p = 0)."""
+    if np.ptp(suspect) == 0 and np.ptp(reference) == 0:
+        diff = float(suspect[0] - reference[0])
         return (0.0, 1.0) if diff <= 0 else (math.inf, 0.0)
-    return t, p
+    res = stats.ttest_ind(suspect, reference, equal_var=False, alternative="greater")
+    return float(res.statistic), float(res.pvalue)
 
 
 def _mean_difference(x: np.ndarray, y: np.ndarray, axis: int) -> np.ndarray:
@@ -210,7 +209,7 @@ def batch_p_values(
             suspect[welch], reference[welch], axis=1, equal_var=False, alternative="greater"
         )
         p[welch] = res.pvalue
-        for i in np.flatnonzero(welch & np.isnan(p)):  # constant rows: see welch_greater
+        for i in np.flatnonzero(welch & np.isnan(p)):  # both sides constant: see welch_greater
             p[i] = welch_greater(suspect[i], reference[i])[1]
     if (~welch).any():
         res = stats.permutation_test(
