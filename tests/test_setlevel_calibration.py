@@ -78,22 +78,35 @@ def assert_calibrated(p: np.ndarray, alpha: float) -> None:
     assert low <= hits <= high, f"{hits} of {n} detected at {alpha} (95% range {low}-{high})"
 
 
+@pytest.fixture(scope="module")
+def held_out_null(pool):
+    options = AuditOptions(aggregation="held-out", subset_repeats=0, permutations=999, seed=1)
+    return null_p_values(pool, options, size=150)
+
+
 @pytest.mark.parametrize("alpha", [0.05, 0.01])
-def test_held_out_audit_is_calibrated_under_the_null(pool, alpha):
-    options = AuditOptions(aggregation="held-out", subset_repeats=0, seed=1)
-    p, shift_p = null_p_values(pool, options, size=150)
+def test_held_out_audit_is_calibrated_under_the_null(held_out_null, alpha):
+    p, shift_p = held_out_null
+    assert len(p) >= 200
     assert_calibrated(p, alpha)
     assert_calibrated(shift_p, alpha)  # the shift guard is a test like any other
-    assert stats.kstest(p, "uniform").pvalue > 0.01  # and the p-values are uniform
+
+
+def test_held_out_null_p_values_are_uniform(held_out_null):
+    assert stats.kstest(held_out_null[0], "uniform").pvalue > 0.01
+
+
+@pytest.fixture(scope="module")
+def shadow_null(pool):
+    rng = np.random.default_rng(7)
+    shadows = [shadow_rows(rng, 600, 0.3, 10_000 + 1000 * i) for i in range(2)]
+    options = AuditOptions(aggregation="shadow", subset_repeats=0, permutations=999, seed=2)
+    return null_p_values(pool, options, size=120, shadows=shadows, splits=240)[0]
 
 
 @pytest.mark.parametrize("alpha", [0.05, 0.01])
-def test_shadow_audit_is_calibrated_under_the_null(pool, alpha):
-    rng = np.random.default_rng(7)
-    shadows = [shadow_rows(rng, 600, 0.3, 10_000 + 1000 * i) for i in range(2)]
-    options = AuditOptions(aggregation="shadow", subset_repeats=0, seed=2)
-    p, _ = null_p_values(pool, options, size=120, shadows=shadows, splits=240)
-    assert_calibrated(p, alpha)
+def test_shadow_audit_is_calibrated_under_the_null(shadow_null, alpha):
+    assert_calibrated(shadow_null, alpha)
 
 
 def test_permutation_test_on_small_sets_is_calibrated(pool):
@@ -165,3 +178,19 @@ def test_the_size_curve_finds_where_detection_starts():
     assert curve.median[0] > 0.05  # 5 samples: nothing
     assert curve.smallest_size is not None and 50 <= curve.smallest_size <= 400
     assert all(lo <= m <= hi for lo, m, hi in zip(curve.low, curve.median, curve.high))
+
+
+def test_group_p_values_are_calibrated_under_the_null(pool):
+    """One tested group per split (so the counts are independent): its leave-one-group-out
+    aggregation never saw it, so its p-value is uniform when the set is unused."""
+    rng = np.random.default_rng(8)
+    options = AuditOptions(aggregation="held-out", subset_repeats=0, permutations=999, seed=5)
+    p = []
+    for _ in range(200):
+        order = rng.permutation(len(pool.sample_id))
+        s, r = _take(pool, order[:60], "suspect set"), _take(pool, order[60:160], "reference set")
+        groups = {int(i): ("a" if j < 30 else "b") for j, i in enumerate(s.sample_id)}
+        res = dataset_inference(s, r, groups=groups, group_by="user", options=options)
+        p.append(next(g.outcome.p_value for g in res.groups if g.name == "a"))
+    assert_calibrated(np.array(p), 0.05)
+    assert_calibrated(np.array(p), 0.01)
