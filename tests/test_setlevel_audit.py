@@ -21,7 +21,10 @@ from lightning_mia.setlevel import (
     DatasetInferenceResult,
     FeatureRows,
     SetLevelError,
+    audit_tables,
     dataset_inference,
+    digest_map,
+    group_map,
     markdown_section,
     take_rows,
     terminal_lines,
@@ -237,3 +240,34 @@ def test_setlevel_imports_neither_the_attack_stage_nor_wandb():
             for name in names:
                 assert not name.startswith(("lightning_mia.attack", "wandb")), (path.name, name)
                 assert not name.startswith("lightning_mia.query"), (path.name, name)
+
+
+def test_audit_tables_reads_the_target_and_shadow_query_tables(tmp_path):
+    g = torch.Generator().manual_seed(0)
+
+    def table(n, shift, start):
+        member = torch.arange(n) < n // 2
+        feats = {f: torch.randn(n, generator=g) + shift * member for f in NAMES}
+        feats["blind/mean_r"] = torch.randn(n, generator=g)
+        return QueryTable(torch.arange(start, start + n), member, 0, feats)
+
+    target = table(300, 0.5, 0)
+    res = audit_tables(target, [table(400, 0.5, 10_000)], options=FAST)
+    assert res.aggregation == "shadow" and res.decision == DETECTED
+    assert (res.suspect_size, res.reference_size) == (150, 150)
+    s, r = list(range(150, 225)), list(range(225, 300))  # non-members against non-members
+    null = audit_tables(target, suspect_ids=s, reference_ids=r, options=FAST)
+    assert null.decision == NOT_DETECTED and null.aggregation == "held-out"
+
+
+class _Source:
+    def column_values(self, column, ids):
+        return [f"{column}{i % 2}" for i in ids]
+
+    def image_digests(self, ids):
+        return np.array([bytes([i % 3]) * 16 for i in ids], dtype="S16")
+
+
+def test_group_and_digest_maps_come_from_a_source():
+    assert group_map(_Source(), "user", [1, 2]) == {1: "user1", 2: "user0"}
+    assert digest_map(_Source(), [3, 4]) == {3: bytes(16), 4: bytes([1]) * 16}

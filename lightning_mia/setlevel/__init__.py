@@ -1,10 +1,9 @@
 """Set-level audits (dataset inference): was this collection used to train the model?
 
-    from lightning_mia.setlevel import AuditOptions, dataset_inference, take_rows
-    result = dataset_inference(take_rows(target, s_ids, "suspect set"),
-                               take_rows(target, r_ids, "reference set"),
-                               shadows=[take_rows(t, None, f"shadow {i}") for i, t in ...])
+    from lightning_mia.setlevel import AuditOptions, audit_tables, write_dataset_inference
+    result = audit_tables(target_table, shadow_tables, options=AuditOptions(alpha=0.01))
     write_dataset_inference(layout.attack, result)      # dataset_inference.json / .png
+    report_md += markdown_section(result); terminal_lines(result); wandb_items(result, png)
 
 The method, its test and its assumptions: `lightning_mia.setlevel.audit`. This package sits
 below `lightning_mia.attack` (it reads plain tensors shaped like query tables), so the attack
@@ -32,6 +31,7 @@ from lightning_mia.setlevel.result import (
 )
 from lightning_mia.setlevel.rows import FeatureRows, SetLevelError, take_rows
 from lightning_mia.setlevel.stats import Outcome, one_sided_test
+from lightning_mia.setlevel.tables import audit_tables, digest_map, group_map
 
 __all__ = [
     "CONFOUNDED",
@@ -48,7 +48,10 @@ __all__ = [
     "ShiftGuard",
     "SizeCurve",
     "WandbItems",
+    "audit_tables",
     "dataset_inference",
+    "digest_map",
+    "group_map",
     "markdown_section",
     "one_sided_test",
     "shift_guard",
