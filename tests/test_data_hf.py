@@ -217,3 +217,33 @@ def test_a_member_list_dataset_without_captions_is_refused(tmp_path):
     datasets.Dataset.from_dict({"image": [png(1)], "label": [0]}).save_to_disk(str(tmp_path / "r"))
     with pytest.raises(DataError, match=r"no caption column \(text or caption\)"):
         MemberListSource(str(tmp_path / "s"), str(tmp_path / "r"), resolution=8)
+
+
+def test_a_dataset_feeds_the_datamodule_and_parses_from_the_command_line(tmp_path):
+    from jsonargparse import ArgumentParser
+
+    from lightning_mia.data import MembershipDataModule
+    from lightning_mia.data.sources import ImageCaptionSource
+
+    dataset(24, users=("a", "b")).save_to_disk(str(tmp_path / "d"))
+    parser = ArgumentParser()
+    parser.add_argument("--source", type=ImageCaptionSource)
+    cfg = parser.parse_args(
+        [
+            "--source=lightning_mia.data.hf_datasets.HFDatasetSource",
+            f"--source.path={tmp_path / 'd'}",
+            "--source.id_column=sid",
+            "--source.resolution=8",
+        ]
+    )
+    source = parser.instantiate_classes(cfg).source
+    assert isinstance(source, HFDatasetSource) and len(source) == 24
+    dm = MembershipDataModule(
+        experiment=str(tmp_path / "exp"), source=source, num_shadows=1, batch_size=4
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pixel_values"].shape == (4, 3, 8, 8)
+    sid = int(batch["sample_id"][0])
+    assert batch["caption"][0] == source.caption(sid) and 100 <= sid < 124

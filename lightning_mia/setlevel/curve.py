@@ -105,6 +105,7 @@ def size_curve(
         med.append(float(q50))
         low.append(float(q25))
         high.append(float(q75))
+    resolution = 1.0 / (plan.permutations + 1) if plan.test != "welch" else 0.0
     return SizeCurve(
         tuple(sizes),
         tuple(ref_sizes),
@@ -113,4 +114,5 @@ def size_curve(
         tuple(high),
         repeats,
         smallest_size(sizes, med),
+        resolution,
     )

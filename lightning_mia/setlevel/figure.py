@@ -43,14 +43,17 @@ def size_curve_png(result: DatasetInferenceResult) -> bytes | None:
     med, low, high = (np.maximum(np.array(v), FLOOR) for v in (curve.median, curve.low, curve.high))
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    fig = Figure(figsize=(7.5, 4.6), dpi=DPI)
+    fig = Figure(figsize=(9.5, 4.6), dpi=DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.fill_between(k, low, high, color="tab:blue", alpha=0.22, lw=0, label="interquartile range")
     ax.plot(k, med, "o-", color="tab:blue", lw=2, ms=4, label=f"median of {curve.repeats} subsets")
     _draw_levels(ax, result.alpha)
+    if curve.resolution and np.isclose(low, curve.resolution, rtol=1e-6).any():
+        label = f"floor of the curve's\npermutation tests ({curve.resolution:.0e})"
+        ax.axhline(curve.resolution, color="0.45", ls=":", lw=1.3, label=label)
     if curve.smallest_size is not None:
         label = f"p < {TARGET_P:g} from {curve.smallest_size} samples"
         ax.axvline(curve.smallest_size, color="tab:green", lw=1.5, label=label)
@@ -58,9 +61,10 @@ def size_curve_png(result: DatasetInferenceResult) -> bytes | None:
     ax.plot([result.suspect_size], [full], "D", color="black", ms=6, label="full set (headline)")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks(_size_ticks(int(k[0]), int(k[-1])))
     ax.set_yscale("log")
-    ax.set_ylim(min(float(low.min()), full, TARGET_P, result.alpha) / 3, 1.5)
+    ax.set_ylim(min(float(low.min()), full, TARGET_P, result.alpha) / 5, 1.5)
     ax.set_xlabel(f"suspect set size k (random subsets of {result.suspect_size})", fontsize=11)
     ax.set_ylabel("p-value (one-sided)", fontsize=11)
     title = (
@@ -69,7 +73,7 @@ def size_curve_png(result: DatasetInferenceResult) -> bytes | None:
     )
     ax.set_title(title, fontsize=12)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="lower left", fontsize=9, framealpha=0.9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

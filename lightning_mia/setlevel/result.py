@@ -37,10 +37,6 @@ def _num(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def _nan(value: float | None) -> float:
-    return float("nan") if value is None else float(value)
-
-
 @dataclass(frozen=True)
 class SizeCurve:
     """Median p-value (and quartiles) over random subsets of k suspect samples."""
@@ -52,6 +48,7 @@ class SizeCurve:
     high: tuple[float, ...]  # third quartile
     repeats: int  # random subsets per size
     smallest_size: int | None  # smallest k from which the median stays below TARGET_P
+    resolution: float = 0.0  # smallest p its permutation tests can give (0: none was run)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "target_p": TARGET_P}
@@ -59,8 +56,12 @@ class SizeCurve:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SizeCurve:
         keys = ("sizes", "reference_sizes", "median", "low", "high")
+        lists = {k: tuple(d[k]) for k in keys}
         return cls(
-            **{k: tuple(d[k]) for k in keys}, repeats=d["repeats"], smallest_size=d["smallest_size"]
+            **lists,
+            repeats=d["repeats"],
+            smallest_size=d["smallest_size"],
+            resolution=d["resolution"],
         )
 
 

@@ -178,6 +178,8 @@ def one_sided_test(
     if not (np.isfinite(suspect).all() and np.isfinite(reference).all()):
         raise ValueError("scores must be finite")
     name, reason, statistic, p = test_p_value(suspect, reference, test, permutations, seed)
+    if name == "permutation":  # its p-value cannot fall below 1 / (resamples + 1)
+        reason += f" ({permutations} resamples: p >= {1 / (permutations + 1):.1e})"
     return Outcome(
         test=name,
         p_value=p,
