@@ -31,6 +31,7 @@ from lightning_mia.setlevel import (
     wandb_items,
     write_dataset_inference,
 )
+from lightning_mia.setlevel.rows import check_same_source
 
 NAMES = [f"loss/t{i}" for i in range(6)]
 BLIND = ["blind/mean_r", "blind/hf_energy"] + [f"blind/img_emb_{i}" for i in range(12)]
@@ -271,3 +272,18 @@ class _Source:
 def test_group_and_digest_maps_come_from_a_source():
     assert group_map(_Source(), "user", [1, 2]) == {1: "user1", 2: "user0"}
     assert digest_map(_Source(), [3, 4]) == {3: bytes(16), 4: bytes([1]) * 16}
+
+
+def test_a_reference_set_from_another_source_is_refused():
+    coco = {"name": "coco", "init_args": {"images": "train2014"}}
+    check_same_source(coco, dict(coco))
+    with pytest.raises(SetLevelError, match="reference set comes from another source"):
+        check_same_source(coco, {"name": "imagefolder", "init_args": {"root": "mine"}})
+
+
+def test_tiny_sets_skip_the_shift_guard_and_say_so(rng):
+    s = make_rows("suspect set", range(3), rng, shift=2.0)
+    r = make_rows("reference set", range(100, 103), rng)
+    res = dataset_inference(s, r, [shadow(rng, 10_000)], options=AuditOptions(subset_repeats=0))
+    assert res.shift is None and res.outcome.suspect_n == 3
+    assert "nothing rules out a distribution shift" in markdown_section(res)

@@ -29,7 +29,7 @@ from lightning_mia.setlevel.result import (
     ShiftGuard,
     SizeCurve,
 )
-from lightning_mia.setlevel.rows import FeatureRows, SetLevelError, take_rows
+from lightning_mia.setlevel.rows import FeatureRows, SetLevelError, check_same_source, take_rows
 from lightning_mia.setlevel.stats import Outcome, one_sided_test
 from lightning_mia.setlevel.tables import audit_tables, digest_map, group_map
 
@@ -49,6 +49,7 @@ __all__ = [
     "SizeCurve",
     "WandbItems",
     "audit_tables",
+    "check_same_source",
     "dataset_inference",
     "digest_map",
     "group_map",

@@ -151,9 +151,12 @@ def shift_guard(
     suspect: FeatureRows, reference: FeatureRows, options: AuditOptions, rng: np.random.Generator
 ) -> tuple[ShiftGuard | None, Plan | None]:
     """The test on `blind/*` features alone (held-out aggregation), and its plan; (None, None)
-    when the rows have no finite blind features."""
+    when the rows have no finite blind features or a set is too small to split."""
     names, _ = finite_columns(blind_features(suspect, reference), suspect, reference)
-    if not names:
+    too_small = any(
+        held_out_problem(len(r), r.name, options.fit_fraction) for r in (suspect, reference)
+    )
+    if not names or too_small:
         return None, None
     empty = np.zeros((0, len(names)))
     o = options

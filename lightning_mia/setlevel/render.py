@@ -55,7 +55,10 @@ def _fitted_on(result: DatasetInferenceResult) -> str:
 def _shift_line(result: DatasetInferenceResult) -> str:
     s = result.shift
     if s is None:
-        return "Shift guard: not run (the query tables hold no blind/* features)."
+        return (
+            "Shift guard: not run (no blind/* features in the query tables, or a set too small "
+            "to split): nothing rules out a distribution shift between the sets."
+        )
     o = s.outcome
     verdict = "DETECTS the suspect set" if s.detected else "does not tell the sets apart"
     return (

@@ -155,6 +155,20 @@ def check_disjoint(
         )
 
 
+def check_same_source(
+    suspect_source: Mapping[str, object], reference_source: Mapping[str, object]
+) -> None:
+    """`SetLevelError` when the two sets come from different data sources (`source.describe()`
+    of each): a reference set must come from the suspect set's distribution."""
+    if dict(suspect_source) != dict(reference_source):
+        raise SetLevelError(
+            f"the reference set comes from another source than the suspect set "
+            f"({reference_source.get('name')} {reference_source.get('init_args')} vs "
+            f"{suspect_source.get('name')} {suspect_source.get('init_args')}); bring a "
+            "reference set from the suspect set's source"
+        )
+
+
 def group_labels(rows: FeatureRows, groups: Mapping[int, object], column: str) -> np.ndarray:
     """(n,) group names (str) of `rows` from `groups` (sample id -> value of `column`)."""
     missing = [int(i) for i in rows.sample_id if int(i) not in groups]
