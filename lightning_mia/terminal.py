@@ -54,6 +54,7 @@ QUIET_WARNINGS = (  # regular expressions matched at the start of a warning's me
 )
 QUIET_ENV = {  # read when these libraries start (so they also reach stage subprocesses)
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub and transformers progress bars
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # datasets (the hf-datasets source)
     "WANDB_SILENT": "true",  # W&B's process-wide terminal settings (also its init warnings)
 }
 
@@ -160,6 +161,10 @@ def _set_progress_bars(enabled: bool) -> None:
         from transformers.utils import logging as hf_logging
 
         (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    if "datasets" in sys.modules:
+        from datasets.utils import disable_progress_bars, enable_progress_bars
+
+        (enable_progress_bars if enabled else disable_progress_bars)()
 
 
 def configure_terminal(verbose: bool) -> None:

@@ -7,6 +7,7 @@
     src = ImageFolderSource("my_data", caption_column="text", resolution=256)
 
 The sample id is the row index, or the integer `sample_id` / `id` column when there is one.
+Other columns (user, artist, ...) are per-sample metadata (`columns()`, `column_values()`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_mia.data.files import ImageFileSource
@@ -118,6 +120,7 @@ class ImageFolderSource(ImageFileSource):
         )
         self._paths: dict[int, Path] = {}
         self._captions: dict[int, object] = {}
+        self._rows: dict[int, dict] = {}  # each sample's metadata row (for `column_values`)
         for index, (line, row) in enumerate(rows):
             self._add_row(index, line, row)
         self._ids = sorted(self._paths)
@@ -148,6 +151,7 @@ class ImageFolderSource(ImageFileSource):
             raise DataError(f"{where}: file_name {row['file_name']!r} is not a file name")
         path = self._paths[sid] = self.root / row["file_name"]
         self._captions[sid] = row[self.caption_column]
+        self._rows[sid] = row
         if problem := caption_problem(row[self.caption_column]):
             self.report_bad(sid, f"{where} ({row['file_name']}): {problem}")
         elif not path.is_file():
@@ -157,6 +161,14 @@ class ImageFolderSource(ImageFileSource):
 
     def sample_ids(self) -> list[int]:
         return list(self._ids)
+
+    def columns(self) -> list[str]:
+        """The metadata columns besides file_name and the caption (user, artist, ...)."""
+        names = {k for row in self._rows.values() for k in row}
+        return sorted(names - {"file_name", self.caption_column})
+
+    def raw_column_values(self, column: str, ids: Sequence[int]) -> list[object]:
+        return [self._rows[i].get(column) for i in ids]
 
     def raw_caption(self, sample_id: int) -> object:
         return self._captions[sample_id]

@@ -4,6 +4,8 @@
     non_members.csv   file_name,text           (columns file_name|image|path, text|caption)
     members.txt       123                      (ids of the `base` source, one a line; or an
                                                 `id` column in jsonl/csv, caption optional)
+    members/          a Hugging Face dataset     (save_to_disk folder, or .parquet file(s)
+                                                with image bytes and captions: `hf-datasets`)
 
     src = MemberListSource("members.jsonl", "non_members.csv", resolution=512)
     src = MemberListSource("members.txt", "non_members.txt", base=CocoSource(...).describe())
@@ -14,6 +16,11 @@ needs a caption) or an id of the `base` source (whose caption it may replace). W
 source, its samples keep their ids and listed files are numbered after its largest id; without
 one, listed files are 0, 1, ... (members first). `rest` (the base's samples the lists do not
 name) is where an external target's shadows and the attacker's own components draw from.
+
+A Hugging Face dataset list takes its images from its `Image` column (or `image_column`) and
+captions from `text`/`caption` (or `caption_column`); one without images lists base ids.
+Columns other than image, caption and id (user, artist, ...) are per-sample metadata, of every
+kind of list: `columns()`, `column_values()` (`--group-by`).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 
 from lightning_mia.data.checks import file_image_problems
 from lightning_mia.data.files import ImageFileSource
+from lightning_mia.data.hf_datasets import HFDatasetSource, list_columns
 from lightning_mia.data.imagefolder import read_csv, read_jsonl
 from lightning_mia.data.sources import (
     DIGEST_BYTES,
@@ -43,6 +51,12 @@ IMAGE_COLUMNS = ("file_name", "image", "path", "image_path")
 CAPTION_COLUMNS = ("text", "caption")
 ID_COLUMNS = ("sample_id", "id")
 LIST_SUFFIXES = (".jsonl", ".csv", ".txt")
+HF_SUFFIX = ".parquet"  # or a folder: a Hugging Face dataset
+
+
+def is_hf_list(path: Path) -> bool:
+    """A member list kept as a Hugging Face dataset (a folder or parquet file)."""
+    return path.is_dir() or path.suffix == HF_SUFFIX
 
 
 def read_rows(path: Path) -> list[tuple[int, dict]]:
@@ -50,7 +64,10 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise DataError(f"member list {path}: no such file")
     if path.suffix not in LIST_SUFFIXES:
-        raise DataError(f"member list {path}: expected one of {LIST_SUFFIXES}, got {path.suffix!r}")
+        raise DataError(
+            f"member list {path}: expected one of {LIST_SUFFIXES}, a {HF_SUFFIX} file or a "
+            f"Hugging Face dataset folder, got {path.suffix!r}"
+        )
     if path.suffix == ".jsonl":
         return read_jsonl(path)
     if path.suffix == ".csv":
@@ -74,15 +91,20 @@ class MemberListSource(ImageFileSource):
         base: dict[str, Any] | None = None,
         resolution: int = 512,
         skip_bad_samples: bool = False,
+        image_column: str | None = None,
+        caption_column: str | None = None,
     ) -> None:
         """
         Args:
-            members: jsonl / csv / txt list of the target's training pairs.
+            members: jsonl / csv / txt list of the target's training pairs, or a Hugging Face
+                dataset (save_to_disk folder, .parquet file or folder of them).
             non_members: the same for pairs it was not trained on (same distribution).
             base: a source as splits.json records one (`{"name", "init_args"}`): the ids the
                 lists may name, and the rest of the data (shadows, attacker's components).
             resolution: side of the square images.
             skip_bad_samples: skip and record bad samples instead of raising.
+            image_column: a Hugging Face dataset list's image column (None: its Image column).
+            caption_column: its caption column (None: `text` or `caption`).
         """
         super().__init__(resolution, skip_bad_samples)
         self._init_args = {
@@ -92,6 +114,9 @@ class MemberListSource(ImageFileSource):
             "resolution": resolution,
             "skip_bad_samples": skip_bad_samples,
         }
+        if image_column is not None or caption_column is not None:  # recorded only when set
+            self._init_args.update(image_column=image_column, caption_column=caption_column)
+        self._columns = (image_column, caption_column)
         self.base: ImageCaptionSource | None = build_source(base) if base else None
         base_ids = self.base.sample_ids() if self.base is not None else []
         self._base_ids = set(base_ids)
@@ -99,17 +124,43 @@ class MemberListSource(ImageFileSource):
         self._paths: dict[int, Path] = {}  # listed image files
         self._captions: dict[int, object] = {}  # captions of listed files / base overrides
         self._seen: dict[str, str] = {}  # image path or base id -> where it was listed
+        self._hf: dict[int, tuple[HFDatasetSource, int]] = {}  # listed id -> (dataset, its id)
+        self._rows: dict[int, dict] = {}  # listed id -> its list row (metadata columns)
         self.members = self._read_list(Path(members))
         self.non_members = self._read_list(Path(non_members))
         listed = set(self.members) | set(self.non_members)
         self.rest = sorted(self._base_ids - listed)
-        self._ids = sorted(set(self._paths) | self._base_ids)
+        self._ids = sorted(set(self._paths) | set(self._hf) | self._base_ids)
 
     def _read_list(self, path: Path) -> list[int]:
+        if is_hf_list(path):
+            return self._read_hf_list(path)
         rows = read_rows(path)
         if not rows:
             raise DataError(f"member list {path}: lists no samples")
         return [self._add_row(f"{path} line {n}", path.parent, row) for n, row in rows]
+
+    def _read_hf_list(self, path: Path) -> list[int]:
+        image, caption, data = list_columns(path, *self._columns, IMAGE_COLUMNS, CAPTION_COLUMNS)
+        if data.num_rows == 0:
+            raise DataError(f"member list {path}: lists no samples")
+        if image is None:  # ids of the base source, as a txt list would give them
+            rows = enumerate(data.to_list(), 1)
+            return [self._add_row(f"{path} row {n}", path, row) for n, row in rows]
+        if caption is None:
+            cols = data.column_names
+            raise DataError(f"member list {path}: no caption column (text or caption) in {cols}")
+        src = HFDatasetSource(str(path), image, caption, None, None, self.resolution, False)
+        out = []
+        for hf_id in src.sample_ids():
+            where = f"{path} row {hf_id}"
+            self._once(f"hf {path.resolve()} row {hf_id}", where)
+            sid, self._next_id = self._next_id, self._next_id + 1
+            self._hf[sid], self._captions[sid] = (src, hf_id), src.raw_caption(hf_id)
+            if problem := caption_problem(self._captions[sid]):
+                self.report_bad(sid, f"{where}: {problem}")
+            out.append(sid)
+        return out
 
     def _once(self, key: str, where: str) -> None:
         if key in self._seen:
@@ -123,7 +174,7 @@ class MemberListSource(ImageFileSource):
         path = Path(str(image)) if Path(str(image)).is_absolute() else folder / str(image)
         self._once(f"image {path.resolve()}", where)
         sid, self._next_id = self._next_id, self._next_id + 1
-        self._paths[sid], self._captions[sid] = path, caption
+        self._paths[sid], self._captions[sid], self._rows[sid] = path, caption, row
         if caption is None:
             self.report_bad(
                 sid, f"{where} ({image}): no caption (a {' or '.join(CAPTION_COLUMNS)} column)"
@@ -150,6 +201,7 @@ class MemberListSource(ImageFileSource):
         if sid not in self._base_ids:
             raise DataError(f"{where}: id {sid} is not a sample of {self.base}")
         self._once(f"id {sid}", where)
+        self._rows[sid] = row
         if caption is not None:
             self._captions[sid] = caption
         return sid
@@ -169,21 +221,39 @@ class MemberListSource(ImageFileSource):
     def image(self, sample_id: int, resolution: int | None = None) -> torch.Tensor:
         if sample_id in self._paths:
             return super().image(sample_id, resolution)
+        if sample_id in self._hf:
+            src, hf_id = self._hf[sample_id]
+            return src.image(hf_id, resolution or self.resolution)
         return self.base.image(sample_id, resolution or self.resolution)
 
-    def _split(self, ids: Sequence[int]) -> tuple[list[int], list[int]]:
-        return [i for i in ids if i in self._paths], [i for i in ids if i not in self._paths]
+    def _split(self, ids: Sequence[int]) -> tuple[list[int], dict[HFDatasetSource, list], list]:
+        """(listed files, {dataset: its listed ids}, base ids) of `ids`."""
+        files, based, hf = [], [], {}
+        for i in ids:
+            if i in self._paths:
+                files.append(i)
+            elif i in self._hf:
+                hf.setdefault(self._hf[i][0], []).append(i)
+            else:
+                based.append(i)
+        return files, hf, based
 
     def image_problems(self, ids: Sequence[int], stop_early: bool = False) -> dict[int, str]:
-        files, based = self._split(ids)
+        files, hf, based = self._split(ids)
         found = file_image_problems(files, self.image_path, self.image_name, stop_early)
+        for src, listed in hf.items():
+            own = {self._hf[i][1]: i for i in listed}
+            problems = src.image_problems(list(own), stop_early)
+            found.update({own[k]: v for k, v in problems.items()})
         if based:
             found.update(self.base.image_problems(based, stop_early))
         return found
 
     def image_digests(self, ids: Sequence[int]) -> np.ndarray:
-        files, based = self._split(ids)
+        files, hf, based = self._split(ids)
         parts = dict(zip(files, super().image_digests(files))) if files else {}
+        for src, listed in hf.items():
+            parts.update(zip(listed, src.image_digests([self._hf[i][1] for i in listed])))
         if based:
             parts.update(zip(based, self.base.image_digests(based)))
         return np.array([parts[i] for i in ids], dtype=f"S{DIGEST_BYTES}")
@@ -193,6 +263,33 @@ class MemberListSource(ImageFileSource):
         h = hashlib.sha256()
         for i, d in zip(files, file_digests([self._paths[i] for i in files])):
             h.update(f"{i}\t{self._paths[i]}\t{d}\n".encode())
+        listed = sorted(self._hf)
+        for i, d in zip(listed, self.image_digests(listed)):
+            h.update(f"{i}\thf\t{d.hex()}\n".encode())
         if self.base is not None:
             h.update(f"base\t{self.base.images_sha256()}\n".encode())
         return h.hexdigest()
+
+    # ---- per-sample metadata ----
+    def columns(self) -> list[str]:
+        """Metadata columns of the lists (and of their datasets and the base source)."""
+        skip = {*IMAGE_COLUMNS, *CAPTION_COLUMNS, *ID_COLUMNS}
+        names = {k for row in self._rows.values() for k in row} - skip
+        for src in {src for src, _ in self._hf.values()}:
+            names |= set(src.columns()) - {src.caption_column}
+        if self.base is not None:
+            names |= set(self.base.columns())
+        return sorted(names)
+
+    def raw_column_values(self, column: str, ids: Sequence[int]) -> list[object]:
+        return [self._column_value(column, i) for i in ids]
+
+    def _column_value(self, column: str, sample_id: int) -> object:
+        if column in self._rows.get(sample_id, {}):
+            return self._rows[sample_id][column]
+        if sample_id in self._hf:
+            src, hf_id = self._hf[sample_id]
+            return src.raw_column_values(column, [hf_id])[0] if column in src.columns() else None
+        if sample_id in self._base_ids and column in self.base.columns():
+            return self.base.raw_column_values(column, [sample_id])[0]
+        return None

@@ -335,6 +335,32 @@ class ImageCaptionSource(ABC):
 
         return np.array([digest(i) for i in ids], dtype=f"S{DIGEST_BYTES}")
 
+    def columns(self) -> list[str]:
+        """Per-sample metadata columns (user, artist, domain) that `column_values` gives."""
+        return []
+
+    def raw_column_values(self, column: str, ids: Sequence[int]) -> list[object]:
+        """`column`'s value for each of `ids` (None where a sample has none); sources that
+        keep metadata override this with `columns`."""
+        raise NotImplementedError
+
+    def column_values(self, column: str, ids: Sequence[int]) -> list[object]:
+        """The value of metadata `column` for each of `ids` (e.g. for `--group-by`).
+
+        `DataError` naming the column and those there are when the source has no such column,
+        or naming the samples that have no value in it."""
+        if column not in self.columns():
+            known = ", ".join(self.columns()) or "none"
+            raise DataError(f"{self}: no per-sample column {column!r} (columns: {known})")
+        values = self.raw_column_values(column, ids)
+        missing = [i for i, v in zip(ids, values) if v is None or v == ""]
+        if missing:
+            raise DataError(
+                f"{self}: column {column!r} has no value for {len(missing)} samples, "
+                f"e.g. ids {sorted(missing)[:5]}"
+            )
+        return values
+
     def captions_sha256(self) -> str:
         return captions_digest((sid, self.raw_caption(sid)) for sid in self.sample_ids())
 

@@ -1,0 +1,248 @@
+"""Dataset inference: was this collection (the suspect set S) used to train the model?
+
+    suspect = take_rows(target_table, suspect_ids, "suspect set")
+    reference = take_rows(target_table, reference_ids, "reference set")
+    shadows = [take_rows(t, None, f"shadow {t.model_index}") for t in shadow_tables]
+    result = dataset_inference(suspect, reference, shadows, options=AuditOptions(alpha=0.01))
+    result.decision, result.p_value, result.curve.smallest_size
+
+The method (after Dubinski et al., "CDI", CVPR 2025, arXiv 2411.12858, adapted to text-to-image
+queries):
+
+1. Features: every black-box and gray-box feature the queries produced for each sample (pixel,
+   semantic, text, quality, loss, SecMI, PIA, CLiD, ...). Each alone may be at chance (AUC
+   0.50-0.53 per sample); summed over hundreds of samples a weak signal becomes a strong one.
+2. Aggregation: one linear score per sample (`scorer.py`), learned WITHOUT the samples it then
+   tests — on shadow models' rows, whose membership the attacker knows (`shadow`, the default
+   when shadow rows are given: no suspect sample is spent on fitting), or on a random part of S
+   and R labelled suspect/reference, as CDI does (`held-out`), or both (`procedure.py`).
+3. Test: one-sided, "the tested suspect scores are larger than the tested reference scores".
+   Welch's t-test (scipy.stats.ttest_ind, unequal variances) where the means of at least 30
+   scores a side of a not strongly skewed distribution make it reliable; otherwise a permutation
+   test (scipy.stats.permutation_test), exact for any distribution (`stats.py`).
+4. Shift guard: steps 2-3 on the `blind/*` features alone (the query image and caption, no
+   model query), always with a held-out aggregation (the shadows' halves are alike by
+   construction, so they cannot learn a shift between S and R). If it detects the suspect set at
+   `shift_alpha`, the result is `confounded`: S and R differ before any model is asked.
+5. Set size: the median p-value (and quartiles) over random subsets of k suspect samples
+   (`curve.py`); user-level sets: one p-value per group, Benjamini-Hochberg (`groups.py`).
+
+What it assumes, in plain words: the samples are independent of each other; the reference set
+was not used for training and comes from the same distribution as the suspect set. Under those,
+when S was not used the p-value is uniform (calibrated: a 1% level detects 1% of unused sets).
+A small p-value says S looks more like training data than R does; by itself it cannot tell
+training on S from S and R differing in some way the shift guard does not see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lightning_mia.setlevel.curve import size_curve
+from lightning_mia.setlevel.groups import group_rows
+from lightning_mia.setlevel.procedure import (
+    AGGREGATIONS,
+    Aggregation,
+    Plan,
+    held_out_problem,
+    make_plan,
+    resolve_aggregation,
+    run_test,
+)
+from lightning_mia.setlevel.result import DatasetInferenceResult, ShiftGuard, decide
+from lightning_mia.setlevel.rows import (
+    FeatureRows,
+    SetLevelError,
+    blind_features,
+    check_disjoint,
+    check_shadows,
+    finite_columns,
+    group_labels,
+    membership_features,
+)
+from lightning_mia.setlevel.stats import TEST_CHOICES, TestChoice
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """How a set-level audit is run (every field has a sound default)."""
+
+    alpha: float = 0.01  # level of the decision
+    aggregation: Aggregation = "auto"  # auto: "shadow" with shadow rows, else "held-out"
+    fit_fraction: float = 0.5  # share of S and R fitted on in a held-out aggregation
+    test: TestChoice = "auto"  # auto: Welch where safe, else permutation
+    permutations: int = 9999  # resamples of a permutation test
+    shift_alpha: float = 0.05  # level of the shift guard (looser than alpha: it must not miss)
+    subset_repeats: int = 100  # random subsets per size on the curve (0: no curve)
+    subset_points: int = 16  # sizes on the curve
+    l2: float = 1.0  # ridge penalty of the logistic aggregation
+    embedding_components: int = 8  # principal components kept per blind embedding
+    features: tuple[str, ...] = ()  # prefixes of membership features to use; () = all
+    seed: int = 0
+
+    def problems(self) -> list[str]:
+        """Every problem with these options (empty when they are usable)."""
+        out = []
+        for name in ("alpha", "shift_alpha", "fit_fraction"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                out.append(f"{name} must lie strictly between 0 and 1, got {value}")
+        if self.aggregation not in AGGREGATIONS:
+            out.append(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.test not in TEST_CHOICES:
+            out.append(f"test must be one of {TEST_CHOICES}, got {self.test!r}")
+        for name in ("permutations", "subset_points", "embedding_components"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.subset_repeats < 0:
+            out.append(f"subset_repeats must be >= 0, got {self.subset_repeats}")
+        if not self.l2 > 0:
+            out.append(f"l2 must be positive, got {self.l2}")
+        return out
+
+
+def _plan(
+    names: list[str], shadows: Sequence[FeatureRows], aggregation: str, o: AuditOptions
+) -> Plan:
+    x = np.concatenate([s.matrix(names) for s in shadows]) if shadows else np.zeros((0, len(names)))
+    y = (
+        np.concatenate([s.is_member for s in shadows]).astype(np.float64)
+        if shadows
+        else np.zeros(0)
+    )
+    return make_plan(
+        names,
+        x,
+        y,
+        aggregation,
+        o.fit_fraction,
+        o.l2,
+        o.embedding_components,
+        o.test,
+        o.permutations,
+    )
+
+
+def _check_inputs(
+    suspect: FeatureRows,
+    reference: FeatureRows,
+    shadows: Sequence[FeatureRows],
+    aggregation: str,
+    options: AuditOptions,
+    image_digests: Mapping[int, bytes] | None,
+) -> None:
+    problems = options.problems()
+    if problems:
+        raise SetLevelError("; ".join(problems))
+    check_disjoint(suspect, reference, image_digests)
+    check_shadows(shadows)
+    need = 2 if aggregation == "shadow" else None
+    for rows in (suspect, reference):
+        if need is not None and len(rows) < need:
+            raise SetLevelError(f"{rows.name} has {len(rows)} samples; the test needs {need}")
+        if need is None and (p := held_out_problem(len(rows), rows.name, options.fit_fraction)):
+            raise SetLevelError(p)
+
+
+def shift_guard(
+    suspect: FeatureRows, reference: FeatureRows, options: AuditOptions, rng: np.random.Generator
+) -> tuple[ShiftGuard | None, Plan | None]:
+    """The test on `blind/*` features alone (held-out aggregation), and its plan; (None, None)
+    when the rows have no finite blind features or a set is too small to split."""
+    names, _ = finite_columns(blind_features(suspect, reference), suspect, reference)
+    too_small = any(
+        held_out_problem(len(r), r.name, options.fit_fraction) for r in (suspect, reference)
+    )
+    if not names or too_small:
+        return None, None
+    empty = np.zeros((0, len(names)))
+    o = options
+    plan = make_plan(
+        names,
+        empty,
+        np.zeros(0),
+        "held-out",
+        o.fit_fraction,
+        o.l2,
+        o.embedding_components,
+        o.test,
+        o.permutations,
+    )
+    outcome, s_fit, r_fit, scorer = run_test(
+        plan, suspect.matrix(names), reference.matrix(names), rng
+    )
+    return ShiftGuard(outcome, options.shift_alpha, scorer.used, s_fit, r_fit), plan
+
+
+def dataset_inference(
+    suspect: FeatureRows,
+    reference: FeatureRows,
+    shadows: Sequence[FeatureRows] = (),
+    groups: Mapping[int, object] | None = None,
+    group_by: str | None = None,
+    image_digests: Mapping[int, bytes] | None = None,
+    options: AuditOptions = AuditOptions(),
+) -> DatasetInferenceResult:
+    """Test whether the suspect set was used to train the model that produced its features.
+
+    Args:
+        suspect: the suspect set's rows (S).
+        reference: rows of samples known to be unused, from the same distribution (R).
+        shadows: shadow models' rows with `is_member` (to learn the aggregation on).
+        groups: sample id -> group (user, artist) of each suspect sample: one test per group.
+        group_by: the name of the group column, for messages and the report.
+        image_digests: sample id -> image content digest of S and R, to refuse equal images.
+        options: level, aggregation, test, curve.
+    """
+    aggregation = resolve_aggregation(options.aggregation, bool(shadows))
+    _check_inputs(suspect, reference, shadows, aggregation, options, image_digests)
+    labels = None if groups is None else group_labels(suspect, groups, group_by or "group")
+    candidates = membership_features(suspect, reference, *shadows, prefixes=options.features)
+    names, dropped = finite_columns(candidates, suspect, reference, *shadows)
+    if not names:
+        raise SetLevelError(f"no membership feature is finite in every row: {dropped[:5]}")
+    plan = _plan(names, shadows, aggregation, options)
+    xs, xr = suspect.matrix(names), reference.matrix(names)
+    rng = np.random.default_rng(options.seed)
+    outcome, s_fit, r_fit, scorer = run_test(plan, xs, xr, rng)
+    shift, blind_plan = shift_guard(suspect, reference, options, rng)
+    curve = None
+    if options.subset_repeats:
+        repeats, points = options.subset_repeats, options.subset_points
+        curve = size_curve(plan, xs, xr, repeats, points, options.seed + 1)
+    group_table = ()
+    if labels is not None:
+        blind = blind_plan.names if blind_plan else ()
+        group_table = group_rows(
+            plan,
+            blind_plan,
+            xs,
+            xr,
+            suspect.matrix(blind),
+            reference.matrix(blind),
+            labels,
+            options.alpha,
+            options.shift_alpha,
+            options.seed + 2,
+        )
+    return DatasetInferenceResult(
+        decision=decide(outcome.p_value, options.alpha, bool(shift and shift.detected)),
+        alpha=options.alpha,
+        outcome=outcome,
+        aggregation=aggregation,
+        suspect_size=len(suspect),
+        reference_size=len(reference),
+        suspect_fit=s_fit,
+        reference_fit=r_fit,
+        shadow_rows=len(plan.shadow_y),
+        features=scorer.used,
+        dropped_features=tuple(dropped),
+        curve=curve,
+        shift=shift,
+        groups=group_table,
+        group_by=group_by if labels is not None else None,
+        seed=options.seed,
+    )
