@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint setup clean-demo
+.PHONY: demo test test-fast lint setup clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ lint: $(VENV)/.installed
 
 test: $(VENV)/.installed lint
 	WANDB_MODE=disabled $(PY) -m pytest
+
+test-fast: $(VENV)/.installed   # every module's logic on random-weight tiny parts, no training runs
+	WANDB_MODE=disabled $(PY) -m pytest -m "not slow"
 
 demo: $(VENV)/.installed
 	$(PY) -m lightning_mia.experiment demo
