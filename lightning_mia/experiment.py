@@ -29,7 +29,7 @@ from lightning.pytorch.cli import ArgsType
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_mia.attack.command import run_attack_stage
-from lightning_mia.attack.options import AttackOptions, AttackSettings
+from lightning_mia.attack.options import ALIASES, AttackOptions, AttackSettings
 from lightning_mia.attack.outcome import AttackOutcome, show_outcome
 from lightning_mia.attack.render import format_comparison
 from lightning_mia.attack.repeats import format_repeats, summarize_repeats, write_repeats
@@ -38,6 +38,7 @@ from lightning_mia.errors import UserError
 from lightning_mia.paths import ExperimentLayout, find_config
 from lightning_mia.query.run import Devices
 from lightning_mia.reporting import finish_wandb_run
+from lightning_mia.setlevel import AuditOptions
 from lightning_mia.specs.query import CAPTION_MODES, QuerySpec
 from lightning_mia.stages import fit_arguments, run_fit_process, run_fit_processes
 from lightning_mia.terminal import (
@@ -220,6 +221,10 @@ def run_experiment(
     settings: list[str] | None = None,
     captions: list[str] | None = None,
     devices: Devices = Devices(),
+    controls: bool = False,
+    dataset_inference: bool = False,
+    group_by: str = "",
+    audit: AuditOptions = AuditOptions(),
     seed: int = 0,
     repeats: int = 1,
     overfit: bool = False,
@@ -239,7 +244,13 @@ def run_experiment(
         captions: caption modes attacked, a report each: ground-truth, captioner,
             fixed-caption, swapped-caption (default: captioner when a captioner is set).
         devices: where the attack stage's queries run; on several devices `ddp` / `auto` run
-            the attack stage as its own process (`stages.attack_stage`).
+            the attack stage as its own process (`attack.command.run_attack_stage`).
+        controls: also query each target with a fixed and with swapped captions and report
+            how much of each attack's AUC survives (`attack.controls`).
+        dataset_inference: the set-level audit of each target's members against its
+            non-members (`lightning_mia.setlevel`).
+        group_by: a column of the data source: one audit per group (Benjamini-Hochberg).
+        audit: how the set-level audit tests.
         seed: seed of splits, training, queries and attacks (repeat r >= 1: seed + r).
         repeats: R >= 2 runs the whole experiment R times (`repeat_runs`) and writes mean ±
             sd across them beside the bootstrap interval (attack/repeats.json and .md).
@@ -261,6 +272,10 @@ def run_experiment(
                 attack=replace(attack, setting=setting, seed=run_seed),
                 query=q,
                 devices=devices,
+                controls=controls,
+                dataset_inference=dataset_inference,
+                group_by=group_by,
+                audit=audit,
                 verbose=verbose,
             )
             for setting in settings or ["shadow"]
@@ -304,6 +319,7 @@ def config_path(name: str) -> str:
 
 EXPERIMENT_LISTS = ["settings", "captions", "attack.attacks", "query.signals"]
 EXPERIMENT_LISTS += [f"stages.{k}" for k in ("data_args", "model_args", "trainer_args")]
+EXPERIMENT_FLAGS = ["verbose", "overfit", "controls", "dataset_inference"]
 
 
 def experiment_parser() -> Any:
@@ -325,7 +341,7 @@ def experiment_parser() -> Any:
 def experiment_config(argv: list[str]) -> Any:
     """The parsed config of `<name | config.yaml> [--key value ...]` (bare-word lists and lone
     flags too): the named experiment's YAML, then the overrides."""
-    rest = normalized_argv(argv[1:], EXPERIMENT_LISTS, ["verbose", "overfit"])
+    rest = normalized_argv(argv[1:], EXPERIMENT_LISTS, EXPERIMENT_FLAGS, ALIASES)
     return experiment_parser().parse_args(["--config", config_path(argv[0]), *rest])
 
 

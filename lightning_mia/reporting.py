@@ -70,7 +70,7 @@ class RunResults:
 
     tables: dict[str, tuple[list[str], list[list[Any]]]] = field(default_factory=dict)
     images: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)  # paths, captions
-    summary: dict[str, float] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)  # scalars (and decisions)
     folder: Path | None = None  # the report folder, logged as the stage's artifact
     setting: str = ""
 

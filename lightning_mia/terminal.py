@@ -93,11 +93,15 @@ def verbose_requested(argv: Sequence[str] | None) -> bool:
 
 
 def normalized_argv(
-    argv: Sequence[str], list_keys: Sequence[str], flag_keys: Sequence[str]
+    argv: Sequence[str],
+    list_keys: Sequence[str],
+    flag_keys: Sequence[str],
+    aliases: dict[str, str] | None = None,
 ) -> list[str]:
-    """A command line as jsonargparse reads it: `--a-b` is `--a_b`; a list option given as
-    bare words or commas (`--attacks pixel semantic`, `--attacks pixel,semantic`, `none` for
-    an empty list) becomes one YAML list; a boolean flag alone (`--verbose`) becomes `=true`."""
+    """A command line as jsonargparse reads it: `--a-b` is `--a_b`; an alias is its key
+    (`--signal-preset` -> `--query.signal_preset`); a list option given as bare words or
+    commas (`--attacks pixel semantic`, `--attacks pixel,semantic`, `none` for an empty list)
+    becomes one YAML list; a boolean flag alone (`--verbose`) becomes `=true`."""
     out, args, i = [], list(argv), 0
     while i < len(args):
         arg = args[i]
@@ -107,6 +111,7 @@ def normalized_argv(
             continue
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
+        key = (aliases or {}).get(key, key)
         following = args[i + 1] if i + 1 < len(args) else None
         if key in list_keys:
             values = [value] if eq else []

@@ -15,15 +15,18 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_mia.attack.audit import audit_results, check_audit, run_audit
 from lightning_mia.attack.cautions import annotate_report
+from lightning_mia.attack.controls import control_aucs, control_specs
 from lightning_mia.attack.options import PAPER, AttackOptions, dump_attack_options
 from lightning_mia.attack.outcome import AttackOutcome, report_results
 from lightning_mia.attack.render import write_report
-from lightning_mia.attack.report import AttackContext, TargetFacts, read_report
+from lightning_mia.attack.report import AttackContext, AttackReport, TargetFacts, read_report
 from lightning_mia.attack.runner import run_attacks
 from lightning_mia.card import CheckpointError, RunCard, read_card
 from lightning_mia.external.audit import prepare_external
@@ -34,6 +37,7 @@ from lightning_mia.paths import ExperimentLayout, atomic_write_bytes, last_check
 from lightning_mia.query.run import Devices, leave_process_group, query_trainer, run_query
 from lightning_mia.query.shards import QueryTable, read_complete
 from lightning_mia.reporting import log_results, make_logger
+from lightning_mia.setlevel import write_dataset_inference
 from lightning_mia.specs.attacks import ATTACKS, AttackError, paper_attacks
 from lightning_mia.specs.query import QuerySpec
 from lightning_mia.stages import StageError
@@ -100,6 +104,7 @@ class Queries:
     target: QueryTable | None
     shadows: list[QueryTable]
     calibration: list[QueryTable]
+    controls: dict[str, QueryTable]  # the target's control queries, by caption mode
 
 
 def run_queries(
@@ -114,10 +119,10 @@ def run_queries(
     all, else a query of row 0 (`queries/<shadow>/row-000/`)."""
     from lightning_mia.data.splits import load_splits
 
-    def query_of(ckpt: Path | str, row: int | None = None) -> QueryTable | None:
+    def query_of(ckpt: Path | str, row: int | None = None, spec: QuerySpec = query) -> Any:
         return run_query(
             str(ckpt),
-            query,
+            spec,
             row=row,
             devices=options.devices,
             progress=options.progress,
@@ -134,8 +139,10 @@ def run_queries(
             index = read_card(ckpt).model_index
             covered = target_ids <= set(splits.row(index).queries)
             calibration.append(own if covered else query_of(ckpt, row=0))
+    specs = control_specs(query) if options.controls else {}
+    controls = {mode: query_of(options.ckpt, spec=spec) for mode, spec in specs.items()}
     leave_process_group()  # the rest runs on rank 0 alone
-    return Queries(target, tables, calibration)
+    return Queries(target, tables, calibration, controls)
 
 
 def run_attack(options: AttackOptions) -> AttackOutcome | None:
@@ -151,6 +158,8 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
     query = resolved_query(options.query, card, layout)
     if query.captioner:  # not a captioner, or one of another experiment: before any file
         check_captioner(query.captioner, card.splits_hash)
+    if options.dataset_inference or options.group_by:
+        check_audit(layout, options)
     logger = make_logger(
         str(layout.root),
         name="attack",
@@ -164,25 +173,40 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
     steps = card.train_steps_per_image or None  # 0: not known (an external target)
     facts = TargetFacts(card.run_name, steps, dict(card.augmentation))
     context = AttackContext.from_tables(tables.target, tables.shadows, settings.seed, facts)
-    report = run_attacks(
-        layout,
-        tables.target,
-        tables.shadows,
-        attacks=attacks,
-        setting=settings.setting,
-        known_fraction=settings.known_fraction,
-        seed=settings.seed,
-        max_epochs=settings.max_epochs,
-        logger=logger,
-        context=context,
-        calibration=tables.calibration,
-        progress=options.progress and options.verbose,  # short loops: bars only when verbose
-    )
-    report.captions = query.captions
+
+    def attack_on(target: QueryTable) -> AttackReport:
+        return run_attacks(
+            layout,
+            target,
+            tables.shadows,
+            attacks=attacks,
+            setting=settings.setting,
+            known_fraction=settings.known_fraction,
+            seed=settings.seed,
+            max_epochs=settings.max_epochs,
+            logger=logger,
+            context=context,
+            calibration=tables.calibration,
+            progress=options.progress and options.verbose,  # short loops: bars when verbose
+        )
+
+    report = attack_on(tables.target)
+    report.captions, report.query = query.captions, tables.target.record.spec.to_dict()
     if query.captioner:
         report.captioner = captioner_facts(query.captioner)
     annotate_report(report, card, layout, query.encoder, query.captioner)  # provenance
     folder = layout.report_dir(settings.setting, query.tag)
+
+    def write_control(mode: str, control: AttackReport) -> None:
+        write_report(layout.report_dir(settings.setting, f"{query.tag}@{mode}"), control)
+
+    main_spec = tables.target.record.spec
+    report.controls = control_aucs(attack_on, tables.controls, main_spec, write_control)
+    if options.dataset_inference:
+        result = run_audit(layout, tables.target, tables.shadows, options)
+        write_dataset_inference(folder, result)
+        report.dataset_inference = result.to_dict()
+        log_results(logger, audit_results(result, folder))
     write_report(folder, report)
     log_results(logger, report_results(report, folder))
     return AttackOutcome(report, folder, layout)

@@ -5,16 +5,21 @@
     python attack.py --ckpt ... --attack.setting partial --attack.known_fraction 0.5
     python attack.py --ckpt ... --query.captions captioner --query.captioner runs/demo/captioner
     python attack.py --ckpt ... --query.signal_options.secmi_t 150 --devices.devices 2
+    python attack.py --ckpt ... --signal-preset reference-sd     # the authors' SD settings
+    python attack.py --ckpt ... --controls                       # fixed and swapped captions
+    python attack.py --ckpt ... --dataset-inference --group-by user --audit.alpha 0.05
     python attack.py --config configs/attack/default.yaml --ckpt ...
     python attack.py --external.pipeline /models/sd-v1-5 --external.lora my_lora/ \
         --external.members members.jsonl --external.non_members non.jsonl --experiment runs/audit
 
-The top-level fields name the target (`ckpt`, `experiment`) and the terminal (`progress`,
+The top-level fields name the target (`ckpt`, `experiment`), what is reported beside the
+per-sample attacks (`controls`, `dataset_inference`, `group_by`) and the terminal (`progress`,
 `verbose`); the groups are what the attack stage does (`attack`), what each query is (`query`,
-the `QuerySpec` every model is queried with), where queries run (`devices`) and a model trained
-elsewhere (`external`). jsonargparse builds the parser from these dataclasses, so a YAML config
-holds the same nested keys. List options also take bare words (`--attack.attacks pixel
-semantic`, `--query.signals all`) and flags stand alone (`--verbose`).
+the `QuerySpec` every model is queried with), where queries run (`devices`), how the set-level
+audit tests (`audit`) and a model trained elsewhere (`external`). jsonargparse builds the
+parser from these dataclasses, so a YAML config holds the same nested keys. List options also
+take bare words (`--attack.attacks pixel semantic`, `--query.signals all`), flags stand alone
+(`--verbose`) and `--signal-preset NAME` is `--query.signal_preset NAME`.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lightning_mia.query.run import Devices
+from lightning_mia.setlevel import AuditOptions
 from lightning_mia.specs.attacks import AttackError
 from lightning_mia.specs.query import QuerySpec
 from lightning_mia.terminal import argument_parser, normalized_argv
@@ -34,6 +40,7 @@ from lightning_mia.terminal import argument_parser, normalized_argv
 Setting = Literal["shadow", "partial"]
 SETTINGS = ("shadow", "partial")
 PAPER = "paper"  # in `attacks`: Wu et al.'s four (`specs.attacks.paper_attacks`)
+ALIASES = {"signal_preset": "query.signal_preset"}  # `--signal-preset reference-sd`
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,15 @@ class AttackOptions:
             target query, else all of the family's).
         devices: where the queries run.
         external: a model trained elsewhere (instead of `ckpt`).
+        controls: also query the target with one fixed caption for every sample and with
+            captions swapped among the samples, and report how much of each attack's AUC
+            survives them (the attacks trained on the shadows, scored on those queries).
+        dataset_inference: the set-level audit: was the suspect set (the target's members)
+            used, against the reference set (its non-members)? A p-value, the smallest set
+            size it needs, and a shift guard (`lightning_mia.setlevel`).
+        group_by: a column of the data source (user, artist...): one audit per group, with
+            Benjamini-Hochberg over the groups.
+        audit: how the set-level audit tests (level, aggregation, test, curve).
         progress: show progress bars.
         verbose: show every message of Lightning, W&B and the model libraries.
     """
@@ -126,6 +142,10 @@ class AttackOptions:
     query: QuerySpec = field(default_factory=lambda: QuerySpec(signals=("auto",)))
     devices: Devices = field(default_factory=Devices)
     external: ExternalTarget = field(default_factory=ExternalTarget)
+    controls: bool = False
+    dataset_inference: bool = False
+    group_by: str = ""
+    audit: AuditOptions = field(default_factory=AuditOptions)
     progress: bool = True
     verbose: bool = False
 
@@ -172,7 +192,7 @@ def attack_parser() -> Any:
 def parse_attack_options(argv: Sequence[str]) -> AttackOptions:
     """`AttackOptions` of an `attack.py` command line (bare-word lists and lone flags too)."""
     parser = attack_parser()
-    args = normalized_argv(argv, list_keys(AttackOptions), flag_keys(AttackOptions))
+    args = normalized_argv(argv, list_keys(AttackOptions), flag_keys(AttackOptions), ALIASES)
     config = parser.parse_args(args)
     values = parser.instantiate(config)
     return AttackOptions(**{f.name: values[f.name] for f in dataclasses.fields(AttackOptions)})

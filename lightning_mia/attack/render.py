@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+from lightning_mia.attack.controls import control_header, control_rows
 from lightning_mia.attack.examples import EXAMPLES_PNG, examples_png
 from lightning_mia.attack.report import (
     BACKWARDS,
@@ -29,6 +30,7 @@ from lightning_mia.attack.roc import render_roc_png
 from lightning_mia.attack.scores import SCORES_CSV, render_scores_csv
 from lightning_mia.metrics import METRIC_NAMES
 from lightning_mia.paths import atomic_write_bytes
+from lightning_mia.setlevel import DatasetInferenceResult, markdown_section, terminal_lines
 
 METRIC_LABELS = {
     "accuracy": "accuracy",
@@ -44,6 +46,12 @@ REALISED_NOTE = (
 )
 
 __all__ = ["format_table", "render_markdown", "render_roc_png", "write_report"]
+
+CONTROLS_NOTE = (
+    "The attacks as trained on the shadows, scored on the target queried with one fixed caption "
+    "for every sample and with captions swapped among the samples; kept = (AUC with the control "
+    "- 0.5) / (AUC - 0.5): how much of an attack's lift over chance needs the true caption."
+)
 
 
 def label(kind: str, result: AttackResult) -> str:
@@ -78,16 +86,27 @@ def flag_lines(report: AttackReport) -> list[str]:
     return [f"! {r.name}: {flag}" for _, r in report.results() for flag in r.flags]
 
 
-def format_table(report: AttackReport) -> str:
-    """The attack x metric table as aligned plain text, for the terminal."""
-    header = _header(report)
-    rows = [header, *_rows(report)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+def aligned(rows: list[list[str]]) -> list[str]:
+    """A header row and its rows as aligned plain-text lines, a rule under the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def format_table(report: AttackReport) -> str:
+    """The attack x metric table as aligned plain text, for the terminal; then the controls
+    and the set-level audit when the run has them."""
+    lines = aligned([_header(report), *_rows(report)])
     title = f"{report.setting} setting, {report.family}, {report.num_shadows} shadow model(s)"
     title += f", {caption_mode(report)}"
-    return "\n".join([title, *lines, *flag_lines(report)])
+    extra = []
+    if report.controls:
+        extra += ["controls: AUC with other captions, and the share of the lift kept"]
+        extra += aligned([control_header(report), *control_rows(report)])
+    if report.dataset_inference:
+        extra += terminal_lines(DatasetInferenceResult.from_dict(report.dataset_inference))
+    return "\n".join([title, *lines, *flag_lines(report), *extra])
 
 
 def caption_mode(report: AttackReport) -> str:
@@ -129,6 +148,15 @@ def format_comparison(reports: list[AttackReport], metrics: tuple = ("auc", "tpr
     return "\n".join([title, *lines])
 
 
+def controls_markdown(report: AttackReport) -> list[str]:
+    """The controls section: each row's AUC with one fixed caption and with swapped captions,
+    and the share of its lift over chance each keeps (`attack.controls`)."""
+    header = control_header(report)
+    lines = ["## Controls", "", CONTROLS_NOTE, ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in control_rows(report)]
+
+
 def render_markdown(report: AttackReport, examples: bool = False) -> str:
     """report.md: the run's facts, the attack x metric table ("n/r" = not resolvable), notes."""
     t = report.target
@@ -151,6 +179,11 @@ def render_markdown(report: AttackReport, examples: bool = False) -> str:
     table += ["", REALISED_NOTE]
     notes = [f"- {n}" for n in report.notes]
     scores = f"Per-sample scores: [{SCORES_CSV}]({SCORES_CSV})."
+    if report.controls:
+        table += ["", *controls_markdown(report)]
+    if report.dataset_inference:
+        audit = DatasetInferenceResult.from_dict(report.dataset_inference)
+        table += ["", markdown_section(audit).rstrip()]
     parts = ["# Membership inference report", "", *facts, "", *table, "", "![ROC](roc.png)"]
     parts += ["", f"![examples]({EXAMPLES_PNG})"] if examples else []
     parts += ["", scores]

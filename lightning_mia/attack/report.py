@@ -12,6 +12,10 @@ report.json (keys sorted; `null` where unknown)::
       "splits_hash": "ab12...",
       "captions": "ground-truth" | "captioner" | "fixed-caption" | "swapped-caption",  # what
                                       # every query (and gray-box signal) read
+      "query": {"num_images": 4, "seed": 0, "captions": ..., "signals": [...],
+                "signal_options": {...}, ...},          # the QuerySpec of every query
+      "controls": {} | {"fixed-caption": {"<row>": 0.61, ...}, "swapped-caption": {...}},
+      "dataset_inference": {} | {...},       # the set-level audit (dataset_inference.json)
       "captioner": {} | {"folder": "/abs/runs/demo/captioner", "train_steps": 2000,
                          "quality": {"bleu": 0.7, "shapes_colours": 0.8, ...}},  # folder
                                       # alone for a pretrained one
@@ -310,6 +314,11 @@ class AttackReport:
     test_samples: dict[str, int] = field(default_factory=dict)
     captions: str = "ground-truth"  # the query's caption mode (`specs.query.CAPTION_MODES`)
     captioner: dict[str, Any] = field(default_factory=dict)  # its folder, training, quality
+    query: dict[str, Any] = field(default_factory=dict)  # the QuerySpec every model was queried
+    # with (portable: folders relative to the experiment)
+    controls: dict[str, dict[str, float | None]] = field(default_factory=dict)  # control mode
+    # -> row -> AUC of the attacks trained on the shadows, scored on the target's control query
+    dataset_inference: dict[str, Any] = field(default_factory=dict)  # the set-level audit
     notes: list[str] = field(default_factory=list)
     created: str = field(
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat()
@@ -339,6 +348,9 @@ class AttackReport:
             "test_samples": dict(self.test_samples),
             "captions": self.captions,
             "captioner": dict(self.captioner),
+            "query": dict(self.query),
+            "controls": {m: dict(aucs) for m, aucs in self.controls.items()},
+            "dataset_inference": dict(self.dataset_inference),
             "accuracy_is_balanced": self.accuracy_is_balanced,
             "attacks": {n: r.to_dict() for n, r in self.attacks.items()},
             "baselines": {n: r.to_dict() for n, r in self.baselines.items()},

@@ -129,6 +129,9 @@ def _threshold_baseline(
     )
 
 
+CAPTION_FEATURES = ("blind/txt_emb_", "blind/caption_")  # the caption's, not the image's
+
+
 def _blind(
     target: QueryTable,
     folder: Any,
@@ -137,11 +140,17 @@ def _blind(
     seed: int,
     n_boot: int,
     fit: FitOptions,
+    caption_only: bool = False,
 ) -> AttackResult:
-    """The blind baseline, cross-validated on the target's own rows (`attack.blind`)."""
+    """The blind baseline, cross-validated on the target's own rows (`attack.blind`); with
+    `caption_only` on the caption's features alone (`blind-caption`: how far the captions by
+    themselves tell members from non-members, a control for caption-conditioned attacks)."""
     spec = baseline_attack()
     rows = Rows.stack([target])
     names, _ = rows.check(spec.groups)
+    if caption_only:
+        names = [n for n in names if n.startswith(CAPTION_FEATURES)]
+        spec = AttackSpec(f"{spec.name}-caption", spec.groups, spec.access)
     cv = blind_diagnostic(rows, names, folder / spec.name, setting, seed, fit)
     return AttackResult.from_scores(
         spec,
@@ -264,6 +273,10 @@ def run_attacks(
             target, experiment.attack, setting, costs, seed, n_boot, fit
         ),
     }
+    if any(n.startswith(CAPTION_FEATURES) for n in target.features):
+        baselines["blind-caption"] = _blind(
+            target, experiment.attack, setting, costs, seed, n_boot, fit, caption_only=True
+        )
     notes += flag_backwards([*results.values(), *baselines.values()])
     labels = plan.test.is_member
     return AttackReport(

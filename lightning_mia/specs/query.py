@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning_mia.errors import UserError
-from lightning_mia.specs.signals import SignalOptions
+from lightning_mia.specs.signals import SignalOptions, signal_preset
 
 CaptionMode = Literal["ground-truth", "captioner", "fixed-caption", "swapped-caption"]
 CAPTION_MODES: tuple[str, ...] = ("ground-truth", "captioner", "fixed-caption", "swapped-caption")
@@ -59,6 +59,8 @@ class QuerySpec:
         signals: gray-box signals computed beside the features (`all`: every signal of the
             model's family; the attack command also takes `auto`).
         signal_options: options of the gray-box signals.
+        signal_preset: a named set of signal options (`specs.signals.SIGNAL_PRESETS`, e.g.
+            reference-sd: the authors' Stable Diffusion settings); it replaces `signal_options`.
     """
 
     num_images: int = 4
@@ -70,8 +72,11 @@ class QuerySpec:
     feature_groups: tuple[str, ...] | None = None
     signals: tuple[str, ...] = ()
     signal_options: SignalOptions = field(default_factory=SignalOptions)
+    signal_preset: str = ""
 
     def __post_init__(self) -> None:
+        if self.signal_preset:  # UnknownNameError (a UserError) lists the known presets
+            object.__setattr__(self, "signal_options", signal_preset(self.signal_preset))
         if self.captioner and self.captions == "ground-truth":  # a captioner names the mode
             object.__setattr__(self, "captions", "captioner")
         problems = self.problems()
