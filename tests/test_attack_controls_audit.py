@@ -1,0 +1,113 @@
+"""What the attack command reports beside the per-sample attacks, on synthetic query tables:
+the controls (fixed and swapped captions), the set-level audit, and the report files and
+terminal table that carry them."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from test_attack_runner import FAST, _write_table
+
+from lightning_mia.attack.audit import check_audit
+from lightning_mia.attack.controls import control_aucs, control_specs, survival
+from lightning_mia.attack.options import AttackOptions
+from lightning_mia.attack.render import REPORT_JSON, REPORT_MD, format_table, write_report
+from lightning_mia.attack.report import read_report
+from lightning_mia.attack.runner import run_attacks
+from lightning_mia.data import ShapesSource, ensure_splits
+from lightning_mia.errors import UserError
+from lightning_mia.paths import ExperimentLayout
+from lightning_mia.query.shards import QueryTable
+from lightning_mia.setlevel import AuditOptions, DatasetInferenceResult, audit_tables
+from lightning_mia.specs.query import QuerySpec
+
+
+def _scrambled(table: QueryTable, seed: int) -> QueryTable:
+    """The same samples with every non-blind feature permuted among them: what an attack sees
+    when the caption no longer belongs to the image and it needed the pair."""
+    perm = torch.randperm(len(table), generator=torch.Generator().manual_seed(seed))
+    features = {k: (v if k.startswith("blind/") else v[perm]) for k, v in table.features.items()}
+    return replace(table, features=features)
+
+
+@pytest.fixture
+def world(tmp_path):
+    layout = ExperimentLayout(tmp_path / "exp")
+    return layout, _write_table(layout, 0), [_write_table(layout, 1), _write_table(layout, 2)]
+
+
+def test_control_specs_change_only_the_captions():
+    query = QuerySpec(num_images=2, signals=("loss",), captioner="", seed=3)
+    specs = control_specs(query)
+    assert set(specs) == {"fixed-caption", "swapped-caption"}
+    for mode, spec in specs.items():
+        assert spec.captions == mode and spec.with_updates(captions="ground-truth") == query
+        assert spec.tag == f"@{mode}"
+
+
+def test_controls_score_the_trained_attacks_on_the_control_queries(world):
+    layout, target, shadows = world
+
+    def attack_on(table):
+        return run_attacks(layout, table, shadows, ["pixel"], **FAST)
+
+    written = {}
+    main = attack_on(target)
+    kept_target = replace(
+        target,
+        record=replace(target.record, spec=control_specs(target.record.spec)["fixed-caption"]),
+    )
+    controls = {"fixed-caption": kept_target, "swapped-caption": _scrambled(target, 1)}
+    aucs = control_aucs(attack_on, controls, target.record.spec, written.__setitem__)
+    assert set(written) == set(controls) and written["swapped-caption"].captions == (
+        "swapped-caption"
+    )
+    full = main.attacks["pixel"].metrics["auc"].value
+    assert full > 0.9
+    # the same features: the whole lift survives; scrambled pairs: none of it
+    assert aucs["fixed-caption"]["pixel"] == pytest.approx(full, abs=1e-6)
+    assert abs(survival(full, aucs["swapped-caption"]["pixel"])) < 0.35
+    assert survival(None, 0.7) is None and survival(0.5, 0.7) is None
+
+
+def test_report_files_and_table_carry_controls_and_the_audit(world):
+    layout, target, shadows = world
+    report = run_attacks(layout, target, shadows, ["pixel"], **FAST)
+    report.controls = {"fixed-caption": {"pixel": 0.6}, "swapped-caption": {"pixel": 0.5}}
+    result = audit_tables(target, shadows, options=AuditOptions(subset_repeats=5))
+    report.dataset_inference = result.to_dict()
+    folder = layout.attack
+    write_report(folder, report)
+    again = read_report(folder)
+    assert again.controls == report.controls
+    assert again.dataset_inference == json.loads(json.dumps(result.to_dict()))
+    assert DatasetInferenceResult.from_dict(again.dataset_inference).decision == result.decision
+    markdown = (folder / REPORT_MD).read_text()
+    assert "## Controls" in markdown and "kept" in markdown
+    assert "fixed-caption" in (folder / REPORT_JSON).read_text()
+    lines = format_table(report).splitlines()
+    start = lines.index("controls: AUC with other captions, and the share of the lift kept")
+    control = lines[start + 1 : start + 2 + len(report.attacks) + len(report.baselines)]
+    assert control[0].split()[:3] == ["row", "AUC", "AUC"]
+    assert any(ln.split()[0] == "pixel" and "20%" in ln for ln in control)  # 0.6 of 1.0: 20%
+    assert any("dataset inference" in ln.lower() for ln in lines[start:])
+
+
+def test_a_missing_group_column_is_refused_before_any_query(tmp_path):
+    layout = ExperimentLayout(tmp_path / "exp")
+    ensure_splits(
+        layout,
+        ShapesSource(num_samples=60, resolution=8),
+        num_shadows=1,
+        target_size=20,
+        aux_size=20,
+        shadow_size=20,
+    )
+    options = AttackOptions(dataset_inference=True, group_by="artist")
+    with pytest.raises(UserError, match="no per-sample column 'artist'"):
+        check_audit(layout, options)
+    with pytest.raises(UserError, match="--group-by needs --dataset-inference"):
+        check_audit(layout, AttackOptions(group_by="artist"))
+    with pytest.raises(UserError, match="alpha must lie strictly between 0 and 1"):
+        check_audit(layout, AttackOptions(dataset_inference=True, audit=AuditOptions(alpha=2)))
