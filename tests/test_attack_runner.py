@@ -69,7 +69,7 @@ def test_shadow_setting_end_to_end(world):
     context = AttackContext(**{**context.__dict__, "seeds": {"query": 3, "attack": 0}})
     report = run_attacks(layout, target, shadows, ["pixel", "combined"], context=context, **FAST)
     assert set(report.attacks) == {"pixel", "combined"}
-    assert set(report.baselines) == {"threshold", "blind"}
+    assert set(report.baselines) == {"threshold", "blind", "blind-caption"}
     assert report.attacks["pixel"].metrics["auc"].value > 0.9
     assert report.baselines["threshold"].details["feature"].startswith("pixel/")
     assert (layout.attack / "pixel" / "shadow.ckpt").is_file()

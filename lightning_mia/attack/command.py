@@ -203,13 +203,21 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
     main_spec = tables.target.record.spec
     report.controls = control_aucs(attack_on, tables.controls, main_spec, write_control)
     if options.dataset_inference:
-        result = run_audit(layout, tables.target, tables.shadows, options)
-        write_dataset_inference(folder, result)
-        report.dataset_inference = result.to_dict()
-        log_results(logger, audit_results(result, folder))
+        report.dataset_inference = dataset_inference(options, layout, tables, folder, logger)
     write_report(folder, report)
     log_results(logger, report_results(report, folder))
     return AttackOutcome(report, folder, layout)
+
+
+def dataset_inference(
+    options: AttackOptions, layout: ExperimentLayout, tables: Any, folder: Path, logger: Logger
+) -> dict:
+    """The set-level audit of the target's members (its JSON, figure and W&B rows written),
+    as the report records it."""
+    result = run_audit(layout, tables.target, tables.shadows, options)
+    write_dataset_inference(folder, result)
+    log_results(logger, audit_results(result, folder))
+    return result.to_dict()
 
 
 def relaunches_command(devices: Devices) -> bool:

@@ -25,7 +25,7 @@ REQUIRED_KEYS = ("pixel_values", "caption", "sample_id")
 
 def signals_for(family: str) -> list[str]:
     """Names of the signals a family supports."""
-    return [n for n, s in SIGNALS.items() if s.family == family]
+    return sorted(n for n, s in SIGNALS.items() if s.family == family)
 
 
 def signal_queries(names: Sequence[str], options: SignalOptions = SignalOptions()) -> dict:

@@ -75,6 +75,8 @@ class QuerySpec:
     signal_preset: str = ""
 
     def __post_init__(self) -> None:
+        # one order, whatever order a registry or a user named them in (compared with ==)
+        object.__setattr__(self, "signals", tuple(sorted(set(self.signals))))
         if self.signal_preset:  # UnknownNameError (a UserError) lists the known presets
             object.__setattr__(self, "signal_options", signal_preset(self.signal_preset))
         if self.captioner and self.captions == "ground-truth":  # a captioner names the mode
