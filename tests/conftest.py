@@ -21,6 +21,18 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One torch thread for every test: the models are tiny, and on a shared 2-core machine two
+    threads thrash (about 10x slower). Processes the tests start set OMP_NUM_THREADS=1."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _private_caches(tmp_path, monkeypatch):
     """Keep the file-digest cache inside each test's tmp_path."""
