@@ -9,6 +9,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+SESSION_EXPERIMENTS = {"diffusion_experiment", "seq2seq_experiment", "captioner_experiment"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(items):
+    """A test that needs a session experiment (trained through the command lines) is slow,
+    marked or not."""
+    for item in items:
+        if SESSION_EXPERIMENTS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One torch thread for every test: the models are tiny, and on a shared 2-core machine two
+    threads thrash (about 10x slower). Processes the tests start set OMP_NUM_THREADS=1."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 @pytest.fixture(autouse=True)
 def _private_caches(tmp_path, monkeypatch):
@@ -72,6 +95,31 @@ def trained_autoencoder(tmp_path_factory):
     ).fit(module, loader)  # on_fit_end writes root / "trained"
     torch.set_num_threads(threads)
     return root / "trained"
+
+
+@pytest.fixture(scope="session")
+def diffusion_experiment(tmp_path_factory):
+    """The slow tier's diffusion experiment (tests/tiny_experiment.py), read-only: copy it
+    (`copy_experiment`) to change it."""
+    from tiny_experiment import build_diffusion
+
+    return build_diffusion(tmp_path_factory.mktemp("diffusion-experiment"))
+
+
+@pytest.fixture(scope="session")
+def seq2seq_experiment(tmp_path_factory):
+    """The slow tier's seq2seq experiment (trained, not queried), read-only."""
+    from tiny_experiment import build_seq2seq
+
+    return build_seq2seq(tmp_path_factory.mktemp("seq2seq-experiment"))
+
+
+@pytest.fixture(scope="session")
+def captioner_experiment(diffusion_experiment, tmp_path_factory):
+    """A copy of the diffusion experiment with the attacker's captioner trained, read-only."""
+    from tiny_experiment import build_captioner
+
+    return build_captioner(diffusion_experiment, tmp_path_factory.mktemp("captioner-experiment"))
 
 
 @pytest.fixture(scope="module")

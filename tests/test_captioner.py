@@ -2,11 +2,11 @@
 loads like a pretrained one; quality scores are right on fixed inputs; bad input fails clearly."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from tiny_blip import tiny_blip_folder
+from tiny_experiment import CAPTIONER_STEPS, NUM_SAMPLES, RESOLUTION, captioner_args
 
 from lightning_mia.cli import train_main
 from lightning_mia.data.shapes import ShapesSource
@@ -19,29 +19,16 @@ from lightning_mia.features.caption_quality import (
 from lightning_mia.models.captioner import Captioner, CaptionerError, check_captioner_card
 from lightning_mia.models.captioner_train import held_out_mask
 
-ROOT = Path(__file__).resolve().parents[1]
-STEPS = 48  # 6 epochs of the 256-sample pool at batch 32: fluent, not yet accurate
-DATA = [  # a small experiment: 64-sample target pool, 64 auxiliary, 256-sample public pool
-    "--data.source.init_args.num_samples=384",
-    "--data.target_size=64",
-    "--data.aux_size=64",
-    "--data.shadow_size=32",
-    "--data.public_size=256",
-    "--data.batch_size=32",
-    "--trainer.accelerator=cpu",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
+SOURCE = ShapesSource(num_samples=NUM_SAMPLES, resolution=RESOLUTION)  # the experiment's
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, one_thread):
-    """configs/captioner/tiny.yaml through the command line, for STEPS steps (~10 s)."""
-    exp = tmp_path_factory.mktemp("captioner") / "exp"
-    config = str(ROOT / "configs" / "captioner" / "tiny.yaml")
-    args = ["fit", "--config", config, f"--data.experiment={exp}", *DATA]
-    cli = train_main([*args, f"--trainer.max_steps={STEPS}", "--model.init_args.warmup_steps=8"])
-    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+def trained(captioner_experiment):
+    """configs/captioner/tiny.yaml through the command line, CAPTIONER_STEPS steps at batch 32
+    on the session experiment's 256-sample public pool (tests/tiny_experiment.py)."""
+    exp = captioner_experiment.root
+    args = [a for a in captioner_args(exp) if not a.startswith("--trainer.max_steps")]
+    metrics = captioner_experiment.metrics
     return {"exp": exp, "folder": exp / "captioner", "metrics": metrics, "args": args}
 
 
@@ -50,10 +37,10 @@ def test_trained_captioner_folder_loads_and_captions(trained):
     splits = load_splits(exp / "splits.json")
     card = check_captioner_card(folder, splits.hash)  # trained on this experiment: accepted
     assert card.family == "captioner" and card.train_split == "public"
-    assert card.experiment == str(exp) and card.train_steps == STEPS
+    assert card.experiment == str(exp) and card.train_steps == CAPTIONER_STEPS
     for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
         assert (folder / name).is_file(), name
-    source = ShapesSource(num_samples=384, resolution=32)
+    source = SOURCE
     images = torch.stack([source.image(i) for i in splits.target_pool[:8]])  # (8, 3, 32, 32)
     captions = Captioner(str(folder)).caption(images)
     assert len(captions) == 8 and all(isinstance(c, str) and c.strip() for c in captions)
@@ -70,7 +57,7 @@ def test_held_out_quality_is_logged_and_recorded(trained):
     pool = torch.tensor(list(splits.public_pool))
     held = pool[held_out_mask(pool, 0.1, 0)].tolist()  # the config's fraction and seed
     assert 10 <= len(held) <= 45  # ~10% of 256
-    source = ShapesSource(num_samples=384, resolution=32)
+    source = SOURCE
     images = torch.stack([source.image(i) for i in sorted(held)])
     quality = CaptionQuality()
     quality.update(Captioner(str(folder)).caption(images), [source.caption(i) for i in held])

@@ -1,7 +1,8 @@
 """The image-only attacker end to end, at tiny size: a captioner trained on the experiment's
-public pool, then the experiment runner with `captioner:` and both caption modes (ground-truth
-and captioner), then `attack.py --captioner` with a saved random-init BLIP folder; and every
-bad captioner refused by the real command line in one line, with nothing written."""
+public pool (the session's, tests/tiny_experiment.py), then the experiment runner with
+`captioner:` and both caption modes (ground-truth and captioner) on a copy, then
+`attack.py --captioner` with a saved random-init BLIP folder; and every bad captioner refused
+by the real command line in one line, with nothing written."""
 
 import json
 import shutil
@@ -11,6 +12,15 @@ import pytest
 import torch
 import yaml
 from tiny_blip import tiny_blip_folder
+from tiny_experiment import (
+    CAPTIONER,
+    CAPTIONER_STEPS,
+    NUM_SAMPLES,
+    RESOLUTION,
+    copy_experiment,
+    experiment_config,
+    fit_args,
+)
 
 from lightning_mia.cli import attack_main, train_main
 from lightning_mia.data.shapes import ShapesSource
@@ -18,87 +28,41 @@ from lightning_mia.experiment import experiment_main
 from lightning_mia.graybox import compute_signals
 from lightning_mia.models.captioner import Captioner
 from lightning_mia.models.registry import load_family_module
-from lightning_mia.paths import ExperimentLayout
 from lightning_mia.query.shards import load_query_table, read_complete
 from lightning_mia.query.writer import read_examples
 
-ROOT = Path(__file__).resolve().parents[1]
-CAPTIONER = str(ROOT / "configs/captioner/tiny.yaml")
-SOURCE = dict(num_samples=320, resolution=32, seed=0)
-DATA = [  # 8 + 8 per model, a 256-sample public pool the captioner learns the grammar on
-    f"--data.source.init_args.num_samples={SOURCE['num_samples']}",
-    "--data.target_size=16",
-    "--data.member_fraction=0.5",
-    "--data.aux_size=32",
-    "--data.shadow_size=16",
-    "--data.public_size=256",
-    "--data.num_shadows=1",
-    "--data.batch_size=32",
-]
-TRAINER = [
-    "--trainer.accelerator=cpu",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--trainer.logger=false",
-]
+SOURCE = dict(num_samples=NUM_SAMPLES, resolution=RESOLUTION, seed=0)
 TARGET = "diffusion-target-000"
 
 
-def _config(tmp, exp):
-    config = {
-        "experiment": str(exp),
-        "family": "diffusion",
-        "num_shadows": 1,
-        "captions": ["ground-truth", "captioner"],
-        "stages": {
-            "autoencoder": str(ROOT / "configs/autoencoder/tiny-kl.yaml"),
-            "encoder": str(ROOT / "configs/encoder/tiny.yaml"),
-            "captioner": CAPTIONER,
-            "model": str(ROOT / "configs/diffusion/tiny.yaml"),
-            "data_args": DATA,
-            "trainer_args": [*TRAINER, "--trainer.max_steps=4"],
-            "model_args": ["--model.init_args.num_inference_steps=2"],
-        },
-        "query": {
-            "num_images": 1,
-        },
-        "attack": {
-            "attacks": ["pixel", "loss"],
-        },
-    }
+def _config(tmp: Path, exp: Path, base: Path) -> Path:
+    """The session experiment's config with the captioner stage and both caption modes."""
+    config = yaml.safe_load(base.read_text())
+    config["stages"]["captioner"] = CAPTIONER
+    config.update(experiment=str(exp), captions=["ground-truth", "captioner"])
     path = tmp / "captioner-experiment.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, one_thread):
-    """The captioner stage first (48 steps: it writes the shapes grammar), then the experiment
-    (which finds it done) with both caption modes; the terminal output kept."""
+def finished(captioner_experiment, tmp_path_factory):
+    """A copy of the session experiment with its captioner (48 steps: it writes the shapes
+    grammar), then the experiment command (which finds every stage and the ground-truth
+    queries done) with both caption modes; the terminal output kept."""
     tmp = tmp_path_factory.mktemp("image-only")
-    exp = tmp / "exp"
-    train_main(
-        [
-            "fit",
-            "--config",
-            CAPTIONER,
-            f"--data.experiment={exp}",
-            *DATA,
-            *TRAINER,
-            "--trainer.max_steps=48",
-            "--model.init_args.warmup_steps=8",
-        ]
-    )
+    copy = copy_experiment(captioner_experiment, tmp)
     capture = pytest.MonkeyPatch()
     lines: list[str] = []
     capture.setattr("lightning_mia.experiment.say", lines.append)
     try:
-        outcomes = experiment_main([str(_config(tmp, exp))])
+        outcomes = experiment_main([str(_config(tmp, copy.root, copy.config))])
     finally:
         capture.undo()
-    return tmp, ExperimentLayout(exp), outcomes, "\n".join(lines)
+    return tmp, copy.layout, outcomes, "\n".join(lines)
 
 
+@pytest.mark.slow
 def test_both_caption_modes_are_reported_side_by_side(finished):
     _, layout, outcomes, said = finished
     truth, captioned = (o.report for o in outcomes)
@@ -108,17 +72,22 @@ def test_both_caption_modes_are_reported_side_by_side(finished):
     doc = json.loads((outcomes[1].folder / "report.json").read_text())
     assert doc["captions"] == "captioner"
     assert doc["captioner"]["folder"] == str(layout.captioner.resolve())
-    assert doc["captioner"]["train_steps"] == 48 and "bleu" in doc["captioner"]["quality"]
+    assert (
+        doc["captioner"]["train_steps"] == CAPTIONER_STEPS and "bleu" in doc["captioner"]["quality"]
+    )
     assert json.loads((layout.attack / "report.json").read_text())["captions"] == "ground-truth"
     assert (
-        "query captions: captioner captions (captioner, 48 steps"
+        f"query captions: captioner captions (captioner, {CAPTIONER_STEPS} steps"
         in (outcomes[1].folder / "report.md").read_text()
     )
-    assert "ground-truth captions vs captioner captions (captioner, 48 steps" in said
+    assert (
+        f"ground-truth captions vs captioner captions (captioner, {CAPTIONER_STEPS} steps" in said
+    )
     rows = {"pixel", "loss-mlp", "loss-t100"}
     assert rows <= set(truth.attacks) and rows <= set(captioned.attacks)
 
 
+@pytest.mark.slow
 def test_every_signal_reads_the_captioners_captions(finished):
     """The captioner queries (own folder, beside the ground-truth ones) hold the captioner's
     captions of the images, and the gray-box loss is that of those captions."""
@@ -144,9 +113,16 @@ def test_every_signal_reads_the_captioners_captions(finished):
         assert not torch.allclose(truth.features[name][rows], values.float())
 
 
-def test_a_saved_random_init_blip_folder_attacks_through_the_same_path(finished, capsys):
-    tmp, layout, _, _ = finished
-    blip = tiny_blip_folder(tmp / "blip-random")
+@pytest.mark.slow
+def test_a_saved_random_init_blip_folder_attacks_through_the_same_path(
+    captioner_experiment, tmp_path, capsys
+):
+    # a copy with one shadow and no calibration queries: two queries (random BLIP weights
+    # caption slowly: every caption runs to its longest)
+    runs = ("diffusion-target-000", "diffusion-shadow-001")
+    keep = ("splits.json", "autoencoder", "encoder", *runs)
+    layout = copy_experiment(captioner_experiment, tmp_path, keep).layout
+    blip = tiny_blip_folder(tmp_path / "blip-random")
     assert (blip / "processor_config.json").is_file()  # BlipProcessor.save_pretrained's
     report = attack_main(
         [
@@ -158,6 +134,7 @@ def test_a_saved_random_init_blip_folder_attacks_through_the_same_path(finished,
             "pixel",
             "--query.num_images",
             "1",
+            "--attack.calibrate=false",
             "--progress=false",
         ]
     )
@@ -180,18 +157,7 @@ def _card_edited(layout, tmp, name, **changes):
 def _other_experiments_captioner(layout, tmp):
     """A captioner really trained (2 steps) on another experiment's pools."""
     other = tmp / "other"
-    train_main(
-        [
-            "fit",
-            "--config",
-            CAPTIONER,
-            f"--data.experiment={other}",
-            *DATA,
-            *TRAINER,
-            "--data.seed=1",
-            "--trainer.max_steps=2",
-        ]
-    )
+    train_main(fit_args(other, CAPTIONER, "--data.seed=1", "--trainer.max_steps=2"))
     return other / "captioner"
 
 
@@ -210,6 +176,7 @@ BAD_CAPTIONERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_CAPTIONERS, ids=list(BAD_CAPTIONERS))
 def test_bad_captioners_are_refused_in_one_line(case, finished, tmp_path, capsys):
     _, layout, _, _ = finished
@@ -246,8 +213,7 @@ def test_bad_captioners_are_refused_in_one_line(case, finished, tmp_path, capsys
     ids=["captioner mode without a captioner", "unknown caption mode"],
 )
 def test_experiment_caption_modes_are_checked_first(extra, needle, tmp_path, capsys):
-    config = yaml.safe_load(_config(tmp_path, tmp_path / "exp").read_text())
-    del config["stages"]["captioner"], config["captions"]
+    config = experiment_config(tmp_path / "exp")  # no captioner stage
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit) as err:

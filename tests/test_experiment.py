@@ -1,5 +1,6 @@
 """`python -m lightning_mia.experiment`: every stage in order, skipped when done, resumed when
-interrupted, and one stage in its own process (`isolate`), on a tiny experiment."""
+interrupted, and one stage in its own process (`isolate`), on the session's tiny experiment
+(tests/tiny_experiment.py: made by this command) and copies of it."""
 
 import json
 import logging
@@ -8,50 +9,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_data import DATA
+from tiny_experiment import DATA, STEPS, TRAINER, copy_experiment
 
 from lightning_mia.experiment import experiment_main, fit_stage
 from lightning_mia.paths import ExperimentLayout, done_marker, last_checkpoint
 from lightning_mia.stages import StageError, fit_arguments, run_fit_processes
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINER = [
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--trainer.logger=false",
-]
 
-
-def _config(tmp_path, steps):
-    config = {
-        "experiment": str(tmp_path / "exp"),
-        "family": "diffusion",
-        "num_shadows": 1,
-        "stages": {
-            "autoencoder": str(ROOT / "configs/autoencoder/tiny-kl.yaml"),
-            "encoder": str(ROOT / "configs/encoder/tiny.yaml"),
-            "model": str(ROOT / "configs/diffusion/tiny.yaml"),
-            "data_args": DATA,
-            "trainer_args": [*TRAINER, f"--trainer.max_steps={steps}"],
-            "model_args": ["--model.init_args.num_inference_steps=2"],
-        },
-        "query": {
-            "num_images": 1,
-        },
-        "attack": {
-            "attacks": ["pixel"],
-        },
-    }
-    path = tmp_path / f"tiny-{steps}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("experiment")
-    outcomes = experiment_main([str(_config(tmp, steps=4))])
-    return tmp, outcomes
+pytestmark = pytest.mark.slow  # trains through the command lines
 
 
 def _stages(layout):
@@ -60,18 +26,28 @@ def _stages(layout):
         layout.encoder,
         layout.run_dir("diffusion", 0),
         layout.run_dir("diffusion", 1),
+        layout.run_dir("diffusion", 2),
     ]
 
 
-def test_every_stage_runs_in_order_and_reports(finished):
-    tmp, outcomes = finished
-    layout = ExperimentLayout(tmp / "exp")
+def _with_steps(config: Path, steps: int) -> Path:
+    """The experiment config with every stage trained for `steps` (a resumed stage goes on)."""
+    doc = yaml.safe_load(config.read_text())
+    args = doc["stages"]["trainer_args"]
+    doc["stages"]["trainer_args"] = [*args[:-1], f"--trainer.max_steps={steps}"]
+    path = config.with_name(f"steps-{steps}.yaml")
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_every_stage_runs_in_order_and_reports(diffusion_experiment):
+    layout = diffusion_experiment.layout
     for folder in _stages(layout):
-        assert json.loads(done_marker(folder).read_text())["global_step"] == 4, folder
+        assert json.loads(done_marker(folder).read_text())["global_step"] == STEPS, folder
         assert last_checkpoint(folder).is_file()
-    (outcome,) = outcomes
+    (outcome,) = diffusion_experiment.outcomes
     assert set(outcome.report.attacks) >= {"pixel"} and outcome.folder == layout.attack
-    assert json.loads((layout.attack / "report.json").read_text())["num_shadows"] == 1
+    assert json.loads((layout.attack / "report.json").read_text())["num_shadows"] == 2
 
 
 @pytest.fixture
@@ -84,11 +60,11 @@ def log(caplog):
     logger.removeHandler(caplog.handler)
 
 
-def test_a_second_run_skips_every_finished_stage(finished, log):
-    tmp, _ = finished
-    layout = ExperimentLayout(tmp / "exp")
+def test_a_second_run_skips_every_finished_stage(diffusion_experiment, tmp_path, log):
+    copy = copy_experiment(diffusion_experiment, tmp_path)
+    layout = copy.layout
     before = {f: last_checkpoint(f).stat().st_mtime_ns for f in _stages(layout)}
-    experiment_main([str(_config(tmp, steps=4))])
+    experiment_main([str(copy.config)])
     err = log.text
     for folder in _stages(layout):
         assert f"[skip] {folder} is done" in err
@@ -96,24 +72,24 @@ def test_a_second_run_skips_every_finished_stage(finished, log):
     assert "is complete; nothing to do" in err  # the queries are not generated again
 
 
-def test_an_interrupted_stage_resumes_from_its_last_checkpoint(finished, log):
-    tmp, _ = finished
-    layout = ExperimentLayout(tmp / "exp")
+def test_an_interrupted_stage_resumes_from_its_last_checkpoint(diffusion_experiment, tmp_path, log):
+    copy = copy_experiment(diffusion_experiment, tmp_path)
+    layout = copy.layout
     target = layout.run_dir("diffusion", 0)
     # as if killed after its last checkpoint, before DONE (so before any query or attack)
     done_marker(target).unlink()
     shutil.rmtree(layout.root / "queries")
     shutil.rmtree(layout.attack)
     shadow_done = done_marker(layout.run_dir("diffusion", 1)).read_text()
-    experiment_main([str(_config(tmp, steps=6))])
+    experiment_main([str(_with_steps(copy.config, STEPS + 2))])
     err = log.text
     assert f"--ckpt_path {last_checkpoint(target)}" in err
     assert "Restoring states from the checkpoint path" in err
-    assert json.loads(done_marker(target).read_text())["global_step"] == 6  # 4 + 2 more
+    assert json.loads(done_marker(target).read_text())["global_step"] == STEPS + 2  # 2 more
     assert done_marker(layout.run_dir("diffusion", 1)).read_text() == shadow_done  # skipped
 
 
-def test_stages_run_in_their_own_processes_side_by_side(tmp_path, finished):
+def test_stages_run_in_their_own_processes_side_by_side(tmp_path):
     config = str(ROOT / "configs/encoder/tiny.yaml")
     good, bad = ExperimentLayout(tmp_path / "a").encoder, ExperimentLayout(tmp_path / "b").encoder
     common = [*DATA, *TRAINER, "--trainer.max_steps=2"]

@@ -3,17 +3,19 @@ and the summary beside repeat 0's report (about two tiny experiments' time)."""
 
 import json
 
-import yaml
-from test_experiment import _config
+import pytest
+from tiny_experiment import experiment_config, write_config
 
 from lightning_mia.attack.repeats import REPEATS_JSON, REPEATS_MD
 from lightning_mia.experiment import experiment_main
 
+pytestmark = pytest.mark.slow  # trains two experiments through the command lines
+
 
 def test_two_repeats_and_their_summary(tmp_path, capsys):
-    path = _config(tmp_path, steps=2)
-    config = yaml.safe_load(path.read_text())
-    path.write_text(yaml.safe_dump({**config, "repeats": 2}))
+    # one shadow (LiRA is skipped: the attack stage is the cheapest), 2 steps per stage
+    config = experiment_config(tmp_path / "exp", steps=2, num_shadows=1, repeats=2)
+    path = write_config(tmp_path / "repeats.yaml", config)
     outcomes = experiment_main([str(path)])
     assert [o.layout.root for o in outcomes] == [tmp_path / "exp", tmp_path / "exp" / "repeat-01"]
     first, second = (json.loads(o.layout.splits.read_text()) for o in outcomes)

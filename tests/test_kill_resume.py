@@ -2,10 +2,11 @@
 half-written file — for training (killed after its 1st or 2nd checkpoint) and for the attack
 stage (killed while the shadows are queried, and while the attack classifiers train).
 
-Every run uses one thread (the in-process ones and the killed subprocesses alike), so float
-results are bitwise comparable; the tiny data gives one optimizer step per epoch, so each
-checkpoint sits on an epoch boundary, where a resumed run draws exactly what an uninterrupted
-one would (the global random state is saved in the checkpoint).
+Every run uses one thread (the in-process ones, the killed subprocesses and the session's
+experiment, tests/tiny_experiment.py, whose copies these tests change), so float results are
+bitwise comparable; the tiny data gives one optimizer step per epoch (8 members, batch 8), so
+each checkpoint sits on an epoch boundary, where a resumed run draws exactly what an
+uninterrupted one would (the global random state is saved in the checkpoint).
 """
 
 import json
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_experiment import ATTACKS, DATA, TARGET_SIZE, TRAINER, torch_threads
 
 from lightning_mia.cli import attack_main, train_main
 from lightning_mia.experiment import fit_stage
@@ -27,41 +29,34 @@ from lightning_mia.query.shards import load_query_table, read_shard, shard_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 DIFFUSION = str(ROOT / "configs/diffusion/tiny.yaml")
-DATA = [
-    "--data.source.num_samples=200",
-    "--data.target_size=16",  # 8 members: one batch, one step per epoch
-    "--data.aux_size=64",
-    "--data.shadow_size=16",
-    "--data.public_size=64",
-    "--data.member_fraction=0.5",
-    "--data.num_shadows=2",
-    "--data.batch_size=8",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.logger=false",
-]
-ATTACK = [
+ATTACK = [  # the session experiment's query (1 image, the loss signal) and attacks
     "--query.num_images=1",
     "--attack.attacks",
-    "pixel",
+    *ATTACKS,
     "--query.signals",
     "loss",
     "--attack.max_epochs=40",
     "--progress=false",
 ]
+RUNS = ("diffusion-target-000", "diffusion-shadow-001", "diffusion-shadow-002")
+TRAINED = ("splits.json", "autoencoder", "encoder", *RUNS)  # every stage, nothing queried
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
+
+
+pytestmark = pytest.mark.slow  # trains and kills command lines
 
 
 def _model_args(exp, index, steps):
     return [
         *DATA,
+        *TRAINER,
+        "--data.num_shadows=2",
         f"--data.experiment={exp}",
         f"--data.model_index={index}",
         f"--model.init_args.autoencoder={exp / 'autoencoder'}",
@@ -72,16 +67,10 @@ def _model_args(exp, index, steps):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """An experiment with its autoencoder, encoder, target and two shadows (4 steps each)."""
-    torch.set_num_threads(1)
-    exp = tmp_path_factory.mktemp("kill") / "exp"
-    common = [*DATA, f"--data.experiment={exp}", "--trainer.max_steps=4"]
-    train_main(["fit", "--config", str(ROOT / "configs/autoencoder/tiny-kl.yaml"), *common])
-    train_main(["fit", "--config", str(ROOT / "configs/encoder/tiny.yaml"), *common])
-    for index in range(3):
-        train_main(["fit", "--config", DIFFUSION, *_model_args(exp, index, 4)])
-    return ExperimentLayout(exp)
+def base(diffusion_experiment):
+    """The session's experiment: autoencoder, encoder, target and two shadows (4 steps each),
+    queried (1 image) and attacked once."""
+    return diffusion_experiment.layout
 
 
 def _copy(layout, dest, keep=("splits.json", "autoencoder", "encoder")):
@@ -112,10 +101,17 @@ def _weights(ckpt):
     return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(base, tmp_path_factory):
+    """Shadow 1's weights after 6 steps in one run (the reference of both kill points)."""
+    ref = _copy(base, tmp_path_factory.mktemp("uninterrupted") / "exp")
+    with torch_threads(1):  # (module fixtures are set up before _one_thread)
+        train_main(["fit", "--config", DIFFUSION, *_model_args(ref.root, 1, 6)])
+    return _weights(ref.checkpoint("diffusion", 1))
+
+
 @pytest.mark.parametrize("kill_after", [1, 2], ids=["first-checkpoint", "second-checkpoint"])
-def test_killed_training_resumes_to_the_same_weights(base, tmp_path, kill_after):
-    ref = _copy(base, tmp_path / "ref")
-    train_main(["fit", "--config", DIFFUSION, *_model_args(ref.root, 1, 6)])
+def test_killed_training_resumes_to_the_same_weights(base, uninterrupted, tmp_path, kill_after):
     killed = _copy(base, tmp_path / "killed")
     ckpt = killed.checkpoint("diffusion", 1)
     saves = []
@@ -140,7 +136,7 @@ def test_killed_training_resumes_to_the_same_weights(base, tmp_path, kill_after)
     _no_half_written_files(run)
     fit_stage(run, DIFFUSION, _model_args(killed.root, 1, 6), isolate=False)  # the resume
     assert json.loads(done_marker(run).read_text())["global_step"] == 6
-    want, got = _weights(ref.checkpoint("diffusion", 1)), _weights(ckpt)
+    want, got = uninterrupted, _weights(ckpt)
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want), "resumed weights differ"
 
@@ -158,27 +154,28 @@ def _attack(layout):
 
 @pytest.fixture(scope="module")
 def reference_report(base, tmp_path_factory):
-    keep = (
-        "splits.json",
-        "autoencoder",
-        "encoder",
-        *(base.run_dir("diffusion", i).name for i in range(3)),
-    )
-    layout = _copy(base, tmp_path_factory.mktemp("ref") / "exp", keep)
-    return _attack(layout), keep
+    """The report of an attack that ran to its end on the session's queries (which were made
+    in one run, on one thread, with the same query settings)."""
+    layout = _copy(base, tmp_path_factory.mktemp("ref") / "exp", (*TRAINED, "queries"))
+    with torch_threads(1):
+        return _attack(layout)
 
 
-KILL_POINTS = {
-    "while the shadows are queried": lambda lay: (
-        lay.queries("diffusion-target-000") / "COMPLETE.json"
-    ).is_file(),
-    "while the attacks train": lambda lay: any(lay.attack.glob("*/shadow.ckpt")),
+KILL_POINTS = {  # (when to kill, what the killed run starts from)
+    "while the shadows are queried": (
+        lambda lay: (lay.queries("diffusion-target-000") / "COMPLETE.json").is_file(),
+        TRAINED,
+    ),
+    "while the attacks train": (
+        lambda lay: any(lay.attack.glob("*/shadow.ckpt")),
+        (*TRAINED, "queries"),  # queried: the attack stage goes straight to the attacks
+    ),
 }
 
 
 @pytest.mark.parametrize("point", KILL_POINTS, ids=list(KILL_POINTS))
 def test_killed_attack_stage_gives_the_same_report(base, reference_report, tmp_path, point):
-    want, keep = reference_report
+    ready, keep = KILL_POINTS[point]
     layout = _copy(base, tmp_path / "exp", keep)
     cmd = [
         sys.executable,
@@ -187,28 +184,33 @@ def test_killed_attack_stage_gives_the_same_report(base, reference_report, tmp_p
         str(layout.checkpoint("diffusion", 0)),
         *ATTACK,
     ]
-    _kill_when(cmd, lambda: KILL_POINTS[point](layout))
+    _kill_when(cmd, lambda: ready(layout))
     _no_half_written_files(layout.root)
-    assert _attack(layout) == want
-    for run in ("diffusion-target-000", "diffusion-shadow-001", "diffusion-shadow-002"):
+    assert _attack(layout) == reference_report
+    for run in RUNS:
         folder = layout.queries(run)
         ids = torch.cat([read_shard(p)[0]["sample_id"] for p in shard_paths(folder)])
         assert ids.numel() == ids.unique().numel(), f"{run}: a sample written twice"
-        assert len(load_query_table(folder)) == 16, f"{run}: a sample lost"
+        table, one_run = load_query_table(folder), load_query_table(base.queries(run))
+        assert len(table) == TARGET_SIZE, f"{run}: a sample lost"
+        assert table.sample_id.tolist() == one_run.sample_id.tolist()
+        # same thread count, same batches: the same float ops (bitwise equal here on AVX-512
+        # and AVX2 kernels). The margin is for kernels that choose code paths by memory
+        # alignment in another process (MKL without CBWR): float32 image errors of ~1e-6
+        # carried through the features (PSNR in dB, BRISQUE of 8-bit images) stay below 1e-4.
+        for name, values in one_run.features.items():
+            torch.testing.assert_close(table.features[name], values, rtol=1e-4, atol=1e-4)
 
 
 def test_a_copied_experiment_reuses_its_queries(base, reference_report, tmp_path):
     """`cp -r` of a queried experiment: the copy's attack reads the copied shards (their
     QuerySpec names the encoder relative to the experiment) and queries nothing again."""
-    want, keep = reference_report
-    queried = _copy(base, tmp_path / "queried", keep)
-    assert _attack(queried) == want
+    queried = _copy(base, tmp_path / "queried", (*TRAINED, "queries"))
     copy = ExperimentLayout(tmp_path / "copy")
     shutil.copytree(queried.root, copy.root)
     shutil.rmtree(queried.root)  # nothing of the original may be needed
-    shutil.rmtree(copy.attack)
     shards = {p: p.stat().st_mtime_ns for p in (copy.root / "queries").rglob("*.safetensors")}
-    assert _attack(copy) == want
+    assert _attack(copy) == reference_report
     after = {p: p.stat().st_mtime_ns for p in (copy.root / "queries").rglob("*.safetensors")}
     assert after == shards  # not one shard written again
 

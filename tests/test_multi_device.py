@@ -1,18 +1,21 @@
 """Several devices on CPU, 2 processes (gloo).
 
-- `attack.py --devices 2` under `ddp` and `ddp_spawn`, as `srun` starts it (SLURM's
-  variables), and the experiment's attack stage on 2 devices write the report.json of one
-  device from the same merged query tables (each sample queried once across the ranks); the
-  attack classifiers, the report and the W&B run are rank 0's alone.
+- The experiment's attack stage on 2 devices under `ddp` (its own process, which Lightning
+  re-launches), the attack command under `ddp_spawn`, and `attack.py` as `srun` starts it
+  (SLURM's variables) write the report.json of one device from the same merged query tables
+  (each sample queried once across the ranks, 15 of them: the ranks' shares differ); the attack
+  classifiers, the report and the W&B run are rank 0's alone.
 - The discriminator autoencoders' configs train under their own `strategy: ddp` at tiny sizes,
   the replicas equal after every step (dead-code restarts included).
 
-Each multi-process run is a real subprocess (`ddp` re-launches the command line), so these
-tests cost tens of seconds each; they share one tiny experiment (4 training steps per stage,
-2 shadows so LiRA and its calibration queries `queries/<shadow>/row-000/` take part).
+Each multi-process run starts processes that import everything (~7 s each here), so these tests
+cost tens of seconds each; they run on copies of the session's tiny experiment
+(tests/tiny_experiment.py: 4 training steps per stage, 2 shadows so LiRA and its calibration
+queries `queries/<shadow>/row-000/` take part), its one-device queries and report the reference.
 """
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_experiment import ATTACKS, TARGET_SIZE, copy_experiment
 
 from lightning_mia.attack.command import relaunches_command
 from lightning_mia.attack.options import (
@@ -31,36 +35,20 @@ from lightning_mia.attack.options import (
     dump_attack_options,
     parse_attack_options,
 )
-from lightning_mia.experiment import experiment_main
+from lightning_mia.cli import attack_main
 from lightning_mia.query.run import Devices
 from lightning_mia.query.shards import load_query_table, read_shard, shard_paths
 from lightning_mia.specs.query import QuerySpec
 from lightning_mia.specs.signals import SignalOptions
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = [
-    "--data.source.num_samples=300",
-    "--data.target_size=16",
-    "--data.aux_size=160",
-    "--data.shadow_size=16",
-    "--data.public_size=100",  # the autoencoder and encoder train on it
-    "--data.member_fraction=0.5",
-    "--data.batch_size=8",
-]
-TRAINER = [
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--trainer.logger=false",
-    "--trainer.max_steps=4",
-]
-ATTACKS = ["pixel", "loss"]  # one black-box and one gray-box attack (its signals), + LiRA
 NOT_RESULTS = {"created", "seconds_per_sample"}  # timings and dates differ from run to run
 # Report numbers: the threshold baseline's cut is a feature value (1 float32 ulp apart here);
-# accuracy and AUC are rank statistics over 16 test samples, where one changed rank moves AUC by
-# 1/64 and accuracy by 1/16. 1e-4 is far above float32 noise and far below any changed result.
+# accuracy and AUC are rank statistics over 15 test samples, where one changed rank moves AUC by
+# 1/56 and accuracy by 1/15. 1e-4 is far above float32 noise and far below any changed result.
 REPORT_TOL = 1e-4
-# Features, relative to each feature's scale: one device queries 16 samples per batch, each of
-# 2 ranks 8, which changes float32 accumulation order by a few ulps (1.2e-7) through the
+# Features, relative to each feature's scale: one device queries 15 samples per batch, the 2
+# ranks 8 and 7, which changes float32 accumulation order by a few ulps (1.2e-7) through the
 # sampler and the feature networks; BRISQUE reads 8-bit images, where such a difference can
 # flip one pixel's rounding (measured: 4.5e-6 of its scale). 1e-4 leaves a 20x margin.
 FEATURE_TOL = 1e-4
@@ -83,35 +71,14 @@ TARGET = "queries/diffusion-target-000"
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory):
-    """The tiny experiment run on one device; its report.json and query tables (the query
-    folders are kept in `ref-queries/`)."""
+def experiment(diffusion_experiment, tmp_path_factory):
+    """A copy of the session's experiment (run on one device, one thread), its report.json and
+    query tables; the session's own query folders are the one-device ones (`ref-queries`)."""
     tmp = tmp_path_factory.mktemp("multi")
-    config = {
-        "experiment": str(tmp / "exp"),
-        "family": "diffusion",
-        "num_shadows": 2,
-        "stages": {
-            "autoencoder": str(ROOT / "configs/autoencoder/tiny-kl.yaml"),
-            "encoder": str(ROOT / "configs/encoder/tiny.yaml"),
-            "model": str(ROOT / "configs/diffusion/tiny.yaml"),
-            "data_args": DATA,
-            "trainer_args": TRAINER,
-            "model_args": ["--model.init_args.num_inference_steps=2"],
-        },
-        "query": {
-            "num_images": 1,
-        },
-        "attack": {
-            "attacks": ATTACKS,
-        },
-    }
-    (tmp / "tiny.yaml").write_text(yaml.safe_dump(config))
-    experiment_main([str(tmp / "tiny.yaml"), "--devices.accelerator=cpu", "--devices.devices=1"])
-    exp = tmp / "exp"
-    report = json.loads((exp / "attack" / "report.json").read_text())
-    shutil.copytree(exp / "queries", tmp / "ref-queries")
-    return tmp, exp, report, _tables(exp)
+    copy = copy_experiment(diffusion_experiment, tmp)
+    (tmp / "ref-queries").symlink_to(diffusion_experiment.root / "queries")
+    report = json.loads((copy.root / "attack" / "report.json").read_text())
+    return tmp, copy.root, report, _tables(copy.root)
 
 
 def _fresh(tmp: Path, exp: Path, requery: list[str] | None = None) -> list[str]:
@@ -189,6 +156,8 @@ def _attack_py(exp: Path, *flags: str) -> list[str]:
         "--ckpt",
         str(target),
         "--query.num_images=1",
+        "--query.signals",
+        "loss",
         "--attack.attacks",
         *ATTACKS,
         "--devices.accelerator=cpu",
@@ -198,29 +167,23 @@ def _attack_py(exp: Path, *flags: str) -> list[str]:
     ]
 
 
-def test_attack_ddp_on_two_processes_writes_the_one_device_report(experiment):
-    from wandb_offline import offline_runs
-
-    tmp, exp, report, tables = experiment
-    requery = _fresh(tmp, exp)  # all 5: target, shadows, shadows on the target's samples
-    proc = _run(_attack_py(exp, "--devices.strategy=ddp"), tmp, wandb="offline")
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr  # a second process really ran
-    assert proc.stdout.count("shadow setting, diffusion, 2 shadow model(s)") == 1
-    _same_as_one_device(exp, report, tables, requery)
-    runs = offline_runs(exp / "wandb")  # rank 1 made a logger but no W&B run
-    assert [r.job_type for r in runs] == ["attack"], [r.folder for r in runs]
-
-
-def test_attack_ddp_spawn_on_two_processes_writes_the_one_device_report(experiment):
-    # ddp_spawn starts 2 fresh workers for every query (about 30 s each here, under load), so
-    # only the target is queried again; the shadows' queries are the same run_query
+def test_attack_ddp_spawn_on_two_processes_writes_the_one_device_report(
+    experiment, monkeypatch, capfd
+):
+    # ddp_spawn starts 2 fresh workers for every query, so only the target is queried again
+    # (the shadows' queries are the same run_query); the command runs in this process, its
+    # workers write to this process's stderr
     tmp, exp, report, tables = experiment
     requery = _fresh(tmp, exp, [TARGET])
-    proc = _run(_attack_py(exp, "--devices.strategy=ddp_spawn"), tmp)
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers' torch threads
+    attack_main(_attack_py(exp, "--devices.strategy=ddp_spawn")[1:])
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in capfd.readouterr().err
+    expected = tables[TARGET].sample_id.tolist()
+    assert len(expected) == TARGET_SIZE and TARGET_SIZE % 2 == 1  # unequal shares: 8 and 7
     _same_as_one_device(exp, report, tables, requery)
 
 
+@pytest.mark.slow  # (as every test of the session experiment: conftest.py)
 def test_attack_as_srun_starts_it_writes_the_one_device_report(experiment):
     # srun starts every task itself, with SLURM's variables (what scripts/cluster/attack.sbatch
     # gets on one node): each runs attack.py whole, Lightning's SLURMEnvironment joins them
@@ -253,26 +216,35 @@ def test_attack_as_srun_starts_it_writes_the_one_device_report(experiment):
     _same_as_one_device(exp, report, tables, requery)
 
 
-def test_experiment_attack_stage_under_ddp_runs_as_its_own_process(experiment):
+def test_experiment_attack_stage_under_ddp_runs_as_its_own_process(
+    experiment, monkeypatch, capfd, caplog
+):
+    """The attack stage on 2 devices under `ddp`: its own process (`-m lightning_mia.attack`),
+    which Lightning re-launches for rank 1, as it does `attack.py --devices.strategy ddp`; the
+    experiment command runs in this process (its lines are log records), its stage processes
+    write to its stdout and stderr."""
+    from wandb_offline import offline_runs
+
+    from lightning_mia.experiment import experiment_main
+
     tmp, exp, report, tables = experiment
-    requery = _fresh(tmp, exp, [TARGET])
-    proc = _run(
-        [
-            "-m",
-            "lightning_mia.experiment",
-            str(tmp / "tiny.yaml"),
-            "--devices.accelerator=cpu",
-            "--devices.devices=2",
-            "--devices.strategy=ddp",
-        ],
-        tmp,
-    )
-    err = proc.stderr
-    assert "[attack] in its own process: -m lightning_mia.attack" in err
-    assert err.count("[skip]") == 5  # the launcher re-ran the attack command, not the stages
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in err
-    assert proc.stdout.count("shadow setting, diffusion, 2 shadow model(s)") == 1  # shown once
+    requery = _fresh(tmp, exp)  # all 5: target, shadows, shadows on the target's samples
+    for var, value in _env(tmp, wandb="offline").items():
+        monkeypatch.setenv(var, value)
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
+    config = str(tmp / "experiment.yaml")
+    devices = ["--devices.accelerator=cpu", "--devices.devices=2", "--devices.strategy=ddp"]
+    experiment_main([config, *devices])
+    out, err = capfd.readouterr()
+    assert "Traceback" not in err, err[-5000:]
+    said = caplog.text
+    assert "[attack] in its own process: -m lightning_mia.attack" in said
+    assert said.count("[skip]") == 5  # the launcher re-ran the attack command, not the stages
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in err  # a second process really ran
+    assert out.count("shadow setting, diffusion, 2 shadow model(s)") == 1  # shown once
     _same_as_one_device(exp, report, tables, requery)
+    runs = offline_runs(exp / "wandb")  # rank 1 made a logger but no W&B run
+    assert [r.job_type for r in runs] == ["attack"], [r.folder for r in runs]
 
 
 def test_which_settings_relaunch_the_command_line(monkeypatch):
@@ -351,6 +323,7 @@ AUTOENCODER_TINY = {  # the GPU configs' structure (discriminator, strategy ddp)
 }
 
 
+@pytest.mark.slow  # 2 processes (the config's own strategy: ddp)
 @pytest.mark.parametrize("config", ["kl-f8-256", "vqgan-f16-256"])
 def test_discriminator_autoencoder_trains_under_plain_ddp(tmp_path, config):
     from lightning_mia.models.vae import load_autoencoder

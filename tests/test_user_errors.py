@@ -1,9 +1,10 @@
 """Every user error through the real command lines: one line on stderr naming the file or value
 and what is wrong, a non-zero exit, no traceback, and nothing half-written.
 
-Each case runs `train.py`, `attack.py` or the experiment command in this process on a small
-experiment and checks the four properties; the cases cover data of every format, split
-settings, configs, checkpoints, splits mismatches, attack options and the query stage.
+Each case runs `train.py`, `attack.py` or the experiment command in this process and checks the
+four properties; the cases cover data of every format, split settings, configs, checkpoints,
+splits mismatches, attack options and the query stage. The cases on a trained experiment (a
+copy of the session's, tests/tiny_experiment.py) are slow.
 """
 
 import io
@@ -15,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_experiment import DATA, TARGET_SIZE, copy_experiment
 
 from lightning_mia.cli import attack_main, train_main
 from lightning_mia.experiment import experiment_main
-from lightning_mia.paths import ExperimentLayout, last_checkpoint
+from lightning_mia.paths import last_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER = str(ROOT / "configs/encoder/tiny.yaml")
@@ -33,6 +35,13 @@ SMALL = [
     "--data.member_fraction=0.5",
     "--data.num_shadows=1",
     "--data.batch_size=8",
+    "--trainer.max_steps=2",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.logger=false",
+]
+SHARED = [  # the session experiment's data (tests/tiny_experiment.py), 2 steps
+    *DATA,
+    "--data.num_shadows=2",
     "--trainer.max_steps=2",
     "--trainer.enable_progress_bar=false",
     "--trainer.logger=false",
@@ -120,12 +129,12 @@ def run(main, args, capsys):
 
 
 def snapshot(folder):
-    """{relative path: bytes} of every file under `folder` (to show nothing was written)."""
+    """{relative path: (size, mtime)} of every file under `folder` (to show nothing was
+    written: a rewritten or replaced file gets a new mtime)."""
     if not Path(folder).exists():
         return {}
-    return {
-        str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()
-    }
+    files = (p for p in Path(folder).rglob("*") if p.is_file())
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
 
 
 # --- data, split settings and configs: train.py fit ------------------------------------------
@@ -186,27 +195,15 @@ def test_data_and_config_errors(case, tmp_path, capsys):
     assert not exp.exists(), snapshot(exp)  # no splits.json, no stage folder
 
 
-# --- a tiny trained experiment for the later stages -----------------------------------------
+# --- the session's tiny trained experiment for the later stages ------------------------------
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    exp = tmp_path_factory.mktemp("errors") / "exp"
-    common = [*SMALL, f"--data.experiment={exp}"]
-    train_main(["fit", "--config", AUTOENCODER, *common])
-    train_main(["fit", "--config", ENCODER, *common])
-    for index in (0, 1):
-        train_main(
-            [
-                "fit",
-                "--config",
-                DIFFUSION,
-                *common,
-                f"--data.model_index={index}",
-                f"--model.init_args.autoencoder={exp / 'autoencoder'}",
-            ]
-        )
-    return ExperimentLayout(exp)
+def trained(diffusion_experiment, tmp_path_factory):
+    """A copy of the session's diffusion experiment (tests/tiny_experiment.py): these cases
+    must leave it unchanged, and one hides its shadows."""
+    return copy_experiment(diffusion_experiment, tmp_path_factory.mktemp("errors")).layout
 
 
+@pytest.mark.slow
 def test_splits_edited_by_hand(trained, tmp_path, capsys):
     copy = tmp_path / "exp"
     copy.mkdir()
@@ -214,32 +211,34 @@ def test_splits_edited_by_hand(trained, tmp_path, capsys):
     doc["rows"][0]["members"].append(doc["rows"][0]["nonmembers"].pop())
     (copy / "splits.json").write_text(json.dumps(doc))
     before = snapshot(copy)
-    args = ["fit", "--config", ENCODER, *SMALL, f"--data.experiment={copy}"]
+    args = ["fit", "--config", ENCODER, *SHARED, f"--data.experiment={copy}"]
     code, line = run(train_main, args, capsys)
     assert code != 0 and "do not match its hash" in line and snapshot(copy) == before
 
 
+@pytest.mark.slow
 def test_splits_made_with_other_settings(trained, capsys):
     before = snapshot(trained.root)
     args = [
         "fit",
         "--config",
         ENCODER,
-        *SMALL,
+        *SHARED,
         f"--data.experiment={trained.root}",
         "--data.target_size=18",
     ]
     code, line = run(train_main, args, capsys)
-    assert code != 0 and "target_size=16 (asked 18)" in line
+    assert code != 0 and f"target_size={TARGET_SIZE} (asked 18)" in line
     assert snapshot(trained.root) == before
 
 
+@pytest.mark.slow
 def test_a_missing_autoencoder_folder(trained, tmp_path, capsys):
     args = [
         "fit",
         "--config",
         DIFFUSION,
-        *SMALL,
+        *SHARED,
         f"--data.experiment={trained.root}",
         f"--model.init_args.autoencoder={tmp_path / 'nope'}",
     ]
@@ -247,12 +246,13 @@ def test_a_missing_autoencoder_folder(trained, tmp_path, capsys):
     assert code != 0 and "nope" in line and "config.json" in line
 
 
+@pytest.mark.slow
 def test_resuming_from_a_checkpoint_of_another_family(trained, capsys):
     args = [
         "fit",
         "--config",
         DIFFUSION,
-        *SMALL,
+        *SHARED,
         f"--data.experiment={trained.root}",
         f"--model.init_args.autoencoder={trained.autoencoder}",
         "--data.model_index=1",
@@ -283,6 +283,16 @@ ATTACK_CASES = {
         "belongs to experiment",
     ),
     "unknown attack": (lambda e, t: ["--ckpt", target(e), "--attack.attacks", "pixle"], "pixle"),
+    "unknown attack in a list": (
+        lambda e, t: [
+            "--ckpt",
+            target(e),
+            "--query.num_images=1",
+            "--attack.attacks",
+            '["nosuch"]',
+        ],
+        "nosuch",
+    ),
     "unknown setting": (
         lambda e, t: ["--ckpt", target(e), "--attack.setting", "sideways"],
         "sideways",
@@ -320,6 +330,7 @@ def _plain(tmp_path):
     return str(tmp_path / "plain.ckpt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ATTACK_CASES, ids=list(ATTACK_CASES))
 def test_attack_errors(case, trained, tmp_path, capsys):
     make_args, needle = ATTACK_CASES[case]
@@ -331,13 +342,16 @@ def test_attack_errors(case, trained, tmp_path, capsys):
     }  # no report written
 
 
+@pytest.mark.slow
 def test_no_trained_shadows(trained, capsys):
-    done = trained.run_dir("diffusion", 1) / "DONE.json"
-    done.rename(done.with_suffix(".hidden"))
+    done = [trained.run_dir("diffusion", i) / "DONE.json" for i in (1, 2)]
+    for marker in done:
+        marker.rename(marker.with_suffix(".hidden"))
     try:
         code, line = run(attack_main, ["--ckpt", target(trained)], capsys)
     finally:
-        done.with_suffix(".hidden").rename(done)
+        for marker in done:
+            marker.with_suffix(".hidden").rename(marker)
     assert code != 0 and "no trained diffusion shadow" in line
 
 
