@@ -158,7 +158,10 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace, build: dict, reopen: dict) -> None:
+    from _machine import print_machine  # here: the phases' memory figures stay torch-free
+
     scale = args.target / args.samples
+    print_machine()
     print(json.dumps({"build": build, "open": reopen}, indent=1))
     worst = reopen["touch_all"]["rss"]
     results = {
