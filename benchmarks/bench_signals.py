@@ -1,119 +1,128 @@
-"""Gray-box signal cost: seconds per sample for every signal of a family.
+"""Gray-box signals at the model's speed: every signal of every family against the model's own
+forward passes.
 
-    python benchmarks/bench_signals.py --family diffusion [--preset tiny] [--device cuda]
-    python benchmarks/bench_signals.py --family seq2seq [--preset tiny] [--batch 32]
+    python benchmarks/bench_signals.py                       # every family, tiny, CPU
+    python benchmarks/bench_signals.py --family diffusion --threads 2 [--profile 12]
+    python benchmarks/bench_signals.py --family diffusion --preset ldm-256 --device cuda --batch 16
 
-Builds a random-init model of the preset (the cost of a trained one is the same) with a random
-VQ autoencoder in a temporary folder, and times `compute_signals` for each signal alone on one
-batch (default options: timesteps 100/200/300, SecMI t=100 in 10 steps). Prints
-`RESULT <signal>_seconds_per_sample <value>` lines (and the model passes per sample).
+For each registered family with gray-box signals (`lightning_mia.models.base.FAMILIES`,
+`lightning_mia.graybox.signals_for`), a random-init model of the preset (a trained one costs
+the same; `_families.build_model`) and one batch of shapes images. Per signal (default
+options), in rounds that alternate the two so that other load on the machine hits both alike:
+- the signal: `compute_signals(model, batch, [signal])`, seconds per sample;
+- the model: its declared passes per sample (`queries_per_sample`, q) forward passes of the
+  query network (`_forward.query_network`: the UNet, BART) at the same batch, each a replay of
+  the signal's own first call at that batch: the time the signal would take if it were nothing
+  but its model passes.
+`RESULT <signal>_model_over_signal` = model / signal (median rounds; 1 = no overhead; goal
+>= 0.85), `<signal>_samples_per_s`, `<signal>_seconds_per_sample`, `<signal>_queries_per_sample`,
+and `<signal>_forward_share`: the share of the signal's time spent inside the query network in
+a run with hooks (`_forward.ForwardClock`), whose `#` line splits the rest between the other
+components (text encoder, autoencoder) and `other` (Python loops, per-sample generators, the
+tokenizer, elementwise maths). The counted passes are checked against the declared ones.
+`--profile N` adds the N functions with the most own time (cProfile) per signal.
 """
 
+from __future__ import annotations
+
 import argparse
+import cProfile
+import io
+import pstats
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import VQModel
+from _families import build_model, family_names, family_presets, make_batch
+from _forward import alternate, breakdown, clocked, query_network, reference_call, replay
+from _machine import print_machine
 
 from lightning_mia.graybox import SIGNALS, SignalOptions, compute_signals, signals_for
 
-# preset -> (resolution, VQ block channels (f = 2^(n-1)), latent channels, codebook size)
-AUTOENCODERS = {
-    ("diffusion", "tiny"): (32, (32, 64, 64), 4, 512),
-    ("diffusion", "ldm-256"): (256, (128, 256, 512), 3, 8192),  # f4: 64x64x3 latents
-    ("seq2seq", "tiny"): (32, (32, 64, 64), 8, 512),
-    ("seq2seq", "dalle-mini"): (256, (32, 32, 64, 64, 128), 8, 16384),  # f16: 16x16 codes
-}
+
+def profile_lines(fn: Callable[[], Any], top: int) -> str:
+    """The `top` functions with the most own time during fn(), as pstats prints them."""
+    profiler = cProfile.Profile()
+    profiler.runcall(fn)
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
+    start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
+    return "\n".join(f"#   {ln}" for ln in lines[start:])
 
 
-def random_autoencoder(family, preset, folder):
-    res, channels, latent, codes = AUTOENCODERS[(family, preset)]
-    n = len(channels)
-    VQModel(
-        block_out_channels=channels,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        layers_per_block=1,
-        latent_channels=latent,
-        num_vq_embeddings=codes,
-        vq_embed_dim=latent,
-        norm_num_groups=16,
-        sample_size=res,
-        mid_block_add_attention=False,
-    ).save_pretrained(folder)
-    return res
-
-
-def build_model(family, preset, root):
-    res = random_autoencoder(family, preset, root / "autoencoder")
-    if family == "diffusion":
-        from lightning_mia.models.diffusion import LatentDiffusionModule
-
-        model = LatentDiffusionModule(
-            preset=preset, autoencoder=str(root / "autoencoder"), resolution=res
-        )
-        return model, res
-    from lightning_mia.data.shapes import ShapesSource
-    from lightning_mia.models.bart_tokenizer import train_caption_tokenizer
-    from lightning_mia.models.seq2seq import Seq2SeqModule
-
-    source = ShapesSource(num_samples=256, resolution=32, seed=0)
-    captions = [source.caption(i) for i in range(256)]
-    train_caption_tokenizer(captions, 512, root / "tokenizer")
-    model = Seq2SeqModule(
-        preset=preset, autoencoder=str(root / "autoencoder"), tokenizer=str(root / "tokenizer")
-    )
-    return model, res
-
-
-def make_batch(batch, res, device):
-    from lightning_mia.data.shapes import ShapesSource
-
-    source = ShapesSource(num_samples=batch, resolution=res, seed=1)
-    return {
-        "pixel_values": torch.stack([source.image(i) for i in range(batch)]).to(device),
-        "caption": [source.caption(i) for i in range(batch)],
-        "sample_id": torch.arange(batch),
+def bench_family(family: str, args: argparse.Namespace) -> None:
+    """Every signal of `family`: rounds, breakdown, RESULT lines."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model, res = build_model(family, args.preset, Path(tmp))
+    model = model.to(args.device).eval()
+    batch, b = make_batch(args.batch, res, args.device), args.batch
+    network, options = query_network(model), SignalOptions()
+    print(f"# {family} {args.preset} {res}px, batch {b}, query network `{network}`")
+    signals = {
+        name: (lambda name=name: compute_signals(model, batch, [name], seed=0, options=options))
+        for name in signals_for(family)
     }
+    clocks = {}
+    for name, run in signals.items():
+        run()  # warm-up: first calls build kernels for their shapes
+        clocks[name] = clocked(model, network, run)
+    calls = [c for clock, _ in clocks.values() for c in clock.calls]
+    forward = replay(reference_call(calls, b), rows=b)
+    with torch.no_grad():
+        forward()  # warm-up
+    for name, run in signals.items():
+        q = SIGNALS[name].queries_per_sample(options)
+        model_run = lambda q=q: [forward() for _ in range(q)]  # noqa: E731
+        times = alternate({"model": model_run, "signal": run}, args.rounds, args.device)
+        report_signal(name, q, times, clocks[name], b)
+        if args.profile:
+            print(profile_lines(run, args.profile))
 
 
-def seconds_per_sample(model, batch, name, repeats):
-    compute_signals(model, batch, [name], seed=0)  # warm-up
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else lambda: None
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        compute_signals(model, batch, [name], seed=0)
-    sync()
-    return (time.perf_counter() - start) / (repeats * len(batch["sample_id"]))
+def report_signal(name: str, q: int, times: dict, clocked_run: tuple, b: int) -> None:
+    """The `#` lines and RESULT lines of one signal."""
+    (model_s, model_cpu), (signal_s, signal_cpu) = times["model"], times["signal"]
+    clock, hooked_s = clocked_run
+    counted = clock.queries(b)
+    network_s = clock.seconds.get(clock.network, 0.0)
+    print(
+        f"# {name}: {q} passes/sample (counted {counted:g}), {signal_s / b * 1e3:.2f} ms/sample "
+        f"vs model {model_s / b * 1e3:.2f} ms/sample: ratio {model_s / signal_s:.3f} "
+        f"(by CPU time {model_cpu / signal_cpu:.3f})"
+    )
+    print(f"#   where the time goes (hooked run): {breakdown(clock.seconds, hooked_s, b)}")
+    if abs(counted - q) > 1e-6:
+        print(f"#   WARNING: {name} declares {q} passes per sample, the clock counted {counted:g}")
+    print(f"RESULT {name}_queries_per_sample {q}")
+    print(f"RESULT {name}_seconds_per_sample {signal_s / b:.6f}")
+    print(f"RESULT {name}_samples_per_s {b / signal_s:.2f}")
+    print(f"RESULT {name}_model_over_signal {model_s / signal_s:.3f}")
+    print(f"RESULT {name}_forward_share {network_s / hooked_s:.3f}")
 
 
-def main():
+def main() -> None:
+    families = [f for f in family_names() if signals_for(f)]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=["diffusion", "seq2seq"], required=True)
-    parser.add_argument("--preset", default="tiny", help="tiny | ldm-256 | dalle-mini")
+    parser.add_argument("--family", choices=[*families, "all"], default="all")
+    parser.add_argument("--preset", default="tiny", help="tiny | ldm-256 | dalle-mini | ...")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--rounds", type=int, default=5, help="alternated rounds (median)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--profile", type=int, default=0, help="top N functions per signal")
     args = parser.parse_args()
-    if (args.family, args.preset) not in AUTOENCODERS:
-        parser.error(f"no benchmark set-up for {args.family} preset {args.preset!r}")
+    chosen = families if args.family == "all" else [args.family]
+    if args.family == "all" and args.preset != "tiny":  # only the families that have it
+        chosen = [f for f in chosen if args.preset in family_presets(f)]
+    if not chosen:
+        parser.error(f"no family has a benchmark set-up for preset {args.preset!r}")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        model, res = build_model(args.family, args.preset, Path(tmp))
-    model = model.to(args.device).eval()
-    batch = make_batch(args.batch, res, args.device)
-    options = SignalOptions()
-    print(f"# {args.family} {args.preset} {res}px, batch {args.batch}, device {args.device}")
-    for name in signals_for(args.family):
-        sps = seconds_per_sample(model, batch, name, args.repeats)
-        passes = SIGNALS[name].queries_per_sample(options)
-        print(f"RESULT {name}_model_passes_per_sample {passes}")
-        print(f"RESULT {name}_seconds_per_sample {sps:.6f}")
+    print_machine(args.device)
+    for family in chosen:
+        bench_family(family, args)
 
 
 if __name__ == "__main__":
