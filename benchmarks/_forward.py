@@ -174,8 +174,20 @@ def breakdown(seconds: dict[str, float], total: float, samples: int) -> str:
     )
 
 
-def alternate(runs: dict[str, Callable[[], Any]], rounds: int, device: str) -> dict[str, tuple]:
-    """{name: (median wall s, median CPU s)} of each run, the runs alternating per round."""
+@dataclass(frozen=True)
+class Timing:
+    """Seconds of one run over alternated rounds: the best round's wall time (other load on
+    the machine only ever adds time, so the best round is the least disturbed), the median
+    round's and the best round's CPU time (all threads)."""
+
+    best: float
+    median: float
+    cpu: float
+
+
+def alternate(runs: dict[str, Callable[[], Any]], rounds: int, device: str) -> dict[str, Timing]:
+    """{name: Timing} of each run, the runs alternating round by round so that drifting load
+    hits all of them alike."""
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
@@ -183,7 +195,9 @@ def alternate(runs: dict[str, Callable[[], Any]], rounds: int, device: str) -> d
                 run()
             times[name].append((elapsed[0], elapsed[1]))
     return {
-        name: (statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts))
+        name: Timing(
+            min(w for w, _ in ts), statistics.median(w for w, _ in ts), min(c for _, c in ts)
+        )
         for name, ts in times.items()
     }
 

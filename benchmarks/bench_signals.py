@@ -14,12 +14,17 @@ options), in rounds that alternate the two so that other load on the machine hit
   query network (`_forward.query_network`: the UNet, BART) at the same batch, each a replay of
   the signal's own first call at that batch: the time the signal would take if it were nothing
   but its model passes.
-`RESULT <signal>_model_over_signal` = model / signal (median rounds; 1 = no overhead; goal
+`RESULT <signal>_model_over_signal` = model / signal (best of the rounds: other load only adds
+time; the `#` line also gives the medians' ratio and the CPU-time ratio; 1 = no overhead, goal
 >= 0.85), `<signal>_samples_per_s`, `<signal>_seconds_per_sample`, `<signal>_queries_per_sample`,
 and `<signal>_forward_share`: the share of the signal's time spent inside the query network in
 a run with hooks (`_forward.ForwardClock`), whose `#` line splits the rest between the other
 components (text encoder, autoencoder) and `other` (Python loops, per-sample generators, the
-tokenizer, elementwise maths). The counted passes are checked against the declared ones.
+tokenizer, elementwise maths, mode switches). The counted passes are checked against the
+declared ones. `--scan 1,2,4,8` (default) times one forward at k x batch rows: what stacking k
+calls of a signal into one would gain (`RESULT <family>_forward_ms_per_sample_at_<rows>`).
+`<family>_all` is every signal of the family in one `compute_signals` call, as the query stage
+asks for them (the latents or codes and the caption's conditioning computed once).
 `--profile N` adds the N functions with the most own time (cProfile) per signal.
 """
 
@@ -61,45 +66,69 @@ def bench_family(family: str, args: argparse.Namespace) -> None:
     batch, b = make_batch(args.batch, res, args.device), args.batch
     network, options = query_network(model), SignalOptions()
     print(f"# {family} {args.preset} {res}px, batch {b}, query network `{network}`")
-    signals = {
-        name: (lambda name=name: compute_signals(model, batch, [name], seed=0, options=options))
-        for name in signals_for(family)
+    names = signals_for(family)
+    signals = {  # each alone, then all in one call (as a query asks: latents, codes shared)
+        name: (lambda group=group: compute_signals(model, batch, group, seed=0, options=options))
+        for name, group in [*((n, [n]) for n in names), (f"{family}_all", names)]
     }
+    passes = {name: SIGNALS[name].queries_per_sample(options) for name in names}
+    passes[f"{family}_all"] = sum(passes.values())
     clocks = {}
     for name, run in signals.items():
         run()  # warm-up: first calls build kernels for their shapes
-        clocks[name] = clocked(model, network, run)
+        hooked = [clocked(model, network, run) for _ in range(2)]
+        clocks[name] = min(hooked, key=lambda clock_s: clock_s[1])  # the less disturbed one
     calls = [c for clock, _ in clocks.values() for c in clock.calls]
-    forward = replay(reference_call(calls, b), rows=b)
+    reference = reference_call(calls, b)
+    forward = replay(reference, rows=b)
     with torch.no_grad():
         forward()  # warm-up
     for name, run in signals.items():
-        q = SIGNALS[name].queries_per_sample(options)
+        q = passes[name]
         model_run = lambda q=q: [forward() for _ in range(q)]  # noqa: E731
         times = alternate({"model": model_run, "signal": run}, args.rounds, args.device)
-        report_signal(name, q, times, clocks[name], b)
+        report_signal(name, q, times, clocks[name], b, args.rounds)
         if args.profile:
             print(profile_lines(run, args.profile))
+    if args.scan:
+        batch_scan(family, reference, b, args)
 
 
-def report_signal(name: str, q: int, times: dict, clocked_run: tuple, b: int) -> None:
-    """The `#` lines and RESULT lines of one signal."""
-    (model_s, model_cpu), (signal_s, signal_cpu) = times["model"], times["signal"]
+def batch_scan(family: str, reference: Any, b: int, args: argparse.Namespace) -> None:
+    """Per-sample time of one query-network forward at k x batch rows, for each k of --scan:
+    what stacking a signal's k calls of one batch into one call would gain."""
+    runs = {k: replay(reference, rows=k * b) for k in args.scan}
+    for run in runs.values():
+        run()  # warm-up
+    times = alternate(runs, args.rounds, args.device)
+    base = times[args.scan[0]].best / (args.scan[0] * b)
+    parts = []
+    for k, t in times.items():
+        per_sample = t.best / (k * b)
+        parts.append(f"{k * b} rows {1e3 * per_sample:.3f} ms ({base / per_sample:.2f}x)")
+        print(f"RESULT {family}_forward_ms_per_sample_at_{k * b} {1e3 * per_sample:.4f}")
+    print(f"# {family} forward per sample by batch (best of {args.rounds}): " + ", ".join(parts))
+
+
+def report_signal(name: str, q: int, times: dict, clocked_run: tuple, b: int, rounds: int) -> None:
+    """The `#` lines and RESULT lines of one signal (best of the alternated rounds)."""
+    model, signal = times["model"], times["signal"]
     clock, hooked_s = clocked_run
     counted = clock.queries(b)
     network_s = clock.seconds.get(clock.network, 0.0)
     print(
-        f"# {name}: {q} passes/sample (counted {counted:g}), {signal_s / b * 1e3:.2f} ms/sample "
-        f"vs model {model_s / b * 1e3:.2f} ms/sample: ratio {model_s / signal_s:.3f} "
-        f"(by CPU time {model_cpu / signal_cpu:.3f})"
+        f"# {name}: {q} passes/sample (counted {counted:g}), {signal.best / b * 1e3:.2f} "
+        f"ms/sample vs model {model.best / b * 1e3:.2f} ms/sample, best of {rounds}: ratio "
+        f"{model.best / signal.best:.3f} (medians {model.median / signal.median:.3f}, CPU time "
+        f"{model.cpu / signal.cpu:.3f})"
     )
     print(f"#   where the time goes (hooked run): {breakdown(clock.seconds, hooked_s, b)}")
     if abs(counted - q) > 1e-6:
         print(f"#   WARNING: {name} declares {q} passes per sample, the clock counted {counted:g}")
     print(f"RESULT {name}_queries_per_sample {q}")
-    print(f"RESULT {name}_seconds_per_sample {signal_s / b:.6f}")
-    print(f"RESULT {name}_samples_per_s {b / signal_s:.2f}")
-    print(f"RESULT {name}_model_over_signal {model_s / signal_s:.3f}")
+    print(f"RESULT {name}_seconds_per_sample {signal.best / b:.6f}")
+    print(f"RESULT {name}_samples_per_s {b / signal.best:.2f}")
+    print(f"RESULT {name}_model_over_signal {model.best / signal.best:.3f}")
     print(f"RESULT {name}_forward_share {network_s / hooked_s:.3f}")
 
 
@@ -110,7 +139,13 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", help="tiny | ldm-256 | dalle-mini | ...")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5, help="alternated rounds (median)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternated rounds (best of)")
+    parser.add_argument(
+        "--scan",
+        type=lambda text: [int(k) for k in text.split(",") if k],
+        default=[1, 2, 4, 8],
+        help="forward time per sample at k x batch rows, for each k (comma-separated; '' = off)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--profile", type=int, default=0, help="top N functions per signal")
     args = parser.parse_args()
