@@ -11,6 +11,9 @@ bf16 runs natively, the torch version and the device (with the GPU's name on CUD
 
     MACHINE cpu: Intel(R) Xeon(R) Processor, 2 cores; kernels: AVX2 (ATEN_CPU_CAPABILITY=avx2);
     threads: 2; native bf16: yes; torch: 2.13.0+cpu; device: cpu       (one line)
+
+and, when the script ends, `# other processes: N% of one core during the run`: the CPU time
+the rest of the machine used beside it (0% = it ran alone).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import atexit
 import contextlib
 import os
 import platform
+import resource
 import subprocess
+import time
 
 import torch
 
@@ -84,18 +89,43 @@ def machine_line(device: str = "cpu") -> str:
     )
 
 
-def load_line(when: str) -> str:
-    """`# load average 1.92 1.61 1.46 (1, 5, 15 min) at start`: other work on the machine."""
-    one, five, fifteen = os.getloadavg()
-    return f"# load average {one:.2f} {five:.2f} {fifteen:.2f} (1, 5, 15 min) at {when}"
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot, all cores (/proc/stat)."""
+    with open("/proc/stat", encoding="utf-8") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_seconds() -> float:
+    """CPU seconds of this process and its finished children, all threads."""
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def others_line(start: tuple[float, float, float]) -> str:
+    """`# other processes: 3% of one core during the run (...)`: the machine's busy CPU time
+    since `start` = (wall, busy, own) less this process's own: what ran beside the benchmark
+    (0% = it ran alone). The load average cannot say this: the benchmark's own threads count."""
+    wall = time.monotonic() - start[0]
+    busy, own = busy_seconds() - start[1], own_seconds() - start[2]
+    others = max(0.0, busy - own) / max(wall, 1e-9)
+    return (
+        f"# other processes: {100 * others:.0f}% of one core during the run ({wall:.0f} s; the "
+        f"machine busy {100 * busy / max(wall, 1e-9):.0f}%, this process "
+        f"{100 * own / max(wall, 1e-9):.0f}%)"
+    )
 
 
 def print_machine(device: str = "cpu") -> str:
-    """Print the `MACHINE` line and the load average (again at exit: a figure measured beside
-    other CPU-heavy work says so) and return the line. Flushed, so it precedes a child
-    process's output."""
+    """Print the `MACHINE` line and, at exit, how much CPU other processes used meanwhile (a
+    figure measured beside other CPU-heavy work says so); return the line. Flushed, so it
+    precedes a child process's output."""
     line = machine_line(device)
     print(line, flush=True)
-    print(load_line("start"), flush=True)
-    atexit.register(lambda: print(load_line("end"), flush=True))
+    start = (time.monotonic(), busy_seconds(), own_seconds())
+    atexit.register(lambda: print(others_line(start), flush=True))
     return line
