@@ -176,13 +176,25 @@ def breakdown(seconds: dict[str, float], total: float, samples: int) -> str:
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds of one run over alternated rounds: the best round's wall time (other load on
-    the machine only ever adds time, so the best round is the least disturbed), the median
-    round's and the best round's CPU time (all threads)."""
+    """Seconds of one run over alternated rounds: each round's wall and CPU time (all
+    threads), and their best and median."""
 
-    best: float
-    median: float
-    cpu: float
+    walls: tuple[float, ...]
+    cpus: tuple[float, ...]
+
+    @property
+    def best(self) -> float:  # other load only ever adds time: the least disturbed round
+        return min(self.walls)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.walls)
+
+    def over(self, other: Timing, cpu: bool = False) -> float:
+        """Median over rounds of this run's time / `other`'s in the same round: the pairs ran
+        back to back, so load that drifts between rounds cancels."""
+        mine, theirs = (self.cpus, other.cpus) if cpu else (self.walls, other.walls)
+        return statistics.median(a / b for a, b in zip(mine, theirs))
 
 
 def alternate(runs: dict[str, Callable[[], Any]], rounds: int, device: str) -> dict[str, Timing]:
@@ -195,10 +207,7 @@ def alternate(runs: dict[str, Callable[[], Any]], rounds: int, device: str) -> d
                 run()
             times[name].append((elapsed[0], elapsed[1]))
     return {
-        name: Timing(
-            min(w for w, _ in ts), statistics.median(w for w, _ in ts), min(c for _, c in ts)
-        )
-        for name, ts in times.items()
+        name: Timing(tuple(w for w, _ in ts), tuple(c for _, c in ts)) for name, ts in times.items()
     }
 
 

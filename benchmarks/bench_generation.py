@@ -23,7 +23,8 @@ and `RESULT generate_images_per_s` (batched). Then the model's speed (`_forward`
 network (the UNet, BART), the rest split on a `#` line (text encoder, autoencoder decode, other:
 the sampler's Python loop, per-image generators); and, where every call is the same forward
 (a diffusion sampler's steps), `RESULT generate_model_over_total`: that forward, replayed as many
-times at the same batch (plain attention processors), over the batched run (1 = no overhead).
+times at the same batch (plain attention processors), over the batched run (the median of the
+rounds' ratios; 1 = no overhead).
 """
 
 from __future__ import annotations
@@ -224,10 +225,10 @@ def report_model_speed(model: Any, run: Callable[[int], Any], args: argparse.Nam
     model, gen = times["model"], times["generate"]
     print(
         f"# {calls} x one `{network}` forward at batch {clock.calls[0].rows}: {model.best:.3f} s "
-        f"vs generate {gen.best:.3f} s, best of {args.rounds} rounds (medians: "
-        f"{model.median / gen.median:.3f}; by CPU time {model.cpu / gen.cpu:.3f})"
+        f"vs generate {gen.best:.3f} s, best of {args.rounds} rounds (ratio of the best rounds "
+        f"{model.best / gen.best:.3f}; by CPU time {model.over(gen, cpu=True):.3f})"
     )
-    print(f"RESULT generate_model_over_total {model.best / gen.best:.3f}")
+    print(f"RESULT generate_model_over_total {model.over(gen):.3f}")
 
 
 @torch.no_grad()

@@ -76,7 +76,7 @@ else  # smoke: every part, tiny; the CPU has no peak in the table, so MFU agains
     DIFFUSION=tiny SEQ2SEQ=tiny
     TRAIN=(--steps 2 --rounds 1 --batch-size 4 --num-samples 8)
     GENERATE=(--num-captions 2 --num-images 1 --inference-steps 2 --rounds 1)
-    SIGNALS=(--batch 4 --rounds 1)
+    SIGNALS=(--batch 4 --rounds 1 --scan "")
     STEPS=2 IMAGES=1 ATTACKS="[pixel]"
 fi
 
