@@ -47,7 +47,23 @@ from _families import build_model, family_names, family_presets, make_batch
 from _forward import alternate, breakdown, clocked, query_network, reference_call, replay
 from _machine import print_machine
 
-from lightning_mia.graybox import SIGNALS, SignalOptions, compute_signals, signals_for
+from lightning_mia.graybox import (
+    SIGNALS,
+    SignalOptions,
+    compute_signals,
+    full_precision,
+    signals_for,
+)
+
+
+def float32(run: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """`run` in float32 as `compute_signals` runs the signals: autocast off, no TF32 on CUDA."""
+
+    def in_float32() -> Any:
+        with full_precision(device):
+            return run()
+
+    return in_float32
 
 
 def profile_lines(fn: Callable[[], Any], top: int) -> str:
@@ -84,7 +100,7 @@ def bench_family(family: str, args: argparse.Namespace) -> None:
     passes[f"{family}_all"] = round(clocks[f"{family}_all"][0].queries(b))
     calls = [c for clock, _ in clocks.values() for c in clock.calls]
     reference = reference_call(calls, b)
-    forward = replay(reference, rows=b)
+    forward = float32(replay(reference, rows=b), model.device)
     with torch.no_grad():
         forward()  # warm-up
     for name, run in signals.items():
@@ -101,7 +117,8 @@ def bench_family(family: str, args: argparse.Namespace) -> None:
 def batch_scan(family: str, reference: Any, b: int, args: argparse.Namespace) -> None:
     """Per-sample time of one query-network forward at k x batch rows, for each k of --scan:
     what stacking a signal's k calls of one batch into one call would gain."""
-    runs = {k: replay(reference, rows=k * b) for k in args.scan}
+    device = next(reference.module.parameters()).device
+    runs = {k: float32(replay(reference, rows=k * b), device) for k in args.scan}
     for run in runs.values():
         run()  # warm-up
     times = alternate(runs, args.rounds, args.device)

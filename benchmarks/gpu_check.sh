@@ -21,7 +21,8 @@
 # package index). No CUDA: one line on stderr, exit status 1.
 #
 #   GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh   # smoke mode: tiny presets on the CPU,
-#                                                       # every part in about a minute
+#     every part (1 shadow, so no LiRA; 2 sampling steps): 96 s on 2 cores alone, mostly the
+#     start-up of its ~15 Python processes (~5 s each), which a smoke test cannot shrink
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
@@ -69,15 +70,17 @@ if [ "$DEVICE" = cuda ]; then
     DIFFUSION=ldm-256 SEQ2SEQ=dalle-mini
     TRAIN=(--steps 150 --rounds 1 --batch-size 16 --num-samples 256)
     GENERATE=(--num-captions 8 --num-images 4 --inference-steps 20 --rounds 2)
-    SIGNALS=(--batch 16 --rounds 3)
-    STEPS=300 IMAGES=4 ATTACKS="[all]"
+    SIGNALS=(--batch 16 --rounds 3 --scan 1,4)
+    SIGNAL_RUNS="diffusion:$DIFFUSION seq2seq:$SEQ2SEQ"
+    STEPS=300 IMAGES=4 ATTACKS="[all]" SHADOWS=2 INFERENCE_STEPS=10
 else  # smoke: every part, tiny; the CPU has no peak in the table, so MFU against 1 TFLOP/s
     PRECISION=32-true ACCEL=cpu PEAK=${GPU_CHECK_PEAK_TFLOPS:-1}
     DIFFUSION=tiny SEQ2SEQ=tiny
     TRAIN=(--steps 2 --rounds 1 --batch-size 4 --num-samples 8)
     GENERATE=(--num-captions 2 --num-images 1 --inference-steps 2 --rounds 1)
     SIGNALS=(--batch 4 --rounds 1 --scan "")
-    STEPS=2 IMAGES=1 ATTACKS="[pixel]"
+    SIGNAL_RUNS="all:tiny"  # both families in one process: start-up is most of a tiny part
+    STEPS=2 IMAGES=1 ATTACKS="[pixel]" SHADOWS=1 INFERENCE_STEPS=2
 fi
 
 echo "gpu_check: device $DEVICE, python $PY, work folder $WORK, log $LOG"
@@ -116,8 +119,8 @@ for family in diffusion seq2seq; do
         --device "$DEVICE" --precision "$PRECISION" "${GENERATE[@]}"
 done
 
-for family in diffusion seq2seq; do
-    preset=$([ "$family" = diffusion ] && echo "$DIFFUSION" || echo "$SEQ2SEQ")
+for run in $SIGNAL_RUNS; do
+    family=${run%%:*} preset=${run#*:}
     part "signals-$family-$preset" "$PY" benchmarks/bench_signals.py --family "$family" --preset "$preset" \
         --device "$DEVICE" "${SIGNALS[@]}"
 done
@@ -125,7 +128,7 @@ done
 cat > "$WORK/tiny.yaml" << EOF
 experiment: $WORK/exp
 family: diffusion
-num_shadows: 2
+num_shadows: $SHADOWS
 autoencoder: configs/autoencoder/tiny-kl.yaml
 encoder: configs/encoder/tiny.yaml
 model: configs/diffusion/tiny.yaml
@@ -133,7 +136,7 @@ data_args: [--data.source.num_samples=600, --data.target_size=32, --data.aux_siz
             --data.shadow_size=32, --data.public_size=256, --data.member_fraction=0.5]
 trainer_args: [--trainer.accelerator=$ACCEL, --trainer.devices=1, --trainer.max_steps=$STEPS,
                --trainer.enable_progress_bar=false, --trainer.logger=false]
-model_args: [--model.init_args.num_inference_steps=10]
+model_args: [--model.init_args.num_inference_steps=$INFERENCE_STEPS]
 num_images: $IMAGES
 attacks: $ATTACKS
 query_accelerator: $ACCEL
