@@ -143,6 +143,9 @@ def main() -> None:
     if args.phase:
         print(json.dumps(phase(args.phase, args.shards, args.reads, args.workers)))
         return
+    from _machine import print_machine  # here: the phases' memory figures stay torch-free
+
+    print_machine()  # (its CPU account counts the phases: finished child processes)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "shards"
         folder.mkdir()

@@ -10,6 +10,7 @@ import argparse
 import time
 
 import torch
+from _machine import print_machine
 
 from lightning_mia.features import FEATURE_GROUPS, FeatureExtractor
 from lightning_mia.models.encoder import EncoderModule
@@ -36,6 +37,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print_machine(args.device)
     encoder = EncoderModule(preset="tiny").encoder.to(args.device).eval()
     for res in (32, 256):
         for group in FEATURE_GROUPS:

@@ -14,9 +14,17 @@ C captions x N images each, same seeds, same sampler settings:
 - seq2seq: `Seq2SeqModule.generate` (captions x N sampled together, KV-cached) against one
   caption at a time through transformers' `bart.generate(...)` (plain sampling, the code-range
   restriction as a LogitsProcessor), each followed by the same VQ decoder.
+- any other registered family (`--family` lists them): its batched `generate` alone.
 Rounds alternate the two; medians are compared. Prints images/s, peak memory (process RSS; CUDA
-peak allocated of each method on a GPU) and
-`RESULT generate_over_per_caption_pipeline <batched images/s / per-caption images/s>` (goal >= 2).
+peak allocated of each method on a GPU),
+`RESULT generate_over_per_caption_pipeline <batched images/s / per-caption images/s>` (goal >= 2)
+and `RESULT generate_images_per_s` (batched). Then the model's speed (`_forward`):
+`RESULT generate_forward_share`, the share of a hooked batched run spent inside the query
+network (the UNet, BART), the rest split on a `#` line (text encoder, autoencoder decode, other:
+the sampler's Python loop, per-image generators); and, where every call is the same forward
+(a diffusion sampler's steps), `RESULT generate_model_over_total`: that forward, replayed as many
+times at the same batch (plain attention processors), over the batched run (the median of the
+rounds' ratios; 1 = no overhead).
 """
 
 from __future__ import annotations
@@ -34,12 +42,13 @@ from _common import (
     autocast,
     build_model,
     check_args,
-    cpu_description,
     measure_peak_cuda,
     peak_rss_mib,
+    print_machine,
     shapes_items,
     stopwatch,
 )
+from _forward import alternate, breakdown, clocked, query_network, uniform_replay
 from diffusers import VQModel
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -154,27 +163,17 @@ def timed_rounds(
     return seconds, peaks, images
 
 
-@torch.no_grad()
-def generate_ratio(args: argparse.Namespace) -> float:
-    """Batched `generate` images/s over the per-caption pipeline's."""
-    with tempfile.TemporaryDirectory() as tmp:
-        model, res = build_model(args.family, args.preset, Path(tmp))
-    model = model.to(args.device).eval()
-    captions = [it["caption"] for it in shapes_items(args.num_captions, res)]
-    build_runs = diffusion_runs if args.family == "diffusion" else seq2seq_runs
-    for run in build_runs(model, captions[:2], args).values():  # warm-up on two captions
-        with autocast(args.precision, args.device):
-            run(0)
-    seconds, peaks, images = timed_rounds(build_runs(model, captions, args), args)
-    count = args.num_captions * args.num_images
-    sampler = f", {args.inference_steps} steps, guidance {args.guidance_scale}"
-    print(
-        f"# {args.family} {args.preset} {res}px, {args.num_captions} captions x "
-        f"{args.num_images} images, {args.rounds} rounds, {args.device} {args.precision}, "
-        f"{torch.get_num_threads()} threads" + (sampler if args.family == "diffusion" else "")
-    )
-    print(f"# {cpu_description()}")
-    rate, cpu = {}, {}
+def generic_runs(model: Any, captions: list[str], args: argparse.Namespace) -> dict:
+    """A family with no library pipeline to compare against: its batched `generate` alone."""
+    return {"batched": lambda seed: model.generate(captions, args.num_images, seed)}
+
+
+RUNS = {"diffusion": diffusion_runs, "seq2seq": seq2seq_runs}  # any other family: generic_runs
+
+
+def report_comparison(args: argparse.Namespace, seconds: dict, peaks: dict, images: dict) -> None:
+    """images/s of each run; batched over per caption where there is a per-caption pipeline."""
+    count, rate, cpu = args.num_captions * args.num_images, {}, {}
     for name, secs in seconds.items():
         rate[name] = count / statistics.median(wall for wall, _ in secs)
         cpu[name] = statistics.median(c for _, c in secs)
@@ -184,15 +183,75 @@ def generate_ratio(args: argparse.Namespace) -> float:
             f"{name:12s} {rate[name]:8.2f} images/s  (rounds: {rounds} s; median CPU "
             f"{cpu[name]:.2f} s){memory}"
         )
+    print(f"peak RSS {peak_rss_mib():.0f} MiB")
+    print(f"RESULT generate_images_per_s {rate['batched']:.2f}")
+    if "per caption" not in seconds:
+        return
     print(f"ratio by CPU time {cpu['per caption'] / cpu['batched']:.3f} (robust to other load)")
     batched, single = images["batched"], images["per caption"]
-    assert batched.shape == single.shape == (args.num_captions, args.num_images, 3, res, res)
+    assert batched.shape == single.shape
     if args.family == "diffusion":  # same noise, same deterministic sampler: same images
         print(f"max |batched - per caption| {(batched - single).abs().max().item():.2e}")
-    print(f"peak RSS {peak_rss_mib():.0f} MiB")
     ratio = rate["batched"] / rate["per caption"]
     print(f"RESULT generate_over_per_caption_pipeline {ratio:.3f}")
-    return ratio
+
+
+def report_model_speed(model: Any, run: Callable[[int], Any], args: argparse.Namespace) -> None:
+    """Batched `generate` against the query network's own forward passes (`_forward`): the
+    share of a hooked run spent inside it, and, when every call of a run is the same forward
+    (a diffusion sampler's steps, not a KV-cached decoder's), that forward replayed as many
+    times, in rounds alternating with `generate`."""
+    network = query_network(model)
+    with autocast(args.precision, args.device):
+        clock, hooked_s = clocked(model, network, lambda: run(0))
+    count = args.num_captions * args.num_images
+    calls = len(clock.calls)
+    print(
+        f"# model speed: {calls} calls of `{network}` ({clock.queries(count):g} rows per image); "
+        f"hooked run: {breakdown(clock.seconds, hooked_s, count)} per image"
+    )
+    print(f"RESULT generate_forward_share {clock.seconds.get(network, 0.0) / hooked_s:.3f}")
+    forward = uniform_replay(clock.calls)
+    if forward is None:
+        print("# its calls differ (a KV cache grows): no replayed-forward ratio")
+        return
+    with autocast(args.precision, args.device):
+        forward()  # warm-up
+        times = alternate(
+            {"model": lambda: [forward() for _ in range(calls)], "generate": lambda: run(0)},
+            args.rounds,
+            args.device,
+        )
+    model, gen = times["model"], times["generate"]
+    print(
+        f"# {calls} x one `{network}` forward at batch {clock.calls[0].rows}: {model.best:.3f} s "
+        f"vs generate {gen.best:.3f} s, best of {args.rounds} rounds (ratio of the best rounds "
+        f"{model.best / gen.best:.3f}; by CPU time {model.over(gen, cpu=True):.3f})"
+    )
+    print(f"RESULT generate_model_over_total {model.over(gen):.3f}")
+
+
+@torch.no_grad()
+def generate_ratio(args: argparse.Namespace) -> None:
+    """Batched `generate` images/s, against the per-caption pipeline and the model's passes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model, res = build_model(args.family, args.preset, Path(tmp))
+    model = model.to(args.device).eval()
+    captions = [it["caption"] for it in shapes_items(args.num_captions, res)]
+    build_runs = RUNS.get(args.family, generic_runs)
+    for run in build_runs(model, captions[:2], args).values():  # warm-up on two captions
+        with autocast(args.precision, args.device):
+            run(0)
+    runs = build_runs(model, captions, args)
+    seconds, peaks, images = timed_rounds(runs, args)
+    sampler = f", {args.inference_steps} steps, guidance {args.guidance_scale}"
+    print(
+        f"# {args.family} {args.preset} {res}px, {args.num_captions} captions x "
+        f"{args.num_images} images, {args.rounds} rounds, {args.device} {args.precision}, "
+        f"{torch.get_num_threads()} threads" + (sampler if args.family == "diffusion" else "")
+    )
+    report_comparison(args, seconds, peaks, images)
+    report_model_speed(model, runs["batched"], args)
 
 
 def main() -> None:
@@ -205,6 +264,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     check_args(parser, args)
+    print_machine(args.device)
     generate_ratio(args)
 
 

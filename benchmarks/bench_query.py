@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_signals import build_model, make_batch  # the same random tiny models
+from _families import build_model, family_names, make_batch  # the same random tiny models
+from _machine import print_machine
 from transformers import CLIPModel
 
 from lightning_mia.features.extractor import FEATURE_GROUPS, FeatureExtractor
@@ -36,7 +37,7 @@ def timed(fn, repeats, device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=["diffusion", "seq2seq"], required=True)
+    parser.add_argument("--family", choices=family_names(), required=True)
     parser.add_argument("--num-images", type=int, default=4)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
@@ -44,6 +45,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print_machine(args.device)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         model, res = build_model(args.family, "tiny", Path(tmp))

@@ -1,119 +1,185 @@
-"""Gray-box signal cost: seconds per sample for every signal of a family.
+"""Gray-box signals at the model's speed: every signal of every family against the model's own
+forward passes.
 
-    python benchmarks/bench_signals.py --family diffusion [--preset tiny] [--device cuda]
-    python benchmarks/bench_signals.py --family seq2seq [--preset tiny] [--batch 32]
+    python benchmarks/bench_signals.py                       # every family, tiny, CPU
+    python benchmarks/bench_signals.py --family diffusion --threads 2 [--profile 12]
+    python benchmarks/bench_signals.py --family diffusion --preset ldm-256 --device cuda --batch 16
 
-Builds a random-init model of the preset (the cost of a trained one is the same) with a random
-VQ autoencoder in a temporary folder, and times `compute_signals` for each signal alone on one
-batch (default options: timesteps 100/200/300, SecMI t=100 in 10 steps). Prints
-`RESULT <signal>_seconds_per_sample <value>` lines (and the model passes per sample).
+For each registered family with gray-box signals (`lightning_mia.models.base.FAMILIES`,
+`lightning_mia.graybox.signals_for`), a random-init model of the preset (a trained one costs
+the same; `_families.build_model`) and one batch of shapes images. Per signal (default
+options), in rounds that alternate the two so that other load on the machine hits both alike:
+- the signal: `compute_signals(model, batch, [signal])`, seconds per sample;
+- the model: its declared passes per sample (`queries_per_sample`, q) forward passes of the
+  query network (`_forward.query_network`: the UNet, BART) at the same batch, each a replay of
+  the signal's own first call at that batch: the time the signal would take if it were nothing
+  but its model passes.
+`RESULT <signal>_model_over_signal` = model / signal, the median over rounds of each round's
+ratio (the two ran back to back; the `#` line also gives the ratio of the best rounds and by
+CPU time; 1 = no overhead, goal >= 0.85). `<signal>_samples_per_s` and
+`<signal>_seconds_per_sample` are the best round's (other load only adds time);
+`<signal>_queries_per_sample` the declared passes; `<signal>_forward_share` the share of the
+signal's time spent inside the query network in a run with hooks (`_forward.ForwardClock`),
+whose `#` line splits the rest between the other components (text encoder, autoencoder) and
+`other` (Python loops, per-sample generators, the tokenizer, elementwise maths, mode
+switches). The counted passes are checked against the declared ones. `--scan 1,2,4,8`
+(default) times one forward at k x batch rows: what stacking k calls of a signal into one would
+gain (`RESULT <family>_forward_ms_per_sample_at_<rows>`).
+`<family>_all` is every signal of the family in one `compute_signals` call, as the query stage
+asks for them (the latents or codes and the caption's conditioning computed once); its model
+passes are those counted (signals may share one: nll_gap reuses nll's), not the declared sum.
+`--profile N` adds the N functions with the most own time (cProfile) per signal.
 """
 
+from __future__ import annotations
+
 import argparse
+import cProfile
+import io
+import pstats
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import VQModel
+from _families import build_model, family_names, family_presets, make_batch
+from _forward import alternate, breakdown, clocked, query_network, reference_call, replay
+from _machine import print_machine
 
-from lightning_mia.graybox import SIGNALS, SignalOptions, compute_signals, signals_for
-
-# preset -> (resolution, VQ block channels (f = 2^(n-1)), latent channels, codebook size)
-AUTOENCODERS = {
-    ("diffusion", "tiny"): (32, (32, 64, 64), 4, 512),
-    ("diffusion", "ldm-256"): (256, (128, 256, 512), 3, 8192),  # f4: 64x64x3 latents
-    ("seq2seq", "tiny"): (32, (32, 64, 64), 8, 512),
-    ("seq2seq", "dalle-mini"): (256, (32, 32, 64, 64, 128), 8, 16384),  # f16: 16x16 codes
-}
-
-
-def random_autoencoder(family, preset, folder):
-    res, channels, latent, codes = AUTOENCODERS[(family, preset)]
-    n = len(channels)
-    VQModel(
-        block_out_channels=channels,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        layers_per_block=1,
-        latent_channels=latent,
-        num_vq_embeddings=codes,
-        vq_embed_dim=latent,
-        norm_num_groups=16,
-        sample_size=res,
-        mid_block_add_attention=False,
-    ).save_pretrained(folder)
-    return res
+from lightning_mia.graybox import (
+    SIGNALS,
+    SignalOptions,
+    compute_signals,
+    full_precision,
+    signals_for,
+)
 
 
-def build_model(family, preset, root):
-    res = random_autoencoder(family, preset, root / "autoencoder")
-    if family == "diffusion":
-        from lightning_mia.models.diffusion import LatentDiffusionModule
+def float32(run: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """`run` in float32 as `compute_signals` runs the signals: autocast off, no TF32 on CUDA."""
 
-        model = LatentDiffusionModule(
-            preset=preset, autoencoder=str(root / "autoencoder"), resolution=res
-        )
-        return model, res
-    from lightning_mia.data.shapes import ShapesSource
-    from lightning_mia.models.bart_tokenizer import train_caption_tokenizer
-    from lightning_mia.models.seq2seq import Seq2SeqModule
+    def in_float32() -> Any:
+        with full_precision(device):
+            return run()
 
-    source = ShapesSource(num_samples=256, resolution=32, seed=0)
-    captions = [source.caption(i) for i in range(256)]
-    train_caption_tokenizer(captions, 512, root / "tokenizer")
-    model = Seq2SeqModule(
-        preset=preset, autoencoder=str(root / "autoencoder"), tokenizer=str(root / "tokenizer")
-    )
-    return model, res
+    return in_float32
 
 
-def make_batch(batch, res, device):
-    from lightning_mia.data.shapes import ShapesSource
+def profile_lines(fn: Callable[[], Any], top: int) -> str:
+    """The `top` functions with the most own time during fn(), as pstats prints them."""
+    profiler = cProfile.Profile()
+    profiler.runcall(fn)
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
+    start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
+    return "\n".join(f"#   {ln}" for ln in lines[start:])
 
-    source = ShapesSource(num_samples=batch, resolution=res, seed=1)
-    return {
-        "pixel_values": torch.stack([source.image(i) for i in range(batch)]).to(device),
-        "caption": [source.caption(i) for i in range(batch)],
-        "sample_id": torch.arange(batch),
+
+def bench_family(family: str, args: argparse.Namespace) -> None:
+    """Every signal of `family`: rounds, breakdown, RESULT lines."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model, res = build_model(family, args.preset, Path(tmp))
+    model = model.to(args.device).eval()
+    batch, b = make_batch(args.batch, res, args.device), args.batch
+    network, options = query_network(model), SignalOptions()
+    print(f"# {family} {args.preset} {res}px, batch {b}, query network `{network}`")
+    names = signals_for(family)
+    signals = {  # each alone, then all in one call (as a query asks: latents, codes shared)
+        name: (lambda group=group: compute_signals(model, batch, group, seed=0, options=options))
+        for name, group in [*((n, [n]) for n in names), (f"{family}_all", names)]
     }
+    passes = {name: SIGNALS[name].queries_per_sample(options) for name in names}
+    clocks = {}
+    for name, run in signals.items():
+        run()  # warm-up: first calls build kernels for their shapes
+        hooked = [clocked(model, network, run) for _ in range(2)]
+        clocks[name] = min(hooked, key=lambda clock_s: clock_s[1])  # the less disturbed one
+    # together, signals may share passes (nll_gap reuses nll's): the model needs those counted
+    passes[f"{family}_all"] = round(clocks[f"{family}_all"][0].queries(b))
+    calls = [c for clock, _ in clocks.values() for c in clock.calls]
+    reference = reference_call(calls, b)
+    forward = float32(replay(reference, rows=b), model.device)
+    with torch.no_grad():
+        forward()  # warm-up
+    for name, run in signals.items():
+        q = passes[name]
+        model_run = lambda q=q: [forward() for _ in range(q)]  # noqa: E731
+        times = alternate({"model": model_run, "signal": run}, args.rounds, args.device)
+        report_signal(name, q, times, clocks[name], b, args.rounds)
+        if args.profile:
+            print(profile_lines(run, args.profile))
+    if args.scan:
+        batch_scan(family, reference, b, args)
 
 
-def seconds_per_sample(model, batch, name, repeats):
-    compute_signals(model, batch, [name], seed=0)  # warm-up
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else lambda: None
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        compute_signals(model, batch, [name], seed=0)
-    sync()
-    return (time.perf_counter() - start) / (repeats * len(batch["sample_id"]))
+def batch_scan(family: str, reference: Any, b: int, args: argparse.Namespace) -> None:
+    """Per-sample time of one query-network forward at k x batch rows, for each k of --scan:
+    what stacking a signal's k calls of one batch into one call would gain."""
+    device = next(reference.module.parameters()).device
+    runs = {k: float32(replay(reference, rows=k * b), device) for k in args.scan}
+    for run in runs.values():
+        run()  # warm-up
+    times = alternate(runs, args.rounds, args.device)
+    base = times[args.scan[0]].best / (args.scan[0] * b)
+    parts = []
+    for k, t in times.items():
+        per_sample = t.best / (k * b)
+        parts.append(f"{k * b} rows {1e3 * per_sample:.3f} ms ({base / per_sample:.2f}x)")
+        print(f"RESULT {family}_forward_ms_per_sample_at_{k * b} {1e3 * per_sample:.4f}")
+    print(f"# {family} forward per sample by batch (best of {args.rounds}): " + ", ".join(parts))
 
 
-def main():
+def report_signal(name: str, q: int, times: dict, clocked_run: tuple, b: int, rounds: int) -> None:
+    """The `#` lines and RESULT lines of one signal."""
+    model, signal = times["model"], times["signal"]
+    ratio = model.over(signal)
+    clock, hooked_s = clocked_run
+    counted = clock.queries(b)
+    network_s = clock.seconds.get(clock.network, 0.0)
+    print(
+        f"# {name}: {q} passes/sample (counted {counted:g}), {signal.best / b * 1e3:.2f} "
+        f"ms/sample vs model {model.best / b * 1e3:.2f} ms/sample (best of {rounds}): ratio "
+        f"{ratio:.3f} (median of the rounds' ratios; of the best rounds "
+        f"{model.best / signal.best:.3f}, by CPU time {model.over(signal, cpu=True):.3f})"
+    )
+    print(f"#   where the time goes (hooked run): {breakdown(clock.seconds, hooked_s, b)}")
+    if abs(counted - q) > 1e-6:
+        print(f"#   WARNING: {name} declares {q} passes per sample, the clock counted {counted:g}")
+    print(f"RESULT {name}_queries_per_sample {q}")
+    print(f"RESULT {name}_seconds_per_sample {signal.best / b:.6f}")
+    print(f"RESULT {name}_samples_per_s {b / signal.best:.2f}")
+    print(f"RESULT {name}_model_over_signal {ratio:.3f}")
+    print(f"RESULT {name}_forward_share {network_s / hooked_s:.3f}")
+
+
+def main() -> None:
+    families = [f for f in family_names() if signals_for(f)]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=["diffusion", "seq2seq"], required=True)
-    parser.add_argument("--preset", default="tiny", help="tiny | ldm-256 | dalle-mini")
+    parser.add_argument("--family", choices=[*families, "all"], default="all")
+    parser.add_argument("--preset", default="tiny", help="tiny | ldm-256 | dalle-mini | ...")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--rounds", type=int, default=7, help="alternated rounds")
+    parser.add_argument(
+        "--scan",
+        type=lambda text: [int(k) for k in text.split(",") if k],
+        default=[1, 2, 4, 8],
+        help="forward time per sample at k x batch rows, for each k (comma-separated; '' = off)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--profile", type=int, default=0, help="top N functions per signal")
     args = parser.parse_args()
-    if (args.family, args.preset) not in AUTOENCODERS:
-        parser.error(f"no benchmark set-up for {args.family} preset {args.preset!r}")
+    chosen = families if args.family == "all" else [args.family]
+    if args.family == "all" and args.preset != "tiny":  # only the families that have it
+        chosen = [f for f in chosen if args.preset in family_presets(f)]
+    if not chosen:
+        parser.error(f"no family has a benchmark set-up for preset {args.preset!r}")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        model, res = build_model(args.family, args.preset, Path(tmp))
-    model = model.to(args.device).eval()
-    batch = make_batch(args.batch, res, args.device)
-    options = SignalOptions()
-    print(f"# {args.family} {args.preset} {res}px, batch {args.batch}, device {args.device}")
-    for name in signals_for(args.family):
-        sps = seconds_per_sample(model, batch, name, args.repeats)
-        passes = SIGNALS[name].queries_per_sample(options)
-        print(f"RESULT {name}_model_passes_per_sample {passes}")
-        print(f"RESULT {name}_seconds_per_sample {sps:.6f}")
+    print_machine(args.device)
+    for family in chosen:
+        bench_family(family, args)
 
 
 if __name__ == "__main__":

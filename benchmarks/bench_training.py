@@ -34,9 +34,9 @@ from _common import (
     build_model,
     check_args,
     counted_flops,
-    cpu_description,
     peak_flops,
     peak_rss_mib,
+    print_machine,
     shapes_items,
     stopwatch,
     to_device,
@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 
 from lightning_mia.data.datamodule import collate_samples
 
-DEFAULT_STEPS = {"diffusion": 70, "seq2seq": 120}  # tiny on one CPU core: ~1 min in all
+DEFAULT_STEPS = {"diffusion": 70, "seq2seq": 120}  # tiny, one CPU core: ~1 min (others: 70)
 
 
 def optimizer_and_scheduler(model: Any) -> tuple[torch.optim.Optimizer, Any]:
@@ -111,7 +111,7 @@ def fill_caches(model: Any, loader: DataLoader, device: str, precision: str) -> 
 
 def train_ratio(args: argparse.Namespace) -> float:
     """Lightning samples/s over the plain loop's (same model, data, optimizer, steps)."""
-    steps = args.steps or DEFAULT_STEPS[args.family]
+    steps = args.steps or DEFAULT_STEPS.get(args.family, 70)
     with tempfile.TemporaryDirectory() as tmp:
         model, res = build_model(args.family, args.preset, Path(tmp))
     items = shapes_items(args.num_samples, res)
@@ -131,7 +131,6 @@ def train_ratio(args: argparse.Namespace) -> float:
         f"# {args.family} {args.preset} {res}px, batch {args.batch_size}, {steps} steps x "
         f"{args.rounds} rounds, {args.device} {args.precision}, {torch.get_num_threads()} threads"
     )
-    print(f"# {cpu_description()}")
     print(f"plain loop: {p:.2f} samples/s  (rounds: {', '.join(f'{t:.2f}' for t in plain)} s)")
     print(f"Lightning:  {li:.2f} samples/s  (rounds: {', '.join(f'{t:.2f}' for t in light)} s)")
     print(f"peak RSS {peak_rss_mib():.0f} MiB")
@@ -158,6 +157,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=0.0, help=peak)
     args = parser.parse_args()
     check_args(parser, args)
+    print_machine(args.device)
     train_ratio(args)
 
 

@@ -4,10 +4,16 @@
 # 1. a few hundred bf16 training steps of the ldm-256 and dalle-mini presets (bench_training.py):
 #    samples/s and model FLOP utilisation (FLOP counter over a step / peak of the GPU by name);
 # 2. batched generation throughput of both (bench_generation.py, against the per-caption
-#    library pipelines);
-# 3. a tiny experiment (shapes data: autoencoder, encoder, target, 2 shadows) trained, queried
+#    library pipelines, and against the model's own forward passes: generate_model_over_total,
+#    generate_forward_share, generate_images_per_s);
+# 3. every gray-box signal of ldm-256 and dalle-mini at the model's speed (bench_signals.py,
+#    float32 as the signals run): <signal>_model_over_signal (the query network's declared
+#    passes per sample, replayed at the same batch, over the signal's time), <signal>_samples_per_s,
+#    <signal>_forward_share;
+# 4. a tiny experiment (shapes data: autoencoder, encoder, target, 2 shadows) trained, queried
 #    and attacked on CUDA, through the experiment runner.
-# Every figure is a `RESULT <part>/<name> <value>` line; the whole log goes to
+# Every figure is a `RESULT <part>/<name> <value>` line, each part's machine (CPU, kernels,
+# threads, GPU) a `MACHINE <part>: ...` line before them; the whole log goes to
 # $GPU_CHECK_OUT/gpu_check.log (default: the work folder, printed at the start).
 #
 # Python: $PYTHON if set, else .venv/bin/python, else a python3 whose torch sees CUDA (a venv
@@ -15,7 +21,8 @@
 # package index). No CUDA: one line on stderr, exit status 1.
 #
 #   GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh   # smoke mode: tiny presets on the CPU,
-#                                                       # every part in about a minute
+#     every part (1 shadow, so no LiRA; 2 sampling steps): 96 s on 2 cores alone, mostly the
+#     start-up of its ~15 Python processes (~5 s each), which a smoke test cannot shrink
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
@@ -63,13 +70,17 @@ if [ "$DEVICE" = cuda ]; then
     DIFFUSION=ldm-256 SEQ2SEQ=dalle-mini
     TRAIN=(--steps 150 --rounds 1 --batch-size 16 --num-samples 256)
     GENERATE=(--num-captions 8 --num-images 4 --inference-steps 20 --rounds 2)
-    STEPS=300 IMAGES=4 ATTACKS="[all]"
+    SIGNALS=(--batch 16 --rounds 3 --scan 1,4)
+    SIGNAL_RUNS="diffusion:$DIFFUSION seq2seq:$SEQ2SEQ"
+    STEPS=300 IMAGES=4 ATTACKS="[all]" SHADOWS=2 INFERENCE_STEPS=10
 else  # smoke: every part, tiny; the CPU has no peak in the table, so MFU against 1 TFLOP/s
     PRECISION=32-true ACCEL=cpu PEAK=${GPU_CHECK_PEAK_TFLOPS:-1}
     DIFFUSION=tiny SEQ2SEQ=tiny
     TRAIN=(--steps 2 --rounds 1 --batch-size 4 --num-samples 8)
     GENERATE=(--num-captions 2 --num-images 1 --inference-steps 2 --rounds 1)
-    STEPS=2 IMAGES=1 ATTACKS="[pixel]"
+    SIGNALS=(--batch 4 --rounds 1 --scan "")
+    SIGNAL_RUNS="all:tiny"  # both families in one process: start-up is most of a tiny part
+    STEPS=2 IMAGES=1 ATTACKS="[pixel]" SHADOWS=1 INFERENCE_STEPS=2
 fi
 
 echo "gpu_check: device $DEVICE, python $PY, work folder $WORK, log $LOG"
@@ -80,12 +91,17 @@ part() {  # part <tag> <command...>: run it, log everything, its RESULT lines as
     shift
     echo "## $tag: $*" >> "$LOG"
     "$@" >> "$LOG" 2>&1 || fail "$tag failed (exit $?); see $LOG"
-    sed -n "/^## $tag: /,\$p" "$LOG" | sed -n "s|^RESULT \([^ ]*\) |RESULT $tag/\1 |p"
+    sed -n "/^## $tag: /,\$p" "$LOG" |
+        sed -n -e "s|^RESULT \([^ ]*\) |RESULT $tag/\1 |p" -e "s|^MACHINE |MACHINE $tag: |p"
     echo "RESULT $tag/seconds $((SECONDS - t0))"
 }
 
 "$PY" - << 'EOF' | tee -a "$LOG"
+import sys
+sys.path.insert(0, "benchmarks")
+from _machine import machine_line
 import torch
+print(machine_line("cuda" if torch.cuda.is_available() else "cpu"))
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
 print(f"RESULT device/torch {torch.__version__}")
 print(f"RESULT device/cuda_device {name.replace(' ', '_')}")
@@ -101,14 +117,18 @@ for family in diffusion seq2seq; do
     preset=$([ "$family" = diffusion ] && echo "$DIFFUSION" || echo "$SEQ2SEQ")
     part "generate-$family-$preset" "$PY" benchmarks/bench_generation.py --family "$family" --preset "$preset" \
         --device "$DEVICE" --precision "$PRECISION" "${GENERATE[@]}"
-    sed -n "/^## generate-$family-$preset: /,\$p" "$LOG" |
-        sed -n "s|^batched *\([0-9.]*\) images/s.*|RESULT generate-$family-$preset/batched_images_per_s \1|p"
+done
+
+for run in $SIGNAL_RUNS; do
+    family=${run%%:*} preset=${run#*:}
+    part "signals-$family-$preset" "$PY" benchmarks/bench_signals.py --family "$family" --preset "$preset" \
+        --device "$DEVICE" "${SIGNALS[@]}"
 done
 
 cat > "$WORK/tiny.yaml" << EOF
 experiment: $WORK/exp
 family: diffusion
-num_shadows: 2
+num_shadows: $SHADOWS
 autoencoder: configs/autoencoder/tiny-kl.yaml
 encoder: configs/encoder/tiny.yaml
 model: configs/diffusion/tiny.yaml
@@ -116,7 +136,7 @@ data_args: [--data.source.num_samples=600, --data.target_size=32, --data.aux_siz
             --data.shadow_size=32, --data.public_size=256, --data.member_fraction=0.5]
 trainer_args: [--trainer.accelerator=$ACCEL, --trainer.devices=1, --trainer.max_steps=$STEPS,
                --trainer.enable_progress_bar=false, --trainer.logger=false]
-model_args: [--model.init_args.num_inference_steps=10]
+model_args: [--model.init_args.num_inference_steps=$INFERENCE_STEPS]
 num_images: $IMAGES
 attacks: $ATTACKS
 query_accelerator: $ACCEL
