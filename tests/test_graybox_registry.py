@@ -4,8 +4,6 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from lightning_mia.specs.attacks import QueryCosts
-from lightning_mia.specs.attacks import ATTACKS, lira_features
 from lightning_mia.graybox import (
     SIGNALS,
     SignalError,
@@ -14,9 +12,10 @@ from lightning_mia.graybox import (
     signal_queries,
     signals_for,
 )
-from lightning_mia.graybox.denoiser import fixed_noise, noise_seeds, split_prediction
+from lightning_mia.graybox.denoiser import fixed_noise, noise_seeds
 from lightning_mia.graybox.seq2seq import low_k_mean
-from lightning_mia.models.diffusion import training_target
+from lightning_mia.models.diffusion import split_prediction, training_target
+from lightning_mia.specs.attacks import ATTACKS, QueryCosts, lira_features
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])

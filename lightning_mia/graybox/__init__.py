@@ -12,6 +12,7 @@ beside its code once (`register_signal`), which also declares its gray-box attac
 """
 
 from lightning_mia.graybox.compute import (
+    check_model_signals,
     check_signals,
     compute_signals,
     full_precision,
@@ -25,6 +26,7 @@ __all__ = [
     "SignalError",
     "SignalOptions",
     "SignalSpec",
+    "check_model_signals",
     "check_signals",
     "compute_signals",
     "full_precision",

@@ -84,6 +84,8 @@ class TextToImageModule(LightningModule, ABC):
     """Base of the text-to-image families: run card, training-length accounting, sample grids."""
 
     family: ClassVar[str] = ""
+    # what the family's frozen image model is, as a report names it ("image autoencoder")
+    autoencoder_what: ClassVar[str] = "autoencoder"
     # the frozen image autoencoder's attribute prefix ("vae." / "vq."): it lives in its own
     # folder, so its weights stay out of every checkpoint and are not expected when loading
     frozen_prefix: ClassVar[str] = ""
@@ -111,6 +113,11 @@ class TextToImageModule(LightningModule, ABC):
         self, captions: list[str], num_images: int = 4, seed: int | Sequence[int] = 0
     ) -> torch.Tensor:
         """Images for each caption, (B, N, 3, H, W) in [-1, 1]."""
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """Length of the training time grid the gray-box signals' timesteps index (0: none)."""
+        return 0
 
     def card_references(self) -> dict[str, str]:
         """Folders the model depends on: {"autoencoder": ..., "tokenizer": ...}."""
