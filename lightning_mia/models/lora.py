@@ -35,7 +35,7 @@ from lightning_mia.paths import atomic_write_json, write_folder_atomically
 # whose path ends with it, so one list serves both parts
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
 # the MMDiT's joint attention also projects the text stream (add_*_proj, to_add_out)
-MMDIT_LORA_TARGETS = (*LORA_TARGETS[:4], "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+MMDIT_LORA_TARGETS = (*LORA_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 ADAPTER = "default"  # peft adapter name: keys read `...to_q.lora_A.default.weight`
 # the parts a module may carry adapters in, and the hparam that says whether each is trained
 # (None: never trained here, always the pretrained folder's: SD3's T5 encoder)
@@ -153,16 +153,19 @@ def export_lora(module: nn.Module, folder: str | Path) -> Path:
     parts = adapter_parts(module)
     if not parts:
         raise LoraError("this model has no LoRA adapter to export (lora_rank is 0)")
-    save = type(module.pipeline()).save_lora_weights  # StableDiffusion(3)Pipeline's
+    pipeline_class = type(module.pipeline())  # StableDiffusion(3)Pipeline
+    # Stable Diffusion LoRAs are written with diffusers' key names (train_text_to_image_lora.py);
+    # SD3's loader reads peft's (train_dreambooth_lora_sd3.py writes them unconverted)
+    convert = pipeline_class.__name__ == "StableDiffusionPipeline"
     layers, metadata = {}, {}
     for name, part in parts.items():
         state = get_peft_model_state_dict(part, adapter_name=ADAPTER)
-        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state) if convert else state
         metadata[f"{name}_lora_adapter_metadata"] = part.peft_config[ADAPTER].to_dict()
     base = (module.card.extra.get("base") if module.card else None) or {}
 
     def write(tmp: Path) -> None:
-        save(tmp, **layers, **metadata, weight_name=LORA_WEIGHTS)
+        pipeline_class.save_lora_weights(tmp, **layers, **metadata, weight_name=LORA_WEIGHTS)
         atomic_write_json(tmp / BASE_FILE, {"base": base, "lora_rank": module.hparams.lora_rank})
 
     return write_folder_atomically(folder, write)
