@@ -10,7 +10,9 @@ stay separate (`unet`, `vae`, `text_encoder`, `tokenizer`, `noise_scheduler`) so
 attacks can query each; `save_pipeline` writes a StableDiffusionPipeline folder and
 `preset: pretrained` fine-tunes one (on its own noise schedule and prediction type, at its
 native resolution with `resolution: 0`), in full or with LoRA adapters (`lora_rank`, see
-`models.lora`); weights that stay the folder's are referenced by sha256, not stored.
+`models.lora`); weights that stay the folder's are referenced by sha256, not stored. The family
+implements the gray-box interface of `models.latent` with integer DDPM timesteps as its time and
+the UNet's output (eps, v or x0 by prediction type) as its prediction.
 """
 
 from __future__ import annotations
