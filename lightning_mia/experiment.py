@@ -35,6 +35,7 @@ from lightning_mia.attack.render import format_comparison
 from lightning_mia.attack.repeats import format_repeats, summarize_repeats, write_repeats
 from lightning_mia.cli import train_main
 from lightning_mia.errors import UserError
+from lightning_mia.models.base import DEFAULT_FAMILY
 from lightning_mia.paths import ExperimentLayout, find_config
 from lightning_mia.query.run import Devices
 from lightning_mia.reporting import finish_wandb_run
@@ -213,7 +214,7 @@ def _summarize(
 
 def run_experiment(
     experiment: str = "runs/demo",
-    family: str = "diffusion",
+    family: str = DEFAULT_FAMILY,
     num_shadows: int = 2,
     stages: StageConfigs = StageConfigs(),
     query: QuerySpec = QuerySpec(signals=("auto",)),

@@ -17,12 +17,13 @@ from lightning_mia.attack.clid import fit_clid_threshold
 from lightning_mia.data.shapes import ShapesSource
 from lightning_mia.graybox import SignalError, SignalOptions, compute_signals
 from lightning_mia.graybox.clid import mask_top_words, word_importance
-from lightning_mia.graybox.denoiser import DiffusionView, fixed_noise, guided, split_prediction
+from lightning_mia.graybox.denoiser import LatentView, fixed_noise, guided
 from lightning_mia.graybox.denoiser import noise_seeds as seeds_of
 from lightning_mia.graybox.pia import pia_distance
 from lightning_mia.graybox.secmi import ddim_invert, ddim_reverse, secmi_features
 from lightning_mia.metrics import roc_auc
-from lightning_mia.models.diffusion import LatentDiffusionModule
+from lightning_mia.models.diffusion import LatentDiffusionModule, split_prediction
+from lightning_mia.models.latent import TimeGrid
 from lightning_mia.models.vae import encode_latents
 
 RES, MEMBERS, STEPS = 16, 16, 300
@@ -39,16 +40,26 @@ OPTIONS = SignalOptions(timesteps=(200, 300), secmi_t=300, secmi_steps=10)
 
 
 # --- the maths on hand-made inputs ----------------------------------------------------------------
-class ScalarDenoiser(DiffusionView):
-    """A hand-made epsilon-predictor eps(x_t, t) = k(t)·x_t on a DDPM schedule; records each t."""
+class ScalarDenoiser:
+    """A hand-made epsilon-predictor eps(x_t, t) = k(t)·x_t on a DDPM schedule, implementing the
+    family interface the signals use (models.latent); records each t it is queried at."""
+
+    device, time_grid = torch.device("cpu"), TimeGrid(0, 999, True, 1000)
 
     def __init__(self, k):
         self.alphas = DDPMScheduler(beta_start=1e-4, beta_end=0.02).alphas_cumprod.float()
-        self.prediction_type, self.k, self.calls = "epsilon", k, []
+        self.k, self.calls = k, []
 
     def predict(self, x_t, t, cond):
-        self.calls.append(t)
-        return self.k(t) * x_t
+        self.calls.append(int(t[0]))
+        return self.k(int(t[0])) * x_t
+
+    def noised(self, x0, noise, t):
+        abar = self.alphas[t].reshape(-1, 1, 1, 1)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def split_prediction(self, prediction, x_t, t):
+        return split_prediction(prediction, x_t, self.alphas[t].reshape(-1, 1, 1, 1), "epsilon")
 
     def step(self, t, t_next):
         """The factor one DDIM step t -> t_next multiplies x by, in float64."""
@@ -60,7 +71,7 @@ class ScalarDenoiser(DiffusionView):
 def test_secmi_runs_the_reference_order_on_a_hand_made_denoiser(t_sec, steps):
     view = ScalarDenoiser(lambda t: 0.2 + t / 40)  # k changes along t: a round-trip error
     x0 = torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(0))
-    feats = secmi_features(view, x0, None, t_sec, steps)
+    feats = secmi_features(LatentView(view), x0, None, t_sec, steps)
     delta = t_sec // steps
     # invert 0 -> t_sec - Δ, one step up to t_sec, one step down to t_sec - Δ: num_steps + 1
     assert view.calls == [*range(0, t_sec - delta, delta), t_sec - delta, t_sec]
@@ -237,7 +248,7 @@ def test_clid_gaps_are_loss_differences_at_the_same_noise(model, signals):
     # default tolerance (1.3e-6 relative, 1e-5 absolute; measured 4.8e-7 absolute)
     torch.testing.assert_close(signals["clid/loss_cond"], own)
     torch.testing.assert_close(signals["clid/gap_null"], eps_loss([""] * len(IDS)) - own)
-    view = DiffusionView(model)
+    view = LatentView(model)
     with torch.no_grad():
         cond = view.condition(batch["caption"])
         importance = word_importance(view.condition, batch["caption"], cond, EOT)
@@ -250,17 +261,16 @@ def test_clid_gaps_are_loss_differences_at_the_same_noise(model, signals):
 
 
 def test_pia_follows_the_reference_recipe(model, signals):
-    view, t, scale = DiffusionView(model), 200, OPTIONS.pia_guidance
+    view, t, scale = LatentView(model), 200, OPTIONS.pia_guidance
     batch = shapes_batch(IDS)
     with torch.no_grad():
         x0, cond = view.latents(batch["pixel_values"]), view.condition(batch["caption"])
-        both = torch.cat([view.condition([""] * len(IDS)), cond])  # [null; caption]
+        both = view.guidance_condition(cond, scale)  # [null; caption]
 
         def eps(x, step):  # guided eps at x (B, C, h, w), timestep `step`
             out = view.predict(x.repeat(2, 1, 1, 1), step, both)
-            e = split_prediction(
-                out, x.repeat(2, 1, 1, 1), view.alpha_bar(step, 2 * len(IDS)), "v_prediction"
-            )[0]
+            abar = model.noise_scheduler.alphas_cumprod[step].reshape(1, 1, 1, 1)
+            e = split_prediction(out, x.repeat(2, 1, 1, 1), abar, "v_prediction")[0]
             return e[len(IDS) :] * scale + e[: len(IDS)] * (1 - scale)
 
         eps0 = eps(x0, 0)  # the model at t = 0 on the clean latents
@@ -272,7 +282,7 @@ def test_pia_follows_the_reference_recipe(model, signals):
 
 
 def test_secmi_inversion_then_ddim_gives_back_the_latents(model):
-    view = DiffusionView(model)
+    view = LatentView(model)
     with torch.no_grad():
         x0 = view.latents(shapes_batch(IDS[:8])["pixel_values"])
         cond = view.condition([SOURCE.caption(i) for i in IDS[:8]])

@@ -12,9 +12,9 @@ from lightning_mia.graybox import (
     signal_queries,
     signals_for,
 )
-from lightning_mia.graybox.denoiser import fixed_noise, noise_seeds, split_prediction
+from lightning_mia.graybox.denoiser import fixed_noise, noise_seeds
 from lightning_mia.graybox.seq2seq import low_k_mean
-from lightning_mia.models.diffusion import training_target
+from lightning_mia.models.diffusion import split_prediction, training_target
 from lightning_mia.specs.attacks import ATTACKS, QueryCosts
 
 
@@ -73,8 +73,15 @@ def test_registry_families_and_query_counts():
     opts = SignalOptions(timesteps=(50, 100, 200), secmi_t=100, secmi_steps=5)
     counts = signal_queries(SIGNALS.names(), opts)
     # secmi: 4 steps up to t - Δ, one up, one down; pia: (1 + 3) guided passes (2 each);
-    # clid: 3 default timesteps x (caption, null, 3 reduced captions)
-    assert counts == {"loss": 3, "secmi": 6, "pia": 8, "clid": 15, "nll": 1, "nll_gap": 2}
+    # clid: 3 default timesteps x (caption, null, 3 reduced captions); the flow signals the same
+    # with their default times (3 for loss and PIA, 9 for the sweep, 3 for CLiD)
+    assert counts == {"loss": 3, "secmi": 6, "pia": 8, "clid": 15, "nll": 1, "nll_gap": 2} | {
+        "flow_loss": 3,
+        "flow_sweep": 9,
+        "flow_secmi": 6,
+        "flow_pia": 8,
+        "flow_clid": 15,
+    }
     unguided = SignalOptions(timesteps=(50,), pia_guidance=1.0, clid_cut_rates=(0.5,))
     assert signal_queries(["pia", "clid"], unguided) == {"pia": 2, "clid": 9}
     costs = QueryCosts(num_images=4, signal_queries=counts)

@@ -18,9 +18,14 @@ from typing import Any
 
 from lightning_mia.attack.report import AttackReport
 from lightning_mia.card import RunCard
+from lightning_mia.models.base import FAMILIES
 from lightning_mia.paths import ExperimentLayout, done_marker
 
-AUTOENCODER_WHAT = {"diffusion": "image autoencoder", "seq2seq": "VQGAN image tokenizer"}
+
+def autoencoder_what(family: str) -> str:
+    """What a family's frozen image model is called in a report ("VQGAN image tokenizer")."""
+    cls = FAMILIES.get(family)
+    return cls.autoencoder_what if cls is not None else "autoencoder"
 
 
 def trained_here(folder: str, layout: ExperimentLayout) -> bool:
@@ -38,7 +43,7 @@ def pretrained_components(
     if base.get("path"):
         found.append(f"base model {base['path']} (sha256 {base['sha256'][:12]})")
     if card.autoencoder and not base and not trained_here(card.autoencoder, layout):
-        found.append(f"{AUTOENCODER_WHAT.get(card.family, 'autoencoder')} {card.autoencoder}")
+        found.append(f"{autoencoder_what(card.family)} {card.autoencoder}")
     if card.text_init:
         found.append(f"pretrained BART text side {card.text_init}")
     if encoder and not trained_here(encoder, layout):

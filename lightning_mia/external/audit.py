@@ -29,7 +29,12 @@ from lightning_mia.data.member_lists import MemberListSource
 from lightning_mia.data.sources import ImageCaptionSource
 from lightning_mia.errors import UserError
 from lightning_mia.external.splits import ensure_external_splits
-from lightning_mia.external.target import adapter_kind, target_module, write_target_checkpoint
+from lightning_mia.external.target import (
+    TARGET_CLASS,
+    adapter_kind,
+    target_module,
+    write_target_checkpoint,
+)
 from lightning_mia.models.pipeline_folder import (
     base_reference,
     check_pipeline_folder,
@@ -134,7 +139,7 @@ def ensure_target(
     layout: ExperimentLayout, splits: Any, options: Any, settings: dict, facts: dict
 ) -> Path:
     """The target's checkpoint (row 0): written once, then checked to be of the same inputs."""
-    ckpt = layout.checkpoint("diffusion", 0)
+    ckpt = layout.checkpoint(TARGET_CLASS.family, 0)
     if ckpt.is_file():
         card = read_card(ckpt)
         before = card.external
@@ -147,7 +152,7 @@ def ensure_target(
         return ckpt
     module = target_module(options.pipeline, options.lora, settings)
     card = RunCard(
-        family="diffusion",
+        family=TARGET_CLASS.family,
         preset="pretrained",
         model_index=0,
         splits_hash=splits.hash,
@@ -263,5 +268,5 @@ def prepare_external(options: Any) -> Any:
     shadow = stage_config(config, layout, splits, shadow_settings(hparams, ext, base))
     for k in range(1, ext.num_shadows + 1):
         args = [f"--data.model_index={k}", *extra]
-        fit_stage(layout.run_dir("diffusion", k), shadow, "shadow", args)
+        fit_stage(layout.run_dir(TARGET_CLASS.family, k), shadow, "shadow", args)
     return dataclasses.replace(options, ckpt=str(ckpt), experiment=str(layout.root))

@@ -1,7 +1,7 @@
 """A model trained elsewhere as a lightning_mia checkpoint: the target row of an audit.
 
     module = target_module("/models/sd-v1-5", lora="my_lora/", sampling={...})
-    write_target_checkpoint(module, card, layout.checkpoint("diffusion", 0))
+    write_target_checkpoint(module, card, layout.checkpoint(module.family, 0))
 
 The target is a `LatentDiffusionModule` on the `pretrained` preset over the pipeline folder. A
 LoRA adapter (diffusers' `pytorch_lora_weights.safetensors`, kohya/A1111 files as diffusers
@@ -27,6 +27,7 @@ from lightning_mia.models.diffusion import LatentDiffusionModule
 from lightning_mia.models.lora import ADAPTER, LORA_TARGETS, LoraError, adapter_parts
 from lightning_mia.paths import atomic_write_bytes, atomic_write_json, done_marker
 
+TARGET_CLASS = LatentDiffusionModule  # the module an external pipeline folder becomes
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before module names
 

@@ -44,6 +44,7 @@ from lightning_mia.graybox.denoiser import (
     timestep_problems,
 )
 from lightning_mia.graybox.spec import SignalOptions, SignalSpec, register_signal
+from lightning_mia.models.latent import Conditioning
 
 ENCODE_CHUNK = 256  # captions per text-encoder call when scoring word importance
 
@@ -66,22 +67,33 @@ def mask_top_words(caption: str, importance: Sequence[float], rate: float, mask:
     return " ".join(mask if w >= threshold else word for word, w in zip(words, importance))
 
 
+def _parts(conditioning: Conditioning | torch.Tensor) -> tuple[torch.Tensor, ...]:
+    if isinstance(conditioning, Conditioning):
+        return conditioning.parts
+    return (conditioning,)
+
+
 def word_importance(
-    encode: Callable[[list[str]], torch.Tensor],
+    encode: Callable[[list[str]], Conditioning | torch.Tensor],
     captions: Sequence[str],
-    conditioning: torch.Tensor,
+    conditioning: Conditioning | torch.Tensor,
     mask: str,
 ) -> list[list[float]]:
-    """Per caption, per word: the mean squared change of the text conditioning (B, S, D) when
-    that word alone is replaced by `mask` (`encode` maps captions to their conditioning)."""
+    """Per caption, per word: the mean squared change of the text conditioning (B rows: a
+    tensor (B, S, D) or a Conditioning, whose parts' changes are summed) when that word alone
+    is replaced by `mask` (`encode` maps captions to their conditioning)."""
     words = [c.split() for c in captions]
     variants = [" ".join([*ws[:j], mask, *ws[j + 1 :]]) for ws in words for j in range(len(ws))]
     owner = [i for i, ws in enumerate(words) for _ in ws]
     scores = []
     for start in range(0, len(variants), ENCODE_CHUNK):
-        masked = encode(variants[start : start + ENCODE_CHUNK])  # (chunk, S, D)
-        full = conditioning[owner[start : start + ENCODE_CHUNK]]  # (chunk, S, D)
-        scores.append(per_sample_mean((masked.float() - full.float()) ** 2))
+        masked = _parts(encode(variants[start : start + ENCODE_CHUNK]))  # (chunk, ...) each
+        rows = owner[start : start + ENCODE_CHUNK]
+        change = [
+            per_sample_mean((m.float() - f[rows].float()) ** 2)
+            for m, f in zip(masked, _parts(conditioning))
+        ]
+        scores.append(torch.stack(change).sum(0))
     flat = torch.cat(scores).tolist() if scores else []
     ends = torch.tensor([0] + [len(ws) for ws in words]).cumsum(0).tolist()
     return [flat[a:b] for a, b in zip(ends[:-1], ends[1:])]
@@ -96,12 +108,12 @@ def mask_word(model: Any) -> str:
 def clid_losses(
     view: Any,
     x0: torch.Tensor,
-    conds: Sequence[torch.Tensor],
+    conds: Sequence[Conditioning],
     seeds: Sequence[int],
     timesteps: Sequence[int],
 ) -> torch.Tensor:
     """ℓ (K, B): noise-space error of latents x0 (B, C, h, w) under each of K conditionings
-    (B, S, D), the same fixed noise for all at each timestep, averaged over the timesteps."""
+    (B rows each), the same fixed noise for all at each timestep, averaged over the timesteps."""
     per_t = []
     for t in timesteps:
         noise = fixed_noise(seeds, t, x0.shape[1:], x0.device)  # (B, C, h, w)

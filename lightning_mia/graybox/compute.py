@@ -55,6 +55,13 @@ def check_signals(
         raise SignalError("; ".join(dict.fromkeys(problems)))
 
 
+def check_model_signals(model: Any, names: Sequence[str], options: SignalOptions) -> None:
+    """`check_signals` for a loaded model: its family and its training time grid
+    (`TextToImageModule.num_train_timesteps`, 0 for a family without one)."""
+    n_train = int(getattr(model, "num_train_timesteps", 0))
+    check_signals(getattr(model, "family", ""), names, options, n_train)
+
+
 def _check_batch(batch: dict[str, Any]) -> int:
     missing = [k for k in REQUIRED_KEYS if k not in batch]
     if missing:
@@ -99,13 +106,9 @@ def compute_signals(
     so the target and every shadow model see the same noise for a sample. The model is put in
     eval mode for the call (and restored after) and the maths runs in float32.
     """
-    family = getattr(model, "family", "")
     if timesteps is not None:
         options = replace(options, timesteps=tuple(int(t) for t in timesteps))
-    n_train = 0
-    if family == "diffusion":
-        n_train = int(model.noise_scheduler.config.num_train_timesteps)
-    check_signals(family, names, options, n_train)
+    check_model_signals(model, names, options)
     _check_batch(batch)
     was_training = model.training
     model.eval()

@@ -23,7 +23,6 @@ from lightning_mia.graybox.denoiser import (
     noise_seeds,
     per_sample_mean,
     prepared,
-    split_prediction,
     timestep_problems,
 )
 from lightning_mia.graybox.spec import SignalOptions, SignalSpec, register_signal
@@ -39,8 +38,8 @@ def loss_signals(
 ) -> dict[str, torch.Tensor]:
     """Per-sample denoising loss at fixed timesteps and fixed noise. Lower = member.
 
-    `loss/t{t}`: the model's own training loss (`LatentDiffusionModule.denoise(...).loss`, the
-    one `per_sample_loss` takes the mean of in training, here with this t and noise: MSE to its
+    `loss/t{t}`: the model's own training loss (`model.loss_at(...).loss`, the one
+    `per_sample_loss` takes the mean of in training, here with this t and noise: MSE to its
     training target, e.g. v); `loss/eps_t{t}`: the error in noise space, ||eps - eps_θ||² (for
     v-prediction it is ᾱ_t times the v-loss, so only the means differ); `loss/mean` and
     `loss/eps_mean` over timesteps. One UNet pass per timestep.
@@ -52,12 +51,9 @@ def loss_signals(
     out: dict[str, torch.Tensor] = {}
     for t in timesteps:
         noise = fixed_noise(seeds, t, x0.shape[1:], x0.device)  # (B, C, h, w)
-        t_batch = torch.full((b,), t, device=x0.device, dtype=torch.long)
-        denoised = model.denoise(x0, cond, t_batch, noise, view.unet)
-        abar = view.alpha_bar(t, b)
-        eps, _ = split_prediction(
-            denoised.prediction.float(), denoised.noisy, abar, view.prediction_type
-        )
+        times = view.times(t, b)
+        denoised = model.loss_at(x0, cond, times, noise)
+        eps, _ = model.split_prediction(denoised.prediction, denoised.noisy, times)
         out[f"loss/t{t}"] = denoised.loss
         out[f"loss/eps_t{t}"] = per_sample_mean((eps - noise) ** 2)
     out["loss/mean"] = torch.stack([out[f"loss/t{t}"] for t in timesteps]).mean(0)

@@ -50,8 +50,8 @@ def pia_signals(
     """
     c = prepared(model, batch, cache)
     view, x0, cond = c["view"], c["x0"], c["cond"]
-    conds = view.guidance_condition(cond, guidance)  # (kB, S, D), k = 1 or 2
-    k = conds.shape[0] // x0.shape[0]
+    conds = view.guidance_condition(cond, guidance)  # kB rows, k = 1 or 2
+    k = len(conds) // x0.shape[0]
     eps0 = guided(view.eps_x0(x0.repeat(k, 1, 1, 1), 0, conds)[0], guidance)  # (B, C, h, w)
     out: dict[str, torch.Tensor] = {}
     for t in timesteps:

@@ -19,24 +19,24 @@ summed over channels, its maximum and 90th percentile over latent positions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from lightning_mia.graybox.denoiser import DiffusionView, per_sample_mean, prepared
+from lightning_mia.graybox.denoiser import LatentView, per_sample_mean, prepared
 from lightning_mia.graybox.spec import SignalOptions, SignalSpec, register_signal
+from lightning_mia.models.latent import Conditioning
 
 
 def ddim_move(
-    view: DiffusionView, x: torch.Tensor, t: int, t_next: int, cond: torch.Tensor
+    view: LatentView, x: torch.Tensor, t: int, t_next: int, cond: Conditioning
 ) -> torch.Tensor:
     """One deterministic DDIM step from timestep t to t_next (either direction), guidance 1.
 
-    x_{t'} = sqrt(ᾱ_{t'})·x0_θ(x_t, t) + sqrt(1 - ᾱ_{t'})·eps_θ(x_t, t).
+    x_{t'} = sqrt(ᾱ_{t'})·x0_θ(x_t, t) + sqrt(1 - ᾱ_{t'})·eps_θ(x_t, t) (`LatentView.move`).
     """
-    eps, x0_hat = view.eps_x0(x, t, cond)
-    abar = view.alpha_bar(t_next, x.shape[0])
-    return abar.sqrt() * x0_hat + (1 - abar).sqrt() * eps
+    return view.move(x, t, t_next, cond)
 
 
 def _step_size(t: int, num_steps: int) -> int:
@@ -45,53 +45,68 @@ def _step_size(t: int, num_steps: int) -> int:
     return t // num_steps
 
 
+def move_along(
+    view: LatentView, x: torch.Tensor, cond: Conditioning, times: Sequence[float]
+) -> torch.Tensor:
+    """Deterministic moves from times[0] through each later time in turn (either direction)."""
+    for t, t_next in zip(times[:-1], times[1:]):
+        x = view.move(x, t, t_next, cond)
+    return x
+
+
 def ddim_invert(
-    view: DiffusionView, x0: torch.Tensor, cond: torch.Tensor, t_end: int, num_steps: int
+    view: LatentView, x0: torch.Tensor, cond: Conditioning, t_end: int, num_steps: int
 ) -> torch.Tensor:
     """Deterministic DDIM inversion of clean latents x0 (B, C, h, w) from timestep 0 to t_end in
     `num_steps` equal steps (x0 is taken as the sample at timestep 0, as the reference does)."""
     delta = _step_size(t_end, num_steps)
-    x = x0
-    for t in range(0, t_end, delta):
-        x = ddim_move(view, x, t, t + delta, cond)
-    return x
+    return move_along(view, x0, cond, list(range(0, t_end + 1, delta)))
 
 
 def ddim_reverse(
-    view: DiffusionView, x_t: torch.Tensor, cond: torch.Tensor, t_start: int, num_steps: int
+    view: LatentView, x_t: torch.Tensor, cond: Conditioning, t_start: int, num_steps: int
 ) -> torch.Tensor:
     """Deterministic DDIM sampling from timestep t_start back to 0 in `num_steps` equal steps."""
     delta = _step_size(t_start, num_steps)
-    x = x_t
-    for t in range(t_start, 0, -delta):
-        x = ddim_move(view, x, t, t - delta, cond)
-    return x
+    return move_along(view, x_t, cond, list(range(t_start, -1, -delta)))
+
+
+def round_trip(
+    view: LatentView, x0: torch.Tensor, cond: Conditioning, times: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̃, x') at times[-2], (B, C, h, w) each: x0 moved deterministically along times[:-1]
+    (x̃), then one step up to times[-1] and one step back down (x'): SecMI's order, on any
+    family's time grid (times[0] = the clean end)."""
+    x_ref = move_along(view, x0, cond, times[:-1])
+    x_up = view.move(x_ref, times[-2], times[-1], cond)
+    return x_ref, view.move(x_up, times[-1], times[-2], cond)
 
 
 def secmi_round_trip(
-    view: DiffusionView, x0: torch.Tensor, cond: torch.Tensor, t_sec: int, num_steps: int
+    view: LatentView, x0: torch.Tensor, cond: Conditioning, t_sec: int, num_steps: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x̃, x') at t_sec - Δ, (B, C, h, w) each: the inverted latents and their reconstruction
     after one step up to t_sec and one step back down (the reference's order)."""
     delta = _step_size(t_sec, num_steps)
-    t_ref = t_sec - delta
-    x_ref = ddim_invert(view, x0, cond, t_ref, num_steps - 1) if t_ref > 0 else x0
-    x_up = ddim_move(view, x_ref, t_ref, t_sec, cond)  # x̃_{t_sec}
-    return x_ref, ddim_move(view, x_up, t_sec, t_ref, cond)
+    return round_trip(view, x0, cond, list(range(0, t_sec + 1, delta)))
 
 
-def secmi_features(
-    view: DiffusionView, x0: torch.Tensor, cond: torch.Tensor, t_sec: int, num_steps: int
-) -> dict[str, torch.Tensor]:
-    """`secmi/t_error`, `secmi/err_max`, `secmi/err_p90` (B,) of latents x0 (B, C, h, w)."""
-    x_ref, x_back = secmi_round_trip(view, x0, cond, t_sec, num_steps)
+def t_error_features(prefix: str, x_ref: torch.Tensor, x_back: torch.Tensor) -> dict:
+    """`<prefix>/t_error`, `/err_max`, `/err_p90` (B,) of a round trip's (x̃, x')."""
     err = (x_back - x_ref) ** 2  # (B, C, h, w)
     err_map = err.sum(dim=1).flatten(1)  # (B, h*w)
     return {
-        "secmi/t_error": per_sample_mean(err),
-        "secmi/err_max": err_map.max(dim=1).values,
-        "secmi/err_p90": torch.quantile(err_map, 0.9, dim=1),
+        f"{prefix}/t_error": per_sample_mean(err),
+        f"{prefix}/err_max": err_map.max(dim=1).values,
+        f"{prefix}/err_p90": torch.quantile(err_map, 0.9, dim=1),
     }
+
+
+def secmi_features(
+    view: LatentView, x0: torch.Tensor, cond: Conditioning, t_sec: int, num_steps: int
+) -> dict[str, torch.Tensor]:
+    """`secmi/t_error`, `secmi/err_max`, `secmi/err_p90` (B,) of latents x0 (B, C, h, w)."""
+    return t_error_features("secmi", *secmi_round_trip(view, x0, cond, t_sec, num_steps))
 
 
 def secmi_signals(

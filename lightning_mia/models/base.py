@@ -84,6 +84,8 @@ class TextToImageModule(StageModule, ABC):
     """Base of the text-to-image families: run card, training-length accounting, sample grids."""
 
     family: ClassVar[str] = ""
+    # what the family's frozen image model is, as a report names it ("image autoencoder")
+    autoencoder_what: ClassVar[str] = "autoencoder"
     # the frozen image autoencoder's attribute prefix ("vae." / "vq."): it lives in its own
     # folder, so its weights stay out of every checkpoint and are not expected when loading
     frozen_prefix: ClassVar[str] = ""
@@ -260,6 +262,10 @@ class TextToImageModule(StageModule, ABC):
 FAMILIES: Registry[type[TextToImageModule]] = Registry(
     "text-to-image family", plugins="lightning_mia.models"
 )
+
+
+DEFAULT_FAMILY = "diffusion"
+"""The family an experiment trains when its config names none."""
 
 
 def register_family(name: str) -> Callable[[type[TextToImageModule]], type[TextToImageModule]]:

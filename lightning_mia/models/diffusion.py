@@ -10,28 +10,23 @@ stay separate (`unet`, `vae`, `text_encoder`, `tokenizer`, `noise_scheduler`) so
 attacks can query each; `save_pipeline` writes a StableDiffusionPipeline folder and
 `preset: pretrained` fine-tunes one (on its own noise schedule and prediction type, at its
 native resolution with `resolution: 0`), in full or with LoRA adapters (`lora_rank`, see
-`models.lora`); weights that stay the folder's are referenced by sha256, not stored.
+`models.lora`); weights that stay the folder's are referenced by sha256, not stored. The family
+implements the gray-box interface of `models.latent` with integer DDPM timesteps as its time and
+the UNet's output (eps, v or x0 by prediction type) as its prediction.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
-from lightning_mia.card import CARD_KEY, RunCard
-from lightning_mia.models.base import (
-    TextToImageModule,
-    cached_by_id,
-    caption_seeds,
-    register_family,
-)
+from lightning_mia.models.base import caption_seeds, register_family
 from lightning_mia.models.diffusion_presets import (
     SCRATCH_SCHEDULE,
     LatentSpec,
@@ -44,19 +39,16 @@ from lightning_mia.models.diffusion_presets import (
 )
 from lightning_mia.models.diffusion_sampling import sample_images
 from lightning_mia.models.ema import EMAWeights
+from lightning_mia.models.latent import (
+    Conditioning,
+    Denoised,
+    LatentTextToImageModule,
+    TimeGrid,
+)
 from lightning_mia.models.lora import LORA_TARGETS, LoraError, add_adapters
-from lightning_mia.models.pipeline_folder import (
-    check_pipeline_folder,
-    check_references,
-    native_resolution,
-    record_references,
-)
+from lightning_mia.models.pipeline_folder import check_pipeline_folder, native_resolution
 from lightning_mia.models.tokenizers import load_clip_tokenizer
-from lightning_mia.models.vae import (
-    check_resolution,
-    encode_latents,
-    load_autoencoder,
-)
+from lightning_mia.models.vae import check_resolution, load_autoencoder
 from lightning_mia.paths import write_folder_atomically
 
 
@@ -75,24 +67,26 @@ def training_target(
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
-class Denoised(NamedTuple):
-    """One denoiser pass on noised latents: its input, output and training target."""
+def split_prediction(
+    output: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps, x0) predictions from the model output at x_t with signal level abar (B,1,1,1).
 
-    noisy: torch.Tensor  # x_t (B, C, h, w)
-    prediction: torch.Tensor  # the UNet's output at x_t (B, C, h, w)
-    target: torch.Tensor  # what it is trained to output there (B, C, h, w)
-
-    @property
-    def loss(self) -> torch.Tensor:
-        """The training loss of each sample (B,): MSE over the latent's C, h, w."""
-        return (self.prediction.float() - self.target.float()).pow(2).flatten(1).mean(1)
+    x_t = a·x0 + s·eps with a = sqrt(ᾱ), s = sqrt(1 - ᾱ); v = a·eps - s·x0.
+    """
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    if prediction_type == "epsilon":
+        return output, (x_t - s * output) / a
+    if prediction_type == "v_prediction":
+        return s * x_t + a * output, a * x_t - s * output
+    if prediction_type == "sample":
+        return (x_t - a * output) / s, output
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
 @register_family("diffusion")
-class LatentDiffusionModule(TextToImageModule):
+class LatentDiffusionModule(LatentTextToImageModule):
     """Text-to-image latent diffusion (LDM / Stable Diffusion architecture) on diffusers."""
-
-    frozen_prefix = "vae."
 
     def __init__(
         self,
@@ -226,12 +220,7 @@ class LatentDiffusionModule(TextToImageModule):
         Gray-box attacks pass fixed `timesteps` (B,) and `noise` (B, C, h, w); in eval mode no
         caption is dropped and the EMA weights (if any) answer.
         """
-        x = batch["pixel_values"]  # (B, 3, R, R)
-        if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
-            raise ValueError(
-                f"images are {tuple(x.shape[-2:])} but the model is configured for "
-                f"resolution {self.resolution}: set data.resolution to match"
-            )
+        self.check_images(batch["pixel_values"])  # (B, 3, R, R)
         captions = self.drop_captions(batch["caption"])
         latents = self.image_latents(batch)  # (B, C, h, w)
         b = latents.shape[0]
@@ -262,45 +251,46 @@ class LatentDiffusionModule(TextToImageModule):
         target = training_target(self.noise_scheduler, latents, noise, timesteps)
         return Denoised(noisy, pred.sample, target)
 
-    @torch.no_grad()
-    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, C, h, w) float32 of images (B, 3, R, R) in [-1, 1]."""
-        return encode_latents(self.vae, x.to(self.vae.dtype)).float()
+    # --- the gray-box interface (models.latent) -----------------------------------------------
+    @property
+    def time_grid(self) -> TimeGrid:
+        """Integer DDPM timesteps 0 .. num_train_timesteps - 1."""
+        n = int(self.noise_scheduler.config.num_train_timesteps)
+        return TimeGrid(low=0, high=n - 1, discrete=True, num_train_timesteps=n)
 
-    def image_latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Latents of the batch's images; in training without augmentation, encoded once per
-        sample_id and cached (the autoencoder is frozen and its latents deterministic)."""
-        hp = self.hparams
-        x = batch["pixel_values"]
-        cacheable = self.training and hp.cache_latents and "sample_id" in batch
-        if not cacheable or self.augments_images:
-            return self.encode_images(x)
-        latents = cached_by_id(
-            self._latent_cache, batch["sample_id"], lambda rows: self.encode_images(x[rows])
-        )
-        return latents.to(self.device)
+    def condition(self, captions: Sequence[str]) -> Conditioning:
+        """The text encoder's states (B, S, D) float32 (the EMA copy in eval, if any)."""
+        return Conditioning((self.encode_text(list(captions), self.denoiser()[1]).float(),))
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        # The EMA follows each optimizer step here, not in on_train_batch_end: the Trainer runs
-        # callbacks' on_train_batch_end (ModelCheckpoint) first, so a step-N checkpoint would
-        # hold the EMA of step N-1 and a resumed run would lose one update.
-        super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
-            self.ema.update(self._trained_parts())
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.noise_scheduler.add_noise(x0, noise, t.to(x0.device).long())
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]  # (LoRA: the adapters)
-        hp = self.hparams
-        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        return self.warmup_schedule(opt)
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        unet = self.denoiser()[0]
+        context = cond.parts[0].to(unet.dtype)
+        return unet(x_t.to(unet.dtype), t.long(), encoder_hidden_states=context).sample.float()
 
-    def train(self, mode: bool = True) -> LatentDiffusionModule:
-        """The autoencoder (and a frozen text encoder) always stay in eval mode."""
-        super().train(mode)
-        self.vae.eval()
-        if not self.hparams.train_text_encoder:
-            self.text_encoder.eval()
-        return self
+    def training_target(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        return training_target(self.noise_scheduler, x0, noise, t.to(x0.device).long())
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """Cumulative signal level ᾱ_t (B, 1, 1, 1) float32 of timesteps t (B,)."""
+        alphas = self.noise_scheduler.alphas_cumprod.to(t.device, torch.float32)
+        return alphas[t.long()].reshape(-1, 1, 1, 1)
+
+    def split_prediction(
+        self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, x0) by the scheduler's prediction type (epsilon, v_prediction or sample)."""
+        kind = str(self.noise_scheduler.config.prediction_type)
+        return split_prediction(prediction, x_t, self.alpha_bar(t.to(x_t.device)), kind)
+
+    def _frozen_parts(self) -> list[nn.Module]:
+        """The autoencoder (and a frozen text encoder) stay in eval mode while training."""
+        frozen = [] if self.hparams.train_text_encoder else [self.text_encoder]
+        return [self.vae, *frozen]
 
     # --- sampling ------------------------------------------------------------------------------
     def make_sampler(self) -> SchedulerMixin:
@@ -356,20 +346,3 @@ class LatentDiffusionModule(TextToImageModule):
             raise LoraError("a LoRA model is exported as its adapter: models.lora.export_lora")
         pipe = self.pipeline()
         return write_folder_atomically(folder, lambda tmp: pipe.save_pretrained(str(tmp)))
-
-    def vae_fingerprint(self) -> str:
-        """Hash of the autoencoder's weights: a checkpoint refuses a different autoencoder."""
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.vae.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().numpy().tobytes())
-        return digest.hexdigest()
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)  # the card; the base keeps `vae.` weights out
-        if CARD_KEY in checkpoint:
-            record_references(self, checkpoint[CARD_KEY])
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        check_references(self, RunCard.from_dict(checkpoint[CARD_KEY]))

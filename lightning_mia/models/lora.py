@@ -1,4 +1,4 @@
-"""LoRA fine-tuning of the diffusion family (peft adapters), and its diffusers-format export.
+"""LoRA fine-tuning of the latent families (peft adapters), and its diffusers-format export.
 
     python train.py fit --config configs/diffusion/lora.yaml                     # rank-4 target
     python train.py fit --config configs/diffusion/lora.yaml --data.model_index 1  # shadow 1
@@ -6,13 +6,17 @@
     pipe = StableDiffusionPipeline.from_pretrained(base); pipe.load_lora_weights("out/")
 
 With `lora_rank > 0`, peft LoRA adapters (`lora_targets`: the attention projections by default,
-as diffusers' `train_text_to_image_lora.py`) go into the UNet and, with `train_text_encoder`,
-into the CLIP text encoder; every base weight stays frozen. On the `pretrained` preset a
-checkpoint then holds only the adapters plus a reference (path and sha256, `base_reference`) to
-the folder the base weights come from; `stored_elsewhere` says which keys those are (also the
-frozen parts of a full fine-tune, and every weight of an external target that is the folder's).
+as diffusers' `train_text_to_image_lora.py` and `train_dreambooth_lora_sd3.py`) go into the
+denoiser (the diffusion family's UNet, the flow family's SD3 transformer) and, with
+`train_text_encoder`, into the CLIP text encoder(s); every base weight stays frozen. On the
+`pretrained` preset a checkpoint then holds only the adapters plus a reference (path and sha256,
+`base_reference`) to the folder the base weights come from; `stored_elsewhere` says which keys
+those are (also the frozen parts of a full fine-tune, every weight of an external target that is
+the folder's, and SD3's T5 encoder, never trained here).
 `export_lora` writes `pytorch_lora_weights.safetensors` (diffusers' LoRA format, with the peft
-config as metadata) that a plain `StableDiffusionPipeline.load_lora_weights` reads.
+config as metadata) that a plain `StableDiffusionPipeline.load_lora_weights` (or the SD3
+pipeline's) reads; `load_lora` reads such a file back into a module, refusing an adapter made
+for another model.
 """
 
 from __future__ import annotations
@@ -30,8 +34,19 @@ from lightning_mia.paths import atomic_write_json, write_folder_atomically
 # UNet attention (to_*) and CLIP text attention (*_proj) projections: a name matches a module
 # whose path ends with it, so one list serves both parts
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
+# the MMDiT's joint attention also projects the text stream (add_*_proj, to_add_out)
+MMDIT_LORA_TARGETS = (*LORA_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 ADAPTER = "default"  # peft adapter name: keys read `...to_q.lora_A.default.weight`
-LORA_PARTS = ("unet", "text_encoder")
+# the parts a module may carry adapters in, and the hparam that says whether each is trained
+# (None: never trained here, always the pretrained folder's: SD3's T5 encoder)
+PART_SWITCHES = {
+    "unet": "train_unet",
+    "transformer": "train_transformer",
+    "text_encoder": "train_text_encoder",
+    "text_encoder_2": "train_text_encoder",
+    "text_encoder_3": None,
+}
+LORA_PARTS = tuple(p for p, switch in PART_SWITCHES.items() if switch)
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 BASE_FILE = "base.json"  # beside an export: the base pipeline (path, sha256) it applies to
 
@@ -66,14 +81,13 @@ def add_lora(part: nn.Module, rank: int, alpha: float, targets: tuple[str, ...],
 
 
 def add_adapters(module: nn.Module) -> None:
-    """A LatentDiffusionModule's LoRA set-up from its hparams: adapters in the UNet (unless
-    `train_unet` is off) and, with `train_text_encoder`, the text encoder; and the hooks that
-    keep the pretrained folder's weights out of its checkpoints."""
+    """A latent family module's LoRA set-up from its hparams: adapters in each part it has
+    whose `train_*` switch is on (the denoiser, the text encoders: `PART_SWITCHES`); and the
+    hooks that keep the pretrained folder's weights out of its checkpoints."""
     hp = module.hparams
-    tuned = {"unet": hp.train_unet, "text_encoder": hp.train_text_encoder}
-    for name, on in tuned.items():
-        if hp.lora_rank and on:
-            part = getattr(module, name)
+    for name in LORA_PARTS:
+        part = getattr(module, name, None)
+        if hp.lora_rank and part is not None and hp.get(PART_SWITCHES[name], False):
             add_lora(part, hp.lora_rank, hp.lora_alpha, tuple(hp.lora_targets), type(part).__name__)
     module.register_state_dict_post_hook(drop_folder_keys)
     module.register_load_state_dict_post_hook(ignore_missing_folder_keys)
@@ -85,13 +99,10 @@ def stored_elsewhere(hparams: Any, key: str) -> bool:
     if hparams.get("preset") != "pretrained" or ".lora_" in key:
         return False
     part = key.split(".", 1)[0]
-    trained = {
-        "unet": hparams.get("train_unet", True),
-        "text_encoder": hparams.get("train_text_encoder", True),
-    }
-    if part not in trained:
+    if part not in PART_SWITCHES:
         return False
-    return hparams.get("lora_rank", 0) > 0 or not trained[part]
+    switch = PART_SWITCHES[part]
+    return switch is None or hparams.get("lora_rank", 0) > 0 or not hparams.get(switch, True)
 
 
 def drop_folder_keys(module: nn.Module, state_dict: dict, prefix: str, meta: Any) -> None:
@@ -108,30 +119,53 @@ def ignore_missing_folder_keys(module: nn.Module, incompatible: Any) -> None:
 
 
 def adapter_parts(module: nn.Module) -> dict[str, nn.Module]:
-    """The parts of a LatentDiffusionModule that carry a LoRA adapter."""
-    parts = {name: getattr(module, name) for name in LORA_PARTS}
+    """The parts of a latent family module that carry a LoRA adapter."""
+    parts = {name: getattr(module, name, None) for name in LORA_PARTS}
     return {n: p for n, p in parts.items() if ADAPTER in getattr(p, "peft_config", {})}
+
+
+def load_lora(module: nn.Module, path: str | Path) -> None:
+    """Load a diffusers-format LoRA (`pytorch_lora_weights.safetensors`, or a folder holding
+    one) into the module's parts through its pipeline's `load_lora_weights`; LoraError, one
+    line, when diffusers cannot read it or when no weight of it fits the module (an adapter of
+    another UNet or transformer)."""
+    path = Path(path)
+    pipe = module.pipeline()  # shares the module's denoiser and text encoders
+    where = (path.parent, path.name) if path.is_file() else (path, None)
+    try:
+        pipe.load_lora_weights(str(where[0]), weight_name=where[1], adapter_name=ADAPTER)
+    except (ValueError, KeyError, RuntimeError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LoraError(f"LoRA adapter {path}: diffusers cannot load it ({first})") from err
+    if not adapter_parts(module):
+        raise LoraError(
+            f"LoRA adapter {path}: no weight of it fits this {type(pipe).__name__}'s parts "
+            f"({', '.join(n for n in LORA_PARTS if getattr(module, n, None) is not None)}): "
+            "an adapter made for another model?"
+        )
 
 
 def export_lora(module: nn.Module, folder: str | Path) -> Path:
     """Write the module's adapters in diffusers' LoRA format (+ base.json) into `folder`."""
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
     parts = adapter_parts(module)
     if not parts:
         raise LoraError("this model has no LoRA adapter to export (lora_rank is 0)")
+    pipeline_class = type(module.pipeline())  # StableDiffusion(3)Pipeline
+    # Stable Diffusion LoRAs are written with diffusers' key names (train_text_to_image_lora.py);
+    # SD3's loader reads peft's (train_dreambooth_lora_sd3.py writes them unconverted)
+    convert = pipeline_class.__name__ == "StableDiffusionPipeline"
     layers, metadata = {}, {}
     for name, part in parts.items():
         state = get_peft_model_state_dict(part, adapter_name=ADAPTER)
-        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state) if convert else state
         metadata[f"{name}_lora_adapter_metadata"] = part.peft_config[ADAPTER].to_dict()
     base = module.card.base if module.card else {}
 
     def write(tmp: Path) -> None:
-        save = StableDiffusionPipeline.save_lora_weights
-        save(tmp, **layers, **metadata, weight_name=LORA_WEIGHTS)
+        pipeline_class.save_lora_weights(tmp, **layers, **metadata, weight_name=LORA_WEIGHTS)
         atomic_write_json(tmp / BASE_FILE, {"base": base, "lora_rank": module.hparams.lora_rank})
 
     return write_folder_atomically(folder, write)

@@ -1,30 +1,70 @@
-"""A local diffusers StableDiffusionPipeline folder as the diffusion family reads it.
+"""A local diffusers pipeline folder as a family reads it (`PipelineLayout`).
 
     folder = check_pipeline_folder("/models/sd-v1-5")     # layout and family, one clear line
+    check_pipeline_folder("/models/sd3", SD3_LAYOUT)       # another family's layout
+    pipeline_layout("/models/sd3").family                   # "flow": which family runs it
     scheduler_config(folder)["prediction_type"]             # "epsilon" | "v_prediction"
     weights_variant(folder / "unet")                        # None, or "fp16" when only those
     native_resolution(folder)                               # 512 for SD 1.5, 768 for SD 2
     pipeline_sha256(folder)                                 # what a checkpoint records of it
 
-The folder is what `StableDiffusionPipeline.save_pretrained` writes (model_index.json, unet/,
-vae/, text_encoder/, tokenizer/, scheduler/); nothing is ever downloaded. A folder of another
-pipeline class (SDXL, PixArt, Kandinsky, CompVis LDM-BERT...) is refused by name.
+The diffusion family's folder is what `StableDiffusionPipeline.save_pretrained` writes
+(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, `SD_LAYOUT`); other
+families register their layout in `PIPELINE_LAYOUTS` beside their code (the flow family's
+StableDiffusion3Pipeline in `models/flow_presets.py`). Nothing is ever downloaded. A folder of
+another pipeline class (SDXL, PixArt, Kandinsky, CompVis LDM-BERT...) is refused by name, naming
+the family that runs it when one does.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lightning_mia.card import CheckpointError, RunCard
 from lightning_mia.data.sources import file_digests
 from lightning_mia.errors import UserError
+from lightning_mia.registry import Registry
 
-PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-PIPELINE_CLASSES = ("StableDiffusionPipeline",)  # what model_index.json may name
-PART_CLASSES = {"unet": "UNet2DConditionModel", "text_encoder": "CLIPTextModel"}
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    """What a family reads of a diffusers pipeline folder."""
+
+    family: str  # the family that runs such folders
+    pipeline_class: str  # model_index.json's _class_name
+    parts: tuple[str, ...]  # the subfolders that make the model (read and hashed)
+    required: tuple[str, ...]  # the subfolders that must hold a config.json
+    denoiser: str  # the subfolder whose sample_size sets the native resolution
+    what: str  # the architecture, for messages
+    part_classes: dict[str, str] = field(default_factory=dict)  # subfolder -> its class
+    config: str = ""  # the family's config that fine-tunes such a folder
+
+    @property
+    def weight_parts(self) -> tuple[str, ...]:
+        """The parts with weights (tokenizers and the scheduler have none)."""
+        return tuple(p for p in self.parts if not p.startswith(("tokenizer", "scheduler")))
+
+
+SD_LAYOUT = PipelineLayout(
+    family="diffusion",
+    pipeline_class="StableDiffusionPipeline",
+    parts=("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    required=("unet", "vae", "text_encoder"),
+    denoiser="unet",
+    what="UNet2DConditionModel + AutoencoderKL/VQModel + CLIPTextModel",
+    part_classes={"unet": "UNet2DConditionModel", "text_encoder": "CLIPTextModel"},
+    config="configs/diffusion/pretrained.yaml",
+)
+# the layouts by pipeline class: each family registers its own beside its code
+PIPELINE_LAYOUTS: Registry[PipelineLayout] = Registry(
+    "pipeline class", plugins="lightning_mia.models"
+)
+PIPELINE_LAYOUTS.register(SD_LAYOUT.pipeline_class, SD_LAYOUT)
+PIPELINE_PARTS = SD_LAYOUT.parts
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 KNOWN_VARIANTS = ("fp16", "bf16", "fp32", "ema", "non_ema")
@@ -44,30 +84,55 @@ def _json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def check_pipeline_folder(folder: str | Path) -> Path:
-    """The folder, if it holds a StableDiffusionPipeline; else one PipelineError line."""
+def pipeline_class(folder: str | Path) -> str | None:
+    """model_index.json's `_class_name` of a folder (None without one)."""
+    index = Path(folder) / "model_index.json"
+    return _json(index, "pipeline index").get("_class_name") if index.is_file() else None
+
+
+def pipeline_layout(folder: str | Path) -> PipelineLayout:
+    """The layout of a folder by its model_index.json (StableDiffusionPipeline without one);
+    PipelineError for a pipeline class no family runs."""
+    name = pipeline_class(folder)
+    layout = SD_LAYOUT if name is None else PIPELINE_LAYOUTS.get(name)
+    if layout is None:
+        raise PipelineError(
+            f"pipeline folder {folder} holds a {name} (model_index.json): no family of this "
+            f"package runs it (known: {PIPELINE_LAYOUTS.names()})"
+        )
+    return layout
+
+
+def _refuse_other_class(path: Path, layout: PipelineLayout) -> None:
+    name = pipeline_class(path)
+    if name is None or name == layout.pipeline_class:
+        return
+    other = PIPELINE_LAYOUTS.get(name)
+    hint = f"; a {name} is the {other.family} family's ({other.config})" if other else ""
+    raise PipelineError(
+        f"pipeline folder {path} holds a {name} (model_index.json), not a "
+        f"{layout.pipeline_class}: the {layout.family} family runs {layout.what} pipelines "
+        f"only{hint}"
+    )
+
+
+def check_pipeline_folder(folder: str | Path, layout: PipelineLayout = SD_LAYOUT) -> Path:
+    """The folder, if it holds a pipeline of `layout`; else one PipelineError line."""
     if not str(folder):
         raise PipelineError("preset 'pretrained' needs `pretrained: <local diffusers folder>`")
     path = Path(folder)
     if not path.is_dir():
         raise PipelineError(f"pipeline folder {path}: no such folder")
-    index = path / "model_index.json"
-    if index.is_file():
-        name = _json(index, "pipeline index").get("_class_name")
-        if name not in PIPELINE_CLASSES:
-            raise PipelineError(
-                f"pipeline folder {path} holds a {name} (model_index.json), not a "
-                f"{' / '.join(PIPELINE_CLASSES)}: the diffusion family runs UNet2DConditionModel "
-                "+ AutoencoderKL/VQModel + CLIPTextModel pipelines only"
-            )
-    needed = ("unet", "vae", "text_encoder")
-    missing = [p for p in needed if not (path / p / "config.json").is_file()]
+    _refuse_other_class(path, layout)
+    missing = [p for p in layout.required if not (path / p / "config.json").is_file()]
     if missing:
         raise PipelineError(
             f"pipeline folder {path}: no config.json in {missing} (expected the "
-            f"StableDiffusionPipeline layout {'/, '.join(PIPELINE_PARTS)}/)"
+            f"{layout.pipeline_class} layout {'/, '.join(layout.parts)}/)"
         )
-    for part, expected in PART_CLASSES.items():
+    for part, expected in layout.part_classes.items():
+        if not (path / part / "config.json").is_file():
+            continue  # an optional part (SD3's text_encoder_3)
         config = _json(path / part / "config.json", f"{part} config")
         found = config.get("_class_name") or (config.get("architectures") or [None])[0]
         if found is not None and found != expected:
@@ -114,11 +179,12 @@ def weights_variant(part_folder: str | Path) -> str | None:
     return "fp16" if "fp16" in variants else sorted(variants)[0]
 
 
-def native_resolution(folder: str | Path) -> int:
-    """The image side the model was made for: `unet.config.sample_size` x the VAE's factor."""
-    unet, vae = part_config(folder, "unet"), part_config(folder, "vae")
+def native_resolution(folder: str | Path, layout: PipelineLayout = SD_LAYOUT) -> int:
+    """The image side the model was made for: the denoiser's `sample_size` (unet/,
+    transformer/) x the VAE's factor."""
+    denoiser, vae = part_config(folder, layout.denoiser), part_config(folder, "vae")
     factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
-    return int(unet["sample_size"]) * factor
+    return int(denoiser["sample_size"]) * factor
 
 
 def files_sha256(root: str | Path, paths: list[Path]) -> str:
@@ -132,15 +198,16 @@ def files_sha256(root: str | Path, paths: list[Path]) -> str:
 
 
 def pipeline_files(folder: str | Path) -> list[Path]:
-    """The files a pipeline is made of: model_index.json and the parts' files, without the
-    weights of variants that are not loaded (an fp32 folder that also ships fp16 files)."""
+    """The files a pipeline is made of: model_index.json and its layout's parts' files, without
+    the weights of variants that are not loaded (an fp32 folder that also ships fp16 files)."""
     folder, files = Path(folder), []
     if (folder / "model_index.json").is_file():
         files.append(folder / "model_index.json")
-    for part in PIPELINE_PARTS:
+    layout = pipeline_layout(folder)
+    for part in layout.parts:
         if not (folder / part).is_dir():
             continue
-        loaded = weights_variant(folder / part) if part in ("unet", "vae", "text_encoder") else None
+        loaded = weights_variant(folder / part) if part in layout.weight_parts else None
         for path in sorted((folder / part).rglob("*")):
             if path.is_file() and not path.name.startswith("."):
                 if not (_is_weights(path.name) and _variant_of(path.name) != loaded):

@@ -59,7 +59,7 @@ ARCHITECTURE_HPARAMS = ("preset", "caption_vocab_size", "max_caption_length")
 class Seq2SeqModule(TextToImageModule):
     """BART from caption tokens to VQGAN image codes (DALL-E mini), with batched sampling."""
 
-    frozen_prefix = "vq."
+    frozen_prefix, autoencoder_what = "vq.", "VQGAN image tokenizer"
 
     def __init__(
         self,

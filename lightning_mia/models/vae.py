@@ -83,22 +83,30 @@ def load_autoencoder(folder: str | os.PathLike) -> Autoencoder:
     return ae.eval()
 
 
+def latent_shift(ae: Autoencoder) -> float:
+    """The autoencoder's `shift_factor` (SD3's VAE: 0.0609), 0 when it has none."""
+    return float(getattr(ae.config, "shift_factor", None) or 0.0)
+
+
 def encode_latents(ae: Autoencoder, x: torch.Tensor) -> torch.Tensor:
     """Scaled latents of images x (B, 3, H, W) in [-1, 1] -> (B, C, h, w).
 
     VQ: the pre-quantization latents (the diffusion works in the continuous space, the decoder
-    quantizes); KL: the posterior mean. Both multiplied by `ae.config.scaling_factor`.
+    quantizes); KL: the posterior mean. Both shifted by `shift_factor` (when set, as diffusers'
+    SD3 pipelines) and multiplied by `ae.config.scaling_factor`.
     """
     if isinstance(ae, VQModel):
         z = ae.encode(x).latents
     else:
         z = ae.encode(x).latent_dist.mean
-    return z * ae.config.scaling_factor
+    shift = latent_shift(ae)
+    return (z - shift if shift else z) * ae.config.scaling_factor
 
 
 def decode_latents(ae: Autoencoder, z: torch.Tensor) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] from scaled latents (B, C, h, w)."""
-    images = ae.decode(z / ae.config.scaling_factor).sample
+    z, shift = z / ae.config.scaling_factor, latent_shift(ae)
+    images = ae.decode(z + shift if shift else z).sample
     return images.clamp(-1, 1)
 
 

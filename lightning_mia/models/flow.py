@@ -1,0 +1,335 @@
+"""Flow-matching text-to-image family (Stable Diffusion 3 architecture): an MMDiT transformer
+over the frozen autoencoder's latents, conditioned by two CLIP text encoders (and, from a
+pretrained folder, its T5 encoder).
+
+    python train.py fit --config configs/autoencoder/tiny-kl.yaml                # first, once
+    python train.py fit --config configs/flow/tiny.yaml                          # target
+    python train.py fit --config configs/flow/tiny.yaml --data.model_index 1     # shadow 1
+    python train.py fit --config configs/flow/tiny.yaml --ckpt_path last         # resume
+
+Training is rectified flow (conditional flow matching, as SD3 trains): x_t = (1 - t)·x0 + t·eps
+at a noise level t in (0, 1), and the transformer, fed t·1000 as its timestep, learns the
+velocity v = eps - x0 (MSE over the latent). t is drawn logit-normal (SD3's default) or uniform
+and shifted as the scheduler's `shift` says (t' = s·t / (1 + (s - 1)·t)); caption dropout
+trains the null caption for classifier-free guidance. Sampling is the Euler loop of
+`FlowMatchEulerDiscreteScheduler` batched over captions x images (`models.flow_sampling`),
+equal to `StableDiffusion3Pipeline` on the same weights and noise. `save_pipeline` writes that
+pipeline's folder, and `preset: pretrained` fine-tunes one in full or with LoRA adapters
+(`lora_rank`, `models.lora`). The family implements the gray-box interface of `models.latent`
+with time = the noise level t in [0, 1] and the velocity as its prediction; its signals are in
+`graybox/flow.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from torch import nn
+
+from lightning_mia.models.base import caption_seeds, register_family
+from lightning_mia.models.ema import EMAWeights
+from lightning_mia.models.flow_presets import (
+    PRESETS,
+    SD3_LAYOUT,
+    FlowError,
+    FlowSpec,
+    build_t5,
+    build_text_encoders,
+    build_transformer,
+    flow_scheduler,
+)
+from lightning_mia.models.flow_sampling import sample_images
+from lightning_mia.models.flow_text import TokenCache, clip_states, sd3_conditioning
+from lightning_mia.models.latent import Conditioning, LatentTextToImageModule, TimeGrid
+from lightning_mia.models.lora import MMDIT_LORA_TARGETS, LoraError, add_adapters
+from lightning_mia.models.pipeline_folder import check_pipeline_folder, native_resolution
+from lightning_mia.models.tokenizers import load_clip_tokenizer
+from lightning_mia.models.vae import check_resolution, load_autoencoder
+from lightning_mia.paths import write_folder_atomically
+
+T5_DEFAULT_LENGTH = 256  # StableDiffusion3Pipeline's max_sequence_length
+
+
+def shifted(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's time shift of noise levels u in [0, 1]: s·u / (1 + (s - 1)·u) (s = 1: none)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+@register_family("flow")
+class FlowMatchingModule(LatentTextToImageModule):
+    """Text-to-image rectified flow (Stable Diffusion 3 / MMDiT architecture) on diffusers."""
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        autoencoder: str = "runs/demo/autoencoder",  # diffusers folder ("" with pretrained)
+        tokenizer: str = "",  # CLIP tokenizer folder; "" = offline char-level (or pretrained's)
+        max_caption_length: int = 128,  # tokens of the char-level tokenizer (folders keep theirs)
+        # T5 tokens of a caption: None = 256 with a T5 encoder (the pipeline's default), 0
+        # without one (scratch presets: no zero rows; call the saved pipeline with the same)
+        max_sequence_length: int | None = None,
+        pretrained: str = "",  # local StableDiffusion3Pipeline folder for preset "pretrained"
+        resolution: int = 32,  # image side; 0 = the pretrained folder's native one
+        train_transformer: bool = True,  # False: the transformer stays the folder's
+        train_text_encoder: bool = True,  # both CLIP encoders (T5 is never trained)
+        lora_rank: int = 0,  # > 0: train LoRA adapters of this rank, base weights frozen
+        lora_alpha: float = 0.0,  # LoRA scale alpha / rank; 0 = rank (scale 1)
+        lora_targets: tuple[str, ...] = MMDIT_LORA_TARGETS,  # layer names (or endings) to adapt
+        shift: float | None = None,  # time shift; None = the preset's (the folder's, or 1)
+        timestep_sampling: Literal["logit_normal", "uniform"] = "logit_normal",
+        logit_mean: float = 0.0,  # logit-normal time sampling: mean and std of the logit
+        logit_std: float = 1.0,
+        caption_dropout: float = 0.1,  # empty caption with this probability (for CFG)
+        num_inference_steps: int = 20,
+        guidance_scale: float = 3.0,  # > 1: classifier-free guidance (as the SD3 pipeline)
+        generation_batch_size: int = 256,  # images per Euler loop (guidance doubles it)
+        ema_decay: float = 0.0,  # 0 = off; else sampling and signals use the EMA weights
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+        random_crop: bool = False,
+        random_flip: bool = False,
+        cache_latents: bool = True,  # encode each training image once (only without crop/flip)
+        sample_every_n_steps: int = 0,
+        num_preview_images: int = 2,
+    ) -> None:
+        super().__init__(sample_every_n_steps, num_preview_images)
+        self.save_hyperparameters()
+        self._check_settings()
+        if preset == "pretrained":
+            check_pipeline_folder(pretrained, SD3_LAYOUT)  # before its parts are read
+            resolution = resolution or native_resolution(pretrained, SD3_LAYOUT)
+        self._autoencoder_folder = autoencoder or (f"{pretrained}/vae" if pretrained else "")
+        if not self._autoencoder_folder:
+            raise FlowError("FlowMatchingModule needs `autoencoder: <diffusers folder>`")
+        from_folder = preset == "pretrained"
+        self._tokenizer_folder = tokenizer or (f"{pretrained}/tokenizer" if from_folder else "")
+        self.tokenizer = load_clip_tokenizer(self._tokenizer_folder, max_caption_length)
+        self.tokenizer_2 = self.tokenizer
+        if from_folder:
+            self.tokenizer_2 = load_clip_tokenizer(f"{pretrained}/tokenizer_2")
+        self.vae = load_autoencoder(self._autoencoder_folder).requires_grad_(False)
+        if self.vae.config.get("shift_factor") is None:  # the SD3 pipeline adds it unasked
+            self.vae.register_to_config(shift_factor=0.0)
+        latent_size = check_resolution(self.vae, resolution, f"autoencoder {autoencoder}")
+        config = PRESETS[preset](self._spec(latent_size, pretrained if from_folder else ""))
+        self.transformer = build_transformer(config)
+        self.transformer.requires_grad_(train_transformer and not lora_rank)
+        self.text_encoder, self.text_encoder_2 = build_text_encoders(config)
+        for encoder in (self.text_encoder, self.text_encoder_2):
+            encoder.requires_grad_(train_text_encoder and not lora_rank)
+        self.text_encoder_3, self.tokenizer_3 = build_t5(config)  # (None, None) without T5
+        if self.text_encoder_3 is not None:
+            self.text_encoder_3.requires_grad_(False)
+        add_adapters(self)  # lora_rank > 0: LoRA in the tuned parts; no folder weights saved
+        self.noise_scheduler = flow_scheduler(config, shift)
+        self.ema = EMAWeights(self._trained_parts(), ema_decay) if ema_decay > 0 else None
+        self.resolution = resolution
+        self.latent_shape = (self.vae.config.latent_channels, latent_size, latent_size)
+        self.t5_length = max_sequence_length
+        if self.t5_length is None:
+            self.t5_length = T5_DEFAULT_LENGTH if self.text_encoder_3 is not None else 0
+        self._tokens = TokenCache()
+        self._latent_cache: dict[int, torch.Tensor] = {}  # sample_id -> (C, h, w), CPU
+
+    def _check_settings(self) -> None:
+        """One FlowError listing every problem with the settings (an unknown preset first)."""
+        hp = self.hparams
+        PRESETS[hp.preset]  # UnknownNameError listing the presets, before anything is loaded
+        problems = []
+        if hp.lora_rank and hp.ema_decay > 0:
+            problems.append("ema_decay > 0 with lora_rank: an EMA of LoRA adapters is not built")
+        if not 0.0 <= hp.caption_dropout < 1.0:
+            problems.append(f"caption_dropout must be in [0, 1), got {hp.caption_dropout}")
+        if hp.logit_std <= 0:
+            problems.append(f"logit_std must be > 0, got {hp.logit_std}")
+        if hp.shift is not None and hp.shift <= 0:
+            problems.append(f"shift must be > 0, got {hp.shift}")
+        if problems:
+            raise FlowError("; ".join(problems))
+
+    def _spec(self, latent_size: int, pretrained: str) -> FlowSpec:
+        tok = self.tokenizer
+        return FlowSpec(
+            latent_channels=self.vae.config.latent_channels,
+            latent_size=latent_size,
+            vocab_size=len(tok),
+            max_length=tok.model_max_length,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            pretrained=pretrained,
+        )
+
+    # --- components ----------------------------------------------------------------------------
+    def _trained_parts(self) -> dict[str, nn.Module]:
+        parts: dict[str, nn.Module] = {"transformer": self.transformer}
+        if self.hparams.train_text_encoder:
+            parts.update(text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2)
+        return parts
+
+    def _frozen_parts(self) -> list[nn.Module]:
+        frozen: list[nn.Module] = [self.vae]
+        if not self.hparams.train_text_encoder:
+            frozen += [self.text_encoder, self.text_encoder_2]
+        return frozen + ([self.text_encoder_3] if self.text_encoder_3 is not None else [])
+
+    def released(self, use_ema: bool | None = None) -> dict[str, nn.Module]:
+        """transformer, text_encoder, text_encoder_2 to query: the EMA copies when EMA is on
+        and (by default) in eval mode, i.e. the released model; the live weights in training."""
+        parts = {
+            "transformer": self.transformer,
+            "text_encoder": self.text_encoder,
+            "text_encoder_2": self.text_encoder_2,
+        }
+        if use_ema is None:
+            use_ema = not self.training
+        if use_ema and self.ema is not None:
+            parts.update(dict(self.ema.shadow.items()))
+        return parts
+
+    def card_references(self) -> dict[str, str]:
+        return {"autoencoder": self._autoencoder_folder, "tokenizer": self._tokenizer_folder}
+
+    # --- the gray-box interface (models.latent): time = noise level t in [0, 1] ---------------
+    @property
+    def time_grid(self) -> TimeGrid:
+        n = int(self.noise_scheduler.config.num_train_timesteps)
+        return TimeGrid(low=0.0, high=1.0, discrete=False, num_train_timesteps=n)
+
+    def condition(self, captions: Sequence[str]) -> Conditioning:
+        """(token states (B, L + T, J), pooled (B, P)) as StableDiffusion3Pipeline encodes."""
+        parts, captions = self.released(), list(captions)
+        length = self.tokenizer.model_max_length  # the pipeline's length for both CLIPs
+        clips = [
+            clip_states(parts[name], self._tokens(tok, captions, length))
+            for name, tok in (
+                ("text_encoder", self.tokenizer),
+                ("text_encoder_2", self.tokenizer_2),
+            )
+        ]
+        t5 = None
+        if self.text_encoder_3 is not None:
+            ids = self._tokens(self.tokenizer_3, captions, self.t5_length).to(self.device)
+            t5 = self.text_encoder_3(ids)[0]
+        joint = self.transformer.config.joint_attention_dim
+        return sd3_conditioning(clips, t5, self.t5_length, joint)
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(x0.device, x0.dtype).reshape(-1, 1, 1, 1)
+        return (1 - t) * x0 + t * noise
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The velocity (B, C, h, w) float32 at x_t, noise levels t (B,)."""
+        transformer = self.released()["transformer"]
+        dtype = transformer.dtype
+        seq, pooled = cond.parts
+        timestep = t.to(x_t.device, torch.float32) * self.num_train_timesteps
+        out = transformer(
+            hidden_states=x_t.to(dtype),
+            timestep=timestep,
+            encoder_hidden_states=seq.to(dtype),
+            pooled_projections=pooled.to(dtype),
+        )
+        return out.sample.float()
+
+    def training_target(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        return noise - x0
+
+    def split_prediction(
+        self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, x0) = (x_t + (1 - t)·v, x_t - t·v): the straight line's two ends."""
+        t = t.to(x_t.device, x_t.dtype).reshape(-1, 1, 1, 1)
+        return x_t + (1 - t) * prediction, x_t - t * prediction
+
+    # --- training ------------------------------------------------------------------------------
+    def sample_times(self, batch_size: int) -> torch.Tensor:
+        """Training noise levels (B,) in (0, 1): logit-normal or uniform, then shifted."""
+        hp = self.hparams
+        if hp.timestep_sampling == "logit_normal":
+            u = torch.sigmoid(torch.randn(batch_size) * hp.logit_std + hp.logit_mean)
+        else:
+            u = torch.rand(batch_size)
+        return shifted(u, float(self.noise_scheduler.config.shift)).to(self.device)
+
+    def per_sample_loss(
+        self,
+        batch: dict[str, Any],
+        times: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Flow-matching MSE of each sample (B,), mean over the latent's C, h, w.
+
+        Gray-box attacks pass fixed noise levels `times` (B,) in [0, 1] and `noise`
+        (B, C, h, w); in eval mode no caption is dropped and the EMA weights (if any) answer.
+        """
+        self.check_images(batch["pixel_values"])  # (B, 3, R, R)
+        captions = self.drop_captions(batch["caption"])
+        x0 = self.image_latents(batch)  # (B, C, h, w)
+        noise = torch.randn_like(x0) if noise is None else noise.to(x0.device)
+        times = self.sample_times(x0.shape[0]) if times is None else times.to(x0.device)
+        return self.loss_at(x0, self.condition(captions), times, noise).loss
+
+    # --- sampling ------------------------------------------------------------------------------
+    def make_sampler(self) -> FlowMatchEulerDiscreteScheduler:
+        """A fresh Euler sampler on the training schedule (its shift)."""
+        return FlowMatchEulerDiscreteScheduler.from_config(self.noise_scheduler.config)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        captions: list[str],
+        num_images: int = 4,
+        seed: int | Sequence[int] = 0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> torch.Tensor:
+        """Images (B, N, 3, H, W) in [-1, 1]; caption i's images depend only on its seed."""
+        steps = num_inference_steps or self.hparams.num_inference_steps
+        scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        seeds = caption_seeds(len(captions), seed)
+        per_loop = max(1, self.hparams.generation_batch_size // max(1, num_images))
+        chunks = [
+            sample_images(
+                self, captions[i : i + per_loop], seeds[i : i + per_loop], num_images, steps, scale
+            )
+            for i in range(0, len(captions), per_loop)
+        ]
+        empty = torch.empty(0, num_images, 3, self.resolution, self.resolution)
+        return torch.cat(chunks) if chunks else empty
+
+    # --- diffusers folders ---------------------------------------------------------------------
+    def pipeline(self) -> Any:
+        """The released model as a `StableDiffusion3Pipeline` (EMA weights when EMA is on),
+        sharing this module's parts. Without a T5 encoder, call it with
+        `max_sequence_length=self.t5_length` (0 for the scratch presets)."""
+        from diffusers import StableDiffusion3Pipeline  # here: importing it is slow
+
+        parts = self.released(use_ema=True)
+        return StableDiffusion3Pipeline(
+            transformer=parts["transformer"],
+            scheduler=self.make_sampler(),
+            vae=self.vae,
+            text_encoder=parts["text_encoder"],
+            tokenizer=self.tokenizer,
+            text_encoder_2=parts["text_encoder_2"],
+            tokenizer_2=self.tokenizer_2,
+            text_encoder_3=self.text_encoder_3,
+            tokenizer_3=self.tokenizer_3,
+        )
+
+    def save_pipeline(self, folder: str | Path) -> Path:
+        """Write a StableDiffusion3Pipeline folder (loadable with `preset: pretrained`; with
+        diffusers, `StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None,
+        tokenizer_3=None)` when it has no T5 encoder)."""
+        if self.hparams.lora_rank:
+            raise LoraError("a LoRA model is exported as its adapter: models.lora.export_lora")
+        pipe = self.pipeline()
+        return write_folder_atomically(folder, lambda tmp: pipe.save_pretrained(str(tmp)))

@@ -1,0 +1,224 @@
+"""Named sizes of the flow-matching family: `PRESETS[name](spec) -> FlowPreset`.
+
+A preset gives the configs of the trained components (the `SD3Transformer2DModel` MMDiT and its
+two CLIP text encoders with projection, as Stable Diffusion 3 has) for a given latent space and
+vocabulary; the autoencoder and tokenizer come from their folders. The presets trained from
+scratch have no T5 encoder: the pipeline then pads the T5 slot with zeros, as
+`StableDiffusion3Pipeline` does without `text_encoder_3` (`max_sequence_length` zero tokens).
+
+- `tiny`: 32x32 images (8x8x4 latents of the tiny f4 autoencoder), random init, a 4-layer
+  64-wide MMDiT over 1x1 patches (~0.6 M parameters) and two 2-layer 32-wide CLIPs: trains on
+  two CPU cores in minutes.
+- `sd3-256`: 256x256 images (32x32x4 latents of the kl-f8 autoencoder, 2x2 patches: 256 image
+  tokens), a 12-layer 768-wide MMDiT (DiT-B class) and two 12-layer CLIPs (768 and 512 wide),
+  random init, trained from scratch on GPUs.
+- `pretrained`: the configs of a local StableDiffusion3Pipeline folder (transformer/, vae/,
+  text_encoder/, text_encoder_2/, optional text_encoder_3/ (T5), tokenizer*/, scheduler/); its
+  weights are loaded to fine-tune, and its scheduler's shift is the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+from lightning_mia.errors import UserError
+from lightning_mia.models.pipeline_folder import (
+    PIPELINE_LAYOUTS,
+    PipelineLayout,
+    check_pipeline_folder,
+    part_config,
+    scheduler_config,
+    weights_variant,
+)
+from lightning_mia.registry import Registry
+
+
+class FlowError(UserError):
+    """A flow-family setting this package cannot use as asked."""
+
+
+SD3_LAYOUT = PipelineLayout(
+    family="flow",
+    pipeline_class="StableDiffusion3Pipeline",
+    parts=(
+        "transformer",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+        "tokenizer",
+        "tokenizer_2",
+        "tokenizer_3",
+        "scheduler",
+    ),
+    required=("transformer", "vae", "text_encoder", "text_encoder_2"),
+    denoiser="transformer",
+    what="SD3Transformer2DModel + AutoencoderKL + 2 CLIPTextModelWithProjection (+ T5)",
+    part_classes={
+        "transformer": "SD3Transformer2DModel",
+        "text_encoder": "CLIPTextModelWithProjection",
+        "text_encoder_2": "CLIPTextModelWithProjection",
+        "text_encoder_3": "T5EncoderModel",
+    },
+    config="configs/flow/pretrained.yaml",
+)
+PIPELINE_LAYOUTS.register(SD3_LAYOUT.pipeline_class, SD3_LAYOUT)
+CLIP_PARTS = ("text_encoder", "text_encoder_2")
+SCRATCH_SHIFT = 1.0  # the schedule shift of the presets trained from scratch (SD3 at 1024 px: 3)
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    """What a preset needs to know: the latent space, the vocabulary, an optional folder."""
+
+    latent_channels: int
+    latent_size: int
+    vocab_size: int
+    max_length: int = 77
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    pad_token_id: int = 1
+    pretrained: str = ""
+
+
+@dataclass(frozen=True)
+class FlowPreset:
+    """Configs of the trained components (`SD3Transformer2DModel`, two `CLIPTextConfig`s)."""
+
+    transformer: dict[str, Any]
+    text_encoders: tuple[dict[str, Any], ...]  # text_encoder, text_encoder_2
+    shift: float = SCRATCH_SHIFT
+    pretrained: str = ""  # folder whose weights to load ("" = random init)
+    has_t5: bool = False  # the folder has text_encoder_3/ (a T5 encoder)
+    scheduler: dict[str, Any] = field(default_factory=dict)  # the folder's scheduler config
+
+
+def _clip(spec: FlowSpec, hidden: int, layers: int, heads: int) -> dict[str, Any]:
+    return dict(
+        vocab_size=spec.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=spec.max_length,
+        bos_token_id=spec.bos_token_id,
+        eos_token_id=spec.eos_token_id,
+        pad_token_id=spec.pad_token_id,
+        projection_dim=hidden,
+    )
+
+
+def _mmdit(
+    spec: FlowSpec, patch: int, layers: int, heads: int, head_dim: int, texts: tuple
+) -> dict:
+    """An SD3 transformer over the latent grid; its text width is the CLIPs' widths together
+    (their states concatenated, no T5), its pooled width their projections together."""
+    return dict(
+        sample_size=spec.latent_size,
+        patch_size=patch,
+        in_channels=spec.latent_channels,
+        out_channels=spec.latent_channels,
+        num_layers=layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=sum(t["hidden_size"] for t in texts),
+        caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=sum(t["projection_dim"] for t in texts),
+        pos_embed_max_size=spec.latent_size // patch,
+    )
+
+
+def tiny(spec: FlowSpec) -> FlowPreset:
+    """8x8x4 latents (32x32 pixels, f4): 4 MMDiT layers, 4 heads of 16, 1x1 patches."""
+    texts = (_clip(spec, 32, 2, 2), _clip(spec, 32, 2, 2))
+    return FlowPreset(transformer=_mmdit(spec, 1, 4, 4, 16, texts), text_encoders=texts)
+
+
+def sd3_256(spec: FlowSpec) -> FlowPreset:
+    """32x32 latents (256 pixels, f8), 2x2 patches: 12 MMDiT layers of 12 heads of 64."""
+    texts = (_clip(spec, 768, 12, 12), _clip(spec, 512, 12, 8))
+    return FlowPreset(transformer=_mmdit(spec, 2, 12, 12, 64, texts), text_encoders=texts)
+
+
+def pretrained(spec: FlowSpec) -> FlowPreset:
+    """The configs of the local StableDiffusion3Pipeline folder `spec.pretrained`."""
+    folder = check_pipeline_folder(spec.pretrained, SD3_LAYOUT)
+    sched = scheduler_config(folder)
+    return FlowPreset(
+        transformer=part_config(folder, "transformer"),
+        text_encoders=tuple(part_config(folder, p) for p in CLIP_PARTS),
+        shift=float(sched.get("shift", 1.0)),
+        pretrained=str(folder),
+        has_t5=(folder / "text_encoder_3" / "config.json").is_file(),
+        scheduler=sched,
+    )
+
+
+PRESETS: Registry[Callable[[FlowSpec], FlowPreset]] = Registry("flow preset")
+PRESETS.register("tiny", tiny)
+PRESETS.register("sd3-256", sd3_256)
+PRESETS.register("pretrained", pretrained)
+
+
+def build_transformer(preset: FlowPreset) -> SD3Transformer2DModel:
+    """The MMDiT, random or with the pretrained folder's weights (float32)."""
+    if preset.pretrained:
+        variant = weights_variant(f"{preset.pretrained}/transformer")
+        return SD3Transformer2DModel.from_pretrained(
+            preset.pretrained,
+            subfolder="transformer",
+            local_files_only=True,
+            variant=variant,
+            torch_dtype=torch.float32,
+        )
+    return SD3Transformer2DModel(**preset.transformer)
+
+
+def build_text_encoders(preset: FlowPreset) -> list[CLIPTextModelWithProjection]:
+    """The two CLIP text encoders (with projection), random or the folder's (float32)."""
+    if preset.pretrained:
+        return [
+            CLIPTextModelWithProjection.from_pretrained(
+                preset.pretrained,
+                subfolder=part,
+                local_files_only=True,
+                variant=weights_variant(f"{preset.pretrained}/{part}"),
+                dtype=torch.float32,
+            )
+            for part in CLIP_PARTS
+        ]
+    configs = [{k: v for k, v in c.items() if not k.startswith("_")} for c in preset.text_encoders]
+    return [CLIPTextModelWithProjection(CLIPTextConfig(**c)) for c in configs]
+
+
+def build_t5(preset: FlowPreset) -> tuple[Any, Any]:
+    """(T5 encoder, its tokenizer) of a pretrained folder that has them, else (None, None)."""
+    if not preset.has_t5:
+        return None, None
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    folder = preset.pretrained
+    encoder = T5EncoderModel.from_pretrained(
+        folder,
+        subfolder="text_encoder_3",
+        local_files_only=True,
+        variant=weights_variant(f"{folder}/text_encoder_3"),
+        dtype=torch.float32,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        folder, subfolder="tokenizer_3", local_files_only=True
+    )
+    return encoder, tokenizer
+
+
+def flow_scheduler(preset: FlowPreset, shift: float | None) -> FlowMatchEulerDiscreteScheduler:
+    """The Euler flow-matching scheduler: the folder's config (or the defaults) with `shift`
+    (None = the preset's: the folder's, or `SCRATCH_SHIFT`)."""
+    config = {**preset.scheduler, "shift": preset.shift if shift is None else shift}
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
