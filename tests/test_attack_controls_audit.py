@@ -69,6 +69,7 @@ def test_controls_score_the_trained_attacks_on_the_control_queries(world):
     assert aucs["fixed-caption"]["pixel"] == pytest.approx(full, abs=1e-6)
     assert abs(survival(full, aucs["swapped-caption"]["pixel"])) < 0.35
     assert survival(None, 0.7) is None and survival(0.5, 0.7) is None
+    assert survival(0.53, 0.6) is None and survival(0.4, 0.45) == pytest.approx(0.5)
 
 
 def test_report_files_and_table_carry_controls_and_the_audit(world):

@@ -71,11 +71,11 @@ def read_offline_run(folder: str | Path) -> OfflineRun:
         rec.ParseFromString(data)
         kind = rec.WhichOneof("record_type")
         if kind == "run":
-            run.name, run.group, run.job_type = (
-                rec.run.display_name,
-                rec.run.run_group,
-                rec.run.job_type,
-            )
+            # a run record is an update: a later one (how many, and when, depends on how fast
+            # the W&B service writes) may leave the fields it does not change empty
+            run.name = rec.run.display_name or run.name
+            run.group = rec.run.run_group or run.group
+            run.job_type = rec.run.job_type or run.job_type
             run.config.update({_key(u): json.loads(u.value_json) for u in rec.run.config.update})
         elif kind == "config":
             run.config.update({_key(u): json.loads(u.value_json) for u in rec.config.update})

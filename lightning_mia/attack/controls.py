@@ -59,9 +59,13 @@ def control_aucs(
     return out
 
 
+MIN_LIFT = 0.05  # below this distance of the AUC from chance, a share of it is noise
+
+
 def survival(auc: float | None, control: float | None) -> float | None:
-    """The share of an attack's lift over chance its control keeps (None when undefined)."""
-    if auc is None or control is None or abs(auc - 0.5) < 1e-9:
+    """The share of an attack's lift over chance its control keeps (None when undefined: no
+    AUC, or one within `MIN_LIFT` of chance, where the share would divide noise by noise)."""
+    if auc is None or control is None or abs(auc - 0.5) < MIN_LIFT:
         return None
     return (control - 0.5) / (auc - 0.5)
 

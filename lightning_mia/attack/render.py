@@ -50,7 +50,8 @@ __all__ = ["format_table", "render_markdown", "render_roc_png", "write_report"]
 CONTROLS_NOTE = (
     "The attacks as trained on the shadows, scored on the target queried with one fixed caption "
     "for every sample and with captions swapped among the samples; kept = (AUC with the control "
-    "- 0.5) / (AUC - 0.5): how much of an attack's lift over chance needs the true caption."
+    "- 0.5) / (AUC - 0.5): the share of an attack's lift over chance that survives without the "
+    "true caption (blank where the AUC is within 0.05 of chance: the share would be noise)."
 )
 
 
