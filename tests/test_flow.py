@@ -176,7 +176,7 @@ def test_fit_checkpoints_and_resume_continues_the_global_step(autoencoder, tmp_p
     card = read_card(last)
     assert (card.family, card.run_name) == ("flow", "flow-target-000")
     saved = torch.load(last, weights_only=True)
-    assert len(saved[CARD_KEY]["extra"]["autoencoder_sha256"]) == 64
+    assert len(saved[CARD_KEY]["autoencoder_sha256"]) == 64
     assert not any(k.startswith("vae.") for k in saved["state_dict"])  # kept in its folder
     assert int(saved["state_dict"]["ema.num_updates"]) == 3
     resumed, trainer = fit(5, str(last))
