@@ -48,12 +48,37 @@ def _no_wandb_run_left_open():
         wandb.run.finish()
 
 
+def shared_build(tmp_path_factory, name, build):
+    """`build(folder)`'s result, built once per test run: in a folder of the session's own
+    under one process, and once for all workers under pytest-xdist (`make test` runs two): the
+    first worker to ask builds it in the folder the workers share, under a file lock, and
+    leaves the result pickled beside it for the others."""
+    import pickle
+
+    from filelock import FileLock
+
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent  # pytest-of-<user>/pytest-N, all workers
+    result = shared / f"{name}.pickle"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not result.is_file():
+            folder = shared / name
+            folder.mkdir()
+            result.write_bytes(pickle.dumps(build(folder)))
+    return pickle.loads(result.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def trained_autoencoder(tmp_path_factory):
     """A tiny KL autoencoder shared by the autoencoder and diffusion tests: 16x16 pixels ->
     4x4x4 latents (f4), trained 300 steps (~7 s on one core) on ids 0..191 of
     ShapesSource(num_samples=256, resolution=16, seed=0) (192..255 are held out). Returns its
     diffusers folder; the initial random weights are saved next to it in `../untrained`."""
+    return shared_build(tmp_path_factory, "autoencoder", _train_autoencoder)
+
+
+def _train_autoencoder(root):
     import torch
     from lightning.pytorch import Trainer, seed_everything
     from torch.utils.data import DataLoader
@@ -63,7 +88,6 @@ def trained_autoencoder(tmp_path_factory):
     from lightning_mia.models.autoencoder import AutoencoderModule
     from lightning_mia.models.vae import save_autoencoder
 
-    root = tmp_path_factory.mktemp("autoencoder")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     source = ShapesSource(num_samples=256, resolution=16, seed=0)
@@ -103,7 +127,7 @@ def diffusion_experiment(tmp_path_factory):
     (`copy_experiment`) to change it."""
     from tiny_experiment import build_diffusion
 
-    return build_diffusion(tmp_path_factory.mktemp("diffusion-experiment"))
+    return shared_build(tmp_path_factory, "diffusion-experiment", build_diffusion)
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +135,7 @@ def seq2seq_experiment(tmp_path_factory):
     """The slow tier's seq2seq experiment (trained, not queried), read-only."""
     from tiny_experiment import build_seq2seq
 
-    return build_seq2seq(tmp_path_factory.mktemp("seq2seq-experiment"))
+    return shared_build(tmp_path_factory, "seq2seq-experiment", build_seq2seq)
 
 
 @pytest.fixture(scope="session")
@@ -119,7 +143,11 @@ def captioner_experiment(diffusion_experiment, tmp_path_factory):
     """A copy of the diffusion experiment with the attacker's captioner trained, read-only."""
     from tiny_experiment import build_captioner
 
-    return build_captioner(diffusion_experiment, tmp_path_factory.mktemp("captioner-experiment"))
+    return shared_build(
+        tmp_path_factory,
+        "captioner-experiment",
+        lambda folder: build_captioner(diffusion_experiment, folder),
+    )
 
 
 @pytest.fixture(scope="module")
