@@ -112,3 +112,31 @@ def test_a_missing_group_column_is_refused_before_any_query(tmp_path):
         check_audit(layout, AttackOptions(group_by="artist"))
     with pytest.raises(UserError, match="alpha must lie strictly between 0 and 1"):
         check_audit(layout, AttackOptions(dataset_inference=True, audit=AuditOptions(alpha=2)))
+
+
+@pytest.mark.slow
+def test_a_target_trained_four_steps_detects_nothing(diffusion_experiment, tmp_path, capsys):
+    """`attack.py --dataset-inference` on the session's diffusion experiment, whose target and
+    shadows trained 4 steps: there is no membership to find, and the audit (aggregation fitted
+    on the shadows, tested on the target's 8 members against its 7 non-members) must not claim
+    any. Its queries are reused: the same query as the experiment's."""
+    from tiny_experiment import copy_experiment
+
+    from lightning_mia.cli import attack_main
+
+    exp = copy_experiment(diffusion_experiment, tmp_path)
+    attack_main(
+        [
+            "--ckpt",
+            str(exp.layout.checkpoint("diffusion", 0)),
+            "--query.num_images=1",
+            "--query.signals=[loss]",
+            "--attack.attacks=[pixel, loss]",
+            "--attack.max_epochs=5",
+            "--progress=false",
+            "--dataset-inference",
+        ]
+    )
+    assert "querying" not in capsys.readouterr().out  # every query reused
+    result = json.loads((exp.root / "attack" / "dataset_inference.json").read_text())
+    assert result["decision"] != "detected" and result["p_value"] > 0.01, result
