@@ -10,14 +10,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 SESSION_EXPERIMENTS = {"diffusion_experiment", "seq2seq_experiment", "captioner_experiment"}
+# fixtures that train a model or install the package: every test that uses one is slow
+SLOW_FIXTURES = SESSION_EXPERIMENTS | {"trained_autoencoder", "offline_experiment"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
 def pytest_collection_modifyitems(items):
-    """A test that needs a session experiment (trained through the command lines) is slow,
-    marked or not."""
+    """A test that uses a fixture of SLOW_FIXTURES (a session experiment trained through the
+    command lines, a trained autoencoder) is slow, marked or not."""
     for item in items:
-        if SESSION_EXPERIMENTS & set(getattr(item, "fixturenames", ())):
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 

@@ -46,6 +46,7 @@ def test_control_specs_change_only_the_captions():
         assert spec.tag == f"@{mode}"
 
 
+@pytest.mark.slow
 def test_controls_score_the_trained_attacks_on_the_control_queries(world):
     layout, target, shadows = world
 

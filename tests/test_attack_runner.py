@@ -116,6 +116,7 @@ def test_partial_setting_trains_on_known_target_rows(world):
     assert (layout.attack / "pixel" / "partial.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_target_labels_choose_nothing(world):
     layout, target, shadows = world
     first = run_attacks(layout, target, shadows, ["pixel"], **FAST)

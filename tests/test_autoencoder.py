@@ -52,6 +52,7 @@ def test_kl_training_reconstructs_held_out_images(trained_autoencoder):
     assert 0.5 < latents.std().item() < 2.0  # the measured scaling factor makes them ~unit
 
 
+@pytest.mark.slow
 def test_vq_training_reconstructs_held_out_images(tmp_path):
     items = [
         {"pixel_values": SOURCE.image(i), "caption": SOURCE.caption(i), "sample_id": i}

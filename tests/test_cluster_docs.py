@@ -193,6 +193,7 @@ def test_torchrun_script_runs_commands_lightning_accepts(tmp_path, nnodes, index
     assert isinstance(cluster, TorchElasticEnvironment)
 
 
+@pytest.mark.slow
 def test_torchrun_trains_on_two_cpu_processes(tmp_path):
     exp = tmp_path / "exp"
     argv = [

@@ -98,6 +98,7 @@ class RecordIds(pl.LightningModule):
         leave_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_predict_serves_each_query_exactly_once(tmp_path):
     # 13 queries over 2 ranks: Lightning's padding would serve one twice
     dm = make_dm(tmp_path, target_size=13, query_batch_size=4)

@@ -12,6 +12,7 @@ from lightning_mia.models.diffusion import LatentDiffusionModule
 from lightning_mia.models.registry import load_family_module
 
 
+@pytest.mark.slow
 def test_ddp_spawn_trains_counts_both_ranks_and_writes_one_checkpoint(
     tmp_path, trained_autoencoder
 ):

@@ -61,6 +61,7 @@ def trained(tmp_path_factory, one_thread):
     }
 
 
+@pytest.mark.slow
 def test_trained_encoder_retrieves_held_out_captions(trained):
     enc = load_encoder(str(trained["folder"]))
     caps = trained["captions"]
@@ -74,6 +75,7 @@ def test_trained_encoder_retrieves_held_out_captions(trained):
     assert {"train/loss", "train/retrieval_acc"} <= set(trained["metrics"])
 
 
+@pytest.mark.slow
 def test_encoder_folder_round_trips_and_carries_the_card(trained):
     module, folder = trained["module"], trained["folder"]
     enc = load_encoder(str(folder))
@@ -110,6 +112,7 @@ def test_non_clip_folders_fail_with_one_clear_error(tmp_path):
         EncoderModule(preset="huge")
 
 
+@pytest.mark.slow
 def test_extractor_with_encoder_all_groups_batched(trained):
     enc = load_encoder(str(trained["folder"]))
     x = trained["images"][:3]  # (3, 3, 32, 32)

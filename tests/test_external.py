@@ -112,6 +112,7 @@ def audit_args(inputs, experiment, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_a_lora_target_trained_elsewhere_is_audited_end_to_end(inputs, tmp_path, capsys):
     exp = tmp_path / "audit"
     attack_main(
@@ -193,6 +194,7 @@ def _options(inputs, exp, **external) -> AttackOptions:
     )
 
 
+@pytest.mark.slow
 def test_a_full_fine_tune_over_ids_of_a_data_source(inputs, tmp_path):
     """The target is another pipeline fine-tuned in full from `--base`; the lists are ids of
     an image folder given with --data, whose other samples are the shadows' data."""

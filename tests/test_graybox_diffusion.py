@@ -147,6 +147,18 @@ def random_autoencoder(folder):
     return folder
 
 
+def test_every_signal_runs_on_a_random_model(tmp_path):
+    """The fast tier's check of the whole signal path (the trained model's tests are slow)."""
+    folder = random_autoencoder(tmp_path / "autoencoder")
+    torch.manual_seed(0)
+    m = LatentDiffusionModule(autoencoder=str(folder), resolution=RES, max_caption_length=77)
+    batch = shapes_batch(IDS[:4])
+    names = ["loss", "secmi", "pia", "clid"]
+    feats = compute_signals(m.eval(), batch, names, seed=0, options=OPTIONS)
+    assert {k.split("/")[0] for k in feats} == {"loss", "secmi", "pia", "clid"}
+    assert all(v.shape == (4,) and bool(torch.isfinite(v).all()) for v in feats.values())
+
+
 # --- a trained model ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
@@ -180,6 +192,7 @@ def auc(scores, lower_is_member=True):
     return float(roc_auc(-scores if lower_is_member else scores, LABELS))
 
 
+@pytest.mark.slow
 def test_signal_names_and_shapes(signals):
     expected = {f"loss/{s}{t}" for s in ("t", "eps_t") for t in (200, 300)}
     expected |= {"loss/mean", "loss/eps_mean", "secmi/t_error", "secmi/err_max", "secmi/err_p90"}
@@ -196,6 +209,7 @@ def test_signal_names_and_shapes(signals):
 # 0.93, clid/loss_cond 1.0, clid/score 0.70. A tiny model that memorises its members outright also
 # memorises them through the null and reduced captions, so CLiD's discrepancy alone is weak here;
 # CLiD_th, calibrated on shadow rows, puts its weight on the loss term (next test).
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "feature, lower_is_member, floor",
     [
@@ -211,6 +225,7 @@ def test_members_look_like_members(signals, feature, lower_is_member, floor):
     assert auc(signals[feature], lower_is_member) > floor
 
 
+@pytest.mark.slow
 def test_clid_th_calibrated_on_half_the_rows_finds_the_other_half(signals):
     names = sorted(k for k in signals if k.startswith("clid/"))
     x, y = torch.stack([signals[n] for n in names], 1), LABELS
@@ -220,6 +235,7 @@ def test_clid_th_calibrated_on_half_the_rows_finds_the_other_half(signals):
     assert float(roc_auc(choice.scores(x[target], names), y[target])) > 0.8
 
 
+@pytest.mark.slow
 def test_loss_is_the_models_own_training_loss(model, signals):
     batch = shapes_batch(IDS)
     seeds = seeds_of(0, batch["sample_id"])
@@ -236,6 +252,7 @@ def test_loss_is_the_models_own_training_loss(model, signals):
     torch.testing.assert_close(signals["loss/eps_t300"], abar * own, rtol=1e-5, atol=0.0)
 
 
+@pytest.mark.slow
 def test_clid_gaps_are_loss_differences_at_the_same_noise(model, signals):
     batch, ts = shapes_batch(IDS), OPTIONS.clid_timesteps  # (440, 450, 460)
 
@@ -260,6 +277,7 @@ def test_clid_gaps_are_loss_differences_at_the_same_noise(model, signals):
     torch.testing.assert_close(signals["clid/score"], torch.stack(gaps).mean(0))
 
 
+@pytest.mark.slow
 def test_pia_follows_the_reference_recipe(model, signals):
     view, t, scale = LatentView(model), 200, OPTIONS.pia_guidance
     batch = shapes_batch(IDS)
@@ -281,6 +299,7 @@ def test_pia_follows_the_reference_recipe(model, signals):
     torch.testing.assert_close(signals["pia/t200"], expected, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_secmi_inversion_then_ddim_gives_back_the_latents(model):
     view = LatentView(model)
     with torch.no_grad():
@@ -320,6 +339,7 @@ def _named(key):
     return lambda message: f"{key}: {message}"
 
 
+@pytest.mark.slow
 def test_fixed_noise_determinism_and_batch_independence(model, signals):
     names = ["loss", "secmi", "pia", "clid"]
     again = compute_signals(model, shapes_batch(IDS), names, seed=0, options=OPTIONS)
@@ -334,6 +354,7 @@ def test_fixed_noise_determinism_and_batch_independence(model, signals):
     assert not torch.allclose(other["loss/mean"], part["loss/mean"])
 
 
+@pytest.mark.slow
 def test_bad_requests_fail_with_one_clear_error(model):
     batch = shapes_batch([0, 1])
     with pytest.raises(

@@ -48,6 +48,18 @@ def random_vq(folder):
     return folder
 
 
+def test_every_signal_runs_on_a_random_model(tmp_path):
+    """The fast tier's check of the whole signal path (the trained model's tests are slow)."""
+    train_caption_tokenizer([SOURCE.caption(i) for i in IDS], 512, tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    m = Seq2SeqModule(
+        autoencoder=str(random_vq(tmp_path / "autoencoder")), tokenizer=str(tmp_path / "tokenizer")
+    )
+    feats = compute_signals(m.eval(), shapes_batch(IDS[:4]), ["nll", "nll_gap"], seed=0)
+    assert {k.split("/")[0] for k in feats} == {"nll", "nll_gap"}
+    assert all(v.shape == (4,) and bool(torch.isfinite(v).all()) for v in feats.values())
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     threads = torch.get_num_threads()
@@ -82,6 +94,7 @@ def auc(scores):  # lower = member
     return float(roc_auc(-scores, LABELS))
 
 
+@pytest.mark.slow
 def test_signal_names_and_values(model, signals):
     assert set(signals) == {"nll/mean", "nll/low20", "nll/max", "nll_gap/mean", "nll_gap/low20"}
     batch = shapes_batch(IDS)
@@ -100,11 +113,13 @@ def test_signal_names_and_values(model, signals):
 
 # Measured (AUC, lower = member) with the same training on AVX-512, AVX2 and SSE kernels: 1.0
 # for every NLL statistic; nll_gap/mean 0.24-0.25 and nll_gap/low20 0.38-0.39.
+@pytest.mark.slow
 @pytest.mark.parametrize("feature", ["nll/mean", "nll/low20", "nll/max"])
 def test_members_have_lower_nll(signals, feature):
     assert auc(signals[feature]) > 0.8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("feature, floor", [("nll_gap/mean", 0.65), ("nll_gap/low20", 0.55)])
 def test_caption_gap_separates_members(signals, feature, floor):
     # Direction is left to the attack stage: in this memorising regime the null caption is
@@ -113,6 +128,7 @@ def test_caption_gap_separates_members(signals, feature, floor):
     assert max(value, 1 - value) > floor
 
 
+@pytest.mark.slow
 def test_deterministic_and_batch_independent(model, signals):
     order = [30, 2, 17]
     part = compute_signals(model, shapes_batch(order), ["nll_gap", "nll"], seed=5)
@@ -123,6 +139,7 @@ def test_deterministic_and_batch_independent(model, signals):
         torch.testing.assert_close(part[k], signals[k][order], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bad_requests_fail_with_one_clear_error(model):
     batch = shapes_batch([0, 1])
     with pytest.raises(SignalError, match=r"\['loss', 'secmi'\] are not for the 'seq2seq'"):

@@ -62,6 +62,7 @@ def wheel(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_the_configs_and_the_entry_points(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
@@ -98,6 +99,7 @@ def installed(wheel, tmp_path_factory):
     return site, elsewhere, env
 
 
+@pytest.mark.slow
 def test_an_installed_entry_point_runs_from_another_folder(installed):
     site, elsewhere, env = installed
     assert all((site / "bin" / script).is_file() for script in SCRIPTS)
@@ -109,6 +111,7 @@ def test_an_installed_entry_point_runs_from_another_folder(installed):
     assert "usage: lightning_mia.experiment" in out.stdout and "--num_shadows" in out.stdout
 
 
+@pytest.mark.slow
 def test_installed_commands_find_their_configs_from_another_folder(installed):
     site, elsewhere, env = installed
     code = (

@@ -104,6 +104,7 @@ def _fit_encoder(tmp_path, *extra):
     return out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_a_stage_is_quiet_and_verbose_shows_everything(tmp_path):
     quiet = _fit_encoder(tmp_path / "quiet")
     for noise in (
