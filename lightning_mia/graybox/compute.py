@@ -99,20 +99,26 @@ def compute_signals(
     seed: int,
     timesteps: Sequence[int] | None = None,
     options: SignalOptions = SignalOptions(),
+    cache: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Features `"<group>/<name>" -> float32 (B,)` of the named signals on one batch.
 
     `timesteps`, when given, replaces `options.timesteps`. Noise is fixed by (seed, sample_id),
     so the target and every shadow model see the same noise for a sample. The model is put in
-    eval mode for the call (and restored after) and the maths runs in float32.
+    eval mode for the call (and restored after) and the maths runs in float32. What signals
+    share (latents or codes, the captions' conditioning) is computed once per call; pass the
+    same `cache` dict to several calls on one batch to share it between them too (it is
+    emptied when the model, sample ids or captions change).
     """
     if timesteps is not None:
         options = replace(options, timesteps=tuple(int(t) for t in timesteps))
     check_model_signals(model, names, options)
     _check_batch(batch)
     was_training = model.training
-    model.eval()
-    cache: dict[str, Any] = {}  # latents, conditioning, codes: shared between signals
+    if was_training:  # a mode switch walks every module: only when needed
+        model.eval()
+    cache = batch_cache({} if cache is None else cache, model, batch)
+    cache["asked"] = frozenset(names)  # a signal may compute a later one's pass with its own
     out: dict[str, torch.Tensor] = {}
     try:
         with torch.no_grad(), full_precision(model.device):
@@ -120,5 +126,16 @@ def compute_signals(
                 features = SIGNALS[name].fn(model, batch, seed, options, cache)
                 out.update({k: v.detach().float() for k, v in features.items()})
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     return out
+
+
+def batch_cache(cache: dict[str, Any], model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """`cache` (latents, conditioning, codes shared between signals), emptied first unless it
+    was filled for this model, these sample ids and these captions."""
+    key = (id(model), tuple(batch["sample_id"].reshape(-1).tolist()), tuple(batch["caption"]))
+    if cache.get("batch") != key:
+        cache.clear()
+        cache["batch"] = key
+    return cache

@@ -19,10 +19,9 @@ from typing import Any
 import torch
 
 from lightning_mia.graybox.denoiser import (
-    fixed_noise,
     noise_seeds,
-    per_sample_mean,
     prepared,
+    stacked_losses,
     timestep_problems,
 )
 from lightning_mia.graybox.spec import SignalOptions, SignalSpec, register_signal
@@ -42,20 +41,15 @@ def loss_signals(
     `per_sample_loss` takes the mean of in training, here with this t and noise: MSE to its
     training target, e.g. v); `loss/eps_t{t}`: the error in noise space, ||eps - eps_θ||² (for
     v-prediction it is ᾱ_t times the v-loss, so only the means differ); `loss/mean` and
-    `loss/eps_mean` over timesteps. One UNet pass per timestep.
+    `loss/eps_mean` over timesteps. One UNet pass per timestep, all stacked (`stacked_losses`).
     """
     c = prepared(model, batch, cache)
-    view, x0, cond = c["view"], c["x0"], c["cond"]
-    b = x0.shape[0]
     seeds = noise_seeds(seed, batch["sample_id"])
+    losses, eps_errors = stacked_losses(c["view"], c["x0"], [c["cond"]], timesteps, seeds, True)
     out: dict[str, torch.Tensor] = {}
-    for t in timesteps:
-        noise = fixed_noise(seeds, t, x0.shape[1:], x0.device)  # (B, C, h, w)
-        times = view.times(t, b)
-        denoised = model.loss_at(x0, cond, times, noise)
-        eps, _ = model.split_prediction(denoised.prediction, denoised.noisy, times)
-        out[f"loss/t{t}"] = denoised.loss
-        out[f"loss/eps_t{t}"] = per_sample_mean((eps - noise) ** 2)
+    for t, loss, eps_error in zip(timesteps, losses[:, 0], eps_errors[:, 0]):
+        out[f"loss/t{t}"] = loss
+        out[f"loss/eps_t{t}"] = eps_error
     out["loss/mean"] = torch.stack([out[f"loss/t{t}"] for t in timesteps]).mean(0)
     out["loss/eps_mean"] = torch.stack([out[f"loss/eps_t{t}"] for t in timesteps]).mean(0)
     return out

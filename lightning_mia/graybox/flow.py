@@ -12,7 +12,8 @@ the query image, the caption's conditioning, fixed noise per (seed, sample_id, t
 target and shadows, the model's velocity and the straight-line ends it implies. Features name
 a time by the transformer's timestep round(1000·t): `flow_loss/t250` is t = 0.25. Where a
 signal asks several times or conditions, their rows go through the transformer stacked
-(`stacked_losses`, in chunks of `rows_per_pass` rows), not one pass per time. The CLiD-style
+(`graybox.denoiser.stacked_losses`, `stacked_predict`: in chunks of `rows_per_pass` rows), not
+one pass per time. The CLiD-style
 gap is in `graybox/flow_clid.py`. Which direction means "member" is learned on shadow models;
 the expected one is in each docstring.
 """
@@ -25,75 +26,22 @@ from typing import Any
 import torch
 
 from lightning_mia.graybox.denoiser import (
-    LatentView,
-    fixed_noise,
     guided,
     noise_seeds,
     per_sample_mean,
     prepared,
+    stacked_losses,
+    stacked_predict,
 )
 from lightning_mia.graybox.secmi import round_trip, t_error_features
 from lightning_mia.graybox.spec import SignalOptions, SignalSpec, register_signal
-from lightning_mia.models.latent import Conditioning
 
 TIME_SCALE = 1000  # features name a time t by round(TIME_SCALE·t), the transformer's timestep
-# rows of one stacked transformer pass (times x conditions x samples): a GPU fills up with many;
-# on a CPU the tiny MMDiT costs the same per row from 16 to 64 rows and 20% more at 128 (measured
-# 1.77 vs 2.16 ms a row, 2 threads), its attention maps then leaving the caches
-ROWS_PER_PASS = {"cuda": 1024, "cpu": 64}
-
-
-def rows_per_pass(device: torch.device) -> int:
-    """How many rows one stacked transformer pass takes on `device`."""
-    return ROWS_PER_PASS.get(torch.device(device).type, ROWS_PER_PASS["cuda"])
 
 
 def time_name(t: float) -> str:
     """`t500` for t = 0.5: the feature suffix of a noise level."""
     return f"t{round(TIME_SCALE * t)}"
-
-
-def stacked_losses(
-    view: LatentView,
-    x0: torch.Tensor,
-    conds: Sequence[Conditioning],
-    times: Sequence[float],
-    seeds: Sequence[int],
-) -> torch.Tensor:
-    """Flow-matching losses (T, K, B) of latents x0 (B, C, h, w) at T times under K
-    conditionings (B rows each): ||v_θ(x_t, t, c_k) - (eps - x0)||², mean over the latent, with
-    the model's own `loss_at`; eps fixed per (sample, t) and shared by every condition. The
-    T·K·B rows go through the transformer stacked, in chunks of `rows_per_pass`."""
-    model, b, k, n_t = view.model, x0.shape[0], len(conds), len(times)
-    noise = torch.stack([fixed_noise(seeds, t, x0.shape[1:], x0.device) for t in times])
-    noise = noise.unsqueeze(1).expand(n_t, k, *noise.shape[1:]).flatten(0, 2)  # (T*K*B, ...)
-    x0_rows = x0.unsqueeze(0).expand(n_t * k, *x0.shape).flatten(0, 1)  # rows (t, k, b)
-    t_rows = torch.tensor(list(times), dtype=torch.float32, device=x0.device)
-    t_rows = t_rows.repeat_interleave(k * b)
-    cond = Conditioning.cat(list(conds)).repeat(n_t)
-    step = rows_per_pass(x0.device)
-    out = [
-        model.loss_at(
-            x0_rows[i : i + step],
-            cond.rows(i, i + step),
-            t_rows[i : i + step],
-            noise[i : i + step],
-        ).loss
-        for i in range(0, len(t_rows), step)
-    ]
-    return torch.cat(out).reshape(n_t, k, b)
-
-
-def stacked_predict(
-    view: LatentView, x_t: torch.Tensor, times: torch.Tensor, cond: Conditioning
-) -> torch.Tensor:
-    """The model's velocity (N, C, h, w) at N rows of (x_t, time, condition), stacked."""
-    step = rows_per_pass(x_t.device)
-    out = [
-        view.model.predict(x_t[i : i + step], times[i : i + step], cond.rows(i, i + step))
-        for i in range(0, x_t.shape[0], step)
-    ]
-    return torch.cat(out)
 
 
 # --- loss at fixed times, and the sweep along the path --------------------------------------------

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from lightning_mia.graybox.clid import mask_top_words, mask_word, word_importance
-from lightning_mia.graybox.denoiser import NULL_CAPTION, noise_seeds, prepared
-from lightning_mia.graybox.flow import stacked_losses, time_problems
+from lightning_mia.graybox.clid import mask_word, reduced_conditions
+from lightning_mia.graybox.denoiser import noise_seeds, prepared, stacked_losses
+from lightning_mia.graybox.flow import time_problems
 from lightning_mia.graybox.spec import SignalOptions, SignalSpec, register_signal
 
 
@@ -48,15 +48,9 @@ def flow_clid_signals(
     """CLiD's terms of a batch on a flow model (module docstring)."""
     c = prepared(model, batch, cache)
     view, x0, cond = c["view"], c["x0"], c["cond"]
-    captions, mask = list(batch["caption"]), mask_word(model)
-    importance = word_importance(view.condition, captions, cond, mask)
-    reduced = [
-        [mask_top_words(s, w, rate, mask) for s, w in zip(captions, importance)]
-        for rate in cut_rates
-    ]
-    conds = [cond] + [view.condition(cs) for cs in [[NULL_CAPTION] * len(captions), *reduced]]
+    others = reduced_conditions(view, list(batch["caption"]), cond, cut_rates, mask_word(model))
     seeds = noise_seeds(seed, batch["sample_id"])
-    loss = stacked_losses(view, x0, conds, times, seeds).mean(0)  # (K, B)
+    loss = stacked_losses(view, x0, [cond, *others], times, seeds).mean(0)  # (K, B)
     gaps = loss[1:] - loss[0]  # (1 + len(cut_rates), B): null, then each cut
     out = {"flow_clid/loss_cond": loss[0], "flow_clid/gap_null": gaps[0]}
     out.update({cut_name(rate): gap for rate, gap in zip(cut_rates, gaps[1:])})

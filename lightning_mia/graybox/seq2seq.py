@@ -25,13 +25,23 @@ def low_k_mean(nll: torch.Tensor, percent: float) -> torch.Tensor:
     return nll.topk(k, dim=1).values.mean(dim=1)
 
 
-def code_nll(model: Any, batch: dict[str, Any], cache: dict[str, Any]) -> torch.Tensor:
-    """Per-token NLL (B, L) of the batch's image codes given its true captions (cached)."""
-    if "nll" not in cache:
-        codes = model.encode_images(batch["pixel_values"].to(model.device))  # (B, L)
-        cache["codes"] = codes
-        cache["nll"] = model.per_token_nll(list(batch["caption"]), codes).float()
-    return cache["nll"]
+def code_nll(
+    model: Any, batch: dict[str, Any], cache: dict[str, Any], with_null: bool = False
+) -> list[torch.Tensor]:
+    """Per-token NLL (B, L) of the batch's image codes given its true captions and, `with_null`,
+    given the null caption "" too. The codes (one VQ encoding) and each NLL are cached; the
+    passes not yet cached run as one BART call (the captions stacked, padded to the longest)."""
+    if "codes" not in cache:
+        cache["codes"] = model.encode_images(batch["pixel_values"].to(model.device))  # (B, L)
+    codes, b = cache["codes"], len(batch["caption"])
+    captions = {"nll": list(batch["caption"]), "null_nll": [""] * b}
+    wanted = ["nll", "null_nll"] if with_null else ["nll"]
+    missing = [k for k in wanted if k not in cache]
+    if missing:
+        rows = [caption for k in missing for caption in captions[k]]
+        nll = model.per_token_nll(rows, codes.repeat(len(missing), 1)).float()
+        cache.update({k: nll[i * b : (i + 1) * b] for i, k in enumerate(missing)})
+    return [cache[k] for k in wanted]
 
 
 def nll_signals(
@@ -44,9 +54,11 @@ def nll_signals(
     """NLL of the image codes given the caption. Lower = member (for all three).
 
     `nll/mean` over the L codes; `nll/low{k}` the Min-K% mean (the k% least likely codes,
-    k = `percent`); `nll/max` the least likely code. One BART pass.
+    k = `percent`); `nll/max` the least likely code. One BART pass (with `nll_gap`'s in the
+    same call when both are asked).
     """
-    nll = code_nll(model, batch, {} if cache is None else cache)  # (B, L)
+    cache = {} if cache is None else cache
+    nll = code_nll(model, batch, cache, "nll_gap" in cache.get("asked", ()))[0]  # (B, L)
     return {
         "nll/mean": nll.mean(dim=1),
         f"nll/low{percent:g}": low_k_mean(nll, percent),
@@ -69,11 +81,10 @@ def nll_gap_signals(
     gap is LOWER for members (tiny model, 16 members: AUC 0.91-1.0 lower = member). The attack
     stage learns the direction on shadow models. `nll_gap/mean` = the gap
     of the mean NLLs; `nll_gap/low{k}` = the gap of the Min-K% means (each taken over its own
-    least likely k% of codes). Two BART passes (one shared with `nll` when both are asked).
+    least likely k% of codes). Two BART passes, stacked in one call (one shared with `nll`
+    when both are asked).
     """
-    cache = {} if cache is None else cache
-    nll = code_nll(model, batch, cache)  # (B, L)
-    null = model.per_token_nll([""] * nll.shape[0], cache["codes"]).float()  # (B, L)
+    nll, null = code_nll(model, batch, {} if cache is None else cache, with_null=True)
     return {
         "nll_gap/mean": null.mean(dim=1) - nll.mean(dim=1),
         f"nll_gap/low{percent:g}": low_k_mean(null, percent) - low_k_mean(nll, percent),
