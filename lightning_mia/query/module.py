@@ -215,6 +215,7 @@ class QueryModule(StageModule):
             "generate", lambda: self.model.generate(captions, n, seed=seeds)
         )  # (B, N, 3, H, W)
         features = self._timed("features", lambda: self.extractor(query, generated, captions))
+        shared: dict[str, Any] = {}  # latents or codes, conditioning: once per batch
         for name in self.spec.signals:  # gray-box: same fixed noise per sample for every model
             features.update(
                 self._timed(
@@ -225,6 +226,7 @@ class QueryModule(StageModule):
                         [name],
                         self.spec.seed,
                         options=self.spec.signal_options,
+                        cache=shared,
                     ),
                 )
             )
