@@ -26,7 +26,7 @@ from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
-from lightning_mia.models.base import caption_seeds, register_family
+from lightning_mia.models.base import register_family
 from lightning_mia.models.diffusion_presets import (
     SCRATCH_SCHEDULE,
     LatentSpec,
@@ -297,31 +297,11 @@ class LatentDiffusionModule(LatentTextToImageModule):
         """A fresh sampling scheduler (configured class) on the training noise schedule."""
         return sampling_scheduler(self.hparams.scheduler, self.noise_scheduler.config)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        captions: list[str],
-        num_images: int = 4,
-        seed: int | Sequence[int] = 0,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
+    def sample_batch(
+        self, captions: list[str], seeds: list[int], num_images: int, steps: int, scale: float
     ) -> torch.Tensor:
-        """Images (B, N, 3, H, W) in [-1, 1]; caption i's images depend only on its seed."""
-        steps = num_inference_steps or self.hparams.num_inference_steps
-        scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
-        seeds = caption_seeds(len(captions), seed)
-        per_loop = max(1, self.hparams.generation_batch_size // max(1, num_images))
-        chunks = [
-            sample_images(
-                self, captions[i : i + per_loop], seeds[i : i + per_loop], num_images, steps, scale
-            )
-            for i in range(0, len(captions), per_loop)
-        ]
-        return torch.cat(chunks) if chunks else torch.empty(0, num_images, 3, *self._hw)
-
-    @property
-    def _hw(self) -> tuple[int, int]:
-        return (self.resolution, self.resolution)
+        """One batch of `generate`: DDIM/DDPM sampling with classifier-free guidance."""
+        return sample_images(self, captions, seeds, num_images, steps, scale)
 
     # --- diffusers folders and checkpoints ----------------------------------------------------
     def pipeline(self) -> Any:

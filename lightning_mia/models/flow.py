@@ -30,7 +30,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import nn
 
-from lightning_mia.models.base import caption_seeds, register_family
+from lightning_mia.models.base import register_family
 from lightning_mia.models.ema import EMAWeights
 from lightning_mia.models.flow_presets import (
     PRESETS,
@@ -282,28 +282,11 @@ class FlowMatchingModule(LatentTextToImageModule):
         """A fresh Euler sampler on the training schedule (its shift)."""
         return FlowMatchEulerDiscreteScheduler.from_config(self.noise_scheduler.config)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        captions: list[str],
-        num_images: int = 4,
-        seed: int | Sequence[int] = 0,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
+    def sample_batch(
+        self, captions: list[str], seeds: list[int], num_images: int, steps: int, scale: float
     ) -> torch.Tensor:
-        """Images (B, N, 3, H, W) in [-1, 1]; caption i's images depend only on its seed."""
-        steps = num_inference_steps or self.hparams.num_inference_steps
-        scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
-        seeds = caption_seeds(len(captions), seed)
-        per_loop = max(1, self.hparams.generation_batch_size // max(1, num_images))
-        chunks = [
-            sample_images(
-                self, captions[i : i + per_loop], seeds[i : i + per_loop], num_images, steps, scale
-            )
-            for i in range(0, len(captions), per_loop)
-        ]
-        empty = torch.empty(0, num_images, 3, self.resolution, self.resolution)
-        return torch.cat(chunks) if chunks else empty
+        """One batch of `generate`: batched Euler steps as StableDiffusion3Pipeline."""
+        return sample_images(self, captions, seeds, num_images, steps, scale)
 
     # --- diffusers folders ---------------------------------------------------------------------
     def pipeline(self) -> Any:

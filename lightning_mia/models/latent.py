@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from lightning_mia.card import CARD_KEY, RunCard
-from lightning_mia.models.base import TextToImageModule, cached_by_id
+from lightning_mia.models.base import TextToImageModule, cached_by_id, caption_seeds
 from lightning_mia.models.pipeline_folder import check_references, record_references
 from lightning_mia.models.vae import encode_latents
 
@@ -221,6 +221,36 @@ class LatentTextToImageModule(TextToImageModule):
         for part in self._frozen_parts():
             part.eval()
         return self
+
+    # --- sampling ------------------------------------------------------------------------------
+    @abstractmethod
+    def sample_batch(
+        self, captions: list[str], seeds: list[int], num_images: int, steps: int, scale: float
+    ) -> torch.Tensor:
+        """Images (B, N, 3, H, W) in [-1, 1] of one batch of captions, seeded per caption."""
+
+    @torch.no_grad()
+    def generate(
+        self,
+        captions: list[str],
+        num_images: int = 4,
+        seed: int | Sequence[int] = 0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> torch.Tensor:
+        """Images (B, N, 3, H, W) in [-1, 1]; caption i's images depend only on its seed."""
+        steps = num_inference_steps or self.hparams.num_inference_steps
+        scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        seeds = caption_seeds(len(captions), seed)
+        per_loop = max(1, self.hparams.generation_batch_size // max(1, num_images))
+        chunks = [
+            self.sample_batch(
+                captions[i : i + per_loop], seeds[i : i + per_loop], num_images, steps, scale
+            )
+            for i in range(0, len(captions), per_loop)
+        ]
+        empty = torch.empty(0, num_images, 3, self.resolution, self.resolution)
+        return torch.cat(chunks) if chunks else empty
 
     # --- checkpoints --------------------------------------------------------------------------
     def vae_fingerprint(self) -> str:
