@@ -154,15 +154,21 @@ def clid_signals(
     return out
 
 
-def _clid_problems(o: SignalOptions, n_train: int) -> list[str]:
-    problems = timestep_problems("clid_timesteps", o.clid_timesteps, n_train)
-    bad = [r for r in o.clid_cut_rates if not 0 < r < 1]
+def cut_rate_problems(rates: tuple[float, ...]) -> list[str]:
+    """Problems with CLiD's cut rates (any family's CLiD): each in (0, 1), distinct in percent."""
+    problems = []
+    bad = [r for r in rates if not 0 < r < 1]
     if bad:
         problems.append(f"clid_cut_rates {bad} must each be in (0, 1)")
-    names = [cut_name(r) for r in o.clid_cut_rates]
+    names = [cut_name(r) for r in rates]
     if len(set(names)) != len(names):
-        problems.append(f"clid_cut_rates {list(o.clid_cut_rates)} must differ in percent")
+        problems.append(f"clid_cut_rates {list(rates)} must differ in percent")
     return problems
+
+
+def _clid_problems(o: SignalOptions, n_train: int) -> list[str]:
+    problems = timestep_problems("clid_timesteps", o.clid_timesteps, n_train)
+    return problems + cut_rate_problems(o.clid_cut_rates)
 
 
 register_signal(

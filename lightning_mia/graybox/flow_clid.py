@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from lightning_mia.graybox.clid import mask_word, reduced_conditions
+from lightning_mia.graybox.clid import cut_rate_problems, mask_word, reduced_conditions
 from lightning_mia.graybox.denoiser import noise_seeds, prepared, stacked_losses
 from lightning_mia.graybox.flow import time_problems
 from lightning_mia.graybox.spec import SignalOptions, SignalSpec, register_signal
@@ -59,14 +59,7 @@ def flow_clid_signals(
 
 
 def _problems(o: SignalOptions, n_train: int) -> list[str]:
-    problems = time_problems("flow_clid_times", o.flow_clid_times)
-    bad = [r for r in o.clid_cut_rates if not 0 < r < 1]
-    if bad:
-        problems.append(f"clid_cut_rates {bad} must each be in (0, 1)")
-    names = [cut_name(r) for r in o.clid_cut_rates]
-    if len(set(names)) != len(names):
-        problems.append(f"clid_cut_rates {list(o.clid_cut_rates)} must differ in percent")
-    return problems
+    return time_problems("flow_clid_times", o.flow_clid_times) + cut_rate_problems(o.clid_cut_rates)
 
 
 register_signal(
