@@ -5,6 +5,8 @@
     python benchmarks/reproduce.py onset                # AUC / TPR@1%FPR vs steps per image
     python benchmarks/reproduce.py onset --families diffusion --steps 20 50 100 250 500 \
         --augment none crop-flip
+    python benchmarks/reproduce.py onset --families flow             # the flow family's table
+    python benchmarks/reproduce.py setlevel                          # the set-level audit
 
 `table` runs `configs/experiments/shapes-diffusion.yaml` and `shapes-seq2seq.yaml` (finished
 stages are skipped), each `--repeats` times on new splits (3 by default: mean ± sd across them
@@ -15,10 +17,18 @@ accuracy) of the shadow setting with the machine it ran on, and `RESULT
 `onset` trains, for each family, one autoencoder and one attacker's encoder (on the public
 pool) and then, for each number of training steps per image and each augmentation, a target and
 its shadows from the same splits (32 members and 128 non-members each), queries them and runs
-every attack, calibrated and not. It prints the AUC and TPR@1%FPR of every attack against the
-steps per image, the onset of each attack (the fewest steps per image from which on every
-point's AUC interval lies wholly above 0.5), writes `runs/onset/onset.md` and `onset.png`,
-and `RESULT` lines.
+every attack, calibrated and not, and the set-level audit (dataset inference) of the target's
+member set. It prints the AUC and TPR@1%FPR of every attack against the steps per image, the
+onset of each attack (the fewest steps per image from which on every point's AUC interval lies
+wholly above 0.5), the audit's p-value and smallest set size per point, writes
+`runs/onset/onset.md` and `onset.png`, and `RESULT` lines.
+
+`setlevel` runs experiments (`shapes-diffusion-realistic` by default: 1,024 members, about 20
+steps per image with crop and flip) with the set-level audit, its size curve holding the sizes
+`--sizes` (100, 300, 1,000), and prints per experiment the p-value with the whole member set and
+at those sizes (median over 100 random subsets), the smallest set size whose median p-value
+stays below 0.01, the shift guard, and the best per-sample AUC beside them; also for the onset
+points already run under `--root`. Writes `runs/setlevel.md`.
 """
 
 import argparse
@@ -32,9 +42,11 @@ from pathlib import Path
 
 import torch
 
+from lightning_mia.attack.options import AttackSettings
 from lightning_mia.attack.repeats import REPEATS_JSON, repeat_cell
-from lightning_mia.experiment import experiment_main, fit_stage, run_experiment
+from lightning_mia.experiment import StageConfigs, experiment_main, fit_stage, run_experiment
 from lightning_mia.paths import ExperimentLayout
+from lightning_mia.setlevel import AuditOptions
 from lightning_mia.terminal import configure_terminal
 
 EXPERIMENTS = {"diffusion": "shapes-diffusion", "seq2seq": "shapes-seq2seq"}
@@ -42,6 +54,7 @@ COLUMNS = (("auc", "AUC"), ("tpr@1%fpr", "TPR@1%FPR"), ("accuracy", "accuracy"))
 FAMILY_CONFIGS = {  # (autoencoder config, model config)
     "diffusion": ("configs/autoencoder/tiny-kl.yaml", "configs/diffusion/tiny.yaml"),
     "seq2seq": ("configs/autoencoder/tiny.yaml", "configs/seq2seq/tiny.yaml"),
+    "flow": ("configs/autoencoder/tiny-kl.yaml", "configs/flow/tiny.yaml"),
 }
 AUGMENT = {
     "none": [],
@@ -49,6 +62,7 @@ AUGMENT = {
 }
 ENCODER = "configs/encoder/tiny.yaml"
 MEMBERS, BATCH = 32, 32  # the tiny configs' members per model and batch: 1 step = 1 per image
+QUOTED_SIZES = (100, 300, 1000)  # set sizes whose p-value `setlevel` reports
 
 
 def machine() -> str:
@@ -131,16 +145,20 @@ def onset_point(root: Path, family: str, steps: int, augment: str, parallel: int
         experiment=str(point),
         family=family,
         num_shadows=2,
-        autoencoder="",
-        encoder="",
-        model=model,
-        attacks=["all"],
-        parallel=parallel,
-        model_args=[
-            f"--trainer.max_steps={max_steps}",
-            f"--model.init_args.autoencoder={point / 'autoencoder'}",
-            *AUGMENT[augment],
-        ],
+        stages=StageConfigs(
+            autoencoder="",  # the family's base autoencoder, copied above
+            encoder="",  # likewise the attacker's encoder
+            model=model,
+            parallel=parallel,
+            model_args=[
+                f"--trainer.max_steps={max_steps}",
+                f"--model.init_args.autoencoder={point / 'autoencoder'}",
+                *AUGMENT[augment],
+            ],
+        ),
+        attack=AttackSettings(attacks=("all",)),
+        dataset_inference=True,
+        audit=AuditOptions(subset_sizes=QUOTED_SIZES),
     )
     return json.loads((point / "attack" / "report.json").read_text())
 
@@ -172,7 +190,110 @@ def onset_table(points: dict, steps: list[int]) -> tuple[list[str], list[str]]:
                 onset = (f"{s}" if onset == "none" else onset) if above else "none"
                 results.append(f"RESULT onset_{family}_{augment}_{name}_{s}_auc {auc['value']:.4f}")
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {onset} |")
+        audits = {st: audit_summary(r) for st, r in reports.items()}
+        lines.append(
+            "| set-level p (whole member set) / smallest set for p < 0.01 | "
+            + " | ".join(audit_cell(audits[st]) for st in steps)
+            + " | |"
+        )
+        for st in steps:
+            if audits[st]:
+                p_value = audits[st]["p"]
+                results.append(f"RESULT onset_{family}_{augment}_setlevel_{st}_p {p_value:.3g}")
     return lines, results
+
+
+def audit_summary(report: dict) -> dict | None:
+    """The set-level audit of a report (None without one), beside its best per-sample AUC."""
+    audit = report.get("dataset_inference")
+    if not audit:
+        return None
+    curve = audit.get("curve") or {}
+    medians = dict(zip(curve.get("sizes", []), curve.get("median", [])))
+    aucs = [
+        (entry["metrics"]["auc"]["value"], name)
+        for name, entry in report["attacks"].items()
+        if entry["metrics"]["auc"]["resolvable"]
+    ]
+    shift = audit.get("shift") or {}
+    return {
+        "p": audit["p_value"],
+        "decision": audit["decision"],
+        "suspect": audit["suspect_size"],
+        "reference": audit["reference_size"],
+        "at": {k: medians.get(k) for k in QUOTED_SIZES},
+        "smallest": curve.get("smallest_size"),
+        "shift_p": (shift.get("outcome") or {}).get("p_value"),
+        "best": max(aucs) if aucs else (float("nan"), "-"),
+    }
+
+
+def audit_cell(audit: dict | None) -> str:
+    if audit is None:
+        return "-"
+    smallest = audit["smallest"] if audit["smallest"] is not None else "none"
+    return f"{audit['p']:.2g} / {smallest}"
+
+
+def setlevel_table(folders: dict[str, Path]) -> tuple[list[str], list[str]]:
+    """(markdown lines, RESULT lines): one row per finished experiment folder."""
+    sizes = " | ".join(f"p at {k}" for k in QUOTED_SIZES)
+    lines = [
+        f"| experiment | suspect / reference | p (whole sets) | {sizes} | smallest set for "
+        "p < 0.01 | shift guard p | decision | best per-sample AUC |",
+        "|" + "---|" * (7 + len(QUOTED_SIZES)),
+    ]
+    results = []
+    for name, folder in folders.items():
+        path = folder / "attack" / "report.json"
+        audit = audit_summary(json.loads(path.read_text())) if path.is_file() else None
+        if audit is None:
+            continue
+        at = " | ".join("-" if v is None else f"{v:.2g}" for v in audit["at"].values())
+        shift = "-" if audit["shift_p"] is None else f"{audit['shift_p']:.2g}"
+        auc, best = audit["best"]
+        lines.append(
+            f"| {name} | {audit['suspect']} / {audit['reference']} | {audit['p']:.2g} | {at} | "
+            f"{audit['smallest'] or 'none'} | {shift} | {audit['decision']} | "
+            f"{auc:.3f} ({best}) |"
+        )
+        results.append(f"RESULT setlevel_{name}_p {audit['p']:.3g}")
+        for k, v in audit["at"].items():
+            if v is not None:
+                results.append(f"RESULT setlevel_{name}_p_at_{k} {v:.3g}")
+        results.append(f"RESULT setlevel_{name}_smallest_size {audit['smallest'] or 0}")
+    return lines, results
+
+
+def setlevel(args: argparse.Namespace) -> None:
+    """Run the experiments with the set-level audit; the table of them and of the onset points."""
+    start = time.perf_counter()
+    folders = {}
+    for name in args.experiments:
+        folder = Path(args.root).parent / name
+        experiment_main(
+            [
+                name,
+                f"--experiment={folder}",
+                "--settings=[shadow]",
+                "--dataset_inference=true",
+                f"--audit.subset_sizes=[{','.join(map(str, QUOTED_SIZES))}]",
+            ]
+        )
+        folders[name] = folder
+    for point in sorted(Path(args.root).glob("*/steps-*")):
+        folders[f"onset {point.parent.name} {point.name}"] = point
+    lines, results = setlevel_table(folders)
+    head = [
+        "# Was the member set used? Set-level audits (p-values: median over 100 random subsets "
+        "at each size)",
+        "",
+        f"{machine()}; {time.perf_counter() - start:.0f} s",
+        "",
+    ]
+    Path(args.root).parent.mkdir(parents=True, exist_ok=True)
+    (Path(args.root).parent / "setlevel.md").write_text("\n".join([*head, *lines]) + "\n")
+    print("\n".join([*head, *lines, *results]))
 
 
 def onset_plot(points: dict, steps: list[int], path: Path) -> None:
@@ -238,7 +359,7 @@ def onset(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", nargs="?", default="table", choices=["table", "onset"])
+    parser.add_argument("what", nargs="?", default="table", choices=["table", "onset", "setlevel"])
     parser.add_argument("--only-report", action="store_true", help="table: print, run nothing")
     parser.add_argument(
         "--repeats", type=int, default=3, help="table: whole experiments on new splits; mean ± sd"
@@ -256,11 +377,19 @@ def main() -> None:
     )
     parser.add_argument("--parallel", type=int, default=3, help="training stages at once")
     parser.add_argument("--root", default="runs/onset")
+    parser.add_argument(
+        "--experiments",
+        nargs="*",
+        default=["shapes-diffusion-realistic"],
+        help="setlevel: experiment configs run with the audit (none: only the onset points)",
+    )
     parser.add_argument("--verbose", action="store_true", help="every library message")
     args = parser.parse_args()
     configure_terminal(args.verbose)  # the stages' one-line starts and ends, as the runner's
     if args.what == "onset":
         onset(args)
+    elif args.what == "setlevel":
+        setlevel(args)
     else:
         table(args.only_report, args.repeats)
 

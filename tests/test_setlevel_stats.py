@@ -148,6 +148,9 @@ def test_size_grid_and_smallest_size():
     grid = size_grid(300, 16)
     assert grid[0] == 5 and grid[-1] == 300 and grid == sorted(set(grid))
     assert size_grid(4, 16) == []
+    with_quoted = size_grid(300, 16, extra=(100, 300, 1000, 2))  # 1000 > |S|, 2 < the start
+    assert {100, 300} <= set(with_quoted) and 1000 not in with_quoted and 2 not in with_quoted
+    assert set(grid) <= set(with_quoted)
     assert smallest_size([5, 10, 20, 40], [0.5, 0.005, 0.02, 0.001]) == 40  # must stay below
     assert smallest_size([5, 10, 20], [0.5, 0.005, 0.002]) == 10
     assert smallest_size([5, 10], [0.5, 0.2]) is None

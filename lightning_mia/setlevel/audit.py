@@ -78,6 +78,7 @@ class AuditOptions:
     shift_alpha: float = 0.05  # level of the shift guard (looser than alpha: it must not miss)
     subset_repeats: int = 100  # random subsets per size on the curve (0: no curve)
     subset_points: int = 16  # sizes on the curve
+    subset_sizes: tuple[int, ...] = ()  # sizes the curve also holds (those <= |S|): 100, 300...
     l2: float = 1.0  # ridge penalty of the logistic aggregation
     embedding_components: int = 8  # principal components kept per blind embedding
     features: tuple[str, ...] = ()  # prefixes of membership features to use; () = all
@@ -97,6 +98,8 @@ class AuditOptions:
         for name in ("permutations", "subset_points", "embedding_components"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if any(k < 1 for k in self.subset_sizes):
+            out.append(f"subset_sizes must be positive, got {list(self.subset_sizes)}")
         if self.subset_repeats < 0:
             out.append(f"subset_repeats must be >= 0, got {self.subset_repeats}")
         if not self.l2 > 0:
@@ -212,7 +215,9 @@ def dataset_inference(
     curve = None
     if options.subset_repeats:
         repeats, points = options.subset_repeats, options.subset_points
-        curve = size_curve(plan, xs, xr, repeats, points, options.seed + 1)
+        curve = size_curve(
+            plan, xs, xr, repeats, points, options.seed + 1, tuple(options.subset_sizes)
+        )
     group_table = ()
     if labels is not None:
         blind = blind_plan.names if blind_plan else ()

@@ -30,12 +30,13 @@ MIN_SIZE = 5  # smallest set size on the curve
 CURVE_PERMUTATIONS = 999  # resamples per permutation test on the curve (p resolved to 0.001)
 
 
-def size_grid(n: int, points: int, start: int = MIN_SIZE) -> list[int]:
-    """About `points` integers from `start` to `n` (both included), evenly spaced in log."""
+def size_grid(n: int, points: int, start: int = MIN_SIZE, extra: tuple[int, ...] = ()) -> list[int]:
+    """About `points` integers from `start` to `n` (both included), evenly spaced in log, and
+    the sizes of `extra` that lie between them (the sizes a report quotes: 100, 300...)."""
     if n < start:
         return []
     grid = np.unique(np.round(np.geomspace(start, n, max(points, 2))).astype(np.int64))
-    return sorted({int(k) for k in grid} | {n})
+    return sorted({int(k) for k in grid} | {n} | {k for k in extra if start <= k <= n})
 
 
 def reference_size(k: int, n_suspect: int, n_reference: int) -> int:
@@ -87,9 +88,11 @@ def size_curve(
     repeats: int = 100,
     points: int = 16,
     seed: int = 0,
+    extra_sizes: tuple[int, ...] = (),
 ) -> SizeCurve | None:
-    """Median p-value and quartiles per subset size (None when |S| < MIN_SIZE)."""
-    sizes = size_grid(len(suspect), points)
+    """Median p-value and quartiles per subset size (None when |S| < MIN_SIZE); `extra_sizes`
+    join the grid where they are at most |S|."""
+    sizes = size_grid(len(suspect), points, extra=extra_sizes)
     if not sizes or len(reference) < MIN_SIZE:
         return None
     rng = np.random.default_rng(seed)
