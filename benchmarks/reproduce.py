@@ -27,7 +27,9 @@ wholly above 0.5), the audit's p-value and smallest set size per point, writes
 steps per image with crop and flip) with the set-level audit, its size curve holding the sizes
 `--sizes` (100, 300, 1,000), and prints per experiment the p-value with the whole member set and
 at those sizes (median over 100 random subsets), the smallest set size whose median p-value
-stays below 0.01, the shift guard, and the best per-sample AUC beside them; also for the onset
+stays below 0.01, the shift guard, and the best per-sample AUC beside them (shadow setting; the
+shadows are not queried on the target's samples, so there are no LiRA rows: the audit does not
+use them, and they would double the queries); also for the onset
 points already run under `--root`. Writes `runs/setlevel.md`.
 """
 
@@ -276,6 +278,7 @@ def setlevel(args: argparse.Namespace) -> None:
                 name,
                 f"--experiment={folder}",
                 "--settings=[shadow]",
+                "--attack.calibrate=false",  # no LiRA queries: the audit does not use them
                 "--dataset_inference=true",
                 f"--audit.subset_sizes=[{','.join(map(str, QUOTED_SIZES))}]",
             ]
