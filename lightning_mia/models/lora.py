@@ -124,6 +124,12 @@ def adapter_parts(module: nn.Module) -> dict[str, nn.Module]:
     return {n: p for n, p in parts.items() if ADAPTER in getattr(p, "peft_config", {})}
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's first line (a library's message may go on for pages), or its type."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def load_lora(module: nn.Module, path: str | Path) -> None:
     """Load a diffusers-format LoRA (`pytorch_lora_weights.safetensors`, or a folder holding
     one) into the module's parts through its pipeline's `load_lora_weights`; LoraError, one
@@ -135,8 +141,9 @@ def load_lora(module: nn.Module, path: str | Path) -> None:
     try:
         pipe.load_lora_weights(str(where[0]), weight_name=where[1], adapter_name=ADAPTER)
     except (ValueError, KeyError, RuntimeError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LoraError(f"LoRA adapter {path}: diffusers cannot load it ({first})") from err
+        raise LoraError(
+            f"LoRA adapter {path}: diffusers cannot load it ({first_line(err)})"
+        ) from err
     if not adapter_parts(module):
         raise LoraError(
             f"LoRA adapter {path}: no weight of it fits this {type(pipe).__name__}'s parts "
