@@ -191,6 +191,12 @@ def test_a_full_fine_tune_of_the_transformer_from_a_base(inputs, tmp_path):
     )
     assert shadow["pretrained"] == str(inputs["pipeline"]) and shadow["lora_rank"] == 0
     assert shadow["train_transformer"] and not shadow["train_text_encoder"]
+    (tuned / "text_encoder_3").mkdir()  # a T5 encoder the base has not: never trained here
+    (tuned / "text_encoder_3" / "config.json").write_text("{}")
+    with pytest.warns(UserWarning, match=r"\['text_encoder_3'\] differ from the base"):
+        shadow_settings(
+            saved["hyper_parameters"], options.external, options.external.base, SD3_LAYOUT
+        )
     whole = options_of(inputs, tmp_path / "exp", pipeline=str(other), base=str(inputs["pipeline"]))
     assert shadow_settings(
         saved["hyper_parameters"], whole.external, whole.external.base, SD3_LAYOUT

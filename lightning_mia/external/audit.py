@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_mia.card import RunCard, load_checkpoint, read_card
 from lightning_mia.data.member_lists import MemberListSource
@@ -43,6 +43,7 @@ from lightning_mia.external.target import (
     write_target_checkpoint,
 )
 from lightning_mia.models.latent import LatentTextToImageModule
+from lightning_mia.models.lora import PART_SWITCHES
 from lightning_mia.models.pipeline_folder import (
     PipelineLayout,
     base_reference,
@@ -232,6 +233,13 @@ def shadow_settings(
         for switch, parts in switches.items():
             fields[switch] = folder.denoiser in parts or any(
                 part_changed(options.pipeline, base, part) for part in parts
+            )
+        never = [p for p in folder.weight_parts if p in PART_SWITCHES and not PART_SWITCHES[p]]
+        changed = [p for p in never if part_changed(options.pipeline, base, p)]
+        if changed:
+            rank_zero_warn(
+                f"{options.pipeline}: {changed} differ from the base {base}, and this package "
+                "never trains them (SD3's T5 encoder): the shadows keep the base's"
             )
     return {
         **fields,
