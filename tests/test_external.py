@@ -10,45 +10,28 @@ import torch
 import yaml
 from diffusers import UNet2DConditionModel
 from peft import PeftModel
-from tiny_pipeline import RES, save_peft_adapter, save_tiny_pipeline, write_member_list
-from transformers import CLIPModel
+from tiny_pipeline import (
+    RES,
+    audit_args,
+    save_member_lists,
+    save_peft_adapter,
+    save_tiny_clip,
+    save_tiny_pipeline,
+    tiny_shadow_config,
+    write_member_list,
+)
 
 from lightning_mia.attack.options import AttackOptions, ExternalTarget
 from lightning_mia.card import CARD_KEY, read_card
 from lightning_mia.cli import attack_main
-from lightning_mia.data.images import tensor_to_pil
-from lightning_mia.data.shapes import ShapesSource
 from lightning_mia.external.audit import prepare_external
-from lightning_mia.models.encoder import ImageTextEncoder, clip_config
 from lightning_mia.models.pipeline_folder import pipeline_sha256
 from lightning_mia.models.registry import load_family_module
-from lightning_mia.models.tokenizers import char_clip_tokenizer
 from lightning_mia.paths import ExperimentLayout
 from lightning_mia.specs.query import QuerySpec
 
 N = 24  # members and non-members each: the target is tested on half, the shadows draw the rest
-SHADOW_CONFIG = {  # a tiny recipe: the audit puts in the base, the LoRA settings and the data
-    "seed_everything": 0,
-    "trainer": {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": 3,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    },
-    "model": {
-        "class_path": "lightning_mia.models.diffusion.LatentDiffusionModule",
-        "init_args": {
-            "resolution": 0,
-            "num_inference_steps": 2,
-            "guidance_scale": 2.0,
-            "lr": 0.01,
-            "caption_dropout": 0.0,
-        },
-    },
-    "data": {"batch_size": 8},
-}
+SHADOW_CONFIG = tiny_shadow_config("lightning_mia.models.diffusion.LatentDiffusionModule")
 
 
 @pytest.fixture(scope="module")
@@ -56,31 +39,18 @@ def inputs(tmp_path_factory):
     """What an auditor is handed (built in code): a pipeline, a peft adapter of its UNet, a
     folder of images with a jsonl of members and a csv of non-members; and a CLIP folder."""
     root = tmp_path_factory.mktemp("handed")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     pipeline = save_tiny_pipeline(root / "sd", prediction_type="v_prediction")
     lora = save_peft_adapter(root / "lora", pipeline, rank=2, alpha=4.0)
-    source = ShapesSource(num_samples=2 * N, resolution=RES, seed=5)
-    (root / "images").mkdir()
-    rows = []
-    for i in source.sample_ids():
-        tensor_to_pil(source.image(i)).save(root / "images" / f"{i:03d}.png")
-        rows.append({"file_name": f"images/{i:03d}.png", "text": source.caption(i)})
-    members = write_member_list(root / "members.jsonl", rows[:N])
-    non_members = write_member_list(root / "non_members.csv", rows[N:])
-    tokenizer = char_clip_tokenizer(128)
-    clip = CLIPModel(clip_config("tiny", tokenizer))  # stands for a pretrained CLIP folder
-    clip = ImageTextEncoder(clip, tokenizer).save(root / "clip")
+    members, non_members = save_member_lists(root, N)
     config = root / "shadow.yaml"
     config.write_text(yaml.safe_dump(SHADOW_CONFIG))
-    torch.set_num_threads(threads)
     return dict(
         root=root,
         pipeline=pipeline,
         lora=lora,
         members=members,
         non_members=non_members,
-        clip=clip,
+        clip=save_tiny_clip(root / "clip"),
         config=config,
     )
 
@@ -90,26 +60,6 @@ def unet_out(unet, seed=0):
     x, ctx = torch.randn(2, 4, RES // 2, RES // 2, generator=g), torch.randn(2, 77, 32, generator=g)
     with torch.no_grad():
         return unet(x, torch.tensor([30, 800]), encoder_hidden_states=ctx).sample
-
-
-def audit_args(inputs, experiment, *extra):
-    return [
-        "--external.pipeline",
-        str(inputs["pipeline"]),
-        "--external.members",
-        str(inputs["members"]),
-        "--external.non_members",
-        str(inputs["non_members"]),
-        "--experiment",
-        str(experiment),
-        "--external.shadow_config",
-        str(inputs["config"]),
-        "--external.num_shadows",
-        "1",
-        "--query.encoder",
-        str(inputs["clip"]),
-        *extra,
-    ]
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from tiny_pipeline import save_tiny_pipeline
+from tiny_pipeline import other_transformer_lora, save_tiny_pipeline
 
 from lightning_mia.card import CARD_KEY, read_card
 from lightning_mia.data.datamodule import MembershipDataModule
@@ -203,30 +203,6 @@ def test_lora_trains_adapters_only_and_exports_in_diffusers_format(autoencoder, 
     after = fresh.generate(CAPTIONS[:1], 1, 0)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, model.generate(CAPTIONS[:1], 1, 0), rtol=1e-5, atol=1e-5)
-
-
-def other_transformer_lora(folder):
-    """A diffusers-format LoRA of an SD3 transformer of another width (heads 2 x 8)."""
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-
-    torch.manual_seed(0)
-    other = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=64,
-        caption_projection_dim=16,
-        pooled_projection_dim=64,
-        out_channels=4,
-        pos_embed_max_size=8,
-    )
-    inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q", "to_v"]), other)
-    layers = get_peft_model_state_dict(other)
-    StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=layers)
-    return folder
 
 
 def test_bad_inputs_give_one_clear_error(autoencoder, tmp_path):

@@ -83,7 +83,7 @@ class ExternalTarget:
     """A model trained elsewhere: a diffusers pipeline folder and its member lists.
 
     Args:
-        pipeline: StableDiffusionPipeline folder of the target (with `lora`: its base).
+        pipeline: StableDiffusion(3)Pipeline folder of the target (with `lora`: its base).
         lora: its LoRA adapter: diffusers .safetensors (or folder) or peft folder.
         base: a fully fine-tuned `pipeline`: the pipeline it was fine-tuned from.
         members: its training pairs: jsonl/csv of image + caption, or ids of `data`.
@@ -92,7 +92,7 @@ class ExternalTarget:
         query_fraction: without `data`: share of each list the target is tested on.
         num_shadows: shadows fine-tuned like the target (finished ones are reused).
         public_size: samples of the rest kept for the attacker's encoder.
-        shadow_config: the shadows' train.py config (default diffusion/lora or pretrained).
+        shadow_config: the shadows' train.py config (default: the family's lora or pretrained).
         shadow_args: more train.py arguments for the shadows, as one string.
         encoder_config: the attacker's encoder config when `query.encoder` is not given.
     """

@@ -1,16 +1,22 @@
 """Prepare the experiment folder of an external target: splits, target checkpoint, shadows.
 
-    python attack.py --pipeline /models/sd-v1-5 --lora my_lora/ --members members.jsonl \
-        --non-members non_members.jsonl --experiment runs/audit --encoder /models/clip-vit-b32
+    python attack.py --external.pipeline /models/sd3 --external.lora my_lora/ \
+        --external.members members.jsonl --external.non_members non_members.jsonl \
+        --experiment runs/audit --query.encoder /models/clip-vit-b32
 
-`prepare_external(options)` writes `splits.json` (`external.splits`), the target's checkpoint
-(`external.target`) as row 0, then trains what is missing — the attacker's encoder (unless
-`--encoder`) and shadows 1..K fine-tuned from the same base the same way (LoRA of the adapter's
-rank, alpha and layers; or in full) — each as its own `python -m lightning_mia.cli fit` process
-from a config written to `<experiment>/external/` (the shadows' config file, with the data of
-this experiment, the base and the LoRA settings put in). Finished stages are skipped and killed
-ones resume, so a second command reuses everything. It returns the options with `ckpt` set to
-the target's checkpoint: the attack then runs as for any checkpoint.
+The pipeline folder's class (model_index.json, `pipeline_layout`) says which family audits it:
+a StableDiffusionPipeline is the diffusion family's, a StableDiffusion3Pipeline the flow
+family's. `prepare_external(options)` checks every input first (folders of one pipeline class,
+an adapter that fits the denoiser, readable lists, a shadow config of that family), then writes
+`splits.json` (`external.splits`), the target's checkpoint (`external.target`) as row 0, then
+trains what is missing — the attacker's encoder (unless `--query.encoder`) and shadows 1..K
+fine-tuned from the same base the same way (LoRA of the adapter's rank, alpha, layers and parts;
+or in full, the text encoders too where they changed) — each as its own
+`python -m lightning_mia.cli fit` process from a config written to `<experiment>/external/` (the
+shadows' config file — by default the family's LoRA or full fine-tune config of the layout —
+with the data of this experiment, the base and the LoRA settings put in). Finished stages are
+skipped and killed ones resume, so a second command reuses everything. It returns the options
+with `ckpt` set to the target's checkpoint: the attack then runs as for any checkpoint.
 """
 
 from __future__ import annotations
@@ -22,37 +28,39 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_mia.card import RunCard, load_checkpoint, read_card
 from lightning_mia.data.member_lists import MemberListSource
 from lightning_mia.data.sources import ImageCaptionSource
 from lightning_mia.errors import UserError
-from lightning_mia.external.splits import ensure_external_splits
+from lightning_mia.external.splits import external_splits, keep_external_splits
 from lightning_mia.external.target import (
-    TARGET_CLASS,
     adapter_kind,
+    part_switches,
+    target_class,
     target_module,
     write_target_checkpoint,
 )
+from lightning_mia.models.latent import LatentTextToImageModule
+from lightning_mia.models.lora import PART_SWITCHES
 from lightning_mia.models.pipeline_folder import (
+    PipelineLayout,
     base_reference,
     check_pipeline_folder,
     files_sha256,
     native_resolution,
+    pipeline_layout,
     pipeline_sha256,
 )
 from lightning_mia.paths import ExperimentLayout, atomic_write_bytes
 from lightning_mia.stages import fit_arguments, run_fit_process
 
-SHADOW_CONFIGS = {  # the shadows' training recipe when --shadow-config is not given
-    "lora": "configs/diffusion/lora.yaml",
-    "full": "configs/diffusion/pretrained.yaml",
-}
 FOLDER = "external"  # <experiment>/external/: the configs the stages were trained from
 MEMBER_LIST_SOURCE = f"{MemberListSource.__module__}.{MemberListSource.__qualname__}"
-# what the audit sets in the shadows' model config (the rest is the config's own recipe)
-TARGET_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "train_unet", "train_text_encoder")
+# what the audit sets in the shadows' model config besides the family's `train_*` switches
+# (`target.part_switches`); the rest is the config's own recipe
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
 
 
 class ExternalError(UserError):
@@ -135,33 +143,35 @@ def facts_of(options: Any, base: str) -> dict[str, Any]:
     }
 
 
-def ensure_target(
-    layout: ExperimentLayout, splits: Any, options: Any, settings: dict, facts: dict
+def check_target(ckpt: Path, splits: Any, facts: dict) -> Path:
+    """The target's checkpoint (row 0) an earlier command wrote: of the same inputs?"""
+    card = read_card(ckpt)
+    before = card.external
+    digests = [k for k in facts if k.endswith("sha256")]  # paths may be spelt otherwise
+    if any(before.get(k) != facts[k] for k in digests) or card.splits_hash != splits.hash:
+        raise ExternalError(
+            f"{ckpt} is another target (other pipeline, adapter, lists or splits): use "
+            "another --experiment folder"
+        )
+    return ckpt
+
+
+def write_target(
+    layout: ExperimentLayout, splits: Any, module: LatentTextToImageModule, facts: dict
 ) -> Path:
-    """The target's checkpoint (row 0): written once, then checked to be of the same inputs."""
-    ckpt = layout.checkpoint(TARGET_CLASS.family, 0)
-    if ckpt.is_file():
-        card = read_card(ckpt)
-        before = card.external
-        digests = [k for k in facts if k.endswith("sha256")]  # paths may be spelt otherwise
-        if any(before.get(k) != facts[k] for k in digests) or card.splits_hash != splits.hash:
-            raise ExternalError(
-                f"{ckpt} is another target (other pipeline, adapter, lists or splits): use "
-                "another --experiment folder"
-            )
-        return ckpt
-    module = target_module(options.pipeline, options.lora, settings)
+    """Write the target's checkpoint (row 0 of its family) and its card."""
     card = RunCard(
-        family=TARGET_CLASS.family,
+        family=module.family,
         preset="pretrained",
         model_index=0,
         splits_hash=splits.hash,
         experiment=str(layout.root),
         **module.card_references(),
         external=facts,
-        base=base_reference(options.pipeline),
+        base=base_reference(facts["pipeline"]),
     )
-    rank_zero_info(f"external target: wrote {write_target_checkpoint(module, card, ckpt)}")
+    ckpt = write_target_checkpoint(module, card, layout.checkpoint(module.family, 0))
+    rank_zero_info(f"external target: wrote {ckpt}")
     return ckpt
 
 
@@ -202,17 +212,35 @@ def fit_stage(folder: Path, config: dict, name: str, args: list[str]) -> None:
         run_fit_process(folder, argv)
 
 
-def shadow_settings(target: dict[str, Any], options: Any, base: str) -> dict[str, Any]:
+def part_changed(pipeline: str, base: str, part: str) -> bool:
+    """Whether the files of `<folder>/<part>/` differ between the two folders."""
+    digests = {
+        files_sha256(f, sorted(p for p in (Path(f) / part).rglob("*") if p.is_file()))
+        for f in (pipeline, base)
+    }
+    return len(digests) > 1
+
+
+def shadow_settings(
+    target: dict[str, Any], options: Any, base: str, folder: PipelineLayout
+) -> dict[str, Any]:
     """The shadows' model arguments that make them fine-tuned like the target (its
     checkpoint's hyper-parameters `target`), from `base`."""
-    fields = {k: target[k] for k in TARGET_FIELDS}
+    switches = part_switches(folder)
+    fields = {k: target[k] for k in (*LORA_FIELDS, *switches)}
     fields["lora_targets"] = list(fields["lora_targets"])
-    if not options.lora:  # a full fine-tune: the UNet trains; the text encoder if it changed
-        text = [
-            files_sha256(f, sorted((Path(f) / "text_encoder").iterdir()))
-            for f in (options.pipeline, base)
-        ]
-        fields.update(train_unet=True, train_text_encoder=text[0] != text[1])
+    if not options.lora:  # a full fine-tune: the denoiser trains; the text encoders if changed
+        for switch, parts in switches.items():
+            fields[switch] = folder.denoiser in parts or any(
+                part_changed(options.pipeline, base, part) for part in parts
+            )
+        never = [p for p in folder.weight_parts if p in PART_SWITCHES and not PART_SWITCHES[p]]
+        changed = [p for p in never if part_changed(options.pipeline, base, p)]
+        if changed:
+            rank_zero_warn(
+                f"{options.pipeline}: {changed} differ from the base {base}, and this package "
+                "never trains them (SD3's T5 encoder): the shadows keep the base's"
+            )
     return {
         **fields,
         "preset": "pretrained",
@@ -223,50 +251,96 @@ def shadow_settings(target: dict[str, Any], options: Any, base: str) -> dict[str
     }
 
 
+def audited_layout(pipeline: str, base: str) -> PipelineLayout:
+    """The layout of the target's folder (its family audits it), checked, and the base's: a
+    folder of the same pipeline class."""
+    folder = pipeline_layout(pipeline)
+    check_pipeline_folder(pipeline, folder)
+    if base != pipeline:
+        other = pipeline_layout(base)
+        if other.pipeline_class != folder.pipeline_class:
+            raise ExternalError(
+                f"--external.base {base} holds a {other.pipeline_class}, --external.pipeline "
+                f"{pipeline} a {folder.pipeline_class}: give the pipeline the target was "
+                "fine-tuned from (a fine-tune keeps its architecture)"
+            )
+        check_pipeline_folder(base, folder)
+    return folder
+
+
+def shadow_recipe(ext: Any, folder: PipelineLayout) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The shadows' training config (`--external.shadow_config`, else the family's LoRA or
+    full fine-tune config of the folder's layout) and its model arguments; its model must be
+    the module of the folder's family."""
+    path = ext.shadow_config or (folder.lora_config if ext.lora else folder.config)
+    config = read_yaml(path, "shadow config")
+    model = config.get("model") or {}
+    cls, name = target_class(folder), str(model.get("class_path", ""))
+    module, _, attr = name.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), attr) if module else None
+    except (ImportError, AttributeError, ValueError):
+        found = None
+    if not (isinstance(found, type) and issubclass(found, cls)) and name != cls.__name__:
+        raise ExternalError(
+            f"shadow config {path}: its model is {name or 'not given'}, not a "
+            f"{cls.__module__}.{cls.__qualname__} (the {folder.family} family, which runs "
+            f"the {folder.pipeline_class} folder {ext.pipeline})"
+        )
+    return config, dict(model.get("init_args") or {})
+
+
 def prepare_external(options: Any) -> Any:
     """Write or check splits and target, train the missing stages; the options to attack with
-    (`ckpt` = the target's checkpoint, `experiment` = its folder)."""
+    (`ckpt` = the target's checkpoint, `experiment` = its folder). Bad input (folders, adapter,
+    lists, shadow config) is one error before anything is written."""
     problems = check_options(options)
     if problems:
         raise ExternalError("cannot audit the external target:\n  - " + "\n  - ".join(problems))
     ext = options.external
     base = ext.pipeline if ext.lora else ext.base
-    for folder in {ext.pipeline, base}:
-        check_pipeline_folder(folder)
+    folder = audited_layout(ext.pipeline, base)
     if ext.lora:
         adapter_kind(ext.lora)  # a path that holds no adapter: said now, not after the splits
     layout = ExperimentLayout(options.experiment)
-    config = read_yaml(
-        ext.shadow_config or SHADOW_CONFIGS["lora" if ext.lora else "full"], "shadow config"
-    )
-    model = config.get("model") or {}
-    if not str(model.get("class_path", "")).endswith("LatentDiffusionModule"):
-        raise ExternalError(
-            f"shadow config {ext.shadow_config}: its model is not a "
-            "lightning_mia.models.diffusion.LatentDiffusionModule"
-        )
-    settings = dict(model.get("init_args") or {})
-    settings["resolution"] = settings.get("resolution") or native_resolution(ext.pipeline)
+    config, settings = shadow_recipe(ext, folder)
+    settings["resolution"] = settings.get("resolution") or native_resolution(ext.pipeline, folder)
     source = MemberListSource(
         ext.members, ext.non_members, data_description(ext.data), settings["resolution"]
     )
-    splits = ensure_external_splits(
-        layout,
+    splits = external_splits(  # every listed sample checked; nothing written yet
         source,
         num_shadows=ext.num_shadows,
         seed=options.attack.seed,
         query_fraction=ext.query_fraction,
         public_size=ext.public_size,
     )
-    ckpt = ensure_target(layout, splits, ext, settings, facts_of(ext, base))
-    extra = shlex.split(ext.shadow_args)
+    ckpt, facts = layout.checkpoint(folder.family, 0), facts_of(ext, base)
+    # built before the splits are saved: an adapter made for another model writes nothing
+    module = None if ckpt.is_file() else target_module(ext.pipeline, ext.lora, settings)
+    splits = keep_external_splits(layout, splits)
+    if module is None:
+        check_target(ckpt, splits, facts)
+    else:
+        write_target(layout, splits, module, facts)
+        del module  # the shadows train in processes of their own
+    hparams = load_checkpoint(ckpt)["hyper_parameters"]
+    shadow = stage_config(config, layout, splits, shadow_settings(hparams, ext, base, folder))
+    train_stages(layout, splits, options, shadow, folder.family)
+    return dataclasses.replace(options, ckpt=str(ckpt), experiment=str(layout.root))
+
+
+def train_stages(
+    layout: ExperimentLayout, splits: Any, options: Any, shadow: dict, family: str
+) -> None:
+    """Train what is missing: the attacker's encoder (unless `--query.encoder`) and shadows
+    1..K of `family` from the config `shadow`."""
+    ext = options.external
     if not options.query.encoder:
         encoder = read_yaml(ext.encoder_config, "encoder config")
         split = "public" if splits.public_pool is not None else "auxiliary"
         fit_stage(layout.encoder, stage_config(encoder, layout, splits, {}, split), "encoder", [])
-    hparams = load_checkpoint(ckpt)["hyper_parameters"]
-    shadow = stage_config(config, layout, splits, shadow_settings(hparams, ext, base))
+    extra = shlex.split(ext.shadow_args)
     for k in range(1, ext.num_shadows + 1):
         args = [f"--data.model_index={k}", *extra]
-        fit_stage(layout.run_dir(TARGET_CLASS.family, k), shadow, "shadow", args)
-    return dataclasses.replace(options, ckpt=str(ckpt), experiment=str(layout.root))
+        fit_stage(layout.run_dir(family, k), shadow, "shadow", args)

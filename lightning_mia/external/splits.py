@@ -1,6 +1,7 @@
 """splits.json of an external target: its row is given, the shadows' rows are drawn.
 
     splits = ensure_external_splits(layout, MemberListSource(...), num_shadows=2)
+    splits = keep_external_splits(layout, external_splits(MemberListSource(...)))  # in 2 steps
 
 Row 0 (the target) is the member and non-member lists: all of them when a base source gives
 the rest of the data (`--data`), otherwise a seeded `query_fraction` of each list, the other
@@ -116,7 +117,12 @@ def ensure_external_splits(
     layout: ExperimentLayout, source: MemberListSource, **settings: object
 ) -> Splits:
     """Make and save splits.json; when it exists, it must be the same (lists, data, settings)."""
-    splits = external_splits(source, **settings)
+    return keep_external_splits(layout, external_splits(source, **settings))
+
+
+def keep_external_splits(layout: ExperimentLayout, splits: Splits) -> Splits:
+    """Save `splits` (of `external_splits`) as splits.json; when it exists, it must be the
+    same (lists, data, settings)."""
     if layout.splits.is_file():
         stored = load_splits(layout.splits)
         if stored.hash != splits.hash:

@@ -1,14 +1,16 @@
 """A model trained elsewhere as a lightning_mia checkpoint: the target row of an audit.
 
-    module = target_module("/models/sd-v1-5", lora="my_lora/", sampling={...})
+    module = target_module("/models/sd-v1-5", lora="my_lora/", settings={...})
     write_target_checkpoint(module, card, layout.checkpoint(module.family, 0))
 
-The target is a `LatentDiffusionModule` on the `pretrained` preset over the pipeline folder. A
-LoRA adapter (diffusers' `pytorch_lora_weights.safetensors`, kohya/A1111 files as diffusers
-reads them, or a peft folder with adapter_config.json) is loaded into it and its rank, alpha and
-layers become the module's `lora_*` settings, so the checkpoint holds the adapter alone and
-shadows can be trained the same way; a full fine-tune is the folder as it is (no weight is
-stored: `train_unet` and `train_text_encoder` off). Every later stage reads the checkpoint as
+The target is the module of the family that runs the folder's pipeline class (its
+`PipelineLayout`: a StableDiffusionPipeline is a diffusion model, a StableDiffusion3Pipeline a
+flow model) on the `pretrained` preset over the folder. A LoRA adapter (diffusers'
+`pytorch_lora_weights.safetensors`, kohya/A1111 files as diffusers reads them, or a peft folder
+with adapter_config.json, made for the denoiser: the UNet or the SD3 transformer) is loaded into
+it and its rank, alpha and layers become the module's `lora_*` settings, so the checkpoint holds
+the adapter alone and shadows can be trained the same way; a full fine-tune is the folder as it
+is (no weight is stored: every `train_*` switch off). Every later stage reads the checkpoint as
 it reads one this package trained.
 """
 
@@ -23,11 +25,20 @@ import torch
 from torch import nn
 
 from lightning_mia.card import RunCard
-from lightning_mia.models.diffusion import LatentDiffusionModule
-from lightning_mia.models.lora import ADAPTER, LORA_TARGETS, LoraError, adapter_parts
+from lightning_mia.models.latent import LatentTextToImageModule
+from lightning_mia.models.lora import (
+    ADAPTER,
+    MMDIT_LORA_TARGETS,
+    PART_SWITCHES,
+    LoraError,
+    adapter_parts,
+    first_line,
+    load_lora,
+)
+from lightning_mia.models.pipeline_folder import PipelineLayout, pipeline_layout
+from lightning_mia.models.registry import family_class
 from lightning_mia.paths import atomic_write_bytes, atomic_write_json, done_marker
 
-TARGET_CLASS = LatentDiffusionModule  # the module an external pipeline folder becomes
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before module names
 
@@ -47,31 +58,45 @@ def adapter_kind(path: str | Path) -> str:
     )
 
 
-def _load_peft_folder(module: LatentDiffusionModule, folder: Path) -> None:
+def target_class(layout: PipelineLayout) -> type[LatentTextToImageModule]:
+    """The module class of the family that runs the layout's folders (`models.registry`)."""
+    return family_class(layout.family)
+
+
+def part_switches(layout: PipelineLayout) -> dict[str, tuple[str, ...]]:
+    """{train switch: the folder parts it trains}, the denoiser's first: the parts a fine-tune
+    may change (`PART_SWITCHES`; SD3's T5 encoder has no switch: never trained here)."""
+    parts = (layout.denoiser, *(p for p in layout.weight_parts if p != layout.denoiser))
+    switches: dict[str, tuple[str, ...]] = {}
+    for part in parts:
+        if PART_SWITCHES.get(part):
+            switches[PART_SWITCHES[part]] = (*switches.get(PART_SWITCHES[part], ()), part)
+    return switches
+
+
+def _load_peft_folder(module: LatentTextToImageModule, folder: Path, part_name: str) -> None:
+    """A peft adapter of the denoiser (`PeftModel.save_pretrained` of the UNet/transformer)."""
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    part = getattr(module, part_name)
+    what = type(part).__name__
     config = LoraConfig.from_pretrained(str(folder))
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(folder / PEFT_WEIGHTS).items()}
-    inject_adapter_in_model(config, module.unet, adapter_name=ADAPTER)
-    result = set_peft_model_state_dict(module.unet, state, adapter_name=ADAPTER)
+    try:
+        inject_adapter_in_model(config, part, adapter_name=ADAPTER)
+        result = set_peft_model_state_dict(part, state, adapter_name=ADAPTER)
+    except (ValueError, KeyError, RuntimeError) as err:  # no such layer, other shapes
+        raise LoraError(
+            f"LoRA adapter {folder}: it does not fit this {what} ({first_line(err)}); an "
+            "adapter made for another model?"
+        ) from err
     unexpected = [k for k in result.unexpected_keys if ".lora_" in k]
     if unexpected:
         raise LoraError(
-            f"LoRA adapter {folder}: {len(unexpected)} weights fit no UNet layer "
-            f"(e.g. {unexpected[0]}); is it an adapter of this UNet?"
+            f"LoRA adapter {folder}: {len(unexpected)} weights fit no {what} layer "
+            f"(e.g. {unexpected[0]}); is it an adapter of this {what}?"
         )
-
-
-def _load_diffusers_lora(module: LatentDiffusionModule, path: Path) -> None:
-    pipe = module.pipeline()  # shares the module's unet and text encoder
-    where = (path.parent, path.name) if path.is_file() else (path, None)
-    try:
-        pipe.load_lora_weights(str(where[0]), weight_name=where[1], adapter_name=ADAPTER)
-    except (ValueError, KeyError, RuntimeError, OSError) as err:
-        raise LoraError(f"LoRA adapter {path}: diffusers cannot load it ({err})") from err
-    if not adapter_parts(module):
-        raise LoraError(f"LoRA adapter {path}: no LoRA weight for the UNet or the text encoder")
 
 
 def compact_targets(parts: dict[str, nn.Module]) -> tuple[str, ...]:
@@ -85,19 +110,41 @@ def compact_targets(parts: dict[str, nn.Module]) -> tuple[str, ...]:
             plain.add(layer)
             if hasattr(m, "lora_A") and ADAPTER in getattr(m, "lora_A", {}):
                 adapted.add(layer)
-    used = tuple(t for t in LORA_TARGETS if any(n.endswith("." + t) for n in adapted))
+    used = tuple(t for t in MMDIT_LORA_TARGETS if any(n.endswith("." + t) for n in adapted))
     matched = {n for n in plain if any(n.endswith("." + t) for t in used)}
     return used if matched == adapted else tuple(sorted(adapted))
 
 
-def attach_adapter(module: LatentDiffusionModule, path: str | Path) -> None:
+def adapted_switches(
+    parts: dict[str, nn.Module], layout: PipelineLayout, path: Path
+) -> dict[str, bool]:
+    """The `train_*` switches that rebuild the adapter's parts: on where it adapts the parts
+    of a switch, off where none; LoraError where it adapts only some of them (one of SD3's two
+    CLIP encoders: shadows adapt both or neither)."""
+    switches = {}
+    for switch, names in part_switches(layout).items():
+        adapted = [n for n in names if n in parts]
+        if adapted and len(adapted) < len(names):
+            raise LoraError(
+                f"LoRA adapter {path}: adapts {adapted} but not {sorted(set(names) - set(adapted))}"
+                f" ({switch} trains them together): shadows could not be trained the same way"
+            )
+        switches[switch] = bool(adapted)
+    return switches
+
+
+def attach_adapter(
+    module: LatentTextToImageModule, path: str | Path, layout: PipelineLayout
+) -> None:
     """Load an external LoRA adapter into a module built without one, and record its rank,
-    alpha and layers in the module's hparams (what a checkpoint rebuilds it from)."""
+    alpha, layers and adapted parts in the module's hparams (what a checkpoint rebuilds it
+    from). A peft folder adapts the layout's denoiser; a diffusers file goes through the
+    module's pipeline (`load_lora`: every part it has weights for)."""
     path = Path(path)
     if adapter_kind(path) == "peft":
-        _load_peft_folder(module, path)
+        _load_peft_folder(module, path, layout.denoiser)
     else:
-        _load_diffusers_lora(module, path)
+        load_lora(module, path)
     parts = adapter_parts(module)
     configs = [part.peft_config[ADAPTER] for part in parts.values()]
     shapes = {(c.r, float(c.lora_alpha)) for c in configs}
@@ -109,29 +156,30 @@ def attach_adapter(module: LatentDiffusionModule, path: str | Path) -> None:
         )
     (rank, alpha), hp = shapes.pop(), module.hparams
     hp.lora_rank, hp.lora_alpha, hp.lora_targets = rank, alpha, compact_targets(parts)
-    hp.train_unet, hp.train_text_encoder = "unet" in parts, "text_encoder" in parts
+    hp.update(adapted_switches(parts, layout, path))
 
 
-def target_module(pipeline: str, lora: str, settings: dict[str, Any]) -> LatentDiffusionModule:
-    """The external target: `settings` (sampler, resolution... of the shadows' config) over
-    the pipeline folder, with the LoRA adapter if any; frozen, in eval mode."""
+def target_module(pipeline: str, lora: str, settings: dict[str, Any]) -> LatentTextToImageModule:
+    """The external target: the module of the folder's family with `settings` (sampler,
+    resolution... of the shadows' config) over the pipeline folder, with the LoRA adapter if
+    any; frozen, in eval mode."""
+    layout = pipeline_layout(pipeline)
     fixed = dict(
         preset="pretrained",
         pretrained=str(pipeline),
         autoencoder="",
         tokenizer="",
         lora_rank=0,
-        train_unet=False,
-        train_text_encoder=False,
         ema_decay=0.0,
+        **dict.fromkeys(part_switches(layout), False),  # the folder's weights, as they are
     )
-    module = LatentDiffusionModule(**{**settings, **fixed})
+    module = target_class(layout)(**{**settings, **fixed})
     if lora:
-        attach_adapter(module, lora)
+        attach_adapter(module, lora, layout)
     return module.requires_grad_(False).eval()
 
 
-def write_target_checkpoint(module: LatentDiffusionModule, card: RunCard, path: Path) -> Path:
+def write_target_checkpoint(module: LatentTextToImageModule, card: RunCard, path: Path) -> Path:
     """A Lightning checkpoint of the module (what `load_from_checkpoint` reads, the card and
     the folder references in it) and the run's DONE marker; written atomically."""
     module.card = card

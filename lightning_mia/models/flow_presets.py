@@ -67,6 +67,7 @@ SD3_LAYOUT = PipelineLayout(
         "text_encoder_3": "T5EncoderModel",
     },
     config="configs/flow/pretrained.yaml",
+    lora_config="configs/flow/lora.yaml",
 )
 PIPELINE_LAYOUTS.register(SD3_LAYOUT.pipeline_class, SD3_LAYOUT)
 CLIP_PARTS = ("text_encoder", "text_encoder_2")

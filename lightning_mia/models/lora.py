@@ -22,6 +22,9 @@ for another model.
 from __future__ import annotations
 
 import argparse
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,7 @@ PART_SWITCHES = {
 LORA_PARTS = tuple(p for p, switch in PART_SWITCHES.items() if switch)
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 BASE_FILE = "base.json"  # beside an export: the base pipeline (path, sha256) it applies to
+NO_KEYS_MESSAGE = "No LoRA keys associated to"  # diffusers' warning for a part left alone
 
 
 class LoraError(UserError):
@@ -124,6 +128,37 @@ def adapter_parts(module: nn.Module) -> dict[str, nn.Module]:
     return {n: p for n, p in parts.items() if ADAPTER in getattr(p, "peft_config", {})}
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's first line (a library's message may go on for pages; a heading that
+    ends in ':' with its first item), or its type."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+@contextmanager
+def quiet_lora_loading() -> Iterator[None]:
+    """Drop two kinds of diffusers' log records while it loads a LoRA: errors (a failed load
+    logs the whole state-dict report before it raises, and the raise becomes one LoraError
+    line) and "No LoRA keys associated to <part>" (a part the adapter leaves alone, as most
+    leave the text encoders; `load_lora` says when it fits no part). Other warnings (keys
+    that fit no layer of a part) are shown."""
+    handlers = logging.getLogger("diffusers").handlers
+
+    def quiet(record: logging.LogRecord) -> bool:
+        no_keys = str(record.msg).startswith(NO_KEYS_MESSAGE)
+        return record.levelno < logging.ERROR and not no_keys
+
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
 def load_lora(module: nn.Module, path: str | Path) -> None:
     """Load a diffusers-format LoRA (`pytorch_lora_weights.safetensors`, or a folder holding
     one) into the module's parts through its pipeline's `load_lora_weights`; LoraError, one
@@ -133,10 +168,13 @@ def load_lora(module: nn.Module, path: str | Path) -> None:
     pipe = module.pipeline()  # shares the module's denoiser and text encoders
     where = (path.parent, path.name) if path.is_file() else (path, None)
     try:
-        pipe.load_lora_weights(str(where[0]), weight_name=where[1], adapter_name=ADAPTER)
+        with quiet_lora_loading():
+            pipe.load_lora_weights(str(where[0]), weight_name=where[1], adapter_name=ADAPTER)
     except (ValueError, KeyError, RuntimeError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LoraError(f"LoRA adapter {path}: diffusers cannot load it ({first})") from err
+        raise LoraError(
+            f"LoRA adapter {path}: diffusers cannot load it ({first_line(err)}); an adapter "
+            "made for another model?"
+        ) from err
     if not adapter_parts(module):
         raise LoraError(
             f"LoRA adapter {path}: no weight of it fits this {type(pipe).__name__}'s parts "

@@ -41,7 +41,8 @@ class PipelineLayout:
     denoiser: str  # the subfolder whose sample_size sets the native resolution
     what: str  # the architecture, for messages
     part_classes: dict[str, str] = field(default_factory=dict)  # subfolder -> its class
-    config: str = ""  # the family's config that fine-tunes such a folder
+    config: str = ""  # the family's config that fine-tunes such a folder (in full)
+    lora_config: str = ""  # the family's config that LoRA-fine-tunes such a folder
 
     @property
     def weight_parts(self) -> tuple[str, ...]:
@@ -58,6 +59,7 @@ SD_LAYOUT = PipelineLayout(
     what="UNet2DConditionModel + AutoencoderKL/VQModel + CLIPTextModel",
     part_classes={"unet": "UNet2DConditionModel", "text_encoder": "CLIPTextModel"},
     config="configs/diffusion/pretrained.yaml",
+    lora_config="configs/diffusion/lora.yaml",
 )
 # the layouts by pipeline class: each family registers its own beside its code
 PIPELINE_LAYOUTS: Registry[PipelineLayout] = Registry(
