@@ -104,10 +104,12 @@ class ExperimentLayout:
         """`last.ckpt` of a model run (`<family>-<role>-<index>/checkpoints/last.ckpt`)."""
         return last_checkpoint(self.run_dir(family, model_index))
 
-    def queries(self, name: str, tag: str = "") -> Path:
+    def queries(self, name: str, tag: str = "", row: int | None = None) -> Path:
         """`queries/<name><tag>/`: the caption modes of one model side by side (`tag` = ""
-        for the ground-truth captions, `QuerySpec.tag`)."""
-        return self.root / "queries" / f"{name}{tag}"
+        for the ground-truth captions, `QuerySpec.tag`); `.../row-<row>/` for its query of
+        another row's samples (a shadow's of the target's, row 0, calibrates LiRA)."""
+        folder = self.root / "queries" / f"{name}{tag}"
+        return folder if row is None else folder / f"row-{row:03d}"
 
     def report_dir(self, setting: str, tag: str = "") -> Path:
         """`attack/` for the shadow setting with ground-truth captions, else

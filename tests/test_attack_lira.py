@@ -4,11 +4,12 @@ all OUT), and the checks on the tables it reads, on synthetic query shards."""
 import pytest
 import torch
 
-from lightning_mia.attack.calibration import FIXED_VARIANCE_BELOW
+from lightning_mia.attack.calibration import FIXED_VARIANCE_BELOW, calibrate
+from lightning_mia.attack.lira import lira_results
 from lightning_mia.attack.runner import run_attacks
 from lightning_mia.paths import ExperimentLayout, run_name
-from lightning_mia.query.shards import load_query_table, write_shard
-from lightning_mia.specs.attacks import AttackError
+from lightning_mia.query.shards import QueryTable, load_query_table, write_shard
+from lightning_mia.specs.attacks import AttackError, QueryCosts
 from lightning_mia.specs.query import QueryRecord, QuerySpec
 
 FAST = dict(max_epochs=15, n_boot=100, progress=False)
@@ -131,3 +132,33 @@ def test_query_settings_must_agree_one_line(world, tmp_path):
     assert "shadow diffusion-shadow-002 was queried otherwise than the target" in message
     assert "spec.seed: 0 vs 5" in message
     assert "spec.encoder: 'enc' vs '/models/clip'" in message
+
+
+def _loss_table(index, ids, member, log_loss):
+    """An in-memory query table of one positive error, `loss/mean` = exp(log_loss)."""
+    record = QueryRecord(splits_hash="h", run_name=run_name("diffusion", index), family="diffusion")
+    return QueryTable(ids, member, index, {"loss/mean": log_loss.exp().float()}, record)
+
+
+def test_lira_fits_raw_scores_at_the_mean_when_asked():
+    """`scale="identity", centre="mean"` (bench_lira_scale.py's before) is LiRA of the raw
+    losses centred at each side's mean; the default, of their log at the median."""
+    g = torch.Generator().manual_seed(0)
+    ids, member, out = torch.arange(N), torch.arange(N) % 2 == 0, torch.zeros(N, dtype=torch.bool)
+    difficulty = torch.randn(N, generator=g)
+    noisy = lambda shift: difficulty - shift + 0.5 * torch.randn(N, generator=g)  # noqa: E731
+    target = _loss_table(0, ids, member, noisy(0.3 * member))
+    shadows = [_loss_table(k, ids + 1000 * k, member, noisy(member.float())) for k in (1, 2, 3)]
+    tables = [_loss_table(k, ids, out, noisy(0.0)) for k in (1, 2, 3)]  # on the target's ids
+    args = (["loss"], target, shadows, tables, {}, QueryCosts(), 0, 10)
+    before = lira_results(*args, scale="identity", centre="mean")[0]["lira-offline-loss"]
+    after = lira_results(*args)[0]["lira-offline-loss"]
+    assert (before.details["scale"], before.details["centre"]) == ("identity", "mean")
+    assert (after.details["scale"], after.details["centre"]) == ("log", "median")
+    raw = torch.stack([t.features["loss/mean"] for t in tables]).double()  # (3, N), all OUT
+    x, is_out = target.features["loss/mean"].double(), torch.zeros(3, N, dtype=torch.bool)
+    seen = ~is_out
+    for result, f, centre in ((before, lambda v: v, "mean"), (after, torch.log, "median")):
+        expected, _ = calibrate(-f(x), -f(raw), is_out, seen, False, True, centre=centre)
+        torch.testing.assert_close(result.scores, expected)  # lower loss = member: negated
+    assert not torch.equal(before.scores, after.scores)

@@ -29,6 +29,7 @@ from lightning_mia.attack.render import write_report
 from lightning_mia.attack.report import AttackContext, AttackReport, TargetFacts, read_report
 from lightning_mia.attack.runner import run_attacks
 from lightning_mia.card import CheckpointError, RunCard, read_card
+from lightning_mia.data.splits import Splits, load_splits
 from lightning_mia.external.audit import prepare_external
 from lightning_mia.graybox import signals_for
 from lightning_mia.models.base import FAMILIES
@@ -97,6 +98,13 @@ def shadow_checkpoints(setting: str, card: RunCard, layout: ExperimentLayout) ->
     return shadows
 
 
+def holds_target_samples(splits: Splits, model_index: int) -> bool:
+    """Whether row `model_index` of splits.json queries every sample the target (row 0) is
+    queried on: that shadow's own query then calibrates LiRA, else it is also queried on row 0
+    (`queries/<shadow>/row-000/`)."""
+    return set(splits.row(0).queries) <= set(splits.row(model_index).queries)
+
+
 @dataclass(frozen=True)
 class Queries:
     """The query tables of one attack run (global rank 0; None on the other ranks)."""
@@ -117,7 +125,6 @@ def run_queries(
     """Query the target and every shadow with `query` (each rank its share), and, for LiRA,
     each shadow on the target's samples: its own table where its row of the splits holds them
     all, else a query of row 0 (`queries/<shadow>/row-000/`)."""
-    from lightning_mia.data.splits import load_splits
 
     def query_of(ckpt: Path | str, row: int | None = None, spec: QuerySpec = query) -> Any:
         return run_query(
@@ -134,10 +141,8 @@ def run_queries(
     calibration = []
     if options.attack.calibrate and options.attack.setting == "shadow":
         splits = load_splits(layout.splits)
-        target_ids = set(splits.row(0).queries)
         for ckpt, own in zip(shadows, tables):
-            index = read_card(ckpt).model_index
-            covered = target_ids <= set(splits.row(index).queries)
+            covered = holds_target_samples(splits, read_card(ckpt).model_index)
             calibration.append(own if covered else query_of(ckpt, row=0))
     specs = control_specs(query) if options.controls else {}
     controls = {mode: query_of(options.ckpt, spec=spec) for mode, spec in specs.items()}

@@ -80,10 +80,11 @@ class ScoreSource:
         return self.model.score(table.feature_matrix(list(self.names))).double()
 
 
-def source_for(spec: AttackSpec, models: Models) -> ScoreSource:
-    """The declared scalar of `spec`, else its learned logit (None-model source if not trained)."""
+def source_for(spec: AttackSpec, models: Models, scale: str | None = None) -> ScoreSource:
+    """The declared scalar of `spec` on its declared scale (or on `scale`), else its learned
+    logit (None-model source if not trained)."""
     if spec.score_feature:
-        return ScoreSource(spec.score_feature, scale=spec.score_scale)
+        return ScoreSource(spec.score_feature, scale=scale or spec.score_scale)
     model, names = models.get(spec.name, (None, []))
     return ScoreSource("", model, tuple(names))
 
@@ -111,6 +112,7 @@ def _calibrated(
     costs: QueryCosts,
     seed: int,
     n_boot: int,
+    centre: str = CENTRE,
 ) -> tuple[dict[str, AttackResult], list[str]]:
     """lira-offline-<name> (and lira-online-<name> where IN scores exist) of one attack, and
     the names of those the shadows cannot give a variance for (skipped)."""
@@ -127,7 +129,7 @@ def _calibrated(
     common = {
         "calibrates": source.description,
         "scale": source.scale if source.feature else "logit (the classifier's)",
-        "centre": CENTRE,
+        "centre": centre,
         "off_scale": clamped,  # raw scores outside the scale's domain, clamped into it
         "direction": sign,
         "shadows": len(tables),
@@ -143,7 +145,7 @@ def _calibrated(
         side = is_in if online else ~is_in
         if not (side & observed).any():
             continue
-        lira, g = calibrate(x, scores, is_in, observed, online, fixed)
+        lira, g = calibrate(x, scores, is_in, observed, online, fixed, centre=centre)
         stds = [g.std_out, g.std_in] if online else [g.std_out]
         if not all(torch.isfinite(std).all() for std in stds):  # one score per sample and side
             skipped.append(f"lira-{mode}-{spec.name}")
@@ -180,9 +182,13 @@ def lira_results(
     costs: QueryCosts,
     seed: int,
     n_boot: int,
+    scale: str | None = None,
+    centre: str = CENTRE,
 ) -> tuple[dict[str, AttackResult], list[str]]:
     """Offline and (where possible) online LiRA of every attack in `names`; notes say what
-    was calibrated and what was skipped."""
+    was calibrated and what was skipped. `scale` fits every declared score on that scale
+    instead of its own (`identity`: the raw scores, as before the scales were declared);
+    `centre` is each side's centre (`calibration.CENTRE`)."""
     if not shadows:
         return {}, []
     if len(shadows) < 2:
@@ -196,13 +202,13 @@ def lira_results(
         ]
     results, skipped = {}, []
     for name in names:
-        source = source_for(ATTACKS[name], models)
+        source = source_for(ATTACKS[name], models, scale)
         lacking = [m for t in [target, *tables] for m in source.missing(t)]
         if (not source.feature and source.model is None) or lacking:
             skipped.append(f"{name} ({', '.join(sorted(set(lacking))) or 'not trained'})")
             continue
         done, no_variance = _calibrated(
-            ATTACKS[name], source, target, shadows, tables, costs, seed, n_boot
+            ATTACKS[name], source, target, shadows, tables, costs, seed, n_boot, centre
         )
         results.update(done)
         skipped += [f"{n} (the shadows give no variance: too few shadows)" for n in no_variance]
@@ -212,10 +218,11 @@ def lira_results(
         if fixed
         else "per-sample variances"
     )
+    on_scale = f"the {scale} scale" if scale else "its declared scale: log for positive errors"
     notes = [
         f"lira-offline-*: offline LiRA over {len(tables)} shadows' OUT scores of each target "
-        f"sample ({variance}, centred at the {CENTRE}, each score on its declared scale: log "
-        "for positive errors), member above the OUT median; lira-online-* (where shadows "
+        f"sample ({variance}, centred at the {centre}, each score on {on_scale}), "
+        "member above the OUT median; lira-online-* (where shadows "
         "trained on target samples): likelihood ratio IN vs OUT, member at ratio 1"
     ]
     if skipped:

@@ -115,9 +115,7 @@ class QueryModule(StageModule):
     @property
     def folder(self) -> Path:
         """`queries/<run><tag>/` (`.../row-<r>/` when it queries another row's samples)."""
-        folder = self.layout.queries(self.run_name, self.spec.tag)
-        row = self.hparams.row
-        return folder if row is None else folder / f"row-{row:03d}"
+        return self.layout.queries(self.run_name, self.spec.tag, self.hparams.row)
 
     def stage_paths(self, layout: ExperimentLayout, model_index: int = 0) -> StagePaths:
         """Where this stage writes: its query folder, run name and role (W&B)."""
