@@ -13,6 +13,7 @@ from peft import PeftModel
 from tiny_pipeline import (
     RES,
     audit_args,
+    audit_options,
     save_member_lists,
     save_peft_adapter,
     save_tiny_clip,
@@ -21,14 +22,12 @@ from tiny_pipeline import (
     write_member_list,
 )
 
-from lightning_mia.attack.options import AttackOptions, ExternalTarget
 from lightning_mia.card import CARD_KEY, read_card
 from lightning_mia.cli import attack_main
 from lightning_mia.external.audit import prepare_external
 from lightning_mia.models.pipeline_folder import pipeline_sha256
 from lightning_mia.models.registry import load_family_module
 from lightning_mia.paths import ExperimentLayout
-from lightning_mia.specs.query import QuerySpec
 
 N = 24  # members and non-members each: the target is tested on half, the shadows draw the rest
 SHADOW_CONFIG = tiny_shadow_config("lightning_mia.models.diffusion.LatentDiffusionModule")
@@ -123,25 +122,10 @@ def test_a_lora_target_trained_elsewhere_is_audited_end_to_end(inputs, tmp_path,
 
     # a second command reuses splits, target and shadow
     stamp = layout.checkpoint("diffusion", 1).stat().st_mtime_ns
-    options = _options(inputs, exp, lora=str(inputs["lora"]))
+    options = audit_options(inputs, exp, lora=str(inputs["lora"]))
     again = prepare_external(options)
     assert again.ckpt == str(layout.checkpoint("diffusion", 0))
     assert layout.checkpoint("diffusion", 1).stat().st_mtime_ns == stamp
-
-
-def _options(inputs, exp, **external) -> AttackOptions:
-    fields = dict(
-        pipeline=str(inputs["pipeline"]),
-        members=str(inputs["members"]),
-        non_members=str(inputs["non_members"]),
-        num_shadows=1,
-        shadow_config=str(inputs["config"]),
-    )
-    return AttackOptions(
-        experiment=str(exp),
-        external=ExternalTarget(**{**fields, **external}),
-        query=QuerySpec(encoder=str(inputs["clip"])),
-    )
 
 
 @pytest.mark.slow
@@ -172,7 +156,7 @@ def test_a_full_fine_tune_over_ids_of_a_data_source(inputs, tmp_path):
     members.write_text("".join(f"{100 + i}\n" for i in range(8)))
     non = write_member_list(tmp_path / "non.csv", [{"id": 108 + i} for i in range(8)])
     tuned = save_tiny_pipeline(tmp_path / "tuned", seed=7)
-    options = _options(
+    options = audit_options(
         inputs,
         tmp_path / "exp",
         pipeline=str(tuned),

@@ -18,6 +18,7 @@ from peft import PeftModel
 from tiny_pipeline import (
     RES,
     audit_args,
+    audit_options,
     other_transformer_lora,
     save_diffusers_lora,
     save_member_lists,
@@ -28,7 +29,7 @@ from tiny_pipeline import (
     tiny_shadow_config,
 )
 
-from lightning_mia.attack.options import AttackOptions, ExternalTarget
+from lightning_mia.attack.options import ExternalTarget
 from lightning_mia.card import CARD_KEY, load_checkpoint, read_card
 from lightning_mia.cli import attack_main
 from lightning_mia.external.audit import prepare_external, shadow_recipe, shadow_settings
@@ -37,7 +38,6 @@ from lightning_mia.models.flow_presets import SD3_LAYOUT
 from lightning_mia.models.pipeline_folder import pipeline_sha256
 from lightning_mia.models.registry import load_family_module
 from lightning_mia.paths import ExperimentLayout
-from lightning_mia.specs.query import QuerySpec
 
 N = 16  # members and non-members each: the target is tested on half, the shadow draws the rest
 TARGETS = ("to_q", "add_k_proj")  # image and text streams of the MMDiT's joint attention
@@ -80,21 +80,6 @@ def transformer_out(transformer, seed=0):
             encoder_hidden_states=text,
             pooled_projections=pooled,
         ).sample
-
-
-def options_of(inputs, exp, **external) -> AttackOptions:
-    fields = dict(
-        pipeline=str(inputs["pipeline"]),
-        members=str(inputs["members"]),
-        non_members=str(inputs["non_members"]),
-        num_shadows=0,
-        shadow_config=str(inputs["config"]),
-    )
-    return AttackOptions(
-        experiment=str(exp),
-        external=ExternalTarget(**{**fields, **external}),
-        query=QuerySpec(encoder=str(inputs["clip"])),
-    )
 
 
 @pytest.mark.slow
@@ -147,7 +132,7 @@ def test_an_sd3_lora_trained_elsewhere_is_audited_end_to_end(inputs, tmp_path):
 
 
 def test_a_peft_adapter_of_the_sd3_transformer_becomes_the_target(inputs, tmp_path):
-    options = options_of(inputs, tmp_path / "exp", lora=str(inputs["peft"]))
+    options = audit_options(inputs, tmp_path / "exp", 0, lora=str(inputs["peft"]))
     ckpt = prepare_external(options).ckpt
     assert ckpt == str(ExperimentLayout(tmp_path / "exp").checkpoint("flow", 0))
     hp = load_checkpoint(ckpt)["hyper_parameters"]
@@ -176,8 +161,8 @@ def test_a_full_fine_tune_of_the_transformer_from_a_base(inputs, tmp_path):
     other = save_tiny_sd3_pipeline(tmp_path / "other", seed=7)
     shutil.rmtree(tuned / "transformer")
     shutil.copytree(other / "transformer", tuned / "transformer")
-    options = options_of(
-        inputs, tmp_path / "exp", pipeline=str(tuned), base=str(inputs["pipeline"])
+    options = audit_options(
+        inputs, tmp_path / "exp", 0, pipeline=str(tuned), base=str(inputs["pipeline"])
     )
     ckpt = prepare_external(options).ckpt
     assert read_card(ckpt).external["base"] == str(inputs["pipeline"])
@@ -197,7 +182,9 @@ def test_a_full_fine_tune_of_the_transformer_from_a_base(inputs, tmp_path):
         shadow_settings(
             saved["hyper_parameters"], options.external, options.external.base, SD3_LAYOUT
         )
-    whole = options_of(inputs, tmp_path / "exp", pipeline=str(other), base=str(inputs["pipeline"]))
+    whole = audit_options(
+        inputs, tmp_path / "exp", 0, pipeline=str(other), base=str(inputs["pipeline"])
+    )
     assert shadow_settings(
         saved["hyper_parameters"], whole.external, whole.external.base, SD3_LAYOUT
     )["train_text_encoder"]  # both CLIP encoders changed too

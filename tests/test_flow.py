@@ -7,10 +7,10 @@ Every model is the `tiny` preset at 16x16 pixels over a random KL autoencoder bu
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from tiny_pipeline import other_transformer_lora, save_tiny_pipeline
+from tiny_pipeline import other_transformer_lora, save_tiny_pipeline, tiny_vae
 
 from lightning_mia.card import CARD_KEY, read_card
 from lightning_mia.data.datamodule import MembershipDataModule
@@ -35,14 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 def autoencoder(tmp_path_factory):
     """A random f2 KL autoencoder folder (16x16 pixels -> 8x8x4 latents)."""
     torch.manual_seed(0)
-    ae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=RES,
-    )
+    ae = tiny_vae()
     return save_autoencoder(ae, tmp_path_factory.mktemp("flow") / "autoencoder")
 
 

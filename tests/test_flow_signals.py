@@ -5,7 +5,7 @@ members of an overfitted model look like members is checked by
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from tiny_pipeline import tiny_vae
 
 from lightning_mia.data.shapes import ShapesSource
 from lightning_mia.graybox import SignalError, SignalOptions, compute_signals, signal_queries
@@ -69,14 +69,7 @@ def test_the_flow_interface_maths_on_a_straight_flow():
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     torch.manual_seed(0)
-    ae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=RES,
-    )
+    ae = tiny_vae()
     with torch.no_grad():  # unit-variance latents, as a trained autoencoder's scaling gives
         std = ae.encode(shapes_batch(list(range(32)))["pixel_values"]).latent_dist.mean.std()
     ae.register_to_config(scaling_factor=float(1.0 / std))

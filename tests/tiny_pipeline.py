@@ -248,6 +248,26 @@ def save_tiny_clip(folder) -> Path:
     return ImageTextEncoder(clip, tokenizer).save(folder)
 
 
+def audit_options(inputs, experiment, num_shadows: int = 1, **external):
+    """The `AttackOptions` of an external audit of `inputs` (as `audit_args`), `external`
+    fields put in."""
+    from lightning_mia.attack.options import AttackOptions, ExternalTarget
+    from lightning_mia.specs.query import QuerySpec
+
+    fields = dict(
+        pipeline=str(inputs["pipeline"]),
+        members=str(inputs["members"]),
+        non_members=str(inputs["non_members"]),
+        num_shadows=num_shadows,
+        shadow_config=str(inputs["config"]),
+    )
+    return AttackOptions(
+        experiment=str(experiment),
+        external=ExternalTarget(**{**fields, **external}),
+        query=QuerySpec(encoder=str(inputs["clip"])),
+    )
+
+
 def audit_args(inputs, experiment, *extra) -> list[str]:
     """`attack.py` arguments of an external audit of `inputs` (pipeline, members,
     non_members, config, clip) with one shadow."""
