@@ -58,7 +58,9 @@ def size_curve_png(result: DatasetInferenceResult) -> bytes | None:
         label = f"p < {TARGET_P:g} from {curve.smallest_size} samples"
         ax.axvline(curve.smallest_size, color="tab:green", lw=1.5, label=label)
     full = max(result.p_value, FLOOR)
-    ax.plot([result.suspect_size], [full], "D", color="black", ms=6, label="full set (headline)")
+    drawn = f", drawn at {FLOOR:g}" if result.p_value < FLOOR else ""
+    label = f"full set (headline):\np = {result.p_value:.2g}{drawn}"
+    ax.plot([result.suspect_size], [full], "D", color="black", ms=6, label=label)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
