@@ -1,7 +1,9 @@
 """Memorisation and attack strength after long training: the checks that left the test suite
 (issue 25; each took 20-45 s there), with the tests' assertions and thresholds unchanged.
 
-    python benchmarks/bench_memorisation.py [--check diffusion|seq2seq|flow|all] [--threads 1]
+    python benchmarks/bench_memorisation.py [--check NAME|all] [--threads 1]
+
+(NAME: diffusion, seq2seq, flow or graybox-diffusion)
 
 - diffusion: the `tiny` latent diffusion preset at 16x16 pixels over a tiny KL autoencoder
   (16x16 -> 4x4x4 latents, trained 300 steps on ids 0..191 of ShapesSource(256, 16, seed=0),
@@ -18,6 +20,12 @@
   non-members (few times and steps). Passes if the AUC of flow_loss/mean, flow_sweep/mean and
   flow_secmi/t_error (lower = member) and of flow_clid/score (higher = member) are each > 0.8;
   flow_pia/mean's AUC is printed, not checked (~0.6 at 300 steps).
+- graybox-diffusion: tests/test_graybox_diffusion.py's model (the `tiny` preset at 16x16 over a
+  random VQ autoencoder, v-prediction, cosine schedule) trained 300 AdamW steps on 16 members, as
+  the tests trained it before they needed only its maths; its signals on 16 members and 16
+  non-members. Passes if loss/mean, loss/eps_mean, secmi/t_error, pia/mean and clid/loss_cond
+  (lower = member) each have AUC > 0.8, clid/score (higher = member) > 0.6, and CLiD_th fitted on
+  half the rows (8 + 8) reaches AUC > 0.8 on the other half.
 
 Prints the MACHINE line, then per check its figures as `RESULT <check>_<figure> <value>`, its
 seconds and `RESULT <check>_pass 1|0`; exits 1 if any check fails. One torch thread by default,
@@ -82,6 +90,17 @@ def shapes_batch(source: ShapesSource, ids, max_chars: int | None = None) -> dic
         "caption": [source.caption(i)[:max_chars] for i in ids],
         "sample_id": torch.tensor(ids, dtype=torch.int64),
     }
+
+
+def train_steps(module, batch: dict, steps: int, lr: float) -> None:
+    """`steps` AdamW steps of the module's per-sample loss on one fixed batch."""
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
+    module.train()
+    for _ in range(steps):
+        loss = module.per_sample_loss(batch).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
 
 
 # --- diffusion --------------------------------------------------------------------------------
@@ -234,13 +253,7 @@ def check_flow(root: Path) -> bool:
         autoencoder=str(folder), resolution=res, max_caption_length=77, timestep_sampling="uniform"
     )
     members, ids = shapes_batch(source, range(16), 77), list(range(32))
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-3)
-    m.train()
-    for _ in range(300):
-        loss = m.per_sample_loss(members).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_steps(m, members, steps=300, lr=2e-3)
     batch = shapes_batch(source, ids, 77)
     feats = compute_signals(m.eval(), batch, FLOW_SIGNALS, seed=0, options=FLOW_OPTIONS)
     labels = torch.tensor(ids) < 16
@@ -252,10 +265,55 @@ def check_flow(root: Path) -> bool:
     return passed
 
 
+# --- the diffusion family's gray-box signals ------------------------------------------------------
+GRAYBOX_FLOORS = [  # (feature, lower = member, AUC floor): the former test's thresholds
+    ("loss/mean", True, 0.8),
+    ("loss/eps_mean", True, 0.8),
+    ("secmi/t_error", True, 0.8),
+    ("pia/mean", True, 0.8),
+    ("clid/loss_cond", True, 0.8),
+    ("clid/score", False, 0.6),
+]
+
+
+def check_graybox_diffusion(root: Path) -> bool:
+    """tests/test_graybox_diffusion.py's former test_members_look_like_members and
+    test_clid_th_calibrated_on_half_the_rows_finds_the_other_half, on the test module's own
+    data, autoencoder and signal options (imported, so the two cannot drift apart)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import test_graybox_diffusion as g
+
+    from lightning_mia.attack.clid import fit_clid_threshold
+
+    folder = g.random_autoencoder(root / "autoencoder")
+    torch.manual_seed(0)
+    m = LatentDiffusionModule(
+        autoencoder=str(folder), resolution=g.RES, caption_dropout=0.1, max_caption_length=77
+    )
+    train_steps(m, g.shapes_batch(g.IDS[: g.MEMBERS]), steps=300, lr=1e-3)
+    feats = compute_signals(
+        m.eval(), g.shapes_batch(g.IDS), ["loss", "secmi", "pia", "clid"], seed=0, options=g.OPTIONS
+    )
+    passed = True
+    for name, lower_is_member, floor in GRAYBOX_FLOORS:
+        auc = float(roc_auc(-feats[name] if lower_is_member else feats[name], g.LABELS))
+        result(f"graybox_diffusion_auc_{name.replace('/', '_')}", auc)  # pass: > floor
+        passed &= auc > floor
+    names = sorted(k for k in feats if k.startswith("clid/"))
+    x, y = torch.stack([feats[n] for n in names], 1), g.LABELS
+    shadow = [*range(0, 8), *range(16, 24)]  # 8 members, 8 non-members as the attacker's rows
+    target = [i for i in g.IDS if i not in shadow]
+    choice = fit_clid_threshold(x[shadow], y[shadow], names)
+    auc = float(roc_auc(choice.scores(x[target], names), y[target]))
+    result("graybox_diffusion_auc_clid_th_other_half", auc)  # pass: > 0.8
+    return passed and auc > 0.8
+
+
 CHECKS: dict[str, Callable[[Path], bool]] = {
     "diffusion": check_diffusion,
     "seq2seq": check_seq2seq,
     "flow": check_flow,
+    "graybox-diffusion": check_graybox_diffusion,
 }
 
 

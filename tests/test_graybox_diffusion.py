@@ -1,9 +1,12 @@
 """Gray-box signals of the diffusion family: the maths of each piece on hand-made inputs, then on
-a tiny latent diffusion model overfitted on 16 members.
+a tiny latent diffusion model trained briefly on 16 members.
 
 One model for the file (module fixture): the `tiny` preset at 16x16 pixels (4x4x4 latents of a
-random VQ autoencoder), v-prediction with the cosine schedule, 300 AdamW steps at lr 1e-3 on
-16 members (~30 s on one loaded CPU core), then 16 non-members from the same source.
+random VQ autoencoder), v-prediction with the cosine schedule, STEPS AdamW steps at lr 1e-3 on
+16 members, then 16 non-members from the same source. The tests check what holds for any
+weights (names, shapes, each signal against its reference recipe, determinism); whether members
+look like members after 300 steps is `python benchmarks/bench_memorisation.py --check
+graybox-diffusion`, which imports this module's data, autoencoder and options.
 """
 
 import math
@@ -13,7 +16,6 @@ import torch
 from diffusers import DDPMScheduler, VQModel
 
 import lightning_mia.graybox.clid as clid_module
-from lightning_mia.attack.clid import fit_clid_threshold
 from lightning_mia.data.shapes import ShapesSource
 from lightning_mia.graybox import SignalError, SignalOptions, compute_signals
 from lightning_mia.graybox.clid import mask_top_words, word_importance
@@ -21,12 +23,11 @@ from lightning_mia.graybox.denoiser import LatentView, fixed_noise, guided
 from lightning_mia.graybox.denoiser import noise_seeds as seeds_of
 from lightning_mia.graybox.pia import pia_distance
 from lightning_mia.graybox.secmi import ddim_invert, ddim_reverse, secmi_features
-from lightning_mia.metrics import roc_auc
 from lightning_mia.models.diffusion import LatentDiffusionModule, split_prediction
 from lightning_mia.models.latent import TimeGrid
 from lightning_mia.models.vae import encode_latents
 
-RES, MEMBERS, STEPS = 16, 16, 300
+RES, MEMBERS, STEPS = 16, 16, 20
 SOURCE = ShapesSource(num_samples=64, resolution=RES, seed=0)
 IDS = list(range(2 * MEMBERS))  # the first 16 are members
 LABELS = torch.tensor(IDS) < MEMBERS
@@ -188,10 +189,6 @@ def signals(model):
     )
 
 
-def auc(scores, lower_is_member=True):
-    return float(roc_auc(-scores if lower_is_member else scores, LABELS))
-
-
 @pytest.mark.slow
 def test_signal_names_and_shapes(signals):
     expected = {f"loss/{s}{t}" for s in ("t", "eps_t") for t in (200, 300)}
@@ -203,36 +200,6 @@ def test_signal_names_and_shapes(signals):
     for name, value in signals.items():
         assert value.shape == (len(IDS),) and value.dtype == torch.float32, name
         assert torch.isfinite(value).all(), name
-
-
-# Measured here (AUC in the expected direction): loss/mean 0.95, secmi/t_error 0.90, pia/mean
-# 0.93, clid/loss_cond 1.0, clid/score 0.70. A tiny model that memorises its members outright also
-# memorises them through the null and reduced captions, so CLiD's discrepancy alone is weak here;
-# CLiD_th, calibrated on shadow rows, puts its weight on the loss term (next test).
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "feature, lower_is_member, floor",
-    [
-        ("loss/mean", True, 0.8),
-        ("loss/eps_mean", True, 0.8),
-        ("secmi/t_error", True, 0.8),
-        ("pia/mean", True, 0.8),
-        ("clid/loss_cond", True, 0.8),
-        ("clid/score", False, 0.6),
-    ],
-)
-def test_members_look_like_members(signals, feature, lower_is_member, floor):
-    assert auc(signals[feature], lower_is_member) > floor
-
-
-@pytest.mark.slow
-def test_clid_th_calibrated_on_half_the_rows_finds_the_other_half(signals):
-    names = sorted(k for k in signals if k.startswith("clid/"))
-    x, y = torch.stack([signals[n] for n in names], 1), LABELS
-    shadow = [*range(0, 8), *range(16, 24)]  # 8 members, 8 non-members as the attacker's rows
-    target = [i for i in IDS if i not in shadow]
-    choice = fit_clid_threshold(x[shadow], y[shadow], names)
-    assert float(roc_auc(choice.scores(x[target], names), y[target])) > 0.8
 
 
 @pytest.mark.slow
