@@ -3,7 +3,7 @@
 
     python benchmarks/bench_memorisation.py [--check NAME|all] [--threads 1]
 
-(NAME: diffusion, seq2seq, flow or graybox-diffusion)
+(NAME: diffusion, seq2seq, flow, graybox-diffusion or encoder)
 
 - diffusion: the `tiny` latent diffusion preset at 16x16 pixels over a tiny KL autoencoder
   (16x16 -> 4x4x4 latents, trained 300 steps on ids 0..191 of ShapesSource(256, 16, seed=0),
@@ -26,6 +26,9 @@
   non-members. Passes if loss/mean, loss/eps_mean, secmi/t_error, pia/mean and clid/loss_cond
   (lower = member) each have AUC > 0.8, clid/score (higher = member) > 0.6, and CLiD_th fitted on
   half the rows (8 + 8) reaches AUC > 0.8 on the other half.
+- encoder: tests/test_encoder.py's attacker's CLIP encoder (`tiny` preset) trained 200 steps on
+  the auxiliary pool of ShapesSource(1200, 32); passes if its top-1 image-to-caption retrieval
+  on 32 held-out pairs of the target's pool is > 3x chance (3/32).
 
 Prints the MACHINE line, then per check its figures as `RESULT <check>_<figure> <value>`, its
 seconds and `RESULT <check>_pass 1|0`; exits 1 if any check fails. One torch thread by default,
@@ -35,6 +38,7 @@ as the tests ran (the figures follow the float ops, which follow the thread coun
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import tempfile
@@ -280,8 +284,7 @@ def check_graybox_diffusion(root: Path) -> bool:
     """tests/test_graybox_diffusion.py's former test_members_look_like_members and
     test_clid_th_calibrated_on_half_the_rows_finds_the_other_half, on the test module's own
     data, autoencoder and signal options (imported, so the two cannot drift apart)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    import test_graybox_diffusion as g
+    g = tests_module("test_graybox_diffusion")
 
     from lightning_mia.attack.clid import fit_clid_threshold
 
@@ -309,11 +312,27 @@ def check_graybox_diffusion(root: Path) -> bool:
     return passed and auc > 0.8
 
 
+def tests_module(name: str):
+    """A module of tests/ (its data, parts and helpers), so a check and its tests cannot drift."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    return importlib.import_module(name)
+
+
+def check_encoder(root: Path) -> bool:
+    """tests/test_encoder.py's former test_trained_encoder_retrieves_held_out_captions."""
+    t = tests_module("test_encoder")
+    accuracy = t.held_out_retrieval(t.fit_encoder(root, 200))
+    result("encoder_held_out_retrieval", accuracy)  # pass: > 3 x chance
+    result("encoder_chance", 1 / t.HELD_OUT)
+    return accuracy > 3 / t.HELD_OUT
+
+
 CHECKS: dict[str, Callable[[Path], bool]] = {
     "diffusion": check_diffusion,
     "seq2seq": check_seq2seq,
     "flow": check_flow,
     "graybox-diffusion": check_graybox_diffusion,
+    "encoder": check_encoder,
 }
 
 
