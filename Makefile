@@ -27,14 +27,15 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 
 # The tests run one torch thread each: TEST_WORKERS pytest-xdist workers keep the cores busy
-# (a module's tests stay on one worker; the session's tiny experiments are built once for all).
+# (a module's tests stay on one worker, the longest modules first: tests/conftest.py; the
+# session's tiny experiments are built once for all).
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed lint
-	WANDB_MODE=disabled $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
+	WANDB_MODE=disabled $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 test-fast: $(VENV)/.installed   # every module's logic on random-weight tiny parts, no training runs
-	WANDB_MODE=disabled $(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadscope
+	WANDB_MODE=disabled $(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 demo: $(VENV)/.installed
 	$(PY) -m lightning_mia.experiment demo

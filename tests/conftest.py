@@ -14,13 +14,44 @@ SESSION_EXPERIMENTS = {"diffusion_experiment", "seq2seq_experiment", "captioner_
 SLOW_FIXTURES = SESSION_EXPERIMENTS | {"trained_autoencoder", "offline_experiment"}
 
 
+# The modules that take longest (seconds of one worker, AVX2 kernels, measured with
+# `--durations=0`), longest first. `make test` hands whole modules to its two workers in
+# collection order (`--dist loadscope --no-loadscope-reorder`): starting the long ones first
+# keeps one worker from running a 100-second module alone at the end. The order changes no
+# result; a module missing here runs after these, in file order.
+LONGEST_FIRST = [
+    "test_multi_device.py",  # 115 s (builds the diffusion session experiment)
+    "test_experiment_repeats.py",  # 41 s, no session experiment: the other worker's start
+    "test_kill_resume.py",  # 83 s
+    "test_experiment.py",  # 45 s
+    "test_captioner_attack.py",  # 44 s (builds the captioner session experiment)
+    "test_packaging.py",  # 32 s
+    "test_end_to_end.py",  # 29 s
+    "test_diffusion.py",  # 26 s (builds the trained autoencoder)
+    "test_user_errors.py",  # 25 s
+    "test_reporting.py",  # 25 s
+    "test_diffusion_ddp.py",  # 20 s
+    "test_terminal.py",  # 19 s
+    "test_seq2seq_training.py",  # 18 s
+    "test_external.py",  # 18 s
+    "test_external_sd3.py",  # 18 s
+    "test_attack_controls_audit.py",  # 17 s
+    "test_cluster_docs.py",  # 16 s
+    "test_cli_docs.py",  # 14 s
+    "test_attack_runner.py",  # 14 s
+]
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
 def pytest_collection_modifyitems(items):
     """A test that uses a fixture of SLOW_FIXTURES (a session experiment trained through the
-    command lines, a trained autoencoder) is slow, marked or not."""
+    command lines, a trained autoencoder) is slow, marked or not. The longest modules come
+    first (LONGEST_FIRST; a stable sort keeps each module's own order)."""
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(autouse=True, scope="session")
