@@ -15,7 +15,7 @@ SLOW_FIXTURES = SESSION_EXPERIMENTS | {"trained_autoencoder", "offline_experimen
 
 
 # The modules that take longest (seconds of one worker, AVX2 kernels, measured with
-# `--durations=0`), longest first. `make test` hands whole modules to its two workers in
+# `--durations=0`), longest first. `make test` hands whole modules to its workers in
 # collection order (`--dist loadscope --no-loadscope-reorder`): starting the long ones first
 # keeps one worker from running a 100-second module alone at the end. The order changes no
 # result; a module missing here runs after these, in file order.
