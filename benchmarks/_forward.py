@@ -79,7 +79,8 @@ class ForwardClock:
     model: nn.Module
     network: str
     seconds: dict[str, float] = field(default_factory=dict)
-    calls: list[Call] = field(default_factory=list)
+    calls: list[Call] = field(default_factory=list)  # the query network's outermost calls
+    other_calls: list[Call] = field(default_factory=list)  # every other component's
 
     def __post_init__(self) -> None:
         self._depth: dict[str, int] = {}
@@ -95,8 +96,8 @@ class ForwardClock:
         if self._cuda:
             torch.cuda.synchronize()
         self._start[component] = time.perf_counter()
-        if component == self.network:
-            self.calls.append(Call(module, args, dict(kwargs), batch_rows(args, kwargs)))
+        call = Call(module, args, dict(kwargs), batch_rows(args, kwargs))
+        (self.calls if component == self.network else self.other_calls).append(call)
 
     def _exit(self, component: str) -> None:
         self._depth[component] -= 1
@@ -163,6 +164,26 @@ def reference_call(calls: list[Call], rows: int) -> Call:
     if not usable:
         raise ValueError("no replayable call of the query network was recorded")
     return next((c for c in usable if c.rows == rows), usable[0])
+
+
+def batched_replays(calls: list[Call], rows: int) -> tuple[list[Callable[[], Any]], list[str]]:
+    """The passes `calls` would be at `rows` rows a pass: per module called, one replayable
+    call of it (of exactly `rows` rows if there is one) replayed whole `rows`-row batches and a
+    remainder until it covers every row the calls ran; and the names of modules whose calls
+    cannot be replayed (left out)."""
+    by_module: dict[int, list[Call]] = {}
+    for call in calls:
+        by_module.setdefault(id(call.module), []).append(call)
+    runs, skipped = [], []
+    for group in by_module.values():
+        usable = [c for c in group if c.replayable and c.rows]
+        if not usable:
+            skipped.append(type(group[0].module).__name__)
+            continue
+        ref = next((c for c in usable if c.rows == rows), usable[0])
+        full, rest = divmod(sum(c.rows for c in group), rows)
+        runs += [replay(ref, rows)] * full + ([replay(ref, rest)] if rest else [])
+    return runs, sorted(set(skipped))
 
 
 def breakdown(seconds: dict[str, float], total: float, samples: int) -> str:

@@ -18,7 +18,13 @@ options), in rounds that alternate the two so that other load on the machine hit
 ratio (the two ran back to back; the `#` line also gives the ratio of the best rounds and by
 CPU time; 1 = no overhead, goal >= 0.85). `<signal>_samples_per_s` and
 `<signal>_seconds_per_sample` are the best round's (other load only adds time);
-`<signal>_queries_per_sample` the declared passes; `<signal>_forward_share` the share of the
+`RESULT <signal>_networks_over_signal` is the same ratio with every network of the model in the
+reference: besides the q query-network passes, the passes the signal made through the model's
+other networks (text encoder, autoencoder: CLiD's word importance encodes each caption once per
+word), each module's rows counted in the hooked run and replayed at the same batch
+(`_forward.batched_replays`); what it leaves out is the attack's own code (Python loops, the
+tokenizer, elementwise maths). `<signal>_queries_per_sample` the declared passes;
+`<signal>_forward_share` the share of the
 signal's time spent inside the query network in a run with hooks (`_forward.ForwardClock`),
 whose `#` line splits the rest between the other components (text encoder, autoencoder) and
 `other` (Python loops, per-sample generators, the tokenizer, elementwise maths, mode
@@ -44,7 +50,15 @@ from typing import Any
 
 import torch
 from _families import build_model, family_names, family_presets, make_batch
-from _forward import alternate, breakdown, clocked, query_network, reference_call, replay
+from _forward import (
+    alternate,
+    batched_replays,
+    breakdown,
+    clocked,
+    query_network,
+    reference_call,
+    replay,
+)
 from _machine import print_machine
 
 from lightning_mia.graybox import (
@@ -106,8 +120,12 @@ def bench_family(family: str, args: argparse.Namespace) -> None:
     for name, run in signals.items():
         q = passes[name]
         model_run = lambda q=q: [forward() for _ in range(q)]  # noqa: E731
-        times = alternate({"model": model_run, "signal": run}, args.rounds, args.device)
-        report_signal(name, q, times, clocks[name], b, args.rounds)
+        others, skipped = batched_replays(clocks[name][0].other_calls, b)
+        others = [float32(o, model.device) for o in others]
+        networks_run = lambda q=q, o=others: [forward() for _ in range(q)] + [f() for f in o]  # noqa: E731
+        runs = {"model": model_run, "networks": networks_run, "signal": run}
+        times = alternate(runs, args.rounds, args.device)
+        report_signal(name, q, times, clocks[name], b, args.rounds, skipped)
         if args.profile:
             print(profile_lines(run, args.profile))
     if args.scan:
@@ -131,9 +149,11 @@ def batch_scan(family: str, reference: Any, b: int, args: argparse.Namespace) ->
     print(f"# {family} forward per sample by batch (best of {args.rounds}): " + ", ".join(parts))
 
 
-def report_signal(name: str, q: int, times: dict, clocked_run: tuple, b: int, rounds: int) -> None:
+def report_signal(
+    name: str, q: int, times: dict, clocked_run: tuple, b: int, rounds: int, skipped: list[str]
+) -> None:
     """The `#` lines and RESULT lines of one signal."""
-    model, signal = times["model"], times["signal"]
+    model, networks, signal = times["model"], times["networks"], times["signal"]
     ratio = model.over(signal)
     clock, hooked_s = clocked_run
     counted = clock.queries(b)
@@ -145,12 +165,20 @@ def report_signal(name: str, q: int, times: dict, clocked_run: tuple, b: int, ro
         f"{model.best / signal.best:.3f}, by CPU time {model.over(signal, cpu=True):.3f})"
     )
     print(f"#   where the time goes (hooked run): {breakdown(clock.seconds, hooked_s, b)}")
+    others = sorted(set(clock.seconds) - {clock.network})
+    print(
+        f"#   every network's passes ({clock.network} and {', '.join(others) or 'nothing else'}"
+        f" at batch {b}): {networks.best / b * 1e3:.2f} ms/sample, ratio "
+        f"{networks.over(signal):.3f} (by CPU time {networks.over(signal, cpu=True):.3f})"
+        + (f"; not replayable, left out: {', '.join(skipped)}" if skipped else "")
+    )
     if abs(counted - q) > 1e-6:
         print(f"#   WARNING: {name} declares {q} passes per sample, the clock counted {counted:g}")
     print(f"RESULT {name}_queries_per_sample {q}")
     print(f"RESULT {name}_seconds_per_sample {signal.best / b:.6f}")
     print(f"RESULT {name}_samples_per_s {b / signal.best:.2f}")
     print(f"RESULT {name}_model_over_signal {ratio:.3f}")
+    print(f"RESULT {name}_networks_over_signal {networks.over(signal):.3f}")
     print(f"RESULT {name}_forward_share {network_s / hooked_s:.3f}")
 
 

@@ -175,7 +175,10 @@ def signal_table(runs: list[tuple[str, Output]], tags: dict[str, str]) -> list[s
     head = "| family | signal | passes / sample |"
     rule = "|---|---|---|"
     for key, out in runs:
-        head += f" {key} ({tags[out.machine]}): samples/s, model / signal, share in the model |"
+        head += (
+            f" {key} ({tags[out.machine]}): samples/s, model / signal, networks / signal,"
+            " share in the model |"
+        )
         rule += "---|"
     rows = [head, rule]
     signals = dict.fromkeys(s for _, out in runs for s in out.families)
@@ -189,7 +192,9 @@ def signal_table(runs: list[tuple[str, Output]], tags: dict[str, str]) -> list[s
                 row += " - |"
                 continue
             ratio, share = r[f"{signal}_model_over_signal"], r.get(f"{signal}_forward_share", 0)
-            row += f" {fmt(r[f'{signal}_samples_per_s'])}, **{ratio:.2f}**, {share:.2f} |"
+            networks = r.get(f"{signal}_networks_over_signal")
+            every = "-" if networks is None else f"**{networks:.2f}**"
+            row += f" {fmt(r[f'{signal}_samples_per_s'])}, **{ratio:.2f}**, {every}, {share:.2f} |"
         rows.append(row)
     return rows
 
@@ -214,8 +219,12 @@ def section() -> str:
             "",
             "Gray-box signals at the model's speed (`bench_signals.py`, tiny presets, batch 32): "
             "model / signal = the signal's declared passes of the query network (UNet, BART), "
-            "replayed at the same batch, over the signal's measured time (goal >= 0.85); share "
-            "in the model = the part of a hooked run spent inside the query network. "
+            "replayed at the same batch, over the signal's measured time (goal >= 0.85); "
+            "networks / signal = the same with the passes the signal made through the model's "
+            "other networks (text encoders, autoencoder) replayed at that batch as well, so "
+            "that only the attack's own code is overhead (above 1 where a signal batches a "
+            "network wider than 32 rows: CLiD's word variants); share in the model = the part "
+            "of a hooked run spent inside the query network. "
             f"Runs: {commands}; load: " + "; ".join(f"{k} {o.load}" for k, o in signal_runs) + ".",
             "",
             *signal_table(signal_runs, tags),
