@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ from lightning_mia.attack.module import AttackModule
 from lightning_mia.attack.plan import validate
 from lightning_mia.attack.report import read_report
 from lightning_mia.data.splits import load_splits
+from lightning_mia.errors import UserError
 from lightning_mia.metrics import roc_auc, tpr_at_fpr
 from lightning_mia.models.base import FAMILIES
 from lightning_mia.paths import ExperimentLayout, run_name
@@ -213,7 +215,7 @@ def print_synthetic(args: argparse.Namespace) -> None:
         print(f"RESULT lira_{key} {statistics.mean(r[key] for r in runs):.4f}")
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shadows", type=int, default=16)
     parser.add_argument("--samples", type=int, default=2000, help="target samples (half members)")
@@ -231,11 +233,17 @@ def main() -> None:
     print_machine()
     if not args.experiment:
         print_synthetic(args)
-        return
+        return 0
+    failed = []
     for path in args.experiment:
         suffix = f"@{Path(path).resolve().name}" if len(args.experiment) > 1 else ""
-        print_experiment(path, args, suffix)
+        try:
+            print_experiment(path, args, suffix)
+        except UserError as err:  # e.g. no calibration queries (a run without LiRA)
+            print(f"# {path}: skipped, {err}")
+            failed.append(path)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
