@@ -21,7 +21,7 @@ every attack, calibrated and not, and the set-level audit (dataset inference) of
 member set. It prints the AUC and TPR@1%FPR of every attack against the steps per image, the
 onset of each attack (the fewest steps per image from which on every point's AUC interval lies
 wholly above 0.5), the audit's p-value and smallest set size per point, writes
-`runs/onset/onset.md` and `onset.png`, and `RESULT` lines.
+`runs/onset/onset.md`, one `onset-<family>.png` per family, and `RESULT` lines.
 
 `setlevel` runs experiments (`shapes-diffusion-realistic` by default: 1,024 members, about 20
 steps per image with crop and flip) with the set-level audit, its size curve holding the sizes
@@ -299,41 +299,91 @@ def setlevel(args: argparse.Namespace) -> None:
     print("\n".join([*head, *lines, *results]))
 
 
-def onset_plot(points: dict, steps: list[int], path: Path) -> None:
+def onset_plot(points: dict, steps: list[int], root: Path) -> list[Path]:
+    """`onset-<family>.png` per family: AUC (top) and TPR at 1% FPR (bottom) against steps per
+    image, one column per kind of access as roc.png groups them (`attack.roc.PANELS`), at most
+    `roc.MAX_CURVES` curves a panel (the highest AUC at any point), one colour per attack, a
+    line style per augmentation, the legend under its column; the paths written."""
+    from types import SimpleNamespace
+
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.5), dpi=110)
-    FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
-    colours: dict[str, str] = {}  # one colour per attack, a line style per setting
-    for (family, augment), reports in points.items():
-        style = "-" if augment == "none" else "--"
-        names = [n for n in reports[steps[0]]["attacks"] if not n.startswith("lira-")]
-        for name in names:
-            colour = colours.setdefault(name, f"C{len(colours) % 10}")
-            for ax, key in zip(axes, ("auc", "tpr@1%fpr")):
-                ys = [
-                    reports[s]["attacks"].get(name, {}).get("metrics", {}).get(key, {}).get("value")
-                    for s in steps
-                ]
-                ax.plot(
-                    steps,
-                    [float("nan") if y is None else y for y in ys],
-                    style,
-                    color=colour,
-                    label=f"{family} {name} ({augment})",
-                )
-    for ax, label in zip(axes, ("ROC-AUC", "TPR at 1% FPR")):
-        ax.set_xscale("log")
-        ax.set_xticks(steps, [str(s) for s in steps])
-        ax.minorticks_off()
-        ax.set_xlabel("training steps per image")
-        ax.set_ylabel(label)
-    axes[0].axhline(0.5, color="gray", linestyle=":")
-    axes[1].legend(fontsize=6, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path)
+    from lightning_mia.attack.roc import MAX_CURVES, PANELS
+
+    styles = {"none": ("-", "o"), "crop-flip": ("--", "s")}
+    colours = list(colormaps["tab10"].colors)
+    written = []
+    for family in dict.fromkeys(f for f, _ in points):
+        runs = {augment: reports for (f, augment), reports in points.items() if f == family}
+
+        def value(reports: dict, step: int, name: str, key: str) -> float:
+            entry = reports[step]["attacks"].get(name) or reports[step]["baselines"].get(name)
+            got = (entry or {}).get("metrics", {}).get(key, {}).get("value")
+            return float("nan") if got is None else got
+
+        rows = {}  # name -> (kind, a result-like record for the panel rules)
+        for reports in runs.values():
+            for report in reports.values():
+                for kind in ("attacks", "baselines"):
+                    for name, entry in report[kind].items():
+                        rows[name] = SimpleNamespace(
+                            name=name, access=entry.get("access"), statistic=entry.get("statistic")
+                        )
+        columns = []
+        for title, rule in PANELS:
+            names = [n for n, r in rows.items() if rule("attack", r)]
+            best = {
+                n: max(value(r, s, n, "auc") for r in runs.values() for s in steps) for n in names
+            }
+            names = sorted(names, key=lambda n: -(best[n] if best[n] == best[n] else 0.0))
+            if names:
+                kept = names[:MAX_CURVES]
+                more = f", {MAX_CURVES} of {len(names)} by AUC" if len(names) > MAX_CURVES else ""
+                columns.append((title + more, kept))
+        fig = Figure(figsize=(3.6 * len(columns), 7.6), dpi=110)
+        FigureCanvasAgg(fig)
+        grid = fig.add_gridspec(2, len(columns), height_ratios=(1, 1))
+        for c, (title, names) in enumerate(columns):
+            top, bottom = fig.add_subplot(grid[0, c]), fig.add_subplot(grid[1, c])
+            for i, name in enumerate(names):
+                for augment, reports in runs.items():
+                    line, marker = styles.get(augment, (":", "^"))
+                    for ax, key in ((top, "auc"), (bottom, "tpr@1%fpr")):
+                        ax.plot(
+                            steps,
+                            [value(reports, s, name, key) for s in steps],
+                            linestyle=line,
+                            marker=marker,
+                            markersize=3,
+                            color=colours[i % len(colours)],
+                            label=f"{name} ({augment})" if len(runs) > 1 else name,
+                        )
+            top.set_title(title, fontsize=9)
+            top.axhline(0.5, color="0.4", linestyle=":", linewidth=1.0)
+            top.set_ylim(0.3, 1.02)
+            bottom.set_ylim(-0.02, 1.02)
+            for ax, label in ((top, "ROC-AUC"), (bottom, "TPR at 1% FPR")):
+                ax.set_xscale("log")
+                ax.set_xticks(steps, [str(s) for s in steps])
+                ax.minorticks_off()
+                ax.grid(True, color="0.92", linewidth=0.6)
+                ax.tick_params(labelsize=7)
+                if c == 0:
+                    ax.set_ylabel(label, fontsize=8)
+            bottom.set_xlabel("training steps per image", fontsize=8)
+            bottom.legend(
+                fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False
+            )
+        words = {"-": "solid", "--": "dashed", ":": "dotted"}
+        said = "; ".join(f"{words[styles.get(a, (':',))[0]]}: {a}" for a in runs)
+        fig.suptitle(f"{family}: leakage onset (augmentation {said}; grey dotted: chance)")
+        fig.tight_layout()
+        path = root / f"onset-{family}.png"
+        fig.savefig(path)
+        written.append(path)
+    return written
 
 
 def onset(args: argparse.Namespace) -> None:
@@ -354,7 +404,7 @@ def onset(args: argparse.Namespace) -> None:
         f"{machine()}; {seconds:.0f} s",
     ]
     (root / "onset.md").write_text("\n".join([*head, *lines]) + "\n")
-    onset_plot(points, args.steps, root / "onset.png")
+    onset_plot(points, args.steps, root)
     print("\n".join([*head, *lines]))
     print("\n".join(results))
     print(f"RESULT onset_seconds {seconds:.0f}")
