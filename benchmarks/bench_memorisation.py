@@ -96,17 +96,6 @@ def shapes_batch(source: ShapesSource, ids, max_chars: int | None = None) -> dic
     }
 
 
-def train_steps(module, batch: dict, steps: int, lr: float) -> None:
-    """`steps` AdamW steps of the module's per-sample loss on one fixed batch."""
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
-    module.train()
-    for _ in range(steps):
-        loss = module.per_sample_loss(batch).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-
 # --- diffusion --------------------------------------------------------------------------------
 def trained_kl_autoencoder(root: Path) -> Path:
     """The tests' `trained_autoencoder` (tests/conftest.py): a KL autoencoder 16x16 pixels ->
@@ -257,7 +246,13 @@ def check_flow(root: Path) -> bool:
         autoencoder=str(folder), resolution=res, max_caption_length=77, timestep_sampling="uniform"
     )
     members, ids = shapes_batch(source, range(16), 77), list(range(32))
-    train_steps(m, members, steps=300, lr=2e-3)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-3)
+    m.train()
+    for _ in range(300):
+        loss = m.per_sample_loss(members).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     batch = shapes_batch(source, ids, 77)
     feats = compute_signals(m.eval(), batch, FLOW_SIGNALS, seed=0, options=FLOW_OPTIONS)
     labels = torch.tensor(ids) < 16
@@ -288,14 +283,9 @@ def check_graybox_diffusion(root: Path) -> bool:
 
     from lightning_mia.attack.clid import fit_clid_threshold
 
-    folder = g.random_autoencoder(root / "autoencoder")
-    torch.manual_seed(0)
-    m = LatentDiffusionModule(
-        autoencoder=str(folder), resolution=g.RES, caption_dropout=0.1, max_caption_length=77
-    )
-    train_steps(m, g.shapes_batch(g.IDS[: g.MEMBERS]), steps=300, lr=1e-3)
+    m = g.trained_model(root, 300)
     feats = compute_signals(
-        m.eval(), g.shapes_batch(g.IDS), ["loss", "secmi", "pia", "clid"], seed=0, options=g.OPTIONS
+        m, g.shapes_batch(g.IDS), ["loss", "secmi", "pia", "clid"], seed=0, options=g.OPTIONS
     )
     passed = True
     for name, lower_is_member, floor in GRAYBOX_FLOORS:

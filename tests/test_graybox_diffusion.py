@@ -161,11 +161,10 @@ def test_every_signal_runs_on_a_random_model(tmp_path):
 
 
 # --- a trained model ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared: two threads thrash
-    folder = random_autoencoder(tmp_path_factory.mktemp("graybox") / "autoencoder")
+def trained_model(root, steps: int) -> LatentDiffusionModule:
+    """The file's model over a random autoencoder in `root`, trained `steps` AdamW steps at lr
+    1e-3 on the 16 members; in eval mode."""
+    folder = random_autoencoder(root / "autoencoder")
     torch.manual_seed(0)
     m = LatentDiffusionModule(
         autoencoder=str(folder), resolution=RES, caption_dropout=0.1, max_caption_length=77
@@ -173,12 +172,19 @@ def model(tmp_path_factory):
     members = shapes_batch(IDS[:MEMBERS])
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
     m.train()
-    for _ in range(STEPS):
+    for _ in range(steps):
         loss = m.per_sample_loss(members).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    yield m.eval()
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test machine is shared: two threads thrash
+    yield trained_model(tmp_path_factory.mktemp("graybox"), STEPS)
     torch.set_num_threads(threads)
 
 
