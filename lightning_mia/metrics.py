@@ -28,6 +28,7 @@ accuracy on the fitting rows for that reason (the same cut as accuracy with equa
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -312,6 +313,19 @@ def _bootstrap_weights(
     return counts
 
 
+@functools.lru_cache(maxsize=4)
+def _resamples(labels: tuple[bool, ...], n_boot: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """The stratified resampling counts of `bootstrap_interval`, in chunks of _BOOT_CHUNK rows:
+    the same for every metric and attack evaluated on the same labels and seed (a report's
+    rows), so drawn once. Read only (callers do not change them)."""
+    y = torch.tensor(labels, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(
+        _bootstrap_weights(y, min(_BOOT_CHUNK, n_boot - start), generator)
+        for start in range(0, n_boot, _BOOT_CHUNK)
+    )
+
+
 def _accepts_weights(fn: Callable) -> bool:
     try:
         return "weights" in inspect.signature(fn).parameters
@@ -334,10 +348,8 @@ def bootstrap_interval(
     Returns (nan, nan) when the metric is undefined (NaN) on every resample.
     """
     scores, labels = _check(scores, labels)
-    generator = torch.Generator().manual_seed(seed)
     values = []
-    for start in range(0, n_boot, _BOOT_CHUNK):
-        w = _bootstrap_weights(labels, min(_BOOT_CHUNK, n_boot - start), generator)
+    for w in _resamples(tuple(labels.tolist()), n_boot, seed):
         if _accepts_weights(metric_fn):
             values.append(
                 torch.as_tensor(metric_fn(scores, labels, weights=w), dtype=torch.float64)

@@ -49,12 +49,14 @@ def test_control_specs_change_only_the_captions():
 @pytest.mark.slow
 def test_controls_score_the_trained_attacks_on_the_control_queries(world):
     layout, target, shadows = world
+    trained = {}  # as the attack stage shares it between the main report and its controls
 
     def attack_on(table):
-        return run_attacks(layout, table, shadows, ["pixel"], **FAST)
+        return run_attacks(layout, table, shadows, ["pixel"], trained=trained, **FAST)
 
     written = {}
     main = attack_on(target)
+    fitted = trained["pixel"][0]
     kept_target = replace(
         target,
         record=replace(target.record, spec=control_specs(target.record.spec)["fixed-caption"]),
@@ -69,6 +71,10 @@ def test_controls_score_the_trained_attacks_on_the_control_queries(world):
     # the same features: the whole lift survives; scrambled pairs: none of it
     assert aucs["fixed-caption"]["pixel"] == pytest.approx(full, abs=1e-6)
     assert abs(survival(full, aucs["swapped-caption"]["pixel"])) < 0.35
+    assert trained["pixel"][0] is fitted  # the controls were scored by it, not by a refit
+    partial = {}  # the partial setting trains on part of the target's own (control) table
+    run_attacks(layout, target, shadows, ["pixel"], setting="partial", trained=partial, **FAST)
+    assert partial == {}
     assert survival(None, 0.7) is None and survival(0.5, 0.7) is None
     assert survival(0.53, 0.6) is None and survival(0.4, 0.45) == pytest.approx(0.5)
 

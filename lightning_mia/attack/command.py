@@ -179,6 +179,8 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
     facts = TargetFacts(card.run_name, steps, dict(card.augmentation))
     context = AttackContext.from_tables(tables.target, tables.shadows, settings.seed, facts)
 
+    trained: dict = {}  # the main report's attacks, which score the control queries too
+
     def attack_on(target: QueryTable) -> AttackReport:
         return run_attacks(
             layout,
@@ -193,6 +195,7 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
             context=context,
             calibration=tables.calibration,
             progress=options.progress and options.verbose,  # short loops: bars when verbose
+            trained=trained,
         )
 
     report = attack_on(tables.target)

@@ -7,9 +7,9 @@ A caption-conditioned attack may score the caption, not the pair: a third-party 
 scored AUC 0.707 from the caption text alone, 0.586 with one fixed prompt for every sample and
 0.729 with captions swapped between samples (DiffAudit-Research). Each control queries the
 target once more with its caption mode (`specs.query.CONTROL_MODES`): every sample with the same
-`fixed_caption`, or with another sample's caption (a seeded derangement). The attacks, trained
-on the shadows' ordinary queries exactly as in the main report, score the target's control
-query; the report gives each row's AUC there and how much of its lift over chance survives,
+`fixed_caption`, or with another sample's caption (a seeded derangement). The attacks of the
+main report, trained on the shadows' ordinary queries (in the shadow setting the very same fitted
+models: `run_attacks(trained=...)`), score the target's control query; the report gives each row's AUC there and how much of its lift over chance survives,
 (AUC_control - 0.5) / (AUC - 0.5). An attack that reads the image survives a swapped caption
 poorly when it needs the caption to match; one whose AUC survives a fixed caption does not need
 the caption at all. Each control's whole report is also written, to

@@ -66,21 +66,26 @@ def _train_one(
     costs: QueryCosts,
     seed: int,
     n_boot: int,
+    trained: tuple[AttackModule, list[str]] | None = None,
 ) -> tuple[AttackModule, list[str], AttackResult]:
-    """Fit one AttackModule on the training rows; (model, its features, its result: the row
-    `spec.learned_row`, with the 1%-FPR cut chosen on the held-out training rows)."""
+    """Fit one AttackModule on the training rows, or take `trained` (one fitted on these same
+    rows and features); (model, its features, its result: the row `spec.learned_row`, with the
+    1%-FPR cut chosen on the held-out training rows)."""
     x, y, xt, yt, ids, names = plan.matrices(spec.groups)
-    model = fit_on_rows(
-        x,
-        y,
-        names,
-        folder / spec.name,
-        setting,
-        seed,
-        fit,
-        plan.strata,
-        prefix=f"attack/{spec.name}",
-    )
+    if trained is not None and trained[1] == names:
+        model = trained[0]
+    else:
+        model = fit_on_rows(
+            x,
+            y,
+            names,
+            folder / spec.name,
+            setting,
+            seed,
+            fit,
+            plan.strata,
+            prefix=f"attack/{spec.name}",
+        )
     held, scores = held_out(y, seed, plan.strata), model.score(xt)
     shadow = (model.score(x[held]), y[held].bool())
     realised = Realised.chosen(shadow, (scores, yt.bool()), HELD)
@@ -218,6 +223,7 @@ def run_attacks(
     n_boot: int = 1000,
     patience: int = 10,
     calibration: Sequence[QueryTable] = (),
+    trained: dict[str, tuple[AttackModule, list[str]]] | None = None,
 ) -> AttackReport:
     """Train, evaluate and report `attacks`, the threshold baseline, the blind diagnostic and
     (shadow setting) LiRA of every attack.
@@ -240,6 +246,11 @@ def run_attacks(
         calibration: LiRA's shadow scores: each shadow's query on the target's samples (one
             table per shadow, in order, labelled with that shadow's membership); () = the
             shadows' own tables where they hold target samples.
+        trained: a cache of fitted attacks ({name: (model, features)}) shared by calls whose
+            training rows are the same: the shadow setting's caption controls score the target's
+            control queries with the attacks of the main report, not with new ones. Filled with
+            what this call fits; used only in the shadow setting (in the partial setting the
+            training rows hold part of the target's own table, which the control changes).
     """
     plan, names, notes = validate(
         target, shadows, attacks, setting, known_fraction, seed, calibration
@@ -249,13 +260,16 @@ def run_attacks(
     fit = FitOptions(max_epochs, patience, logger, progress)
     results: dict[str, AttackResult] = {}
     models: dict[str, tuple[AttackModule, list[str]]] = {}
+    cache = trained if trained is not None and setting == "shadow" else {}
     for name in names:
         start, spec = time.perf_counter(), ATTACKS[name]
         model, used, results[spec.learned_row] = _train_one(
-            spec, plan, experiment.attack, setting, fit, costs, seed, n_boot
+            spec, plan, experiment.attack, setting, fit, costs, seed, n_boot, cache.get(name)
         )
-        models[name] = (model, used)
-        rank_zero_info(f"attack {name}: done in {time.perf_counter() - start:.1f} s")
+        reused = cache.get(name, (None,))[0] is model
+        models[name] = cache[name] = (model, used)
+        done = "scored with the trained attack" if reused else "done"
+        rank_zero_info(f"attack {name}: {done} in {time.perf_counter() - start:.1f} s")
     for rows, more in (  # the papers' own statistics; complexity-calibrated scores
         reference_results(plan, names, costs, seed, n_boot),
         complexity_results(plan, names, costs, seed, n_boot),
