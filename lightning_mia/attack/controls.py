@@ -9,8 +9,8 @@ scored AUC 0.707 from the caption text alone, 0.586 with one fixed prompt for ev
 target once more with its caption mode (`specs.query.CONTROL_MODES`): every sample with the same
 `fixed_caption`, or with another sample's caption (a seeded derangement). The attacks of the
 main report, trained on the shadows' ordinary queries (in the shadow setting the very same fitted
-models: `run_attacks(trained=...)`), score the target's control query; the report gives each row's AUC there and how much of its lift over chance survives,
-(AUC_control - 0.5) / (AUC - 0.5). An attack that reads the image survives a swapped caption
+models: `run_attacks(trained=...)`), score the target's control query; the report gives each
+row's AUC there and how much of its lift over chance survives, (AUC_control - 0.5) / (AUC - 0.5). An attack that reads the image survives a swapped caption
 poorly when it needs the caption to match; one whose AUC survives a fixed caption does not need
 the caption at all. Each control's whole report is also written, to
 `attack/<setting>@<mode>/`.
