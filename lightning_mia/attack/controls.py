@@ -10,9 +10,10 @@ target once more with its caption mode (`specs.query.CONTROL_MODES`): every samp
 `fixed_caption`, or with another sample's caption (a seeded derangement). The attacks of the
 main report, trained on the shadows' ordinary queries (in the shadow setting the very same fitted
 models: `run_attacks(trained=...)`), score the target's control query; the report gives each
-row's AUC there and how much of its lift over chance survives, (AUC_control - 0.5) / (AUC - 0.5). An attack that reads the image survives a swapped caption
-poorly when it needs the caption to match; one whose AUC survives a fixed caption does not need
-the caption at all. Each control's whole report is also written, to
+row's AUC there and how much of its lift over chance survives, (AUC_control - 0.5) / (AUC -
+0.5). An attack that reads the image survives a swapped caption poorly when it needs the
+caption to match; one whose AUC survives a fixed caption does not need the caption at all. Each
+control's whole report is also written, to
 `attack/<setting>@<mode>/`.
 """
 
