@@ -362,7 +362,7 @@ def onset_plot(points: dict, steps: list[int], root: Path) -> list[Path]:
                         )
             top.set_title(title, fontsize=9)
             top.axhline(0.5, color="0.4", linestyle=":", linewidth=1.0)
-            top.set_ylim(0.3, 1.02)
+            top.set_ylim(0.15, 1.02)
             bottom.set_ylim(-0.02, 1.02)
             for ax, label in ((top, "ROC-AUC"), (bottom, "TPR at 1% FPR")):
                 ax.set_xscale("log")
