@@ -299,31 +299,20 @@ def threshold_from(scores: torch.Tensor, labels: torch.Tensor, balanced: bool = 
     return mid if mid > float(values[k - 1]) else float(values[k])
 
 
-def _bootstrap_weights(
-    labels: torch.Tensor, n_boot: int, generator: torch.Generator
-) -> torch.Tensor:
-    """Stratified resampling counts (n_boot, S): members and non-members drawn separately."""
-    counts = torch.zeros(n_boot, labels.numel(), dtype=torch.float64)
-    for group in (labels, ~labels):
-        idx = torch.nonzero(group).reshape(-1)  # (n,)
-        if idx.numel() == 0:
-            continue
-        draws = torch.randint(0, idx.numel(), (n_boot, idx.numel()), generator=generator)
-        counts.scatter_add_(1, idx[draws], torch.ones(draws.shape, dtype=torch.float64))
-    return counts
-
-
 @functools.lru_cache(maxsize=4)
 def _resamples(labels: tuple[bool, ...], n_boot: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """The stratified resampling counts of `bootstrap_interval`, in chunks of _BOOT_CHUNK rows:
-    the same for every metric and attack evaluated on the same labels and seed (a report's
-    rows), so drawn once. Read only (callers do not change them)."""
-    y = torch.tensor(labels, dtype=torch.bool)
-    generator = torch.Generator().manual_seed(seed)
-    return tuple(
-        _bootstrap_weights(y, min(_BOOT_CHUNK, n_boot - start), generator)
-        for start in range(0, n_boot, _BOOT_CHUNK)
-    )
+    """Stratified resampling counts of `bootstrap_interval` in chunks of (<= _BOOT_CHUNK, S),
+    members and non-members drawn separately; drawn once per labels and seed (every metric and
+    row of a report shares them), read only."""
+    y, gen, chunks = torch.tensor(labels), torch.Generator().manual_seed(seed), []
+    for start in range(0, n_boot, _BOOT_CHUNK):
+        counts = torch.zeros(min(_BOOT_CHUNK, n_boot - start), y.numel(), dtype=torch.float64)
+        for idx in (torch.nonzero(y).reshape(-1), torch.nonzero(~y).reshape(-1)):
+            if idx.numel():
+                draws = torch.randint(0, idx.numel(), (len(counts), idx.numel()), generator=gen)
+                counts.scatter_add_(1, idx[draws], torch.ones(draws.shape, dtype=torch.float64))
+        chunks.append(counts)
+    return tuple(chunks)
 
 
 def _accepts_weights(fn: Callable) -> bool:

@@ -176,10 +176,8 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
     if tables.target is None:  # not global rank zero: rank 0 trains the attacks and reports
         return None
     steps = card.train_steps_per_image or None  # 0: not known (an external target)
-    facts = TargetFacts(card.run_name, steps, dict(card.augmentation))
+    facts, trained = TargetFacts(card.run_name, steps, dict(card.augmentation)), {}
     context = AttackContext.from_tables(tables.target, tables.shadows, settings.seed, facts)
-
-    trained: dict = {}  # the main report's attacks, which score the control queries too
 
     def attack_on(target: QueryTable) -> AttackReport:
         return run_attacks(
@@ -195,7 +193,7 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
             context=context,
             calibration=tables.calibration,
             progress=options.progress and options.verbose,  # short loops: bars when verbose
-            trained=trained,
+            trained=trained,  # the main report's fitted attacks score the controls too
         )
 
     report = attack_on(tables.target)
