@@ -75,9 +75,10 @@ class StageConfigs:
         model_args: `train.py` arguments for the target and shadows only.
         trainer_args: `train.py` arguments for every training stage (devices, strategy...).
         isolate: run each training stage as its own process (what strategy=ddp needs).
-        parallel: stages that do not depend on each other (autoencoder and encoder; then
-            target and shadows) run as this many processes at once, each with its share of
-            the CPU threads (> 1 implies isolate; for small models on few cores).
+        parallel: the autoencoder (which every model needs) trains first with every CPU
+            thread; then the other stages (encoder, captioner, target and shadows: none
+            needs another) run as this many processes at once, each with its share of the
+            threads (> 1 implies isolate; for small models on few cores).
     """
 
     autoencoder: str = "configs/autoencoder/tiny.yaml"
@@ -117,11 +118,14 @@ def train_stages(
 ) -> None:
     """An experiment's training stages (`experiment.StageConfigs`): autoencoder, attacker's
     encoder (unless `given_encoder`) and captioner (a stage config), then target and shadows,
-    each skipped when done; with `stages.parallel` > 1 the stages of each phase (they do not
-    depend on each other) run as that many processes at once."""
-    shared = []
+    each skipped when done. With `stages.parallel` > 1 the autoencoder trains alone with
+    every thread (the models wait for it), then all the others, which do not depend on each
+    other, as that many processes at once: no core waits while one stage holds up the next
+    (2 cores, the demo: autoencoder ‖ encoder, then three models, left one core idle for a
+    minute)."""
+    first, shared = [], []
     if stages.autoencoder:
-        shared.append((layout.autoencoder, stages.autoencoder, common))
+        first.append((layout.autoencoder, stages.autoencoder, common))
     if stages.encoder and not given_encoder:
         shared.append((layout.encoder, stages.encoder, common))
     if Path(stages.captioner).suffix in (".yaml", ".yml"):
@@ -132,14 +136,15 @@ def train_stages(
         if stages.autoencoder:  # the autoencoder this experiment trained, not a config's
             args.append(f"--model.init_args.autoencoder={layout.autoencoder}")
         models.append((layout.run_dir(family, index), stages.model, [*args, *stages.model_args]))
-    for phase in (shared, models):
+    phases = [[*first, *shared, *models]] if stages.parallel <= 1 else [first, models + shared]
+    for phase, parallel in zip(phases, (1, stages.parallel)):
         if stages.parallel <= 1:
             for folder, config, args in phase:
                 fit_stage(folder, config, args, stages.isolate)
             continue
         jobs = [(f, argv) for f, c, a in phase if (argv := fit_arguments(f, find_config(c), a))]
         start = time.perf_counter()
-        run_fit_processes(jobs, stages.parallel)
+        run_fit_processes(jobs, parallel)
         if jobs:
             names = ", ".join(f.name for f, _ in jobs)
             rank_zero_info(f"[fit] {names} done in {time.perf_counter() - start:.0f} s")

@@ -66,6 +66,9 @@ def run_fit_processes(jobs: list[tuple[Path, list[str]]], parallel: int) -> None
     parallel = max(1, min(parallel, len(jobs)))
     threads = max(1, (os.cpu_count() or 1) // parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if jobs:
+        names = ", ".join(folder.name for folder, _ in jobs)
+        rank_zero_info(f"[fit] {names}: {parallel} at once, {threads} thread(s) each")
 
     def run(job: tuple[Path, list[str]]) -> str:
         folder, argv = job

@@ -23,7 +23,7 @@ LONGEST_FIRST = [
     "test_multi_device.py",  # 115 s (builds the diffusion session experiment)
     "test_experiment_repeats.py",  # 41 s, no session experiment: the other worker's start
     "test_kill_resume.py",  # 83 s
-    "test_experiment.py",  # 45 s
+    "test_experiment.py",  # 70 s
     "test_captioner_attack.py",  # 44 s (builds the captioner session experiment)
     "test_packaging.py",  # 32 s
     "test_end_to_end.py",  # 29 s

@@ -4,6 +4,7 @@ interrupted, and one stage in its own process (`isolate`), on the session's tiny
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -115,3 +116,24 @@ def test_stages_run_in_their_own_processes_side_by_side(tmp_path):
     with pytest.raises(StageError, match="stage encoder failed"):
         fit_stage(bad, config, jobs[1][1][3:], isolate=True)
     assert fit_arguments(good, config, common) is None  # done: nothing to run
+
+
+def test_parallel_stages_wait_for_the_autoencoder_alone(diffusion_experiment, tmp_path, log):
+    """`stages.parallel`: the autoencoder (which every model loads) trains first, alone, with
+    every thread; then the models and the encoder, which need nothing of each other, at once."""
+    copy = copy_experiment(diffusion_experiment, tmp_path)
+    layout = copy.layout
+    done_marker(layout.autoencoder).unlink()  # as if interrupted: it resumes for 2 more steps
+    done_marker(layout.encoder).unlink()
+    for folder in [*_stages(layout)[2:], layout.root / "queries", layout.attack]:
+        shutil.rmtree(folder)  # the models train anew on the new autoencoder
+    experiment_main([str(_with_steps(copy.config, STEPS + 2)), "--stages.parallel=3"])
+    for folder in _stages(layout):
+        assert json.loads(done_marker(folder).read_text())["global_step"] == STEPS + 2, folder
+    lines = [r.getMessage() for r in log.records if r.getMessage().startswith("[fit] ")]
+    lines = list(dict.fromkeys(lines))  # (caught once by each handler)
+    cpus = os.cpu_count() or 1
+    rest = "diffusion-target-000, diffusion-shadow-001, diffusion-shadow-002, encoder"
+    first = lines.index(f"[fit] autoencoder: 1 at once, {cpus} thread(s) each")
+    assert lines[first + 1].startswith("[fit] autoencoder done in")  # before any model starts
+    assert lines.index(f"[fit] {rest}: 3 at once, {max(1, cpus // 3)} thread(s) each") > first
