@@ -144,6 +144,10 @@ def test_a_target_trained_four_steps_detects_nothing(diffusion_experiment, tmp_p
             "--dataset-inference",
         ]
     )
-    assert "querying" not in capsys.readouterr().out  # every query reused
+    out = capsys.readouterr().out
+    assert "querying" not in out  # every query reused
     result = json.loads((exp.root / "attack" / "dataset_inference.json").read_text())
     assert result["decision"] != "detected" and result["p_value"] > 0.01, result
+    calibrated = result["calibrated"]  # the second test, on the LiRA rows, finds nothing either
+    assert set(calibrated["rows"]) == {"lira-offline-pixel", "lira-offline-loss"}, calibrated
+    assert calibrated["p_value"] > 0.01 and "Calibrated scores (second test" in out

@@ -12,8 +12,10 @@ checked before any query (`check_audit`), so bad input writes nothing.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
+from lightning_mia.attack.report import AttackReport
 from lightning_mia.data.sources import ImageCaptionSource, build_source
 from lightning_mia.data.splits import load_splits
 from lightning_mia.paths import ExperimentLayout
@@ -24,6 +26,7 @@ from lightning_mia.setlevel import (
     DatasetInferenceResult,
     SetLevelError,
     audit_tables,
+    calibrated_scores_test,
     digest_map,
     group_map,
     wandb_items,
@@ -49,14 +52,20 @@ def check_audit(layout: ExperimentLayout, options: Any) -> None:
 
 
 def run_audit(
-    layout: ExperimentLayout, target: QueryTable, shadows: list[QueryTable], options: Any
+    layout: ExperimentLayout,
+    target: QueryTable,
+    shadows: list[QueryTable],
+    options: Any,
+    report: AttackReport | None = None,
 ) -> DatasetInferenceResult:
-    """Dataset inference of the target's members against its non-members (`setlevel`)."""
+    """Dataset inference of the target's members against its non-members (`setlevel`); with
+    the shadow setting's `report`, also the second test on its LiRA-calibrated scores (their
+    rules were fitted on the shadows alone: `setlevel.calibrated`)."""
     source = experiment_source(layout)
     ids = target.sample_id.tolist()
     members = [i for i, m in zip(ids, target.is_member.tolist()) if m]
     groups = group_map(source, options.group_by, members) if options.group_by else None
-    return audit_tables(
+    result = audit_tables(
         target,
         shadows,
         groups=groups,
@@ -64,6 +73,15 @@ def run_audit(
         image_digests=digest_map(source, ids),
         options=options.audit,
     )
+    if report is None or report.setting != "shadow":  # partial: fitted on target rows
+        return result
+    scored = {
+        r.name: (r.sample_id.tolist(), r.scores.tolist())
+        for _, r in report.results()
+        if r.scores is not None and r.sample_id is not None
+    }
+    non_members = sorted(set(ids) - set(members))
+    return replace(result, calibrated=calibrated_scores_test(scored, members, non_members))
 
 
 def audit_results(result: DatasetInferenceResult, folder: Any) -> RunResults:

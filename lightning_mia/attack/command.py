@@ -150,6 +150,14 @@ def run_queries(
     return Queries(target, tables, calibration, controls)
 
 
+def attack_logger(layout: ExperimentLayout, options: AttackOptions) -> Logger:
+    """The attack stage's W&B run (or none): in the experiment's group, with every option."""
+    config = dataclasses.asdict(options)
+    return make_logger(
+        str(layout.root), name="attack", job_type="attack", group=layout.name, config=config
+    )
+
+
 def run_attack(options: AttackOptions) -> AttackOutcome | None:
     """Query the target and shadows where needed, train and evaluate the attacks and write
     the report (rank 0); None on the other ranks of a multi-device query."""
@@ -165,13 +173,7 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
         check_captioner(query.captioner, card.splits_hash)
     if options.dataset_inference or options.group_by:
         check_audit(layout, options)
-    logger = make_logger(
-        str(layout.root),
-        name="attack",
-        job_type="attack",
-        group=layout.name,
-        config=dataclasses.asdict(options),
-    )
+    logger = attack_logger(layout, options)
     tables = run_queries(options, query, shadows, layout, logger)
     if tables.target is None:  # not global rank zero: rank 0 trains the attacks and reports
         return None
@@ -209,18 +211,25 @@ def run_attack(options: AttackOptions) -> AttackOutcome | None:
     main_spec = tables.target.record.spec
     report.controls = control_aucs(attack_on, tables.controls, main_spec, write_control)
     if options.dataset_inference:
-        report.dataset_inference = dataset_inference(options, layout, tables, folder, logger)
+        report.dataset_inference = dataset_inference(
+            options, layout, tables, folder, logger, report
+        )
     write_report(folder, report)
     log_results(logger, report_results(report, folder))
     return AttackOutcome(report, folder, layout)
 
 
 def dataset_inference(
-    options: AttackOptions, layout: ExperimentLayout, tables: Any, folder: Path, logger: Logger
+    options: AttackOptions,
+    layout: ExperimentLayout,
+    tables: Any,
+    folder: Path,
+    logger: Logger,
+    report: AttackReport,
 ) -> dict:
     """The set-level audit of the target's members (its JSON, figure and W&B rows written),
     as the report records it."""
-    result = run_audit(layout, tables.target, tables.shadows, options)
+    result = run_audit(layout, tables.target, tables.shadows, options, report)
     write_dataset_inference(folder, result)
     log_results(logger, audit_results(result, folder))
     return result.to_dict()

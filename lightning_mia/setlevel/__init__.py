@@ -11,6 +11,7 @@ command can call it.
 """
 
 from lightning_mia.setlevel.audit import AuditOptions, dataset_inference, shift_guard
+from lightning_mia.setlevel.calibrated import CalibratedTest, calibrated_scores_test
 from lightning_mia.setlevel.render import (
     DATASET_INFERENCE_JSON,
     DATASET_INFERENCE_PNG,
@@ -40,6 +41,7 @@ __all__ = [
     "DETECTED",
     "NOT_DETECTED",
     "AuditOptions",
+    "CalibratedTest",
     "DatasetInferenceResult",
     "FeatureRows",
     "GroupRow",
@@ -49,6 +51,7 @@ __all__ = [
     "SizeCurve",
     "WandbItems",
     "audit_tables",
+    "calibrated_scores_test",
     "check_same_source",
     "dataset_inference",
     "digest_map",

@@ -68,6 +68,20 @@ def _shift_line(result: DatasetInferenceResult) -> str:
     )
 
 
+def _calibrated_line(result: DatasetInferenceResult) -> str:
+    """The second test (`setlevel.calibrated`) in one line ("" when it did not run)."""
+    c = result.calibrated
+    if c is None:
+        return ""
+    found = "detects" if c.detected(result.alpha) else "does not detect"
+    return (
+        f"Calibrated scores (second test, nothing fitted on these sets) {found} the suspect set "
+        f"at {result.alpha:g}: p = {_p(c.p_value)} (Bonferroni over {len(c.rows)} LiRA rows; "
+        f"best {c.best}: p = {_p(c.rows[c.best])}, AUC {c.auc:.3f}, {c.suspect_n} vs "
+        f"{c.reference_n}, one-sided Mann-Whitney)"
+    )
+
+
 def _group_cells(g: GroupRow) -> list[str]:
     o = g.outcome
     auc = "-" if o is None else f"{o.auc:.3f}"
@@ -115,6 +129,8 @@ def markdown_section(result: DatasetInferenceResult, png_name: str = DATASET_INF
         f"- Test: {o.reason}.",
         f"- {_shift_line(result)}",
     ]
+    if result.calibrated is not None:
+        lines.append(f"- {_calibrated_line(result)}.")
     if result.dropped_features:
         lines.append(f"- Left out (not finite everywhere): {', '.join(result.dropped_features)}.")
     lines += ["", "Assumptions:", *(f"- {a}" for a in result.assumptions), ""]
@@ -143,6 +159,8 @@ def terminal_lines(result: DatasetInferenceResult) -> list[str]:
         f"  smallest set size for p < {TARGET_P:g}: {_smallest(result)}",
         f"  {_shift_line(result)}",
     ]
+    if result.calibrated is not None:
+        lines.append(f"  {_calibrated_line(result)}")
     if result.groups:
         hits = [g.name for g in result.groups if g.decision == "detected"]
         lines.append(
@@ -176,6 +194,9 @@ def wandb_items(result: DatasetInferenceResult, png: str | os.PathLike | None = 
         scalars[f"{key}/smallest_size"] = result.curve.smallest_size
     if result.shift is not None:
         scalars[f"{key}/shift_p_value"] = result.shift.outcome.p_value
+    if result.calibrated is not None:
+        scalars[f"{key}/calibrated_p_value"] = result.calibrated.p_value
+        scalars[f"{key}/calibrated_best"] = result.calibrated.best
     tables = {}
     if result.curve is not None:
         tables[f"{key}/curve"] = (list(CURVE_COLUMNS), curve_rows(result))

@@ -16,6 +16,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from lightning_mia.setlevel.calibrated import CalibratedTest
 from lightning_mia.setlevel.stats import Outcome
 
 FORMAT_VERSION = 1
@@ -140,6 +141,7 @@ class DatasetInferenceResult:
     group_by: str | None = None
     seed: int = 0
     assumptions: tuple[str, ...] = ASSUMPTIONS
+    calibrated: CalibratedTest | None = None  # the second test (`calibrated.py`), if run
 
     @property
     def p_value(self) -> float:
@@ -205,6 +207,7 @@ class DatasetInferenceResult:
             group_by=d["group_by"],
             seed=d["seed"],
             assumptions=tuple(d["assumptions"]),
+            calibrated=CalibratedTest.from_dict(d["calibrated"]) if d.get("calibrated") else None,
         )
 
 
