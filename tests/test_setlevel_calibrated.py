@@ -41,7 +41,7 @@ def test_unused_sets_are_detected_no_more_often_than_alpha():
     trials, alphas = 300, (0.05, 0.01)
     p = np.array(
         [
-            calibrated_scores_test(rows(rng, [0.0] * 6), SUSPECT, REFERENCE).p_value
+            calibrated_scores_test(rows(rng, [0.0] * 6), SUSPECT, REFERENCE, repeats=0).p_value
             for _ in range(trials)
         ]
     )
@@ -49,7 +49,8 @@ def test_unused_sets_are_detected_no_more_often_than_alpha():
         hits = int((p < alpha).sum())
         assert binomtest(hits, trials, alpha).proportion_ci(0.95).low <= alpha, (alpha, hits)
     one = [
-        calibrated_scores_test(rows(rng, [0.0]), SUSPECT, REFERENCE).p_value for _ in range(trials)
+        calibrated_scores_test(rows(rng, [0.0]), SUSPECT, REFERENCE, repeats=0).p_value
+        for _ in range(trials)
     ]
     hits = int((np.array(one) < 0.05).sum())  # one row: the test's own size, not conservative
     low, high = binomtest(hits, trials, 0.05).proportion_ci(0.95)
@@ -62,6 +63,11 @@ def test_a_shifted_row_is_found_and_named():
     assert test.best == "lira-offline-s1" and test.p_value < 1e-4
     assert test.p_value == pytest.approx(min(1.0, 3 * test.rows["lira-offline-s1"]))
     assert (test.suspect_n, test.reference_n) == (32, 128) and test.auc > 0.7
+    assert test.sizes[0] == 5 and test.sizes[-1] == 32 and len(test.medians) == len(test.sizes)
+    assert test.smallest_size is not None and 5 < test.smallest_size < 32  # fewer than all 32
+    assert test.medians[-1] == pytest.approx(test.p_value)  # all 32 (and all 128): the whole sets
+    null = calibrated_scores_test(rows(rng, [0.0, 0.0]), SUSPECT, REFERENCE)
+    assert null.smallest_size is None and min(null.medians) > 0.01
 
 
 def test_only_calibrated_rows_of_both_sets_with_finite_scores_count():
@@ -94,6 +100,8 @@ def test_the_result_carries_the_second_test_everywhere():
     assert any(line in x and "best lira-offline-s0" in x for x in terminal_lines(both))
     assert not any("Calibrated scores" in x for x in terminal_lines(res))
     assert "Bonferroni over 2 LiRA rows" in markdown_section(both)
+    assert f"smallest set for p < 0.01: {test.smallest_size}" in markdown_section(both)
     scalars = wandb_items(both).scalars
+    assert scalars["dataset_inference/calibrated_smallest_size"] == test.smallest_size
     assert scalars["dataset_inference/calibrated_p_value"] == test.p_value
     assert scalars["dataset_inference/calibrated_best"] == "lira-offline-s0"

@@ -9,7 +9,7 @@ LiRA-calibrated attack scores (`attack/calibration.py`: each sample's score agai
 distribution of the shadow models' scores of the same sample, which never trained on it) remove
 that difficulty; on the onset points they separate a member set from its non-members with
 p-values orders of magnitude below the main test's (seq2seq, 20 steps per image with crop and
-flip: 9e-10 against 0.044; README, "set-level audit").
+flip: 5e-9 against 0.044; README, "set-level audit").
 
 The test: for each calibrated row, a one-sided Mann-Whitney U test (scipy.stats.mannwhitneyu,
 "the suspect set's scores are larger"), and the family's p-value is Bonferroni's over the rows
@@ -24,67 +24,90 @@ assumes: independent samples, and R from the distribution of S.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 from scipy.stats import mannwhitneyu
 
+from lightning_mia.setlevel.curve import MIN_SIZE, reference_size, size_grid, smallest_size
+from lightning_mia.setlevel.result import CalibratedTest
+
 CALIBRATED_PREFIX = "lira-"  # the report rows calibrated by reference (shadow) models
 
 
-@dataclass(frozen=True)
-class CalibratedTest:
-    """Bonferroni's p-value over calibrated rows, each a one-sided Mann-Whitney test."""
+def _values(
+    rows: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+) -> dict[str, dict[int, float]]:
+    """sample id -> finite score, of every calibrated row."""
+    out = {}
+    for name, (ids, scores) in rows.items():
+        if name.startswith(CALIBRATED_PREFIX):
+            out[name] = {i: v for i, v in zip(map(int, ids), map(float, scores)) if np.isfinite(v)}
+    return out
 
-    p_value: float
-    best: str  # the row with the smallest p-value
-    rows: dict[str, float]  # row -> its own one-sided p-value
-    auc: float  # the best row's AUC of suspect against reference scores
-    suspect_n: int
-    reference_n: int
 
-    def detected(self, alpha: float) -> bool:
-        return self.p_value < alpha
+def _matrix(values: dict[str, dict[int, float]], ids: set[int]) -> np.ndarray:
+    """(rows, n) scores of the samples of `ids` that every row scored."""
+    common = sorted(i for i in ids if all(i in v for v in values.values()))
+    return np.array([[v[i] for i in common] for v in values.values()]).reshape(len(values), -1)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CalibratedTest:
-        return cls(**{**d, "rows": dict(d["rows"])})
+def _subset_medians(
+    xs: np.ndarray, xr: np.ndarray, sizes: list[int], repeats: int, seed: int
+) -> list[float]:
+    """Median Bonferroni p-value over `repeats` random subsets of k suspect samples (and a
+    proportional share of the reference samples), the same samples in every row, for each k
+    of `sizes`; `xs` (rows, |S|) and `xr` (rows, |R|) hold the rows' scores."""
+    rng = np.random.default_rng(seed)
+    medians = []
+    for k in sizes:
+        kr = reference_size(k, xs.shape[1], xr.shape[1])
+        s = np.stack([rng.choice(xs.shape[1], k, replace=False) for _ in range(repeats)])
+        r = np.stack([rng.choice(xr.shape[1], kr, replace=False) for _ in range(repeats)])
+        p = mannwhitneyu(xs[:, s], xr[:, r], alternative="greater", axis=2).pvalue
+        medians.append(float(np.median(np.minimum(1.0, p.min(axis=0) * len(xs)))))
+    return medians
 
 
 def calibrated_scores_test(
     rows: Mapping[str, tuple[Sequence[int], Sequence[float]]],
     suspect_ids: Sequence[int],
     reference_ids: Sequence[int],
+    repeats: int = 100,
+    points: int = 16,
+    seed: int = 0,
 ) -> CalibratedTest | None:
     """The test over `rows` (name -> (sample ids, scores), higher = member) whose names start
     with `CALIBRATED_PREFIX`; None when no such row scores samples of both sets. A row's
-    samples outside S and R, or with a non-finite score, are left out."""
+    samples outside S and R, or with a non-finite score, are left out. With `repeats` > 0 the
+    same test on random subsets (`curve.py`'s grid of `points` sizes) gives the smallest set
+    size whose median p-value stays below 0.01."""
     suspect, reference = set(map(int, suspect_ids)), set(map(int, reference_ids))
-    p_values, aucs, sizes = {}, {}, {}
-    for name, (ids, scores) in rows.items():
-        if not name.startswith(CALIBRATED_PREFIX):
-            continue
-        values = dict(zip(map(int, ids), map(float, scores)))
-        s = np.array([v for i, v in values.items() if i in suspect and np.isfinite(v)])
-        r = np.array([v for i, v in values.items() if i in reference and np.isfinite(v)])
-        if len(s) == 0 or len(r) == 0:
-            continue
-        test = mannwhitneyu(s, r, alternative="greater")
-        p_values[name] = float(test.pvalue)
-        aucs[name] = float(test.statistic) / (len(s) * len(r))
-        sizes[name] = (len(s), len(r))
+    values, p_values, aucs, sets = _values(rows), {}, {}, {}
+    for name, v in values.items():
+        s = np.array([x for i, x in v.items() if i in suspect])
+        r = np.array([x for i, x in v.items() if i in reference])
+        if len(s) and len(r):
+            test = mannwhitneyu(s, r, alternative="greater")
+            p_values[name] = float(test.pvalue)
+            aucs[name] = float(test.statistic) / (len(s) * len(r))
+            sets[name] = (len(s), len(r))
     if not p_values:
         return None
     best = min(p_values, key=p_values.get)
+    values = {name: values[name] for name in p_values}
+    xs, xr = _matrix(values, suspect), _matrix(values, reference)
+    enough = repeats > 0 and xr.shape[1] >= MIN_SIZE
+    sizes = size_grid(xs.shape[1], points) if enough else []
+    medians = _subset_medians(xs, xr, sizes, repeats, seed) if sizes else []
+    n_s, n_r = sets[best]
     return CalibratedTest(
         p_value=min(1.0, p_values[best] * len(p_values)),
         best=best,
         rows=p_values,
         auc=aucs[best],
-        suspect_n=sizes[best][0],
-        reference_n=sizes[best][1],
+        suspect_n=n_s,
+        reference_n=n_r,
+        sizes=tuple(sizes),
+        medians=tuple(medians),
+        smallest_size=smallest_size(sizes, medians) if sizes else None,
     )

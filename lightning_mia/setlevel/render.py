@@ -78,7 +78,8 @@ def _calibrated_line(result: DatasetInferenceResult) -> str:
         f"Calibrated scores (second test, nothing fitted on these sets) {found} the suspect set "
         f"at {result.alpha:g}: p = {_p(c.p_value)} (Bonferroni over {len(c.rows)} LiRA rows; "
         f"best {c.best}: p = {_p(c.rows[c.best])}, AUC {c.auc:.3f}, {c.suspect_n} vs "
-        f"{c.reference_n}, one-sided Mann-Whitney)"
+        f"{c.reference_n}, one-sided Mann-Whitney); smallest set for p < {TARGET_P:g}: "
+        f"{c.smallest_size if c.smallest_size is not None else 'none'}"
     )
 
 
@@ -197,6 +198,8 @@ def wandb_items(result: DatasetInferenceResult, png: str | os.PathLike | None = 
     if result.calibrated is not None:
         scalars[f"{key}/calibrated_p_value"] = result.calibrated.p_value
         scalars[f"{key}/calibrated_best"] = result.calibrated.best
+        if result.calibrated.smallest_size is not None:
+            scalars[f"{key}/calibrated_smallest_size"] = result.calibrated.smallest_size
     tables = {}
     if result.curve is not None:
         tables[f"{key}/curve"] = (list(CURVE_COLUMNS), curve_rows(result))

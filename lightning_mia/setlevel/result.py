@@ -16,7 +16,6 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lightning_mia.setlevel.calibrated import CalibratedTest
 from lightning_mia.setlevel.stats import Outcome
 
 FORMAT_VERSION = 1
@@ -118,6 +117,32 @@ class GroupRow:
         outcome = None if d["outcome"] is None else Outcome.from_dict(d["outcome"])
         q, s = d["q_value"], d["shift_p"]
         return cls(d["name"], d["size"], outcome, q, s, d["decision"], d.get("note", ""))
+
+
+@dataclass(frozen=True)
+class CalibratedTest:
+    """The audit's second test (`setlevel.calibrated`): Bonferroni's p-value over the
+    calibrated rows, each a one-sided Mann-Whitney test, and its subset-size curve."""
+
+    p_value: float
+    best: str  # the row with the smallest p-value
+    rows: dict[str, float]  # row -> its own one-sided p-value
+    auc: float  # the best row's AUC of suspect against reference scores
+    suspect_n: int
+    reference_n: int
+    sizes: tuple[int, ...] = ()  # suspect subset sizes k (with a proportional share of R)
+    medians: tuple[float, ...] = ()  # median p-value over random subsets of each size
+    smallest_size: int | None = None  # smallest k from which the median stays below 0.01
+
+    def detected(self, alpha: float) -> bool:
+        return self.p_value < alpha
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CalibratedTest:
+        return cls(**{**d, "sizes": tuple(d["sizes"]), "medians": tuple(d["medians"])})
 
 
 @dataclass(frozen=True)
