@@ -20,7 +20,9 @@ its shadows from the same splits (32 members and 128 non-members each), queries 
 every attack, calibrated and not, and the set-level audit (dataset inference) of the target's
 member set. It prints the AUC and TPR@1%FPR of every attack against the steps per image, the
 onset of each attack (the fewest steps per image from which on every point's AUC interval lies
-wholly above 0.5), the audit's p-value and smallest set size per point, writes
+wholly above 0.5), the audit's p-value and smallest set size per point (and those of its
+second test, on the LiRA-calibrated scores; computed from scores.csv for points run before
+the attack stage wrote it), writes
 `runs/onset/onset.md`, one `onset-<family>.png` per family, and `RESULT` lines.
 
 `setlevel` runs experiments (`shapes-diffusion-realistic` by default: 1,024 members, about 20
@@ -46,9 +48,10 @@ import torch
 
 from lightning_mia.attack.options import AttackSettings
 from lightning_mia.attack.repeats import REPEATS_JSON, repeat_cell
+from lightning_mia.attack.scores import read_scores
 from lightning_mia.experiment import StageConfigs, experiment_main, fit_stage, run_experiment
 from lightning_mia.paths import ExperimentLayout
-from lightning_mia.setlevel import AuditOptions
+from lightning_mia.setlevel import AuditOptions, calibrated_scores_test
 from lightning_mia.terminal import configure_terminal
 
 EXPERIMENTS = {"diffusion": "shapes-diffusion", "seq2seq": "shapes-seq2seq"}
@@ -136,7 +139,7 @@ def onset_point(root: Path, family: str, steps: int, augment: str, parallel: int
     base = base.root
     point = root / family / f"steps-{steps:04d}-{augment}"
     if (point / "attack" / "report.json").is_file():  # a finished point (delete it to redo)
-        return json.loads((point / "attack" / "report.json").read_text())
+        return with_calibrated_test(point / "attack")
     point.mkdir(parents=True, exist_ok=True)
     for shared in ("splits.json", "autoencoder", "encoder"):  # trained once per family
         if not (point / shared).exists():
@@ -162,7 +165,23 @@ def onset_point(root: Path, family: str, steps: int, augment: str, parallel: int
         dataset_inference=True,
         audit=AuditOptions(subset_sizes=QUOTED_SIZES),
     )
-    return json.loads((point / "attack" / "report.json").read_text())
+    return with_calibrated_test(point / "attack")
+
+
+def with_calibrated_test(folder: Path) -> dict:
+    """report.json of `folder`; where its set-level audit predates the second test (on the
+    LiRA-calibrated scores), that test computed from its scores.csv, as the attack stage does."""
+    report = json.loads((folder / "report.json").read_text())
+    audit = report.get("dataset_inference")
+    if audit and "calibrated" not in audit:
+        table = read_scores(folder)
+        ids, member = table.sample_id.tolist(), table.is_member.tolist()
+        rows = {name: (ids, v.tolist()) for name, v in table.scores.items()}
+        suspect = [i for i, m in zip(ids, member) if m]
+        reference = [i for i, m in zip(ids, member) if not m]
+        test = calibrated_scores_test(rows, suspect, reference)
+        audit["calibrated"] = None if test is None else test.to_dict()
+    return report
 
 
 def onset_table(points: dict, steps: list[int]) -> tuple[list[str], list[str]]:
@@ -198,10 +217,18 @@ def onset_table(points: dict, steps: list[int]) -> tuple[list[str], list[str]]:
             + " | ".join(audit_cell(audits[st]) for st in steps)
             + " | |"
         )
+        lines.append(
+            "| set-level second test (LiRA-calibrated scores) p / smallest set | "
+            + " | ".join(audit_cell(audits[st], "calibrated") for st in steps)
+            + " | |"
+        )
         for st in steps:
             if audits[st]:
                 p_value = audits[st]["p"]
                 results.append(f"RESULT onset_{family}_{augment}_setlevel_{st}_p {p_value:.3g}")
+            if audits[st] and audits[st]["calibrated"]:
+                p_value = audits[st]["calibrated"]["p"]
+                results.append(f"RESULT onset_{family}_{augment}_calibrated_{st}_p {p_value:.3g}")
     return lines, results
 
 
@@ -218,7 +245,9 @@ def audit_summary(report: dict) -> dict | None:
         if entry["metrics"]["auc"]["resolvable"]
     ]
     shift = audit.get("shift") or {}
+    second = audit.get("calibrated")
     return {
+        "calibrated": second and {"p": second["p_value"], "smallest": second["smallest_size"]},
         "p": audit["p_value"],
         "decision": audit["decision"],
         "suspect": audit["suspect_size"],
@@ -230,7 +259,9 @@ def audit_summary(report: dict) -> dict | None:
     }
 
 
-def audit_cell(audit: dict | None) -> str:
+def audit_cell(audit: dict | None, test: str = "") -> str:
+    """ "p / smallest set" of the main test (or of the `test` entry: "calibrated")."""
+    audit = (audit or {}).get(test) if test else audit
     if audit is None:
         return "-"
     smallest = audit["smallest"] if audit["smallest"] is not None else "none"
