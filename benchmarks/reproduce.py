@@ -373,6 +373,14 @@ def onset_plot(points: dict, steps: list[int], root: Path) -> list[Path]:
                 kept = names[:MAX_CURVES]
                 more = f", {MAX_CURVES} of {len(names)} by AUC" if len(names) > MAX_CURVES else ""
                 columns.append((title + more, kept))
+        aucs = [
+            value(r, s, n, "auc")
+            for _, ns in columns
+            for n in ns
+            for r in runs.values()
+            for s in steps
+        ]
+        lowest = min([0.15] + [a - 0.03 for a in aucs if a == a])  # AUC axis from 0.15 or lower
         fig = Figure(figsize=(3.6 * len(columns), 7.6), dpi=110)
         FigureCanvasAgg(fig)
         grid = fig.add_gridspec(2, len(columns), height_ratios=(1, 1))
@@ -393,7 +401,7 @@ def onset_plot(points: dict, steps: list[int], root: Path) -> list[Path]:
                         )
             top.set_title(title, fontsize=9)
             top.axhline(0.5, color="0.4", linestyle=":", linewidth=1.0)
-            top.set_ylim(0.15, 1.02)
+            top.set_ylim(lowest, 1.02)
             bottom.set_ylim(-0.02, 1.02)
             for ax, label in ((top, "ROC-AUC"), (bottom, "TPR at 1% FPR")):
                 ax.set_xscale("log")
