@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy.stats import binomtest
 from test_setlevel_audit import FAST, make_rows
 
@@ -18,6 +19,7 @@ from lightning_mia.setlevel import (
     markdown_section,
     terminal_lines,
     wandb_items,
+    write_dataset_inference,
 )
 
 SUSPECT, REFERENCE = list(range(32)), list(range(100, 228))  # the demo's 32 vs 128
@@ -84,7 +86,7 @@ def test_only_calibrated_rows_of_both_sets_with_finite_scores_count():
     assert calibrated_scores_test({"pixel": scored["pixel"]}, SUSPECT, REFERENCE) is None
 
 
-def test_the_result_carries_the_second_test_everywhere():
+def test_the_result_carries_the_second_test_everywhere(tmp_path):
     rng = np.random.default_rng(3)
     s = make_rows("suspect set", range(120), rng, shift=0.5)
     r = make_rows("reference set", range(1000, 1120), rng)
@@ -101,6 +103,9 @@ def test_the_result_carries_the_second_test_everywhere():
     assert not any("Calibrated scores" in x for x in terminal_lines(res))
     assert "Bonferroni over 2 LiRA rows" in markdown_section(both)
     assert f"smallest set for p < 0.01: {test.smallest_size}" in markdown_section(both)
+    json_path, png = write_dataset_inference(tmp_path, both)  # the figure draws both curves
+    assert json.loads(json_path.read_text())["calibrated"]["best"] == "lira-offline-s0"
+    assert Image.open(png).format == "PNG"
     scalars = wandb_items(both).scalars
     assert scalars["dataset_inference/calibrated_smallest_size"] == test.smallest_size
     assert scalars["dataset_inference/calibrated_p_value"] == test.p_value

@@ -4,7 +4,8 @@
 
 The median p-value over random subsets of each size is drawn with its interquartile band, the
 decision level alpha and p = 0.01 as horizontal lines, the smallest size reaching p < 0.01 as a
-vertical line, and the full set's p-value as a marker.
+vertical line, and the full set's p-value as a marker; where the audit ran its second test (on
+the LiRA-calibrated scores) that test's median curve too.
 """
 
 from __future__ import annotations
@@ -56,7 +57,15 @@ def size_curve_png(result: DatasetInferenceResult) -> bytes | None:
         ax.axhline(curve.resolution, color="0.45", ls=":", lw=1.3, label=label)
     if curve.smallest_size is not None:
         label = f"p < {TARGET_P:g} from {curve.smallest_size} samples"
+        label += " (main test)" if result.calibrated is not None else ""
         ax.axvline(curve.smallest_size, color="tab:green", lw=1.5, label=label)
+    second = result.calibrated
+    lows = [float(low.min())]
+    if second is not None and second.sizes:  # the second test, on the LiRA-calibrated scores
+        med2 = np.maximum(np.array(second.medians), FLOOR)
+        label = f"second test (LiRA-calibrated\nscores): median, best {second.best}"
+        ax.plot(second.sizes, med2, "s--", color="tab:orange", lw=1.6, ms=4, label=label)
+        lows.append(float(med2.min()))
     full = max(result.p_value, FLOOR)
     drawn = f", drawn at {FLOOR:g}" if result.p_value < FLOOR else ""
     label = f"full set (headline):\np = {result.p_value:.2g}{drawn}"
@@ -66,7 +75,7 @@ def size_curve_png(result: DatasetInferenceResult) -> bytes | None:
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks(_size_ticks(int(k[0]), int(k[-1])))
     ax.set_yscale("log")
-    ax.set_ylim(min(float(low.min()), full, TARGET_P, result.alpha) / 5, 1.5)
+    ax.set_ylim(min(*lows, full, TARGET_P, result.alpha) / 5, 1.5)
     ax.set_xlabel(f"suspect set size k (random subsets of {result.suspect_size})", fontsize=11)
     ax.set_ylabel("p-value (one-sided)", fontsize=11)
     title = (
