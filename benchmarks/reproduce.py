@@ -30,8 +30,8 @@ steps per image with crop and flip) with the set-level audit, its size curve hol
 `--sizes` (100, 300, 1,000), and prints per experiment the p-value with the whole member set and
 at those sizes (median over 100 random subsets), the smallest set size whose median p-value
 stays below 0.01, the shift guard, and the best per-sample AUC beside them (shadow setting; the
-shadows are not queried on the target's samples, so there are no LiRA rows: the audit does not
-use them, and they would double the queries); also for the onset
+shadows are also queried on the target's samples, which doubles the queries: the LiRA rows
+they give are what the audit's second test reads); also for the onset
 points already run under `--root`. Writes `runs/setlevel.md`.
 """
 
@@ -273,13 +273,14 @@ def setlevel_table(folders: dict[str, Path]) -> tuple[list[str], list[str]]:
     sizes = " | ".join(f"p at {k}" for k in QUOTED_SIZES)
     lines = [
         f"| experiment | suspect / reference | p (whole sets) | {sizes} | smallest set for "
-        "p < 0.01 | shift guard p | decision | best per-sample AUC |",
-        "|" + "---|" * (7 + len(QUOTED_SIZES)),
+        "p < 0.01 | shift guard p | decision | second test p / smallest set | "
+        "best per-sample AUC |",
+        "|" + "---|" * (8 + len(QUOTED_SIZES)),
     ]
     results = []
     for name, folder in folders.items():
         path = folder / "attack" / "report.json"
-        audit = audit_summary(json.loads(path.read_text())) if path.is_file() else None
+        audit = audit_summary(with_calibrated_test(path.parent)) if path.is_file() else None
         if audit is None:
             continue
         at = " | ".join("-" if v is None else f"{v:.2g}" for v in audit["at"].values())
@@ -288,7 +289,7 @@ def setlevel_table(folders: dict[str, Path]) -> tuple[list[str], list[str]]:
         lines.append(
             f"| {name} | {audit['suspect']} / {audit['reference']} | {audit['p']:.2g} | {at} | "
             f"{audit['smallest'] or 'none'} | {shift} | {audit['decision']} | "
-            f"{auc:.3f} ({best}) |"
+            f"{audit_cell(audit, 'calibrated')} | {auc:.3f} ({best}) |"
         )
         results.append(f"RESULT setlevel_{name}_p {audit['p']:.3g}")
         for k, v in audit["at"].items():
@@ -309,7 +310,6 @@ def setlevel(args: argparse.Namespace) -> None:
                 name,
                 f"--experiment={folder}",
                 "--settings=[shadow]",
-                "--attack.calibrate=false",  # no LiRA queries: the audit does not use them
                 "--dataset_inference=true",
                 f"--audit.subset_sizes=[{','.join(map(str, QUOTED_SIZES))}]",
             ]
