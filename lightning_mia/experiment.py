@@ -136,12 +136,11 @@ def train_stages(
         if stages.autoencoder:  # the autoencoder this experiment trained, not a config's
             args.append(f"--model.init_args.autoencoder={layout.autoencoder}")
         models.append((layout.run_dir(family, index), stages.model, [*args, *stages.model_args]))
-    phases = [[*first, *shared, *models]] if stages.parallel <= 1 else [first, models + shared]
-    for phase, parallel in zip(phases, (1, stages.parallel)):
-        if stages.parallel <= 1:
-            for folder, config, args in phase:
-                fit_stage(folder, config, args, stages.isolate)
-            continue
+    if stages.parallel <= 1:
+        for folder, config, args in [*first, *shared, *models]:
+            fit_stage(folder, config, args, stages.isolate)
+        return
+    for phase, parallel in ((first, 1), (models + shared, stages.parallel)):
         jobs = [(f, argv) for f, c, a in phase if (argv := fit_arguments(f, find_config(c), a))]
         start = time.perf_counter()
         run_fit_processes(jobs, parallel)

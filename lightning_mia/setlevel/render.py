@@ -69,10 +69,8 @@ def _shift_line(result: DatasetInferenceResult) -> str:
 
 
 def _calibrated_line(result: DatasetInferenceResult) -> str:
-    """The second test (`setlevel.calibrated`) in one line ("" when it did not run)."""
+    """The second test (`setlevel.calibrated`, which ran) in one line."""
     c = result.calibrated
-    if c is None:
-        return ""
     found = "detects" if c.detected(result.alpha) else "does not detect"
     return (
         f"Calibrated scores (second test, nothing fitted on these sets) {found} the suspect set "
