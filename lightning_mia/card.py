@@ -6,7 +6,9 @@ Every family LightningModule stores `checkpoint["lightning_mia"] = card.to_dict(
 
 from __future__ import annotations
 
+import copy
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,13 +70,17 @@ class RunCard:
         return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a Lightning checkpoint safely (`weights_only=True`) with one clear error."""
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """Load a Lightning checkpoint safely (`weights_only=True`) with one clear error.
+
+    `mmap`: map the tensors instead of reading them (a checkpoint of the zip format; another
+    is read whole), for a caller that reads only the small entries."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        mmap = mmap and zipfile.is_zipfile(path)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path}: not a readable checkpoint ({detail})") from err
@@ -94,12 +100,7 @@ def read_card_and_moves(path: str | os.PathLike) -> tuple[RunCard, dict[str, str
     checkpoint to its splits). Its autoencoder and tokenizer folders inside the old experiment
     folder move with it: the second value is {card field: new folder} of those that moved.
     """
-    ckpt = load_checkpoint(path)
-    if CARD_KEY not in ckpt:
-        raise CheckpointError(
-            f"checkpoint {path}: not a lightning_mia checkpoint (no '{CARD_KEY}' entry)"
-        )
-    card = RunCard.from_dict(ckpt[CARD_KEY])
+    card = RunCard.from_dict(_card_entry(path))
     holder = holding_experiment(path)
     moves: dict[str, str] = {}
     if holder is not None and holder.resolve() != Path(card.experiment).resolve():
@@ -111,6 +112,30 @@ def read_card_and_moves(path: str | os.PathLike) -> tuple[RunCard, dict[str, str
                 moves[key] = after
                 setattr(card, key, after)
     return card, moves
+
+
+_CARD_ENTRIES: dict[tuple, dict[str, Any]] = {}  # (file, version) -> its card entry
+
+
+def _card_entry(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's card entry, read once per version of the file: an attack asks for the
+    card of each model several times (its queries, the report), and reading it unpickles the
+    whole checkpoint (its tensors mapped, not read)."""
+    try:
+        stat = Path(path).stat()
+        key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        key = None  # not a file: load_checkpoint says so
+    if key is None or key not in _CARD_ENTRIES:
+        ckpt = load_checkpoint(path, mmap=True)
+        if CARD_KEY not in ckpt:
+            raise CheckpointError(
+                f"checkpoint {path}: not a lightning_mia checkpoint (no '{CARD_KEY}' entry)"
+            )
+        if key is None:
+            return ckpt[CARD_KEY]
+        _CARD_ENTRIES[key] = ckpt[CARD_KEY]
+    return copy.deepcopy(_CARD_ENTRIES[key])
 
 
 def moved_path(path: str, old_root: str | os.PathLike, new_root: str | os.PathLike) -> str:

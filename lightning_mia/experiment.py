@@ -18,9 +18,11 @@ Training stages are LightningCLI runs (`train.py fit` arguments, in this process
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,18 @@ def fit_stage(folder: Path, config: str, args: list[str], isolate: bool) -> None
             train_main(argv)
         finish_wandb_run()  # each stage is its own W&B run, also in one process
     rank_zero_info(f"[fit] {folder.name} done in {time.perf_counter() - start:.0f} s")
+
+
+def stage_arguments(
+    folder: str | os.PathLike,
+    stages: StageConfigs,
+    extra: Sequence[str] = (),
+    verbose: bool = False,
+) -> list[str]:
+    """The `train.py fit` arguments every training stage of the experiment in `folder` shares
+    (its data and trainer arguments, then `extra`: a repeat's seeds)."""
+    common = [f"--data.experiment={folder}", *stages.data_args, *stages.trainer_args, *extra]
+    return common + (["--verbose"] if verbose else [])
 
 
 def train_stages(
@@ -286,8 +300,7 @@ def run_experiment(
             for setting in settings or ["shadow"]
             for q in queries
         ]
-        common = [f"--data.experiment={folder}", *stages.data_args, *stages.trainer_args, *extra]
-        common += ["--verbose"] if verbose else []
+        common = stage_arguments(folder, stages, extra, verbose)
         train_stages(layout, family, num_shadows, stages, common, bool(query.encoder))
         outcomes += [attack_stage(options) for options in plans]
     if repeats > 1:

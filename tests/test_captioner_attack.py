@@ -132,6 +132,7 @@ def test_a_saved_random_init_blip_folder_attacks_through_the_same_path(
             str(blip),
             "--attack.attacks",
             "pixel",
+            "--attack.max_epochs=5",
             "--query.num_images",
             "1",
             "--attack.calibrate=false",

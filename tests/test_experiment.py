@@ -5,14 +5,19 @@ interrupted, and one stage in its own process (`isolate`), on the session's tiny
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 from tiny_experiment import DATA, STEPS, TRAINER, copy_experiment
 
-from lightning_mia.experiment import experiment_main, fit_stage
+from lightning_mia.experiment import (
+    StageConfigs,
+    experiment_main,
+    fit_stage,
+    stage_arguments,
+    train_stages,
+)
 from lightning_mia.paths import ExperimentLayout, done_marker, last_checkpoint
 from lightning_mia.stages import StageError, fit_arguments, run_fit_processes
 
@@ -29,16 +34,6 @@ def _stages(layout):
         layout.run_dir("diffusion", 1),
         layout.run_dir("diffusion", 2),
     ]
-
-
-def _with_steps(config: Path, steps: int) -> Path:
-    """The experiment config with every stage trained for `steps` (a resumed stage goes on)."""
-    doc = yaml.safe_load(config.read_text())
-    args = doc["stages"]["trainer_args"]
-    doc["stages"]["trainer_args"] = [*args[:-1], f"--trainer.max_steps={steps}"]
-    path = config.with_name(f"steps-{steps}.yaml")
-    path.write_text(yaml.safe_dump(doc))
-    return path
 
 
 def test_every_stage_runs_in_order_and_reports(diffusion_experiment):
@@ -73,16 +68,23 @@ def test_a_second_run_skips_every_finished_stage(diffusion_experiment, tmp_path,
     assert "is complete; nothing to do" in err  # the queries are not generated again
 
 
+def _stages_of(config: Path, steps: int, **changes) -> StageConfigs:
+    """The training stages of an experiment config, every one trained for `steps`."""
+    stages = yaml.safe_load(config.read_text())["stages"]
+    trainer = [*stages["trainer_args"][:-1], f"--trainer.max_steps={steps}"]
+    return StageConfigs(**{**stages, "trainer_args": trainer, **changes})
+
+
 def test_an_interrupted_stage_resumes_from_its_last_checkpoint(diffusion_experiment, tmp_path, log):
+    # the experiment's training stages (`train_stages`, which `experiment_main` runs before
+    # its queries: test_a_second_run_skips_every_finished_stage) on a copy
     copy = copy_experiment(diffusion_experiment, tmp_path)
     layout = copy.layout
     target = layout.run_dir("diffusion", 0)
-    # as if killed after its last checkpoint, before DONE (so before any query or attack)
-    done_marker(target).unlink()
-    shutil.rmtree(layout.root / "queries")
-    shutil.rmtree(layout.attack)
+    done_marker(target).unlink()  # as if killed after its last checkpoint, before DONE
     shadow_done = done_marker(layout.run_dir("diffusion", 1)).read_text()
-    experiment_main([str(_with_steps(copy.config, STEPS + 2))])
+    stages = _stages_of(copy.config, STEPS + 2)
+    train_stages(layout, "diffusion", 2, stages, stage_arguments(layout.root, stages))
     err = log.text
     assert f"--ckpt_path {last_checkpoint(target)}" in err
     assert "Restoring states from the checkpoint path" in err
@@ -120,20 +122,19 @@ def test_stages_run_in_their_own_processes_side_by_side(tmp_path):
 
 def test_parallel_stages_wait_for_the_autoencoder_alone(diffusion_experiment, tmp_path, log):
     """`stages.parallel`: the autoencoder (which every model loads) trains first, alone, with
-    every thread; then the models and the encoder, which need nothing of each other, at once."""
-    copy = copy_experiment(diffusion_experiment, tmp_path)
+    every thread; then the models and the encoder, which need nothing of each other, at once
+    (`train_stages`, on a copy with one shadow)."""
+    copy = copy_experiment(diffusion_experiment, tmp_path, ("splits.json", "autoencoder"))
     layout = copy.layout
     done_marker(layout.autoencoder).unlink()  # as if interrupted: it resumes for 2 more steps
-    done_marker(layout.encoder).unlink()
-    for folder in [*_stages(layout)[2:], layout.root / "queries", layout.attack]:
-        shutil.rmtree(folder)  # the models train anew on the new autoencoder
-    experiment_main([str(_with_steps(copy.config, STEPS + 2)), "--stages.parallel=3"])
-    for folder in _stages(layout):
+    stages = _stages_of(copy.config, STEPS + 2, parallel=3)
+    train_stages(layout, "diffusion", 1, stages, stage_arguments(layout.root, stages))
+    for folder in _stages(layout)[:4]:  # the models trained anew on the new autoencoder
         assert json.loads(done_marker(folder).read_text())["global_step"] == STEPS + 2, folder
     lines = [r.getMessage() for r in log.records if r.getMessage().startswith("[fit] ")]
     lines = list(dict.fromkeys(lines))  # (caught once by each handler)
     cpus = os.cpu_count() or 1
-    rest = "diffusion-target-000, diffusion-shadow-001, diffusion-shadow-002, encoder"
+    rest = "diffusion-target-000, diffusion-shadow-001, encoder"
     first = lines.index(f"[fit] autoencoder: 1 at once, {cpus} thread(s) each")
     assert lines[first + 1].startswith("[fit] autoencoder done in")  # before any model starts
     assert lines.index(f"[fit] {rest}: 3 at once, {max(1, cpus // 3)} thread(s) each") > first

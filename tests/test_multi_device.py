@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_experiment import ATTACKS, TARGET_SIZE, copy_experiment
+from tiny_experiment import ATTACK_EPOCHS, ATTACKS, TARGET_SIZE, copy_experiment
 
 from lightning_mia.attack.command import relaunches_command
 from lightning_mia.attack.options import (
@@ -160,6 +160,7 @@ def _attack_py(exp: Path, *flags: str) -> list[str]:
         "loss",
         "--attack.attacks",
         *ATTACKS,
+        f"--attack.max_epochs={ATTACK_EPOCHS}",  # as the session experiment's attack stage
         "--devices.accelerator=cpu",
         "--devices.devices=2",
         "--progress=false",

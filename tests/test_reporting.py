@@ -236,6 +236,7 @@ def offline_experiment(tmp_path_factory):
         },
         "attack": {
             "attacks": ["pixel"],
+            "max_epochs": 5,
         },
     }
     (tmp / "tiny.yaml").write_text(yaml.safe_dump(config))

@@ -50,6 +50,9 @@ TRAINER = [
 ]
 DIFFUSION_ARGS = ["--model.init_args.num_inference_steps=2"]
 ATTACKS = ["pixel", "loss"]  # one black-box and one gray-box attack (its signal), + LiRA
+# attack classifiers train at most this many epochs: 24 shadow rows tell nothing more after
+# 200 (the default) than after 5, and every attack stage of the slow tier trains a dozen
+ATTACK_EPOCHS = 5
 CONFIGS = {  # family -> (autoencoder, model) stage configs
     "diffusion": ("configs/autoencoder/tiny-kl.yaml", "configs/diffusion/tiny.yaml"),
     "seq2seq": ("configs/autoencoder/tiny.yaml", "configs/seq2seq/tiny.yaml"),
@@ -87,7 +90,7 @@ def experiment_config(folder: Path, family: str = "diffusion", steps: int = STEP
             "model_args": DIFFUSION_ARGS if family == "diffusion" else [],
         },
         "query": {"num_images": 1, "signals": ["loss"]},
-        "attack": {"attacks": ATTACKS},
+        "attack": {"attacks": ATTACKS, "max_epochs": ATTACK_EPOCHS},
     }
     return {**config, **top}
 

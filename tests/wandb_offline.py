@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,16 +60,36 @@ def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def read_offline_run(folder: str | Path) -> OfflineRun:
-    """Parse one `offline-run-*` folder."""
+def _records(folder: Path, timeout: float) -> list:
+    """The records of the run file, once W&B has written all of them (its last is `exit`).
+
+    `run.finish()` returns when the W&B service has the run's last record, not when it has
+    written it: on a busy machine the file can still be empty or partly written then (this
+    read back empty names, groups and job types). Waiting for the `exit` record makes the
+    read independent of how fast the service writes; `timeout` only bounds a run that never
+    finished (then the records there are, for the test's assertion to show)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
+    deadline = time.monotonic() + timeout
+    while True:
+        records = []
+        for path in folder.glob("run-*.wandb"):
+            for data in _chunks(path.read_bytes()):
+                rec = pb.Record()
+                rec.ParseFromString(data)
+                records.append(rec)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        if time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def read_offline_run(folder: str | Path, timeout: float = 120.0) -> OfflineRun:
+    """Parse one `offline-run-*` folder (a run that finished: see `_records`)."""
     folder = Path(folder)
-    (path,) = folder.glob("run-*.wandb")
     run = OfflineRun(folder)
-    for data in _chunks(path.read_bytes()):
-        rec = pb.Record()
-        rec.ParseFromString(data)
+    for rec in _records(folder, timeout):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             # a run record is an update: a later one (how many, and when, depends on how fast
