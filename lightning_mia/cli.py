@@ -1,4 +1,4 @@
-"""Command lines: `python train.py {fit,validate,predict} ...` and `python attack.py --ckpt X`.
+"""Command lines: `python train.py {fit,predict} ...` and `python attack.py --ckpt X`.
 
     python train.py fit --config configs/diffusion/tiny.yaml                      # target, row 0
     python train.py fit --config configs/diffusion/tiny.yaml --data.model_index 1  # shadow 1
@@ -67,8 +67,10 @@ class MIACLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """Lightning's, with `Trainer.validate/test(verbose=...)` left to our `--verbose`."""
-        return {name: {*skip, "verbose"} for name, skip in LightningCLI.subcommands().items()}
+        """`fit` (every stage) and `predict` (a query), as Lightning's. No stage has a
+        validation or test loop, so `validate` and `test` are not offered: the parser says so
+        in one line (and builds two subcommands' arguments instead of four, ~0.2 s a start)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "predict")}
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument(

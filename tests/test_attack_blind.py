@@ -21,7 +21,7 @@ from lightning_mia.models.tokenizers import load_clip_tokenizer
 from lightning_mia.query.shards import QueryTable
 
 N = 240
-FIT = FitOptions(max_epochs=40, patience=8, progress=False)
+FIT = FitOptions(max_epochs=20, patience=8, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from lightning_mia.query.shards import QueryTable, load_query_table, write_shard
 from lightning_mia.specs.attacks import AttackError, QueryCosts
 from lightning_mia.specs.query import QueryRecord, QuerySpec
 
-FAST = dict(max_epochs=15, n_boot=100, progress=False)
+FAST = dict(max_epochs=8, n_boot=100, progress=False)
 N = 200  # target rows: 100 non-members, TPR@1%FPR resolvable
 SHADOWS = 4
 

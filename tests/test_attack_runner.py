@@ -14,7 +14,7 @@ from lightning_mia.query.shards import load_query_table, write_shard
 from lightning_mia.specs.attacks import AttackError
 from lightning_mia.specs.query import QueryRecord, QuerySpec
 
-FAST = dict(max_epochs=15, n_boot=100, progress=False)
+FAST = dict(max_epochs=8, n_boot=100, progress=False)
 
 
 def _features(member, g):

@@ -123,18 +123,19 @@ def test_stages_run_in_their_own_processes_side_by_side(tmp_path):
 def test_parallel_stages_wait_for_the_autoencoder_alone(diffusion_experiment, tmp_path, log):
     """`stages.parallel`: the autoencoder (which every model loads) trains first, alone, with
     every thread; then the models and the encoder, which need nothing of each other, at once
-    (`train_stages`, on a copy with one shadow)."""
+    (`train_stages`, on a copy: the target and the encoder, the fewest processes that show
+    the schedule)."""
     copy = copy_experiment(diffusion_experiment, tmp_path, ("splits.json", "autoencoder"))
     layout = copy.layout
     done_marker(layout.autoencoder).unlink()  # as if interrupted: it resumes for 2 more steps
-    stages = _stages_of(copy.config, STEPS + 2, parallel=3)
-    train_stages(layout, "diffusion", 1, stages, stage_arguments(layout.root, stages))
-    for folder in _stages(layout)[:4]:  # the models trained anew on the new autoencoder
+    stages = _stages_of(copy.config, STEPS + 2, parallel=2)
+    train_stages(layout, "diffusion", 0, stages, stage_arguments(layout.root, stages))
+    for folder in _stages(layout)[:3]:  # the target trained anew on the new autoencoder
         assert json.loads(done_marker(folder).read_text())["global_step"] == STEPS + 2, folder
     lines = [r.getMessage() for r in log.records if r.getMessage().startswith("[fit] ")]
     lines = list(dict.fromkeys(lines))  # (caught once by each handler)
     cpus = os.cpu_count() or 1
-    rest = "diffusion-target-000, diffusion-shadow-001, encoder"
+    rest = "diffusion-target-000, encoder"
     first = lines.index(f"[fit] autoencoder: 1 at once, {cpus} thread(s) each")
     assert lines[first + 1].startswith("[fit] autoencoder done in")  # before any model starts
-    assert lines.index(f"[fit] {rest}: 3 at once, {max(1, cpus // 3)} thread(s) each") > first
+    assert lines.index(f"[fit] {rest}: 2 at once, {max(1, cpus // 2)} thread(s) each") > first

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_experiment import ATTACKS, DATA, TARGET_SIZE, TRAINER, torch_threads
+from tiny_experiment import ATTACK_EPOCHS, ATTACKS, DATA, TARGET_SIZE, TRAINER, torch_threads
 
 from lightning_mia.cli import attack_main, train_main
 from lightning_mia.experiment import fit_stage
@@ -35,7 +35,7 @@ ATTACK = [  # the session experiment's query (1 image, the loss signal) and atta
     *ATTACKS,
     "--query.signals",
     "loss",
-    "--attack.max_epochs=40",
+    f"--attack.max_epochs={ATTACK_EPOCHS}",
     "--progress=false",
 ]
 RUNS = ("diffusion-target-000", "diffusion-shadow-001", "diffusion-shadow-002")
