@@ -2,6 +2,8 @@
 report, and AUC / TPR@1%FPR against each ablated factor (one factor at a time)."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,9 +61,10 @@ def _experiment(root, name, setting="shadow", **factors):
     return folder
 
 
-@pytest.fixture
-def runs(tmp_path):
-    root = tmp_path / "runs"
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Six experiments' reports, written once (read-only: a test that adds one copies them)."""
+    root = tmp_path_factory.mktemp("summary") / "runs"
     folders = [
         _experiment(root, "demo"),
         _experiment(root, "steps-050", steps=50.0),
@@ -106,8 +109,8 @@ def test_one_factor_at_a_time(runs):
     assert "blind (baseline)" not in steps  # baselines are in the table, not the figures
 
 
-def test_summary_command_writes_the_table_and_the_figure(runs, capsys):
-    root, _ = runs
+def test_summary_command_writes_the_table_and_the_figure(runs, tmp_path, capsys):
+    root = Path(shutil.copytree(runs[0], tmp_path / "runs"))
     _experiment(root, "demo-partial", setting="partial")
     summary_main([str(p) for p in sorted(root.iterdir())])
     table = (root / SUMMARY_MD).read_text()

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_mia.attack.data import AttackDataModule
+from lightning_mia.card import load_module
 from lightning_mia.metrics import roc_auc
 
 _MIN_STD = 1e-6  # a constant feature is centred, not divided by ~0
@@ -219,4 +220,4 @@ def _fit(
         trainer.fit(module, datamodule=datamodule)
     if not checkpoint.best_model_path:
         return module.eval()
-    return AttackModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True).eval()
+    return load_module(AttackModule, checkpoint.best_model_path, weights_only=True).eval()

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from lightning_mia.data.sources import (
     DIGEST_BYTES,
     DataError,
+    DatasetFingerprint,
     ImageCaptionSource,
     register_source,
 )
@@ -186,6 +187,9 @@ def render_scene(scene: Scene, resolution: int) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
+_FINGERPRINTS: dict[tuple, DatasetFingerprint] = {}  # (num_samples, resolution, seed, version)
+
+
 @register_source("shapes")
 class ShapesSource(ImageCaptionSource):
     """Procedural 1-3 coloured shapes on a 3x3 grid, each caption describing its image exactly."""
@@ -245,6 +249,16 @@ class ShapesSource(ImageCaptionSource):
         """A digest of each scene (which defines the pixels), without rendering."""
         raw = [hashlib.sha256(self.scene_json(i)).digest()[:DIGEST_BYTES] for i in ids]
         return np.array(raw, dtype=f"S{DIGEST_BYTES}")
+
+    def dataset_fingerprint(self) -> DatasetFingerprint:
+        """The fingerprint of every source with the same arguments, computed once per process
+        (each query and stage of an experiment opens its own source and checks its splits)."""
+        if self._fingerprint is None:
+            key = (self.num_samples, self.resolution, self.seed, RENDER_VERSION)
+            if key not in _FINGERPRINTS:
+                _FINGERPRINTS[key] = super().dataset_fingerprint()
+            self._fingerprint = _FINGERPRINTS[key]
+        return self._fingerprint
 
     def images_sha256(self) -> str:
         """Scenes define the pixels (with RENDER_VERSION); hashing them avoids rendering all."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from lightning_mia.card import CheckpointError, read_card_and_moves
+from lightning_mia.card import CheckpointError, load_module, read_card_and_moves
 from lightning_mia.models.base import FAMILIES, TextToImageModule
 
 
@@ -28,8 +28,6 @@ def load_family_module(
     card, moves = read_card_and_moves(ckpt_path)
     cls = family_class(card.family)
     # folders that moved with a copied experiment replace those the hyper-parameters name
-    model = cls.load_from_checkpoint(
-        ckpt_path, map_location=map_location, weights_only=True, **moves
-    )
+    model = load_module(cls, ckpt_path, map_location=map_location, weights_only=True, **moves)
     model.card = card
     return model.eval()
