@@ -229,10 +229,10 @@ def test_experiment_attack_stage_under_ddp_runs_as_its_own_process(
     from lightning_mia.experiment import experiment_main
 
     tmp, exp, report, tables = experiment
-    # the target, a shadow and that shadow on the target's samples (row-000): each kind of
-    # query the stage makes; the other shadow's two folders stay the one-device ones
+    # the target (a model on its own row) and a shadow on the target's samples (row-000):
+    # each kind of query the stage makes; the shadows' other folders stay the one-device ones
     shadow = "queries/diffusion-shadow-001"
-    requery = _fresh(tmp, exp, [TARGET, shadow, f"{shadow}/row-000"])
+    requery = _fresh(tmp, exp, [TARGET, f"{shadow}/row-000"])
     for var, value in _env(tmp, wandb="offline").items():
         monkeypatch.setenv(var, value)
     caplog.set_level(logging.INFO, logger="lightning.pytorch")
