@@ -138,16 +138,17 @@ def _card_entry(path: str | os.PathLike) -> dict[str, Any]:
         key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
     except OSError:
         key = None  # not a file: load_checkpoint says so
-    if key is None or key not in _CARD_ENTRIES:
+    entry = _CARD_ENTRIES.get(key)
+    if entry is None:
         ckpt = load_checkpoint(path, mmap=True)
         if CARD_KEY not in ckpt:
             raise CheckpointError(
                 f"checkpoint {path}: not a lightning_mia checkpoint (no '{CARD_KEY}' entry)"
             )
-        if key is None:
-            return ckpt[CARD_KEY]
-        _CARD_ENTRIES[key] = ckpt[CARD_KEY]
-    return copy.deepcopy(_CARD_ENTRIES[key])
+        entry = ckpt[CARD_KEY]
+        if key is not None:
+            _CARD_ENTRIES[key] = entry
+    return copy.deepcopy(entry)
 
 
 def moved_path(path: str, old_root: str | os.PathLike, new_root: str | os.PathLike) -> str:
