@@ -20,6 +20,7 @@ from lightning_mia.setlevel.stats import (
     cohens_d,
     one_sided_test,
     permutation_greater,
+    skewness,
     welch_greater,
 )
 
@@ -58,6 +59,17 @@ def test_effect_sizes_match_their_definitions():
     assert auc_greater(s, r) == pytest.approx(roc_auc_score(labels, np.r_[s, r]))
     ties = np.array([1.0, 1.0]), np.array([1.0, 1.0])
     assert auc_greater(*ties) == 0.5 and cohens_d(*ties) == 0.0
+
+
+def test_auc_and_skewness_equal_scipys_with_ties_and_constant_rows():
+    rng = np.random.default_rng(3)
+    s, r = rng.integers(0, 6, 37).astype(float), rng.integers(1, 7, 53).astype(float)  # ties
+    u = stats.mannwhitneyu(s, r, alternative="greater").statistic
+    assert auc_greater(s, r) == pytest.approx(u / (37 * 53), rel=1e-12)
+    rows = np.stack([rng.exponential(size=40), rng.normal(size=40), np.full(40, 2.5)])
+    want = [stats.skew(rows[0]), stats.skew(rows[1]), 0.0]
+    np.testing.assert_allclose(skewness(rows), want, rtol=1e-10, atol=1e-12)
+    assert skewness(rows[0]) == pytest.approx(want[0], rel=1e-10)
 
 
 def test_auto_takes_welch_only_where_it_is_safe():
