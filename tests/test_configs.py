@@ -20,7 +20,21 @@ EXPERIMENT_CONFIGS = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
 
 
 class ParseOnlyCLI(MIACLI):
-    """Parse and validate a config against the signatures; build and run nothing."""
+    """Parse and validate a config against the signatures; build and run nothing. The parser
+    is built once per process and reused (building it is half of a parse, and the docs and
+    config tests parse about a hundred command lines); jsonargparse parsers parse any number
+    of times."""
+
+    _built: dict = {}
+
+    def setup_parser(self, add_subcommands, main_kwargs, subparser_kwargs) -> None:
+        key = (add_subcommands, repr(main_kwargs), repr(subparser_kwargs))
+        kept = ("parser", "_subcommand_method_arguments", "_subcommand_parsers")
+        if key not in self._built:
+            super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+            self._built[key] = {name: getattr(self, name, None) for name in kept}
+        for name, value in self._built[key].items():
+            setattr(self, name, value)
 
     def before_instantiate_classes(self) -> None:
         pass
