@@ -1,9 +1,11 @@
-"""Gray-box signals on a tiny seq2seq model (BART over VQ codes) overfitted on 16 members.
+"""Gray-box signals on a tiny seq2seq model (BART over VQ codes) trained on 16 members.
 
 One model for the file (module fixture): the `tiny` preset (32x32 pixels, 8x8 = 64 codes of a
-random VQ autoencoder), 125 steps of the module's own AdamW (BART's betas: with beta2 = 0.999
-the model was still ignoring its captions here, NLL AUC 0.70) at lr 1e-3 with caption dropout
-0.1 (~10 s on one CPU core), then 16 non-members from the same source.
+random VQ autoencoder), STEPS steps of the module's own AdamW at lr 1e-3 with caption dropout
+0.1, then 16 non-members from the same source. The tests check maths that hold for any
+weights; that the signals separate members after 125 steps (every NLL statistic at AUC 1.0)
+is `python benchmarks/bench_memorisation.py --check graybox-seq2seq`, on this module's own
+data and training (`trained_model`).
 """
 
 import pytest
@@ -12,14 +14,13 @@ from diffusers import VQModel
 
 from lightning_mia.data.shapes import ShapesSource
 from lightning_mia.graybox import SignalError, SignalOptions, compute_signals
-from lightning_mia.metrics import roc_auc
 from lightning_mia.models.bart_tokenizer import train_caption_tokenizer
 from lightning_mia.models.seq2seq import Seq2SeqModule
 
-MEMBERS, STEPS = 16, 125
+MEMBERS, STEPS = 16, 20
 SOURCE = ShapesSource(num_samples=64, resolution=32, seed=0)
 IDS = list(range(2 * MEMBERS))  # the first 16 are members
-LABELS = torch.tensor(IDS) < MEMBERS
+LABELS = torch.tensor(IDS) < MEMBERS  # (benchmarks/bench_memorisation.py)
 
 
 def shapes_batch(ids):
@@ -60,11 +61,12 @@ def test_every_signal_runs_on_a_random_model(tmp_path):
     assert all(v.shape == (4,) and bool(torch.isfinite(v).all()) for v in feats.values())
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def trained_model(root, steps: int) -> Seq2SeqModule:
+    """The module's model: `steps` steps of its own AdamW (BART's betas: with beta2 = 0.999 the
+    model still ignored its captions after 125 steps, NLL AUC 0.70) on the 16 members, one
+    torch thread (the test machine is shared: two threads thrash)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared: two threads thrash
-    root = tmp_path_factory.mktemp("graybox_seq2seq")
+    torch.set_num_threads(1)
     train_caption_tokenizer([SOURCE.caption(i) for i in IDS], 512, root / "tokenizer")
     torch.manual_seed(0)
     m = Seq2SeqModule(
@@ -76,22 +78,26 @@ def model(tmp_path_factory):
     members = shapes_batch(IDS[:MEMBERS])
     opt = m.configure_optimizers()["optimizer"]  # the module's AdamW: BART's betas, lr 1e-3
     m.train()
-    for _ in range(STEPS):
+    for _ in range(steps):
         loss = m.per_sample_loss(members).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    yield m.eval()
+    torch.set_num_threads(threads)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield trained_model(tmp_path_factory.mktemp("graybox_seq2seq"), STEPS)
     torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def signals(model):
     return compute_signals(model, shapes_batch(IDS), ["nll", "nll_gap"], seed=0)
-
-
-def auc(scores):  # lower = member
-    return float(roc_auc(-scores, LABELS))
 
 
 @pytest.mark.slow
@@ -109,23 +115,6 @@ def test_signal_names_and_values(model, signals):
     torch.testing.assert_close(signals["nll/low20"], nll.sort(1).values[:, -13:].mean(1))  # 13/64
     torch.testing.assert_close(signals["nll_gap/mean"], null.mean(1) - nll.mean(1))
     assert (signals["nll/low20"] >= signals["nll/mean"]).all()
-
-
-# Measured (AUC, lower = member) with the same training on AVX-512, AVX2 and SSE kernels: 1.0
-# for every NLL statistic; nll_gap/mean 0.24-0.25 and nll_gap/low20 0.38-0.39.
-@pytest.mark.slow
-@pytest.mark.parametrize("feature", ["nll/mean", "nll/low20", "nll/max"])
-def test_members_have_lower_nll(signals, feature):
-    assert auc(signals[feature]) > 0.8
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("feature, floor", [("nll_gap/mean", 0.65), ("nll_gap/low20", 0.55)])
-def test_caption_gap_separates_members(signals, feature, floor):
-    # Direction is left to the attack stage: in this memorising regime the null caption is
-    # memorised too and the gap is SMALLER for members, and weaker than the NLL itself.
-    value = auc(signals[feature])
-    assert max(value, 1 - value) > floor
 
 
 @pytest.mark.slow
