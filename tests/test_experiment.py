@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_experiment import DATA, STEPS, TRAINER, copy_experiment
+from tiny_experiment import STEPS, copy_experiment
 
 from lightning_mia.experiment import (
     StageConfigs,
@@ -18,8 +18,8 @@ from lightning_mia.experiment import (
     stage_arguments,
     train_stages,
 )
-from lightning_mia.paths import ExperimentLayout, done_marker, last_checkpoint
-from lightning_mia.stages import StageError, fit_arguments, run_fit_processes
+from lightning_mia.paths import done_marker, last_checkpoint
+from lightning_mia.stages import StageError, fit_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,46 +92,29 @@ def test_an_interrupted_stage_resumes_from_its_last_checkpoint(diffusion_experim
     assert done_marker(layout.run_dir("diffusion", 1)).read_text() == shadow_done  # skipped
 
 
-def test_stages_run_in_their_own_processes_side_by_side(tmp_path):
-    config = str(ROOT / "configs/encoder/tiny.yaml")
-    good, bad = ExperimentLayout(tmp_path / "a").encoder, ExperimentLayout(tmp_path / "b").encoder
-    common = [*DATA, *TRAINER, "--trainer.max_steps=2"]
-    jobs = [
-        (good, fit_arguments(good, config, [f"--data.experiment={good.parent}", *common])),
-        (
-            bad,
-            fit_arguments(
-                bad,
-                config,
-                [
-                    f"--data.experiment={bad.parent}",
-                    *common,
-                    "--model.init_args.no_such_argument=1",
-                ],
-            ),
-        ),
-    ]
-    with pytest.raises(StageError, match=r"stages did not finish: encoder failed \(exit code 2\)"):
-        run_fit_processes(jobs, parallel=2)
-    assert json.loads(done_marker(good).read_text())["global_step"] == 2  # the other finished
-    assert (good / "config.json").is_file()  # the encoder folder it writes at the end
-    with pytest.raises(StageError, match="stage encoder failed"):
-        fit_stage(bad, config, jobs[1][1][3:], isolate=True)
-    assert fit_arguments(good, config, common) is None  # done: nothing to run
-
-
-def test_parallel_stages_wait_for_the_autoencoder_alone(diffusion_experiment, tmp_path, log):
+def test_parallel_stages_wait_for_the_autoencoder_alone_and_a_failure_stops_no_other(
+    diffusion_experiment, tmp_path, log
+):
     """`stages.parallel`: the autoencoder (which every model loads) trains first, alone, with
-    every thread; then the models and the encoder, which need nothing of each other, at once
-    (`train_stages`, on a copy: the target and the encoder, the fewest processes that show
-    the schedule)."""
+    every thread; then the models and the encoder, which need nothing of each other, at once,
+    each in its own process (`train_stages`, on a copy: the target and the encoder, the fewest
+    processes that show the schedule). The encoder's config is broken: its process fails, the
+    target beside it still finishes, and the error names the stage and its exit code."""
     copy = copy_experiment(diffusion_experiment, tmp_path, ("splits.json", "autoencoder"))
     layout = copy.layout
     done_marker(layout.autoencoder).unlink()  # as if interrupted: it resumes for 2 more steps
-    stages = _stages_of(copy.config, STEPS + 2, parallel=2)
-    train_stages(layout, "diffusion", 0, stages, stage_arguments(layout.root, stages))
-    for folder in _stages(layout)[:3]:  # the target trained anew on the new autoencoder
+    encoder = yaml.safe_load((ROOT / "configs/encoder/tiny.yaml").read_text())
+    encoder["model"]["init_args"]["no_such_argument"] = 1
+    bad = tmp_path / "encoder-bad.yaml"
+    bad.write_text(yaml.safe_dump(encoder))
+    stages = _stages_of(copy.config, STEPS + 2, parallel=2, encoder=str(bad))
+    common = stage_arguments(layout.root, stages)
+    with pytest.raises(StageError, match=r"stages did not finish: encoder failed \(exit code 2\)"):
+        train_stages(layout, "diffusion", 0, stages, common)
+    target = layout.run_dir("diffusion", 0)
+    for folder in (layout.autoencoder, target):  # the target trained anew on the new autoencoder
         assert json.loads(done_marker(folder).read_text())["global_step"] == STEPS + 2, folder
+    assert not done_marker(layout.encoder).exists()
     lines = [r.getMessage() for r in log.records if r.getMessage().startswith("[fit] ")]
     lines = list(dict.fromkeys(lines))  # (caught once by each handler)
     cpus = os.cpu_count() or 1
@@ -139,3 +122,9 @@ def test_parallel_stages_wait_for_the_autoencoder_alone(diffusion_experiment, tm
     first = lines.index(f"[fit] autoencoder: 1 at once, {cpus} thread(s) each")
     assert lines[first + 1].startswith("[fit] autoencoder done in")  # before any model starts
     assert lines.index(f"[fit] {rest}: 2 at once, {max(1, cpus // 2)} thread(s) each") > first
+    # one stage in its own process (`isolate`): its failure is one StageError too
+    with pytest.raises(StageError, match="stage encoder failed"):
+        fit_stage(layout.encoder, str(bad), common, isolate=True)
+    model = yaml.safe_load(copy.config.read_text())["stages"]["model"]
+    args = [*common, "--data.model_index=0", f"--model.init_args.autoencoder={layout.autoencoder}"]
+    assert fit_arguments(target, model, [*args, *stages.model_args]) is None  # done: nothing to do
