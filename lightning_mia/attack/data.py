@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
 
 from lightning_mia.query.shards import QueryTable
 from lightning_mia.specs.attacks import AttackError
@@ -158,9 +164,17 @@ class AttackDataModule(LightningDataModule):
         self.seed = seed
 
     def _loader(self, part: XY, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        """Whole batches indexed at once (the sampler hands the dataset a list of row indices),
+        drawn exactly as `DataLoader(batch_size=..., shuffle=..., generator=...)` draws them
+        (the loader takes its base seed from the same generator first): the same batches,
+        without a Python call per row and a collate per batch."""
         dataset = TensorDataset(part[0].float(), part[1].float())
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator)
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        rows = (
+            RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        )
+        batches = BatchSampler(rows, batch_size=self.batch_size, drop_last=False)
+        return DataLoader(dataset, sampler=batches, batch_size=None, generator=generator)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train, shuffle=True)

@@ -74,6 +74,7 @@ class AttackModule(LightningModule):
         self.register_buffer("pos_weight", torch.ones(()))
         self._val_logits: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
+        self._epoch_loss: dict[str, list[torch.Tensor]] = {"train_loss": [], "val_loss": []}
 
     def fit_standardizer(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """Set the feature mean/std from training rows x (S, F), and the member weight from
@@ -106,26 +107,49 @@ class AttackModule(LightningModule):
     def _prefix(self, name: str) -> str:
         return f"{self.hparams.metric_prefix}/{name}"
 
+    def _add_loss(self, name: str, loss: torch.Tensor, rows: int) -> None:
+        self._epoch_loss[name].append(loss.detach() * rows)
+        self._epoch_loss[name].append(torch.tensor(float(rows)))
+
+    def _log_epoch_loss(self, name: str, **kwargs: Any) -> None:
+        """Log the epoch's mean of `name`: per batch, the loss times its rows, summed in
+        order, over the rows, as `self.log(on_epoch=True)` averages it, but one `log` an epoch
+        instead of one a batch (Lightning's `log` moves its state to the device on every call,
+        most of a small classifier's step)."""
+        parts = self._epoch_loss[name]
+        if not parts:
+            return
+        total, rows = torch.tensor(0.0), torch.tensor(0.0)
+        for i in range(0, len(parts), 2):
+            total, rows = total + parts[i], rows + parts[i + 1]
+        parts.clear()
+        self.log(self._prefix(name), total / rows, on_epoch=True, **kwargs)
+
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch  # (B, F), (B,)
         loss = self._loss(self(x), y)
-        self.log(self._prefix("train_loss"), loss, on_step=False, on_epoch=True)
+        self._add_loss("train_loss", loss, len(y))
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_loss("train_loss")
 
     def on_validation_epoch_start(self) -> None:
         self._val_logits.clear()
         self._val_labels.clear()
+        self._epoch_loss["val_loss"].clear()
 
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss = self._loss(logits, y)
-        self.log(self._prefix("val_loss"), loss, on_epoch=True, prog_bar=True)
+        self._add_loss("val_loss", loss, len(y))
         self._val_logits.append(logits.detach().cpu())
         self._val_labels.append(y.detach().cpu())
         return loss
 
     def on_validation_epoch_end(self) -> None:
+        self._log_epoch_loss("val_loss", prog_bar=True)
         if not self._val_labels:
             return
         labels = torch.cat(self._val_labels).bool()
