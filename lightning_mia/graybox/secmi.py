@@ -15,6 +15,12 @@ Remaining deviations: `secmi/t_error` is the mean over the latent, the reference
 the latent size (a constant factor: same ranking, same calibration); SecMI_NNs trains a ResNet-18
 on the |x' - x̃| map, for which we give the attack stage two summaries of the squared error map
 summed over channels, its maximum and 90th percentile over latent positions.
+
+t_sec is a timestep of the reference's linear schedule. On a memorised member the inversion
+from the clean image adds too little noise (the model predicts little), so at a t_sec where the
+model's schedule is still almost clean (the demo's cosine schedule: ᾱ = 0.977 at t = 90) the
+round trip runs off distribution and members get the *larger* t-error; further up the paper's
+direction returns (`benchmarks/secmi_direction.py`: AUC 0.001 at t_sec = 100, 0.77 at 300).
 """
 
 from __future__ import annotations
