@@ -172,7 +172,7 @@ class AttackModule(LightningModule):
 class KeepBest(Callback):
     """The weights of the validation with the lowest `monitor`, kept in memory while the fit
     runs; `restore` puts them back in the module. What `ModelCheckpoint(save_top_k=1)` keeps,
-    without writing a checkpoint at every improvement (a fifth of a small classifier's fit):
+    without writing a checkpoint at every improvement (15% of a small classifier's fit):
     `_fit` writes the best once, at the end."""
 
     def __init__(self, monitor: str) -> None:
