@@ -29,6 +29,7 @@ from _machine import print_machine
 from lightning_mia.data.sources import build_source
 from lightning_mia.data.splits import load_splits
 from lightning_mia.graybox.denoiser import LatentView
+from lightning_mia.graybox.secmi import secmi_round_trip, t_error_features
 from lightning_mia.metrics import roc_auc
 from lightning_mia.models.registry import load_family_module
 from lightning_mia.paths import ExperimentLayout
@@ -41,20 +42,21 @@ def result(name: str, value: float) -> None:
 
 @torch.no_grad()
 def inversion(view: LatentView, x0, cond, t_sec: int, steps: int = 10) -> dict:
-    """ε̂ RMS at each inversion step, x̃ (at t_sec - Δ) and SecMI's t-error, per sample."""
+    """ε̂ RMS at each inversion step, the noise x̃ (at t_sec - Δ) carries, and SecMI's t-error
+    as the package computes it (`graybox.secmi`), per sample."""
     times = list(range(0, t_sec + 1, t_sec // steps))
     x, rms = x0, []
     for t, t_next in zip(times[:-2], times[1:-1]):
         eps, _ = view.eps_x0(x, t, cond)
         rms.append(eps.pow(2).mean((1, 2, 3)).sqrt())
         x = view.move(x, t, t_next, cond)
-    back = view.move(view.move(x, times[-2], times[-1], cond), times[-1], times[-2], cond)
+    x_ref, x_back = secmi_round_trip(view, x0, cond, t_sec, steps)
     abar = float(view.model.noise_scheduler.alphas_cumprod[times[-2]])
-    carried = (x - abar**0.5 * x0) / (1 - abar) ** 0.5
+    carried = (x_ref - abar**0.5 * x0) / (1 - abar) ** 0.5
     return {
         "eps_rms": torch.stack(rms, 1),  # (S, steps - 1)
         "carried_rms": carried.pow(2).mean((1, 2, 3)).sqrt(),
-        "t_error": (back - x).pow(2).mean((1, 2, 3)),
+        "t_error": t_error_features("secmi", x_ref, x_back)["secmi/t_error"],
         "times": times,
     }
 

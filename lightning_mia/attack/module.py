@@ -74,7 +74,7 @@ class AttackModule(LightningModule):
         self.register_buffer("pos_weight", torch.ones(()))
         self._val_logits: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
-        self._epoch_loss: dict[str, list[torch.Tensor]] = {"train_loss": [], "val_loss": []}
+        self._epoch_loss: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (sum, rows)
 
     def fit_standardizer(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """Set the feature mean/std from training rows x (S, F), and the member weight from
@@ -108,22 +108,17 @@ class AttackModule(LightningModule):
         return f"{self.hparams.metric_prefix}/{name}"
 
     def _add_loss(self, name: str, loss: torch.Tensor, rows: int) -> None:
-        self._epoch_loss[name].append(loss.detach() * rows)
-        self._epoch_loss[name].append(torch.tensor(float(rows)))
+        total, count = self._epoch_loss.get(name, (torch.tensor(0.0), torch.tensor(0.0)))
+        self._epoch_loss[name] = (total + loss.detach() * rows, count + rows)
 
     def _log_epoch_loss(self, name: str, **kwargs: Any) -> None:
-        """Log the epoch's mean of `name`: per batch, the loss times its rows, summed in
-        order, over the rows, as `self.log(on_epoch=True)` averages it, but one `log` an epoch
+        """Log the epoch's mean of `name` (each batch's loss times its rows, summed in order,
+        over the rows), as `self.log(on_epoch=True)` averages it, but one `log` an epoch
         instead of one a batch (Lightning's `log` moves its state to the device on every call,
         most of a small classifier's step)."""
-        parts = self._epoch_loss[name]
-        if not parts:
-            return
-        total, rows = torch.tensor(0.0), torch.tensor(0.0)
-        for i in range(0, len(parts), 2):
-            total, rows = total + parts[i], rows + parts[i + 1]
-        parts.clear()
-        self.log(self._prefix(name), total / rows, on_epoch=True, **kwargs)
+        if name in self._epoch_loss:
+            total, count = self._epoch_loss.pop(name)
+            self.log(self._prefix(name), total / count, on_epoch=True, **kwargs)
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch  # (B, F), (B,)
@@ -137,7 +132,7 @@ class AttackModule(LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_logits.clear()
         self._val_labels.clear()
-        self._epoch_loss["val_loss"].clear()
+        self._epoch_loss.pop("val_loss", None)
 
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch

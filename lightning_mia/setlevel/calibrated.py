@@ -76,12 +76,12 @@ def _row_tests(
     most of an audit's time), where both sides exceed 8 samples: there scipy takes the
     asymptotic test whatever the ties, as it does row by row, so the p-values are the same."""
     groups: dict[tuple, list[str]] = {}
-    sides = {}
+    tested = []  # the rows with samples on both sides, in the order of `values`
     for name, v in values.items():
         s_ids = tuple(i for i in v if i in suspect)
         r_ids = tuple(i for i in v if i in reference)
         if s_ids and r_ids:
-            sides[name] = (s_ids, r_ids)
+            tested.append(name)
             groups.setdefault((s_ids, r_ids), []).append(name)
     p_values, aucs, sets = {}, {}, {}
     for (s_ids, r_ids), names in groups.items():
@@ -94,7 +94,11 @@ def _row_tests(
                 p_values[name] = float(test.pvalue[j])
                 aucs[name] = float(test.statistic[j]) / (len(s_ids) * len(r_ids))
                 sets[name] = (len(s_ids), len(r_ids))
-    return {n: p_values[n] for n in sides}, {n: aucs[n] for n in sides}, {n: sets[n] for n in sides}
+    return (
+        {n: p_values[n] for n in tested},
+        {n: aucs[n] for n in tested},
+        {n: sets[n] for n in tested},
+    )
 
 
 def calibrated_scores_test(
