@@ -98,4 +98,8 @@ def test_what_a_report_and_a_folder_need_comes_from_the_family():
     assert autoencoder_what("diffusion") == autoencoder_what("flow") == "image autoencoder"
     assert autoencoder_what("no-such-family") == "autoencoder"
     layouts = {name: layout.family for name, layout in PIPELINE_LAYOUTS.items()}
-    assert layouts == {"StableDiffusionPipeline": "diffusion", "StableDiffusion3Pipeline": "flow"}
+    assert layouts == {
+        "StableDiffusionPipeline": "diffusion",
+        "StableDiffusion3Pipeline": "flow",
+        "FluxPipeline": "flow",
+    }

@@ -140,7 +140,8 @@ def test_pipeline_folder_round_trips(autoencoder, tmp_path):
 
 
 @pytest.mark.slow
-def test_fit_checkpoints_and_resume_continues_the_global_step(autoencoder, tmp_path):
+@pytest.mark.parametrize("preset", ["tiny", "flux-tiny"])  # both architectures, one module
+def test_fit_checkpoints_and_resume_continues_the_global_step(autoencoder, tmp_path, preset):
     dm = MembershipDataModule(
         str(tmp_path), ShapesSource(num_samples=32, resolution=RES), num_shadows=1, batch_size=4
     )
@@ -148,7 +149,9 @@ def test_fit_checkpoints_and_resume_continues_the_global_step(autoencoder, tmp_p
 
     def fit(steps, ckpt_path=None):
         seed_everything(0)
-        model = make_model(autoencoder, ema_decay=0.9, warmup_steps=2, max_caption_length=128)
+        model = make_model(
+            autoencoder, preset=preset, ema_decay=0.9, warmup_steps=2, max_caption_length=128
+        )
         checkpoints = ModelCheckpoint(
             dirpath=run / "checkpoints", save_last=True, every_n_train_steps=1
         )
@@ -176,6 +179,7 @@ def test_fit_checkpoints_and_resume_continues_the_global_step(autoencoder, tmp_p
     assert trainer.global_step == 5 and int(resumed.ema.num_updates) == 5
     loaded = load_family_module(last)  # rebuilt from the checkpoint alone (step 5)
     assert isinstance(loaded, FlowMatchingModule) and not loaded.training
+    assert loaded.arch.name == ("flux" if preset == "flux-tiny" else "sd3")
     for name, value in resumed.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], value, msg=name)
 

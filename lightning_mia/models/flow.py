@@ -1,23 +1,25 @@
-"""Flow-matching text-to-image family (Stable Diffusion 3 architecture): an MMDiT transformer
-over the frozen autoencoder's latents, conditioned by two CLIP text encoders (and, from a
-pretrained folder, its T5 encoder).
+"""Flow-matching text-to-image family, in two architectures (`models.flow_arch`): Stable
+Diffusion 3's MMDiT (`SD3Transformer2DModel`, two CLIP text encoders and, from a pretrained
+folder, a T5) and FLUX's (`FluxTransformer2DModel`, a CLIP for the pooled embedding and a T5 for
+the token states), over the frozen autoencoder's latents.
 
     python train.py fit --config configs/autoencoder/tiny-kl.yaml                # first, once
     python train.py fit --config configs/flow/tiny.yaml                          # target
     python train.py fit --config configs/flow/tiny.yaml --data.model_index 1     # shadow 1
     python train.py fit --config configs/flow/tiny.yaml --ckpt_path last         # resume
+    python train.py fit --config configs/flow/flux-tiny.yaml                     # FLUX target
 
-Training is rectified flow (conditional flow matching, as SD3 trains): x_t = (1 - t)·x0 + t·eps
-at a noise level t in (0, 1), and the transformer, fed t·1000 as its timestep, learns the
-velocity v = eps - x0 (MSE over the latent). t is drawn logit-normal (SD3's default) or uniform
-and shifted as the scheduler's `shift` says (t' = s·t / (1 + (s - 1)·t)); caption dropout
-trains the null caption for classifier-free guidance. Sampling is the Euler loop of
-`FlowMatchEulerDiscreteScheduler` batched over captions x images (`models.flow_sampling`),
-equal to `StableDiffusion3Pipeline` on the same weights and noise. `save_pipeline` writes that
-pipeline's folder, and `preset: pretrained` fine-tunes one in full or with LoRA adapters
-(`lora_rank`, `models.lora`). The family implements the gray-box interface of `models.latent`
-with time = the noise level t in [0, 1] and the velocity as its prediction; its signals are in
-`graybox/flow.py`.
+Training is rectified flow (conditional flow matching, as SD3 and FLUX train): x_t = (1 - t)·x0
++ t·eps at a noise level t in (0, 1), and the transformer learns the velocity v = eps - x0 (MSE
+over the latent). t is drawn logit-normal (SD3's default) or uniform and shifted as the
+scheduler's `shift` says (t' = s·t / (1 + (s - 1)·t)); caption dropout trains the null caption
+for classifier-free guidance. Sampling is the Euler loop of `FlowMatchEulerDiscreteScheduler`
+batched over captions x images (`models.flow_sampling`), equal to `StableDiffusion3Pipeline`
+or `FluxPipeline` on the same weights and noise. `save_pipeline` writes that pipeline's folder,
+and `preset: pretrained` fine-tunes either kind in full or with LoRA adapters (`lora_rank`,
+`models.lora`). The family implements the gray-box interface of `models.latent` with time =
+the noise level t in [0, 1] and the velocity as its prediction; its signals are in
+`graybox/flow.py`, and neither they nor the module ask which architecture answers.
 """
 
 from __future__ import annotations
@@ -32,26 +34,22 @@ from torch import nn
 
 from lightning_mia.models.base import register_family
 from lightning_mia.models.ema import EMAWeights
+from lightning_mia.models.flow_arch import ARCHITECTURES
 from lightning_mia.models.flow_presets import (
     PRESETS,
-    SD3_LAYOUT,
     FlowError,
     FlowSpec,
-    build_t5,
-    build_text_encoders,
-    build_transformer,
+    flow_layout,
     flow_scheduler,
 )
 from lightning_mia.models.flow_sampling import sample_images
-from lightning_mia.models.flow_text import TokenCache, clip_states, sd3_conditioning
+from lightning_mia.models.flow_text import TokenCache
 from lightning_mia.models.latent import Conditioning, LatentTextToImageModule, TimeGrid
 from lightning_mia.models.lora import MMDIT_LORA_TARGETS, LoraError, add_adapters
-from lightning_mia.models.pipeline_folder import check_pipeline_folder, native_resolution
+from lightning_mia.models.pipeline_folder import native_resolution
 from lightning_mia.models.tokenizers import load_clip_tokenizer
 from lightning_mia.models.vae import check_resolution, load_autoencoder
 from lightning_mia.paths import write_folder_atomically
-
-T5_DEFAULT_LENGTH = 256  # StableDiffusion3Pipeline's max_sequence_length
 
 
 def shifted(u: torch.Tensor, shift: float) -> torch.Tensor:
@@ -69,13 +67,14 @@ class FlowMatchingModule(LatentTextToImageModule):
         autoencoder: str = "runs/demo/autoencoder",  # diffusers folder ("" with pretrained)
         tokenizer: str = "",  # CLIP tokenizer folder; "" = offline char-level (or pretrained's)
         max_caption_length: int = 128,  # tokens of the char-level tokenizer (folders keep theirs)
-        # T5 tokens of a caption: None = 256 with a T5 encoder (the pipeline's default), 0
-        # without one (scratch presets: no zero rows; call the saved pipeline with the same)
+        # T5 tokens of a caption: None = the pipeline's default with a folder's T5 (SD3 256,
+        # FLUX 512), the caption length for flux-tiny, 0 for SD3 without T5 (no zero rows;
+        # call the saved pipeline with the same)
         max_sequence_length: int | None = None,
-        pretrained: str = "",  # local StableDiffusion3Pipeline folder for preset "pretrained"
+        pretrained: str = "",  # local StableDiffusion3Pipeline or FluxPipeline folder
         resolution: int = 32,  # image side; 0 = the pretrained folder's native one
         train_transformer: bool = True,  # False: the transformer stays the folder's
-        train_text_encoder: bool = True,  # both CLIP encoders (T5 is never trained)
+        train_text_encoder: bool = True,  # SD3: both CLIPs (its T5 never); FLUX: CLIP and T5
         lora_rank: int = 0,  # > 0: train LoRA adapters of this rank, base weights frozen
         lora_alpha: float = 0.0,  # LoRA scale alpha / rank; 0 = rank (scale 1)
         lora_targets: tuple[str, ...] = MMDIT_LORA_TARGETS,  # layer names (or endings) to adapt
@@ -101,28 +100,31 @@ class FlowMatchingModule(LatentTextToImageModule):
         self.save_hyperparameters()
         self._check_settings()
         if preset == "pretrained":
-            check_pipeline_folder(pretrained, SD3_LAYOUT)  # before its parts are read
-            resolution = resolution or native_resolution(pretrained, SD3_LAYOUT)
+            layout = flow_layout(pretrained)  # SD3 or FLUX, checked before its parts are read
+            resolution = resolution or native_resolution(pretrained, layout)
         self._autoencoder_folder = autoencoder or (f"{pretrained}/vae" if pretrained else "")
         if not self._autoencoder_folder:
             raise FlowError("FlowMatchingModule needs `autoencoder: <diffusers folder>`")
         from_folder = preset == "pretrained"
         self._tokenizer_folder = tokenizer or (f"{pretrained}/tokenizer" if from_folder else "")
         self.tokenizer = load_clip_tokenizer(self._tokenizer_folder, max_caption_length)
-        self.tokenizer_2 = self.tokenizer
-        if from_folder:
-            self.tokenizer_2 = load_clip_tokenizer(f"{pretrained}/tokenizer_2")
         self.vae = load_autoencoder(self._autoencoder_folder).requires_grad_(False)
         if self.vae.config.get("shift_factor") is None:  # the SD3 pipeline adds it unasked
             self.vae.register_to_config(shift_factor=0.0)
         latent_size = check_resolution(self.vae, resolution, f"autoencoder {autoencoder}")
         config = PRESETS[preset](self._spec(latent_size, pretrained if from_folder else ""))
-        self.transformer = build_transformer(config)
+        self.arch = ARCHITECTURES[config.arch]  # SD3 or FLUX: all that differs (flow_arch)
+        problems = self.arch.check(self.hparams)
+        if problems:
+            raise FlowError("; ".join(problems))
+        self.tokenizer_2 = self.arch.load_tokenizer_2(config.pretrained, self.tokenizer)
+        self.transformer = self.arch.build_transformer(config)
         self.transformer.requires_grad_(train_transformer and not lora_rank)
-        self.text_encoder, self.text_encoder_2 = build_text_encoders(config)
+        # SD3: two CLIPs (+ its T5 as text_encoder_3); FLUX: a CLIP and the T5 (text_encoder_2)
+        texts = self.arch.build_text(config)
+        self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.tokenizer_3 = texts
         for encoder in (self.text_encoder, self.text_encoder_2):
             encoder.requires_grad_(train_text_encoder and not lora_rank)
-        self.text_encoder_3, self.tokenizer_3 = build_t5(config)  # (None, None) without T5
         if self.text_encoder_3 is not None:
             self.text_encoder_3.requires_grad_(False)
         add_adapters(self)  # lora_rank > 0: LoRA in the tuned parts; no folder weights saved
@@ -132,7 +134,7 @@ class FlowMatchingModule(LatentTextToImageModule):
         self.latent_shape = (self.vae.config.latent_channels, latent_size, latent_size)
         self.t5_length = max_sequence_length
         if self.t5_length is None:
-            self.t5_length = T5_DEFAULT_LENGTH if self.text_encoder_3 is not None else 0
+            self.t5_length = self.arch.default_t5_length(self)
         self._tokens = TokenCache()
         self._latent_cache: dict[int, torch.Tensor] = {}  # sample_id -> (C, h, w), CPU
 
@@ -202,22 +204,8 @@ class FlowMatchingModule(LatentTextToImageModule):
         return TimeGrid(low=0.0, high=1.0, discrete=False, num_train_timesteps=n)
 
     def condition(self, captions: Sequence[str]) -> Conditioning:
-        """(token states (B, L + T, J), pooled (B, P)) as StableDiffusion3Pipeline encodes."""
-        parts, captions = self.released(), list(captions)
-        length = self.tokenizer.model_max_length  # the pipeline's length for both CLIPs
-        clips = [
-            clip_states(parts[name], self._tokens(tok, captions, length))
-            for name, tok in (
-                ("text_encoder", self.tokenizer),
-                ("text_encoder_2", self.tokenizer_2),
-            )
-        ]
-        t5 = None
-        if self.text_encoder_3 is not None:
-            ids = self._tokens(self.tokenizer_3, captions, self.t5_length).to(self.device)
-            t5 = self.text_encoder_3(ids)[0]
-        joint = self.transformer.config.joint_attention_dim
-        return sd3_conditioning(clips, t5, self.t5_length, joint)
+        """(token states (B, T, J), pooled (B, P)) as the architecture's pipeline encodes."""
+        return self.arch.condition(self, self.released(), list(captions))
 
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = t.to(x0.device, x0.dtype).reshape(-1, 1, 1, 1)
@@ -225,17 +213,10 @@ class FlowMatchingModule(LatentTextToImageModule):
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The velocity (B, C, h, w) float32 at x_t, noise levels t (B,)."""
-        transformer = self.released()["transformer"]
-        dtype = transformer.dtype
-        seq, pooled = cond.parts
         timestep = t.to(x_t.device, torch.float32) * self.num_train_timesteps
-        out = transformer(
-            hidden_states=x_t.to(dtype),
-            timestep=timestep,
-            encoder_hidden_states=seq.to(dtype),
-            pooled_projections=pooled.to(dtype),
-        )
-        return out.sample.float()
+        transformer = self.released()["transformer"]
+        guidance = self.hparams.guidance_scale  # read by guidance-distilled FLUX models only
+        return self.arch.forward(transformer, x_t, timestep, cond, guidance).float()
 
     def training_target(
         self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
@@ -290,27 +271,15 @@ class FlowMatchingModule(LatentTextToImageModule):
 
     # --- diffusers folders ---------------------------------------------------------------------
     def pipeline(self) -> Any:
-        """The released model as a `StableDiffusion3Pipeline` (EMA weights when EMA is on),
-        sharing this module's parts. Without a T5 encoder, call it with
-        `max_sequence_length=self.t5_length` (0 for the scratch presets)."""
-        from diffusers import StableDiffusion3Pipeline  # here: importing it is slow
-
-        parts = self.released(use_ema=True)
-        return StableDiffusion3Pipeline(
-            transformer=parts["transformer"],
-            scheduler=self.make_sampler(),
-            vae=self.vae,
-            text_encoder=parts["text_encoder"],
-            tokenizer=self.tokenizer,
-            text_encoder_2=parts["text_encoder_2"],
-            tokenizer_2=self.tokenizer_2,
-            text_encoder_3=self.text_encoder_3,
-            tokenizer_3=self.tokenizer_3,
-        )
+        """The released model as its architecture's pipeline (`StableDiffusion3Pipeline` or
+        `FluxPipeline`; EMA weights when EMA is on), sharing this module's parts. Call it with
+        `max_sequence_length=self.t5_length` (0 for the SD3 scratch presets, which have no T5)."""
+        return self.arch.pipeline(self, self.released(use_ema=True))
 
     def save_pipeline(self, folder: str | Path) -> Path:
-        """Write a StableDiffusion3Pipeline folder (loadable with `preset: pretrained`; with
-        diffusers, `StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None,
+        """Write the architecture's pipeline folder (loadable with `preset: pretrained`; with
+        diffusers, `FluxPipeline.from_pretrained(folder)`, or
+        `StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None,
         tokenizer_3=None)` when it has no T5 encoder)."""
         if self.hparams.lora_rank:
             raise LoraError("a LoRA model is exported as its adapter: models.lora.export_lora")

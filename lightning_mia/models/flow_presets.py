@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from lightning_mia.models.pipeline_folder import (
     PipelineLayout,
     check_pipeline_folder,
     part_config,
+    pipeline_class,
     scheduler_config,
     weights_variant,
 )
@@ -70,6 +72,31 @@ SD3_LAYOUT = PipelineLayout(
     lora_config="configs/flow/lora.yaml",
 )
 PIPELINE_LAYOUTS.register(SD3_LAYOUT.pipeline_class, SD3_LAYOUT)
+FLUX_LAYOUT = PipelineLayout(
+    family="flow",
+    pipeline_class="FluxPipeline",
+    parts=(
+        "transformer",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+        "scheduler",
+    ),
+    required=("transformer", "vae", "text_encoder", "text_encoder_2"),
+    denoiser="transformer",
+    what="FluxTransformer2DModel + AutoencoderKL + CLIPTextModel + T5EncoderModel",
+    part_classes={
+        "transformer": "FluxTransformer2DModel",
+        "text_encoder": "CLIPTextModel",
+        "text_encoder_2": "T5EncoderModel",
+    },
+    config="configs/flow/flux-pretrained.yaml",
+    lora_config="configs/flow/flux-lora.yaml",
+    sample_size=128,  # FluxPipeline's default_sample_size: 1024 px over the f8 autoencoder
+)
+PIPELINE_LAYOUTS.register(FLUX_LAYOUT.pipeline_class, FLUX_LAYOUT)
 CLIP_PARTS = ("text_encoder", "text_encoder_2")
 SCRATCH_SHIFT = 1.0  # the schedule shift of the presets trained from scratch (SD3 at 1024 px: 3)
 
@@ -90,13 +117,15 @@ class FlowSpec:
 
 @dataclass(frozen=True)
 class FlowPreset:
-    """Configs of the trained components (`SD3Transformer2DModel`, two `CLIPTextConfig`s)."""
+    """Configs of the trained components: the transformer's and the text encoders' (SD3: two
+    `CLIPTextConfig`s; FLUX: a `CLIPTextConfig` and a `T5Config`)."""
 
     transformer: dict[str, Any]
     text_encoders: tuple[dict[str, Any], ...]  # text_encoder, text_encoder_2
     shift: float = SCRATCH_SHIFT
     pretrained: str = ""  # folder whose weights to load ("" = random init)
-    has_t5: bool = False  # the folder has text_encoder_3/ (a T5 encoder)
+    arch: str = "sd3"  # the transformer's architecture (models.flow_arch): "sd3" | "flux"
+    has_t5: bool = False  # an SD3 folder with text_encoder_3/ (a T5 encoder)
     scheduler: dict[str, Any] = field(default_factory=dict)  # the folder's scheduler config
 
 
@@ -147,16 +176,71 @@ def sd3_256(spec: FlowSpec) -> FlowPreset:
     return FlowPreset(transformer=_mmdit(spec, 2, 12, 12, 64, texts), text_encoders=texts)
 
 
+def _t5(spec: FlowSpec, d_model: int, layers: int, heads: int) -> dict[str, Any]:
+    """A T5 v1.1 encoder (gated GELU, as FLUX's T5-XXL) over the caption vocabulary."""
+    return dict(
+        vocab_size=spec.vocab_size,
+        d_model=d_model,
+        d_kv=d_model // heads,
+        d_ff=2 * d_model,
+        num_layers=layers,
+        num_heads=heads,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=spec.pad_token_id,
+        eos_token_id=spec.eos_token_id,
+        decoder_start_token_id=spec.pad_token_id,
+    )
+
+
+def flux_tiny(spec: FlowSpec) -> FlowPreset:
+    """8x8x4 latents (32x32 pixels, f4) packed 2x2 into 16 tokens of 16 channels: 2 double-
+    stream and 2 single-stream FLUX blocks of 4 heads of 16, a 2-layer 32-wide CLIP (pooled)
+    and a 2-layer 32-wide T5 (states), no guidance embedding (trained with caption dropout and
+    sampled with classifier-free guidance)."""
+    if spec.latent_size % 2:
+        raise FlowError(
+            f"FLUX packs 2x2 latent patches: the latent side must be even, got {spec.latent_size}"
+        )
+    clip, t5 = _clip(spec, 32, 2, 2), _t5(spec, 32, 2, 2)
+    transformer = dict(
+        patch_size=1,
+        in_channels=4 * spec.latent_channels,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=t5["d_model"],
+        pooled_projection_dim=clip["hidden_size"],
+        guidance_embeds=False,
+        axes_dims_rope=(4, 6, 6),  # (index, row, column) rotary dims: their sum is a head's
+    )
+    return FlowPreset(transformer=transformer, text_encoders=(clip, t5), arch="flux")
+
+
+def flow_layout(folder: str) -> PipelineLayout:
+    """The layout of a flow-family folder (FluxPipeline or StableDiffusion3Pipeline), checked:
+    a folder of another class gets one PipelineError line naming the family that runs it."""
+    path = Path(folder)
+    name = pipeline_class(path) if str(folder) and path.is_dir() else None
+    layout = FLUX_LAYOUT if name == FLUX_LAYOUT.pipeline_class else SD3_LAYOUT
+    check_pipeline_folder(folder, layout)
+    return layout
+
+
 def pretrained(spec: FlowSpec) -> FlowPreset:
-    """The configs of the local StableDiffusion3Pipeline folder `spec.pretrained`."""
-    folder = check_pipeline_folder(spec.pretrained, SD3_LAYOUT)
+    """The configs of the local StableDiffusion3Pipeline or FluxPipeline folder
+    `spec.pretrained`."""
+    layout = flow_layout(spec.pretrained)
+    folder = Path(spec.pretrained)
     sched = scheduler_config(folder)
+    flux = layout is FLUX_LAYOUT
     return FlowPreset(
         transformer=part_config(folder, "transformer"),
         text_encoders=tuple(part_config(folder, p) for p in CLIP_PARTS),
         shift=float(sched.get("shift", 1.0)),
         pretrained=str(folder),
-        has_t5=(folder / "text_encoder_3" / "config.json").is_file(),
+        arch="flux" if flux else "sd3",
+        has_t5=not flux and (folder / "text_encoder_3" / "config.json").is_file(),
         scheduler=sched,
     )
 
@@ -164,6 +248,7 @@ def pretrained(spec: FlowSpec) -> FlowPreset:
 PRESETS: Registry[Callable[[FlowSpec], FlowPreset]] = Registry("flow preset")
 PRESETS.register("tiny", tiny)
 PRESETS.register("sd3-256", sd3_256)
+PRESETS.register("flux-tiny", flux_tiny)
 PRESETS.register("pretrained", pretrained)
 
 

@@ -53,6 +53,7 @@ LORA_PARTS = tuple(p for p, switch in PART_SWITCHES.items() if switch)
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 BASE_FILE = "base.json"  # beside an export: the base pipeline (path, sha256) it applies to
 NO_KEYS_MESSAGE = "No LoRA keys associated to"  # diffusers' warning for a part left alone
+UNFIT_KEYS_MESSAGE = "led to unexpected keys"  # diffusers' warning: weights that fit no layer
 
 
 class LoraError(UserError):
@@ -138,22 +139,27 @@ def first_line(err: BaseException) -> str:
 
 
 @contextmanager
-def quiet_lora_loading() -> Iterator[None]:
-    """Drop two kinds of diffusers' log records while it loads a LoRA: errors (a failed load
-    logs the whole state-dict report before it raises, and the raise becomes one LoraError
-    line) and "No LoRA keys associated to <part>" (a part the adapter leaves alone, as most
-    leave the text encoders; `load_lora` says when it fits no part). Other warnings (keys
-    that fit no layer of a part) are shown."""
+def quiet_lora_loading() -> Iterator[list[str]]:
+    """Drop diffusers' log records while it loads a LoRA, and yield the messages of those that
+    report adapter weights fitting no layer ("unexpected keys": `load_lora` refuses such an
+    adapter in one line). Also dropped: errors (a failed load logs the whole state-dict report
+    before it raises, and the raise becomes one LoraError line) and "No LoRA keys associated to
+    <part>" (a part the adapter leaves alone, as most leave the text encoders; `load_lora` says
+    when it fits no part). Other warnings are shown."""
     handlers = logging.getLogger("diffusers").handlers
+    unfit: list[str] = []
 
     def quiet(record: logging.LogRecord) -> bool:
-        no_keys = str(record.msg).startswith(NO_KEYS_MESSAGE)
-        return record.levelno < logging.ERROR and not no_keys
+        message = str(record.msg)
+        if UNFIT_KEYS_MESSAGE in message:
+            unfit.append(message)
+            return False
+        return record.levelno < logging.ERROR and not message.startswith(NO_KEYS_MESSAGE)
 
     for handler in handlers:
         handler.addFilter(quiet)
     try:
-        yield
+        yield unfit
     finally:
         for handler in handlers:
             handler.removeFilter(quiet)
@@ -162,19 +168,25 @@ def quiet_lora_loading() -> Iterator[None]:
 def load_lora(module: nn.Module, path: str | Path) -> None:
     """Load a diffusers-format LoRA (`pytorch_lora_weights.safetensors`, or a folder holding
     one) into the module's parts through its pipeline's `load_lora_weights`; LoraError, one
-    line, when diffusers cannot read it or when no weight of it fits the module (an adapter of
-    another UNet or transformer)."""
+    line, when diffusers cannot read it, when some of its weights fit no layer of the module
+    (an adapter of another transformer whose first blocks happen to match) or when none does."""
     path = Path(path)
     pipe = module.pipeline()  # shares the module's denoiser and text encoders
     where = (path.parent, path.name) if path.is_file() else (path, None)
     try:
-        with quiet_lora_loading():
+        with quiet_lora_loading() as unfit:
             pipe.load_lora_weights(str(where[0]), weight_name=where[1], adapter_name=ADAPTER)
     except (ValueError, KeyError, RuntimeError, OSError) as err:
         raise LoraError(
             f"LoRA adapter {path}: diffusers cannot load it ({first_line(err)}); an adapter "
             "made for another model?"
         ) from err
+    if unfit:
+        keys = unfit[0].split(":", 1)[-1].strip().split(", ")
+        raise LoraError(
+            f"LoRA adapter {path}: {len(keys)} of its weights fit no layer of this "
+            f"{type(pipe).__name__} (e.g. {keys[0]}): an adapter made for another model?"
+        )
     if not adapter_parts(module):
         raise LoraError(
             f"LoRA adapter {path}: no weight of it fits this {type(pipe).__name__}'s parts "

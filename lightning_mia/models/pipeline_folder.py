@@ -43,6 +43,7 @@ class PipelineLayout:
     part_classes: dict[str, str] = field(default_factory=dict)  # subfolder -> its class
     config: str = ""  # the family's config that fine-tunes such a folder (in full)
     lora_config: str = ""  # the family's config that LoRA-fine-tunes such a folder
+    sample_size: int = 0  # the latent side when the denoiser's config has none (FLUX: 128)
 
     @property
     def weight_parts(self) -> tuple[str, ...]:
@@ -186,7 +187,7 @@ def native_resolution(folder: str | Path, layout: PipelineLayout = SD_LAYOUT) ->
     transformer/) x the VAE's factor."""
     denoiser, vae = part_config(folder, layout.denoiser), part_config(folder, "vae")
     factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
-    return int(denoiser["sample_size"]) * factor
+    return int(denoiser.get("sample_size") or layout.sample_size) * factor
 
 
 def files_sha256(root: str | Path, paths: list[Path]) -> str:

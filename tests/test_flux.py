@@ -1,0 +1,239 @@
+"""The flow family's FLUX architecture (`FluxTransformer2DModel`, `models.flow_arch`): sampling =
+FluxPipeline (classifier-free and guidance-distilled), FluxPipeline folders both ways, training,
+LoRA on the transformer, errors. The gray-box signals run on it in `test_flow_signals.py`.
+
+Every model is the `flux-tiny` preset at 16x16 pixels over a random KL autoencoder built in
+code (f2: 8x8x4 latents, 16 packed tokens); nothing is downloaded.
+"""
+
+import json
+
+import pytest
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel
+from tiny_pipeline import save_tiny_sd3_pipeline, tiny_vae
+
+from lightning_mia.data.shapes import ShapesSource
+from lightning_mia.models.base import per_caption_randn
+from lightning_mia.models.diffusion import LatentDiffusionModule
+from lightning_mia.models.flow import FlowMatchingModule
+from lightning_mia.models.flow_arch import pack, unpack
+from lightning_mia.models.flow_presets import FLUX_LAYOUT, FlowError
+from lightning_mia.models.lora import LoraError, export_lora, load_lora
+from lightning_mia.models.pipeline_folder import (
+    PipelineError,
+    native_resolution,
+    pipeline_layout,
+)
+from lightning_mia.models.vae import save_autoencoder
+
+RES = 16
+SOURCE = ShapesSource(num_samples=16, resolution=RES, seed=3)
+CAPTIONS = [SOURCE.caption(i)[:77] for i in SOURCE.sample_ids()]
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+@pytest.fixture(scope="module")
+def autoencoder(tmp_path_factory):
+    """A random f2 KL autoencoder folder (16x16 pixels -> 8x8x4 latents)."""
+    torch.manual_seed(0)
+    return save_autoencoder(tiny_vae(), tmp_path_factory.mktemp("flux") / "autoencoder")
+
+
+def make_model(autoencoder, seed=0, **kwargs) -> FlowMatchingModule:
+    torch.manual_seed(seed)
+    defaults = dict(
+        preset="flux-tiny", resolution=RES, max_caption_length=77, num_inference_steps=3
+    )
+    return FlowMatchingModule(autoencoder=str(autoencoder), **{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def folder(autoencoder, tmp_path_factory):
+    """The flux-tiny model saved as a FluxPipeline folder."""
+    return make_model(autoencoder).eval().save_pipeline(tmp_path_factory.mktemp("fp") / "flux")
+
+
+def shapes_batch(ids):
+    return {
+        "pixel_values": torch.stack([SOURCE.image(i) for i in ids]),
+        "caption": [CAPTIONS[i] for i in ids],
+        "sample_id": torch.tensor(ids, dtype=torch.int64),
+    }
+
+
+def fixed_loss(model, batch):
+    """per_sample_loss (B,) at fixed times and noise, in eval mode (no caption dropout)."""
+    b = len(batch["caption"])
+    noise = torch.randn(b, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        loss = model.per_sample_loss(batch, times=torch.linspace(0.1, 0.9, b), noise=noise)
+    model.train(was_training)
+    return loss
+
+
+def pipeline_images(model, captions, seeds, n, scale, **kwargs):
+    """FluxPipeline's images (B*N, 3, H, W) in [0, 1] from the noise `generate` starts from."""
+    pipe = model.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    noise = per_caption_randn(seeds, (n, *model.latent_shape)).flatten(0, 1)
+    return pipe(
+        captions,
+        num_images_per_prompt=n,
+        latents=pack(noise),  # the pipeline keeps its latents packed
+        num_inference_steps=3,
+        height=RES,
+        width=RES,
+        max_sequence_length=model.t5_length,
+        output_type="pt",
+        **kwargs,
+    ).images
+
+
+def test_packing_is_fluxs_2x2_patches_and_round_trips():
+    x = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    packed = pack(x)
+    assert packed.shape == (2, 2 * 3, 3 * 4)
+    # token (row 0, column 1) holds every channel's 2x2 patch at rows 0-1, columns 2-3
+    torch.testing.assert_close(packed[0, 1], x[0, :, 0:2, 2:4].reshape(-1))
+    torch.testing.assert_close(unpack(packed, 4, 6), x)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_generate_equals_flux_pipeline(autoencoder, scale):
+    """Classifier-free guidance as FluxPipeline's true CFG (an empty negative prompt)."""
+    model = make_model(autoencoder).eval()
+    captions, n = CAPTIONS[:2], 2
+    images = model.generate(captions, num_images=n, seed=[4, 7], guidance_scale=scale)
+    cfg = dict(true_cfg_scale=scale, negative_prompt=[""] * len(captions)) if scale > 1 else {}
+    out = pipeline_images(model, captions, [4, 7], n, scale, **cfg)
+    # same weights, noise, sigmas and Euler steps; we batch the null caption's rows with the
+    # captions' (the pipeline makes two passes): equal to float32 rounding (0 measured here)
+    torch.testing.assert_close(out, (images.flatten(0, 1) + 1) / 2, rtol=0, atol=1e-5)
+    assert images.std() > 0.01
+
+
+def test_a_guidance_distilled_transformer_reads_the_scale_and_makes_one_pass(autoencoder):
+    """FLUX.1-dev style: the guidance embedding takes the scale, no classifier-free pass."""
+    model = make_model(autoencoder).eval()
+    config = {**model.transformer.config, "guidance_embeds": True}
+    torch.manual_seed(5)
+    model.transformer = FluxTransformer2DModel.from_config(config).eval()
+    captions = CAPTIONS[:2]
+    calls = []
+    hook = model.transformer.register_forward_hook(
+        lambda m, a, kw, out: calls.append(1), with_kwargs=True
+    )
+    images = model.generate(captions, num_images=1, seed=[1, 2], guidance_scale=3.5)
+    hook.remove()
+    assert len(calls) == 3  # one pass per step: the embedding, not a doubled batch
+    out = pipeline_images(model, captions, [1, 2], 1, 3.5, guidance_scale=3.5)
+    torch.testing.assert_close(out, (images.flatten(0, 1) + 1) / 2, rtol=0, atol=1e-5)
+    other = model.generate(captions, num_images=1, seed=[1, 2], guidance_scale=1.5)
+    assert (other - images).abs().max() > 1e-4  # the scale reaches the network
+
+
+def test_flux_pipeline_folder_round_trips(autoencoder, folder):
+    model = make_model(autoencoder).eval()
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline"
+    assert pipeline_layout(folder) is FLUX_LAYOUT and FLUX_LAYOUT.family == "flow"
+    # FLUX transformers carry no sample_size: the pipeline's default 128 latents (x f2 here)
+    assert native_resolution(folder, FLUX_LAYOUT) == 128 * 2
+    loaded = FlowMatchingModule(
+        preset="pretrained",
+        pretrained=str(folder),
+        autoencoder="",
+        resolution=RES,
+        max_sequence_length=model.t5_length,  # the folder's T5 would read 512 by default
+    ).eval()
+    assert loaded.arch.name == "flux" and loaded.text_encoder_3 is None
+    torch.testing.assert_close(
+        loaded.generate(CAPTIONS[:2], 2, 1, 3), model.generate(CAPTIONS[:2], 2, 1, 3)
+    )
+    batch = shapes_batch([0, 1])
+    torch.testing.assert_close(fixed_loss(loaded, batch), fixed_loss(model, batch))
+    pipe = FluxPipeline.from_pretrained(str(folder), local_files_only=True)
+    assert isinstance(pipe.transformer, FluxTransformer2DModel)
+
+
+def test_training_steps_lower_the_loss_on_a_fixed_batch(autoencoder):
+    model = make_model(autoencoder, caption_dropout=0.0)
+    batch = shapes_batch([0, 1, 2, 3])
+    before = fixed_loss(model, batch)
+    assert before.shape == (4,) and torch.isfinite(before).all()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    t5 = set(model.text_encoder_2.parameters())
+    assert any(p in t5 for p in trained)  # from scratch, the T5 trains with the CLIP
+    opt = torch.optim.AdamW(trained, lr=2e-3)
+    model.train()
+    for _ in range(20):
+        loss = model.per_sample_loss(batch).mean()  # random times and noise
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert fixed_loss(model, batch).mean() < 0.8 * before.mean()
+
+
+def test_lora_trains_transformer_adapters_only_and_round_trips(folder, tmp_path):
+    settings = dict(
+        preset="pretrained",
+        pretrained=str(folder),
+        autoencoder="",
+        resolution=RES,
+        max_sequence_length=77,
+        lora_rank=2,
+        train_text_encoder=False,
+    )
+    torch.manual_seed(0)
+    model = FlowMatchingModule(**settings)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(".lora_" in n and n.startswith("transformer.") for n in trained)
+    with torch.no_grad():  # an adapter that changes the model
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    exported = export_lora(model.eval(), tmp_path / "lora")
+    fresh = FlowMatchingModule(**{**settings, "lora_rank": 0}).eval()
+    batch = shapes_batch([0, 1])
+    assert not torch.allclose(fixed_loss(fresh, batch), fixed_loss(model, batch))
+    load_lora(fresh, exported)
+    torch.testing.assert_close(fixed_loss(fresh, batch), fixed_loss(model, batch))
+
+
+def test_bad_inputs_give_one_clear_error(autoencoder, folder, tmp_path):
+    with pytest.raises(FlowError, match="LoRA of FLUX's CLIP and T5 encoders is not built"):
+        FlowMatchingModule(
+            preset="pretrained",
+            pretrained=str(folder),
+            autoencoder="",
+            resolution=RES,
+            lora_rank=2,
+            train_text_encoder=True,
+        )
+    with pytest.raises(FlowError, match="latent side must be even, got 7"):
+        make_model(autoencoder, resolution=14)
+    with pytest.raises(
+        PipelineError,
+        match=r"holds a FluxPipeline .* the flow family's .configs/flow/flux-pretrained.yaml",
+    ):
+        LatentDiffusionModule(preset="pretrained", pretrained=str(folder), autoencoder="")
+    sd3 = save_tiny_sd3_pipeline(tmp_path / "sd3")
+    sd3_model = FlowMatchingModule(
+        preset="pretrained",
+        pretrained=str(sd3),
+        autoencoder="",
+        resolution=RES,
+        lora_rank=2,
+        train_text_encoder=False,
+    )
+    sd3_lora = export_lora(sd3_model, tmp_path / "sd3-lora")
+    flux = FlowMatchingModule(
+        preset="pretrained", pretrained=str(folder), autoencoder="", resolution=RES
+    )
+    # its first two blocks' names and shapes match flux-tiny's: refused, not half loaded
+    with pytest.raises(LoraError, match=r"\d+ of its weights fit no layer of this FluxPipeline"):
+        load_lora(flux, sd3_lora)
