@@ -3,7 +3,7 @@
 
     python benchmarks/bench_memorisation.py [--check NAME|all] [--threads 1]
 
-(NAME: diffusion, seq2seq, flow, graybox-diffusion, graybox-seq2seq or encoder)
+(NAME: diffusion, seq2seq, flow, flux, graybox-diffusion, graybox-seq2seq or encoder)
 
 - diffusion: the `tiny` latent diffusion preset at 16x16 pixels over a tiny KL autoencoder
   (16x16 -> 4x4x4 latents, trained 300 steps on ids 0..191 of ShapesSource(256, 16, seed=0),
@@ -20,6 +20,10 @@
   non-members (few times and steps). Passes if the AUC of flow_loss/mean, flow_sweep/mean and
   flow_secmi/t_error (lower = member) and of flow_clid/score (higher = member) are each > 0.8;
   flow_pia/mean's AUC is printed, not checked (~0.6 at 300 steps).
+- flux: the same with the flow family's `flux-tiny` preset (the FLUX architecture). Passes if
+  flow_loss/mean, flow_sweep/mean and flow_clid/score clear 0.8; flow_secmi/t_error and
+  flow_pia/mean are printed, not checked: on their first run (AMD EPYC, AVX2) they gave 0.79 and
+  0.14 (PIA ranks members *below* non-members here), against the SD3 preset's 1.0 and 0.61.
 - graybox-diffusion: tests/test_graybox_diffusion.py's model (the `tiny` preset at 16x16 over a
   random VQ autoencoder, v-prediction, cosine schedule) trained 300 AdamW steps on 16 members, as
   the tests trained it before they needed only its maths; its signals on 16 members and 16
@@ -231,9 +235,12 @@ FLOW_FLOORS = [
 ]
 
 
-def check_flow(root: Path) -> bool:
+FLUX_UNCHECKED = ("flow_secmi/t_error", "flow_pia/mean")  # printed only (see the docstring)
+
+
+def check_flow(root: Path, preset: str = "tiny") -> bool:
     """tests/test_flow_signals.py's former test_members_of_an_overfitted_model_look_like_members:
-    16 members, 300 AdamW steps; 16 non-members."""
+    16 members, 300 AdamW steps; 16 non-members (`preset` "flux-tiny": the FLUX architecture)."""
     res = 16
     source = ShapesSource(num_samples=64, resolution=res, seed=0)
     torch.manual_seed(0)
@@ -251,7 +258,11 @@ def check_flow(root: Path) -> bool:
     folder = save_autoencoder(ae, root / "autoencoder")
     torch.manual_seed(0)
     m = FlowMatchingModule(
-        autoencoder=str(folder), resolution=res, max_caption_length=77, timestep_sampling="uniform"
+        preset=preset,
+        autoencoder=str(folder),
+        resolution=res,
+        max_caption_length=77,
+        timestep_sampling="uniform",
     )
     members, ids = shapes_batch(source, range(16), 77), list(range(32))
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-3)
@@ -266,8 +277,11 @@ def check_flow(root: Path) -> bool:
     labels = torch.tensor(ids) < 16
     passed = True
     for name, lower_is_member, floor in FLOW_FLOORS:
+        if preset == "flux-tiny" and name in FLUX_UNCHECKED:
+            floor = None
         auc = float(roc_auc(-feats[name] if lower_is_member else feats[name], labels))
-        result(f"flow_auc_{name.replace('/', '_')}", auc)  # pass: > floor
+        prefix = "flux" if preset == "flux-tiny" else "flow"
+        result(f"{prefix}_auc_{name.replace('/', '_')}", auc)  # pass: > floor
         passed &= floor is None or auc > floor
     return passed
 
@@ -348,6 +362,7 @@ CHECKS: dict[str, Callable[[Path], bool]] = {
     "diffusion": check_diffusion,
     "seq2seq": check_seq2seq,
     "flow": check_flow,
+    "flux": lambda root: check_flow(root, "flux-tiny"),
     "graybox-diffusion": check_graybox_diffusion,
     "graybox-seq2seq": check_graybox_seq2seq,
     "encoder": check_encoder,

@@ -1,6 +1,7 @@
 """External folders built in code for the tests (diffusers' `get_dummy_components` style): tiny
-StableDiffusionPipeline and StableDiffusion3Pipeline folders, LoRA adapters of their parts saved
-by peft and by diffusers, images with member lists, a CLIP folder, the audit's command line."""
+StableDiffusionPipeline, StableDiffusion3Pipeline and FluxPipeline folders, LoRA adapters of
+their parts saved by peft and by diffusers, images with member lists, a CLIP folder, the audit's
+command line."""
 
 import csv
 import json
@@ -23,7 +24,13 @@ from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel
 from lightning_mia.data.images import tensor_to_pil
 from lightning_mia.data.shapes import ShapesSource
 from lightning_mia.models.encoder import ImageTextEncoder, clip_config
-from lightning_mia.models.flow_presets import FlowSpec, build_text_encoders, build_transformer
+from lightning_mia.models.flow_arch import ARCHITECTURES
+from lightning_mia.models.flow_presets import (
+    FlowSpec,
+    build_text_encoders,
+    build_transformer,
+    flux_tiny,
+)
 from lightning_mia.models.flow_presets import tiny as tiny_flow
 from lightning_mia.models.lora import LORA_WEIGHTS
 from lightning_mia.models.pipeline_folder import pipeline_layout
@@ -104,12 +111,9 @@ def save_tiny_pipeline(folder, seed=0, prediction_type="epsilon", variant=None) 
     return Path(folder)
 
 
-def save_tiny_sd3_pipeline(folder, seed=0, shift=3.0) -> Path:
-    """Write a tiny StableDiffusion3Pipeline folder (no T5): the flow family's `tiny` preset
-    over the tiny VAE at RES pixels, random weights (`seed`)."""
-    torch.manual_seed(seed)
-    tokenizer = char_clip_tokenizer(77)
-    spec = FlowSpec(
+def tiny_flow_spec(tokenizer) -> FlowSpec:
+    """The flow presets' view of the tiny VAE's latents (8x8x4) and the tokenizer."""
+    return FlowSpec(
         latent_channels=4,
         latent_size=RES // 2,
         vocab_size=len(tokenizer),
@@ -117,7 +121,37 @@ def save_tiny_sd3_pipeline(folder, seed=0, shift=3.0) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    preset = tiny_flow(spec)
+
+
+def save_tiny_flux_pipeline(folder, seed=0) -> Path:
+    """Write a tiny FluxPipeline folder: the flow family's `flux-tiny` preset over the tiny
+    VAE at RES pixels, random weights (`seed`); its T5 reads the character-level tokenizer."""
+    from diffusers import FluxPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = char_clip_tokenizer(77)
+    preset = flux_tiny(tiny_flow_spec(tokenizer))
+    flux = ARCHITECTURES["flux"]
+    clip, t5, _, _ = flux.build_text(preset)
+    pipe = FluxPipeline(
+        transformer=flux.build_transformer(preset),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=tiny_vae(),
+        text_encoder=clip,
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=tokenizer,
+    )
+    pipe.save_pretrained(str(folder))
+    return Path(folder)
+
+
+def save_tiny_sd3_pipeline(folder, seed=0, shift=3.0) -> Path:
+    """Write a tiny StableDiffusion3Pipeline folder (no T5): the flow family's `tiny` preset
+    over the tiny VAE at RES pixels, random weights (`seed`)."""
+    torch.manual_seed(seed)
+    tokenizer = char_clip_tokenizer(77)
+    preset = tiny_flow(tiny_flow_spec(tokenizer))
     clip, clip_2 = build_text_encoders(preset)
     pipe = StableDiffusion3Pipeline(
         transformer=build_transformer(preset),
