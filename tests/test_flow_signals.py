@@ -197,14 +197,13 @@ def test_bad_requests_fail_with_one_clear_error(model):
     assert not model.training
 
 
-def test_training_steps_lower_the_members_flow_loss(model):
+def test_training_steps_lower_the_members_flow_loss(autoencoder):
     """The overfitting check's path (benchmarks/bench_memorisation.py --check flow: 300 steps,
     then members' signals against non-members') cut to a few steps: uniform-time training
     lowers the members' flow_loss signal."""
     torch.manual_seed(0)
-    m = FlowMatchingModule(
-        preset=model.hparams.preset,
-        autoencoder=model.hparams.autoencoder,
+    m = FlowMatchingModule(  # the SD3 preset (flux-tiny's training: test_flux.py)
+        autoencoder=str(autoencoder),
         resolution=RES,
         max_caption_length=77,
         timestep_sampling="uniform",
