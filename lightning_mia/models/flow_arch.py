@@ -111,7 +111,21 @@ class FlowArchitecture(Protocol):
     def pipeline(self, module: Any, parts: dict[str, nn.Module]) -> Any: ...
 
 
-class SD3Architecture:
+class PipelineOfLayout:
+    """`pipeline()` of both architectures: the layout's pipeline class over the module's parts
+    (every part the layout names: SD3's text_encoder_3 / tokenizer_3 too, None without T5)."""
+
+    layout: PipelineLayout
+
+    def pipeline(self, module: Any, parts: dict[str, nn.Module]) -> Any:
+        import diffusers  # the pipeline classes: importing them is slow
+
+        given = {**parts, "scheduler": module.make_sampler(), "vae": module.vae}
+        kwargs = {p: given[p] if p in given else getattr(module, p) for p in self.layout.parts}
+        return getattr(diffusers, self.layout.pipeline_class)(**kwargs)
+
+
+class SD3Architecture(PipelineOfLayout):
     """Stable Diffusion 3: `SD3Transformer2DModel`, two CLIPs with projection (+ T5)."""
 
     name = "sd3"
@@ -191,21 +205,6 @@ class SD3Architecture:
     def uses_cfg(self, transformer: nn.Module, scale: float) -> bool:
         return scale > 1.0
 
-    def pipeline(self, module: Any, parts: dict[str, nn.Module]) -> Any:
-        from diffusers import StableDiffusion3Pipeline  # here: importing it is slow
-
-        return StableDiffusion3Pipeline(
-            transformer=parts["transformer"],
-            scheduler=module.make_sampler(),
-            vae=module.vae,
-            text_encoder=parts["text_encoder"],
-            tokenizer=module.tokenizer,
-            text_encoder_2=parts["text_encoder_2"],
-            tokenizer_2=module.tokenizer_2,
-            text_encoder_3=module.text_encoder_3,
-            tokenizer_3=module.tokenizer_3,
-        )
-
 
 def pack(x: torch.Tensor) -> torch.Tensor:
     """FluxPipeline's 2x2 packing: (B, C, h, w) -> (B, h/2·w/2, 4C)."""
@@ -229,7 +228,7 @@ def image_positions(h: int, w: int, device: Any, dtype: torch.dtype) -> torch.Te
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxArchitecture:
+class FluxArchitecture(PipelineOfLayout):
     """FLUX.1: `FluxTransformer2DModel` over 2x2-packed latents, a CLIP (pooled) and a T5."""
 
     name = "flux"
@@ -354,19 +353,6 @@ class FluxArchitecture:
 
     def uses_cfg(self, transformer: nn.Module, scale: float) -> bool:
         return scale > 1.0 and not transformer.config.guidance_embeds
-
-    def pipeline(self, module: Any, parts: dict[str, nn.Module]) -> Any:
-        from diffusers import FluxPipeline  # here: importing it is slow
-
-        return FluxPipeline(
-            transformer=parts["transformer"],
-            scheduler=module.make_sampler(),
-            vae=module.vae,
-            text_encoder=parts["text_encoder"],
-            tokenizer=module.tokenizer,
-            text_encoder_2=parts["text_encoder_2"],
-            tokenizer_2=module.tokenizer_2,
-        )
 
 
 ARCHITECTURES: dict[str, FlowArchitecture] = {
