@@ -1,7 +1,7 @@
 """The flow family's cost: each gray-box signal against the model's own passes, and batched
-generation against StableDiffusion3Pipeline.
+generation against the architecture's pipeline (StableDiffusion3Pipeline, FluxPipeline).
 
-    python benchmarks/bench_flow.py [--preset tiny] [--batch 32] [--threads 2] [--device cpu]
+    python benchmarks/bench_flow.py [--preset tiny|flux-tiny|sd3-256] [--batch 32] [--threads 2]
 
 Builds a random-init model of the preset (the cost of a trained one is the same) over a random
 KL autoencoder. For each signal: seconds per sample of `compute_signals` alone, and the ratio
@@ -27,9 +27,14 @@ from lightning_mia.graybox import SIGNALS, SignalOptions, compute_signals, signa
 from lightning_mia.graybox.denoiser import LatentView
 from lightning_mia.models.base import per_caption_randn
 from lightning_mia.models.flow import FlowMatchingModule
+from lightning_mia.models.flow_arch import pack
 from lightning_mia.models.vae import save_autoencoder
 
-SIZES = {"tiny": (32, (32, 64, 64)), "sd3-256": (256, (128, 256, 512, 512))}
+SIZES = {
+    "tiny": (32, (32, 64, 64)),
+    "flux-tiny": (32, (32, 64, 64)),
+    "sd3-256": (256, (128, 256, 512, 512)),
+}
 
 
 def build_model(preset, folder, device):
@@ -109,12 +114,15 @@ def main():
 
 
 def generation(model, captions, args):
-    """Batched `generate` vs StableDiffusion3Pipeline once per caption, the same noise."""
+    """Batched `generate` vs the pipeline once per caption, the same noise (FluxPipeline: packed
+    latents, classifier-free guidance as its `true_cfg_scale` with an empty negative prompt)."""
     n, steps = args.images, model.hparams.num_inference_steps
     seeds = list(range(len(captions)))
     ours = timed(lambda: model.generate(captions, n, seeds), 1, args.device)
     pipe = model.pipeline()
     pipe.set_progress_bar_config(disable=True)
+    scale, flux = model.hparams.guidance_scale, model.arch.name == "flux"
+    guidance = dict(true_cfg_scale=scale, negative_prompt="") if flux else {}
 
     def per_caption():
         for caption, seed in zip(captions, seeds):
@@ -122,9 +130,10 @@ def generation(model, captions, args):
             pipe(
                 caption,
                 num_images_per_prompt=n,
-                latents=noise.flatten(0, 1),
+                latents=pack(noise.flatten(0, 1)) if flux else noise.flatten(0, 1),
                 num_inference_steps=steps,
-                guidance_scale=model.hparams.guidance_scale,
+                guidance_scale=scale,
+                **guidance,
                 height=model.resolution,
                 width=model.resolution,
                 max_sequence_length=model.t5_length,
