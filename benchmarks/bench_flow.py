@@ -15,11 +15,11 @@ per caption with the same noise. Prints the CPU, kernels and threads first, then
 """
 
 import argparse
-import platform
 import tempfile
 import time
 
 import torch
+from _machine import print_machine
 from diffusers import AutoencoderKL
 
 from lightning_mia.data.shapes import ShapesSource
@@ -75,11 +75,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(
-        f"# {platform.processor() or platform.machine()}, kernels "
-        f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
-        f"device {args.device}, flow {args.preset}, batch {args.batch}"
-    )
+    print_machine(args.device)  # CPU, kernels, threads (as every benchmark)
+    print(f"# flow {args.preset}, batch {args.batch}")
     with tempfile.TemporaryDirectory() as tmp:
         model, res = build_model(args.preset, f"{tmp}/autoencoder", args.device)
     source = ShapesSource(num_samples=args.batch, resolution=res, seed=1)
