@@ -49,3 +49,43 @@ def test_ddp_spawn_trains_counts_both_ranks_and_writes_one_checkpoint(
     loaded = load_family_module(run / "checkpoints" / "last.ckpt")
     changed = [k for k, v in loaded.unet.state_dict().items() if not torch.equal(v, before[k])]
     assert changed  # the weights of the DDP run, not the initial ones
+
+
+@pytest.mark.slow
+def test_the_flow_family_trains_under_ddp_spawn(tmp_path):
+    """The FLUX architecture of the flow family (the SD3 one shares the module): 2 ranks, one
+    checkpoint, both ranks' samples counted; DDP's reducer raises on the second step if a
+    parameter had no gradient (FLUX's guidance embedder is off in flux-tiny)."""
+    from tiny_pipeline import tiny_vae
+
+    from lightning_mia.models.flow import FlowMatchingModule
+    from lightning_mia.models.vae import save_autoencoder
+
+    torch.manual_seed(0)
+    autoencoder = save_autoencoder(tiny_vae(), tmp_path / "autoencoder")
+    dm = MembershipDataModule(
+        str(tmp_path), ShapesSource(num_samples=32, resolution=16), num_shadows=1, batch_size=2
+    )
+    run = dm.layout.run_dir("flow", 0)
+    model = FlowMatchingModule(
+        preset="flux-tiny", autoencoder=str(autoencoder), resolution=16, max_caption_length=77
+    )
+    before = {k: v.clone() for k, v in model.transformer.state_dict().items()}
+    trainer = Trainer(
+        accelerator="cpu",
+        strategy="ddp_spawn",
+        devices=2,
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=run / "checkpoints", save_last=True)],
+    )
+    trainer.fit(model, datamodule=dm)
+    card = read_card(run / "checkpoints" / "last.ckpt")
+    assert (card.family, card.role) == ("flow", "target")
+    assert card.train_steps_per_image == pytest.approx(3 * 2 * 2 / 8)
+    loaded = load_family_module(run / "checkpoints" / "last.ckpt")
+    assert loaded.arch.name == "flux"
+    after = loaded.transformer.state_dict()
+    assert all(not torch.equal(after[k], v) for k, v in before.items() if v.is_floating_point())
