@@ -1,10 +1,11 @@
 """Named sizes of the flow-matching family: `PRESETS[name](spec) -> FlowPreset`.
 
 A preset gives the configs of the trained components (the `SD3Transformer2DModel` MMDiT and its
-two CLIP text encoders with projection, as Stable Diffusion 3 has) for a given latent space and
-vocabulary; the autoencoder and tokenizer come from their folders. The presets trained from
-scratch have no T5 encoder: the pipeline then pads the T5 slot with zeros, as
-`StableDiffusion3Pipeline` does without `text_encoder_3` (`max_sequence_length` zero tokens).
+two CLIP text encoders with projection, as Stable Diffusion 3 has; or FLUX's transformer, CLIP
+and T5) for a given latent space and vocabulary; the autoencoder and tokenizer come from their
+folders. The SD3 presets trained from scratch have no T5 encoder: the pipeline then pads the T5
+slot with zeros, as `StableDiffusion3Pipeline` does without `text_encoder_3`
+(`max_sequence_length` zero tokens).
 
 - `tiny`: 32x32 images (8x8x4 latents of the tiny f4 autoencoder), random init, a 4-layer
   64-wide MMDiT over 1x1 patches (~0.6 M parameters) and two 2-layer 32-wide CLIPs: trains on
@@ -12,9 +13,14 @@ scratch have no T5 encoder: the pipeline then pads the T5 slot with zeros, as
 - `sd3-256`: 256x256 images (32x32x4 latents of the kl-f8 autoencoder, 2x2 patches: 256 image
   tokens), a 12-layer 768-wide MMDiT (DiT-B class) and two 12-layer CLIPs (768 and 512 wide),
   random init, trained from scratch on GPUs.
+- `flux-tiny`: the FLUX architecture (`FluxTransformer2DModel`, models.flow_arch) over the same
+  8x8x4 latents packed 2x2 into 16 tokens: 2 double- and 2 single-stream blocks of 4 heads of 16,
+  a 2-layer CLIP (pooled) and a 2-layer T5 v1.1 encoder (states), 32 wide, random init.
 - `pretrained`: the configs of a local StableDiffusion3Pipeline folder (transformer/, vae/,
-  text_encoder/, text_encoder_2/, optional text_encoder_3/ (T5), tokenizer*/, scheduler/); its
-  weights are loaded to fine-tune, and its scheduler's shift is the default.
+  text_encoder/, text_encoder_2/, optional text_encoder_3/ (T5), tokenizer*/, scheduler/) or
+  FluxPipeline folder (transformer/, vae/, text_encoder/ (CLIP), text_encoder_2/ (T5),
+  tokenizer*/, scheduler/); its weights are loaded to fine-tune, and its scheduler's shift is
+  the default.
 """
 
 from __future__ import annotations
