@@ -28,7 +28,7 @@ from lightning_mia.card import load_checkpoint, read_card
 from lightning_mia.cli import attack_main
 from lightning_mia.external.audit import prepare_external, shadow_recipe, shadow_settings
 from lightning_mia.models.flow import FlowMatchingModule
-from lightning_mia.models.flow_arch import pack
+from lightning_mia.models.flow_arch import image_positions, pack
 from lightning_mia.models.flow_presets import FLUX_LAYOUT
 from lightning_mia.models.pipeline_folder import pipeline_sha256
 from lightning_mia.models.registry import load_family_module
@@ -70,8 +70,6 @@ def transformer_out(transformer, seed=0):
     x = pack(torch.randn(2, 4, RES // 2, RES // 2, generator=g))
     text = torch.randn(2, 77, cfg.joint_attention_dim, generator=g)
     pooled = torch.randn(2, cfg.pooled_projection_dim, generator=g)
-    ids = torch.zeros(x.shape[1], 3)
-    ids[:, 1], ids[:, 2] = torch.arange(x.shape[1]) // 4, torch.arange(x.shape[1]) % 4
     with torch.no_grad():
         return transformer(
             hidden_states=x,
@@ -79,7 +77,7 @@ def transformer_out(transformer, seed=0):
             encoder_hidden_states=text,
             pooled_projections=pooled,
             txt_ids=torch.zeros(77, 3),
-            img_ids=ids,
+            img_ids=image_positions(RES // 2, RES // 2, "cpu", torch.float32),
         ).sample
 
 

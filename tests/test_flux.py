@@ -7,10 +7,12 @@ code (f2: 8x8x4 latents, 16 packed tokens); nothing is downloaded.
 """
 
 import json
+import logging
+import shutil
 
 import pytest
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from tiny_pipeline import save_tiny_sd3_pipeline, tiny_vae
 
 from lightning_mia.data.shapes import ShapesSource
@@ -134,6 +136,29 @@ def test_a_guidance_distilled_transformer_reads_the_scale_and_makes_one_pass(aut
     torch.testing.assert_close(out, (images.flatten(0, 1) + 1) / 2, rtol=0, atol=1e-5)
     other = model.generate(captions, num_images=1, seed=[1, 2], guidance_scale=1.5)
     assert (other - images).abs().max() > 1e-4  # the scale reaches the network
+    # training and the gray-box signals ask it at the module's guidance_scale
+    batch = shapes_batch([0, 1])
+    model.hparams.guidance_scale = 3.5
+    at_35 = fixed_loss(model, batch)
+    model.hparams.guidance_scale = 1.5
+    assert (fixed_loss(model, batch) - at_35).abs().max() > 1e-6
+
+
+def test_a_dynamically_shifted_schedule_as_flux_1_dev_has(autoencoder):
+    """FLUX.1-dev's scheduler (shift by the number of image tokens): the sampler's sigmas and
+    images are FluxPipeline's; training times stay unshifted, as the scheduler's own training
+    sigmas and diffusers' FLUX training scripts leave them."""
+    model = make_model(autoencoder).eval()
+    model.noise_scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
+    )
+    captions = CAPTIONS[:2]
+    images = model.generate(captions, num_images=1, seed=[3, 4], guidance_scale=1.0)
+    out = pipeline_images(model, captions, [3, 4], 1, 1.0)
+    torch.testing.assert_close(out, (images.flatten(0, 1) + 1) / 2, rtol=0, atol=1e-5)
+    assert model.training_shift == 1.0
+    model.noise_scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    assert model.training_shift == 3.0
 
 
 def test_flux_pipeline_folder_round_trips(autoencoder, folder):
@@ -149,6 +174,7 @@ def test_flux_pipeline_folder_round_trips(autoencoder, folder):
         autoencoder="",
         resolution=RES,
         max_sequence_length=model.t5_length,  # the folder's T5 would read 512 by default
+        train_text_encoder=False,  # a FLUX folder's text encoders are never trained here
     ).eval()
     assert loaded.arch.name == "flux" and loaded.text_encoder_3 is None
     torch.testing.assert_close(
@@ -205,22 +231,23 @@ def test_lora_trains_transformer_adapters_only_and_round_trips(folder, tmp_path)
 
 
 def test_bad_inputs_give_one_clear_error(autoencoder, folder, tmp_path):
-    with pytest.raises(FlowError, match="LoRA of FLUX's CLIP and T5 encoders is not built"):
-        FlowMatchingModule(
-            preset="pretrained",
-            pretrained=str(folder),
-            autoencoder="",
-            resolution=RES,
-            lora_rank=2,
-            train_text_encoder=True,
-        )
-    with pytest.raises(FlowError, match="latent side must be even, got 7"):
-        make_model(autoencoder, resolution=14)
+    from_folder = dict(preset="pretrained", pretrained=str(folder), autoencoder="")
+    for lora_rank in (0, 2):  # a full fine-tune would train the T5-XXL; LoRA of them: not built
+        with pytest.raises(FlowError, match="training FLUX's CLIP and T5 encoders .* not built"):
+            FlowMatchingModule(**from_folder, resolution=RES, lora_rank=lora_rank)
+    for settings in (dict(preset="flux-tiny", autoencoder=str(autoencoder)), from_folder):
+        with pytest.raises(FlowError, match="latent side must be even, got 7"):
+            FlowMatchingModule(**settings, resolution=14, train_text_encoder=False)
     with pytest.raises(
         PipelineError,
         match=r"holds a FluxPipeline .* the flow family's .configs/flow/flux-pretrained.yaml",
     ):
         LatentDiffusionModule(preset="pretrained", pretrained=str(folder), autoencoder="")
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    shutil.rmtree(broken / "tokenizer_2")
+    with pytest.raises(PipelineError, match=r"tokenizer_2/ \(FLUX's T5 tokenizer\) does not load"):
+        FlowMatchingModule(**{**from_folder, "pretrained": str(broken)}, train_text_encoder=False)
     sd3 = save_tiny_sd3_pipeline(tmp_path / "sd3")
     sd3_model = FlowMatchingModule(
         preset="pretrained",
@@ -231,9 +258,17 @@ def test_bad_inputs_give_one_clear_error(autoencoder, folder, tmp_path):
         train_text_encoder=False,
     )
     sd3_lora = export_lora(sd3_model, tmp_path / "sd3-lora")
-    flux = FlowMatchingModule(
-        preset="pretrained", pretrained=str(folder), autoencoder="", resolution=RES
-    )
-    # its first two blocks' names and shapes match flux-tiny's: refused, not half loaded
-    with pytest.raises(LoraError, match=r"\d+ of its weights fit no layer of this FluxPipeline"):
-        load_lora(flux, sd3_lora)
+    flux = FlowMatchingModule(**from_folder, resolution=RES, train_text_encoder=False)
+    # its first two blocks' names and shapes match flux-tiny's: refused, not half loaded, and
+    # whatever verbosity the user gave diffusers
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # as DIFFUSERS_VERBOSITY=error
+    try:
+        with pytest.raises(
+            LoraError, match=r"\d+ of its weights fit no layer of this FluxPipeline"
+        ):
+            load_lora(flux, sd3_lora)
+    finally:
+        logger.setLevel(level)
+    assert logger.level == level

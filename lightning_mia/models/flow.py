@@ -114,7 +114,7 @@ class FlowMatchingModule(LatentTextToImageModule):
         latent_size = check_resolution(self.vae, resolution, f"autoencoder {autoencoder}")
         config = PRESETS[preset](self._spec(latent_size, pretrained if from_folder else ""))
         self.arch = ARCHITECTURES[config.arch]  # SD3 or FLUX: all that differs (flow_arch)
-        problems = self.arch.check(self.hparams)
+        problems = self.arch.check(self.hparams, latent_size)
         if problems:
             raise FlowError("; ".join(problems))
         self.tokenizer_2 = self.arch.load_tokenizer_2(config.pretrained, self.tokenizer)
@@ -231,6 +231,14 @@ class FlowMatchingModule(LatentTextToImageModule):
         return x_t + (1 - t) * prediction, x_t - t * prediction
 
     # --- training ------------------------------------------------------------------------------
+    @property
+    def training_shift(self) -> float:
+        """The shift of the training noise levels: the scheduler's `shift`, or 1 when it shifts
+        dynamically by resolution (FLUX.1, SD3.5 folders), where the scheduler's own training
+        sigmas and diffusers' FLUX/SD3 training scripts leave the times unshifted."""
+        config = self.noise_scheduler.config
+        return 1.0 if config.get("use_dynamic_shifting", False) else float(config.shift)
+
     def sample_times(self, batch_size: int) -> torch.Tensor:
         """Training noise levels (B,) in (0, 1): logit-normal or uniform, then shifted."""
         hp = self.hparams
@@ -238,7 +246,7 @@ class FlowMatchingModule(LatentTextToImageModule):
             u = torch.sigmoid(torch.randn(batch_size) * hp.logit_std + hp.logit_mean)
         else:
             u = torch.rand(batch_size)
-        return shifted(u, float(self.noise_scheduler.config.shift)).to(self.device)
+        return shifted(u, self.training_shift).to(self.device)
 
     def per_sample_loss(
         self,

@@ -53,7 +53,8 @@ from lightning_mia.models.flow_presets import (
 )
 from lightning_mia.models.flow_text import clip_states, sd3_conditioning
 from lightning_mia.models.latent import Conditioning
-from lightning_mia.models.pipeline_folder import PipelineLayout, weights_variant
+from lightning_mia.models.lora import first_line
+from lightning_mia.models.pipeline_folder import PipelineError, PipelineLayout, weights_variant
 
 
 def image_token_shift(image_tokens: int, config: Any, max_shift: float) -> float:
@@ -65,7 +66,8 @@ def image_token_shift(image_tokens: int, config: Any, max_shift: float) -> float
     max_len = config.get("max_image_seq_len", 4096)
     base_shift = config.get("base_shift", 0.5)
     slope = (config.get("max_shift", max_shift) - base_shift) / (max_len - base_len)
-    return image_tokens * slope + base_shift - slope * base_len
+    intercept = base_shift - slope * base_len  # in diffusers' order: the same float
+    return image_tokens * slope + intercept
 
 
 class FlowArchitecture(Protocol):
@@ -82,7 +84,7 @@ class FlowArchitecture(Protocol):
 
     def default_t5_length(self, module: Any) -> int: ...
 
-    def check(self, hparams: Any) -> list[str]: ...
+    def check(self, hparams: Any, latent_size: int) -> list[str]: ...
 
     def condition(
         self, module: Any, parts: dict[str, nn.Module], captions: list[str]
@@ -146,7 +148,7 @@ class SD3Architecture(PipelineOfLayout):
     def default_t5_length(self, module: Any) -> int:
         return 256 if module.text_encoder_3 is not None else 0  # the pipeline's default
 
-    def check(self, hparams: Any) -> list[str]:
+    def check(self, hparams: Any, latent_size: int) -> list[str]:
         return []
 
     def condition(
@@ -277,19 +279,36 @@ class FluxArchitecture(PipelineOfLayout):
             return tokenizer
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True)
+        try:
+            return AutoTokenizer.from_pretrained(
+                folder, subfolder="tokenizer_2", local_files_only=True
+            )
+        except (OSError, ValueError) as err:
+            raise PipelineError(
+                f"pipeline folder {folder}: tokenizer_2/ (FLUX's T5 tokenizer) does not load "
+                f"({first_line(err)})"
+            ) from err
 
     def default_t5_length(self, module: Any) -> int:
         """FluxPipeline's 512 for a folder's T5; the caption length for the scratch presets."""
         return 512 if module.hparams.preset == "pretrained" else module.tokenizer.model_max_length
 
-    def check(self, hparams: Any) -> list[str]:
-        if hparams.lora_rank and hparams.train_text_encoder:
-            return [
-                "lora_rank with train_text_encoder on a FLUX model: LoRA of FLUX's CLIP and T5 "
-                "encoders is not built (set train_text_encoder: false)"
-            ]
-        return []
+    def check(self, hparams: Any, latent_size: int) -> list[str]:
+        """What this package cannot do with a FLUX model as asked: an odd latent side (2x2
+        packing), and training its text encoders from a folder (LoRA of them is not built; a
+        full fine-tune would train the T5-XXL encoder, which, like SD3's T5, is never trained
+        here) — the scratch presets train their small CLIP and T5."""
+        problems = []
+        if latent_size % 2:
+            problems.append(
+                f"FLUX packs 2x2 latent patches: the latent side must be even, got {latent_size}"
+            )
+        if hparams.train_text_encoder and (hparams.lora_rank or hparams.preset == "pretrained"):
+            problems.append(
+                "train_text_encoder with a FLUX folder or LoRA: training FLUX's CLIP and T5 "
+                "encoders (in full or with LoRA) is not built (set train_text_encoder: false)"
+            )
+        return problems
 
     def condition(
         self, module: Any, parts: dict[str, nn.Module], captions: list[str]

@@ -203,10 +203,6 @@ def flux_tiny(spec: FlowSpec) -> FlowPreset:
     stream and 2 single-stream FLUX blocks of 4 heads of 16, a 2-layer 32-wide CLIP (pooled)
     and a 2-layer 32-wide T5 (states), no guidance embedding (trained with caption dropout and
     sampled with classifier-free guidance)."""
-    if spec.latent_size % 2:
-        raise FlowError(
-            f"FLUX packs 2x2 latent patches: the latent side must be even, got {spec.latent_size}"
-        )
     clip, t5 = _clip(spec, 32, 2, 2), _t5(spec, 32, 2, 2)
     transformer = dict(
         patch_size=1,

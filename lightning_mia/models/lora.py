@@ -7,22 +7,24 @@
 
 With `lora_rank > 0`, peft LoRA adapters (`lora_targets`: the attention projections by default,
 as diffusers' `train_text_to_image_lora.py` and `train_dreambooth_lora_sd3.py`) go into the
-denoiser (the diffusion family's UNet, the flow family's SD3 transformer) and, with
-`train_text_encoder`, into the CLIP text encoder(s); every base weight stays frozen. On the
+denoiser (the diffusion family's UNet, the flow family's SD3 or FLUX transformer) and, with
+`train_text_encoder`, into the CLIP text encoder(s) (not FLUX's: refused); every base weight
+stays frozen. On the
 `pretrained` preset a checkpoint then holds only the adapters plus a reference (path and sha256,
 `base_reference`) to the folder the base weights come from; `stored_elsewhere` says which keys
 those are (also the frozen parts of a full fine-tune, every weight of an external target that is
 the folder's, and SD3's T5 encoder, never trained here).
 `export_lora` writes `pytorch_lora_weights.safetensors` (diffusers' LoRA format, with the peft
-config as metadata) that a plain `StableDiffusionPipeline.load_lora_weights` (or the SD3
-pipeline's) reads; `load_lora` reads such a file back into a module, refusing an adapter made
-for another model.
+config as metadata) that a plain `StableDiffusionPipeline.load_lora_weights` (or the SD3 or
+FLUX pipeline's) reads; `load_lora` reads such a file back into a module, refusing an adapter
+made for another model, in whole or in part.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,7 +55,8 @@ LORA_PARTS = tuple(p for p, switch in PART_SWITCHES.items() if switch)
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 BASE_FILE = "base.json"  # beside an export: the base pipeline (path, sha256) it applies to
 NO_KEYS_MESSAGE = "No LoRA keys associated to"  # diffusers' warning for a part left alone
-UNFIT_KEYS_MESSAGE = "led to unexpected keys"  # diffusers' warning: weights that fit no layer
+# diffusers' warning for adapter weights that fit no layer: the keys, up to the sentence's end
+UNFIT_KEYS = re.compile(r"led to unexpected keys found in the model:\s*(.*?)\.(?:\s|$)")
 
 
 class LoraError(UserError):
@@ -140,27 +143,39 @@ def first_line(err: BaseException) -> str:
 
 @contextmanager
 def quiet_lora_loading() -> Iterator[list[str]]:
-    """Drop diffusers' log records while it loads a LoRA, and yield the messages of those that
-    report adapter weights fitting no layer ("unexpected keys": `load_lora` refuses such an
-    adapter in one line). Also dropped: errors (a failed load logs the whole state-dict report
-    before it raises, and the raise becomes one LoraError line) and "No LoRA keys associated to
-    <part>" (a part the adapter leaves alone, as most leave the text encoders; `load_lora` says
-    when it fits no part). Other warnings are shown."""
-    handlers = logging.getLogger("diffusers").handlers
+    """While diffusers loads a LoRA: yield the adapter weights it reports as fitting no layer
+    ("unexpected keys": `load_lora` refuses such an adapter in one line), caught by a handler of
+    ours with the diffusers logger at WARNING at least, whatever `DIFFUSERS_VERBOSITY` says;
+    and drop from its own handlers those reports, errors (a failed load logs the whole
+    state-dict report before it raises, and the raise becomes one LoraError line), "No LoRA keys
+    associated to <part>" (a part the adapter leaves alone, as most leave the text encoders;
+    `load_lora` says when it fits no part) and whatever the user's verbosity hid."""
+    logger = logging.getLogger("diffusers")
+    shown_from, level = logger.getEffectiveLevel(), logger.level
     unfit: list[str] = []
+
+    class Unfit(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            found = UNFIT_KEYS.search(record.getMessage())
+            if found:
+                unfit.extend(k.strip() for k in found.group(1).split(","))
 
     def quiet(record: logging.LogRecord) -> bool:
         message = str(record.msg)
-        if UNFIT_KEYS_MESSAGE in message:
-            unfit.append(message)
+        if UNFIT_KEYS.search(message) or message.startswith(NO_KEYS_MESSAGE):
             return False
-        return record.levelno < logging.ERROR and not message.startswith(NO_KEYS_MESSAGE)
+        return shown_from <= record.levelno < logging.ERROR
 
+    catcher, handlers = Unfit(logging.WARNING), list(logger.handlers)
     for handler in handlers:
         handler.addFilter(quiet)
+    logger.addHandler(catcher)
+    logger.setLevel(min(shown_from, logging.WARNING))
     try:
         yield unfit
     finally:
+        logger.setLevel(level)
+        logger.removeHandler(catcher)
         for handler in handlers:
             handler.removeFilter(quiet)
 
@@ -182,10 +197,9 @@ def load_lora(module: nn.Module, path: str | Path) -> None:
             "made for another model?"
         ) from err
     if unfit:
-        keys = unfit[0].split(":", 1)[-1].strip().split(", ")
         raise LoraError(
-            f"LoRA adapter {path}: {len(keys)} of its weights fit no layer of this "
-            f"{type(pipe).__name__} (e.g. {keys[0]}): an adapter made for another model?"
+            f"LoRA adapter {path}: {len(unfit)} of its weights fit no layer of this "
+            f"{type(pipe).__name__} (e.g. {unfit[0]}): an adapter made for another model?"
         )
     if not adapter_parts(module):
         raise LoraError(
