@@ -50,11 +50,12 @@ from lightning_mia.models.flow_presets import (
     build_t5,
     build_text_encoders,
     build_transformer,
+    load_part,
 )
 from lightning_mia.models.flow_text import clip_states, sd3_conditioning
 from lightning_mia.models.latent import Conditioning
 from lightning_mia.models.lora import first_line
-from lightning_mia.models.pipeline_folder import PipelineError, PipelineLayout, weights_variant
+from lightning_mia.models.pipeline_folder import PipelineError, PipelineLayout
 
 
 def image_token_shift(image_tokens: int, config: Any, max_shift: float) -> float:
@@ -238,13 +239,7 @@ class FluxArchitecture(PipelineOfLayout):
 
     def build_transformer(self, preset: FlowPreset) -> nn.Module:
         if preset.pretrained:
-            return FluxTransformer2DModel.from_pretrained(
-                preset.pretrained,
-                subfolder="transformer",
-                local_files_only=True,
-                variant=weights_variant(f"{preset.pretrained}/transformer"),
-                torch_dtype=torch.float32,
-            )
+            return load_part(preset.pretrained, "transformer", FluxTransformer2DModel)
         return FluxTransformer2DModel(**preset.transformer)
 
     def build_text(self, preset: FlowPreset) -> tuple[nn.Module, nn.Module, Any, Any]:
@@ -252,21 +247,8 @@ class FluxArchitecture(PipelineOfLayout):
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
         if preset.pretrained:
-            folder = preset.pretrained
-            loaded = [
-                cls.from_pretrained(
-                    folder,
-                    subfolder=part,
-                    local_files_only=True,
-                    variant=weights_variant(f"{folder}/{part}"),
-                    dtype=torch.float32,
-                )
-                for cls, part in (
-                    (CLIPTextModel, "text_encoder"),
-                    (T5EncoderModel, "text_encoder_2"),
-                )
-            ]
-            return loaded[0], loaded[1], None, None
+            clip = load_part(preset.pretrained, "text_encoder", CLIPTextModel)
+            return clip, load_part(preset.pretrained, "text_encoder_2", T5EncoderModel), None, None
         clip, t5 = (
             {k: v for k, v in c.items() if not k.startswith("_")} for c in preset.text_encoders
         )

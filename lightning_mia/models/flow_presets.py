@@ -254,33 +254,30 @@ PRESETS.register("flux-tiny", flux_tiny)
 PRESETS.register("pretrained", pretrained)
 
 
+def load_part(folder: str, part: str, cls: Any) -> Any:
+    """`cls.from_pretrained(folder, subfolder=part)` from local files only, in float32 (an
+    fp16/bf16-variant folder too: `weights_variant`)."""
+    dtype = "torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"
+    return cls.from_pretrained(
+        folder,
+        subfolder=part,
+        local_files_only=True,
+        variant=weights_variant(f"{folder}/{part}"),
+        **{dtype: torch.float32},
+    )
+
+
 def build_transformer(preset: FlowPreset) -> SD3Transformer2DModel:
     """The MMDiT, random or with the pretrained folder's weights (float32)."""
     if preset.pretrained:
-        variant = weights_variant(f"{preset.pretrained}/transformer")
-        return SD3Transformer2DModel.from_pretrained(
-            preset.pretrained,
-            subfolder="transformer",
-            local_files_only=True,
-            variant=variant,
-            torch_dtype=torch.float32,
-        )
+        return load_part(preset.pretrained, "transformer", SD3Transformer2DModel)
     return SD3Transformer2DModel(**preset.transformer)
 
 
 def build_text_encoders(preset: FlowPreset) -> list[CLIPTextModelWithProjection]:
     """The two CLIP text encoders (with projection), random or the folder's (float32)."""
     if preset.pretrained:
-        return [
-            CLIPTextModelWithProjection.from_pretrained(
-                preset.pretrained,
-                subfolder=part,
-                local_files_only=True,
-                variant=weights_variant(f"{preset.pretrained}/{part}"),
-                dtype=torch.float32,
-            )
-            for part in CLIP_PARTS
-        ]
+        return [load_part(preset.pretrained, p, CLIPTextModelWithProjection) for p in CLIP_PARTS]
     configs = [{k: v for k, v in c.items() if not k.startswith("_")} for c in preset.text_encoders]
     return [CLIPTextModelWithProjection(CLIPTextConfig(**c)) for c in configs]
 
@@ -292,17 +289,10 @@ def build_t5(preset: FlowPreset) -> tuple[Any, Any]:
     from transformers import AutoTokenizer, T5EncoderModel
 
     folder = preset.pretrained
-    encoder = T5EncoderModel.from_pretrained(
-        folder,
-        subfolder="text_encoder_3",
-        local_files_only=True,
-        variant=weights_variant(f"{folder}/text_encoder_3"),
-        dtype=torch.float32,
-    )
     tokenizer = AutoTokenizer.from_pretrained(
         folder, subfolder="tokenizer_3", local_files_only=True
     )
-    return encoder, tokenizer
+    return load_part(folder, "text_encoder_3", T5EncoderModel), tokenizer
 
 
 def flow_scheduler(preset: FlowPreset, shift: float | None) -> FlowMatchEulerDiscreteScheduler:
