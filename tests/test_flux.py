@@ -13,9 +13,9 @@ import shutil
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from test_flow import CAPTIONS, RES, fixed_loss, shapes_batch  # the SD3 tests' data and loss
 from tiny_pipeline import save_tiny_sd3_pipeline, tiny_vae
 
-from lightning_mia.data.shapes import ShapesSource
 from lightning_mia.models.base import per_caption_randn
 from lightning_mia.models.diffusion import LatentDiffusionModule
 from lightning_mia.models.flow import FlowMatchingModule
@@ -28,10 +28,6 @@ from lightning_mia.models.pipeline_folder import (
     pipeline_layout,
 )
 from lightning_mia.models.vae import save_autoencoder
-
-RES = 16
-SOURCE = ShapesSource(num_samples=16, resolution=RES, seed=3)
-CAPTIONS = [SOURCE.caption(i)[:77] for i in SOURCE.sample_ids()]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -55,26 +51,6 @@ def make_model(autoencoder, seed=0, **kwargs) -> FlowMatchingModule:
 def folder(autoencoder, tmp_path_factory):
     """The flux-tiny model saved as a FluxPipeline folder."""
     return make_model(autoencoder).eval().save_pipeline(tmp_path_factory.mktemp("fp") / "flux")
-
-
-def shapes_batch(ids):
-    return {
-        "pixel_values": torch.stack([SOURCE.image(i) for i in ids]),
-        "caption": [CAPTIONS[i] for i in ids],
-        "sample_id": torch.tensor(ids, dtype=torch.int64),
-    }
-
-
-def fixed_loss(model, batch):
-    """per_sample_loss (B,) at fixed times and noise, in eval mode (no caption dropout)."""
-    b = len(batch["caption"])
-    noise = torch.randn(b, *model.latent_shape, generator=torch.Generator().manual_seed(0))
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        loss = model.per_sample_loss(batch, times=torch.linspace(0.1, 0.9, b), noise=noise)
-    model.train(was_training)
-    return loss
 
 
 def pipeline_images(model, captions, seeds, n, scale, **kwargs):
