@@ -74,7 +74,7 @@ class FlowMatchingModule(LatentTextToImageModule):
         pretrained: str = "",  # local StableDiffusion3Pipeline or FluxPipeline folder
         resolution: int = 32,  # image side; 0 = the pretrained folder's native one
         train_transformer: bool = True,  # False: the transformer stays the folder's
-        train_text_encoder: bool = True,  # SD3: both CLIPs (its T5 never); FLUX: CLIP and T5
+        train_text_encoder: bool = True,  # SD3: both CLIPs (its T5 never); flux-tiny: CLIP, T5
         lora_rank: int = 0,  # > 0: train LoRA adapters of this rank, base weights frozen
         lora_alpha: float = 0.0,  # LoRA scale alpha / rank; 0 = rank (scale 1)
         lora_targets: tuple[str, ...] = MMDIT_LORA_TARGETS,  # layer names (or endings) to adapt

@@ -35,6 +35,7 @@ value is the module's `guidance_scale` (the value its images are made with).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any, Protocol
 
 import numpy as np
@@ -223,12 +224,17 @@ def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.reshape(b, channels // 4, h, w)
 
 
+@lru_cache(maxsize=8)
 def image_positions(h: int, w: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
-    """FluxPipeline's `img_ids` of an (h/2) x (w/2) token grid: rows (0, row, column)."""
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 1] += torch.arange(h // 2)[:, None]
-    ids[..., 2] += torch.arange(w // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+    """FluxPipeline's `img_ids` of an (h/2) x (w/2) token grid: rows (0, row, column). Built
+    once per grid, device and dtype: every transformer pass reads them (on a GPU, a copy from
+    the host per pass otherwise); the transformer only reads them. Built outside inference
+    mode, so that ids first made by a query serve training in the same process too."""
+    with torch.inference_mode(False):
+        ids = torch.zeros(h // 2, w // 2, 3)
+        ids[..., 1] += torch.arange(h // 2)[:, None]
+        ids[..., 2] += torch.arange(w // 2)[None, :]
+        return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
 class FluxArchitecture(PipelineOfLayout):
@@ -340,17 +346,12 @@ class FluxArchitecture(PipelineOfLayout):
     ) -> None:
         """FluxPipeline's grid: sigmas linspace(1, 1/steps, steps) (the scheduler's own with
         `use_flow_sigmas`), mu from the packed image tokens."""
-        sigmas = (
-            None
-            if sampler.config.get("use_flow_sigmas", False)
-            else np.linspace(1.0, 1 / steps, steps)
-        )
         _, h, w = latent_shape
         mu = image_token_shift((h // 2) * (w // 2), sampler.config, 1.15)
-        if sigmas is None:
+        if sampler.config.get("use_flow_sigmas", False):
             sampler.set_timesteps(steps, device=device, mu=mu)
         else:
-            sampler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+            sampler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=device, mu=mu)
 
     def uses_cfg(self, transformer: nn.Module, scale: float) -> bool:
         return scale > 1.0 and not transformer.config.guidance_embeds
