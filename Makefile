@@ -32,12 +32,16 @@ lint: $(VENV)/.installed
 # wait on processes they start (DDP rendezvous, a stage killed at a point), and a third worker
 # fills those waits (AVX2 kernels, 2-core Xeon: 392 s with 3 workers, 423 s with 2, 416 s with 4).
 TEST_WORKERS ?= 3
+# The fast tier waits on no process: a third worker only adds its own start (each worker
+# imports torch, Lightning and diffusers, ~14 s of one core) to 2 cores (AMD EPYC, AVX2, alone:
+# 103 s with 2 workers, 111 s with 3).
+TEST_FAST_WORKERS ?= 2
 
 test: $(VENV)/.installed lint
 	WANDB_MODE=disabled $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 test-fast: $(VENV)/.installed   # every module's logic on random-weight tiny parts, no training runs
-	WANDB_MODE=disabled $(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+	WANDB_MODE=disabled $(PY) -m pytest -m "not slow" -n $(TEST_FAST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 demo: $(VENV)/.installed
 	$(PY) -m lightning_mia.experiment demo

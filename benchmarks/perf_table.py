@@ -89,6 +89,16 @@ ENTRIES = (
         "feature extraction throughput per group, 32 and 256 px",
         (("features_*_qps", "queries/s"),),
     ),
+    Entry(
+        "data-metrics",
+        ("bench_data_metrics.py",),
+        "the shapes data's rendering and the report's bootstrap intervals",
+        (
+            ("shapes_render_ms", "ms per image rendered"),
+            ("shapes_cached_ms", "ms per image cached"),
+            ("bootstrap_auc_s", "s per AUC interval (10,000 samples, 1,000 resamples)"),
+        ),
+    ),
     Entry("signals", SIGNALS, "gray-box signals at the model's speed"),
     Entry(
         "signals-avx2", SIGNALS, "the same on AVX2 kernels", env=(("ATEN_CPU_CAPABILITY", "avx2"),)

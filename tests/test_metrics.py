@@ -1,7 +1,6 @@
 """Metrics against scikit-learn and brute force, on fixed inputs with ties."""
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -172,13 +171,13 @@ def test_vectorised_bootstrap_equals_loop():
     assert fast[0] < value < fast[1]
 
 
-def test_bootstrap_is_fast():
+def test_bootstrap_on_ten_thousand_samples():
+    # (its speed: benchmarks/bench_data_metrics.py; a test must not time anything)
     g = torch.Generator().manual_seed(0)
     labels = torch.rand(10_000, generator=g) < 0.5
     scores = torch.randn(10_000, generator=g) + labels.float()
-    start = time.perf_counter()
     low, high = M.bootstrap_interval(M.roc_auc, scores, labels, n_boot=1000, seed=0)
-    assert time.perf_counter() - start < 10.0  # ~1 s idle; generous on a loaded machine
+    assert low < float(M.roc_auc(scores, labels)) < high
     assert 0.70 < low < high < 0.82
 
 
