@@ -152,10 +152,15 @@ def test_an_sd3_base_for_a_flux_target_is_refused_writing_nothing(inputs, tmp_pa
 
 @pytest.mark.slow
 def test_a_flux_lora_trained_elsewhere_is_audited_end_to_end(inputs, tmp_path):
+    """With the folder's weights in bfloat16 for the target and the shadows, as
+    configs/flow/flux-lora.yaml has them (models.precision), the shadows' adapters in float32."""
     exp = tmp_path / "audit"
+    config = dict(SHADOW_CONFIG, model=json.loads(json.dumps(SHADOW_CONFIG["model"])))
+    config["model"]["init_args"]["frozen_dtype"] = "bfloat16"
+    (tmp_path / "shadow.yaml").write_text(yaml.safe_dump(config))
     attack_main(
         audit_args(
-            inputs,
+            {**inputs, "config": tmp_path / "shadow.yaml"},
             exp,
             "--external.lora",
             str(inputs["lora"]),
@@ -173,4 +178,7 @@ def test_a_flux_lora_trained_elsewhere_is_audited_end_to_end(inputs, tmp_path):
     sp = shadow["hyper_parameters"]
     assert (sp["pretrained"], sp["lora_rank"], sp["lora_alpha"]) == (str(inputs["pipeline"]), 2, 4)
     assert all(".lora_" in k for k in shadow["state_dict"] if k != "samples_seen")
-    assert load_family_module(ExperimentLayout(exp).checkpoint("flow", 1)).arch.name == "flux"
+    shadow_model = load_family_module(ExperimentLayout(exp).checkpoint("flow", 1))
+    assert shadow_model.arch.name == "flux" and sp["frozen_dtype"] == "bfloat16"
+    dtypes = {(".lora_" in n, p.dtype) for n, p in shadow_model.transformer.named_parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}

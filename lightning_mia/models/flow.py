@@ -47,6 +47,7 @@ from lightning_mia.models.flow_text import TokenCache
 from lightning_mia.models.latent import Conditioning, LatentTextToImageModule, TimeGrid
 from lightning_mia.models.lora import MMDIT_LORA_TARGETS, LoraError, add_adapters
 from lightning_mia.models.pipeline_folder import native_resolution
+from lightning_mia.models.precision import FROZEN_DTYPES, FrozenDtype, cast_frozen_weights
 from lightning_mia.models.tokenizers import load_clip_tokenizer
 from lightning_mia.models.vae import check_resolution, load_autoencoder
 from lightning_mia.paths import write_folder_atomically
@@ -78,6 +79,9 @@ class FlowMatchingModule(LatentTextToImageModule):
         lora_rank: int = 0,  # > 0: train LoRA adapters of this rank, base weights frozen
         lora_alpha: float = 0.0,  # LoRA scale alpha / rank; 0 = rank (scale 1)
         lora_targets: tuple[str, ...] = MMDIT_LORA_TARGETS,  # layer names (or endings) to adapt
+        # dtype of the weights nothing trains (autoencoder, frozen text encoders, the base under
+        # LoRA; models.precision): bfloat16 halves their memory, trained weights stay float32
+        frozen_dtype: FrozenDtype = "float32",
         shift: float | None = None,  # time shift; None = the preset's (the folder's, or 1)
         timestep_sampling: Literal["logit_normal", "uniform"] = "logit_normal",
         logit_mean: float = 0.0,  # logit-normal time sampling: mean and std of the logit
@@ -128,6 +132,8 @@ class FlowMatchingModule(LatentTextToImageModule):
         if self.text_encoder_3 is not None:
             self.text_encoder_3.requires_grad_(False)
         add_adapters(self)  # lora_rank > 0: LoRA in the tuned parts; no folder weights saved
+        texts = (self.text_encoder, self.text_encoder_2, self.text_encoder_3)
+        cast_frozen_weights((self.vae, self.transformer, *texts), FROZEN_DTYPES[frozen_dtype])
         self.noise_scheduler = flow_scheduler(config, shift)
         self.ema = EMAWeights(self._trained_parts(), ema_decay) if ema_decay > 0 else None
         self.resolution = resolution
@@ -147,6 +153,10 @@ class FlowMatchingModule(LatentTextToImageModule):
             problems.append("ema_decay > 0 with lora_rank: an EMA of LoRA adapters is not built")
         if not 0.0 <= hp.caption_dropout < 1.0:
             problems.append(f"caption_dropout must be in [0, 1), got {hp.caption_dropout}")
+        if hp.frozen_dtype not in FROZEN_DTYPES:
+            problems.append(
+                f"frozen_dtype must be one of {list(FROZEN_DTYPES)}, got {hp.frozen_dtype!r}"
+            )
         if hp.logit_std <= 0:
             problems.append(f"logit_std must be > 0, got {hp.logit_std}")
         if hp.shift is not None and hp.shift <= 0:
@@ -155,7 +165,13 @@ class FlowMatchingModule(LatentTextToImageModule):
             raise FlowError("; ".join(problems))
 
     def _spec(self, latent_size: int, pretrained: str) -> FlowSpec:
-        tok = self.tokenizer
+        tok, hp = self.tokenizer, self.hparams
+        base_frozen = {  # the folder's parts whose weights no optimizer will touch
+            "transformer": hp.lora_rank > 0 or not hp.train_transformer,
+            "text_encoder": hp.lora_rank > 0 or not hp.train_text_encoder,
+            "text_encoder_2": hp.lora_rank > 0 or not hp.train_text_encoder,
+            "text_encoder_3": True,  # SD3's T5 never trains
+        }
         return FlowSpec(
             latent_channels=self.vae.config.latent_channels,
             latent_size=latent_size,
@@ -165,6 +181,8 @@ class FlowMatchingModule(LatentTextToImageModule):
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
             pretrained=pretrained,
+            frozen_parts=tuple(part for part, frozen in base_frozen.items() if frozen),
+            frozen_dtype=FROZEN_DTYPES[hp.frozen_dtype],
         )
 
     # --- components ----------------------------------------------------------------------------

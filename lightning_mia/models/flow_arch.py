@@ -245,16 +245,16 @@ class FluxArchitecture(PipelineOfLayout):
 
     def build_transformer(self, preset: FlowPreset) -> nn.Module:
         if preset.pretrained:
-            return load_part(preset.pretrained, "transformer", FluxTransformer2DModel)
+            return load_part(preset, "transformer", FluxTransformer2DModel)
         return FluxTransformer2DModel(**preset.transformer)
 
     def build_text(self, preset: FlowPreset) -> tuple[nn.Module, nn.Module, Any, Any]:
-        """(CLIPTextModel, T5EncoderModel, None, None): random or the folder's (float32)."""
+        """(CLIPTextModel, T5EncoderModel, None, None): random or the folder's."""
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
         if preset.pretrained:
-            clip = load_part(preset.pretrained, "text_encoder", CLIPTextModel)
-            return clip, load_part(preset.pretrained, "text_encoder_2", T5EncoderModel), None, None
+            clip = load_part(preset, "text_encoder", CLIPTextModel)
+            return clip, load_part(preset, "text_encoder_2", T5EncoderModel), None, None
         clip, t5 = (
             {k: v for k, v in c.items() if not k.startswith("_")} for c in preset.text_encoders
         )

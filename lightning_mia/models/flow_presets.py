@@ -44,6 +44,7 @@ from lightning_mia.models.pipeline_folder import (
     scheduler_config,
     weights_variant,
 )
+from lightning_mia.models.precision import load_dtype
 from lightning_mia.registry import Registry
 
 
@@ -119,6 +120,8 @@ class FlowSpec:
     eos_token_id: int = 1
     pad_token_id: int = 1
     pretrained: str = ""
+    frozen_parts: tuple[str, ...] = ()  # the folder's parts whose weights will stay frozen,
+    frozen_dtype: torch.dtype = torch.float32  # read in this dtype (models.precision)
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,8 @@ class FlowPreset:
     arch: str = "sd3"  # the transformer's architecture (models.flow_arch): "sd3" | "flux"
     has_t5: bool = False  # an SD3 folder with text_encoder_3/ (a T5 encoder)
     scheduler: dict[str, Any] = field(default_factory=dict)  # the folder's scheduler config
+    frozen_parts: tuple[str, ...] = ()  # folder parts read in `frozen_dtype` (FlowSpec's)
+    frozen_dtype: torch.dtype = torch.float32
 
 
 def _clip(spec: FlowSpec, hidden: int, layers: int, heads: int) -> dict[str, Any]:
@@ -244,6 +249,8 @@ def pretrained(spec: FlowSpec) -> FlowPreset:
         arch="flux" if flux else "sd3",
         has_t5=not flux and (folder / "text_encoder_3" / "config.json").is_file(),
         scheduler=sched,
+        frozen_parts=spec.frozen_parts,
+        frozen_dtype=spec.frozen_dtype,
     )
 
 
@@ -254,30 +261,33 @@ PRESETS.register("flux-tiny", flux_tiny)
 PRESETS.register("pretrained", pretrained)
 
 
-def load_part(folder: str, part: str, cls: Any) -> Any:
-    """`cls.from_pretrained(folder, subfolder=part)` from local files only, in float32 (an
+def load_part(preset: FlowPreset, part: str, cls: Any) -> Any:
+    """`cls.from_pretrained(folder, subfolder=part)` of the preset's folder, from local files
+    only, in float32, or in the preset's `frozen_dtype` when the part's weights stay frozen (an
     fp16/bf16-variant folder too: `weights_variant`)."""
-    dtype = "torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"
+    folder = preset.pretrained
+    dtype = load_dtype(part, preset.frozen_parts, preset.frozen_dtype)
+    key = "torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"
     return cls.from_pretrained(
         folder,
         subfolder=part,
         local_files_only=True,
         variant=weights_variant(f"{folder}/{part}"),
-        **{dtype: torch.float32},
+        **{key: dtype},
     )
 
 
 def build_transformer(preset: FlowPreset) -> SD3Transformer2DModel:
-    """The MMDiT, random or with the pretrained folder's weights (float32)."""
+    """The MMDiT, random or with the pretrained folder's weights (`load_part`'s dtype)."""
     if preset.pretrained:
-        return load_part(preset.pretrained, "transformer", SD3Transformer2DModel)
+        return load_part(preset, "transformer", SD3Transformer2DModel)
     return SD3Transformer2DModel(**preset.transformer)
 
 
 def build_text_encoders(preset: FlowPreset) -> list[CLIPTextModelWithProjection]:
-    """The two CLIP text encoders (with projection), random or the folder's (float32)."""
+    """The two CLIP text encoders (with projection), random or the folder's."""
     if preset.pretrained:
-        return [load_part(preset.pretrained, p, CLIPTextModelWithProjection) for p in CLIP_PARTS]
+        return [load_part(preset, p, CLIPTextModelWithProjection) for p in CLIP_PARTS]
     configs = [{k: v for k, v in c.items() if not k.startswith("_")} for c in preset.text_encoders]
     return [CLIPTextModelWithProjection(CLIPTextConfig(**c)) for c in configs]
 
@@ -292,7 +302,7 @@ def build_t5(preset: FlowPreset) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(
         folder, subfolder="tokenizer_3", local_files_only=True
     )
-    return load_part(folder, "text_encoder_3", T5EncoderModel), tokenizer
+    return load_part(preset, "text_encoder_3", T5EncoderModel), tokenizer
 
 
 def flow_scheduler(preset: FlowPreset, shift: float | None) -> FlowMatchEulerDiscreteScheduler:

@@ -51,6 +51,7 @@ def sample_images(
     for t in sampler.timesteps:
         model_in = torch.cat([latents, latents]) if cfg else latents
         velocity = arch.forward(transformer, model_in, t.expand(model_in.shape[0]), cond, scale)
+        velocity = velocity.float()  # (a bf16 transformer: the Euler steps stay float32)
         if cfg:
             v_null, v_caption = velocity.chunk(2)
             velocity = v_null + scale * (v_caption - v_null)
