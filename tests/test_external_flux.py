@@ -2,7 +2,9 @@
 FLUX folder and a diffusers-format LoRA of its transformer become the flow family's target (the
 adapter alone, equal to diffusers' own loading), audited end to end with one shadow fine-tuned
 by the same recipe; the FLUX recipes are the default shadow configs; a full fine-tune of the
-transformer from a base; a FLUX folder given where an SD3 base is expected is refused."""
+transformer (and of the CLIP; a changed T5 warns) from a base; a LoRA of the transformer and the
+CLIP trains the shadows' CLIP too; a FLUX folder given where an SD3 base is expected is
+refused."""
 
 import json
 import shutil
@@ -137,6 +139,46 @@ def test_a_full_fine_tune_of_the_flux_transformer_from_a_base(inputs, tmp_path):
     )
     assert shadow["pretrained"] == str(inputs["pipeline"]) and shadow["lora_rank"] == 0
     assert shadow["train_transformer"] and not shadow["train_text_encoder"]
+    shutil.rmtree(tuned / "text_encoder_2")  # a tuned T5: never trained here
+    shutil.copytree(other / "text_encoder_2", tuned / "text_encoder_2")
+    with pytest.warns(UserWarning, match=r"\['text_encoder_2'\] differ from the base"):
+        shadow = shadow_settings(
+            saved["hyper_parameters"], options.external, options.external.base, FLUX_LAYOUT
+        )
+    assert not shadow["train_text_encoder"]  # the CLIP is the base's
+    whole = audit_options(
+        inputs, tmp_path / "exp", 0, pipeline=str(other), base=str(inputs["pipeline"])
+    )
+    with pytest.warns(UserWarning, match=r"\['text_encoder_2'\] differ from the base"):
+        shadow = shadow_settings(
+            saved["hyper_parameters"], whole.external, whole.external.base, FLUX_LAYOUT
+        )
+    assert shadow["train_text_encoder"]  # the CLIP changed too: the shadows train theirs
+
+
+def test_a_flux_lora_of_the_transformer_and_the_clip_trains_shadows_the_same(inputs, tmp_path):
+    lora = save_diffusers_lora(
+        tmp_path / "both",
+        inputs["pipeline"],
+        parts=("transformer", "text_encoder"),
+        targets=("to_q", "q_proj"),
+    )
+    options = audit_options(inputs, tmp_path / "exp", 0, lora=str(lora))
+    ckpt = prepare_external(options).ckpt
+    hp = load_checkpoint(ckpt)["hyper_parameters"]
+    assert hp["train_transformer"] and hp["train_text_encoder"]
+    model = load_family_module(ckpt)
+    assert {n.split(".")[0] for n, _ in model.named_parameters() if ".lora_" in n} == {
+        "transformer",
+        "text_encoder",
+    }
+    shadow = shadow_settings(hp, options.external, str(inputs["pipeline"]), FLUX_LAYOUT)
+    assert shadow["lora_rank"] == 2 and shadow["train_text_encoder"]
+    built = FlowMatchingModule(
+        **shadow, max_sequence_length=77
+    )  # a shadow: adapters in the transformer and the CLIP, the T5 as the folder's
+    trained = {n.split(".")[0] for n, p in built.named_parameters() if p.requires_grad}
+    assert trained == {"transformer", "text_encoder"}
 
 
 def test_an_sd3_base_for_a_flux_target_is_refused_writing_nothing(inputs, tmp_path, capsys):

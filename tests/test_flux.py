@@ -206,6 +206,47 @@ def test_lora_trains_transformer_adapters_only_and_round_trips(folder, tmp_path)
     torch.testing.assert_close(fixed_loss(fresh, batch), fixed_loss(model, batch))
 
 
+def test_a_flux_folders_clip_trains_with_its_text_encoder_switch_and_its_t5_never(folder, tmp_path):
+    """`train_text_encoder` on a FLUX folder: its CLIP, in full or with LoRA (diffusers'
+    train_dreambooth(_lora)_flux.py `--train_text_encoder`); the T5-XXL stays the folder's and
+    out of checkpoints. A LoRA of both parts goes to FluxPipeline's format and back."""
+    settings = dict(
+        preset="pretrained",
+        pretrained=str(folder),
+        autoencoder="",
+        resolution=RES,
+        max_sequence_length=77,
+        train_text_encoder=True,
+    )
+    torch.manual_seed(0)
+    lora = FlowMatchingModule(**settings, lora_rank=2)
+    trained = {n.split(".")[0] for n, p in lora.named_parameters() if p.requires_grad}
+    assert trained == {"transformer", "text_encoder"}
+    assert all(".lora_" in n for n, p in lora.named_parameters() if p.requires_grad)
+    assert not any(".lora_" in n for n, _ in lora.text_encoder_2.named_parameters())
+    assert {k.split(".")[0] for k in lora.state_dict() if k != "samples_seen"} == trained
+    with torch.no_grad():  # adapters that change the model, in both parts
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    exported = export_lora(lora.eval(), tmp_path / "lora")
+    pipe = FluxPipeline.from_pretrained(str(folder), local_files_only=True)
+    pipe.load_lora_weights(str(exported))  # diffusers reads both parts' adapters
+    assert all(hasattr(part, "peft_config") for part in (pipe.transformer, pipe.text_encoder))
+    fresh = FlowMatchingModule(**{**settings, "train_text_encoder": False}).eval()
+    load_lora(fresh, exported)
+    batch = shapes_batch([0, 1])
+    torch.testing.assert_close(fixed_loss(fresh, batch), fixed_loss(lora, batch))
+
+    full = FlowMatchingModule(**settings)  # a full fine-tune: transformer and CLIP
+    trained = {n.split(".")[0] for n, p in full.named_parameters() if p.requires_grad}
+    assert trained == {"transformer", "text_encoder"} and set(full._trained_parts()) == trained
+    assert {k.split(".")[0] for k in full.state_dict() if k != "samples_seen"} == trained
+    scratch = make_model(folder / "vae", lora_rank=2)  # flux-tiny: LoRA leaves its T5 as built
+    assert "text_encoder_2" in scratch.never_trained
+    assert not any(p.requires_grad for p in scratch.text_encoder_2.parameters())
+
+
 # A LoRA of the tiny FLUX folder with the same adapters in float32 and in reduced precision:
 # the per-sample losses differ by 1.2% (bfloat16) and 0.08% (float16) at most, the images by
 # 0.022 and 0.0025 (pixel std 0.31), measured here; each bound holds 2-4x that.
@@ -279,9 +320,6 @@ def test_bad_inputs_give_one_clear_error(autoencoder, folder, tmp_path):
     from_folder = dict(preset="pretrained", pretrained=str(folder), autoencoder="")
     with pytest.raises(FlowError, match=r"frozen_dtype must be one of \['float32', .*'int8'"):
         FlowMatchingModule(**from_folder, resolution=RES, frozen_dtype="int8")
-    for lora_rank in (0, 2):  # a full fine-tune would train the T5-XXL; LoRA of them: not built
-        with pytest.raises(FlowError, match="training FLUX's CLIP and T5 encoders .* not built"):
-            FlowMatchingModule(**from_folder, resolution=RES, lora_rank=lora_rank)
     for settings in (dict(preset="flux-tiny", autoencoder=str(autoencoder)), from_folder):
         with pytest.raises(FlowError, match="latent side must be even, got 7"):
             FlowMatchingModule(**settings, resolution=14, train_text_encoder=False)

@@ -43,7 +43,6 @@ from lightning_mia.external.target import (
     write_target_checkpoint,
 )
 from lightning_mia.models.latent import LatentTextToImageModule
-from lightning_mia.models.lora import PART_SWITCHES
 from lightning_mia.models.pipeline_folder import (
     PipelineLayout,
     base_reference,
@@ -234,12 +233,12 @@ def shadow_settings(
             fields[switch] = folder.denoiser in parts or any(
                 part_changed(options.pipeline, base, part) for part in parts
             )
-        never = [p for p in folder.weight_parts if p in PART_SWITCHES and not PART_SWITCHES[p]]
+        never = [p for p in folder.weight_parts if p in folder.never_trained]
         changed = [p for p in never if part_changed(options.pipeline, base, p)]
         if changed:
             rank_zero_warn(
                 f"{options.pipeline}: {changed} differ from the base {base}, and this package "
-                "never trains them (SD3's T5 encoder): the shadows keep the base's"
+                "never trains them (a T5 encoder): the shadows keep the base's"
             )
     return {
         **fields,

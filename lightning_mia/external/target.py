@@ -65,11 +65,11 @@ def target_class(layout: PipelineLayout) -> type[LatentTextToImageModule]:
 
 def part_switches(layout: PipelineLayout) -> dict[str, tuple[str, ...]]:
     """{train switch: the folder parts it trains}, the denoiser's first: the parts a fine-tune
-    may change (`PART_SWITCHES`; SD3's T5 encoder has no switch: never trained here)."""
+    may change (`PART_SWITCHES`; the layout's `never_trained`, a T5 encoder, has none)."""
     parts = (layout.denoiser, *(p for p in layout.weight_parts if p != layout.denoiser))
     switches: dict[str, tuple[str, ...]] = {}
     for part in parts:
-        if PART_SWITCHES.get(part):
+        if PART_SWITCHES.get(part) and part not in layout.never_trained:
             switches[PART_SWITCHES[part]] = (*switches.get(PART_SWITCHES[part], ()), part)
     return switches
 

@@ -75,7 +75,9 @@ class FlowMatchingModule(LatentTextToImageModule):
         pretrained: str = "",  # local StableDiffusion3Pipeline or FluxPipeline folder
         resolution: int = 32,  # image side; 0 = the pretrained folder's native one
         train_transformer: bool = True,  # False: the transformer stays the folder's
-        train_text_encoder: bool = True,  # SD3: both CLIPs (its T5 never); flux-tiny: CLIP, T5
+        # the text encoders: SD3's two CLIPs (a folder's T5 never); FLUX's CLIP, and its T5
+        # only from scratch in full (flux-tiny): a folder's T5, or one under LoRA, never
+        train_text_encoder: bool = True,
         lora_rank: int = 0,  # > 0: train LoRA adapters of this rank, base weights frozen
         lora_alpha: float = 0.0,  # LoRA scale alpha / rank; 0 = rank (scale 1)
         lora_targets: tuple[str, ...] = MMDIT_LORA_TARGETS,  # layer names (or endings) to adapt
@@ -116,8 +118,10 @@ class FlowMatchingModule(LatentTextToImageModule):
         if self.vae.config.get("shift_factor") is None:  # the SD3 pipeline adds it unasked
             self.vae.register_to_config(shift_factor=0.0)
         latent_size = check_resolution(self.vae, resolution, f"autoencoder {autoencoder}")
-        config = PRESETS[preset](self._spec(latent_size, pretrained if from_folder else ""))
+        never = layout.never_trained if from_folder else ()
+        config = PRESETS[preset](self._spec(latent_size, pretrained if from_folder else "", never))
         self.arch = ARCHITECTURES[config.arch]  # SD3 or FLUX: all that differs (flow_arch)
+        self.never_trained = self.arch.never_trained(self.hparams)  # parts kept as built
         problems = self.arch.check(self.hparams, latent_size)
         if problems:
             raise FlowError("; ".join(problems))
@@ -127,8 +131,9 @@ class FlowMatchingModule(LatentTextToImageModule):
         # SD3: two CLIPs (+ its T5 as text_encoder_3); FLUX: a CLIP and the T5 (text_encoder_2)
         texts = self.arch.build_text(config)
         self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.tokenizer_3 = texts
-        for encoder in (self.text_encoder, self.text_encoder_2):
-            encoder.requires_grad_(train_text_encoder and not lora_rank)
+        for name in ("text_encoder", "text_encoder_2"):
+            trains = train_text_encoder and not lora_rank and name not in self.never_trained
+            getattr(self, name).requires_grad_(trains)
         if self.text_encoder_3 is not None:
             self.text_encoder_3.requires_grad_(False)
         add_adapters(self)  # lora_rank > 0: LoRA in the tuned parts; no folder weights saved
@@ -164,12 +169,13 @@ class FlowMatchingModule(LatentTextToImageModule):
         if problems:
             raise FlowError("; ".join(problems))
 
-    def _spec(self, latent_size: int, pretrained: str) -> FlowSpec:
+    def _spec(self, latent_size: int, pretrained: str, never: tuple[str, ...]) -> FlowSpec:
         tok, hp = self.tokenizer, self.hparams
+        texts = hp.lora_rank > 0 or not hp.train_text_encoder
         base_frozen = {  # the folder's parts whose weights no optimizer will touch
             "transformer": hp.lora_rank > 0 or not hp.train_transformer,
-            "text_encoder": hp.lora_rank > 0 or not hp.train_text_encoder,
-            "text_encoder_2": hp.lora_rank > 0 or not hp.train_text_encoder,
+            "text_encoder": texts or "text_encoder" in never,
+            "text_encoder_2": texts or "text_encoder_2" in never,
             "text_encoder_3": True,  # SD3's T5 never trains
         }
         return FlowSpec(
@@ -189,14 +195,15 @@ class FlowMatchingModule(LatentTextToImageModule):
     def _trained_parts(self) -> dict[str, nn.Module]:
         parts: dict[str, nn.Module] = {"transformer": self.transformer}
         if self.hparams.train_text_encoder:
-            parts.update(text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2)
+            for name in ("text_encoder", "text_encoder_2"):
+                if name not in self.never_trained:
+                    parts[name] = getattr(self, name)
         return parts
 
     def _frozen_parts(self) -> list[nn.Module]:
-        frozen: list[nn.Module] = [self.vae]
-        if not self.hparams.train_text_encoder:
-            frozen += [self.text_encoder, self.text_encoder_2]
-        return frozen + ([self.text_encoder_3] if self.text_encoder_3 is not None else [])
+        trained = self._trained_parts().values()
+        texts = (self.text_encoder, self.text_encoder_2, self.text_encoder_3)
+        return [self.vae, *(p for p in texts if p is not None and p not in trained)]
 
     def released(self, use_ema: bool | None = None) -> dict[str, nn.Module]:
         """transformer, text_encoder, text_encoder_2 to query: the EMA copies when EMA is on

@@ -88,6 +88,8 @@ class FlowArchitecture(Protocol):
 
     def check(self, hparams: Any, latent_size: int) -> list[str]: ...
 
+    def never_trained(self, hparams: Any) -> tuple[str, ...]: ...
+
     def condition(
         self, module: Any, parts: dict[str, nn.Module], captions: list[str]
     ) -> Conditioning: ...
@@ -152,6 +154,10 @@ class SD3Architecture(PipelineOfLayout):
 
     def check(self, hparams: Any, latent_size: int) -> list[str]:
         return []
+
+    def never_trained(self, hparams: Any) -> tuple[str, ...]:
+        """A folder's T5 (text_encoder_3): always the folder's."""
+        return self.layout.never_trained
 
     def condition(
         self, module: Any, parts: dict[str, nn.Module], captions: list[str]
@@ -283,20 +289,21 @@ class FluxArchitecture(PipelineOfLayout):
 
     def check(self, hparams: Any, latent_size: int) -> list[str]:
         """What this package cannot do with a FLUX model as asked: an odd latent side (2x2
-        packing), and training its text encoders from a folder (LoRA of them is not built; a
-        full fine-tune would train the T5-XXL encoder, which, like SD3's T5, is never trained
-        here) — the scratch presets train their small CLIP and T5."""
-        problems = []
+        packing)."""
         if latent_size % 2:
-            problems.append(
+            return [
                 f"FLUX packs 2x2 latent patches: the latent side must be even, got {latent_size}"
-            )
-        if hparams.train_text_encoder and (hparams.lora_rank or hparams.preset == "pretrained"):
-            problems.append(
-                "train_text_encoder with a FLUX folder or LoRA: training FLUX's CLIP and T5 "
-                "encoders (in full or with LoRA) is not built (set train_text_encoder: false)"
-            )
-        return problems
+            ]
+        return []
+
+    def never_trained(self, hparams: Any) -> tuple[str, ...]:
+        """The T5 (text_encoder_2) of a folder, or under LoRA: `train_text_encoder` then trains
+        the CLIP alone, as diffusers' train_dreambooth(_lora)_flux.py `--train_text_encoder`
+        does (the T5-XXL stays the folder's); the scratch presets train their small T5 in full
+        with the CLIP."""
+        if hparams.preset == "pretrained" or hparams.lora_rank:
+            return self.layout.never_trained
+        return ()
 
     def condition(
         self, module: Any, parts: dict[str, nn.Module], captions: list[str]

@@ -77,6 +77,7 @@ SD3_LAYOUT = PipelineLayout(
     },
     config="configs/flow/pretrained.yaml",
     lora_config="configs/flow/lora.yaml",
+    never_trained=("text_encoder_3",),  # the T5-XXL: always the folder's
 )
 PIPELINE_LAYOUTS.register(SD3_LAYOUT.pipeline_class, SD3_LAYOUT)
 FLUX_LAYOUT = PipelineLayout(
@@ -102,6 +103,7 @@ FLUX_LAYOUT = PipelineLayout(
     config="configs/flow/flux-pretrained.yaml",
     lora_config="configs/flow/flux-lora.yaml",
     sample_size=128,  # FluxPipeline's default_sample_size: 1024 px over the f8 autoencoder
+    never_trained=("text_encoder_2",),  # the T5-XXL, as diffusers' FLUX training scripts
 )
 PIPELINE_LAYOUTS.register(FLUX_LAYOUT.pipeline_class, FLUX_LAYOUT)
 CLIP_PARTS = ("text_encoder", "text_encoder_2")

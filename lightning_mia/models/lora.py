@@ -8,12 +8,12 @@
 With `lora_rank > 0`, peft LoRA adapters (`lora_targets`: the attention projections by default,
 as diffusers' `train_text_to_image_lora.py` and `train_dreambooth_lora_sd3.py`) go into the
 denoiser (the diffusion family's UNet, the flow family's SD3 or FLUX transformer) and, with
-`train_text_encoder`, into the CLIP text encoder(s) (not FLUX's: refused); every base weight
-stays frozen. On the
+`train_text_encoder`, into the CLIP text encoder(s) (SD3's two, FLUX's one; never a T5: the
+module's `never_trained`); every base weight stays frozen. On the
 `pretrained` preset a checkpoint then holds only the adapters plus a reference (path and sha256,
 `base_reference`) to the folder the base weights come from; `stored_elsewhere` says which keys
 those are (also the frozen parts of a full fine-tune, every weight of an external target that is
-the folder's, and SD3's T5 encoder, never trained here).
+the folder's, and the T5 encoders of SD3 and FLUX folders, never trained here).
 `export_lora` writes `pytorch_lora_weights.safetensors` (diffusers' LoRA format, with the peft
 config as metadata) that a plain `StableDiffusionPipeline.load_lora_weights` (or the SD3 or
 FLUX pipeline's) reads; `load_lora` reads such a file back into a module, refusing an adapter
@@ -95,35 +95,43 @@ def add_adapters(module: nn.Module) -> None:
     hp = module.hparams
     for name in LORA_PARTS:
         part = getattr(module, name, None)
-        if hp.lora_rank and part is not None and hp.get(PART_SWITCHES[name], False):
+        never = name in getattr(module, "never_trained", ())  # a T5 encoder (models.flow)
+        if hp.lora_rank and part is not None and hp.get(PART_SWITCHES[name], False) and not never:
             add_lora(part, hp.lora_rank, hp.lora_alpha, tuple(hp.lora_targets), type(part).__name__)
     module.register_state_dict_post_hook(drop_folder_keys)
     module.register_load_state_dict_post_hook(ignore_missing_folder_keys)
 
 
-def stored_elsewhere(hparams: Any, key: str) -> bool:
+def stored_elsewhere(hparams: Any, key: str, never: tuple[str, ...] = ()) -> bool:
     """True for a state-dict key whose tensor is the pretrained folder's, unchanged: the base
-    weights under LoRA, a part that is not trained. Checkpoints leave them out."""
+    weights under LoRA, a part that is not trained, a part the module never trains (`never`:
+    its `never_trained`, a folder's T5). Checkpoints leave them out."""
     if hparams.get("preset") != "pretrained" or ".lora_" in key:
         return False
     part = key.split(".", 1)[0]
     if part not in PART_SWITCHES:
         return False
     switch = PART_SWITCHES[part]
-    return switch is None or hparams.get("lora_rank", 0) > 0 or not hparams.get(switch, True)
+    if switch is None or part in never:
+        return True
+    return hparams.get("lora_rank", 0) > 0 or not hparams.get(switch, True)
+
+
+def _never(module: nn.Module) -> tuple[str, ...]:
+    return tuple(getattr(module, "never_trained", ()))
 
 
 def drop_folder_keys(module: nn.Module, state_dict: dict, prefix: str, meta: Any) -> None:
     """State-dict post hook: leave out what `stored_elsewhere` says the folder holds."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
-        if stored_elsewhere(module.hparams, key[len(prefix) :]):
+        if stored_elsewhere(module.hparams, key[len(prefix) :], _never(module)):
             del state_dict[key]
 
 
 def ignore_missing_folder_keys(module: nn.Module, incompatible: Any) -> None:
     """Load post hook: the folder's weights are already in place, not in the checkpoint."""
     missing = incompatible.missing_keys
-    missing[:] = [k for k in missing if not stored_elsewhere(module.hparams, k)]
+    missing[:] = [k for k in missing if not stored_elsewhere(module.hparams, k, _never(module))]
 
 
 def adapter_parts(module: nn.Module) -> dict[str, nn.Module]:

@@ -44,6 +44,7 @@ class PipelineLayout:
     config: str = ""  # the family's config that fine-tunes such a folder (in full)
     lora_config: str = ""  # the family's config that LoRA-fine-tunes such a folder
     sample_size: int = 0  # the latent side when the denoiser's config has none (FLUX: 128)
+    never_trained: tuple[str, ...] = ()  # weight parts this package never trains (T5 encoders)
 
     @property
     def weight_parts(self) -> tuple[str, ...]:
