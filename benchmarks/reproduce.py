@@ -6,6 +6,7 @@
     python benchmarks/reproduce.py onset --families diffusion --steps 20 50 100 250 500 \
         --augment none crop-flip
     python benchmarks/reproduce.py onset --families flow             # the flow family's table
+    python benchmarks/reproduce.py onset --families flux --steps 20 100 500   # its FLUX preset
     python benchmarks/reproduce.py setlevel                          # the set-level audit
 
 `table` runs `configs/experiments/shapes-diffusion.yaml` and `shapes-seq2seq.yaml` (finished
@@ -60,7 +61,9 @@ FAMILY_CONFIGS = {  # (autoencoder config, model config)
     "diffusion": ("configs/autoencoder/tiny-kl.yaml", "configs/diffusion/tiny.yaml"),
     "seq2seq": ("configs/autoencoder/tiny.yaml", "configs/seq2seq/tiny.yaml"),
     "flow": ("configs/autoencoder/tiny-kl.yaml", "configs/flow/tiny.yaml"),
+    "flux": ("configs/autoencoder/tiny-kl.yaml", "configs/flow/flux-tiny.yaml"),
 }
+FAMILY_OF = {"flux": "flow"}  # a curve of another architecture of a family: its family
 AUGMENT = {
     "none": [],
     "crop-flip": ["--model.init_args.random_crop=true", "--model.init_args.random_flip=true"],
@@ -148,7 +151,7 @@ def onset_point(root: Path, family: str, steps: int, augment: str, parallel: int
     max_steps = steps * MEMBERS // BATCH
     run_experiment(
         experiment=str(point),
-        family=family,
+        family=FAMILY_OF.get(family, family),
         num_shadows=2,
         stages=StageConfigs(
             autoencoder="",  # the family's base autoencoder, copied above
@@ -456,7 +459,13 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="table: whole experiments on new splits; mean ± sd"
     )
-    parser.add_argument("--families", nargs="+", default=["diffusion", "seq2seq"])
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        default=["diffusion", "seq2seq"],
+        choices=sorted(FAMILY_CONFIGS),
+        help="onset: families (flux: the flow family's FLUX preset)",
+    )
     parser.add_argument(
         "--steps",
         nargs="+",
