@@ -53,6 +53,28 @@ def folder(autoencoder, tmp_path_factory):
     return make_model(autoencoder).eval().save_pipeline(tmp_path_factory.mktemp("fp") / "flux")
 
 
+def folder_settings(folder, **overrides) -> dict:
+    """A rank-2 LoRA of the tiny FLUX folder's transformer (its text encoders as they are)."""
+    settings = dict(
+        preset="pretrained",
+        pretrained=str(folder),
+        autoencoder="",
+        resolution=RES,
+        max_sequence_length=77,
+        lora_rank=2,
+        train_text_encoder=False,
+    )
+    return {**settings, **overrides}
+
+
+def perturb_adapters(model) -> None:
+    """Non-zero LoRA B matrices (B starts at 0: the base model)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+
+
 def pipeline_images(model, captions, seeds, n, scale, **kwargs):
     """FluxPipeline's images (B*N, 3, H, W) in [0, 1] from the noise `generate` starts from."""
     pipe = model.pipeline()
@@ -181,23 +203,12 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch(autoencoder):
 
 
 def test_lora_trains_transformer_adapters_only_and_round_trips(folder, tmp_path):
-    settings = dict(
-        preset="pretrained",
-        pretrained=str(folder),
-        autoencoder="",
-        resolution=RES,
-        max_sequence_length=77,
-        lora_rank=2,
-        train_text_encoder=False,
-    )
+    settings = folder_settings(folder)
     torch.manual_seed(0)
     model = FlowMatchingModule(**settings)
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trained and all(".lora_" in n and n.startswith("transformer.") for n in trained)
-    with torch.no_grad():  # an adapter that changes the model
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.2)
+    perturb_adapters(model)  # an adapter that changes the model
     exported = export_lora(model.eval(), tmp_path / "lora")
     fresh = FlowMatchingModule(**{**settings, "lora_rank": 0}).eval()
     batch = shapes_batch([0, 1])
@@ -210,35 +221,25 @@ def test_a_flux_folders_clip_trains_with_its_text_encoder_switch_and_its_t5_neve
     """`train_text_encoder` on a FLUX folder: its CLIP, in full or with LoRA (diffusers'
     train_dreambooth(_lora)_flux.py `--train_text_encoder`); the T5-XXL stays the folder's and
     out of checkpoints. A LoRA of both parts goes to FluxPipeline's format and back."""
-    settings = dict(
-        preset="pretrained",
-        pretrained=str(folder),
-        autoencoder="",
-        resolution=RES,
-        max_sequence_length=77,
-        train_text_encoder=True,
-    )
+    settings = folder_settings(folder, train_text_encoder=True)
     torch.manual_seed(0)
-    lora = FlowMatchingModule(**settings, lora_rank=2)
+    lora = FlowMatchingModule(**settings)
     trained = {n.split(".")[0] for n, p in lora.named_parameters() if p.requires_grad}
     assert trained == {"transformer", "text_encoder"}
     assert all(".lora_" in n for n, p in lora.named_parameters() if p.requires_grad)
     assert not any(".lora_" in n for n, _ in lora.text_encoder_2.named_parameters())
     assert {k.split(".")[0] for k in lora.state_dict() if k != "samples_seen"} == trained
-    with torch.no_grad():  # adapters that change the model, in both parts
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.2)
+    perturb_adapters(lora)  # adapters that change the model, in both parts
     exported = export_lora(lora.eval(), tmp_path / "lora")
     pipe = FluxPipeline.from_pretrained(str(folder), local_files_only=True)
     pipe.load_lora_weights(str(exported))  # diffusers reads both parts' adapters
     assert all(hasattr(part, "peft_config") for part in (pipe.transformer, pipe.text_encoder))
-    fresh = FlowMatchingModule(**{**settings, "train_text_encoder": False}).eval()
+    fresh = FlowMatchingModule(**folder_settings(folder, lora_rank=0)).eval()
     load_lora(fresh, exported)
     batch = shapes_batch([0, 1])
     torch.testing.assert_close(fixed_loss(fresh, batch), fixed_loss(lora, batch))
 
-    full = FlowMatchingModule(**settings)  # a full fine-tune: transformer and CLIP
+    full = FlowMatchingModule(**{**settings, "lora_rank": 0})  # a full fine-tune: transformer, CLIP
     trained = {n.split(".")[0] for n, p in full.named_parameters() if p.requires_grad}
     assert trained == {"transformer", "text_encoder"} and set(full._trained_parts()) == trained
     assert {k.split(".")[0] for k in full.state_dict() if k != "samples_seen"} == trained
@@ -255,21 +256,10 @@ REDUCED = {"bfloat16": (3e-2, 0.08), "float16": (3e-3, 0.01)}
 
 @pytest.mark.parametrize("dtype", list(REDUCED))
 def test_frozen_weights_in_reduced_precision_keep_adapters_and_scores_float32(folder, dtype):
-    settings = dict(
-        preset="pretrained",
-        pretrained=str(folder),
-        autoencoder="",
-        resolution=RES,
-        max_sequence_length=77,
-        lora_rank=2,
-        train_text_encoder=False,
-    )
+    settings = folder_settings(folder)
     torch.manual_seed(0)
     full = FlowMatchingModule(**settings).eval()
-    with torch.no_grad():  # adapters that change the model
-        for name, p in full.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.2)
+    perturb_adapters(full)  # adapters that change the model
     half = FlowMatchingModule(**settings, frozen_dtype=dtype).eval()
     half.load_state_dict(full.state_dict())  # the adapters: all a LoRA checkpoint holds
     low = getattr(torch, dtype)
@@ -334,14 +324,7 @@ def test_bad_inputs_give_one_clear_error(autoencoder, folder, tmp_path):
     with pytest.raises(PipelineError, match=r"tokenizer_2/ \(FLUX's T5 tokenizer\) does not load"):
         FlowMatchingModule(**{**from_folder, "pretrained": str(broken)}, train_text_encoder=False)
     sd3 = save_tiny_sd3_pipeline(tmp_path / "sd3")
-    sd3_model = FlowMatchingModule(
-        preset="pretrained",
-        pretrained=str(sd3),
-        autoencoder="",
-        resolution=RES,
-        lora_rank=2,
-        train_text_encoder=False,
-    )
+    sd3_model = FlowMatchingModule(**folder_settings(sd3, max_sequence_length=None))
     sd3_lora = export_lora(sd3_model, tmp_path / "sd3-lora")
     flux = FlowMatchingModule(**from_folder, resolution=RES, train_text_encoder=False)
     # its first two blocks' names and shapes match flux-tiny's: refused, not half loaded, and
