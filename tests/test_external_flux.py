@@ -139,6 +139,22 @@ def test_a_full_fine_tune_of_the_flux_transformer_from_a_base(inputs, tmp_path):
     )
     assert shadow["pretrained"] == str(inputs["pipeline"]) and shadow["lora_rank"] == 0
     assert shadow["train_transformer"] and not shadow["train_text_encoder"]
+    half = tmp_path / "bf16.yaml"  # the default recipes' frozen_dtype: bfloat16
+    config = dict(SHADOW_CONFIG, model=json.loads(json.dumps(SHADOW_CONFIG["model"])))
+    config["model"]["init_args"]["frozen_dtype"] = "bfloat16"
+    half.write_text(yaml.safe_dump(config))
+    options = audit_options(
+        {**inputs, "config": half},
+        tmp_path / "exp-bf16",
+        0,
+        pipeline=str(tuned),
+        base=str(inputs["pipeline"]),
+    )
+    target = load_family_module(prepare_external(options).ckpt)
+    # its transformer in float32, as the shadows that train theirs; the rest as theirs
+    assert target.hparams.float32_parts == ("transformer",)
+    assert target.transformer.dtype == torch.float32
+    assert (target.text_encoder.dtype, target.text_encoder_2.dtype) == (torch.bfloat16,) * 2
     shutil.rmtree(tuned / "text_encoder_2")  # a tuned T5: never trained here
     shutil.copytree(other / "text_encoder_2", tuned / "text_encoder_2")
     with pytest.warns(UserWarning, match=r"\['text_encoder_2'\] differ from the base"):

@@ -202,6 +202,18 @@ def test_lora_trains_adapters_only_and_exports_in_diffusers_format(autoencoder, 
     torch.testing.assert_close(after, model.generate(CAPTIONS[:1], 1, 0), rtol=1e-5, atol=1e-5)
 
 
+def test_a_trained_part_keeps_float32_buffers_under_a_frozen_dtype(autoencoder):
+    """SD3's patch embedding owns no parameter but holds the sin/cos position table: it trains
+    with the transformer, so it stays float32; the frozen CLIPs and VAE are bfloat16."""
+    model = make_model(autoencoder, frozen_dtype="bfloat16", train_text_encoder=False)
+    table = model.transformer.pos_embed.pos_embed
+    assert table.dtype == torch.float32 and table.is_floating_point()
+    assert {p.dtype for p in model.transformer.parameters()} == {torch.float32}
+    frozen = (model.vae, model.text_encoder, model.text_encoder_2)
+    assert {p.dtype for part in frozen for p in part.parameters()} == {torch.bfloat16}
+    assert fixed_loss(model, shapes_batch([0, 1])).dtype == torch.float32
+
+
 def test_bad_inputs_give_one_clear_error(autoencoder, tmp_path):
     with pytest.raises(
         UnknownNameError, match=r"unknown flow preset 'huge'; known: \['tiny', 'sd3-256'"

@@ -285,6 +285,25 @@ def test_frozen_weights_in_reduced_precision_keep_adapters_and_scores_float32(fo
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
+def test_a_pipeline_saved_with_a_frozen_dtype_is_float32_and_runs_in_diffusers(folder, tmp_path):
+    """A full fine-tune with its text encoders and VAE in bfloat16 writes every part in float32
+    (a plain from_pretrained mixes no dtypes) and keeps its own parts as they were."""
+    model = FlowMatchingModule(**folder_settings(folder, lora_rank=0, frozen_dtype="bfloat16"))
+    saved = model.eval().save_pipeline(tmp_path / "tuned")
+    assert model.text_encoder_2.dtype == torch.bfloat16  # back to its dtype after saving
+    pipe = FluxPipeline.from_pretrained(str(saved), local_files_only=True)
+    assert {p.dtype for p in pipe.text_encoder_2.parameters()} == {torch.float32}
+    images = pipe(
+        CAPTIONS[:1],
+        num_inference_steps=2,
+        height=RES,
+        width=RES,
+        max_sequence_length=77,
+        output_type="pt",
+    ).images
+    assert images.shape == (1, 3, RES, RES) and torch.isfinite(images).all()
+
+
 def test_a_folders_frozen_parts_are_read_in_the_frozen_dtype(folder):
     """The dtype is chosen when a part is read, so a 12 B transformer is never held in float32;
     a part that trains is read in float32."""

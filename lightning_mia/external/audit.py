@@ -220,6 +220,24 @@ def part_changed(pipeline: str, base: str, part: str) -> bool:
     return len(digests) > 1
 
 
+def fine_tuned_switches(pipeline: str, base: str, folder: PipelineLayout) -> dict[str, bool]:
+    """The `train_*` switches of shadows fine-tuned in full like `pipeline` from `base`: the
+    denoiser's on; a text encoder's where the target's differs from the base's."""
+    return {
+        switch: folder.denoiser in parts or any(part_changed(pipeline, base, p) for p in parts)
+        for switch, parts in part_switches(folder).items()
+    }
+
+
+def shadow_trained_parts(options: Any, base: str, folder: PipelineLayout) -> tuple[str, ...]:
+    """The folder parts the shadows train in full (none under LoRA, whose base stays frozen):
+    the target reads them in float32 as the shadows hold them (its `float32_parts`)."""
+    if options.lora:
+        return ()
+    on = fine_tuned_switches(options.pipeline, base, folder)
+    return tuple(p for switch, parts in part_switches(folder).items() if on[switch] for p in parts)
+
+
 def shadow_settings(
     target: dict[str, Any], options: Any, base: str, folder: PipelineLayout
 ) -> dict[str, Any]:
@@ -229,10 +247,7 @@ def shadow_settings(
     fields = {k: target[k] for k in (*LORA_FIELDS, *switches)}
     fields["lora_targets"] = list(fields["lora_targets"])
     if not options.lora:  # a full fine-tune: the denoiser trains; the text encoders if changed
-        for switch, parts in switches.items():
-            fields[switch] = folder.denoiser in parts or any(
-                part_changed(options.pipeline, base, part) for part in parts
-            )
+        fields.update(fine_tuned_switches(options.pipeline, base, folder))
         never = [p for p in folder.weight_parts if p in folder.never_trained]
         changed = [p for p in never if part_changed(options.pipeline, base, p)]
         if changed:
@@ -316,7 +331,8 @@ def prepare_external(options: Any) -> Any:
     )
     ckpt, facts = layout.checkpoint(folder.family, 0), facts_of(ext, base)
     # built before the splits are saved: an adapter made for another model writes nothing
-    module = None if ckpt.is_file() else target_module(ext.pipeline, ext.lora, settings)
+    kept = shadow_trained_parts(ext, base, folder)
+    module = None if ckpt.is_file() else target_module(ext.pipeline, ext.lora, settings, kept)
     splits = keep_external_splits(layout, splits)
     if module is None:
         check_target(ckpt, splits, facts)

@@ -159,10 +159,14 @@ def attach_adapter(
     hp.update(adapted_switches(parts, layout, path))
 
 
-def target_module(pipeline: str, lora: str, settings: dict[str, Any]) -> LatentTextToImageModule:
+def target_module(
+    pipeline: str, lora: str, settings: dict[str, Any], float32_parts: tuple[str, ...] = ()
+) -> LatentTextToImageModule:
     """The external target: the module of the folder's family with `settings` (sampler,
     resolution... of the shadows' config) over the pipeline folder, with the LoRA adapter if
-    any; frozen, in eval mode."""
+    any; frozen, in eval mode. With a reduced `frozen_dtype` in `settings`, the parts in
+    `float32_parts` (those the shadows train in full) are read in float32, as the shadows hold
+    them: target and shadows are then scored in the same precision."""
     layout = pipeline_layout(pipeline)
     fixed = dict(
         preset="pretrained",
@@ -173,6 +177,8 @@ def target_module(pipeline: str, lora: str, settings: dict[str, Any]) -> LatentT
         ema_decay=0.0,
         **dict.fromkeys(part_switches(layout), False),  # the folder's weights, as they are
     )
+    if float32_parts and settings.get("frozen_dtype", "float32") != "float32":
+        fixed["float32_parts"] = tuple(float32_parts)
     module = target_class(layout)(**{**settings, **fixed})
     if lora:
         attach_adapter(module, lora, layout)

@@ -47,10 +47,17 @@ from lightning_mia.models.flow_text import TokenCache
 from lightning_mia.models.latent import Conditioning, LatentTextToImageModule, TimeGrid
 from lightning_mia.models.lora import MMDIT_LORA_TARGETS, LoraError, add_adapters
 from lightning_mia.models.pipeline_folder import native_resolution
-from lightning_mia.models.precision import FROZEN_DTYPES, FrozenDtype, cast_frozen_weights
+from lightning_mia.models.precision import (
+    FROZEN_DTYPES,
+    FrozenDtype,
+    cast_frozen_weights,
+    held_in_float32,
+)
 from lightning_mia.models.tokenizers import load_clip_tokenizer
 from lightning_mia.models.vae import check_resolution, load_autoencoder
 from lightning_mia.paths import write_folder_atomically
+
+FLOAT32_PARTS = ("vae", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def shifted(u: torch.Tensor, shift: float) -> torch.Tensor:
@@ -84,6 +91,9 @@ class FlowMatchingModule(LatentTextToImageModule):
         # dtype of the weights nothing trains (autoencoder, frozen text encoders, the base under
         # LoRA; models.precision): bfloat16 halves their memory, trained weights stay float32
         frozen_dtype: FrozenDtype = "float32",
+        # folder parts read and kept in float32 although nothing trains them: an external
+        # target's parts that its shadows train in full (external.target)
+        float32_parts: tuple[str, ...] = (),
         shift: float | None = None,  # time shift; None = the preset's (the folder's, or 1)
         timestep_sampling: Literal["logit_normal", "uniform"] = "logit_normal",
         logit_mean: float = 0.0,  # logit-normal time sampling: mean and std of the logit
@@ -137,8 +147,8 @@ class FlowMatchingModule(LatentTextToImageModule):
         if self.text_encoder_3 is not None:
             self.text_encoder_3.requires_grad_(False)
         add_adapters(self)  # lora_rank > 0: LoRA in the tuned parts; no folder weights saved
-        texts = (self.text_encoder, self.text_encoder_2, self.text_encoder_3)
-        cast_frozen_weights((self.vae, self.transformer, *texts), FROZEN_DTYPES[frozen_dtype])
+        low = [getattr(self, name) for name in FLOAT32_PARTS if name not in float32_parts]
+        cast_frozen_weights(low, FROZEN_DTYPES[frozen_dtype])
         self.noise_scheduler = flow_scheduler(config, shift)
         self.ema = EMAWeights(self._trained_parts(), ema_decay) if ema_decay > 0 else None
         self.resolution = resolution
@@ -162,6 +172,9 @@ class FlowMatchingModule(LatentTextToImageModule):
             problems.append(
                 f"frozen_dtype must be one of {list(FROZEN_DTYPES)}, got {hp.frozen_dtype!r}"
             )
+        unknown = sorted(set(hp.float32_parts) - set(FLOAT32_PARTS))
+        if unknown:
+            problems.append(f"float32_parts {unknown}: the parts are {list(FLOAT32_PARTS)}")
         if hp.logit_std <= 0:
             problems.append(f"logit_std must be > 0, got {hp.logit_std}")
         if hp.shift is not None and hp.shift <= 0:
@@ -187,7 +200,11 @@ class FlowMatchingModule(LatentTextToImageModule):
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
             pretrained=pretrained,
-            frozen_parts=tuple(part for part, frozen in base_frozen.items() if frozen),
+            frozen_parts=tuple(
+                part
+                for part, frozen in base_frozen.items()
+                if frozen and part not in hp.float32_parts
+            ),
             frozen_dtype=FROZEN_DTYPES[hp.frozen_dtype],
         )
 
@@ -306,15 +323,19 @@ class FlowMatchingModule(LatentTextToImageModule):
     def pipeline(self) -> Any:
         """The released model as its architecture's pipeline (`StableDiffusion3Pipeline` or
         `FluxPipeline`; EMA weights when EMA is on), sharing this module's parts. Call it with
-        `max_sequence_length=self.t5_length` (0 for the SD3 scratch presets, which have no T5)."""
+        `max_sequence_length=self.t5_length` (0 for the SD3 scratch presets, which have no T5).
+        With a `frozen_dtype` its parts differ in dtype, which the pipelines' own `__call__`
+        does not mix: sample with `generate`, or call it under `held_in_float32`."""
         return self.arch.pipeline(self, self.released(use_ema=True))
 
     def save_pipeline(self, folder: str | Path) -> Path:
         """Write the architecture's pipeline folder (loadable with `preset: pretrained`; with
         diffusers, `FluxPipeline.from_pretrained(folder)`, or
         `StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None,
-        tokenizer_3=None)` when it has no T5 encoder)."""
+        tokenizer_3=None)` when it has no T5 encoder), every part in float32 (with a
+        `frozen_dtype`, the frozen parts' values are those of that dtype)."""
         if self.hparams.lora_rank:
             raise LoraError("a LoRA model is exported as its adapter: models.lora.export_lora")
         pipe = self.pipeline()
-        return write_folder_atomically(folder, lambda tmp: pipe.save_pretrained(str(tmp)))
+        with held_in_float32(pipe.components.values()):
+            return write_folder_atomically(folder, lambda tmp: pipe.save_pretrained(str(tmp)))

@@ -16,7 +16,9 @@ model's (SecMI's t-error, which compares latents that differ by ~1e-3, is the mo
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from itertools import chain
 from typing import Literal
 
 import torch
@@ -47,14 +49,15 @@ def _kept_in_float32(part: nn.Module, dtype: torch.dtype) -> set[str]:
 
 def cast_frozen_weights(parts: Iterable[nn.Module | None], dtype: torch.dtype) -> None:
     """Store in `dtype` the floating parameters and buffers of every layer of `parts` whose own
-    parameters are all frozen, except the layers a part keeps in float32; every trainable
-    parameter in float32 (a LoRA adapter added to a base read in bf16 is made in bf16, as
-    diffusers' scripts find: their `cast_training_params`). None: no part."""
+    parameters are all frozen (a layer with none of its own, as SD3's patch embedding that holds
+    the position table: all of its children's), except the layers a part keeps in float32; every
+    trainable parameter in float32 (a LoRA adapter added to a base read in bf16 is made in bf16,
+    as diffusers' scripts find: their `cast_training_params`). None: no part."""
     for part in (p for p in parts if p is not None):
         keep = _kept_in_float32(part, dtype)
         for name, layer in part.named_modules():
             own = [p for p in layer.parameters(recurse=False) if p.is_floating_point()]
-            trained = any(p.requires_grad for p in own)
+            trained = any(p.requires_grad for p in (own or layer.parameters()))
             to = torch.float32 if trained or keep & set(name.split(".")) else dtype
             for p in own:
                 p.data = p.data.to(torch.float32 if p.requires_grad else to)
@@ -63,3 +66,21 @@ def cast_frozen_weights(parts: Iterable[nn.Module | None], dtype: torch.dtype) -
             for key, buffer in layer.named_buffers(recurse=False):
                 if buffer is not None and buffer.is_floating_point():
                     layer._buffers[key] = buffer.to(to)
+
+
+@contextmanager
+def held_in_float32(parts: Iterable[object]) -> Iterator[None]:
+    """Every floating parameter and buffer of the `nn.Module`s among `parts` in float32 inside
+    (what a saved pipeline folder holds, so that a plain `from_pretrained` runs it), back to its
+    dtype after (bf16 -> float32 -> bf16 is exact)."""
+    held = []
+    for part in (p for p in parts if isinstance(p, nn.Module)):
+        for tensor in chain(part.parameters(), part.buffers()):
+            if tensor.is_floating_point() and tensor.dtype != torch.float32:
+                held.append((tensor, tensor.dtype))
+                tensor.data = tensor.data.float()
+    try:
+        yield
+    finally:
+        for tensor, dtype in held:
+            tensor.data = tensor.data.to(dtype)
