@@ -57,7 +57,13 @@ from lightning_mia.models.tokenizers import load_clip_tokenizer
 from lightning_mia.models.vae import check_resolution, load_autoencoder
 from lightning_mia.paths import write_folder_atomically
 
-FLOAT32_PARTS = ("vae", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+WEIGHT_PARTS = (  # the module's parts with weights
+    "vae",
+    "transformer",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+)
 
 
 def shifted(u: torch.Tensor, shift: float) -> torch.Tensor:
@@ -147,7 +153,7 @@ class FlowMatchingModule(LatentTextToImageModule):
         if self.text_encoder_3 is not None:
             self.text_encoder_3.requires_grad_(False)
         add_adapters(self)  # lora_rank > 0: LoRA in the tuned parts; no folder weights saved
-        low = [getattr(self, name) for name in FLOAT32_PARTS if name not in float32_parts]
+        low = [getattr(self, name) for name in WEIGHT_PARTS if name not in float32_parts]
         cast_frozen_weights(low, FROZEN_DTYPES[frozen_dtype])
         self.noise_scheduler = flow_scheduler(config, shift)
         self.ema = EMAWeights(self._trained_parts(), ema_decay) if ema_decay > 0 else None
@@ -172,9 +178,9 @@ class FlowMatchingModule(LatentTextToImageModule):
             problems.append(
                 f"frozen_dtype must be one of {list(FROZEN_DTYPES)}, got {hp.frozen_dtype!r}"
             )
-        unknown = sorted(set(hp.float32_parts) - set(FLOAT32_PARTS))
+        unknown = sorted(set(hp.float32_parts) - set(WEIGHT_PARTS))
         if unknown:
-            problems.append(f"float32_parts {unknown}: the parts are {list(FLOAT32_PARTS)}")
+            problems.append(f"float32_parts {unknown}: the parts are {list(WEIGHT_PARTS)}")
         if hp.logit_std <= 0:
             problems.append(f"logit_std must be > 0, got {hp.logit_std}")
         if hp.shift is not None and hp.shift <= 0:
