@@ -34,7 +34,7 @@ lint: $(VENV)/.installed
 TEST_WORKERS ?= 3
 # The fast tier waits on no process: a third worker only adds its own start (each worker
 # imports torch, Lightning and diffusers, ~14 s of one core) to 2 cores (AMD EPYC, AVX2, alone:
-# 103 s with 2 workers, 111 s with 3).
+# 103 s with 2 workers, 111 s with 3 in the checkout; 120 s and 137 s in a fresh clone).
 TEST_FAST_WORKERS ?= 2
 
 test: $(VENV)/.installed lint
