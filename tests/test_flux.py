@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from test_flow import CAPTIONS, RES, fixed_loss, shapes_batch  # the SD3 tests' data and loss
 from tiny_pipeline import save_tiny_sd3_pipeline, tiny_vae
@@ -27,6 +28,7 @@ from lightning_mia.models.pipeline_folder import (
     native_resolution,
     pipeline_layout,
 )
+from lightning_mia.models.precision import cpu_flash_attention_runs, usable_cpu_attention
 from lightning_mia.models.vae import save_autoencoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -284,6 +286,18 @@ def test_frozen_weights_in_reduced_precision_keep_adapters_and_scores_float32(fo
     grads = {n: p.grad for n, p in half.named_parameters() if p.grad is not None}
     assert grads and all(".lora_" in n and g.dtype == torch.float32 for n, g in grads.items())
     assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_bf16_attention_runs_on_this_cpu_under_any_kernels():
+    """PyTorch 2.13's CPU flash attention fails in bf16 where ATen dispatches AVX2 kernels on a
+    CPU with AMX (`ATEN_CPU_CAPABILITY=avx2` on a recent Xeon); `usable_cpu_attention`, which a
+    bf16 flow module calls, switches to the math kernel there and changes nothing elsewhere."""
+    usable_cpu_attention(torch.bfloat16)
+    q = torch.randn(2, 4, 64, 32).to(torch.bfloat16)
+    out = F.scaled_dot_product_attention(q, q, q)
+    want = F.scaled_dot_product_attention(q.float(), q.float(), q.float())
+    torch.testing.assert_close(out.float(), want, rtol=0, atol=0.03)
+    assert torch.backends.cuda.flash_sdp_enabled() == cpu_flash_attention_runs(torch.bfloat16)
 
 
 def test_a_pipeline_saved_with_a_frozen_dtype_is_float32_and_runs_in_diffusers(folder, tmp_path):

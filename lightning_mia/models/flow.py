@@ -52,6 +52,7 @@ from lightning_mia.models.precision import (
     FrozenDtype,
     cast_frozen_weights,
     held_in_float32,
+    usable_cpu_attention,
 )
 from lightning_mia.models.tokenizers import load_clip_tokenizer
 from lightning_mia.models.vae import check_resolution, load_autoencoder
@@ -155,6 +156,7 @@ class FlowMatchingModule(LatentTextToImageModule):
         add_adapters(self)  # lora_rank > 0: LoRA in the tuned parts; no folder weights saved
         low = [getattr(self, name) for name in WEIGHT_PARTS if name not in float32_parts]
         cast_frozen_weights(low, FROZEN_DTYPES[frozen_dtype])
+        usable_cpu_attention(FROZEN_DTYPES[frozen_dtype])
         self.noise_scheduler = flow_scheduler(config, shift)
         self.ema = EMAWeights(self._trained_parts(), ema_decay) if ema_decay > 0 else None
         self.resolution = resolution

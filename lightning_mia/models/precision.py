@@ -16,13 +16,18 @@ model's (SecMI's t-error, which compares latents that differ by ~1e-3, is the mo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from itertools import chain
 from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
 
 FrozenDtype = Literal["float32", "bfloat16", "float16"]
 FROZEN_DTYPES: dict[str, torch.dtype] = {
@@ -66,6 +71,39 @@ def cast_frozen_weights(parts: Iterable[nn.Module | None], dtype: torch.dtype) -
             for key, buffer in layer.named_buffers(recurse=False):
                 if buffer is not None and buffer.is_floating_point():
                     layer._buffers[key] = buffer.to(to)
+
+
+@cache
+def cpu_flash_attention_runs(dtype: torch.dtype) -> bool:
+    """Whether PyTorch's CPU flash-attention kernel runs in `dtype` in this process. PyTorch 2.13's
+    bf16 kernel packs its operands for AMX whenever the hardware has AMX, even when ATen
+    dispatches to its AVX2 kernels (`ATEN_CPU_CAPABILITY=avx2` on a Xeon with AVX-512 and AMX),
+    and then fails ("pack_vnni2 is only supported when avx512 is supported") on any sequence
+    longer than a few tokens."""
+    q = torch.zeros(1, 2, 64, 32, dtype=dtype)
+    try:
+        F.scaled_dot_product_attention(q, q, q)
+    except RuntimeError:
+        return False
+    return True
+
+
+def usable_cpu_attention(dtype: torch.dtype) -> None:
+    """Where the CPU flash-attention kernel fails in `dtype` (`cpu_flash_attention_runs`), turn
+    it off for the process, once: attention then runs PyTorch's math kernel, which gives the same
+    values in every dtype. Elsewhere (float32; bf16 under AVX-512 kernels or without AMX) this
+    changes nothing. The switch is PyTorch's one flash flag, so on a GPU host with that CPU and
+    that setting, CUDA attention uses its memory-efficient kernel instead of flash."""
+    if dtype == torch.float32 or cpu_flash_attention_runs(dtype):
+        return
+    if torch.backends.cuda.flash_sdp_enabled():
+        torch.backends.cuda.enable_flash_sdp(False)
+        log.warning(
+            "PyTorch's CPU flash attention fails in %s with %s kernels on this CPU: "
+            "attention uses the math kernel in this process",
+            dtype,
+            torch.backends.cpu.get_cpu_capability(),
+        )
 
 
 @contextmanager
