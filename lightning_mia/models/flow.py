@@ -144,15 +144,12 @@ class FlowMatchingModule(LatentTextToImageModule):
             raise FlowError("; ".join(problems))
         self.tokenizer_2 = self.arch.load_tokenizer_2(config.pretrained, self.tokenizer)
         self.transformer = self.arch.build_transformer(config)
-        self.transformer.requires_grad_(train_transformer and not lora_rank)
         # SD3: two CLIPs (+ its T5 as text_encoder_3); FLUX: a CLIP and the T5 (text_encoder_2)
         texts = self.arch.build_text(config)
         self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.tokenizer_3 = texts
-        for name in ("text_encoder", "text_encoder_2"):
-            trains = train_text_encoder and not lora_rank and name not in self.never_trained
-            getattr(self, name).requires_grad_(trains)
-        if self.text_encoder_3 is not None:
-            self.text_encoder_3.requires_grad_(False)
+        for name in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(self, name) is not None:
+                getattr(self, name).requires_grad_(self._weights_train(name, self.never_trained))
         add_adapters(self)  # lora_rank > 0: LoRA in the tuned parts; no folder weights saved
         low = [getattr(self, name) for name in WEIGHT_PARTS if name not in float32_parts]
         cast_frozen_weights(low, FROZEN_DTYPES[frozen_dtype])
@@ -190,15 +187,20 @@ class FlowMatchingModule(LatentTextToImageModule):
         if problems:
             raise FlowError("; ".join(problems))
 
+    def _weights_train(self, part: str, never: tuple[str, ...]) -> bool:
+        """Whether an optimizer updates `part`'s own weights (a LoRA's adapters are not its
+        own): the transformer with `train_transformer`, a text encoder with `train_text_encoder`
+        unless the architecture never trains it (`never`), nothing under LoRA, SD3's T5 never.
+        The folder's parts read in `frozen_dtype` and the parts that require grad both follow
+        from it."""
+        hp = self.hparams
+        if hp.lora_rank > 0 or part == "text_encoder_3" or part in never:
+            return False
+        return hp.train_transformer if part == "transformer" else hp.train_text_encoder
+
     def _spec(self, latent_size: int, pretrained: str, never: tuple[str, ...]) -> FlowSpec:
         tok, hp = self.tokenizer, self.hparams
-        texts = hp.lora_rank > 0 or not hp.train_text_encoder
-        base_frozen = {  # the folder's parts whose weights no optimizer will touch
-            "transformer": hp.lora_rank > 0 or not hp.train_transformer,
-            "text_encoder": texts or "text_encoder" in never,
-            "text_encoder_2": texts or "text_encoder_2" in never,
-            "text_encoder_3": True,  # SD3's T5 never trains
-        }
+        parts = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
         return FlowSpec(
             latent_channels=self.vae.config.latent_channels,
             latent_size=latent_size,
@@ -208,10 +210,10 @@ class FlowMatchingModule(LatentTextToImageModule):
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
             pretrained=pretrained,
-            frozen_parts=tuple(
+            frozen_parts=tuple(  # the folder's parts whose weights no optimizer will touch
                 part
-                for part, frozen in base_frozen.items()
-                if frozen and part not in hp.float32_parts
+                for part in parts
+                if not self._weights_train(part, never) and part not in hp.float32_parts
             ),
             frozen_dtype=FROZEN_DTYPES[hp.frozen_dtype],
         )
