@@ -21,6 +21,7 @@ SLOW_FIXTURES = SESSION_EXPERIMENTS | {"trained_autoencoder", "offline_experimen
 # result; a module missing here runs after these, in file order.
 LONGEST_FIRST = [
     "test_multi_device.py",  # 115 s (builds the diffusion session experiment)
+    "test_sharded.py",  # 50 s (six 2-process training starts)
     "test_experiment_repeats.py",  # 41 s, no session experiment: the other worker's start
     "test_kill_resume.py",  # 83 s
     "test_experiment.py",  # 70 s

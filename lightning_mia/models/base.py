@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_mia.card import CARD_KEY, CheckpointError, RunCard
 from lightning_mia.data.stage import stage_data
@@ -99,6 +98,7 @@ class TextToImageModule(StageModule, ABC):
         self.register_buffer("samples_seen", torch.zeros((), dtype=torch.float64))
         self._num_train_samples = 0
         self._preview_captions: list[str] = []
+        self.generates_on_every_rank = False  # a model sharded over the ranks (configure_model)
         if self.frozen_prefix:
             self.register_state_dict_post_hook(_drop_frozen_keys)
             self.register_load_state_dict_post_hook(_ignore_missing_frozen_keys)
@@ -235,13 +235,16 @@ class TextToImageModule(StageModule, ABC):
         if not self.trainer.interrupted:
             self.log_sample_grid(save=True)
 
-    @rank_zero_only
     def log_sample_grid(self, save: bool = False) -> None:
         """Generate for the fixed preview captions and log the grid to W&B; `save` also
-        writes it as `samples.png` in the run folder (B captions x N images)."""
+        writes it as `samples.png` in the run folder (B captions x N images). Rank 0 alone
+        generates, unless the model is sharded over the ranks (`generates_on_every_rank`):
+        then every rank takes part in each forward pass and rank 0 writes."""
         if not self._preview_captions or self.num_preview_images <= 0:
             return
         if self.logger is None and not (save and self.card is not None):
+            return
+        if not (self.trainer.is_global_zero or self.generates_on_every_rank):
             return
         from lightning_mia.reporting import grid_png, log_image_grid
 
@@ -250,6 +253,8 @@ class TextToImageModule(StageModule, ABC):
         with torch.no_grad():
             images = self.generate(self._preview_captions, self.num_preview_images, seed=0)
         self.train(was_training)  # images: (B, N, 3, H, W)
+        if not self.trainer.is_global_zero:
+            return
         log_image_grid(self.logger, "samples", images, self._preview_captions, self.global_step)
         if save and self.card is not None:
             folder = ExperimentLayout(self.card.experiment).run_dir(

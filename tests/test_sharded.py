@@ -1,0 +1,176 @@
+"""Sharded training (FSDP2 under Lightning's `ModelParallelStrategy`, `models/sharding.py`) of the
+flow family's FLUX architecture, as `configs/flow/flux-pretrained.yaml` asks for it on GPUs: 2 CPU
+processes (gloo) through `train.py fit`, the transformer and the CLIP trained in full.
+
+It trains what DDP trains: from the same seed, after the same steps, the one full checkpoint holds
+the weights of a `ddp` run within float32 reduction noise, its card counts both ranks' samples, and
+every later stage reads it like any other. Settings it cannot honour get one line and no run.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import seed_everything
+from tiny_pipeline import tiny_vae
+
+from lightning_mia.card import read_card
+from lightning_mia.models.flow import FlowMatchingModule
+from lightning_mia.models.registry import load_family_module
+from lightning_mia.models.sharding import block_lists
+from lightning_mia.models.vae import save_autoencoder
+
+ROOT = Path(__file__).resolve().parents[1]
+# Weights after 3 AdamW steps at lr 2e-3 (each moves ~6e-3): DDP all-reduces each gradient,
+# FSDP2 reduce-scatters it, summing the ranks' float32 values in another order; Adam divides
+# that by the gradient's own size (measured, AVX-512 kernels: <= 3.1e-5; CLIP's key biases, whose
+# gradient is zero but for rounding, 6e-5: not compared).
+WEIGHT_TOL = 3e-4
+
+
+def sharded_strategy(devices: int) -> dict:
+    """flux-pretrained.yaml's strategy, over `devices` CPU ranks with gloo."""
+    config = yaml.safe_load((ROOT / "configs" / "flow" / "flux-pretrained.yaml").read_text())
+    strategy = config["trainer"]["strategy"]
+    assert strategy["class_path"].endswith("ModelParallelStrategy")
+    args = strategy["init_args"]
+    assert args["tensor_parallel_size"] == 1 and args["save_distributed_checkpoint"] is False
+    return {
+        "class_path": strategy["class_path"],
+        "init_args": {**args, "data_parallel_size": devices, "process_group_backend": "gloo"},
+    }
+
+
+def tiny_config(tmp: Path, strategy, **model) -> Path:
+    """A 2-rank, 3-step flux-tiny fit at 16 px over a random autoencoder, in `tmp`."""
+    autoencoder = tmp.parent / "autoencoder"
+    if not autoencoder.exists():
+        torch.manual_seed(0)
+        save_autoencoder(tiny_vae(), autoencoder)
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 2,
+            "strategy": strategy,
+            "max_steps": 3,
+            "logger": False,
+            "enable_progress_bar": False,
+        },
+        "model": {
+            "class_path": "lightning_mia.models.flow.FlowMatchingModule",
+            "init_args": {
+                "preset": "flux-tiny",
+                "autoencoder": str(autoencoder),
+                "resolution": 16,
+                "max_caption_length": 77,
+                "num_inference_steps": 2,
+                "num_preview_images": 1,
+                "lr": 0.002,
+                **model,
+            },
+        },
+        "data": {
+            "experiment": str(tmp / "exp"),
+            "source": {
+                "class_path": "lightning_mia.data.shapes.ShapesSource",
+                "init_args": {"num_samples": 64, "resolution": 16},
+            },
+            "num_shadows": 1,
+            "target_size": 16,
+            "aux_size": 16,
+            "shadow_size": 16,
+            "public_size": 16,
+            "batch_size": 2,
+            "num_workers": 0,
+        },
+    }
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "fit.yaml").write_text(yaml.safe_dump(config))
+    return tmp / "fit.yaml"
+
+
+def fit(config: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    return subprocess.run(
+        [sys.executable, "train.py", "fit", "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow  # two 2-process training runs through train.py
+def test_sharded_training_matches_ddp_and_writes_one_full_checkpoint(tmp_path):
+    runs = {}
+    for name, strategy in (("sharded", sharded_strategy(2)), ("ddp", "ddp")):
+        proc = fit(tiny_config(tmp_path / name, strategy))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr
+        runs[name] = tmp_path / name / "exp" / "flow-target-000"
+    last = runs["sharded"] / "checkpoints" / "last.ckpt"
+    assert last.is_file()  # one file, not a folder of shards
+    card = read_card(last)
+    assert (card.family, card.role) == ("flow", "target")
+    assert card.train_steps_per_image == pytest.approx(3 * 2 * 2 / 8)  # 8 members, both ranks
+    state = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    assert not [k for k in state if k.startswith("vae.")]  # the autoencoder stays out
+    assert all(type(v) is torch.Tensor for v in state.values())  # gathered, not DTensors
+    sharded = load_family_module(last)
+    ddp = load_family_module(runs["ddp"] / "checkpoints" / "last.ckpt")
+    seed_everything(0)  # what the command builds before training (seed_everything: 0)
+    start = FlowMatchingModule(**sharded.hparams)
+    # flux-tiny trains all three in full (the CLIP, and the T5 that a FLUX folder never trains)
+    for part in ("transformer", "text_encoder", "text_encoder_2"):
+        got, want = getattr(sharded, part).state_dict(), getattr(ddp, part).state_dict()
+        for key, value in want.items():
+            if not key.endswith("k_proj.bias"):  # no gradient but rounding, which Adam scales
+                torch.testing.assert_close(got[key], value, rtol=0, atol=WEIGHT_TOL)
+        moved = [(got[k] - v).abs().max() for k, v in getattr(start, part).state_dict().items()]
+        assert max(moved) > 10 * WEIGHT_TOL, part  # 3 AdamW steps at lr 2e-3 moved it
+    assert (runs["sharded"] / "samples.png").is_file()  # the preview grid, every rank generating
+    images = sharded.eval().generate(["a red circle"], num_images=1, seed=0)
+    assert images.shape == (1, 1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+@pytest.mark.slow  # a 2-process start per case
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": {"ema_decay": 0.99}}, "ema_decay > 0 with a sharded strategy"),
+        ({"strategy": {"save_distributed_checkpoint": True}}, "save_distributed_checkpoint: false"),
+        ({"strategy": {"data_parallel_size": 1, "tensor_parallel_size": 2}}, "tensor_parallel"),
+    ],
+)
+def test_settings_sharding_cannot_honour_get_one_line(tmp_path, change, message):
+    strategy = sharded_strategy(2)
+    strategy["init_args"].update(change.get("strategy", {}))
+    proc = fit(tiny_config(tmp_path / "run", strategy, **change.get("model", {})))
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not list((tmp_path / "run" / "exp").rglob("*.ckpt"))
+
+
+def test_blocks_are_the_outermost_module_lists():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    flux = FluxTransformer2DModel(
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(2, 2, 4),
+    )
+    lists = block_lists(flux)
+    assert [len(blocks) for blocks in lists] == [1, 2]
+    assert lists == [flux.transformer_blocks, flux.single_transformer_blocks]
