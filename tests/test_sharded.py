@@ -15,21 +15,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lightning.pytorch import seed_everything
 from tiny_pipeline import tiny_vae
 
 from lightning_mia.card import read_card
-from lightning_mia.models.flow import FlowMatchingModule
 from lightning_mia.models.registry import load_family_module
 from lightning_mia.models.sharding import block_lists
 from lightning_mia.models.vae import save_autoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
-# Weights after 3 AdamW steps at lr 2e-3 (each moves ~6e-3): DDP all-reduces each gradient,
-# FSDP2 reduce-scatters it, summing the ranks' float32 values in another order; Adam divides
-# that by the gradient's own size (measured, AVX-512 kernels: <= 3.1e-5; CLIP's key biases, whose
-# gradient is zero but for rounding, 6e-5: not compared).
+# Weights after 4 and 6 AdamW steps at lr 2e-3 (each step moves a weight by up to 2e-3): DDP
+# all-reduces each gradient, FSDP2 reduce-scatters it, summing the ranks' float32 values in
+# another order, which Adam divides by the gradient's own size (measured, AVX-512 kernels:
+# <= 3.2e-5 at both; CLIP's key biases, whose gradient is zero but for rounding, 9e-5: not
+# compared).
 WEIGHT_TOL = 3e-4
+LAST = Path("exp", "flow-target-000", "checkpoints", "last.ckpt")
 
 
 def sharded_strategy(devices: int) -> dict:
@@ -45,8 +45,8 @@ def sharded_strategy(devices: int) -> dict:
     }
 
 
-def tiny_config(tmp: Path, strategy, **model) -> Path:
-    """A 2-rank, 3-step flux-tiny fit at 16 px over a random autoencoder, in `tmp`."""
+def tiny_config(tmp: Path, strategy, max_steps: int = 3, **model) -> Path:
+    """A 2-rank flux-tiny fit at 16 px over a random autoencoder, in `tmp`."""
     autoencoder = tmp.parent / "autoencoder"
     if not autoencoder.exists():
         torch.manual_seed(0)
@@ -57,7 +57,7 @@ def tiny_config(tmp: Path, strategy, **model) -> Path:
             "accelerator": "cpu",
             "devices": 2,
             "strategy": strategy,
-            "max_steps": 3,
+            "max_steps": max_steps,
             "logger": False,
             "enable_progress_bar": False,
         },
@@ -94,10 +94,10 @@ def tiny_config(tmp: Path, strategy, **model) -> Path:
     return tmp / "fit.yaml"
 
 
-def fit(config: Path) -> subprocess.CompletedProcess:
+def fit(config: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     return subprocess.run(
-        [sys.executable, "train.py", "fit", "--config", str(config)],
+        [sys.executable, "train.py", "fit", "--config", str(config), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -106,37 +106,49 @@ def fit(config: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow  # two 2-process training runs through train.py
-def test_sharded_training_matches_ddp_and_writes_one_full_checkpoint(tmp_path):
-    runs = {}
-    for name, strategy in (("sharded", sharded_strategy(2)), ("ddp", "ddp")):
-        proc = fit(tiny_config(tmp_path / name, strategy))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr
-        runs[name] = tmp_path / name / "exp" / "flow-target-000"
-    last = runs["sharded"] / "checkpoints" / "last.ckpt"
+@pytest.mark.slow  # four 2-process training runs through train.py
+def test_sharded_training_and_its_resume_match_ddp_with_one_full_checkpoint(tmp_path):
+    """4 steps (two epochs of 4 members x 2 ranks), then resumed from `last` to 6 steps, sharded
+    and under `ddp`, from the same seed: the weights agree at both points."""
+    strategies = {"sharded": sharded_strategy(2), "ddp": "ddp"}
+    configs = {name: tiny_config(tmp_path / name, s, max_steps=4) for name, s in strategies.items()}
+    weights = {}
+    for steps, resume in ((4, ()), (6, ("--ckpt_path", "last"))):
+        for name, config in configs.items():
+            edit_steps(config, steps)
+            proc = fit(config, *resume)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr
+            weights[name, steps] = load_family_module(tmp_path / name / LAST)
+        # flux-tiny trains all three in full (the CLIP, and the T5 a FLUX folder never trains)
+        for part in ("transformer", "text_encoder", "text_encoder_2"):
+            got = getattr(weights["sharded", steps], part).state_dict()
+            for key, value in getattr(weights["ddp", steps], part).state_dict().items():
+                if not key.endswith("k_proj.bias"):  # no gradient but rounding, Adam scales it
+                    torch.testing.assert_close(got[key], value, rtol=0, atol=WEIGHT_TOL)
+    for part in ("transformer", "text_encoder", "text_encoder_2"):  # the resume trained on
+        four = getattr(weights["sharded", 4], part).state_dict()
+        six = getattr(weights["sharded", 6], part).state_dict()
+        assert max((six[k] - v).abs().max() for k, v in four.items()) > 10 * WEIGHT_TOL, part
+    last = tmp_path / "sharded" / LAST
     assert last.is_file()  # one file, not a folder of shards
     card = read_card(last)
     assert (card.family, card.role) == ("flow", "target")
-    assert card.train_steps_per_image == pytest.approx(3 * 2 * 2 / 8)  # 8 members, both ranks
-    state = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    assert card.train_steps_per_image == pytest.approx(6 * 2 * 2 / 8)  # 8 members, both ranks
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 6
+    state = checkpoint["state_dict"]
     assert not [k for k in state if k.startswith("vae.")]  # the autoencoder stays out
     assert all(type(v) is torch.Tensor for v in state.values())  # gathered, not DTensors
-    sharded = load_family_module(last)
-    ddp = load_family_module(runs["ddp"] / "checkpoints" / "last.ckpt")
-    seed_everything(0)  # what the command builds before training (seed_everything: 0)
-    start = FlowMatchingModule(**sharded.hparams)
-    # flux-tiny trains all three in full (the CLIP, and the T5 that a FLUX folder never trains)
-    for part in ("transformer", "text_encoder", "text_encoder_2"):
-        got, want = getattr(sharded, part).state_dict(), getattr(ddp, part).state_dict()
-        for key, value in want.items():
-            if not key.endswith("k_proj.bias"):  # no gradient but rounding, which Adam scales
-                torch.testing.assert_close(got[key], value, rtol=0, atol=WEIGHT_TOL)
-        moved = [(got[k] - v).abs().max() for k, v in getattr(start, part).state_dict().items()]
-        assert max(moved) > 10 * WEIGHT_TOL, part  # 3 AdamW steps at lr 2e-3 moved it
-    assert (runs["sharded"] / "samples.png").is_file()  # the preview grid, every rank generating
-    images = sharded.eval().generate(["a red circle"], num_images=1, seed=0)
+    assert (last.parents[1] / "samples.png").is_file()  # the preview grid, every rank generating
+    images = weights["sharded", 6].eval().generate(["a red circle"], num_images=1, seed=0)
     assert images.shape == (1, 1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def edit_steps(config: Path, steps: int) -> None:
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"]["max_steps"] = steps
+    config.write_text(yaml.safe_dump(settings))
 
 
 @pytest.mark.slow  # a 2-process start per case

@@ -242,6 +242,10 @@ class LatentTextToImageModule(TextToImageModule):
         shard_trained_parts(self._trained_parts().values(), mesh)
         check_all_trained_sharded(self)
         self.generates_on_every_rank = True
+        # resuming, the sharded loader asks every key of the module of the checkpoint, but the
+        # frozen autoencoder is never in one (`frozen_prefix`); the run card still refuses a
+        # checkpoint of another family or autoencoder (on_load_checkpoint)
+        self.strict_loading = False
 
     def _frozen_parts(self) -> list[nn.Module]:
         """Parts that stay in eval mode while training (the autoencoder, frozen encoders)."""
