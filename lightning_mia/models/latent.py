@@ -218,29 +218,10 @@ class LatentTextToImageModule(TextToImageModule):
         mesh = self.device_mesh
         if mesh is None:
             return
-        from lightning_mia.models.sharding import (
-            ShardingError,
-            check_all_trained_sharded,
-            shard_trained_parts,
-        )
+        from lightning_mia.models.sharding import data_parallel_mesh, shard_trained_parts
 
-        if self.ema is not None:
-            raise ShardingError("ema_decay > 0 with a sharded strategy: EMA copies are not sharded")
-        if getattr(self.trainer.strategy, "_save_distributed_checkpoint", False):
-            raise ShardingError(
-                "ModelParallelStrategy must save one full checkpoint for the later stages: "
-                "set save_distributed_checkpoint: false (as configs/flow/flux-pretrained.yaml)"
-            )
-        names = mesh.mesh_dim_names or ()
-        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
-            raise ShardingError(
-                f"tensor_parallel_size {mesh['tensor_parallel'].size()}: the parts are sharded, "
-                "not split by tensor parallelism; set tensor_parallel_size: 1 and "
-                "data_parallel_size to devices x nodes"
-            )
-        mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
-        shard_trained_parts(self._trained_parts().values(), mesh)
-        check_all_trained_sharded(self)
+        mesh = data_parallel_mesh(mesh, self.trainer.strategy, ema=self.ema is not None)
+        shard_trained_parts(self, self._trained_parts().values(), mesh)
         self.generates_on_every_rank = True
         # resuming, the sharded loader asks every key of the module of the checkpoint, but the
         # frozen autoencoder is never in one (`frozen_prefix`); the run card still refuses a

@@ -7,13 +7,13 @@ of optimizer states):
     #   init_args: {data_parallel_size: 8, tensor_parallel_size: 1,
     #               save_distributed_checkpoint: false}
 
-Under Lightning's `ModelParallelStrategy` a latent family's `configure_model` calls
-`shard_trained_parts`: each trained part (the transformer or UNet; the text encoders a full
-fine-tune trains; under LoRA the part that holds the adapters) is cut into one FSDP2 unit per
-block of its outermost `nn.ModuleList`s (the transformer blocks, a text encoder's layers) and one
-for the rest, over the strategy's data-parallel mesh. Weights nothing trains (the autoencoder,
-frozen text encoders) stay whole on every rank, in `frozen_dtype`. No family names are needed:
-the blocks are found by structure. The strategy must save one full checkpoint
+Under Lightning's `ModelParallelStrategy` a latent family's `configure_model` checks the settings
+(`data_parallel_mesh`) and shards (`shard_trained_parts`): each trained part (the transformer or
+UNet; the text encoders a full fine-tune trains) is cut into one FSDP2 unit per block of its
+outermost `nn.ModuleList`s (the transformer blocks, a text encoder's layers) and one for the
+rest, over the strategy's data-parallel mesh. Weights nothing trains (the autoencoder, frozen
+text encoders) stay whole on every rank, in `frozen_dtype`. No family names are needed: the
+blocks are found by structure. The strategy must save one full checkpoint
 (`save_distributed_checkpoint: false`), which every later stage reads like any other; EMA
 weights are not sharded (refused). Generation during training (the preview grid) runs on every
 rank, since a sharded forward gathers each block from all of them.
@@ -24,6 +24,7 @@ PyTorch's `fully_shard` runs on CPU processes with gloo, which is how the tests 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
@@ -51,11 +52,39 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
-def shard_trained_parts(parts: Iterable[nn.Module], mesh: object) -> None:
-    """`fully_shard` each of `parts` over `mesh`: one unit per block of its outermost module
-    lists, then the part itself. A part already sharded is left as it is (Lightning may call
-    `configure_model` more than once)."""
+def data_parallel_mesh(mesh: Any, strategy: object, ema: bool) -> Any:
+    """The data-parallel dimension of the strategy's device mesh, or one ShardingError naming
+    every setting sharded training cannot honour: EMA weights (`ema`), a distributed checkpoint
+    (the later stages read one file), tensor parallelism (the parts are sharded, not split)."""
+    problems = []
+    if ema:
+        problems.append("ema_decay > 0 with a sharded strategy: EMA copies are not sharded")
+    # Lightning keeps the setting private: a checkpoint folder of shards is what it would write
+    if getattr(strategy, "_save_distributed_checkpoint", False):
+        problems.append(
+            "ModelParallelStrategy must save one full checkpoint for the later stages: set "
+            "save_distributed_checkpoint: false (as configs/flow/flux-pretrained.yaml)"
+        )
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        problems.append(
+            f"tensor_parallel_size {mesh['tensor_parallel'].size()}: the parts are sharded, not "
+            "split by tensor parallelism; set tensor_parallel_size: 1 and data_parallel_size to "
+            "devices x nodes"
+        )
+    if problems:
+        raise ShardingError("; ".join(problems))
+    return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+
+def shard_trained_parts(module: nn.Module, parts: Iterable[nn.Module], mesh: Any) -> None:
+    """`fully_shard` each of `parts` (of `module`) over `mesh`: one unit per block of its
+    outermost module lists, then the part itself; a part already sharded is left as it is
+    (Lightning may call `configure_model` more than once). Then every parameter of `module` that
+    requires grad must be sharded: `ModelParallelStrategy` does not wrap the module in DDP, so an
+    unsharded trained parameter would not be averaged over the ranks."""
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
 
     for part in parts:
         if is_sharded(part):
@@ -64,13 +93,6 @@ def shard_trained_parts(parts: Iterable[nn.Module], mesh: object) -> None:
             for block in blocks:
                 fully_shard(block, mesh=mesh)
         fully_shard(part, mesh=mesh)
-
-
-def check_all_trained_sharded(module: nn.Module) -> None:
-    """Every parameter that requires grad is sharded: `ModelParallelStrategy` does not wrap the
-    module in DDP, so an unsharded trained parameter would not be averaged over the ranks."""
-    from torch.distributed.tensor import DTensor
-
     params = module.named_parameters()
     left = [n for n, p in params if p.requires_grad and not isinstance(p, DTensor)]
     if left:
