@@ -1,6 +1,7 @@
 """Sharded training (FSDP2 under Lightning's `ModelParallelStrategy`, `models/sharding.py`) of the
-flow family's FLUX architecture, as `configs/flow/flux-pretrained.yaml` asks for it on GPUs: 2 CPU
-processes (gloo) through `train.py fit`, the transformer and the CLIP trained in full.
+flow family's FLUX architecture, as `configs/flow/flux-pretrained.yaml` asks for it on GPUs (and
+of the diffusion family's UNet): 2 CPU processes (gloo) through `train.py fit`, the transformer
+and the text encoders trained in full.
 
 It trains what DDP trains: from the same seed, after the same steps, the one full checkpoint holds
 the weights of a `ddp` run within float32 reduction noise, its card counts both ranks' samples, and
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch import seed_everything
 from tiny_pipeline import tiny_vae
 
 from lightning_mia.card import read_card
@@ -45,8 +47,13 @@ def sharded_strategy(devices: int) -> dict:
     }
 
 
-def tiny_config(tmp: Path, strategy, max_steps: int = 3, **model) -> Path:
-    """A 2-rank flux-tiny fit at 16 px over a random autoencoder, in `tmp`."""
+FLOW = "lightning_mia.models.flow.FlowMatchingModule"
+DIFFUSION = "lightning_mia.models.diffusion.LatentDiffusionModule"
+
+
+def tiny_config(tmp: Path, strategy, max_steps: int = 3, family: str = FLOW, **model) -> Path:
+    """A 2-rank fit at 16 px over a random autoencoder, in `tmp`: flux-tiny, or the diffusion
+    family's tiny UNet."""
     autoencoder = tmp.parent / "autoencoder"
     if not autoencoder.exists():
         torch.manual_seed(0)
@@ -62,9 +69,9 @@ def tiny_config(tmp: Path, strategy, max_steps: int = 3, **model) -> Path:
             "enable_progress_bar": False,
         },
         "model": {
-            "class_path": "lightning_mia.models.flow.FlowMatchingModule",
+            "class_path": family,
             "init_args": {
-                "preset": "flux-tiny",
+                **({"preset": "flux-tiny"} if family == FLOW else {}),
                 "autoencoder": str(autoencoder),
                 "resolution": 16,
                 "max_caption_length": 77,
@@ -149,6 +156,25 @@ def edit_steps(config: Path, steps: int) -> None:
     settings = yaml.safe_load(config.read_text())
     settings["trainer"]["max_steps"] = steps
     config.write_text(yaml.safe_dump(settings))
+
+
+@pytest.mark.slow  # two 2-process training runs through train.py
+def test_the_diffusion_family_shards_its_unet_and_trains_as_ddp(tmp_path):
+    """The hook is the latent families' (`LatentTextToImageModule.configure_model`): the UNet's
+    down and up blocks become units of their own, its frozen CLIP stays whole; 3 steps."""
+    last = Path("exp", "diffusion-target-000", "checkpoints", "last.ckpt")
+    models = {}
+    for name, strategy in (("sharded", sharded_strategy(2)), ("ddp", "ddp")):
+        proc = fit(tiny_config(tmp_path / name, strategy, family=DIFFUSION))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        models[name] = load_family_module(tmp_path / name / last)
+    assert read_card(tmp_path / "sharded" / last).train_steps_per_image == pytest.approx(1.5)
+    seed_everything(0)  # the command's seed_everything: 0, then the module: its start
+    start = type(models["ddp"])(**models["ddp"].hparams).unet.state_dict()
+    got, want = models["sharded"].unet.state_dict(), models["ddp"].unet.state_dict()
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=WEIGHT_TOL)
+    assert max((got[k] - v).abs().max() for k, v in start.items()) > 10 * WEIGHT_TOL
 
 
 @pytest.mark.slow  # a 2-process start
