@@ -141,6 +141,25 @@ def test_killed_training_resumes_to_the_same_weights(base, uninterrupted, tmp_pa
     assert all(torch.equal(want[k], got[k]) for k in want), "resumed weights differ"
 
 
+def test_a_finished_run_continued_with_more_steps_trains_as_one_longer_run(base, tmp_path):
+    """`--ckpt_path last` after a run that finished at `max_steps`, with a larger `max_steps`:
+    the weights of one run of the larger count, bitwise. Batch 4 of 8 members gives 2 steps an
+    epoch, so the first run ends on an epoch boundary after more than one batch, where a
+    checkpoint written at the end of fit (Lightning's `save_last`) made the continued run end
+    its next epoch after one batch."""
+    smaller = ["--data.batch_size=4"]
+    straight = _copy(base, tmp_path / "straight")
+    train_main(["fit", "--config", DIFFUSION, *_model_args(straight.root, 1, 4), *smaller])
+    continued = _copy(base, tmp_path / "continued")
+    train_main(["fit", "--config", DIFFUSION, *_model_args(continued.root, 1, 2), *smaller])
+    args = ["fit", "--config", DIFFUSION, *_model_args(continued.root, 1, 4), *smaller]
+    train_main([*args, "--ckpt_path", "last"])
+    want = _weights(straight.checkpoint("diffusion", 1))
+    got = _weights(continued.checkpoint("diffusion", 1))
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want), "continued weights differ"
+
+
 def _attack(layout):
     attack_main(["--ckpt", str(layout.checkpoint("diffusion", 0)), *ATTACK])
     report = json.loads((layout.attack / "report.json").read_text())
