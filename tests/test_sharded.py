@@ -20,6 +20,7 @@ from lightning.pytorch import seed_everything
 from tiny_pipeline import tiny_vae
 
 from lightning_mia.card import read_card
+from lightning_mia.models.flow import FlowMatchingModule
 from lightning_mia.models.registry import load_family_module
 from lightning_mia.models.sharding import block_lists
 from lightning_mia.models.vae import save_autoencoder
@@ -193,20 +194,13 @@ def test_settings_sharding_cannot_honour_get_one_line_naming_each(tmp_path):
     assert not list((tmp_path / "run" / "exp").rglob("*.ckpt"))
 
 
-def test_blocks_are_the_outermost_module_lists():
-    from diffusers import FluxTransformer2DModel
-
+def test_blocks_are_the_outermost_module_lists(tmp_path):
+    """The units `shard_trained_parts` makes, for flux-tiny's parts: the transformer's double-
+    and single-stream blocks, the CLIP's layers, the T5's blocks (not the lists inside them)."""
     torch.manual_seed(0)
-    flux = FluxTransformer2DModel(
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(2, 2, 4),
-    )
-    lists = block_lists(flux)
-    assert [len(blocks) for blocks in lists] == [1, 2]
-    assert lists == [flux.transformer_blocks, flux.single_transformer_blocks]
+    autoencoder = save_autoencoder(tiny_vae(), tmp_path / "autoencoder")
+    model = FlowMatchingModule(preset="flux-tiny", autoencoder=str(autoencoder), resolution=16)
+    flux = model.transformer
+    assert block_lists(flux) == [flux.transformer_blocks, flux.single_transformer_blocks]
+    assert block_lists(model.text_encoder) == [model.text_encoder.encoder.layers]
+    assert block_lists(model.text_encoder_2) == [model.text_encoder_2.encoder.block]
