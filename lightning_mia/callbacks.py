@@ -52,9 +52,8 @@ class FinalCheckpoint(Callback):
             self._save(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        last_epoch = (
-            trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
-        )
+        epochs = trainer.max_epochs  # -1 or None: no epoch limit (max_steps ends the run)
+        last_epoch = epochs is not None and 0 < epochs <= trainer.current_epoch + 1
         if last_epoch and self._saved_at != trainer.global_step:
             self._save(trainer)
 
