@@ -8,7 +8,10 @@ KL autoencoder. For each signal: seconds per sample of `compute_signals` alone, 
 (queries per sample x one transformer pass over the batch / batch) / (measured seconds per
 sample): 1 means the signal costs what its transformer passes cost (the performance issue asks
 >= 0.85); `_without_encoders` leaves out the frozen autoencoder and text encoders, which run
-once per batch whatever signals are asked (on the tiny preset they cost more than a pass).
+once per batch whatever signals are asked (on the tiny preset they cost more than a pass);
+`_all_passes` counts every pass of the model the signal asks for: its transformer passes, the
+text encoders' pass over every caption it encodes (counted during the run: CLiD encodes one
+masked caption per word to rank the words, then its reduced captions) and the autoencoder's.
 Then N images for each of the batch's captions, by `generate` and by the pipeline called once
 per caption with the same noise. Prints the CPU, kernels and threads first, then
 `RESULT <name> <value>` lines.
@@ -64,6 +67,19 @@ def timed(fn, repeats, device):
     return (time.perf_counter() - start) / repeats
 
 
+def text_encodings(model, run) -> int:
+    """How many captions the model's text encoders encode during `run()` (every call of
+    `model.condition`, which every signal's conditioning goes through)."""
+    encoded = []
+    condition = model.condition
+    model.condition = lambda captions: (encoded.append(len(captions)), condition(captions))[1]
+    try:
+        run()
+    finally:
+        del model.condition  # the class's method again
+    return sum(encoded)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny", choices=sorted(SIZES))
@@ -94,6 +110,7 @@ def main():
             args.repeats,
             args.device,
         )  # the frozen autoencoder and text encoders: once per batch, shared by the signals
+        text = timed(lambda: view.condition(batch["caption"]), args.repeats, args.device)
     print(f"RESULT flow_transformer_pass_seconds_per_sample {one_pass / args.batch:.6f}")
     print(f"RESULT flow_encoders_seconds_per_sample {encode / args.batch:.6f}")
     options = SignalOptions()
@@ -107,6 +124,10 @@ def main():
         print(f"RESULT {name}_model_time_ratio {model_time / per_sample:.3f}")
         ratio = model_time / (per_sample - encode / args.batch)
         print(f"RESULT {name}_model_time_ratio_without_encoders {ratio:.3f}")
+        captions = text_encodings(model, run) / args.batch
+        every_pass = model_time + captions * text / args.batch + (encode - text) / args.batch
+        print(f"RESULT {name}_text_encodings_per_sample {captions:.1f}")
+        print(f"RESULT {name}_model_time_ratio_all_passes {every_pass / per_sample:.3f}")
     generation(model, batch["caption"], args)
 
 
