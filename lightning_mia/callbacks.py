@@ -28,6 +28,11 @@ from lightning_mia.paths import (
 )
 
 
+def at_last_step(trainer: Trainer) -> bool:
+    """Whether the optimizer step just taken is the run's last (`max_steps`)."""
+    return 0 < trainer.max_steps <= trainer.global_step
+
+
 class FinalCheckpoint(Callback):
     """Write `last.ckpt` when fit ends, whatever the step count (ModelCheckpoint saves by
     interval only), and a DONE marker so a re-run of a finished stage can skip it.
@@ -48,7 +53,7 @@ class FinalCheckpoint(Callback):
         self._saved_at = trainer.global_step
 
     def on_train_batch_end(self, trainer: Trainer, *args: object) -> None:
-        if 0 < trainer.max_steps <= trainer.global_step:
+        if at_last_step(trainer):
             self._save(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -87,9 +92,14 @@ class LoggedConfigCallback(SaveConfigCallback):
 
 
 class IntervalCheckpoint(ModelCheckpoint):
-    """Lightning's `ModelCheckpoint` by interval, without the `last.ckpt` that it also writes
-    when training ends (Lightning 2.6, `save_last`): written there it holds the loops' end-of-fit
-    state, over the end-of-batch one `FinalCheckpoint` writes."""
+    """Lightning's `ModelCheckpoint` by interval, leaving the last step to `FinalCheckpoint`:
+    not at the final batch (where an interval that divides `max_steps` wrote the same file a
+    second time) and not when training ends (Lightning 2.6, `save_last`: written there it holds
+    the loops' end-of-fit state, over the end-of-batch one)."""
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if not at_last_step(trainer):
+            super().on_train_batch_end(trainer, *args)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         return None
