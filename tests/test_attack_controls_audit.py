@@ -151,3 +151,7 @@ def test_a_target_trained_four_steps_detects_nothing(diffusion_experiment, tmp_p
     calibrated = result["calibrated"]  # the second test, on the LiRA rows, finds nothing either
     assert set(calibrated["rows"]) == {"lira-offline-pixel", "lira-offline-loss"}, calibrated
     assert calibrated["p_value"] > 0.01 and "Calibrated scores (second test" in out
+    # every shadow was queried on the target's samples: the main test is difficulty-calibrated
+    assert result["difficulty_models"] == len(exp.layout.finished_runs("diffusion", "shadow"))
+    assert result["difficulty_models"] >= 2 and result["uncalibrated"]["p_value"] > 0.01
+    assert "Without difficulty calibration" in out

@@ -4,6 +4,7 @@ the shift guard, user-level groups, and what is written (JSON, report section, P
 import ast
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,42 @@ def test_bad_input_is_one_clear_error(rng, change, message):
     with pytest.raises(SetLevelError, match=message) as err:
         dataset_inference(s, r, options=change.get("options", FAST))
     assert isinstance(err.value, UserError) and "\n" not in str(err.value)
+
+
+def test_difficulty_calibration_runs_where_every_tested_sample_was_queried(rng, tmp_path):
+    """`auto` calibrates with the shadows' queries of every tested sample, falls back to raw
+    features where one lacks them, and `shadows` then refuses in one line naming the samples."""
+    s = make_rows("suspect set", range(120), rng, shift=0.3)
+    r = make_rows("reference set", range(1000, 1120), rng)
+    shadows = [shadow(rng, 10_000), shadow(rng, 20_000)]
+    ids = [*range(120), *range(1000, 1120)]
+    calibration = [make_rows(f"shadow {k}'s query", ids, rng) for k in (1, 2)]
+    res = dataset_inference(s, r, shadows, options=FAST, calibration=calibration)
+    assert res.difficulty_models == 2 and res.uncalibrated is not None
+    assert len(res.assumptions) == 4 and "same way whether it is in" in res.assumptions[-1]
+    back = DatasetInferenceResult.from_dict(json.loads(json.dumps(res.to_dict())))
+    assert back == res and back.uncalibrated == res.uncalibrated
+    assert "Without difficulty calibration" in markdown_section(res)
+    assert "difficulty-calibrated" in terminal_lines(res)[0]
+    assert "uncalibrated_p_value" in "".join(wandb_items(res).scalars)
+    short = [make_rows("shadow 1's query", ids[3:], rng), calibration[1]]
+    fallback = dataset_inference(s, r, shadows, options=FAST, calibration=short)
+    assert fallback.difficulty_models == 0 and fallback.uncalibrated is None
+    assert "raw features" in fallback.difficulty and len(fallback.assumptions) == 3
+    strict = replace(FAST, difficulty="shadows")
+    with pytest.raises(
+        SetLevelError,
+        match=r"shadow 1's query has no rows for 3 samples of the "
+        r"suspect set, e.g. \[0, 1, 2\]",
+    ) as err:
+        dataset_inference(s, r, shadows, options=strict, calibration=short)
+    assert "\n" not in str(err.value)
+    with pytest.raises(SetLevelError, match="no shadow model was queried on the tested"):
+        dataset_inference(s, r, shadows, options=strict)
+    with pytest.raises(SetLevelError, match="needs the shadow aggregation, not 'held-out'"):
+        dataset_inference(s, r, options=strict, calibration=calibration)
+    with pytest.raises(SetLevelError, match="difficulty must be one of"):
+        dataset_inference(s, r, shadows, options=replace(FAST, difficulty="yes"))
 
 
 def test_equal_images_across_the_sets_are_refused(rng):

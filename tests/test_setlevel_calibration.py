@@ -7,6 +7,8 @@ aggregation on the very samples it tests — must fail the same check, so the ch
 Power: a mean shift so small that each feature alone has a per-sample AUC of about 0.53.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -194,3 +196,79 @@ def test_group_p_values_are_calibrated_under_the_null(pool):
         p.append(next(g.outcome.p_value for g in res.groups if g.name == "a"))
     assert_calibrated(np.array(p), 0.05)
     assert_calibrated(np.array(p), 0.01)
+
+
+DIFFICULTY_SD = 3.0  # per-sample difficulty: shared by every model that scores the sample
+
+
+def difficulty_world(seed: int, size: int, shift: float):
+    """Suspect (members, `shift` added) and reference rows of a target, two shadows' queries
+    of the same samples, and two shadows' own rows: every model sees each sample's difficulty
+    (sd DIFFICULTY_SD) plus its own noise (sd 1); only the target's members are shifted."""
+    rng = np.random.default_rng(seed)
+    n_total = 2 * size
+
+    def model_rows(name, ids, difficulty, member, shift_):
+        x = difficulty + rng.normal(size=difficulty.shape) + shift_ * member[:, None]
+        return rows(name, ids, x, rng.normal(size=(len(ids), 3)), member)
+
+    difficulty = DIFFICULTY_SD * rng.normal(size=(n_total, 12))
+    ids = np.arange(n_total)
+    member = ids < size
+    target = model_rows("target", ids, difficulty, member, shift)
+    suspect, reference = (
+        _take(target, ids[:size], "suspect set"),
+        _take(target, ids[size:], "reference set"),
+    )
+    never = np.zeros(n_total, bool)
+    calibration = [model_rows(f"shadow {k}", ids, difficulty, never, 0.0) for k in range(2)]
+    shadows = []
+    for k in range(2):  # their own rows: other samples, half of them members
+        own = 10_000 * (k + 1) + np.arange(800)
+        own_member = np.arange(800) < 400
+        shadows.append(
+            model_rows(
+                f"shadow rows {k}", own, DIFFICULTY_SD * rng.normal(size=(800, 12)), own_member, 0.3
+            )
+        )
+    return suspect, reference, shadows, calibration
+
+
+def test_difficulty_calibration_finds_a_set_the_raw_features_hide():
+    """Where each sample's difficulty is most of a feature's spread, the shadows' queries of
+    the same sample remove it: the same shift is detected from the calibrated features and
+    not from the raw ones, and the raw test is kept beside it."""
+    suspect, reference, shadows, calibration = difficulty_world(1, 150, 0.25)
+    options = AuditOptions(subset_repeats=0, seed=0)
+    res = dataset_inference(suspect, reference, shadows, options=options, calibration=calibration)
+    raw = dataset_inference(
+        suspect,
+        reference,
+        shadows,
+        options=replace(options, difficulty="none"),
+        calibration=calibration,
+    )
+    assert res.difficulty_models == 2 and raw.difficulty_models == 0 and raw.uncalibrated is None
+    assert res.uncalibrated.p_value == pytest.approx(raw.p_value)
+    assert res.p_value < 1e-5 and raw.p_value > 0.01, (res.p_value, raw.p_value)
+    assert "difficulty-calibrated" in res.difficulty and "raw features" in raw.difficulty
+
+
+@pytest.fixture(scope="module")
+def difficulty_null():
+    """Calibrated p-values of 240 independent worlds without a member in the suspect set."""
+    p = []
+    for seed in range(240):
+        suspect, reference, shadows, calibration = difficulty_world(1000 + seed, 60, 0.0)
+        options = AuditOptions(subset_repeats=0, seed=seed, permutations=999)
+        res = dataset_inference(
+            suspect, reference, shadows, options=options, calibration=calibration
+        )
+        assert res.difficulty_models == 2
+        p.append(res.p_value)
+    return np.array(p)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.01])
+def test_difficulty_calibrated_audit_is_calibrated_under_the_null(difficulty_null, alpha):
+    assert_calibrated(difficulty_null, alpha)

@@ -57,10 +57,13 @@ def run_audit(
     shadows: list[QueryTable],
     options: Any,
     report: AttackReport | None = None,
+    calibration: list[QueryTable] = (),
 ) -> DatasetInferenceResult:
-    """Dataset inference of the target's members against its non-members (`setlevel`); with
-    the shadow setting's `report`, also the second test on its LiRA-calibrated scores (their
-    rules were fitted on the shadows alone: `setlevel.calibrated`)."""
+    """Dataset inference of the target's members against its non-members (`setlevel`), each
+    sample's difficulty calibrated by the shadows' `calibration` queries of it (where the
+    options allow); with the shadow setting's `report`, also the second test on its
+    LiRA-calibrated scores (their rules were fitted on the shadows alone:
+    `setlevel.calibrated`)."""
     source = experiment_source(layout)
     ids = target.sample_id.tolist()
     members = [i for i, m in zip(ids, target.is_member.tolist()) if m]
@@ -72,6 +75,7 @@ def run_audit(
         group_by=options.group_by or None,
         image_digests=digest_map(source, ids),
         options=options.audit,
+        calibration=calibration,
     )
     if report is None or report.setting != "shadow":  # partial: fitted on target rows
         return result

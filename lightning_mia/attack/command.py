@@ -229,7 +229,7 @@ def dataset_inference(
 ) -> dict:
     """The set-level audit of the target's members (its JSON, figure and W&B rows written),
     as the report records it."""
-    result = run_audit(layout, tables.target, tables.shadows, options, report)
+    result = run_audit(layout, tables.target, tables.shadows, options, report, tables.calibration)
     write_dataset_inference(folder, result)
     log_results(logger, audit_results(result, folder))
     return result.to_dict()

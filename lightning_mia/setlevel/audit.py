@@ -20,6 +20,17 @@ queries):
    Welch's t-test (scipy.stats.ttest_ind, unequal variances) where the means of at least 30
    scores a side of a not strongly skewed distribution make it reliable; otherwise a permutation
    test (scipy.stats.permutation_test), exact for any distribution (`stats.py`).
+   Difficulty (`difficulty`): where the shadow models were also queried on the tested samples
+   (`calibration` rows: the attack command does so for LiRA), each tested sample's features
+   are taken minus the mean of the shadows' features of the same sample before scoring, as
+   offline LiRA calibrates a per-sample score (Carlini et al. 2022). Some images are easy to
+   denoise or reconstruct whether seen or not; that difficulty is most of a raw feature's
+   spread across samples, and the shadows, which never trained on the sample, measure it. What
+   is left is the target's own deviation, so the same membership shift is a larger effect
+   (at the realistic point: see the README). The score is linear, so this is the fixed score
+   minus its mean over the shadows' queries of the sample. It needs the `shadow` aggregation
+   (the score is fixed before any tested sample is seen) and every tested sample queried on
+   every shadow; `auto` applies it exactly then, and the result keeps the raw test beside it.
 4. Shift guard: steps 2-3 on the `blind/*` features alone (the query image and caption, no
    model query), always with a held-out aggregation (the shadows' halves are alike by
    construction, so they cannot learn a shift between S and R). If it detects the suspect set at
@@ -30,6 +41,9 @@ queries):
 What it assumes, in plain words: the samples are independent of each other; the reference set
 was not used for training and comes from the same distribution as the suspect set. Under those,
 when S was not used the p-value is uniform (calibrated: a 1% level detects 1% of unused sets).
+With difficulty
+calibration, a sample's calibration must not depend on its set: the shadows query S and R
+alike (the attack command queries every shadow on all of the target's samples).
 A small p-value says S looks more like training data than R does; by itself it cannot tell
 training on S from S and R differing in some way the shift guard does not see.
 """
@@ -38,6 +52,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -52,7 +67,13 @@ from lightning_mia.setlevel.procedure import (
     resolve_aggregation,
     run_test,
 )
-from lightning_mia.setlevel.result import DatasetInferenceResult, ShiftGuard, decide
+from lightning_mia.setlevel.result import (
+    ASSUMPTIONS,
+    CALIBRATION_ASSUMPTION,
+    DatasetInferenceResult,
+    ShiftGuard,
+    decide,
+)
 from lightning_mia.setlevel.rows import (
     FeatureRows,
     SetLevelError,
@@ -63,7 +84,10 @@ from lightning_mia.setlevel.rows import (
     group_labels,
     membership_features,
 )
-from lightning_mia.setlevel.stats import TEST_CHOICES, TestChoice
+from lightning_mia.setlevel.stats import TEST_CHOICES, Outcome, TestChoice
+
+Difficulty = Literal["auto", "shadows", "none"]
+DIFFICULTIES = ("auto", "shadows", "none")
 
 
 @dataclass(frozen=True)
@@ -82,6 +106,8 @@ class AuditOptions:
     l2: float = 1.0  # ridge penalty of the logistic aggregation
     embedding_components: int = 8  # principal components kept per blind embedding
     features: tuple[str, ...] = ()  # prefixes of membership features to use; () = all
+    difficulty: Difficulty = "auto"  # "shadows": minus the shadows' features of each sample;
+    # "auto": that where every tested sample has them under the shadow aggregation; "none"
     seed: int = 0
 
     def problems(self) -> list[str]:
@@ -93,6 +119,8 @@ class AuditOptions:
                 out.append(f"{name} must lie strictly between 0 and 1, got {value}")
         if self.aggregation not in AGGREGATIONS:
             out.append(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.difficulty not in DIFFICULTIES:
+            out.append(f"difficulty must be one of {DIFFICULTIES}, got {self.difficulty!r}")
         if self.test not in TEST_CHOICES:
             out.append(f"test must be one of {TEST_CHOICES}, got {self.test!r}")
         for name in ("permutations", "subset_points", "embedding_components"):
@@ -150,6 +178,48 @@ def _check_inputs(
             raise SetLevelError(p)
 
 
+def difficulty_problem(
+    aggregation: str, calibration: Sequence[FeatureRows], *tested: FeatureRows
+) -> str | None:
+    """Why the shadows' queries cannot calibrate the difficulty of the `tested` samples, or
+    None when they can (the `shadow` aggregation, and every sample in every calibration row)."""
+    if aggregation != "shadow":
+        return f"it needs the shadow aggregation, not {aggregation!r}"
+    if not calibration:
+        return "no shadow model was queried on the tested samples"
+    for cal in calibration:
+        have = set(cal.sample_id.tolist())
+        for rows in tested:
+            lacking = [int(i) for i in rows.sample_id if int(i) not in have]
+            if lacking:
+                return (
+                    f"{cal.name} has no rows for {len(lacking)} samples of the {rows.name}, "
+                    f"e.g. {sorted(lacking)[:5]}"
+                )
+    return None
+
+
+def difficulty_rows(calibration: Sequence[FeatureRows], rows: FeatureRows) -> list[FeatureRows]:
+    """Each calibration table's rows of the samples of `rows`, in their order."""
+    return [c.select(rows.sample_id, f"{c.name} on the {rows.name}") for c in calibration]
+
+
+def _difficulty(
+    options: AuditOptions,
+    aggregation: str,
+    calibration: Sequence[FeatureRows],
+    suspect: FeatureRows,
+    reference: FeatureRows,
+) -> bool:
+    """Whether the audit calibrates difficulty (`SetLevelError` when asked and impossible)."""
+    if options.difficulty == "none":
+        return False
+    problem = difficulty_problem(aggregation, calibration, suspect, reference)
+    if problem and options.difficulty == "shadows":
+        raise SetLevelError(f"difficulty calibration (difficulty: shadows) cannot run: {problem}")
+    return problem is None
+
+
 def shift_guard(
     suspect: FeatureRows, reference: FeatureRows, options: AuditOptions, rng: np.random.Generator
 ) -> tuple[ShiftGuard | None, Plan | None]:
@@ -188,6 +258,7 @@ def dataset_inference(
     group_by: str | None = None,
     image_digests: Mapping[int, bytes] | None = None,
     options: AuditOptions = AuditOptions(),
+    calibration: Sequence[FeatureRows] = (),
 ) -> DatasetInferenceResult:
     """Test whether the suspect set was used to train the model that produced its features.
 
@@ -195,6 +266,8 @@ def dataset_inference(
         suspect: the suspect set's rows (S).
         reference: rows of samples known to be unused, from the same distribution (R).
         shadows: shadow models' rows with `is_member` (to learn the aggregation on).
+        calibration: each shadow model's rows of (at least) the tested samples, to calibrate
+            each sample's difficulty (`options.difficulty`).
         groups: sample id -> group (user, artist) of each suspect sample: one test per group.
         group_by: the name of the group column, for messages and the report.
         image_digests: sample id -> image content digest of S and R, to refuse equal images.
@@ -203,8 +276,12 @@ def dataset_inference(
     aggregation = resolve_aggregation(options.aggregation, bool(shadows))
     _check_inputs(suspect, reference, shadows, aggregation, options, image_digests)
     labels = None if groups is None else group_labels(suspect, groups, group_by or "group")
-    candidates = membership_features(suspect, reference, *shadows, prefixes=options.features)
-    names, dropped = finite_columns(candidates, suspect, reference, *shadows)
+    calibrate = _difficulty(options, aggregation, calibration, suspect, reference)
+    cal_s = difficulty_rows(calibration, suspect) if calibrate else []
+    cal_r = difficulty_rows(calibration, reference) if calibrate else []
+    every = (suspect, reference, *shadows, *cal_s, *cal_r)
+    candidates = membership_features(*every, prefixes=options.features)
+    names, dropped = finite_columns(candidates, *every)
     if not names:
         raise SetLevelError(f"no membership feature is finite in every row: {dropped[:5]}")
     plan = _plan(names, shadows, aggregation, options)
@@ -212,6 +289,12 @@ def dataset_inference(
     rng = np.random.default_rng(options.seed)
     outcome, s_fit, r_fit, scorer = run_test(plan, xs, xr, rng)
     shift, blind_plan = shift_guard(suspect, reference, options, rng)
+    uncalibrated: Outcome | None = None
+    if calibrate:  # the score minus its mean over the shadows' queries of the same sample
+        xs = xs - np.mean([c.matrix(names) for c in cal_s], axis=0)
+        xr = xr - np.mean([c.matrix(names) for c in cal_r], axis=0)
+        uncalibrated = outcome
+        outcome = run_test(plan, xs, xr, np.random.default_rng(options.seed + 3))[0]
     curve = None
     if options.subset_repeats:
         repeats, points = options.subset_repeats, options.subset_points
@@ -250,4 +333,7 @@ def dataset_inference(
         groups=group_table,
         group_by=group_by if labels is not None else None,
         seed=options.seed,
+        assumptions=(*ASSUMPTIONS, CALIBRATION_ASSUMPTION) if calibrate else ASSUMPTIONS,
+        difficulty_models=len(cal_s),
+        uncalibrated=uncalibrated,
     )

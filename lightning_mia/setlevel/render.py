@@ -81,6 +81,15 @@ def _calibrated_line(result: DatasetInferenceResult) -> str:
     )
 
 
+def _uncalibrated_line(result: DatasetInferenceResult) -> str:
+    """The same test on raw features (where the main one is difficulty-calibrated)."""
+    u = result.uncalibrated
+    return (
+        f"Without difficulty calibration (raw features, reported, not decided on): "
+        f"p = {_p(u.p_value)} ({u.test}), d = {u.effect_size:.2f}, AUC {u.auc:.3f}."
+    )
+
+
 def _group_cells(g: GroupRow) -> list[str]:
     o = g.outcome
     auc = "-" if o is None else f"{o.auc:.3f}"
@@ -125,9 +134,12 @@ def markdown_section(result: DatasetInferenceResult, png_name: str = DATASET_INF
         f"- Smallest set size reaching p < {TARGET_P:g}: {_smallest(result)}.",
         f"- Aggregation: `{result.aggregation}`, a logistic score over {len(result.features)} "
         f"features, fitted on {_fitted_on(result)} (none of the tested samples).",
+        f"- Tested: {result.difficulty}.",
         f"- Test: {o.reason}.",
         f"- {_shift_line(result)}",
     ]
+    if result.uncalibrated is not None:
+        lines.append(f"- {_uncalibrated_line(result)}")
     if result.calibrated is not None:
         lines.append(f"- {_calibrated_line(result)}.")
     if result.dropped_features:
@@ -154,10 +166,13 @@ def terminal_lines(result: DatasetInferenceResult) -> list[str]:
     lines = [
         f"dataset inference: {result.decision.upper()} at alpha {result.alpha:g}: "
         f"p = {_p(o.p_value)} ({o.test}), d = {o.effect_size:.2f}, AUC {o.auc:.3f}, "
-        f"{o.suspect_n} suspect vs {o.reference_n} reference tested ({result.aggregation})",
+        f"{o.suspect_n} suspect vs {o.reference_n} reference tested ({result.aggregation}"
+        f"{', difficulty-calibrated' if result.difficulty_models else ''})",
         f"  smallest set size for p < {TARGET_P:g}: {_smallest(result)}",
         f"  {_shift_line(result)}",
     ]
+    if result.uncalibrated is not None:
+        lines.append(f"  {_uncalibrated_line(result)}")
     if result.calibrated is not None:
         lines.append(f"  {_calibrated_line(result)}")
     if result.groups:
@@ -193,6 +208,8 @@ def wandb_items(result: DatasetInferenceResult, png: str | os.PathLike | None = 
         scalars[f"{key}/smallest_size"] = result.curve.smallest_size
     if result.shift is not None:
         scalars[f"{key}/shift_p_value"] = result.shift.outcome.p_value
+    if result.uncalibrated is not None:
+        scalars[f"{key}/uncalibrated_p_value"] = result.uncalibrated.p_value
     if result.calibrated is not None:
         scalars[f"{key}/calibrated_p_value"] = result.calibrated.p_value
         scalars[f"{key}/calibrated_best"] = result.calibrated.best

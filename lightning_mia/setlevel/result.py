@@ -32,6 +32,13 @@ ASSUMPTIONS = (
     "are exchangeable and the p-value is valid.",
 )
 
+CALIBRATION_ASSUMPTION = (
+    "Each tested sample's difficulty comes from shadow models queried on it the same way "
+    "whether it is in the suspect or the reference set (none of them trained on one set's "
+    "samples only), so subtracting it keeps the two sets exchangeable when the suspect set "
+    "was not used."
+)
+
 
 def _num(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
@@ -167,6 +174,18 @@ class DatasetInferenceResult:
     seed: int = 0
     assumptions: tuple[str, ...] = ASSUMPTIONS
     calibrated: CalibratedTest | None = None  # the second test (`calibrated.py`), if run
+    difficulty_models: int = 0  # shadows whose queries of each sample calibrate it (0: none)
+    uncalibrated: Outcome | None = None  # the same test on raw features, where calibrated
+
+    @property
+    def difficulty(self) -> str:
+        """How the tested features were calibrated, in words."""
+        if not self.difficulty_models:
+            return "raw features (no difficulty calibration)"
+        return (
+            f"each sample's features minus their mean over {self.difficulty_models} shadow "
+            "models' queries of it (difficulty-calibrated)"
+        )
 
     @property
     def p_value(self) -> float:
@@ -207,6 +226,8 @@ class DatasetInferenceResult:
             curve=None if self.curve is None else self.curve.to_dict(),
             shift=None if self.shift is None else self.shift.to_dict(),
             groups=[g.to_dict() for g in self.groups],
+            uncalibrated=None if self.uncalibrated is None else self.uncalibrated.to_dict(),
+            difficulty=self.difficulty,
         )
         return d
 
@@ -233,6 +254,8 @@ class DatasetInferenceResult:
             seed=d["seed"],
             assumptions=tuple(d["assumptions"]),
             calibrated=CalibratedTest.from_dict(d["calibrated"]) if d.get("calibrated") else None,
+            difficulty_models=d.get("difficulty_models", 0),
+            uncalibrated=Outcome.from_dict(d["uncalibrated"]) if d.get("uncalibrated") else None,
         )
 
 

@@ -59,6 +59,19 @@ class FeatureRows:
             return np.zeros((len(self), 0))
         return np.stack([self.features[f] for f in names], axis=1)
 
+    def select(self, ids: Sequence[int], name: str | None = None) -> FeatureRows:
+        """The rows of these sample ids, in that order (`SetLevelError` naming ids it lacks)."""
+        position = {int(s): j for j, s in enumerate(self.sample_id)}
+        missing = [int(i) for i in ids if int(i) not in position]
+        if missing:
+            raise SetLevelError(
+                f"{self.name}: {len(missing)} sample ids have no rows, e.g. {_listed(missing)}"
+            )
+        index = np.array([position[int(i)] for i in ids], dtype=np.int64)
+        member = None if self.is_member is None else self.is_member[index]
+        features = {k: v[index] for k, v in self.features.items()}
+        return FeatureRows(name or self.name, self.sample_id[index], features, member)
+
 
 def _listed(ids: Sequence[int]) -> str:
     ids = sorted(int(i) for i in ids)

@@ -1,6 +1,7 @@
 """The set-level audit driven from query tables: what the attack command calls.
 
     result = audit_tables(target, shadows)                     # S = members, R = non-members
+    result = audit_tables(target, shadows, calibration=shadows_on_target)   # difficulty
     result = audit_tables(target, shadows, suspect_ids=s, reference_ids=r,
                           groups=group_map(source, "artist", s), group_by="artist",
                           image_digests=digest_map(source, [*s, *r]))
@@ -57,6 +58,7 @@ def audit_tables(
     group_by: str | None = None,
     image_digests: Mapping[int, bytes] | None = None,
     options: AuditOptions = AuditOptions(),
+    calibration: Sequence[TableLike] = (),
 ) -> DatasetInferenceResult:
     """Dataset inference on the target's query rows (see `audit.dataset_inference`).
 
@@ -69,6 +71,7 @@ def audit_tables(
         group_by: the group column's name.
         image_digests: sample id -> image digest of both sets (`digest_map`).
         options: level, aggregation, test, curve.
+        calibration: each shadow's query table of the target's samples (difficulty).
     """
     ids = target.sample_id.tolist()
     member = target.is_member.bool().tolist()
@@ -79,6 +82,7 @@ def audit_tables(
     suspect = take_rows(target, suspect_ids, "suspect set")
     reference = take_rows(target, reference_ids, "reference set")
     shadow_rows = [take_rows(t, None, f"shadow table {k + 1}") for k, t in enumerate(shadows)]
+    cal = [take_rows(t, None, f"shadow {k + 1}'s query") for k, t in enumerate(calibration)]
     return dataset_inference(
-        suspect, reference, shadow_rows, groups, group_by, image_digests, options
+        suspect, reference, shadow_rows, groups, group_by, image_digests, options, cal
     )
