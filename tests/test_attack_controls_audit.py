@@ -155,3 +155,15 @@ def test_a_target_trained_four_steps_detects_nothing(diffusion_experiment, tmp_p
     assert result["difficulty_models"] == len(exp.layout.finished_runs("diffusion", "shadow"))
     assert result["difficulty_models"] >= 2 and result["uncalibrated"]["p_value"] > 0.01
     assert "Without difficulty calibration" in out
+
+
+def test_a_control_report_names_the_captions_it_read(world):
+    from lightning_mia.attack.render import caption_mode
+
+    layout, target, shadows = world
+    report = run_attacks(layout, target, shadows, ["pixel"], **FAST)
+    assert caption_mode(report) == "ground-truth captions"
+    fixed = replace(report, captions="fixed-caption", query={"fixed_caption": "an image"})
+    assert caption_mode(fixed) == "one fixed caption for every sample ('an image')"
+    swapped = replace(report, captions="swapped-caption")
+    assert caption_mode(swapped).startswith("swapped captions (each sample queried with another")

@@ -126,9 +126,10 @@ def test_complexity_features_order_images_by_detail():
 def test_every_calibrated_score_declares_its_scale():
     declared = {n: s for n, s in ATTACKS.items() if s.score_feature}
     assert all(s.score_scale in SCALES for s in declared.values())
-    assert {n: declared[n].score_scale for n in ("loss", "secmi", "pia")} == dict.fromkeys(
-        ("loss", "secmi", "pia"), "log"
-    )
+    errors = ("loss", "secmi", "pia", "flow_loss", "flow_sweep", "flow_secmi", "flow_pia")
+    assert {n: declared[n].score_scale for n in errors} == dict.fromkeys(errors, "log")
+    # every reconstruction-type error also has its complexity-calibrated row
+    assert all(declared[n].calibrated_by == ("complexity",) for n in errors)
     assert declared["pixel"].score_scale == "identity"  # PSNR is already a log
     assert ATTACKS["loss"].learned_row == "loss-mlp" and ATTACKS["pixel"].learned_row == "pixel"
     x = torch.tensor([0.0, 0.5, 2.0])

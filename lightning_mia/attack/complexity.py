@@ -10,16 +10,20 @@ For an attack that declares a complexity group (`AttackSpec.calibrated_by`, e.g.
     r = z - (a + β · log c),      z = the attack's score on its scale (`AttackSpec.score_scale`:
                                       log of a loss, PSNR as it is), c = a complexity feature
 
-where a and β are the least-squares fit of z on log c over the training rows' *non-members*
-(how an error grows with complexity when the model has not seen the image; never a target
-label). β = 1 on a log-scale error is the plain ratio error / complexity (FreMIA's and the
-compressed-size normalisation's form); fitting β lets the data say how much of the error the
-measure explains. Among the complexity features (`features/complexity.py`: high-pass energy,
-PNG bits per pixel) the one whose residual separates the training rows best (AUC) is kept; its
-direction and thresholds are chosen there too (balanced accuracy for the report, FPR < 1% for
-the deployed cut). The option lives here, as a calibrated variant row beside the raw attack and
-its LiRA rows, so the raw score stays in the report to compare with; it is reported whenever the
-shards hold both the score and a complexity feature.
+where a and β are the least-squares fit of z on log c over the training rows' *non-members* (how
+an error grows with complexity when the model has not seen the image; never a target label).
+β = 1 on a log-scale error is the plain ratio error / complexity (FreMIA's and the compressed-size
+normalisation's form); fitting β lets the data say how much of the error the measure explains.
+Among the complexity features (`features/complexity.py`: high-pass energy, PNG bits per pixel)
+the one whose residual separates the training rows best (AUC) is kept; its direction and
+thresholds are chosen there too (balanced accuracy for the report, FPR < 1% for the deployed
+cut). Where this differs from the papers it follows: FreMIA (ICML 2026) low-pass filters the
+reconstruction error itself before comparing it, while this row divides (on the log scale:
+subtracts) a measure of the query image's high-frequency content from the whole error; the
+compressed-size normalisation of rectified-flow MIA is followed in its form (error over PNG bits
+per pixel), with β fitted instead of fixed at 1. The option lives here, as a calibrated variant
+row beside the raw attack and its LiRA rows, so the raw score stays in the report to compare
+with; it is reported whenever the shards hold both the score and a complexity feature.
 """
 
 from __future__ import annotations

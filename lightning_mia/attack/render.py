@@ -111,7 +111,13 @@ def format_table(report: AttackReport) -> str:
 
 
 def caption_mode(report: AttackReport) -> str:
-    """`ground-truth captions` or `captioner captions (<folder>[, BLEU-4 ..., shapes ...])`."""
+    """`ground-truth captions`, `captioner captions (<folder>[, BLEU-4 ..., shapes ...])`, or
+    what a control query read in their place."""
+    if report.captions == "fixed-caption":
+        fixed = (report.query or {}).get("fixed_caption")
+        return "one fixed caption for every sample" + (f" ({fixed!r})" if fixed else "")
+    if report.captions == "swapped-caption":
+        return "swapped captions (each sample queried with another sample's caption)"
     if report.captions != "captioner":
         return "ground-truth captions"
     c = report.captioner

@@ -202,6 +202,8 @@ register_signal(
         lambda o: len(o.flow_times),
         "flow-matching loss at fixed times and noise (Matsumoto et al. 2023, for flows)",
         score_feature="flow_loss/mean",
+        score_scale="log",  # a mean squared velocity error: positive, right-skewed
+        calibrated_by=("complexity",),
         check=lambda o, n: time_problems("flow_times", o.flow_times),
     )
 )
@@ -213,6 +215,8 @@ register_signal(
         lambda o: len(o.flow_sweep_times),
         "flow-matching loss along the interpolation path (Sesmat et al. ICML 2026)",
         score_feature="flow_sweep/mean",
+        score_scale="log",  # a mean of squared velocity errors along the path
+        calibrated_by=("complexity",),
         check=lambda o, n: time_problems("flow_sweep_times", o.flow_sweep_times),
     )
 )
@@ -224,6 +228,8 @@ register_signal(
         lambda o: o.secmi_steps + 1,
         "SecMI t-error of an Euler ODE round trip at flow_secmi_t (Duan et al. 2023, for flows)",
         score_feature="flow_secmi/t_error",
+        score_scale="log",  # a squared round-trip error: positive, right-skewed
+        calibrated_by=("complexity",),
         check=_secmi_problems,
     )
 )
@@ -235,6 +241,8 @@ register_signal(
         lambda o: (1 + len(o.flow_times)) * (1 if o.pia_guidance == 1.0 else 2),
         "PIA: the velocity at t=0 as the noise of a one-step trip (Kong et al. 2024, for flows)",
         score_feature="flow_pia/mean",
+        score_scale="log",  # a mean p-th power distance: positive, right-skewed
+        calibrated_by=("complexity",),
         check=_pia_problems,
     )
 )
