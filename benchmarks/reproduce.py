@@ -259,6 +259,7 @@ def audit_summary(report: dict) -> dict | None:
         "smallest": curve.get("smallest_size"),
         "shift_p": (shift.get("outcome") or {}).get("p_value"),
         "raw_p": (audit.get("uncalibrated") or {}).get("p_value"),  # without difficulty calib.
+        "transfer": audit.get("shadow_transfer"),  # (AUC, p) of the score on left-out shadows
         "best": max(aucs) if aucs else (float("nan"), "-"),
     }
 
@@ -277,9 +278,9 @@ def setlevel_table(folders: dict[str, Path]) -> tuple[list[str], list[str]]:
     sizes = " | ".join(f"p at {k}" for k in QUOTED_SIZES)
     lines = [
         f"| experiment | suspect / reference | p (whole sets) | {sizes} | smallest set for "
-        "p < 0.01 | p without difficulty calibration | shift guard p | decision | "
-        "second test p / smallest set | best per-sample AUC |",
-        "|" + "---|" * (9 + len(QUOTED_SIZES)),
+        "p < 0.01 | p without difficulty calibration | score on left-out shadows: AUC (p) | "
+        "shift guard p | decision | second test p / smallest set | best per-sample AUC |",
+        "|" + "---|" * (10 + len(QUOTED_SIZES)),
     ]
     results = []
     for name, folder in folders.items():
@@ -290,10 +291,12 @@ def setlevel_table(folders: dict[str, Path]) -> tuple[list[str], list[str]]:
         at = " | ".join("-" if v is None else f"{v:.2g}" for v in audit["at"].values())
         shift = "-" if audit["shift_p"] is None else f"{audit['shift_p']:.2g}"
         raw = "- (not calibrated)" if audit["raw_p"] is None else f"{audit['raw_p']:.2g}"
+        t = audit["transfer"]
+        transfer = "-" if t is None else f"{t[0]:.3f} ({t[1]:.2g})"
         auc, best = audit["best"]
         lines.append(
             f"| {name} | {audit['suspect']} / {audit['reference']} | {audit['p']:.2g} | {at} | "
-            f"{audit['smallest'] or 'none'} | {raw} | {shift} | {audit['decision']} | "
+            f"{audit['smallest'] or 'none'} | {raw} | {transfer} | {shift} | {audit['decision']} | "
             f"{audit_cell(audit, 'calibrated')} | {auc:.3f} ({best}) |"
         )
         results.append(f"RESULT setlevel_{name}_p {audit['p']:.3g}")

@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import stats
+from scipy.stats import mannwhitneyu
+from sklearn.metrics import roc_auc_score
 
 from lightning_mia.errors import UserError
 from lightning_mia.query.shards import QueryTable
@@ -33,6 +36,7 @@ from lightning_mia.setlevel import (
     write_dataset_inference,
 )
 from lightning_mia.setlevel.rows import check_same_source
+from lightning_mia.setlevel.scorer import fit_scorer
 
 NAMES = [f"loss/t{i}" for i in range(6)]
 BLIND = ["blind/mean_r", "blind/hf_energy"] + [f"blind/img_emb_{i}" for i in range(12)]
@@ -186,6 +190,38 @@ def test_difficulty_calibration_runs_where_every_tested_sample_was_queried(rng, 
         dataset_inference(s, r, options=strict, calibration=calibration)
     with pytest.raises(SetLevelError, match="difficulty must be one of"):
         dataset_inference(s, r, shadows, options=replace(FAST, difficulty="yes"))
+
+
+def test_the_aggregation_is_checked_on_shadows_it_never_saw(rng):
+    """Shadows with a membership shift: the score fitted on one ranks the other's members
+    high; shadows without one: about 0.5, and the report says a miss then means little."""
+    s = make_rows("suspect set", range(100), rng)
+    r = make_rows("reference set", range(1000, 1100), rng)
+    learnable = [shadow(rng, 10_000, shift=0.5), shadow(rng, 20_000, shift=0.5)]
+    res = dataset_inference(s, r, learnable, options=FAST)
+    auc, p = res.shadow_transfer
+    assert auc > 0.75 and p < 1e-10 and "not above chance" not in markdown_section(res)
+    none = [shadow(rng, 10_000, shift=0.0), shadow(rng, 20_000, shift=0.0)]
+    res = dataset_inference(s, r, none, options=FAST)
+    auc, p = res.shadow_transfer
+    assert abs(auc - 0.5) < 0.06 and p > 0.01
+    assert "not above chance" in markdown_section(res) and any(
+        "says little about the suspect set" in line for line in terminal_lines(res)
+    )
+    assert DatasetInferenceResult.from_dict(json.loads(json.dumps(res.to_dict()))) == res
+    assert dataset_inference(s, r, learnable[:1], options=FAST).shadow_transfer is None
+    # two shadows: each scored by the fit on the other, its U summed: the textbook numbers
+    names = res.features
+    u, var, aucs = 0.0, 0.0, []
+    for held, other in ((none[0], none[1]), (none[1], none[0])):
+        fit = fit_scorer(other.matrix(names), other.is_member, names)
+        score = fit.score(held.matrix(names))
+        aucs.append(roc_auc_score(held.is_member, score))
+        test = mannwhitneyu(score[held.is_member], score[~held.is_member])
+        u += test.statistic - 200 * 200 / 2
+        var += 200 * 200 * 401 / 12
+    assert auc == pytest.approx(np.mean(aucs))
+    assert p == pytest.approx(stats.norm.sf(u / np.sqrt(var)))
 
 
 def test_equal_images_across_the_sets_are_refused(rng):

@@ -31,6 +31,10 @@ queries):
    minus its mean over the shadows' queries of the sample. It needs the `shadow` aggregation
    (the score is fixed before any tested sample is seen) and every tested sample queried on
    every shadow; `auto` applies it exactly then, and the result keeps the raw test beside it.
+   Learnability (`shadow_transfer`): with two or more shadows, each shadow's rows are scored
+   by the aggregation fitted on the others. Where its members rank no higher than its
+   non-members, the shadows hold no membership signal a linear score can learn, and a "not
+   detected" says little about the suspect set; the report says so.
 4. Shift guard: steps 2-3 on the `blind/*` features alone (the query image and caption, no
    model query), always with a held-out aggregation (the shadows' halves are alike by
    construction, so they cannot learn a shift between S and R). If it detects the suspect set at
@@ -55,6 +59,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from scipy.stats import norm
 
 from lightning_mia.setlevel.curve import size_curve
 from lightning_mia.setlevel.groups import group_rows
@@ -84,7 +89,8 @@ from lightning_mia.setlevel.rows import (
     group_labels,
     membership_features,
 )
-from lightning_mia.setlevel.stats import TEST_CHOICES, Outcome, TestChoice
+from lightning_mia.setlevel.scorer import fit_scorer
+from lightning_mia.setlevel.stats import TEST_CHOICES, Outcome, TestChoice, auc_greater
 
 Difficulty = Literal["auto", "shadows", "none"]
 DIFFICULTIES = ("auto", "shadows", "none")
@@ -220,6 +226,32 @@ def _difficulty(
     return problem is None
 
 
+def shadow_transfer(
+    names: Sequence[str], shadows: Sequence[FeatureRows], options: AuditOptions
+) -> tuple[float, float] | None:
+    """How well the aggregation learns membership at all: each shadow's rows scored by the
+    aggregation fitted on the other shadows; (AUC of its members above its non-members, over
+    the shadows, weighted by their pairs; one-sided p of the stratified Mann-Whitney test, van
+    Elteren's: each shadow's U against its null mean and variance, summed), or None with fewer
+    than 2 shadows. An AUC not above 0.5 says the shadows hold no membership signal the
+    aggregation can learn, and a "not detected" then says little about the suspect set."""
+    if len(shadows) < 2:
+        return None
+    excess, variance, pairs = 0.0, 0.0, 0.0
+    for k, held in enumerate(shadows):
+        rest = [s for j, s in enumerate(shadows) if j != k]
+        x = np.concatenate([s.matrix(names) for s in rest])
+        y = np.concatenate([s.is_member for s in rest]).astype(np.float64)
+        scorer = fit_scorer(x, y, names, options.l2, options.embedding_components)
+        scores = scorer.score(held.matrix(names))
+        n1, n0 = int(held.is_member.sum()), int((~held.is_member).sum())
+        auc = auc_greater(scores[held.is_member], scores[~held.is_member])
+        excess += (auc - 0.5) * n1 * n0  # U - E[U] under "no membership signal"
+        variance += n1 * n0 * (n1 + n0 + 1) / 12.0
+        pairs += n1 * n0
+    return 0.5 + excess / pairs, float(norm.sf(excess / np.sqrt(variance)))
+
+
 def shift_guard(
     suspect: FeatureRows, reference: FeatureRows, options: AuditOptions, rng: np.random.Generator
 ) -> tuple[ShiftGuard | None, Plan | None]:
@@ -336,4 +368,5 @@ def dataset_inference(
         assumptions=(*ASSUMPTIONS, CALIBRATION_ASSUMPTION) if calibrate else ASSUMPTIONS,
         difficulty_models=len(cal_s),
         uncalibrated=uncalibrated,
+        shadow_transfer=shadow_transfer(names, shadows, options),
     )

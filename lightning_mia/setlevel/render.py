@@ -90,6 +90,24 @@ def _uncalibrated_line(result: DatasetInferenceResult) -> str:
     )
 
 
+LEARNABLE_P = 0.05  # a left-out shadow's AUC not above 0.5 at this level: nothing learnable
+
+
+def _transfer_line(result: DatasetInferenceResult) -> str:
+    """What the aggregation learns of membership on shadows it never saw."""
+    auc, p = result.shadow_transfer
+    line = (
+        f"Aggregation on left-out shadows (each scored by the fit on the others): members "
+        f"against non-members AUC {auc:.3f}, p = {_p(p)}"
+    )
+    if not p < LEARNABLE_P:
+        line += (
+            "; not above chance: the shadows show no membership signal this score could "
+            "learn, so a 'not detected' here says little about the suspect set"
+        )
+    return line + "."
+
+
 def _group_cells(g: GroupRow) -> list[str]:
     o = g.outcome
     auc = "-" if o is None else f"{o.auc:.3f}"
@@ -140,6 +158,8 @@ def markdown_section(result: DatasetInferenceResult, png_name: str = DATASET_INF
     ]
     if result.uncalibrated is not None:
         lines.append(f"- {_uncalibrated_line(result)}")
+    if result.shadow_transfer is not None:
+        lines.append(f"- {_transfer_line(result)}")
     if result.calibrated is not None:
         lines.append(f"- {_calibrated_line(result)}.")
     if result.dropped_features:
@@ -173,6 +193,8 @@ def terminal_lines(result: DatasetInferenceResult) -> list[str]:
     ]
     if result.uncalibrated is not None:
         lines.append(f"  {_uncalibrated_line(result)}")
+    if result.shadow_transfer is not None:
+        lines.append(f"  {_transfer_line(result)}")
     if result.calibrated is not None:
         lines.append(f"  {_calibrated_line(result)}")
     if result.groups:
@@ -210,6 +232,9 @@ def wandb_items(result: DatasetInferenceResult, png: str | os.PathLike | None = 
         scalars[f"{key}/shift_p_value"] = result.shift.outcome.p_value
     if result.uncalibrated is not None:
         scalars[f"{key}/uncalibrated_p_value"] = result.uncalibrated.p_value
+    if result.shadow_transfer is not None:
+        scalars[f"{key}/shadow_transfer_auc"] = result.shadow_transfer[0]
+        scalars[f"{key}/shadow_transfer_p_value"] = result.shadow_transfer[1]
     if result.calibrated is not None:
         scalars[f"{key}/calibrated_p_value"] = result.calibrated.p_value
         scalars[f"{key}/calibrated_best"] = result.calibrated.best

@@ -176,6 +176,8 @@ class DatasetInferenceResult:
     calibrated: CalibratedTest | None = None  # the second test (`calibrated.py`), if run
     difficulty_models: int = 0  # shadows whose queries of each sample calibrate it (0: none)
     uncalibrated: Outcome | None = None  # the same test on raw features, where calibrated
+    # the aggregation on left-out shadows: (AUC, one-sided p) (`audit.shadow_transfer`)
+    shadow_transfer: tuple[float, float] | None = None
 
     @property
     def difficulty(self) -> str:
@@ -255,6 +257,7 @@ class DatasetInferenceResult:
             assumptions=tuple(d["assumptions"]),
             calibrated=CalibratedTest.from_dict(d["calibrated"]) if d.get("calibrated") else None,
             difficulty_models=d.get("difficulty_models", 0),
+            shadow_transfer=tuple(d["shadow_transfer"]) if d.get("shadow_transfer") else None,
             uncalibrated=Outcome.from_dict(d["uncalibrated"]) if d.get("uncalibrated") else None,
         )
 
