@@ -15,6 +15,7 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from lightning_mia.setlevel import AuditOptions, FeatureRows, dataset_inference
+from lightning_mia.setlevel.audit import difficulty_weights
 from lightning_mia.setlevel.scorer import fit_scorer
 from lightning_mia.setlevel.stats import one_sided_test
 
@@ -272,3 +273,23 @@ def difficulty_null():
 @pytest.mark.parametrize("alpha", [0.05, 0.01])
 def test_difficulty_calibrated_audit_is_calibrated_under_the_null(difficulty_null, alpha):
     assert_calibrated(difficulty_null, alpha)
+
+
+def test_difficulty_weights_keep_what_the_shadows_do_not_reproduce():
+    """A feature the shadows reproduce sample by sample gets a weight near 1 (its difficulty is
+    removed); one they do not (independent noise per model, as a generated image's semantics)
+    a weight near 0, so calibration adds none of the shadows' noise to it."""
+    rng = np.random.default_rng(3)
+    n = 4000
+    shared = DIFFICULTY_SD * rng.normal(size=n)
+    target = np.stack([shared + rng.normal(size=n), rng.normal(size=n)], axis=1)
+    shadows = [np.stack([shared + rng.normal(size=n), rng.normal(size=n)], 1) for _ in range(2)]
+    mean = np.mean(shadows, axis=0)
+    w = difficulty_weights(target, mean)
+    expected = DIFFICULTY_SD**2 / (DIFFICULTY_SD**2 + 1 / 2)  # Cov(t, m) / Var(m)
+    assert w[0] == pytest.approx(expected, abs=0.03) and abs(w[1]) < 0.05
+    calibrated = target - w * mean
+    assert calibrated[:, 0].var() < 0.2 * target[:, 0].var()  # the difficulty is gone
+    assert calibrated[:, 1].var() < 1.05 * target[:, 1].var()  # the noise is not doubled
+    assert (target - mean)[:, 1].var() > 1.4 * target[:, 1].var()  # plain subtraction would
+    assert difficulty_weights(target, np.ones((n, 2))).tolist() == [0.0, 0.0]

@@ -175,6 +175,7 @@ class DatasetInferenceResult:
     assumptions: tuple[str, ...] = ASSUMPTIONS
     calibrated: CalibratedTest | None = None  # the second test (`calibrated.py`), if run
     difficulty_models: int = 0  # shadows whose queries of each sample calibrate it (0: none)
+    difficulty_weight: float | None = None  # median over features of `audit.difficulty_weights`
     uncalibrated: Outcome | None = None  # the same test on raw features, where calibrated
     # the aggregation on left-out shadows: (AUC, one-sided p) (`audit.shadow_transfer`)
     shadow_transfer: tuple[float, float] | None = None
@@ -185,8 +186,9 @@ class DatasetInferenceResult:
         if not self.difficulty_models:
             return "raw features (no difficulty calibration)"
         return (
-            f"each sample's features minus their mean over {self.difficulty_models} shadow "
-            "models' queries of it (difficulty-calibrated)"
+            f"each sample's features minus their regression on the mean of "
+            f"{self.difficulty_models} shadow models' queries of it (difficulty-calibrated; "
+            f"median weight {self.difficulty_weight:.2f})"
         )
 
     @property
@@ -257,6 +259,7 @@ class DatasetInferenceResult:
             assumptions=tuple(d["assumptions"]),
             calibrated=CalibratedTest.from_dict(d["calibrated"]) if d.get("calibrated") else None,
             difficulty_models=d.get("difficulty_models", 0),
+            difficulty_weight=d.get("difficulty_weight"),
             shadow_transfer=tuple(d["shadow_transfer"]) if d.get("shadow_transfer") else None,
             uncalibrated=Outcome.from_dict(d["uncalibrated"]) if d.get("uncalibrated") else None,
         )
