@@ -155,8 +155,9 @@ def test_a_target_trained_four_steps_detects_nothing(diffusion_experiment, tmp_p
     assert result["difficulty_models"] == len(exp.layout.finished_runs("diffusion", "shadow"))
     assert result["difficulty_models"] >= 2 and result["uncalibrated"]["p_value"] > 0.01
     assert "Without difficulty calibration" in out
-    auc, p_value = result["shadow_transfer"]  # the aggregation on the shadow it did not see
-    assert 0.0 <= auc <= 1.0 and 0.0 <= p_value <= 1.0 and "left-out shadows" in out
+    # the aggregation on the shadow it did not see: shadows of 4 steps have nothing to learn
+    auc, p_value = result["shadow_transfer"]
+    assert p_value > 0.001 and auc < 0.8 and "left-out shadows" in out
 
 
 def test_a_control_report_names_the_captions_it_read(world):

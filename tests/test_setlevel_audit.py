@@ -35,6 +35,7 @@ from lightning_mia.setlevel import (
     wandb_items,
     write_dataset_inference,
 )
+from lightning_mia.setlevel.audit import out_mean
 from lightning_mia.setlevel.rows import check_same_source
 from lightning_mia.setlevel.scorer import fit_scorer
 
@@ -176,6 +177,23 @@ def test_difficulty_calibration_runs_where_every_tested_sample_was_queried(rng, 
     fallback = dataset_inference(s, r, shadows, options=FAST, calibration=short)
     assert fallback.difficulty_models == 0 and fallback.uncalibrated is None
     assert "raw features" in fallback.difficulty and len(fallback.assumptions) == 3
+    assert "shadow 1's query has no rows for 3 samples" in fallback.difficulty
+    assert "raw features" in markdown_section(fallback)
+    # a shadow that trained on a sample (IN) does not calibrate it; with none OUT, no calibration
+    inside = [replace(c, is_member=np.isin(c.sample_id, range(10))) for c in calibration]
+    mean = out_mean([inside[0], calibration[1]], s, res.features)
+    assert np.allclose(mean[:10], calibration[1].select(range(10)).matrix(res.features))
+    assert np.allclose(
+        mean[10:],
+        (
+            inside[0].select(range(10, 120)).matrix(res.features)
+            + calibration[1].select(range(10, 120)).matrix(res.features)
+        )
+        / 2,
+    )
+    nobody_out = dataset_inference(s, r, shadows, options=FAST, calibration=inside)
+    assert nobody_out.difficulty_models == 0
+    assert "every shadow trained on 10 samples of the suspect set" in nobody_out.difficulty
     strict = replace(FAST, difficulty="shadows")
     with pytest.raises(
         SetLevelError,
@@ -186,7 +204,7 @@ def test_difficulty_calibration_runs_where_every_tested_sample_was_queried(rng, 
     assert "\n" not in str(err.value)
     with pytest.raises(SetLevelError, match="no shadow model was queried on the tested"):
         dataset_inference(s, r, shadows, options=strict)
-    with pytest.raises(SetLevelError, match="needs the shadow aggregation, not 'held-out'"):
+    with pytest.raises(SetLevelError, match="with the shadow aggregation only, not 'held-out'"):
         dataset_inference(s, r, options=strict, calibration=calibration)
     with pytest.raises(SetLevelError, match="difficulty must be one of"):
         dataset_inference(s, r, shadows, options=replace(FAST, difficulty="yes"))
@@ -205,7 +223,7 @@ def test_the_aggregation_is_checked_on_shadows_it_never_saw(rng):
     res = dataset_inference(s, r, none, options=FAST)
     auc, p = res.shadow_transfer
     assert abs(auc - 0.5) < 0.06 and p > 0.01
-    assert "not above chance" in markdown_section(res) and any(
+    assert "not significantly above chance" in markdown_section(res) and any(
         "says little about the suspect set" in line for line in terminal_lines(res)
     )
     assert DatasetInferenceResult.from_dict(json.loads(json.dumps(res.to_dict()))) == res

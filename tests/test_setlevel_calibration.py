@@ -255,18 +255,19 @@ def test_difficulty_calibration_finds_a_set_the_raw_features_hide():
     assert "difficulty-calibrated" in res.difficulty and "raw features" in raw.difficulty
 
 
-@pytest.fixture(scope="module")
-def difficulty_null():
-    """Calibrated p-values of 240 independent worlds without a member in the suspect set."""
-    p = []
+@pytest.fixture(scope="module", params=[60, 20], ids=["welch", "permutation"])
+def difficulty_null(request):
+    """Calibrated p-values of 240 independent worlds without a member in the suspect set: 60
+    samples a side (Welch's test), and 20 (fewer than 30: the permutation test)."""
+    p, tests = [], set()
     for seed in range(240):
-        suspect, reference, shadows, calibration = difficulty_world(1000 + seed, 60, 0.0)
-        options = AuditOptions(subset_repeats=0, seed=seed, permutations=999)
-        res = dataset_inference(
-            suspect, reference, shadows, options=options, calibration=calibration
-        )
+        world = difficulty_world(1000 + seed, request.param, 0.0)
+        options = AuditOptions(subset_repeats=0, seed=seed, permutations=499)
+        res = dataset_inference(*world[:3], options=options, calibration=world[3])
         assert res.difficulty_models == 2
         p.append(res.p_value)
+        tests.add(res.outcome.test)
+    assert tests == {"welch" if request.param == 60 else "permutation"}
     return np.array(p)
 
 
@@ -293,3 +294,5 @@ def test_difficulty_weights_keep_what_the_shadows_do_not_reproduce():
     assert calibrated[:, 1].var() < 1.05 * target[:, 1].var()  # the noise is not doubled
     assert (target - mean)[:, 1].var() > 1.4 * target[:, 1].var()  # plain subtraction would
     assert difficulty_weights(target, np.ones((n, 2))).tolist() == [0.0, 0.0]
+    # a constant whose mean is not exact in floating point: still no weight (not 1e3)
+    assert difficulty_weights(1e3 * target, np.full((n, 2), 0.1)).tolist() == [0.0, 0.0]

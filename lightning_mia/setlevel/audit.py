@@ -31,10 +31,12 @@ queries):
    effect (on the demo's queries: d 2.8 raw, 3.7 calibrated). It needs the `shadow` aggregation
    (the score is fixed before any tested sample is seen) and every tested sample queried on
    every shadow; `auto` applies it exactly then, and the result keeps the raw test beside it.
-   Learnability (`shadow_transfer`): with two or more shadows, each shadow's rows are scored
-   by the aggregation fitted on the others. Where its members rank no higher than its
-   non-members, the shadows hold no membership signal a linear score can learn, and a "not
-   detected" says little about the suspect set; the report says so.
+   Learnability (`shadow_transfer`): with two or more shadows in the aggregation, each
+   shadow's rows are scored by the aggregation fitted on the others. Where its members do not
+   rank significantly higher than its non-members, nothing shows that the score learns
+   membership at all, and a "not detected" says little about the suspect set; the report says
+   so. The size curve reuses the difficulty weights fitted on all of S and R (a little
+   optimistic for small subsets).
 4. Shift guard: steps 2-3 on the `blind/*` features alone (the query image and caption, no
    model query), always with a held-out aggregation (the shadows' halves are alike by
    construction, so they cannot learn a shift between S and R). If it detects the suspect set at
@@ -185,12 +187,17 @@ def _check_inputs(
 
 
 def difficulty_problem(
-    aggregation: str, calibration: Sequence[FeatureRows], *tested: FeatureRows
+    aggregation: str,
+    calibration: Sequence[FeatureRows],
+    names: Sequence[str],
+    *tested: FeatureRows,
 ) -> str | None:
     """Why the shadows' queries cannot calibrate the difficulty of the `tested` samples, or
-    None when they can (the `shadow` aggregation, and every sample in every calibration row)."""
+    None when they can: the `shadow` aggregation (a held-out fit would need calibrated rows of
+    its own; not built), every sample queried on every shadow, at least one shadow that did
+    not train on it (`is_member` false: an OUT query), and the features `names` finite there."""
     if aggregation != "shadow":
-        return f"it needs the shadow aggregation, not {aggregation!r}"
+        return f"it is applied with the shadow aggregation only, not {aggregation!r}"
     if not calibration:
         return "no shadow model was queried on the tested samples"
     for cal in calibration:
@@ -202,12 +209,44 @@ def difficulty_problem(
                     f"{cal.name} has no rows for {len(lacking)} samples of the {rows.name}, "
                     f"e.g. {sorted(lacking)[:5]}"
                 )
+    for rows in tested:
+        picked = difficulty_rows(calibration, rows)
+        out = np.stack([_out_mask(c) for c in picked])  # (M, n)
+        if not out.any(axis=0).all():
+            ids = rows.sample_id[~out.any(axis=0)].tolist()
+            return f"every shadow trained on {len(ids)} samples of the {rows.name}, e.g. {ids[:5]}"
+        missing = [n for n in names if any(n not in c.features for c in picked)]
+        if missing:
+            return f"the shadows' queries lack features {missing[:5]}"
+        bad = [
+            n
+            for n in names
+            if not all(np.isfinite(c.features[n][o]).all() for c, o in zip(picked, out))
+        ]
+        if bad:
+            return f"features not finite in the shadows' queries of the {rows.name}: {bad[:5]}"
     return None
+
+
+def _out_mask(rows: FeatureRows) -> np.ndarray:
+    """(n,) the rows whose model did not train on the sample (all, where unknown)."""
+    return np.ones(len(rows), bool) if rows.is_member is None else ~rows.is_member.astype(bool)
 
 
 def difficulty_rows(calibration: Sequence[FeatureRows], rows: FeatureRows) -> list[FeatureRows]:
     """Each calibration table's rows of the samples of `rows`, in their order."""
     return [c.select(rows.sample_id, f"{c.name} on the {rows.name}") for c in calibration]
+
+
+def out_mean(
+    calibration: Sequence[FeatureRows], rows: FeatureRows, names: Sequence[str]
+) -> np.ndarray:
+    """(n, F) per sample of `rows`, the mean of `names` over the shadows that did not train on
+    it (OUT queries; whether a shadow trained on a sample never depends on S or R)."""
+    picked = difficulty_rows(calibration, rows)
+    out = np.stack([_out_mask(c) for c in picked]).astype(np.float64)[:, :, None]  # (M, n, 1)
+    x = np.stack([np.where(o > 0, c.matrix(names), 0.0) for c, o in zip(picked, out)])
+    return (out * x).sum(axis=0) / out.sum(axis=0)
 
 
 def difficulty_weights(target: np.ndarray, shadow_mean: np.ndarray) -> np.ndarray:
@@ -219,28 +258,30 @@ def difficulty_weights(target: np.ndarray, shadow_mean: np.ndarray) -> np.ndarra
     difficulty, one they do not (a generated image's semantics) is left nearly as it is,
     where plain subtraction would add the shadows' own noise to it. No label enters, and the
     fit is symmetric in the two sets, so they stay exchangeable when the suspect set was not
-    used. A feature constant across the shadows gets weight 0."""
+    used. A feature whose shadow mean is the same for every sample gets weight 0."""
     t = target - target.mean(axis=0)
     m = shadow_mean - shadow_mean.mean(axis=0)
-    spread = (m * m).sum(axis=0)
-    safe = np.where(spread > 0, spread, 1.0)
-    return np.where(spread > 0, (m * t).sum(axis=0) / safe, 0.0)
+    varying = np.ptp(shadow_mean, axis=0) > 0  # exact: round-off in `m` must not count
+    spread = np.where(varying, (m * m).sum(axis=0), 1.0)
+    return np.where(varying, (m * t).sum(axis=0) / spread, 0.0)
 
 
 def _difficulty(
     options: AuditOptions,
     aggregation: str,
     calibration: Sequence[FeatureRows],
+    names: Sequence[str],
     suspect: FeatureRows,
     reference: FeatureRows,
-) -> bool:
-    """Whether the audit calibrates difficulty (`SetLevelError` when asked and impossible)."""
+) -> str | None:
+    """None when the audit calibrates difficulty, else why not ("" where not asked for);
+    `SetLevelError` when asked for (`shadows`) and impossible."""
     if options.difficulty == "none":
-        return False
-    problem = difficulty_problem(aggregation, calibration, suspect, reference)
+        return "difficulty: none"
+    problem = difficulty_problem(aggregation, calibration, names, suspect, reference)
     if problem and options.difficulty == "shadows":
         raise SetLevelError(f"difficulty calibration (difficulty: shadows) cannot run: {problem}")
-    return problem is None
+    return problem
 
 
 def shadow_transfer(
@@ -248,10 +289,12 @@ def shadow_transfer(
 ) -> tuple[float, float] | None:
     """How well the aggregation learns membership at all: each shadow's rows scored by the
     aggregation fitted on the other shadows; (AUC of its members above its non-members, over
-    the shadows, weighted by their pairs; one-sided p of the stratified Mann-Whitney test, van
-    Elteren's: each shadow's U against its null mean and variance, summed), or None with fewer
-    than 2 shadows. An AUC not above 0.5 says the shadows hold no membership signal the
-    aggregation can learn, and a "not detected" then says little about the suspect set."""
+    the shadows, weighted by their pairs; one-sided p of a stratified Mann-Whitney test: each
+    shadow's U minus its null mean, summed, over the root of the summed null variances, ties
+    ignored, which makes it slightly conservative), or None with fewer than 2 shadows. It
+    checks the score on raw shadow rows (the shadows' own rows have no calibration queries).
+    An AUC not significantly above 0.5 is no evidence that the score learns membership from
+    the shadows, and a "not detected" then says little about the suspect set."""
     if len(shadows) < 2:
         return None
     excess, variance, pairs = 0.0, 0.0, 0.0
@@ -325,14 +368,11 @@ def dataset_inference(
     aggregation = resolve_aggregation(options.aggregation, bool(shadows))
     _check_inputs(suspect, reference, shadows, aggregation, options, image_digests)
     labels = None if groups is None else group_labels(suspect, groups, group_by or "group")
-    calibrate = _difficulty(options, aggregation, calibration, suspect, reference)
-    cal_s = difficulty_rows(calibration, suspect) if calibrate else []
-    cal_r = difficulty_rows(calibration, reference) if calibrate else []
-    every = (suspect, reference, *shadows, *cal_s, *cal_r)
-    candidates = membership_features(*every, prefixes=options.features)
-    names, dropped = finite_columns(candidates, *every)
+    candidates = membership_features(suspect, reference, *shadows, prefixes=options.features)
+    names, dropped = finite_columns(candidates, suspect, reference, *shadows)
     if not names:
         raise SetLevelError(f"no membership feature is finite in every row: {dropped[:5]}")
+    not_calibrated = _difficulty(options, aggregation, calibration, names, suspect, reference)
     plan = _plan(names, shadows, aggregation, options)
     xs, xr = suspect.matrix(names), reference.matrix(names)
     rng = np.random.default_rng(options.seed)
@@ -340,9 +380,8 @@ def dataset_inference(
     shift, blind_plan = shift_guard(suspect, reference, options, rng)
     uncalibrated: Outcome | None = None
     weights = None
-    if calibrate:  # each feature minus its regression on the shadows' mean of the same sample
-        ms = np.mean([c.matrix(names) for c in cal_s], axis=0)
-        mr = np.mean([c.matrix(names) for c in cal_r], axis=0)
+    if not_calibrated is None:  # each feature minus its regression on the shadows' OUT mean
+        ms, mr = out_mean(calibration, suspect, names), out_mean(calibration, reference, names)
         weights = difficulty_weights(np.concatenate([xs, xr]), np.concatenate([ms, mr]))
         xs, xr = xs - weights * ms, xr - weights * mr
         uncalibrated = outcome
@@ -385,9 +424,15 @@ def dataset_inference(
         groups=group_table,
         group_by=group_by if labels is not None else None,
         seed=options.seed,
-        assumptions=(*ASSUMPTIONS, CALIBRATION_ASSUMPTION) if calibrate else ASSUMPTIONS,
-        difficulty_models=len(cal_s),
+        assumptions=ASSUMPTIONS
+        if not_calibrated is not None
+        else (
+            *ASSUMPTIONS,
+            CALIBRATION_ASSUMPTION,
+        ),
+        difficulty_models=0 if not_calibrated is not None else len(calibration),
+        difficulty_note=not_calibrated or "",
         difficulty_weight=None if weights is None else float(np.median(weights)),
         uncalibrated=uncalibrated,
-        shadow_transfer=shadow_transfer(names, shadows, options),
+        shadow_transfer=shadow_transfer(names, shadows, options) if plan.shadow_y.size else None,
     )

@@ -102,8 +102,9 @@ def _transfer_line(result: DatasetInferenceResult) -> str:
     )
     if not p < LEARNABLE_P:
         line += (
-            "; not above chance: the shadows show no membership signal this score could "
-            "learn, so a 'not detected' here says little about the suspect set"
+            f"; not significantly above chance (p >= {LEARNABLE_P:g}): no evidence that this "
+            "score learns membership from the shadows, so a 'not detected' here says little "
+            "about the suspect set"
         )
     return line + "."
 

@@ -34,9 +34,9 @@ ASSUMPTIONS = (
 
 CALIBRATION_ASSUMPTION = (
     "Each tested sample's difficulty comes from shadow models queried on it the same way "
-    "whether it is in the suspect or the reference set (none of them trained on one set's "
-    "samples only), so subtracting it keeps the two sets exchangeable when the suspect set "
-    "was not used."
+    "whether it is in the suspect or the reference set, and whether a shadow trained on a "
+    "sample does not depend on which set the sample is in, so removing it keeps the two sets "
+    "exchangeable when the suspect set was not used."
 )
 
 
@@ -176,6 +176,7 @@ class DatasetInferenceResult:
     calibrated: CalibratedTest | None = None  # the second test (`calibrated.py`), if run
     difficulty_models: int = 0  # shadows whose queries of each sample calibrate it (0: none)
     difficulty_weight: float | None = None  # median over features of `audit.difficulty_weights`
+    difficulty_note: str = ""  # why the features were not calibrated ("" when they were)
     uncalibrated: Outcome | None = None  # the same test on raw features, where calibrated
     # the aggregation on left-out shadows: (AUC, one-sided p) (`audit.shadow_transfer`)
     shadow_transfer: tuple[float, float] | None = None
@@ -184,7 +185,8 @@ class DatasetInferenceResult:
     def difficulty(self) -> str:
         """How the tested features were calibrated, in words."""
         if not self.difficulty_models:
-            return "raw features (no difficulty calibration)"
+            why = f": {self.difficulty_note}" if self.difficulty_note else ""
+            return f"raw features (no difficulty calibration{why})"
         return (
             f"each sample's features minus their regression on the mean of "
             f"{self.difficulty_models} shadow models' queries of it (difficulty-calibrated; "
@@ -260,6 +262,7 @@ class DatasetInferenceResult:
             calibrated=CalibratedTest.from_dict(d["calibrated"]) if d.get("calibrated") else None,
             difficulty_models=d.get("difficulty_models", 0),
             difficulty_weight=d.get("difficulty_weight"),
+            difficulty_note=d.get("difficulty_note", ""),
             shadow_transfer=tuple(d["shadow_transfer"]) if d.get("shadow_transfer") else None,
             uncalibrated=Outcome.from_dict(d["uncalibrated"]) if d.get("uncalibrated") else None,
         )
