@@ -1,6 +1,7 @@
 """The papers' statistics (attack.reference), complexity calibration (features/attack complexity),
 LiRA's declared scales and the signal presets, on synthetic rows (CPU, seconds)."""
 
+import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -11,7 +12,9 @@ import torch
 from lightning_mia.attack.calibration import _side, lira_scores, off_scale, to_scale
 from lightning_mia.attack.complexity import complexity_results, fit_complexity
 from lightning_mia.attack.data import Rows
+from lightning_mia.attack.options import parse_attack_options
 from lightning_mia.attack.reference import PIA_T, reference_results
+from lightning_mia.attack.render import signal_settings
 from lightning_mia.attack.report import Realised
 from lightning_mia.features import FEATURE_GROUPS
 from lightning_mia.features.complexity import complexity_features
@@ -20,7 +23,7 @@ from lightning_mia.metrics import roc_auc
 from lightning_mia.query.shards import QueryTable
 from lightning_mia.registry import UnknownNameError
 from lightning_mia.specs.attacks import ATTACKS, SCALES, QueryCosts
-from lightning_mia.specs.query import QueryRecord
+from lightning_mia.specs.query import QueryRecord, QuerySpec, QuerySpecError
 from lightning_mia.specs.signals import SIGNAL_PRESETS, SignalOptions, signal_preset
 
 COSTS = QueryCosts(num_images=1, signal_queries={"loss": 3, "secmi": 11, "pia": 8, "clid": 15})
@@ -199,3 +202,24 @@ def test_signal_presets_hold_the_authors_stable_diffusion_settings():
     check_signals("diffusion", ["loss", "secmi", "pia", "clid"], sd, 1000)  # no problem
     with pytest.raises(UnknownNameError, match="unknown signal preset 'sd'"):
         signal_preset("sd")
+
+
+def test_signal_options_reach_the_query_from_the_command_line_and_the_report():
+    options = parse_attack_options(["--ckpt", "x.ckpt", "--signal-preset", "reference-sd"])
+    assert options.query.signal_preset == "reference-sd"
+    options = parse_attack_options(
+        ["--ckpt", "x.ckpt", "--query.signal_options.secmi_t=120", "--query.signals=[secmi]"]
+    )
+    assert options.query.signal_options.secmi_t == 120
+    spec = QuerySpec(signals=("secmi",), signal_options=SignalOptions(secmi_t=120))
+    report = SimpleNamespace(query=dataclasses.asdict(spec))  # what the report keeps
+    assert signal_settings(report) == "secmi; options: secmi_t=120"
+    preset = SimpleNamespace(query=dataclasses.asdict(QuerySpec(signal_preset="reference-sd")))
+    assert "secmi_steps=15" in signal_settings(preset)
+    assert signal_settings(preset).endswith("(preset `reference-sd`)")
+    # the preset sets every option: giving both is one clear error, not a silent choice
+    with pytest.raises(QuerySpecError, match="give either the preset or signal_options") as err:
+        QuerySpec(signal_preset="reference-sd", signal_options=SignalOptions(secmi_t=120))
+    assert "\n" not in str(err.value)
+    again = QuerySpec.from_dict(dataclasses.asdict(QuerySpec(signal_preset="reference-sd")))
+    assert again.signal_options == signal_preset("reference-sd")  # a saved spec reads back

@@ -12,6 +12,7 @@ column, `at 1% cut: FPR / TPR`, what the threshold chosen without target labels 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -31,6 +32,7 @@ from lightning_mia.attack.scores import SCORES_CSV, render_scores_csv
 from lightning_mia.metrics import METRIC_NAMES
 from lightning_mia.paths import atomic_write_bytes
 from lightning_mia.setlevel import DatasetInferenceResult, markdown_section, terminal_lines
+from lightning_mia.specs.signals import SignalOptions
 
 METRIC_LABELS = {
     "accuracy": "accuracy",
@@ -164,6 +166,18 @@ def controls_markdown(report: AttackReport) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in control_rows(report)]
 
 
+def signal_settings(report: AttackReport) -> str:
+    """The gray-box signals queried and their options as they differ from the defaults (or
+    the preset that set them): how a reader matches the rows to the papers' settings."""
+    query = report.query or {}
+    signals = ", ".join(query.get("signals") or ()) or "the family's defaults"
+    preset = query.get("signal_preset") or ""
+    default = dataclasses.asdict(SignalOptions())
+    changed = {k: v for k, v in (query.get("signal_options") or {}).items() if default.get(k) != v}
+    options = ", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "defaults"
+    return f"{signals}; options: {options}" + (f" (preset `{preset}`)" if preset else "")
+
+
 def render_markdown(report: AttackReport, examples: bool = False) -> str:
     """report.md: the run's facts, the attack x metric table ("n/r" = not resolvable), notes."""
     t = report.target
@@ -176,6 +190,7 @@ def render_markdown(report: AttackReport, examples: bool = False) -> str:
         f"- images per query caption: {report.num_images}; shadow models: {report.num_shadows}",
         f"- query captions: {caption_mode(report)}"
         + (f", `{report.captioner['folder']}`" if report.captioner.get("folder") else ""),
+        f"- gray-box signals: {signal_settings(report)}",
         f"- test samples: {report.test_samples}; seeds: {json.dumps(report.seeds, sort_keys=True)}",
         f"- splits hash: `{report.splits_hash}`; created {report.created}",
     ]

@@ -78,7 +78,13 @@ class QuerySpec:
         # one order, whatever order a registry or a user named them in (compared with ==)
         object.__setattr__(self, "signals", tuple(sorted(set(self.signals))))
         if self.signal_preset:  # UnknownNameError (a UserError) lists the known presets
-            object.__setattr__(self, "signal_options", signal_preset(self.signal_preset))
+            preset = signal_preset(self.signal_preset)
+            if self.signal_options not in (SignalOptions(), preset):  # both given: which wins?
+                raise QuerySpecError(
+                    f"query: signal_preset {self.signal_preset!r} sets every signal option; "
+                    "give either the preset or signal_options, not both"
+                )
+            object.__setattr__(self, "signal_options", preset)
         if self.captioner and self.captions == "ground-truth":  # a captioner names the mode
             object.__setattr__(self, "captions", "captioner")
         problems = self.problems()
