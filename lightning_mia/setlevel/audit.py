@@ -61,9 +61,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy.stats import norm
 
 from lightning_mia.setlevel.curve import size_curve
+from lightning_mia.setlevel.difficulty import (
+    difficulty_problem,
+    difficulty_weights,
+    out_mean,
+    shadow_transfer,
+)
 from lightning_mia.setlevel.groups import group_rows
 from lightning_mia.setlevel.procedure import (
     AGGREGATIONS,
@@ -91,8 +96,7 @@ from lightning_mia.setlevel.rows import (
     group_labels,
     membership_features,
 )
-from lightning_mia.setlevel.scorer import fit_scorer
-from lightning_mia.setlevel.stats import TEST_CHOICES, Outcome, TestChoice, auc_greater
+from lightning_mia.setlevel.stats import TEST_CHOICES, Outcome, TestChoice
 
 Difficulty = Literal["auto", "shadows", "none"]
 DIFFICULTIES = ("auto", "shadows", "none")
@@ -186,86 +190,6 @@ def _check_inputs(
             raise SetLevelError(p)
 
 
-def difficulty_problem(
-    aggregation: str,
-    calibration: Sequence[FeatureRows],
-    names: Sequence[str],
-    *tested: FeatureRows,
-) -> str | None:
-    """Why the shadows' queries cannot calibrate the difficulty of the `tested` samples, or
-    None when they can: the `shadow` aggregation (a held-out fit would need calibrated rows of
-    its own; not built), every sample queried on every shadow, at least one shadow that did
-    not train on it (`is_member` false: an OUT query), and the features `names` finite there."""
-    if aggregation != "shadow":
-        return f"it is applied with the shadow aggregation only, not {aggregation!r}"
-    if not calibration:
-        return "no shadow model was queried on the tested samples"
-    for cal in calibration:
-        have = set(cal.sample_id.tolist())
-        for rows in tested:
-            lacking = [int(i) for i in rows.sample_id if int(i) not in have]
-            if lacking:
-                return (
-                    f"{cal.name} has no rows for {len(lacking)} samples of the {rows.name}, "
-                    f"e.g. {sorted(lacking)[:5]}"
-                )
-    for rows in tested:
-        picked = difficulty_rows(calibration, rows)
-        out = np.stack([_out_mask(c) for c in picked])  # (M, n)
-        if not out.any(axis=0).all():
-            ids = rows.sample_id[~out.any(axis=0)].tolist()
-            return f"every shadow trained on {len(ids)} samples of the {rows.name}, e.g. {ids[:5]}"
-        missing = [n for n in names if any(n not in c.features for c in picked)]
-        if missing:
-            return f"the shadows' queries lack features {missing[:5]}"
-        bad = [
-            n
-            for n in names
-            if not all(np.isfinite(c.features[n][o]).all() for c, o in zip(picked, out))
-        ]
-        if bad:
-            return f"features not finite in the shadows' queries of the {rows.name}: {bad[:5]}"
-    return None
-
-
-def _out_mask(rows: FeatureRows) -> np.ndarray:
-    """(n,) the rows whose model did not train on the sample (all, where unknown)."""
-    return np.ones(len(rows), bool) if rows.is_member is None else ~rows.is_member.astype(bool)
-
-
-def difficulty_rows(calibration: Sequence[FeatureRows], rows: FeatureRows) -> list[FeatureRows]:
-    """Each calibration table's rows of the samples of `rows`, in their order."""
-    return [c.select(rows.sample_id, f"{c.name} on the {rows.name}") for c in calibration]
-
-
-def out_mean(
-    calibration: Sequence[FeatureRows], rows: FeatureRows, names: Sequence[str]
-) -> np.ndarray:
-    """(n, F) per sample of `rows`, the mean of `names` over the shadows that did not train on
-    it (OUT queries; whether a shadow trained on a sample never depends on S or R)."""
-    picked = difficulty_rows(calibration, rows)
-    out = np.stack([_out_mask(c) for c in picked]).astype(np.float64)[:, :, None]  # (M, n, 1)
-    x = np.stack([np.where(o > 0, c.matrix(names), 0.0) for c, o in zip(picked, out)])
-    return (out * x).sum(axis=0) / out.sum(axis=0)
-
-
-def difficulty_weights(target: np.ndarray, shadow_mean: np.ndarray) -> np.ndarray:
-    """(F,) per feature, the least-squares slope of the target's feature on the shadows' mean
-    feature of the same sample, over the suspect and reference rows together (`target` and
-    `shadow_mean` (n, F)): how much of the feature the sample's difficulty explains. The
-    calibrated feature `target - weight * shadow_mean` is then the one of least variance (a
-    control variate): a feature the shadows reproduce sample by sample (a loss) loses its
-    difficulty, one they do not (a generated image's semantics) is left nearly as it is,
-    where plain subtraction would add the shadows' own noise to it. No label enters, and the
-    fit is symmetric in the two sets, so they stay exchangeable when the suspect set was not
-    used. A feature whose shadow mean is the same for every sample gets weight 0."""
-    t = target - target.mean(axis=0)
-    m = shadow_mean - shadow_mean.mean(axis=0)
-    varying = np.ptp(shadow_mean, axis=0) > 0  # exact: round-off in `m` must not count
-    spread = np.where(varying, (m * m).sum(axis=0), 1.0)
-    return np.where(varying, (m * t).sum(axis=0) / spread, 0.0)
-
-
 def _difficulty(
     options: AuditOptions,
     aggregation: str,
@@ -282,34 +206,6 @@ def _difficulty(
     if problem and options.difficulty == "shadows":
         raise SetLevelError(f"difficulty calibration (difficulty: shadows) cannot run: {problem}")
     return problem
-
-
-def shadow_transfer(
-    names: Sequence[str], shadows: Sequence[FeatureRows], options: AuditOptions
-) -> tuple[float, float] | None:
-    """How well the aggregation learns membership at all: each shadow's rows scored by the
-    aggregation fitted on the other shadows; (AUC of its members above its non-members, over
-    the shadows, weighted by their pairs; one-sided p of a stratified Mann-Whitney test: each
-    shadow's U minus its null mean, summed, over the root of the summed null variances, ties
-    ignored, which makes it slightly conservative), or None with fewer than 2 shadows. It
-    checks the score on raw shadow rows (the shadows' own rows have no calibration queries).
-    An AUC not significantly above 0.5 is no evidence that the score learns membership from
-    the shadows, and a "not detected" then says little about the suspect set."""
-    if len(shadows) < 2:
-        return None
-    excess, variance, pairs = 0.0, 0.0, 0.0
-    for k, held in enumerate(shadows):
-        rest = [s for j, s in enumerate(shadows) if j != k]
-        x = np.concatenate([s.matrix(names) for s in rest])
-        y = np.concatenate([s.is_member for s in rest]).astype(np.float64)
-        scorer = fit_scorer(x, y, names, options.l2, options.embedding_components)
-        scores = scorer.score(held.matrix(names))
-        n1, n0 = int(held.is_member.sum()), int((~held.is_member).sum())
-        auc = auc_greater(scores[held.is_member], scores[~held.is_member])
-        excess += (auc - 0.5) * n1 * n0  # U - E[U] under "no membership signal"
-        variance += n1 * n0 * (n1 + n0 + 1) / 12.0
-        pairs += n1 * n0
-    return 0.5 + excess / pairs, float(norm.sf(excess / np.sqrt(variance)))
 
 
 def shift_guard(
@@ -378,35 +274,23 @@ def dataset_inference(
     rng = np.random.default_rng(options.seed)
     outcome, s_fit, r_fit, scorer = run_test(plan, xs, xr, rng)
     shift, blind_plan = shift_guard(suspect, reference, options, rng)
-    uncalibrated: Outcome | None = None
-    weights = None
+    calibrated = Calibrated.none(outcome)
     if not_calibrated is None:  # each feature minus its regression on the shadows' OUT mean
-        ms, mr = out_mean(calibration, suspect, names), out_mean(calibration, reference, names)
-        weights = difficulty_weights(np.concatenate([xs, xr]), np.concatenate([ms, mr]))
-        xs, xr = xs - weights * ms, xr - weights * mr
-        uncalibrated = outcome
-        outcome = run_test(plan, xs, xr, np.random.default_rng(options.seed + 3))[0]
+        calibrated = Calibrated.of(
+            plan, calibration, names, suspect, reference, outcome, options.seed + 3
+        )
+        xs, xr, outcome = calibrated.suspect, calibrated.reference, calibrated.outcome
     curve = None
     if options.subset_repeats:
         repeats, points = options.subset_repeats, options.subset_points
         curve = size_curve(
             plan, xs, xr, repeats, points, options.seed + 1, tuple(options.subset_sizes)
         )
-    group_table = ()
-    if labels is not None:
-        blind = blind_plan.names if blind_plan else ()
-        group_table = group_rows(
-            plan,
-            blind_plan,
-            xs,
-            xr,
-            suspect.matrix(blind),
-            reference.matrix(blind),
-            labels,
-            options.alpha,
-            options.shift_alpha,
-            options.seed + 2,
-        )
+    group_table = (
+        ()
+        if labels is None
+        else _groups(plan, blind_plan, xs, xr, suspect, reference, labels, options)
+    )
     return DatasetInferenceResult(
         decision=decide(outcome.p_value, options.alpha, bool(shift and shift.detected)),
         alpha=options.alpha,
@@ -424,15 +308,76 @@ def dataset_inference(
         groups=group_table,
         group_by=group_by if labels is not None else None,
         seed=options.seed,
-        assumptions=ASSUMPTIONS
-        if not_calibrated is not None
-        else (
-            *ASSUMPTIONS,
-            CALIBRATION_ASSUMPTION,
-        ),
+        assumptions=calibrated.assumptions,
         difficulty_models=0 if not_calibrated is not None else len(calibration),
         difficulty_note=not_calibrated or "",
-        difficulty_weight=None if weights is None else float(np.median(weights)),
-        uncalibrated=uncalibrated,
-        shadow_transfer=shadow_transfer(names, shadows, options) if plan.shadow_y.size else None,
+        difficulty_weight=calibrated.weight,
+        uncalibrated=calibrated.uncalibrated,
+        shadow_transfer=_transfer(names, shadows, plan, options),
     )
+
+
+def _groups(
+    plan: Plan,
+    blind_plan: Plan | None,
+    xs: np.ndarray,
+    xr: np.ndarray,
+    suspect: FeatureRows,
+    reference: FeatureRows,
+    labels: np.ndarray,
+    o: AuditOptions,
+) -> tuple:
+    """One test per group of the suspect set (`groups.group_rows`) on the tested matrices."""
+    blind = blind_plan.names if blind_plan else ()
+    blind_s, blind_r = suspect.matrix(blind), reference.matrix(blind)
+    args = (plan, blind_plan, xs, xr, blind_s, blind_r, labels)
+    return group_rows(*args, o.alpha, o.shift_alpha, o.seed + 2)
+
+
+def _transfer(
+    names: Sequence[str], shadows: Sequence[FeatureRows], plan: Plan, o: AuditOptions
+) -> tuple[float, float] | None:
+    """The aggregation on left-out shadows, where shadows fit it (`difficulty.shadow_transfer`)."""
+    return (
+        shadow_transfer(names, shadows, o.l2, o.embedding_components)
+        if plan.shadow_y.size
+        else None
+    )
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """The tested matrices after difficulty calibration, and the test on them."""
+
+    suspect: np.ndarray | None  # (n_s, F) calibrated features (None: not calibrated)
+    reference: np.ndarray | None
+    outcome: Outcome  # the test on them (or the raw test, when not calibrated)
+    uncalibrated: Outcome | None  # the raw test, kept beside the calibrated one
+    weight: float | None  # median difficulty weight over features
+    assumptions: tuple[str, ...] = ASSUMPTIONS
+
+    @classmethod
+    def none(cls, outcome: Outcome) -> Calibrated:
+        return cls(None, None, outcome, None, None)
+
+    @classmethod
+    def of(
+        cls,
+        plan: Plan,
+        calibration: Sequence[FeatureRows],
+        names: Sequence[str],
+        suspect: FeatureRows,
+        reference: FeatureRows,
+        raw: Outcome,
+        seed: int,
+    ) -> Calibrated:
+        """Each feature minus its regression on the shadows' OUT mean of the same sample
+        (`difficulty.difficulty_weights`), then the plan's test on the result; `raw` is the
+        test on the features as they are."""
+        xs, xr = suspect.matrix(names), reference.matrix(names)
+        ms, mr = out_mean(calibration, suspect, names), out_mean(calibration, reference, names)
+        weights = difficulty_weights(np.concatenate([xs, xr]), np.concatenate([ms, mr]))
+        xs, xr = xs - weights * ms, xr - weights * mr
+        outcome = run_test(plan, xs, xr, np.random.default_rng(seed))[0]
+        weight = float(np.median(weights))
+        return cls(xs, xr, outcome, raw, weight, (*ASSUMPTIONS, CALIBRATION_ASSUMPTION))
