@@ -35,7 +35,7 @@ from lightning_mia.setlevel import (
     wandb_items,
     write_dataset_inference,
 )
-from lightning_mia.setlevel.audit import out_mean
+from lightning_mia.setlevel.difficulty import out_mean
 from lightning_mia.setlevel.rows import check_same_source
 from lightning_mia.setlevel.scorer import fit_scorer
 

@@ -26,11 +26,12 @@ queries):
    (`difficulty_weights`, a control variate fitted on S and R together without labels) before
    scoring, as offline LiRA calibrates a per-sample score (Carlini et al. 2022). Some images are
    easy to denoise or reconstruct whether seen or not; that difficulty is most of a raw
-   feature's spread across samples, and the shadows, which never trained on the sample, measure
-   it. What is left is the target's own deviation, so the same membership shift is a larger
-   effect (on the demo's queries: d 2.8 raw, 3.7 calibrated). It needs the `shadow` aggregation
-   (the score is fixed before any tested sample is seen) and every tested sample queried on
-   every shadow; `auto` applies it exactly then, and the result keeps the raw test beside it.
+   feature's spread across samples, and the shadows that never trained on the sample (its OUT
+   queries) measure it. What is left is the target's own deviation, so the same membership shift
+   is a larger effect (on the demo's queries: d 2.8 raw, 3.7 calibrated). It needs the `shadow`
+   aggregation (the score is fixed before any tested sample is seen) and every tested sample
+   queried on every shadow; `auto` applies it exactly then, and the result keeps the raw test
+   beside it.
    Learnability (`shadow_transfer`): with two or more shadows in the aggregation, each
    shadow's rows are scored by the aggregation fitted on the others. Where its members do not
    rank significantly higher than its non-members, nothing shows that the score learns
@@ -47,9 +48,8 @@ queries):
 What it assumes, in plain words: the samples are independent of each other; the reference set
 was not used for training and comes from the same distribution as the suspect set. Under those,
 when S was not used the p-value is uniform (calibrated: a 1% level detects 1% of unused sets).
-With difficulty
-calibration, a sample's calibration must not depend on its set: the shadows query S and R
-alike (the attack command queries every shadow on all of the target's samples).
+With difficulty calibration, a sample's calibration must not depend on its set: the shadows
+query S and R alike (the attack command queries every shadow on all of the target's samples).
 A small p-value says S looks more like training data than R does; by itself it cannot tell
 training on S from S and R differing in some way the shift guard does not see.
 """
@@ -64,9 +64,8 @@ import numpy as np
 
 from lightning_mia.setlevel.curve import size_curve
 from lightning_mia.setlevel.difficulty import (
-    difficulty_problem,
+    difficulty_means,
     difficulty_weights,
-    out_mean,
     shadow_transfer,
 )
 from lightning_mia.setlevel.groups import group_rows
@@ -197,15 +196,16 @@ def _difficulty(
     names: Sequence[str],
     suspect: FeatureRows,
     reference: FeatureRows,
-) -> str | None:
-    """None when the audit calibrates difficulty, else why not ("" where not asked for);
-    `SetLevelError` when asked for (`shadows`) and impossible."""
+) -> list[np.ndarray] | str:
+    """The shadows' OUT means of the suspect and reference samples (`difficulty_means`), or
+    why the audit does not calibrate difficulty; `SetLevelError` when asked for (`shadows`)
+    and impossible."""
     if options.difficulty == "none":
         return "difficulty: none"
-    problem = difficulty_problem(aggregation, calibration, names, suspect, reference)
-    if problem and options.difficulty == "shadows":
-        raise SetLevelError(f"difficulty calibration (difficulty: shadows) cannot run: {problem}")
-    return problem
+    means = difficulty_means(aggregation, calibration, names, suspect, reference)
+    if isinstance(means, str) and options.difficulty == "shadows":
+        raise SetLevelError(f"difficulty calibration (difficulty: shadows) cannot run: {means}")
+    return means
 
 
 def shift_guard(
@@ -268,18 +268,16 @@ def dataset_inference(
     names, dropped = finite_columns(candidates, suspect, reference, *shadows)
     if not names:
         raise SetLevelError(f"no membership feature is finite in every row: {dropped[:5]}")
-    not_calibrated = _difficulty(options, aggregation, calibration, names, suspect, reference)
+    means = _difficulty(options, aggregation, calibration, names, suspect, reference)
     plan = _plan(names, shadows, aggregation, options)
     xs, xr = suspect.matrix(names), reference.matrix(names)
     rng = np.random.default_rng(options.seed)
     outcome, s_fit, r_fit, scorer = run_test(plan, xs, xr, rng)
     shift, blind_plan = shift_guard(suspect, reference, options, rng)
-    calibrated = Calibrated.none(outcome)
-    if not_calibrated is None:  # each feature minus its regression on the shadows' OUT mean
-        calibrated = Calibrated.of(
-            plan, calibration, names, suspect, reference, outcome, options.seed + 3
-        )
-        xs, xr, outcome = calibrated.suspect, calibrated.reference, calibrated.outcome
+    calibrated = Calibrated(outcome, None, None, ASSUMPTIONS)
+    if not isinstance(means, str):  # each feature minus its regression on the shadows' OUT mean
+        xs, xr, calibrated = Calibrated.of(plan, xs, xr, *means, outcome, options.seed + 3)
+        outcome = calibrated.outcome
     curve = None
     if options.subset_repeats:
         repeats, points = options.subset_repeats, options.subset_points
@@ -309,8 +307,8 @@ def dataset_inference(
         group_by=group_by if labels is not None else None,
         seed=options.seed,
         assumptions=calibrated.assumptions,
-        difficulty_models=0 if not_calibrated is not None else len(calibration),
-        difficulty_note=not_calibrated or "",
+        difficulty_models=0 if isinstance(means, str) else len(calibration),
+        difficulty_note=means if isinstance(means, str) else "",
         difficulty_weight=calibrated.weight,
         uncalibrated=calibrated.uncalibrated,
         shadow_transfer=_transfer(names, shadows, plan, options),
@@ -347,37 +345,29 @@ def _transfer(
 
 @dataclass(frozen=True)
 class Calibrated:
-    """The tested matrices after difficulty calibration, and the test on them."""
+    """The test on the tested features, difficulty-calibrated or not, and what it rests on."""
 
-    suspect: np.ndarray | None  # (n_s, F) calibrated features (None: not calibrated)
-    reference: np.ndarray | None
-    outcome: Outcome  # the test on them (or the raw test, when not calibrated)
-    uncalibrated: Outcome | None  # the raw test, kept beside the calibrated one
-    weight: float | None  # median difficulty weight over features
-    assumptions: tuple[str, ...] = ASSUMPTIONS
-
-    @classmethod
-    def none(cls, outcome: Outcome) -> Calibrated:
-        return cls(None, None, outcome, None, None)
+    outcome: Outcome  # the test that decides
+    uncalibrated: Outcome | None  # the raw test, kept beside a calibrated one
+    weight: float | None  # median difficulty weight over features (None: not calibrated)
+    assumptions: tuple[str, ...]
 
     @classmethod
     def of(
         cls,
         plan: Plan,
-        calibration: Sequence[FeatureRows],
-        names: Sequence[str],
-        suspect: FeatureRows,
-        reference: FeatureRows,
+        xs: np.ndarray,
+        xr: np.ndarray,
+        ms: np.ndarray,
+        mr: np.ndarray,
         raw: Outcome,
         seed: int,
-    ) -> Calibrated:
-        """Each feature minus its regression on the shadows' OUT mean of the same sample
-        (`difficulty.difficulty_weights`), then the plan's test on the result; `raw` is the
-        test on the features as they are."""
-        xs, xr = suspect.matrix(names), reference.matrix(names)
-        ms, mr = out_mean(calibration, suspect, names), out_mean(calibration, reference, names)
+    ) -> tuple[np.ndarray, np.ndarray, Calibrated]:
+        """(calibrated suspect and reference features, the test on them): each feature of `xs`,
+        `xr` minus its regression on the shadows' OUT means `ms`, `mr` of the same samples
+        (`difficulty.difficulty_weights`); `raw` is the test on the features as they are."""
         weights = difficulty_weights(np.concatenate([xs, xr]), np.concatenate([ms, mr]))
         xs, xr = xs - weights * ms, xr - weights * mr
         outcome = run_test(plan, xs, xr, np.random.default_rng(seed))[0]
-        weight = float(np.median(weights))
-        return cls(xs, xr, outcome, raw, weight, (*ASSUMPTIONS, CALIBRATION_ASSUMPTION))
+        assumptions = (*ASSUMPTIONS, CALIBRATION_ASSUMPTION)
+        return xs, xr, cls(outcome, raw, float(np.median(weights)), assumptions)

@@ -1,8 +1,8 @@
 """Each tested sample's difficulty, from the shadow models' queries of it, and whether the
 aggregation learns membership at all: the two checks `audit.dataset_inference` adds to its test.
 
-    problem = difficulty_problem("shadow", calibration, names, suspect, reference)  # or None
-    weights = difficulty_weights(target_x, out_mean(calibration, rows, names))
+    ms, mr = difficulty_means("shadow", calibration, names, suspect, reference)  # or a str: why not
+    weights = difficulty_weights(np.concatenate([xs, xr]), np.concatenate([ms, mr]))
     auc, p = shadow_transfer(names, shadows, l2=1.0, components=8)
 
 Why and what they assume: `lightning_mia.setlevel.audit`'s docstring, steps 2-3.
@@ -20,16 +20,17 @@ from lightning_mia.setlevel.scorer import fit_scorer
 from lightning_mia.setlevel.stats import auc_greater
 
 
-def difficulty_problem(
+def difficulty_means(
     aggregation: str,
     calibration: Sequence[FeatureRows],
     names: Sequence[str],
     *tested: FeatureRows,
-) -> str | None:
-    """Why the shadows' queries cannot calibrate the difficulty of the `tested` samples, or
-    None when they can: the `shadow` aggregation (a held-out fit would need calibrated rows of
-    its own; not built), every sample queried on every shadow, at least one shadow that did
-    not train on it (`is_member` false: an OUT query), and the features `names` finite there."""
+) -> list[np.ndarray] | str:
+    """Per set of `tested`, (n, F) each sample's mean of `names` over the shadows that did
+    not train on it (`out_mean`); or why the shadows' queries cannot calibrate them: not the
+    `shadow` aggregation (a held-out fit would need calibrated rows of its own; not built), a
+    sample not queried on every shadow, or without an OUT query, or a feature missing or not
+    finite there."""
     if aggregation != "shadow":
         return f"it is applied with the shadow aggregation only, not {aggregation!r}"
     if not calibration:
@@ -43,6 +44,7 @@ def difficulty_problem(
                     f"{cal.name} has no rows for {len(lacking)} samples of the {rows.name}, "
                     f"e.g. {sorted(lacking)[:5]}"
                 )
+    means = []
     for rows in tested:
         picked = difficulty_rows(calibration, rows)
         out = np.stack([_out_mask(c) for c in picked])  # (M, n)
@@ -52,14 +54,12 @@ def difficulty_problem(
         missing = [n for n in names if any(n not in c.features for c in picked)]
         if missing:
             return f"the shadows' queries lack features {missing[:5]}"
-        bad = [
-            n
-            for n in names
-            if not all(np.isfinite(c.features[n][o]).all() for c, o in zip(picked, out))
-        ]
+        finite = [np.isfinite(c.matrix(names)[o]).all(axis=0) for c, o in zip(picked, out)]
+        bad = [n for n, ok in zip(names, np.all(finite, axis=0)) if not ok]
         if bad:
             return f"features not finite in the shadows' queries of the {rows.name}: {bad[:5]}"
-    return None
+        means.append(_mean_out(picked, names))
+    return means
 
 
 def _out_mask(rows: FeatureRows) -> np.ndarray:
@@ -72,15 +72,19 @@ def difficulty_rows(calibration: Sequence[FeatureRows], rows: FeatureRows) -> li
     return [c.select(rows.sample_id, f"{c.name} on the {rows.name}") for c in calibration]
 
 
+def _mean_out(picked: Sequence[FeatureRows], names: Sequence[str]) -> np.ndarray:
+    """(n, F) the mean of `names` over the OUT rows of each sample (rows aligned by sample)."""
+    out = np.stack([_out_mask(c) for c in picked]).astype(np.float64)[:, :, None]  # (M, n, 1)
+    x = np.stack([np.where(o > 0, c.matrix(names), 0.0) for c, o in zip(picked, out)])
+    return (out * x).sum(axis=0) / out.sum(axis=0)
+
+
 def out_mean(
     calibration: Sequence[FeatureRows], rows: FeatureRows, names: Sequence[str]
 ) -> np.ndarray:
     """(n, F) per sample of `rows`, the mean of `names` over the shadows that did not train on
     it (OUT queries; whether a shadow trained on a sample never depends on S or R)."""
-    picked = difficulty_rows(calibration, rows)
-    out = np.stack([_out_mask(c) for c in picked]).astype(np.float64)[:, :, None]  # (M, n, 1)
-    x = np.stack([np.where(o > 0, c.matrix(names), 0.0) for c, o in zip(picked, out)])
-    return (out * x).sum(axis=0) / out.sum(axis=0)
+    return _mean_out(difficulty_rows(calibration, rows), names)
 
 
 def difficulty_weights(target: np.ndarray, shadow_mean: np.ndarray) -> np.ndarray:

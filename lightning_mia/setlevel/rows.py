@@ -60,17 +60,22 @@ class FeatureRows:
         return np.stack([self.features[f] for f in names], axis=1)
 
     def select(self, ids: Sequence[int], name: str | None = None) -> FeatureRows:
-        """The rows of these sample ids, in that order (`SetLevelError` naming ids it lacks)."""
+        """The rows of these sample ids, in that order, named `name`; `SetLevelError` naming
+        the ids it lacks, or when an id is listed twice."""
+        name = name or self.name
         position = {int(s): j for j, s in enumerate(self.sample_id)}
-        missing = [int(i) for i in ids if int(i) not in position]
+        ids = [int(i) for i in ids]
+        missing = [i for i in ids if i not in position]
         if missing:
             raise SetLevelError(
-                f"{self.name}: {len(missing)} sample ids have no rows, e.g. {_listed(missing)}"
+                f"{name}: {len(missing)} sample ids have no query rows, e.g. {_listed(missing)}"
             )
-        index = np.array([position[int(i)] for i in ids], dtype=np.int64)
+        if len(set(ids)) != len(ids):
+            raise SetLevelError(f"{name}: sample ids listed twice")
+        index = np.array([position[i] for i in ids], dtype=np.int64)
         member = None if self.is_member is None else self.is_member[index]
         features = {k: v[index] for k, v in self.features.items()}
-        return FeatureRows(name or self.name, self.sample_id[index], features, member)
+        return FeatureRows(name, self.sample_id[index], features, member)
 
 
 def _listed(ids: Sequence[int]) -> str:
@@ -81,25 +86,14 @@ def _listed(ids: Sequence[int]) -> str:
 
 def take_rows(table: TableLike, ids: Sequence[int] | None, name: str) -> FeatureRows:
     """The rows of `table` whose sample ids are `ids` (in that order), or all of them."""
-    all_ids = table.sample_id.detach().cpu().numpy().astype(np.int64).reshape(-1)
-    position = {int(s): j for j, s in enumerate(all_ids)}
-    if ids is None:
-        index = np.arange(len(all_ids))
-    else:
-        ids = [int(i) for i in ids]
-        missing = [i for i in ids if i not in position]
-        if missing:
-            raise SetLevelError(
-                f"{name}: {len(missing)} sample ids have no query rows, e.g. {_listed(missing)}"
-            )
-        if len(set(ids)) != len(ids):
-            raise SetLevelError(f"{name}: sample ids listed twice")
-        index = np.array([position[i] for i in ids], dtype=np.int64)
-    features = {
-        k: v.detach().cpu().double().numpy().reshape(-1)[index] for k, v in table.features.items()
-    }
-    member = table.is_member.detach().cpu().numpy().astype(bool).reshape(-1)[index]
-    return FeatureRows(name, all_ids[index], features, member)
+    features = {k: v.detach().cpu().double().numpy().reshape(-1) for k, v in table.features.items()}
+    rows = FeatureRows(
+        name,
+        table.sample_id.detach().cpu().numpy().astype(np.int64).reshape(-1),
+        features,
+        table.is_member.detach().cpu().numpy().astype(bool).reshape(-1),
+    )
+    return rows if ids is None else rows.select(ids)
 
 
 def membership_features(*rows: FeatureRows, prefixes: Sequence[str] = ()) -> list[str]:
