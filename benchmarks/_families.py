@@ -44,8 +44,9 @@ SETUPS = {"seq2seq": Setup(autoencoder="vq", caption_bpe=True)}  # any other fam
 AUTOENCODERS = {
     ("kl", "tiny"): (32, (32, 64, 64), 4, 0),  # tiny-kl.yaml: 8x8x4 latents
     ("kl", "ldm-256"): (256, (128, 256, 512, 512), 4, 0),  # kl-f8-256.yaml: 32x32x4
+    ("kl", "sd3-256"): (256, (128, 256, 512, 512), 16, 0),  # SD3's f8 autoencoder: 32x32x16
     ("vq", "tiny"): (32, (32, 64, 64), 8, 512),  # tiny.yaml: 8x8 codes
-    ("vq", "dalle-mini"): (256, (32, 32, 64, 64, 128), 8, 16384),  # f16: 16x16 codes
+    ("vq", "dalle-mini"): (256, (128, 128, 256, 256, 512), 256, 16384),  # vqgan-f16-256.yaml
 }
 
 
@@ -87,11 +88,11 @@ def random_autoencoder(kind: str, preset: str, folder: Path) -> int:
     else:
         model = VQModel(
             **blocks,
-            layers_per_block=1,
+            layers_per_block=2 if big else 1,
             num_vq_embeddings=codes,
             vq_embed_dim=latent,
-            norm_num_groups=16,
-            mid_block_add_attention=False,
+            norm_num_groups=32 if big else 16,
+            mid_block_add_attention=big,
         )
     model.save_pretrained(folder)
     return res

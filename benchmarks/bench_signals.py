@@ -4,6 +4,8 @@ forward passes.
     python benchmarks/bench_signals.py                       # every family, tiny, CPU
     python benchmarks/bench_signals.py --family diffusion --threads 2 [--profile 12]
     python benchmarks/bench_signals.py --family diffusion --preset ldm-256 --device cuda --batch 16
+    python benchmarks/bench_signals.py --family diffusion --preset ldm-256 --batch 2 --rounds 2 \
+        --hooked 1 --scan '' --signals loss,pia          # full-size networks on a CPU
 
 For each registered family with gray-box signals (`lightning_mia.models.base.FAMILIES`,
 `lightning_mia.graybox.signals_for`), a random-init model of the preset (a trained one costs
@@ -34,7 +36,10 @@ gain (`RESULT <family>_forward_ms_per_sample_at_<rows>`).
 `<family>_all` is every signal of the family in one `compute_signals` call, as the query stage
 asks for them (the latents or codes and the caption's conditioning computed once); its model
 passes are those counted (signals may share one: nll_gap reuses nll's), not the declared sum.
-`--profile N` adds the N functions with the most own time (cProfile) per signal.
+`--signals a,b` times only those (and no `<family>_all`); `--hooked 1` makes one hooked run per
+signal instead of the less disturbed of two (for full-size presets on a CPU, where the tiny
+presets' proportions between the networks are not the real models'). `--profile N` adds the N
+functions with the most own time (cProfile) per signal.
 """
 
 from __future__ import annotations
@@ -99,19 +104,23 @@ def bench_family(family: str, args: argparse.Namespace) -> None:
     batch, b = make_batch(args.batch, res, args.device), args.batch
     network, options = query_network(model), SignalOptions()
     print(f"# {family} {args.preset} {res}px, batch {b}, query network `{network}`")
-    names = signals_for(family)
-    signals = {  # each alone, then all in one call (as a query asks: latents, codes shared)
+    names = [n for n in signals_for(family) if not args.signals or n in args.signals]
+    groups = [(n, [n]) for n in names]  # each alone, then all in one call (as a query asks:
+    if not args.signals:  # the latents or codes and the caption's conditioning computed once)
+        groups.append((f"{family}_all", names))
+    signals = {
         name: (lambda group=group: compute_signals(model, batch, group, seed=0, options=options))
-        for name, group in [*((n, [n]) for n in names), (f"{family}_all", names)]
+        for name, group in groups
     }
     passes = {name: SIGNALS[name].queries_per_sample(options) for name in names}
     clocks = {}
     for name, run in signals.items():
         run()  # warm-up: first calls build kernels for their shapes
-        hooked = [clocked(model, network, run) for _ in range(2)]
+        hooked = [clocked(model, network, run) for _ in range(args.hooked)]
         clocks[name] = min(hooked, key=lambda clock_s: clock_s[1])  # the less disturbed one
     # together, signals may share passes (nll_gap reuses nll's): the model needs those counted
-    passes[f"{family}_all"] = round(clocks[f"{family}_all"][0].queries(b))
+    if f"{family}_all" in clocks:
+        passes[f"{family}_all"] = round(clocks[f"{family}_all"][0].queries(b))
     calls = [c for clock, _ in clocks.values() for c in clock.calls]
     reference = reference_call(calls, b)
     forward = float32(replay(reference, rows=b), model.device)
@@ -197,6 +206,13 @@ def main() -> None:
         help="forward time per sample at k x batch rows, for each k (comma-separated; '' = off)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--signals",
+        type=lambda text: [s for s in text.split(",") if s],
+        default=[],
+        help="only these signals (comma-separated), without <family>_all; default: every one",
+    )
+    parser.add_argument("--hooked", type=int, default=2, help="hooked runs (the less disturbed)")
     parser.add_argument("--profile", type=int, default=0, help="top N functions per signal")
     args = parser.parse_args()
     chosen = families if args.family == "all" else [args.family]
@@ -204,6 +220,9 @@ def main() -> None:
         chosen = [f for f in chosen if args.preset in family_presets(f)]
     if not chosen:
         parser.error(f"no family has a benchmark set-up for preset {args.preset!r}")
+    unknown = sorted(set(args.signals) - {s for f in chosen for s in signals_for(f)})
+    if unknown:
+        parser.error(f"--signals: no chosen family has {', '.join(unknown)}")
     torch.set_num_threads(args.threads)
     print_machine(args.device)
     for family in chosen:

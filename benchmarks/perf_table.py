@@ -63,6 +63,12 @@ GENERATE = (
     ("generate_forward_share", "share in the model"),
 )
 SIGNALS = ("bench_signals.py", "--threads", "2")
+FULL_PRESETS = (  # each signal alone (no <family>_all: at these sizes it would take the longest)
+    ("diffusion", "ldm-256", "loss,pia,secmi,clid"),
+    ("flow", "sd3-256", "flow_loss,flow_pia,flow_secmi,flow_sweep,flow_clid"),
+    ("seq2seq", "dalle-mini", "nll,nll_gap"),
+)
+FULL_SIZE = ("--batch", "2", "--rounds", "2", "--hooked", "1", "--scan", "")
 ENTRIES = (
     Entry(
         "training-{family}",
@@ -103,6 +109,14 @@ ENTRIES = (
     Entry(
         "signals-avx2", SIGNALS, "the same on AVX2 kernels", env=(("ATEN_CPU_CAPABILITY", "avx2"),)
     ),
+    *(  # the networks at their real sizes (and so in their real proportions), on a CPU
+        Entry(
+            f"full-signals-{preset}",
+            (*SIGNALS, "--family", family, "--preset", preset, "--signals", names, *FULL_SIZE),
+            f"gray-box signals, {family} at {preset}",
+        )
+        for family, preset, names in FULL_PRESETS
+    ),
 )
 
 
@@ -116,6 +130,8 @@ class Output:
     load: str
     results: dict[str, float]
     families: dict[str, str]
+    presets: dict[str, str]  # signal -> the preset it ran at
+    where: dict[str, str]  # signal -> its "where the time goes" split
 
 
 def parse(text: str) -> Output:
@@ -123,17 +139,22 @@ def parse(text: str) -> Output:
     command = lines[0].removeprefix("$ ") if lines and lines[0].startswith("$ ") else ""
     machine = next((ln[len("MACHINE ") :] for ln in lines if ln.startswith("MACHINE ")), "")
     others = [m.group(1) for ln in lines if (m := re.match(r"# other processes: (\d+%)", ln))]
-    results, families, family = {}, {}, ""
+    results, families, presets, where = {}, {}, {}, {}
+    family = preset = signal = ""
     for ln in lines:
-        if m := re.match(r"# (\S+) \S+ \d+px, batch", ln):
-            family = m.group(1)
+        if m := re.match(r"# (\S+) (\S+) \d+px, batch", ln):
+            family, preset = m.groups()
+        if m := re.match(r"# (\S+): \d+ passes/sample", ln):
+            signal = m.group(1)
+        if m := re.match(r"#   where the time goes \(hooked run\): (.*)$", ln):
+            where[signal] = m.group(1)
         if m := re.match(r"RESULT (\S+) (\S+)$", ln):
             results[m.group(1)] = float(m.group(2))
-            signal = m.group(1).removesuffix("_queries_per_sample")
-            if signal != m.group(1) and family:
-                families[signal] = family
+            name = m.group(1).removesuffix("_queries_per_sample")
+            if name != m.group(1) and family:
+                families[name], presets[name] = family, preset
     load = f"others {others[-1]} of a core" if others else "others not recorded"
-    return Output(command, machine, load, results, families)
+    return Output(command, machine, load, results, families, presets, where)
 
 
 def fmt(value: float) -> str:
@@ -170,7 +191,7 @@ def main_table(tags: dict[str, str]) -> list[str]:
     """Rows of every non-signal entry with a saved output."""
     rows = ["| benchmark | command | result | machine, load |", "|---|---|---|---|"]
     for entry in ENTRIES:
-        if entry.key.startswith("signals"):
+        if entry.key.startswith(("signals", "full-signals")):
             continue
         for key, out in saved(entry.key):
             rows.append(
@@ -209,6 +230,26 @@ def signal_table(runs: list[tuple[str, Output]], tags: dict[str, str]) -> list[s
     return rows
 
 
+def full_size_table(runs: list[tuple[str, Output]], tags: dict[str, str]) -> list[str]:
+    """One row per signal of each full-size run: its figures and where its time goes."""
+    rows = [
+        "| family, preset | signal | passes / sample | samples/s | model / signal | networks / "
+        "signal | where the time goes (hooked run, ms per sample) | machine, load |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for _, out in runs:
+        for signal, family in out.families.items():
+            r = out.results
+            rows.append(
+                f"| {family}, {out.presets[signal]} | `{signal}` | "
+                f"{r[f'{signal}_queries_per_sample']:g} | {fmt(r[f'{signal}_samples_per_s'])} | "
+                f"**{r[f'{signal}_model_over_signal']:.2f}** | "
+                f"**{r[f'{signal}_networks_over_signal']:.2f}** | {out.where.get(signal, '-')} | "
+                f"{tags[out.machine]}, {out.load} |"
+            )
+    return rows
+
+
 def section() -> str:
     """The markdown between the markers."""
     everything = [out for e in ENTRIES for _, out in saved(e.key)]
@@ -238,6 +279,18 @@ def section() -> str:
             f"Runs: {commands}; load: " + "; ".join(f"{k} {o.load}" for k, o in signal_runs) + ".",
             "",
             *signal_table(signal_runs, tags),
+        ]
+    full = [(k, o) for e in ENTRIES if e.key.startswith("full-signals") for k, o in saved(e.key)]
+    if full:
+        commands = "; ".join(f"`{o.command}`" for _, o in full)
+        lines += [
+            "",
+            "The same at the networks' real sizes, so in their real proportions (the tiny "
+            "presets' text encoders and autoencoders cost about as much as their query "
+            "networks; a real model's do not): random weights, batch 2, 2 alternated rounds, one "
+            f"hooked run. Runs: {commands}.",
+            "",
+            *full_size_table(full, tags),
         ]
     return "\n".join(lines) + "\n"
 
