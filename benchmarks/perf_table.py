@@ -207,8 +207,8 @@ def signal_table(runs: list[tuple[str, Output]], tags: dict[str, str]) -> list[s
     rule = "|---|---|---|"
     for key, out in runs:
         head += (
-            f" {key} ({tags[out.machine]}): samples/s, model / signal, networks / signal,"
-            " share in the model |"
+            f" {key} ({tags[out.machine]}): samples/s, model / signal, the same with the "
+            "encodings reused, networks / signal, share in the model |"
         )
         rule += "---|"
     rows = [head, rule]
@@ -225,17 +225,25 @@ def signal_table(runs: list[tuple[str, Output]], tags: dict[str, str]) -> list[s
             ratio, share = r[f"{signal}_model_over_signal"], r.get(f"{signal}_forward_share", 0)
             networks = r.get(f"{signal}_networks_over_signal")
             every = "-" if networks is None else f"**{networks:.2f}**"
-            row += f" {fmt(r[f'{signal}_samples_per_s'])}, **{ratio:.2f}**, {every}, {share:.2f} |"
+            again = reused_cell(r, signal)
+            row += f" {fmt(r[f'{signal}_samples_per_s'])}, **{ratio:.2f}**, {again}, {every}, "
+            row += f"{share:.2f} |"
         rows.append(row)
     return rows
+
+
+def reused_cell(results: dict[str, float], signal: str) -> str:
+    value = results.get(f"{signal}_model_over_reused")
+    return "-" if value is None else f"**{value:.2f}**"
 
 
 def full_size_table(runs: list[tuple[str, Output]], tags: dict[str, str]) -> list[str]:
     """One row per signal of each full-size run: its figures and where its time goes."""
     rows = [
-        "| family, preset | signal | passes / sample | samples/s | model / signal | networks / "
-        "signal | where the time goes (hooked run, ms per sample) | machine, load |",
-        "|---|---|---|---|---|---|---|---|",
+        "| family, preset | signal | passes / sample | samples/s | model / signal | the same, "
+        "encodings reused | networks / signal | where the time goes (hooked run, ms per sample) "
+        "| machine, load |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for _, out in runs:
         for signal, family in out.families.items():
@@ -243,7 +251,7 @@ def full_size_table(runs: list[tuple[str, Output]], tags: dict[str, str]) -> lis
             rows.append(
                 f"| {family}, {out.presets[signal]} | `{signal}` | "
                 f"{r[f'{signal}_queries_per_sample']:g} | {fmt(r[f'{signal}_samples_per_s'])} | "
-                f"**{r[f'{signal}_model_over_signal']:.2f}** | "
+                f"**{r[f'{signal}_model_over_signal']:.2f}** | {reused_cell(r, signal)} | "
                 f"**{r[f'{signal}_networks_over_signal']:.2f}** | {out.where.get(signal, '-')} | "
                 f"{tags[out.machine]}, {out.load} |"
             )
@@ -274,7 +282,11 @@ def section() -> str:
             "networks / signal = the same with the passes the signal made through the model's "
             "other networks (text encoders, autoencoder) replayed at that batch as well, so "
             "that only the attack's own code is overhead (above 1 where a signal batches a "
-            "network wider than 32 rows: CLiD's word variants); share in the model = the part "
+            "network wider than 32 rows: CLiD's word variants); encodings reused = model / "
+            "signal for every model after the first that queries the same images through the "
+            "same autoencoder, which encoded them once (`graybox/encodings.py`; an attack "
+            "queries the target's samples on the target, on each shadow for LiRA and on each "
+            "caption control); share in the model = the part "
             "of a hooked run spent inside the query network. "
             f"Runs: {commands}; load: " + "; ".join(f"{k} {o.load}" for k, o in signal_runs) + ".",
             "",

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from lightning_mia.graybox.encodings import encode_once
 from lightning_mia.models.base import per_caption_randn
 from lightning_mia.models.latent import NULL_CAPTION, Conditioning, LatentTextToImageModule
 
@@ -82,7 +83,8 @@ class LatentView:
 
     def latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Scaled latents x0 (B, C, h, w) of query images (B, 3, R, R) in [-1, 1]."""
-        return self.model.encode_images(pixel_values.to(self.device))
+        pixels = pixel_values.to(self.device)  # once per autoencoder and batch, for every model
+        return encode_once(self.model.image_autoencoder(), pixels, self.model.encode_images)
 
     def condition(self, captions: Sequence[str]) -> Conditioning:
         """Caption conditioning of B captions, as the model computes it."""

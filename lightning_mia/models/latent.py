@@ -178,6 +178,10 @@ class LatentTextToImageModule(TextToImageModule):
                 f"resolution {r}: set data.resolution to match"
             )
 
+    def image_autoencoder(self) -> nn.Module:
+        """The frozen autoencoder that turns images into latents."""
+        return self.vae
+
     @torch.no_grad()
     def encode_images(self, x: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, C, h, w) float32 of images (B, 3, R, R) in [-1, 1]."""

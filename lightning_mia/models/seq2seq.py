@@ -172,7 +172,8 @@ class Seq2SeqModule(TextToImageModule):
             )
         return self._tokenizer
 
-    def _vq(self) -> VQModel:
+    def image_autoencoder(self) -> VQModel:
+        """The frozen VQGAN that turns images into codes."""
         if self.vq is None:
             raise Seq2SeqError(
                 "no autoencoder: pass autoencoder=<VQModel folder> or fit with a datamodule "
@@ -245,9 +246,8 @@ class Seq2SeqModule(TextToImageModule):
                 f"images are {tuple(pixel_values.shape[-2:])} but preset "
                 f"{self.hparams.preset!r} expects {r}x{r}: set data.resolution={r}"
             )
-        vq = self._vq()
         with torch.autocast(self.device.type, enabled=False):  # codes from unrounded distances
-            return encode_codes(vq, pixel_values.to(vq.dtype))
+            return encode_codes(vq := self.image_autoencoder(), pixel_values.to(vq.dtype))
 
     def image_codes(self, batch: dict[str, Any]) -> torch.Tensor:
         """Codes (B, L) int64 of the batch's images, encoded once per sample_id and cached
@@ -346,9 +346,9 @@ class Seq2SeqModule(TextToImageModule):
 
     def decode_images(self, codes: torch.Tensor) -> torch.Tensor:
         """Images (B, N, 3, R, R) in [-1, 1] from codes (B, N, L)."""
-        b, n, length = codes.shape
+        (b, n, length), vq = codes.shape, self.image_autoencoder()
         with torch.autocast(self.device.type, enabled=False):
-            images = decode_codes(self._vq(), codes.reshape(b * n, length), self.code_grid)
+            images = decode_codes(vq, codes.reshape(b * n, length), self.code_grid)
         return images.reshape(b, n, *images.shape[1:])
 
     @torch.no_grad()

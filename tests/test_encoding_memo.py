@@ -1,0 +1,106 @@
+"""The autoencoder's encodings of query images, made once for every model that shares it
+(`graybox/encodings.py`): the same features as without it, bit for bit, and never a stale one."""
+
+import pytest
+import torch
+from tiny_pipeline import tiny_vae
+
+from lightning_mia.data.shapes import ShapesSource
+from lightning_mia.graybox import compute_signals
+from lightning_mia.graybox.encodings import MEMO, EncodingMemo, fingerprint
+from lightning_mia.models.diffusion import LatentDiffusionModule
+from lightning_mia.models.vae import save_autoencoder
+
+SOURCE = ShapesSource(num_samples=16, resolution=16, seed=1)
+
+
+def batch(ids):
+    return {
+        "pixel_values": torch.stack([SOURCE.image(i) for i in ids]),
+        "caption": [SOURCE.caption(i) for i in ids],
+        "sample_id": torch.tensor(ids, dtype=torch.int64),
+    }
+
+
+@pytest.fixture
+def models(tmp_path):
+    """Two models (a target and a shadow) over one autoencoder folder, as in an experiment."""
+    torch.manual_seed(0)
+    save_autoencoder(tiny_vae(), tmp_path / "autoencoder")
+    out = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = LatentDiffusionModule(
+            autoencoder=str(tmp_path / "autoencoder"), resolution=16, max_caption_length=77
+        )
+        out.append(m.eval())
+    return out
+
+
+def encoder_calls(model):
+    """A list that grows by the batch size at each pass of the model's image encoder."""
+    calls = []
+    encoder = model.image_autoencoder().encoder
+    encoder.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[0]))
+    return calls
+
+
+def signals(model, ids):
+    return compute_signals(model, batch(ids), ["loss", "pia"], seed=0)
+
+
+def test_models_sharing_the_autoencoder_encode_each_batch_once_with_the_same_features(models):
+    target, shadow = models
+    MEMO.max_bytes = 0  # off: what each model computes alone
+    try:
+        alone = [signals(m, [0, 1, 2]) for m in models]
+    finally:
+        MEMO.max_bytes = EncodingMemo().max_bytes
+    MEMO.clear()
+    calls = encoder_calls(target), encoder_calls(shadow)
+    shared = [signals(m, [0, 1, 2]) for m in models]
+    assert calls == ([3], [])  # the shadow's own autoencoder (equal weights) did not run
+    for got, want in zip(shared, alone):
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert shared[0]["loss/t100"].ne(shared[1]["loss/t100"]).all()  # two models, two scores
+    signals(shadow, [0, 1, 3])  # another batch (one image differs): encoded
+    signals(shadow, [0, 1])  # a batch that is part of an encoded one: encoded (floats of an
+    assert calls == ([3], [3, 2])  # encoder depend on the batch it ran in)
+
+
+def test_an_autoencoder_changed_in_place_or_in_its_config_is_encoded_again(models):
+    target, shadow = models
+    MEMO.clear()
+    before = signals(target, [4, 5])
+    ae = shadow.image_autoencoder()
+    key = fingerprint(ae)
+    with torch.no_grad():
+        ae.encoder.conv_in.weight.mul_(1.5)  # in place: the version counter moves
+    assert fingerprint(ae) != key
+    calls = encoder_calls(shadow)
+    after = signals(target, [4, 5]), signals(shadow, [4, 5])
+    assert calls == [2]
+    assert not torch.equal(after[1]["loss/t100"], before["loss/t100"])
+    ae.register_to_config(scaling_factor=0.5)  # a config the latents are scaled by
+    assert fingerprint(ae) != key
+    signals(shadow, [4, 5])
+    assert calls == [2, 2]
+
+
+def test_least_recently_used_batches_leave_past_the_size():
+    memo = EncodingMemo(max_bytes=2 * 4 * 8)  # two (1, 8) float32 encodings
+    ae, runs = torch.nn.Linear(8, 8), []
+
+    def encode(x):
+        runs.append(x[0, 0].item())
+        return x.float()
+
+    images = [torch.full((1, 8), float(i)) for i in range(3)]
+    for i in (0, 1, 0, 2, 0, 1):  # 2 pushes out 1 (0 was used since); then 1 comes back
+        out = memo.encode(ae, images[i], encode)
+        assert torch.equal(out, images[i])
+    assert runs == [0.0, 1.0, 2.0, 1.0]
+    assert (memo.hits, memo.misses) == (2, 4)
+    out.add_(1)  # a caller's change to what it got is not the memo's
+    assert torch.equal(memo.encode(ae, images[1], encode), images[1])
