@@ -8,6 +8,7 @@ in test_kill_resume.py, one clear error per bad input in test_user_errors.py.
 """
 
 import json
+import logging
 import math
 
 import pytest
@@ -25,12 +26,23 @@ GRAYBOX = {  # learned classifiers, the papers' statistics, complexity-calibrate
 }
 
 
+@pytest.fixture
+def log(caplog):
+    """Lightning's log lines (its logger does not propagate to the root logger)."""
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
 @pytest.mark.parametrize("family", ["diffusion", "seq2seq"])
-def test_attack_command_end_to_end(family, request, tmp_path, capsys):
+def test_attack_command_end_to_end(family, request, tmp_path, capsys, log):
     base = request.getfixturevalue(f"{family}_experiment")
     runs = (f"{family}-target-000", f"{family}-shadow-001")  # one shadow, nothing queried
     experiment = copy_experiment(base, tmp_path, ("splits.json", "autoencoder", "encoder", *runs))
     exp = experiment.root
+    log.clear()  # (the session experiment may have been built just now)
     attack_main(
         [
             "--ckpt",
@@ -51,6 +63,9 @@ def test_attack_command_end_to_end(family, request, tmp_path, capsys):
     assert set(report["attacks"]) == attacks  # LiRA needs >= 2 shadows (a variance)
     assert any("LiRA skipped: one shadow model gives no variance" in n for n in report["notes"])
     assert (exp / "queries" / f"{family}-shadow-001" / "row-000" / "COMPLETE.json").is_file()
+    done = list(dict.fromkeys(r.getMessage() for r in log.records if "done in" in r.getMessage()))
+    reused = [line for line in done if "image encodings reused" in line]  # the target's images,
+    assert len(reused) == 1 and "row 0" in reused[0], done  # encoded for the target, again
     assert (exp / "attack" / "scores.csv").is_file()
     assert set(report["baselines"]) == {"threshold", "blind", "blind-caption"}
     assert report["test_samples"] == {"members": 8, "non_members": TARGET_SIZE - 8}

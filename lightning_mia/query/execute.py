@@ -20,6 +20,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_mia.errors import UserError
+from lightning_mia.graybox.encodings import MEMO
 from lightning_mia.query.shards import (
     QueryTable,
     ShardError,
@@ -109,7 +110,7 @@ def execute_query(module: Any, datamodule: object, trainer: Trainer) -> QueryTab
     missing = len(set(expected) - done)
     what = module.run_name + ("" if row is None else f" on row {row}'s samples (for LiRA)")
     rank_zero_info(f"querying {what}: {missing} of {len(expected)} samples to go")
-    start = time.perf_counter()
+    start, hits = time.perf_counter(), MEMO.hits
     writer = ShardWriter(folder, record, example_sample_ids(datamodule, module.card.model_index))
     if missing:
         trainer.callbacks.append(writer)
@@ -126,7 +127,9 @@ def execute_query(module: Any, datamodule: object, trainer: Trainer) -> QueryTab
             f"({len(set(expected) - got)} missing, {len(got - set(expected))} foreign)"
         )
     mark_complete(folder, len(table), record)
-    rank_zero_info(f"query {what}: done in {time.perf_counter() - start:.0f} s")
+    reused = MEMO.hits - hits  # (graybox/encodings.py)
+    again = f"; {reused} batches' image encodings reused from an earlier model" if reused else ""
+    rank_zero_info(f"query {what}: done in {time.perf_counter() - start:.0f} s{again}")
     _log_query(trainer, table, writer.examples)
     _log_lineage(trainer, module, folder, queried_now=True)
     return table
