@@ -1,5 +1,6 @@
 """Shared test set-up: offline, no W&B, small thread count, deterministic."""
 
+import logging
 import os
 import sys
 
@@ -75,6 +76,16 @@ def _private_caches(tmp_path, monkeypatch):
 
     monkeypatch.setenv("LIGHTNING_MIA_CACHE", str(tmp_path / "cache"))
     MEMO.clear()
+
+
+@pytest.fixture
+def log(caplog):
+    """Lightning's log lines (its logger does not propagate to the root logger)."""
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
+    yield caplog
+    logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture(autouse=True)

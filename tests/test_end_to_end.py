@@ -8,7 +8,6 @@ in test_kill_resume.py, one clear error per bad input in test_user_errors.py.
 """
 
 import json
-import logging
 import math
 
 import pytest
@@ -24,16 +23,6 @@ GRAYBOX = {  # learned classifiers, the papers' statistics, complexity-calibrate
     | {"loss-cc", "secmi-cc", "pia-cc"},
     "seq2seq": {"nll-mlp", "nll_gap-mlp", "nll-cc"},
 }
-
-
-@pytest.fixture
-def log(caplog):
-    """Lightning's log lines (its logger does not propagate to the root logger)."""
-    logger = logging.getLogger("lightning.pytorch")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="lightning.pytorch")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 @pytest.mark.parametrize("family", ["diffusion", "seq2seq"])

@@ -3,7 +3,6 @@ interrupted, and one stage in its own process (`isolate`), on the session's tiny
 (tests/tiny_experiment.py: made by this command) and copies of it."""
 
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -44,16 +43,6 @@ def test_every_stage_runs_in_order_and_reports(diffusion_experiment):
     (outcome,) = diffusion_experiment.outcomes
     assert set(outcome.report.attacks) >= {"pixel"} and outcome.folder == layout.attack
     assert json.loads((layout.attack / "report.json").read_text())["num_shadows"] == 2
-
-
-@pytest.fixture
-def log(caplog):
-    """Lightning's log lines (its logger does not propagate to the root logger)."""
-    logger = logging.getLogger("lightning.pytorch")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="lightning.pytorch")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def test_a_second_run_skips_every_finished_stage(diffusion_experiment, tmp_path, log):
