@@ -88,19 +88,29 @@ def test_an_autoencoder_changed_in_place_or_in_its_config_is_encoded_again(model
     assert calls == [2, 2]
 
 
-def test_least_recently_used_batches_leave_past_the_size():
+def test_the_first_batches_are_kept_up_to_the_size_and_another_autoencoders_make_room():
+    """A memo smaller than one model's query still serves every later model its first
+    batches (keeping the latest ones, it would serve none)."""
     memo = EncodingMemo(max_bytes=2 * 4 * 8)  # two (1, 8) float32 encodings
-    ae, runs = torch.nn.Linear(8, 8), []
+    ae, other, runs = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), []
 
     def encode(x):
         runs.append(x[0, 0].item())
         return x.float()
 
     images = [torch.full((1, 8), float(i)) for i in range(3)]
-    for i in (0, 1, 0, 2, 0, 1):  # 2 pushes out 1 (0 was used since); then 1 comes back
-        out = memo.encode(ae, images[i], encode)
-        assert torch.equal(out, images[i])
-    assert runs == [0.0, 1.0, 2.0, 1.0]
+    for _model in range(2):  # two models read the same three batches in order
+        for image in images:
+            out = memo.encode(ae, image, encode)
+            assert torch.equal(out, image)
+    assert runs == [0.0, 1.0, 2.0, 2.0]  # 0 and 1 kept; 2 did not fit
     assert (memo.hits, memo.misses) == (2, 4)
-    out.add_(1)  # a caller's change to what it got is not the memo's
-    assert torch.equal(memo.encode(ae, images[1], encode), images[1])
+    memo.encode(other, images[2], encode)  # another autoencoder: the oldest batch leaves
+    memo.encode(other, images[2], encode)
+    assert runs == [0.0, 1.0, 2.0, 2.0, 2.0]
+    memo.encode(ae, images[0], encode)
+    assert runs[-1] == 0.0  # pushed out
+    hit = memo.encode(ae, images[0], encode)  # kept again (the other's batch made room)
+    hit.add_(1)  # a caller's change to what it got is not the memo's
+    assert torch.equal(memo.encode(ae, images[0], encode), images[0])
+    assert runs[-1] == 0.0 and memo.hits == 5

@@ -6,16 +6,17 @@ that shares the autoencoder.
 An attack queries the target's samples again and again with the same images: the target, each
 shadow on row 0 (LiRA's calibration) and each caption control. Every model of an experiment
 loads the one frozen autoencoder (`autoencoder/`, or a pipeline folder's `vae`), so each of
-those queries would encode the same images again. For the loss (3 denoiser passes) at ldm-256
-the encoder is about a fifth of the signal's time, for seq2seq's NLL (one BART pass) more
-(`benchmarks/bench_signals.py`, `reused` rows).
+those queries would encode the same images again. At the networks' real sizes the encoder is
+a third of the loss signal's time at ldm-256 (1.5 UNet passes per image), half of the flow loss
+at SD3's 256 px and more than half of seq2seq's NLL at DALL-E mini (`bench_signals.py`).
 
 A hit is the same computation on the same inputs, never an approximation. The key is a hash of
 the autoencoder (its config and every tensor: taken once per module, again when any tensor was
 changed in place) and of the batch's pixels, and whole batches only: an encoder's floats
 depend on the batch it runs in (by ~1e-7 for a KL encoder on a CPU), and a report must not
-depend on which query ran first or whether a stage was resumed. The least recently used
-batches leave past `max_bytes`: `LIGHTNING_MIA_ENCODING_MEMO_MB` (default 1024; 0 turns it off).
+depend on which query ran first or whether a stage was resumed. It keeps the first batches up
+to `max_bytes` (another autoencoder's make room first): `LIGHTNING_MIA_ENCODING_MEMO_MB`
+(default 1024; 0 turns it off).
 Hashing the pixels costs ~1 ms per MB of float32 images on one CPU core.
 """
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import OrderedDict
 from collections.abc import Callable
 from itertools import chain
 from weakref import WeakKeyDictionary
@@ -64,11 +64,11 @@ def fingerprint(module: nn.Module) -> str:
 
 
 class EncodingMemo:
-    """Batches' encodings by (autoencoder, pixels), least recently used out past max_bytes."""
+    """Batches' encodings by (autoencoder, pixels): the first ones, up to max_bytes."""
 
     def __init__(self, max_bytes: int = MEMO_BYTES) -> None:
         self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._items: dict[tuple[str, str], torch.Tensor] = {}
         self._bytes = 0
         self.hits = self.misses = 0
 
@@ -90,18 +90,26 @@ class EncodingMemo:
         key = (fingerprint(autoencoder), digest.hexdigest())
         if key in self._items:
             self.hits += 1
-            self._items.move_to_end(key)
             return self._items[key].to(pixels.device, copy=True)
         self.misses += 1
         out = encode(pixels)
+        self._keep(key, out)
+        return out
+
+    def _keep(self, key: tuple[str, str], out: torch.Tensor) -> None:
+        """Keep `out` if it fits, making room with other autoencoders' batches (oldest first).
+        Not the most recent batches: an attack reads the same images in the same order model
+        after model, and a memo smaller than one model's query that kept the latest ones would
+        never be hit; the first ones are, by every later model."""
         size = out.numel() * out.element_size()
-        if size <= self.max_bytes:
+        for other in [k for k in self._items if k[0] != key[0]]:
+            if self._bytes + size <= self.max_bytes:
+                break
+            old = self._items.pop(other)
+            self._bytes -= old.numel() * old.element_size()
+        if self._bytes + size <= self.max_bytes:
             self._items[key] = out.detach().to("cpu", copy=True)
             self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= old.numel() * old.element_size()
-        return out
 
 
 MEMO = EncodingMemo()
