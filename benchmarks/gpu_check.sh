@@ -6,9 +6,11 @@
 # 2. batched generation throughput of both (bench_generation.py, against the per-caption
 #    library pipelines, and against the model's own forward passes: generate_model_over_total,
 #    generate_forward_share, generate_images_per_s);
-# 3. every gray-box signal of ldm-256 and dalle-mini at the model's speed (bench_signals.py,
-#    float32 as the signals run): <signal>_model_over_signal (the query network's declared
-#    passes per sample, replayed at the same batch, over the signal's time), <signal>_samples_per_s,
+# 3. every gray-box signal of ldm-256, the flow family's SD3 architecture at 256 px (sd3-256) and
+#    dalle-mini at the model's speed (bench_signals.py, float32 as the signals run):
+#    <signal>_model_over_signal (the query network's declared passes per sample, replayed at the
+#    same batch, over the signal's time), <signal>_model_over_reused (the same for every model
+#    after the first on a batch: its image encodings reused), <signal>_samples_per_s,
 #    <signal>_forward_share;
 # 4. a tiny experiment (shapes data: autoencoder, encoder, target, 2 shadows) trained, queried
 #    and attacked on CUDA, through the experiment runner.
@@ -21,7 +23,7 @@
 # package index). No CUDA: one line on stderr, exit status 1.
 #
 #   GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh   # smoke mode: tiny presets on the CPU,
-#     every part (1 shadow, so no LiRA; 2 sampling steps): 96 s on 2 cores alone, mostly the
+#     every part (1 shadow, so no LiRA; 2 sampling steps): 60 s on the 2-core Xeon alone, mostly the
 #     start-up of its ~15 Python processes (~5 s each), which a smoke test cannot shrink
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,7 +73,7 @@ if [ "$DEVICE" = cuda ]; then
     TRAIN=(--steps 150 --rounds 1 --batch-size 16 --num-samples 256)
     GENERATE=(--num-captions 8 --num-images 4 --inference-steps 20 --rounds 2)
     SIGNALS=(--batch 16 --rounds 3 --scan 1,4)
-    SIGNAL_RUNS="diffusion:$DIFFUSION seq2seq:$SEQ2SEQ"
+    SIGNAL_RUNS="diffusion:$DIFFUSION flow:sd3-256 seq2seq:$SEQ2SEQ"
     STEPS=300 IMAGES=4 ATTACKS="[all]" SHADOWS=2 INFERENCE_STEPS=10
 else  # smoke: every part, tiny; the CPU has no peak in the table, so MFU against 1 TFLOP/s
     PRECISION=32-true ACCEL=cpu PEAK=${GPU_CHECK_PEAK_TFLOPS:-1}
@@ -129,18 +131,23 @@ cat > "$WORK/tiny.yaml" << EOF
 experiment: $WORK/exp
 family: diffusion
 num_shadows: $SHADOWS
-autoencoder: configs/autoencoder/tiny-kl.yaml
-encoder: configs/encoder/tiny.yaml
-model: configs/diffusion/tiny.yaml
-data_args: [--data.source.num_samples=600, --data.target_size=32, --data.aux_size=256,
-            --data.shadow_size=32, --data.public_size=256, --data.member_fraction=0.5]
-trainer_args: [--trainer.accelerator=$ACCEL, --trainer.devices=1, --trainer.max_steps=$STEPS,
-               --trainer.enable_progress_bar=false, --trainer.logger=false]
-model_args: [--model.init_args.num_inference_steps=$INFERENCE_STEPS]
-num_images: $IMAGES
-attacks: $ATTACKS
-query_accelerator: $ACCEL
-query_devices: 1
+stages:
+  autoencoder: configs/autoencoder/tiny-kl.yaml
+  encoder: configs/encoder/tiny.yaml
+  model: configs/diffusion/tiny.yaml
+  data_args: [--data.source.init_args.num_samples=600, --data.target_size=32,
+              --data.aux_size=256, --data.shadow_size=32, --data.public_size=256,
+              --data.member_fraction=0.5]
+  trainer_args: [--trainer.accelerator=$ACCEL, --trainer.devices=1, --trainer.max_steps=$STEPS,
+                 --trainer.enable_progress_bar=false, --trainer.logger=false]
+  model_args: [--model.init_args.num_inference_steps=$INFERENCE_STEPS]
+query:
+  num_images: $IMAGES
+attack:
+  attacks: $ATTACKS
+devices:
+  accelerator: $ACCEL
+  devices: 1
 EOF
 part experiment "$PY" -m lightning_mia.experiment "$WORK/tiny.yaml" --verbose
 "$PY" - "$WORK/exp/attack/report.json" << 'EOF' | tee -a "$LOG"

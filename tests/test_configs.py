@@ -81,3 +81,27 @@ def test_experiment_config_parses(path):
 def test_attack_config_parses(path):
     cfg = attack_parser().parse_args(["--config", str(path), "--ckpt", "x.ckpt"])
     assert cfg.attack.setting in ("shadow", "partial")
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_the_gpu_checks_experiment_config_parses(device, tmp_path):
+    """benchmarks/gpu_check.sh writes its own experiment config (a heredoc): with the values of
+    each mode, it parses as the experiment command reads it (it once went stale unseen)."""
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    body = script.split('cat > "$WORK/tiny.yaml" << EOF\n', 1)[1].split("\nEOF\n", 1)[0]
+    cuda = device == "cuda"
+    values = {
+        "WORK": str(tmp_path),
+        "SHADOWS": "2" if cuda else "1",
+        "ACCEL": "gpu" if cuda else "cpu",
+        "STEPS": "300" if cuda else "2",
+        "INFERENCE_STEPS": "10" if cuda else "2",
+        "IMAGES": "4" if cuda else "1",
+        "ATTACKS": "[all]" if cuda else "[pixel]",
+    }
+    for name in sorted(values, key=len, reverse=True):
+        assert f"${name}" in script, name  # the script still sets it
+        body = body.replace(f"${name}", values[name])
+    assert "$" not in body, body
+    (tmp_path / "tiny.yaml").write_text(body)
+    test_experiment_config_parses(tmp_path / "tiny.yaml")
