@@ -6,7 +6,7 @@ import torch
 from tiny_pipeline import tiny_vae
 
 from lightning_mia.data.shapes import ShapesSource
-from lightning_mia.graybox import compute_signals
+from lightning_mia.graybox import SignalError, compute_signals
 from lightning_mia.graybox.encodings import MEMO, EncodingMemo, fingerprint
 from lightning_mia.models.diffusion import LatentDiffusionModule
 from lightning_mia.models.vae import save_autoencoder
@@ -55,7 +55,7 @@ def test_models_sharing_the_autoencoder_encode_each_batch_once_with_the_same_fea
     try:
         alone = [signals(m, [0, 1, 2]) for m in models]
     finally:
-        MEMO.max_bytes = EncodingMemo().max_bytes
+        MEMO.max_bytes = None  # LIGHTNING_MIA_ENCODING_MEMO_MB again
     MEMO.clear()
     calls = encoder_calls(target), encoder_calls(shadow)
     shared = [signals(m, [0, 1, 2]) for m in models]
@@ -86,6 +86,40 @@ def test_an_autoencoder_changed_in_place_or_in_its_config_is_encoded_again(model
     assert fingerprint(ae) != key
     signals(shadow, [4, 5])
     assert calls == [2, 2]
+
+
+def test_a_cast_moved_or_replaced_autoencoder_is_hashed_again(models):
+    ae = models[0].image_autoencoder()
+    first = fingerprint(ae)
+    ae.half()  # new tensors, version counters as they were
+    half = fingerprint(ae)
+    assert half != first
+    state = {k: v.clone() for k, v in ae.state_dict().items()}
+    state["encoder.conv_in.bias"] += 1
+    ae.load_state_dict(state, assign=True)  # replaced, counters reset
+    assert fingerprint(ae) not in (first, half)
+
+
+def test_a_hit_still_checks_the_images_against_the_model(models, tmp_path):
+    """A model for 32 px over the same autoencoder refuses 16 px images, although their
+    latents are kept from a 16 px model."""
+    target = models[0]
+    signals(target, [6, 7])
+    torch.manual_seed(2)
+    other = LatentDiffusionModule(
+        autoencoder=str(tmp_path / "autoencoder"), resolution=32, max_caption_length=77
+    ).eval()
+    with pytest.raises(ValueError, match="configured for resolution 32"):
+        signals(other, [6, 7])
+
+
+def test_a_bad_size_is_one_error_naming_the_variable(monkeypatch):
+    monkeypatch.setenv("LIGHTNING_MIA_ENCODING_MEMO_MB", "lots")
+    memo, ae = EncodingMemo(), torch.nn.Linear(2, 2)
+    with pytest.raises(SignalError, match="LIGHTNING_MIA_ENCODING_MEMO_MB='lots'"):
+        memo.encode(ae, torch.zeros(1, 2), lambda x: x)
+    monkeypatch.setenv("LIGHTNING_MIA_ENCODING_MEMO_MB", "0.5")
+    assert EncodingMemo().encode(ae, torch.zeros(1, 2), lambda x: x).shape == (1, 2)
 
 
 def test_the_first_batches_are_kept_up_to_the_size_and_another_autoencoders_make_room():

@@ -83,8 +83,7 @@ class LatentView:
 
     def latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Scaled latents x0 (B, C, h, w) of query images (B, 3, R, R) in [-1, 1]."""
-        pixels = pixel_values.to(self.device)  # once per autoencoder and batch, for every model
-        return encode_once(self.model.image_autoencoder(), pixels, self.model.encode_images)
+        return encode_once(self.model, pixel_values.to(self.device))  # once for every model
 
     def condition(self, captions: Sequence[str]) -> Conditioning:
         """Caption conditioning of B captions, as the model computes it."""

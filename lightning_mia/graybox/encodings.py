@@ -1,7 +1,7 @@
 """The frozen autoencoder's encodings of query images, made once per process for every model
 that shares the autoencoder.
 
-    x0 = encode_once(model.image_autoencoder(), pixels, model.encode_images)  # = encode_images
+    x0 = encode_once(model, pixels)    # model.encode_images(pixels), once per autoencoder
 
 An attack queries the target's samples again and again with the same images: the target, each
 shadow on row 0 (LiRA's calibration) and each caption control. Every model of an experiment
@@ -11,64 +11,80 @@ a third of the loss signal's time at ldm-256 (1.5 UNet passes per image), half o
 at SD3's 256 px and more than half of seq2seq's NLL at DALL-E mini (`bench_signals.py`).
 
 A hit is the same computation on the same inputs, never an approximation. The key is a hash of
-the autoencoder (its config and every tensor: taken once per module, again when any tensor was
-changed in place) and of the batch's pixels, and whole batches only: an encoder's floats
-depend on the batch it runs in (by ~1e-7 for a KL encoder on a CPU), and a report must not
-depend on which query ran first or whether a stage was resumed. It keeps the first batches up
-to `max_bytes` (another autoencoder's make room first): `LIGHTNING_MIA_ENCODING_MEMO_MB`
-(default 1024; 0 turns it off).
-Hashing the pixels costs ~1 ms per MB of float32 images on one CPU core.
+the autoencoder (its config and every parameter and buffer, hashed again whenever one of them
+was changed in place, cast, moved or replaced), its device and a hash of the batch's pixels,
+for whole batches only: an encoder's floats depend on the batch it runs in (by ~1e-7 for a KL
+encoder on a CPU), and a report must not depend on which query ran first or whether a stage
+was resumed. The model checks the images (their resolution) on a hit as well. It keeps the
+first batches up to `LIGHTNING_MIA_ENCODING_MEMO_MB` (default 1024; 0 turns it off; another
+autoencoder's batches make room first). Hashing the pixels costs ~1 ms per MB of float32
+images on one CPU core.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from itertools import chain
+from typing import Any
 from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
 
-# 1 GiB holds the latents of ~16k images at 512 px (SD's 4x64x64), the codes of ~500k
-MEMO_BYTES = int(os.environ.get("LIGHTNING_MIA_ENCODING_MEMO_MB", "1024")) * 2**20
-_FINGERPRINTS: WeakKeyDictionary[nn.Module, tuple[int, str]] = WeakKeyDictionary()  # tensors
+from lightning_mia.graybox.spec import SignalError
+
+MEMO_MB = "LIGHTNING_MIA_ENCODING_MEMO_MB"  # 1 GiB: SD's latents (4x64x64) of ~16k images
+_FINGERPRINTS: WeakKeyDictionary[nn.Module, tuple[tuple, str]] = WeakKeyDictionary()
 
 
-def _update(digest: hashlib.blake2b, tensor: torch.Tensor) -> None:
+def memo_bytes() -> int:
+    """The memo's size from `LIGHTNING_MIA_ENCODING_MEMO_MB` (MB, default 1024)."""
+    text = os.environ.get(MEMO_MB, "1024")
+    try:
+        mb = float(text)
+    except ValueError:
+        mb = -1.0
+    if not mb >= 0:
+        raise SignalError(f"{MEMO_MB}={text!r}: give a size in MB, 0 or more (0 turns it off)")
+    return int(mb * 2**20)
+
+
+def _update(digest: Any, tensor: torch.Tensor) -> None:
     """Add a tensor's dtype, shape and bytes to `digest`."""
     digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     digest.update(flat.view(torch.uint8).numpy())
 
 
-def _version(module: nn.Module) -> int:
-    """The sum of the in-place change counters of the module's tensors."""
-    return sum(t._version for t in chain(module.parameters(), module.buffers()))
+def _tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer, persistent or not."""
+    return chain(module.named_parameters(), module.named_buffers())
 
 
 def fingerprint(module: nn.Module) -> str:
-    """A hash of `module`'s config and tensors (the tensors' hashed again only when one of them
-    was changed in place)."""
+    """A hash of `module`'s config and tensors. The tensors are hashed again whenever one of
+    them was changed in place (its version counter), cast, moved or replaced (its storage)."""
     config = f"{type(module).__qualname__}{getattr(module, 'config', '')}"
-    version = _version(module)
+    state = tuple((n, t.dtype, t.device, t.data_ptr(), t._version) for n, t in _tensors(module))
     known = _FINGERPRINTS.get(module)
-    if known is None or known[0] != version:
+    if known is None or known[0] != state:
         digest = hashlib.blake2b(digest_size=16)
-        for name, tensor in module.state_dict().items():
+        for name, tensor in _tensors(module):
             digest.update(name.encode())
             _update(digest, tensor)
-        known = _FINGERPRINTS[module] = (version, digest.hexdigest())
+        known = _FINGERPRINTS[module] = (state, digest.hexdigest())
     return hashlib.blake2b(f"{config}{known[1]}".encode(), digest_size=16).hexdigest()
 
 
 class EncodingMemo:
-    """Batches' encodings by (autoencoder, pixels): the first ones, up to max_bytes."""
+    """Batches' encodings by (autoencoder, its device, pixels): the first ones, up to
+    max_bytes (None: `LIGHTNING_MIA_ENCODING_MEMO_MB`, read at the first encoding)."""
 
-    def __init__(self, max_bytes: int = MEMO_BYTES) -> None:
+    def __init__(self, max_bytes: int | None = None) -> None:
         self.max_bytes = max_bytes
-        self._items: dict[tuple[str, str], torch.Tensor] = {}
+        self._items: dict[tuple[str, str, str], tuple[torch.Tensor, torch.device]] = {}
         self._bytes = 0
         self.hits = self.misses = 0
 
@@ -82,21 +98,25 @@ class EncodingMemo:
         pixels: torch.Tensor,
         encode: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """`encode(pixels)`, made once per (autoencoder weights, pixels)."""
+        """`encode(pixels)`, made once per (autoencoder weights, device, pixels)."""
+        if self.max_bytes is None:
+            self.max_bytes = memo_bytes()
         if self.max_bytes <= 0:
             return encode(pixels)
         digest = hashlib.blake2b(digest_size=16)
         _update(digest, pixels)
-        key = (fingerprint(autoencoder), digest.hexdigest())
+        device = str(next(chain(autoencoder.parameters(), [pixels])).device)
+        key = (fingerprint(autoencoder), device, digest.hexdigest())
         if key in self._items:
             self.hits += 1
-            return self._items[key].to(pixels.device, copy=True)
+            kept, origin = self._items[key]
+            return kept.to(origin, copy=True)
         self.misses += 1
         out = encode(pixels)
         self._keep(key, out)
         return out
 
-    def _keep(self, key: tuple[str, str], out: torch.Tensor) -> None:
+    def _keep(self, key: tuple[str, str, str], out: torch.Tensor) -> None:
         """Keep `out` if it fits, making room with other autoencoders' batches (oldest first).
         Not the most recent batches: an attack reads the same images in the same order model
         after model, and a memo smaller than one model's query that kept the latest ones would
@@ -105,18 +125,18 @@ class EncodingMemo:
         for other in [k for k in self._items if k[0] != key[0]]:
             if self._bytes + size <= self.max_bytes:
                 break
-            old = self._items.pop(other)
+            old, _ = self._items.pop(other)
             self._bytes -= old.numel() * old.element_size()
         if self._bytes + size <= self.max_bytes:
-            self._items[key] = out.detach().to("cpu", copy=True)
+            self._items[key] = (out.detach().to("cpu", copy=True), out.device)
             self._bytes += size
 
 
 MEMO = EncodingMemo()
 
 
-def encode_once(
-    autoencoder: nn.Module, pixels: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
-    """`encode(pixels)` through the process's memo (`MEMO`)."""
-    return MEMO.encode(autoencoder, pixels, encode)
+def encode_once(model: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """`model.encode_images(pixels)` through the process's memo (`MEMO`), the model's check of
+    the images (`check_images`: their resolution) made on a hit as well."""
+    model.check_images(pixels)
+    return MEMO.encode(model.image_autoencoder(), pixels, model.encode_images)

@@ -33,8 +33,7 @@ def code_nll(
     given the null caption "" too. The codes (one VQ encoding) and each NLL are cached; the
     passes not yet cached run as one BART call (the captions stacked, padded to the longest)."""
     if "codes" not in cache:
-        pixels = batch["pixel_values"].to(model.device)  # (B, L) codes, once per VQGAN and batch
-        cache["codes"] = encode_once(model.image_autoencoder(), pixels, model.encode_images)
+        cache["codes"] = encode_once(model, batch["pixel_values"].to(model.device))  # (B, L)
     codes, b = cache["codes"], len(batch["caption"])
     captions = {"nll": list(batch["caption"]), "null_nll": [""] * b}
     wanted = ["nll", "null_nll"] if with_null else ["nll"]

@@ -176,8 +176,7 @@ class Seq2SeqModule(TextToImageModule):
         """The frozen VQGAN that turns images into codes."""
         if self.vq is None:
             raise Seq2SeqError(
-                "no autoencoder: pass autoencoder=<VQModel folder> or fit with a datamodule "
-                "whose experiment holds one"
+                "no autoencoder: pass autoencoder=<VQModel folder> or fit on an experiment's data"
             )
         return self.vq
 
@@ -237,29 +236,30 @@ class Seq2SeqModule(TextToImageModule):
         )
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
-    @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """VQGAN codes (B, L) int64 of images (B, 3, R, R) in [-1, 1]."""
-        r = self.spec.resolution
-        if tuple(pixel_values.shape[-2:]) != (r, r):
+    def check_images(self, pixel_values: torch.Tensor) -> None:
+        """Seq2SeqError unless images are (B, 3, R, R) at the preset's resolution R."""
+        if tuple(pixel_values.shape[-2:]) != (r := self.spec.resolution,) * 2:
             raise Seq2SeqError(
                 f"images are {tuple(pixel_values.shape[-2:])} but preset "
                 f"{self.hparams.preset!r} expects {r}x{r}: set data.resolution={r}"
             )
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """VQGAN codes (B, L) int64 of images (B, 3, R, R) in [-1, 1]."""
+        self.check_images(pixel_values)
         with torch.autocast(self.device.type, enabled=False):  # codes from unrounded distances
             return encode_codes(vq := self.image_autoencoder(), pixel_values.to(vq.dtype))
 
     def image_codes(self, batch: dict[str, Any]) -> torch.Tensor:
         """Codes (B, L) int64 of the batch's images, encoded once per sample_id and cached
         (not when training crops or flips them)."""
+        pixels = batch["pixel_values"]
         if not self.hparams.cache_codes or (self.training and self.augments_images):
-            return self.encode_images(batch["pixel_values"])
+            return self.encode_images(pixels)
         dtype = torch.int16 if self.spec.num_codes <= 2**15 else torch.int32
         codes = cached_by_id(
-            self._code_cache,
-            batch["sample_id"],
-            lambda rows: self.encode_images(batch["pixel_values"][rows]),
-            dtype,
+            self._code_cache, batch["sample_id"], lambda r: self.encode_images(pixels[r]), dtype
         )
         return codes.to(self.device, torch.long)
 
