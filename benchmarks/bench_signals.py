@@ -121,12 +121,14 @@ def bench_family(family: str, args: argparse.Namespace) -> None:
     network, options = query_network(model), SignalOptions()
     print(f"# {family} {args.preset} {res}px, batch {b}, query network `{network}`")
     names = [n for n in signals_for(family) if not args.signals or n in args.signals]
-    groups = [(n, [n]) for n in names]  # each alone, then all in one call (as a query asks:
-    if not args.signals:  # the latents or codes and the caption's conditioning computed once)
-        groups.append((f"{family}_all", names))
-    signals = {  # reused: the image encodings kept (`graybox/encodings.py`), as for every
+    # each alone, then all in one call (as a query asks: the latents or codes and the caption's
+    # conditioning computed once)
+    groups = [(n, [n]) for n in names] + ([] if args.signals else [(f"{family}_all", names)])
+    # `signals`: the image encodings kept from an earlier run, as for every model after the
+    # first that queries a batch; `fresh`: nothing kept, as for the first (graybox/encodings.py)
+    signals = {
         name: (lambda group=group: compute_signals(model, batch, group, seed=0, options=options))
-        for name, group in groups  # model after the first that queries a batch
+        for name, group in groups
     }
     fresh = {name: first_model(run) for name, run in signals.items()}
     passes = {name: SIGNALS[name].queries_per_sample(options) for name in names}
