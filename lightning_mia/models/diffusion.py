@@ -47,7 +47,7 @@ from lightning_mia.models.latent import (
 )
 from lightning_mia.models.lora import LORA_TARGETS, LoraError, add_adapters
 from lightning_mia.models.pipeline_folder import check_pipeline_folder, native_resolution
-from lightning_mia.models.tokenizers import load_clip_tokenizer
+from lightning_mia.models.tokenizers import TokenCache, load_clip_tokenizer
 from lightning_mia.models.vae import check_resolution, load_autoencoder
 from lightning_mia.paths import write_folder_atomically
 
@@ -159,7 +159,7 @@ class LatentDiffusionModule(LatentTextToImageModule):
         self.ema = EMAWeights(self._trained_parts(), ema_decay) if ema_decay > 0 else None
         self.resolution = resolution
         self.latent_shape = (spec.latent_channels, latent_size, latent_size)
-        self._token_cache: dict[str, torch.Tensor] = {}
+        self._tokens = TokenCache()
         self._latent_cache: dict[int, torch.Tensor] = {}  # sample_id -> (C, h, w), CPU
 
     # --- components ----------------------------------------------------------------------------
@@ -182,19 +182,9 @@ class LatentDiffusionModule(LatentTextToImageModule):
 
     def token_ids(self, captions: Sequence[str]) -> torch.Tensor:
         """Padded CLIP token ids (B, L), cached per caption (captions repeat every epoch)."""
-        missing = [c for c in dict.fromkeys(captions) if c not in self._token_cache]
-        if missing:
-            ids = self.tokenizer(
-                missing,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            if len(self._token_cache) > 100_000:
-                self._token_cache.clear()
-            self._token_cache.update(zip(missing, ids))
-        return torch.stack([self._token_cache[c] for c in captions]).to(self.device)
+        return self._tokens(self.tokenizer, captions, self.tokenizer.model_max_length).to(
+            self.device
+        )
 
     def encode_text(self, captions: Sequence[str], text_encoder: nn.Module | None = None) -> Any:
         """Caption embeddings (B, L, D) for the UNet's cross-attention."""

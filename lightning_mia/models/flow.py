@@ -43,7 +43,6 @@ from lightning_mia.models.flow_presets import (
     flow_scheduler,
 )
 from lightning_mia.models.flow_sampling import sample_images
-from lightning_mia.models.flow_text import TokenCache
 from lightning_mia.models.latent import Conditioning, LatentTextToImageModule, TimeGrid
 from lightning_mia.models.lora import MMDIT_LORA_TARGETS, LoraError, add_adapters
 from lightning_mia.models.pipeline_folder import native_resolution
@@ -54,7 +53,7 @@ from lightning_mia.models.precision import (
     held_in_float32,
     usable_cpu_attention,
 )
-from lightning_mia.models.tokenizers import load_clip_tokenizer
+from lightning_mia.models.tokenizers import TokenCache, load_clip_tokenizer
 from lightning_mia.models.vae import check_resolution, load_autoencoder
 from lightning_mia.paths import write_folder_atomically
 

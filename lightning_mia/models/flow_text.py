@@ -1,7 +1,7 @@
 """The flow family's caption conditioning, computed as `StableDiffusion3Pipeline.encode_prompt`
 computes it, so the module, its gray-box signals and the pipeline see the same numbers.
 
-    ids = tokens(tokenizer, captions, length)                      # (B, L) int64, cached
+    ids = TokenCache()(tokenizer, captions, length)                # (B, L) int64, cached
     states, pooled = clip_states(text_encoder, ids)                # (B, L, D), (B, P)
     cond = sd3_conditioning([clip1, clip2], t5_states, 0, joint)   # Conditioning (seq, pooled)
 
@@ -17,41 +17,12 @@ with seq (B, L + T, J) and pooled (B, P1 + P2), is what `SD3Transformer2DModel` 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lightning_mia.models.latent import Conditioning
-
-MAX_CACHED_CAPTIONS = 100_000  # token ids kept per tokenizer before the cache is emptied
-
-
-class TokenCache:
-    """Padded token ids of captions, per tokenizer, computed once per caption (the captions
-    repeat every epoch and in every signal)."""
-
-    def __init__(self) -> None:
-        self._ids: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-
-    def __call__(self, tokenizer: Any, captions: Sequence[str], length: int) -> torch.Tensor:
-        """Token ids (B, length) int64, padded to and truncated at `length`."""
-        cache = self._ids.setdefault((id(tokenizer), length), {})
-        missing = [c for c in dict.fromkeys(captions) if c not in cache]
-        if missing:
-            ids = tokenizer(
-                missing,
-                padding="max_length",
-                max_length=length,
-                truncation=True,
-                add_special_tokens=True,
-                return_tensors="pt",
-            ).input_ids
-            if len(cache) > MAX_CACHED_CAPTIONS:
-                cache.clear()
-            cache.update(zip(missing, ids))
-        return torch.stack([cache[c] for c in captions])
 
 
 def clip_states(encoder: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

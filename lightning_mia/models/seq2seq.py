@@ -46,6 +46,7 @@ from lightning_mia.models.seq2seq_sampling import (
     autoregressive_codes,
     code_logits,
 )
+from lightning_mia.models.tokenizers import TokenCache
 from lightning_mia.models.vae import check_resolution, decode_codes, encode_codes, load_autoencoder
 
 __all__ = ["Seq2SeqError", "Seq2SeqModule"]
@@ -120,6 +121,7 @@ class Seq2SeqModule(TextToImageModule):
         self.vq: VQModel | None = None  # frozen, kept out of the checkpoint (hooks below)
         self.code_grid = (0, 0)
         self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._tokens = TokenCache()
         self._code_cache: dict[int, torch.Tensor] = {}  # sample_id -> (L,) codes, CPU
         if autoencoder:
             self.attach_autoencoder(autoencoder)
@@ -226,15 +228,12 @@ class Seq2SeqModule(TextToImageModule):
 
     # --- tokens and codes ------------------------------------------------------------------
     def tokenize(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Caption ids and attention mask, (B, S) each, padded to the longest caption."""
-        enc = self.caption_tokenizer(
-            list(captions),
-            padding="longest",
-            truncation=True,
-            max_length=self.spec.max_caption_length,
-            return_tensors="pt",
+        """Caption ids and attention mask, (B, S) each, padded to the longest caption (each
+        caption tokenized once: they repeat every epoch and on every model queried)."""
+        ids, mask = self._tokens.padded(
+            self.caption_tokenizer, captions, self.spec.max_caption_length
         )
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        return ids.to(self.device), mask.to(self.device)
 
     def check_images(self, pixel_values: torch.Tensor) -> None:
         """Seq2SeqError unless images are (B, 3, R, R) at the preset's resolution R."""

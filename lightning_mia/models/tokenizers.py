@@ -4,16 +4,26 @@
 byte-to-unicode characters, the same with CLIP's `</w>` word-end marker, and the two specials,
 no merges): every text round-trips exactly and nothing is fetched. Real CLIP vocabularies load
 with `CLIPTokenizer.from_pretrained(local_folder)` instead.
+
+`TokenCache` keeps every family's caption token ids: each caption is tokenized once per
+tokenizer (captions repeat every epoch, in every signal and on every model of an attack).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+from weakref import WeakKeyDictionary
 
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from transformers import CLIPTokenizer
 
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"
+MAX_CACHED_CAPTIONS = 100_000  # token ids kept per (tokenizer, length) before starting afresh
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -58,3 +68,56 @@ def load_clip_tokenizer(folder: str = "", model_max_length: int = 77) -> CLIPTok
             f"tokenizer folder {path}: no vocab.json or tokenizer.json (not a CLIP tokenizer)"
         )
     return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+class TokenCache:
+    """Captions' token ids, each caption tokenized once per (tokenizer, length) and padded as
+    the tokenizer pads (`padding="max_length"` or `"longest"`, on its `padding_side`). Kept per
+    tokenizer object, weakly: a replaced tokenizer's ids go with it."""
+
+    def __init__(self) -> None:
+        self._ids: WeakKeyDictionary[Any, dict[int, dict[str, torch.Tensor]]]
+        self._ids = WeakKeyDictionary()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # a copy (a spawned process's module, a deepcopy) starts empty
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+
+    def rows(self, tokenizer: Any, captions: Sequence[str], length: int) -> list[torch.Tensor]:
+        """Each caption's ids (L_i,) int64, special tokens added, truncated at `length`."""
+        cache = self._ids.setdefault(tokenizer, {}).setdefault(length, {})
+        missing = [c for c in dict.fromkeys(captions) if c not in cache]
+        if len(cache) + len(missing) > MAX_CACHED_CAPTIONS:
+            cache.clear()
+            missing = list(dict.fromkeys(captions))
+        if missing:
+            ids = tokenizer(missing, truncation=True, max_length=length, add_special_tokens=True)
+            cache.update(
+                (c, torch.tensor(i, dtype=torch.long)) for c, i in zip(missing, ids.input_ids)
+            )
+        return [cache[c] for c in captions]
+
+    def __call__(self, tokenizer: Any, captions: Sequence[str], length: int) -> torch.Tensor:
+        """Token ids (B, length), padded to and truncated at `length`."""
+        return self.padded(tokenizer, captions, length, to_length=True)[0]
+
+    def padded(
+        self, tokenizer: Any, captions: Sequence[str], length: int, to_length: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, attention mask), (B, S) each: truncated at `length` and padded to the longest
+        caption (S <= length) or, `to_length`, to `length`."""
+        if tokenizer.pad_token_id is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no padding token to pad with")
+        rows = self.rows(tokenizer, captions, length)
+        if not rows:
+            empty = torch.zeros(0, length if to_length else 0, dtype=torch.long)
+            return empty, empty.clone()
+        side = tokenizer.padding_side
+        ones = [torch.ones_like(r) for r in rows]
+        ids = pad_sequence(rows, True, tokenizer.pad_token_id, side)
+        mask = pad_sequence(ones, True, 0, side)
+        extra = length - ids.shape[1] if to_length else 0
+        widths = (extra, 0) if side == "left" else (0, extra)
+        return F.pad(ids, widths, value=tokenizer.pad_token_id), F.pad(mask, widths)
