@@ -28,8 +28,10 @@ word), each module's rows counted in the hooked run and replayed at the same bat
 tokenizer, elementwise maths). `RESULT <signal>_model_over_reused` is model / signal when the
 batch's image encodings are already kept (`graybox/encodings.py`): the cost of each model after
 the first that queries the same images with the same autoencoder (an attack queries the
-target's samples on the target, on each shadow for LiRA and on each caption control); every
-other figure is the first model's, each signal run starting with nothing kept.
+target's samples on the target, on each shadow for LiRA and on each caption control);
+`RESULT <signal>_model_over_shared_text` (CLiD) the same with the word importances kept too,
+as for every model after the first that conditions alike (LoRA fine-tunes of one pipeline);
+every other figure is the first model's, each signal run starting with nothing kept.
 `<signal>_queries_per_sample` the declared passes;
 `<signal>_forward_share` the share of the
 signal's time spent inside the query network in a run with hooks (`_forward.ForwardClock`),
@@ -78,7 +80,7 @@ from lightning_mia.graybox import (
     full_precision,
     signals_for,
 )
-from lightning_mia.graybox.encodings import MEMO
+from lightning_mia.graybox.encodings import CAPTION_MEMO, MEMO
 
 
 def float32(run: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
@@ -91,14 +93,26 @@ def float32(run: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
     return in_float32
 
 
-def first_model(run: Callable[[], Any]) -> Callable[[], Any]:
-    """`run` as the first model to query its batch: no image encoding kept from before."""
+def first_model(run: Callable[[], Any], keep_images: bool = False) -> Callable[[], Any]:
+    """`run` as the first model to query its batch: nothing kept from before; `keep_images`:
+    as a later model with a text encoder of its own, the batch's image encodings kept."""
 
     def fresh() -> Any:
-        MEMO.clear()
+        if not keep_images:
+            MEMO.clear()
+        CAPTION_MEMO.clear()
         return run()
 
     return fresh
+
+
+def shares_text(run: Callable[[], Any]) -> bool:
+    """Whether `run`, made again, takes something from the caption memo (CLiD's importances):
+    what every model after the first that conditions alike (LoRA fine-tunes) would do."""
+    run()
+    hits = CAPTION_MEMO.hits
+    run()
+    return CAPTION_MEMO.hits > hits
 
 
 def profile_lines(fn: Callable[[], Any], top: int) -> str:
@@ -151,7 +165,9 @@ def bench_family(family: str, args: argparse.Namespace) -> None:
         others, skipped = batched_replays(clocks[name][0].other_calls, b)
         others = [float32(o, model.device) for o in others]
         networks_run = lambda q=q, o=others: [forward() for _ in range(q)] + [f() for f in o]  # noqa: E731
-        runs = {"model": model_run, "networks": networks_run, "signal": fresh[name], "reused": run}
+        reused = first_model(run, keep_images=True)
+        runs = {"model": model_run, "networks": networks_run, "signal": fresh[name]}
+        runs |= {"reused": reused} | ({"shared": run} if shares_text(run) else {})
         times = alternate(runs, args.rounds, args.device)
         report_signal(name, q, times, clocks[name], b, args.rounds, skipped)
         if args.profile:
@@ -205,6 +221,13 @@ def report_signal(
         f"#   its images' encodings reused (every model after the first on a batch): "
         f"{reused.best / b * 1e3:.2f} ms/sample, ratio {model.over(reused):.3f}"
     )
+    if "shared" in times:
+        shared = times["shared"]
+        print(
+            f"#   and its word importances reused too (every model after the first with the "
+            f"same text encoders: LoRA fine-tunes of one pipeline): {shared.best / b * 1e3:.2f} "
+            f"ms/sample, ratio {model.over(shared):.3f}"
+        )
     if abs(counted - q) > 1e-6:
         print(f"#   WARNING: {name} declares {q} passes per sample, the clock counted {counted:g}")
     print(f"RESULT {name}_queries_per_sample {q}")
@@ -213,6 +236,8 @@ def report_signal(
     print(f"RESULT {name}_model_over_signal {ratio:.3f}")
     print(f"RESULT {name}_networks_over_signal {networks.over(signal):.3f}")
     print(f"RESULT {name}_model_over_reused {model.over(reused):.3f}")
+    if "shared" in times:
+        print(f"RESULT {name}_model_over_shared_text {model.over(times['shared']):.3f}")
     print(f"RESULT {name}_forward_share {network_s / hooked_s:.3f}")
 
 

@@ -238,8 +238,11 @@ def shares(where: str) -> str:
 
 
 def reused_cell(results: dict[str, float], signal: str) -> str:
+    """The 'encodings reused' ratio, and CLiD's with its word importances kept too."""
     value = results.get(f"{signal}_model_over_reused")
-    return "-" if value is None else f"**{value:.2f}**"
+    shared = results.get(f"{signal}_model_over_shared_text")
+    cell = "-" if value is None else f"**{value:.2f}**"
+    return cell if shared is None else f"{cell}; text shared **{shared:.2f}**"
 
 
 def full_size_table(runs: list[tuple[str, Output]], tags: dict[str, str]) -> list[str]:
@@ -270,7 +273,9 @@ SIGNALS_CAPTION = (
     "encodings reused = the same for every model after the first that queries the same images "
     "through the same autoencoder, which encoded them once (`graybox/encodings.py`; an attack "
     "queries the target's samples on the target, on each shadow for LiRA and under each "
-    "caption control); networks / signal = model / signal with the passes the first model "
+    "caption control); text shared (CLiD) = its word importances kept as well, as for every "
+    "model after the first that conditions alike (LoRA fine-tunes of one pipeline); "
+    "networks / signal = model / signal with the passes the first model "
     "made through its other networks (text encoders, autoencoder) replayed at that batch as "
     "well, so that only the attack's own code is overhead (above 1 where a signal batches a "
     "network wider than 32 rows: CLiD's word variants); share in the model = the part of a "

@@ -71,11 +71,12 @@ def _one_torch_thread():
 @pytest.fixture(autouse=True)
 def _private_caches(tmp_path, monkeypatch):
     """Keep the file-digest cache inside each test's tmp_path, and start each test with no
-    image encodings kept from another (`graybox/encodings.py`)."""
-    from lightning_mia.graybox.encodings import MEMO
+    image encodings or word importances kept from another (`graybox/encodings.py`)."""
+    from lightning_mia.graybox.encodings import CAPTION_MEMO, MEMO
 
     monkeypatch.setenv("LIGHTNING_MIA_CACHE", str(tmp_path / "cache"))
     MEMO.clear()
+    CAPTION_MEMO.clear()
 
 
 @pytest.fixture

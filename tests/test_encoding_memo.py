@@ -7,8 +7,15 @@ from tiny_pipeline import tiny_vae
 
 from lightning_mia.data.shapes import ShapesSource
 from lightning_mia.graybox import SignalError, compute_signals
-from lightning_mia.graybox.encodings import MEMO, EncodingMemo, fingerprint
+from lightning_mia.graybox.encodings import (
+    CAPTION_MEMO,
+    MEMO,
+    EncodingMemo,
+    fingerprint,
+    inputs_fingerprint,
+)
 from lightning_mia.models.diffusion import LatentDiffusionModule
+from lightning_mia.models.flow import FlowMatchingModule
 from lightning_mia.models.vae import save_autoencoder
 
 SOURCE = ShapesSource(num_samples=16, resolution=16, seed=1)
@@ -148,3 +155,77 @@ def test_the_first_batches_are_kept_up_to_the_size_and_another_autoencoders_make
     hit.add_(1)  # a caller's change to what it got is not the memo's
     assert torch.equal(memo.encode(ae, images[0], encode), images[0])
     assert runs[-1] == 0.0 and memo.hits == 5
+
+
+# --- CLiD's word importances, made once for every model that conditions alike ----------------
+def text_rows(model):
+    """A list that grows by the rows of each pass of the model's (released) text encoder."""
+    rows = []
+    encoder = model.denoiser()[1]
+    encoder.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    return rows
+
+
+def clid(model, ids):
+    return compute_signals(model, batch(ids), ["clid"], seed=0)
+
+
+def test_models_with_one_text_encoder_derive_clids_reduced_captions_once(models, monkeypatch):
+    """Two LoRA-like models (the shadow's UNet differs, its text encoder does not) get CLiD's
+    word importances from the first: the same features as each alone, bit for bit."""
+    target, _ = models
+    torch.manual_seed(0)  # the target's seed: equal text encoder (and UNet, changed below)
+    shadow = type(target)(
+        autoencoder=target.hparams.autoencoder, resolution=16, max_caption_length=77
+    ).eval()
+    with torch.no_grad():
+        shadow.unet.conv_in.weight.mul_(1.1)
+    assert inputs_fingerprint(shadow.conditioning_inputs()) == inputs_fingerprint(
+        target.conditioning_inputs()
+    )
+    monkeypatch.setenv("LIGHTNING_MIA_ENCODING_MEMO_MB", "0")  # off: each model alone
+    alone = [clid(m, [0, 1, 2]) for m in (target, shadow)]
+    monkeypatch.delenv("LIGHTNING_MIA_ENCODING_MEMO_MB")
+    hits, rows = CAPTION_MEMO.hits, (text_rows(target), text_rows(shadow))
+    shared = [clid(m, [0, 1, 2]) for m in (target, shadow)]
+    words = sum(len(SOURCE.caption(i).split()) for i in range(3))
+    # caption, word variants (chunked), reduced captions (3 rates), null caption
+    assert sum(rows[0]) == 3 + words + 3 * 3 + 1
+    assert sum(rows[1]) == 3 + 3 * 3 + 1 and CAPTION_MEMO.hits == hits + 1
+    for got, want in zip(shared, alone):
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(shared[0]["clid/score"], shared[1]["clid/score"])
+
+
+def test_models_that_condition_differently_do_not_share_word_importances(models):
+    target, shadow = models  # trained text encoders: each its own
+    assert inputs_fingerprint(target.conditioning_inputs()) != inputs_fingerprint(
+        shadow.conditioning_inputs()
+    )
+    hits, rows = CAPTION_MEMO.hits, text_rows(shadow)
+    clid(target, [0, 1])
+    clid(shadow, [0, 1])
+    assert CAPTION_MEMO.hits == hits and sum(rows) > 2 + 3 * 2 + 1
+    key = inputs_fingerprint(target.conditioning_inputs())
+    target.tokenizer.add_tokens(["circle"])  # the tokenizer's vocabulary
+    assert inputs_fingerprint(target.conditioning_inputs()) != key
+    key = inputs_fingerprint(target.conditioning_inputs())
+    target.tokenizer.model_max_length = 40  # a tokenizer setting
+    assert inputs_fingerprint(target.conditioning_inputs()) != key
+
+
+def test_a_flow_models_conditioning_inputs_cover_its_lengths_and_widths(tmp_path):
+    torch.manual_seed(0)
+    save_autoencoder(tiny_vae(), tmp_path / "ae")
+    model = FlowMatchingModule(
+        autoencoder=str(tmp_path / "ae"), resolution=16, max_caption_length=77
+    ).eval()
+    key = inputs_fingerprint(model.conditioning_inputs())
+    assert inputs_fingerprint(model.conditioning_inputs()) == key
+    model.t5_length += 1  # SD3 pads the conditioning with that many rows
+    assert inputs_fingerprint(model.conditioning_inputs()) != key
+    model.t5_length -= 1
+    with torch.no_grad():
+        model.text_encoder_2.text_model.final_layer_norm.weight.add_(1)
+    assert inputs_fingerprint(model.conditioning_inputs()) != key

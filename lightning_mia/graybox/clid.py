@@ -24,9 +24,11 @@ timestep x condition x sample stacked (`stacked_losses`).
 Remaining deviations: the reference reads each word's importance from precomputed metadata
 (`tokens_importance`, its computation not released); we take the model's own text encoder:
 a word's importance is the mean squared change of the caption's conditioning when that word
-alone is masked (text-encoder passes, not counted as queries). For v-prediction models ℓ is the
-error of the eps the output implies (the reference's eps-prediction Stable Diffusion compares
-its output to the noise directly, which is the same thing there).
+alone is masked (text-encoder passes, not counted as queries; made once per batch for every
+model that conditions alike, e.g. LoRA fine-tunes of one pipeline: `encodings.CAPTION_MEMO`).
+For v-prediction models ℓ is the error of the eps the output implies (the reference's
+eps-prediction Stable Diffusion compares its output to the noise directly, which is the same
+thing there).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from lightning_mia.graybox.denoiser import (
     stacked_losses,
     timestep_problems,
 )
+from lightning_mia.graybox.encodings import CAPTION_MEMO
 from lightning_mia.graybox.spec import SignalOptions, SignalSpec, register_signal
 from lightning_mia.models.latent import Conditioning
 
@@ -121,7 +124,12 @@ def reduced_conditions(
     """The conditioning (B rows) of the null caption, then of each cut rate's reduced captions
     (the null caption encoded once, the reduced ones of every rate together)."""
     b = len(captions)
-    importance = word_importance(view.condition, captions, cond, mask)
+    importance = CAPTION_MEMO.get(  # once for every model that conditions alike
+        view.model,
+        captions,
+        f"clid word importance, mask {mask!r}",
+        lambda: tuple(map(tuple, word_importance(view.condition, captions, cond, mask))),
+    )
     reduced = [
         mask_top_words(s, w, rate, mask) for rate in cut_rates for s, w in zip(captions, importance)
     ]

@@ -19,15 +19,24 @@ was resumed. The model checks the images (their resolution) on a hit as well. It
 first batches up to `LIGHTNING_MIA_ENCODING_MEMO_MB` (default 1024; 0 turns it off; another
 autoencoder's batches make room first). Hashing the pixels costs ~1 ms per MB of float32
 images on one CPU core.
+
+    importance = CAPTION_MEMO.get(model, captions, "what", compute)   # once per conditioning
+
+The same holds for what a signal derives from captions through the conditioning alone: CLiD's
+word importances (a text-encoder pass per word of every caption) are made once per batch for
+every model whose `conditioning_inputs()` (text encoders, tokenizers, lengths) hash alike: LoRA
+fine-tunes of one pipeline and models whose text encoders were not trained; a model that
+trained its own text encoder derives its own. The conditionings themselves are not kept: SD3's
+are megabytes per caption.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
-from typing import Any
+from typing import Any, TypeVar
 from weakref import WeakKeyDictionary
 
 import torch
@@ -37,6 +46,8 @@ from lightning_mia.graybox.spec import SignalError
 
 MEMO_MB = "LIGHTNING_MIA_ENCODING_MEMO_MB"  # 1 GiB: SD's latents (4x64x64) of ~16k images
 _FINGERPRINTS: WeakKeyDictionary[nn.Module, tuple[tuple, str]] = WeakKeyDictionary()
+T = TypeVar("T")
+_TOKENIZERS: WeakKeyDictionary[Any, tuple[tuple, str]] = WeakKeyDictionary()
 
 
 def memo_bytes() -> int:
@@ -76,6 +87,43 @@ def fingerprint(module: nn.Module) -> str:
             _update(digest, tensor)
         known = _FINGERPRINTS[module] = (state, digest.hexdigest())
     return hashlib.blake2b(f"{config}{known[1]}".encode(), digest_size=16).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of a tokenizer: its whole serialised pipeline (vocabulary, merges, normaliser,
+    special tokens; the sorted vocabulary if it has no fast backend) and its settings, hashed
+    again when its size (an added token) or a setting changes."""
+    settings = tuple(
+        str(getattr(tokenizer, name, None))
+        for name in ("model_max_length", "padding_side", "truncation_side", "pad_token")
+    )
+    state = (type(tokenizer).__qualname__, len(tokenizer), *settings)
+    known = _TOKENIZERS.get(tokenizer)
+    if known is None or known[0] != state:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        text = (
+            backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items()))
+        )
+        known = _TOKENIZERS[tokenizer] = (
+            state,
+            hashlib.blake2b(text.encode(), digest_size=16).hexdigest(),
+        )
+    return hashlib.blake2b(f"{state}{known[1]}".encode(), digest_size=16).hexdigest()
+
+
+def inputs_fingerprint(inputs: dict[str, Any]) -> str:
+    """A hash of named inputs: modules by `fingerprint`, tokenizers by `tokenizer_fingerprint`
+    (anything with a vocabulary), anything else (None, numbers, names) by its repr."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, value in inputs.items():
+        if isinstance(value, nn.Module):
+            part = fingerprint(value)
+        elif hasattr(value, "get_vocab"):
+            part = tokenizer_fingerprint(value)
+        else:
+            part = repr(value)
+        digest.update(f"{name}={part};".encode())
+    return digest.hexdigest()
 
 
 class EncodingMemo:
@@ -140,3 +188,37 @@ def encode_once(model: Any, pixels: torch.Tensor) -> torch.Tensor:
     the images (`check_images`: their resolution) made on a hit as well."""
     model.check_images(pixels)
     return MEMO.encode(model.image_autoencoder(), pixels, model.encode_images)
+
+
+class CaptionMemo:
+    """What a signal derives from a batch's captions through the model's conditioning alone
+    (CLiD's word importances), by (`inputs_fingerprint` of the model's `conditioning_inputs()`,
+    the captions, what): kept for the first MAX_BATCHES batches, for every model that conditions
+    alike (LoRA fine-tunes of one pipeline, models whose text encoders were never trained).
+    Whole batches, as the encodings: a text encoder's floats depend on the batch too. Off with
+    `LIGHTNING_MIA_ENCODING_MEMO_MB=0`."""
+
+    MAX_BATCHES = 10_000  # of 32 captions: ~30 MB with their keys
+
+    def __init__(self) -> None:
+        self._items: dict[tuple[str, tuple[str, ...], str], Any] = {}
+        self.hits = 0
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def get(self, model: Any, captions: Sequence[str], what: str, compute: Callable[[], T]) -> T:
+        """`compute()`, made once per (conditioning inputs, captions, what)."""
+        if memo_bytes() <= 0:
+            return compute()
+        key = (inputs_fingerprint(model.conditioning_inputs()), tuple(captions), what)
+        if key in self._items:
+            self.hits += 1
+            return self._items[key]
+        value = compute()
+        if len(self._items) < self.MAX_BATCHES:
+            self._items[key] = value
+        return value
+
+
+CAPTION_MEMO = CaptionMemo()

@@ -252,6 +252,9 @@ class LatentDiffusionModule(LatentTextToImageModule):
         """The text encoder's states (B, S, D) float32 (the EMA copy in eval, if any)."""
         return Conditioning((self.encode_text(list(captions), self.denoiser()[1]).float(),))
 
+    def conditioning_inputs(self) -> dict[str, Any]:
+        return {"text_encoder": self.denoiser()[1], "tokenizer": self.tokenizer}
+
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.noise_scheduler.add_noise(x0, noise, t.to(x0.device).long())
 

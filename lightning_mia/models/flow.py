@@ -258,6 +258,19 @@ class FlowMatchingModule(LatentTextToImageModule):
         """(token states (B, T, J), pooled (B, P)) as the architecture's pipeline encodes."""
         return self.arch.condition(self, self.released(), list(captions))
 
+    def conditioning_inputs(self) -> dict[str, Any]:
+        """The architecture's text encoders (the released ones), tokenizers and lengths, and
+        the transformer's joint attention width (SD3 pads the CLIP states to it)."""
+        parts, tokenizers = self.released(), ("tokenizer", "tokenizer_2", "tokenizer_3")
+        return {
+            "arch": type(self.arch).__name__,
+            **{name: parts[name] for name in ("text_encoder", "text_encoder_2")},
+            "text_encoder_3": self.text_encoder_3,
+            **{name: getattr(self, name) for name in tokenizers},
+            "t5_length": self.t5_length,
+            "joint_attention_dim": parts["transformer"].config.joint_attention_dim,
+        }
+
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = t.to(x0.device, x0.dtype).reshape(-1, 1, 1, 1)
         return (1 - t) * x0 + t * noise

@@ -136,6 +136,12 @@ class LatentTextToImageModule(TextToImageModule):
         """The conditioning of captions ("" = the null caption), by the released text encoder."""
 
     @abstractmethod
+    def conditioning_inputs(self) -> dict[str, Any]:
+        """Everything `condition` reads (its text encoders, tokenizers and settings, by name):
+        two models with equal inputs condition every caption alike, so what a signal derives
+        from the conditioning alone is computed once for both (graybox/encodings.py)."""
+
+    @abstractmethod
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Clean latents x0 (B, C, h, w) moved to times t (B,) with `noise` (B, C, h, w)."""
 

@@ -20,7 +20,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_mia.errors import UserError
-from lightning_mia.graybox.encodings import MEMO
+from lightning_mia.graybox.encodings import CAPTION_MEMO, MEMO
 from lightning_mia.query.shards import (
     QueryTable,
     ShardError,
@@ -35,6 +35,13 @@ from lightning_mia.query.writer import ShardWriter
 from lightning_mia.specs.query import QueryRecord
 
 EXAMPLES_PER_CLASS = 8  # members and as many non-members keep their images (examples.png)
+
+
+def reused_line(images: int, captions: int) -> str:
+    """What the query took from earlier models (graybox/encodings.py), for its done-line."""
+    parts = [f"{images} batches' image encodings"] if images else []
+    parts += [f"{captions} batches' word importances (CLiD)"] if captions else []
+    return f"; {' and '.join(parts)} reused from an earlier model" if parts else ""
 
 
 def done_sample_ids(folder: Path, record: QueryRecord) -> set[int]:
@@ -110,7 +117,7 @@ def execute_query(module: Any, datamodule: object, trainer: Trainer) -> QueryTab
     missing = len(set(expected) - done)
     what = module.run_name + ("" if row is None else f" on row {row}'s samples (for LiRA)")
     rank_zero_info(f"querying {what}: {missing} of {len(expected)} samples to go")
-    start, hits = time.perf_counter(), MEMO.hits
+    start, hits = time.perf_counter(), (MEMO.hits, CAPTION_MEMO.hits)
     writer = ShardWriter(folder, record, example_sample_ids(datamodule, module.card.model_index))
     if missing:
         trainer.callbacks.append(writer)
@@ -127,8 +134,7 @@ def execute_query(module: Any, datamodule: object, trainer: Trainer) -> QueryTab
             f"({len(set(expected) - got)} missing, {len(got - set(expected))} foreign)"
         )
     mark_complete(folder, len(table), record)
-    reused = MEMO.hits - hits  # (graybox/encodings.py)
-    again = f"; {reused} batches' image encodings reused from an earlier model" if reused else ""
+    again = reused_line(MEMO.hits - hits[0], CAPTION_MEMO.hits - hits[1])
     rank_zero_info(f"query {what}: done in {time.perf_counter() - start:.0f} s{again}")
     _log_query(trainer, table, writer.examples)
     _log_lineage(trainer, module, folder, queried_now=True)
