@@ -192,9 +192,9 @@ def encode_once(model: Any, pixels: torch.Tensor) -> torch.Tensor:
 
 class CaptionMemo:
     """What a signal derives from a batch's captions through the model's conditioning alone
-    (CLiD's word importances), by (`inputs_fingerprint` of the model's `conditioning_inputs()`,
-    the captions, what): kept for the first MAX_BATCHES batches, for every model that conditions
-    alike (LoRA fine-tunes of one pipeline, models whose text encoders were never trained).
+    (CLiD's word importances), by (`inputs_fingerprint` of the model's `conditioning_inputs()`
+    and device, the captions, what): kept for the first MAX_BATCHES batches, for every model
+    that conditions alike (LoRA fine-tunes of one pipeline, text encoders never trained).
     Whole batches, as the encodings: a text encoder's floats depend on the batch too. Off with
     `LIGHTNING_MIA_ENCODING_MEMO_MB=0`."""
 
@@ -211,7 +211,8 @@ class CaptionMemo:
         """`compute()`, made once per (conditioning inputs, captions, what)."""
         if memo_bytes() <= 0:
             return compute()
-        key = (inputs_fingerprint(model.conditioning_inputs()), tuple(captions), what)
+        inputs = {**model.conditioning_inputs(), "device": str(model.device)}
+        key = (inputs_fingerprint(inputs), tuple(captions), what)
         if key in self._items:
             self.hits += 1
             return self._items[key]
