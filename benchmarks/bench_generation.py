@@ -24,7 +24,10 @@ network (the UNet, BART), the rest split on a `#` line (text encoder, autoencode
 the sampler's Python loop, per-image generators); and, where every call is the same forward
 (a diffusion sampler's steps), `RESULT generate_model_over_total`: that forward, replayed as many
 times at the same batch (plain attention processors), over the batched run (the median of the
-rounds' ratios; 1 = no overhead).
+rounds' ratios; 1 = no overhead). seq2seq's KV-cached decoder steps differ call by call: its
+model passes are the batched run's own loop made greedy (the encoder once, L decoder steps with
+the code head, an argmax in place of the sampler), and `RESULT generate_networks_over_total`
+adds the VQ decoder's pass.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from diffusers import VQModel
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from lightning_mia.models.base import caption_seeds
+from lightning_mia.models.seq2seq_sampling import autoregressive_codes
 from lightning_mia.models.vae import decode_codes, decode_latents
 
 
@@ -196,7 +200,9 @@ def report_comparison(args: argparse.Namespace, seconds: dict, peaks: dict, imag
     print(f"RESULT generate_over_per_caption_pipeline {ratio:.3f}")
 
 
-def report_model_speed(model: Any, run: Callable[[int], Any], args: argparse.Namespace) -> None:
+def report_model_speed(
+    model: Any, run: Callable[[int], Any], args: argparse.Namespace, captions: list[str]
+) -> None:
     """Batched `generate` against the query network's own forward passes (`_forward`): the
     share of a hooked run spent inside it, and, when every call of a run is the same forward
     (a diffusion sampler's steps, not a KV-cached decoder's), that forward replayed as many
@@ -212,6 +218,9 @@ def report_model_speed(model: Any, run: Callable[[int], Any], args: argparse.Nam
     )
     print(f"RESULT generate_forward_share {clock.seconds.get(network, 0.0) / hooked_s:.3f}")
     forward = uniform_replay(clock.calls)
+    if forward is None and args.family == "seq2seq":
+        report_decoder_speed(model, run, args, captions)
+        return
     if forward is None:
         print("# its calls differ (a KV cache grows): no replayed-forward ratio")
         return
@@ -229,6 +238,41 @@ def report_model_speed(model: Any, run: Callable[[int], Any], args: argparse.Nam
         f"{model.best / gen.best:.3f}; by CPU time {model.over(gen, cpu=True):.3f})"
     )
     print(f"RESULT generate_model_over_total {model.over(gen):.3f}")
+
+
+def report_decoder_speed(
+    model: Any, run: Callable[[int], Any], args: argparse.Namespace, captions: list[str]
+) -> None:
+    """seq2seq, whose KV-cached decoder steps differ call by call: its passes made as the
+    batched run makes them, greedy (the encoder once, L decoder steps with the code head, an
+    argmax per step in place of the sampler), and those with the VQ decoder's pass after them;
+    each over the batched run, in alternated rounds."""
+    n, greedy = args.num_images, model.sampling_settings(0, 1.0, 0.0, 1.0)
+    spec = model.spec
+
+    def passes() -> torch.Tensor:
+        memory, mask = model._encode_for_sampling(captions, n, guided=False)
+        uniform = torch.zeros(len(captions) * n, spec.image_tokens, device=model.device)
+        return autoregressive_codes(model.bart, spec, memory, mask, uniform, greedy)
+
+    def with_decoder() -> torch.Tensor:
+        codes = passes()
+        return model.decode_images(codes.reshape(len(captions), n, -1))
+
+    with autocast(args.precision, args.device):
+        with_decoder()  # warm-up
+        runs = {"model": passes, "networks": with_decoder, "generate": lambda: run(0)}
+        times = alternate(runs, args.rounds, args.device)
+    gen = times["generate"]
+    for name, what in (("model", "decoder passes, greedy"), ("networks", "and the VQ decoder")):
+        t = times[name]
+        print(
+            f"# {what}: {t.best:.3f} s vs generate {gen.best:.3f} s, best of {args.rounds} "
+            f"rounds (ratio of the best rounds {t.best / gen.best:.3f}; by CPU time "
+            f"{t.over(gen, cpu=True):.3f})"
+        )
+    print(f"RESULT generate_model_over_total {times['model'].over(gen):.3f}")
+    print(f"RESULT generate_networks_over_total {times['networks'].over(gen):.3f}")
 
 
 @torch.no_grad()
@@ -251,7 +295,7 @@ def generate_ratio(args: argparse.Namespace) -> None:
         f"{torch.get_num_threads()} threads" + (sampler if args.family == "diffusion" else "")
     )
     report_comparison(args, seconds, peaks, images)
-    report_model_speed(model, runs["batched"], args)
+    report_model_speed(model, runs["batched"], args, captions)
 
 
 def main() -> None:

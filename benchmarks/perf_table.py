@@ -60,6 +60,7 @@ GENERATE = (
     ("generate_over_per_caption_pipeline", "batched / per-caption pipeline"),
     ("generate_images_per_s", "images/s"),
     ("generate_model_over_total", "model passes / generate"),
+    ("generate_networks_over_total", "with the VQ decoder / generate"),
     ("generate_forward_share", "share in the model"),
 )
 SIGNALS = ("bench_signals.py", "--threads", "2")

@@ -156,8 +156,20 @@ def test_sample_from_logits_inverse_cdf():
     assert sample_from_logits(logits, u, SamplingSettings(top_k=2)).tolist() == [0, 0, 1, 1]
     # nucleus 0.5 keeps the first token only; temperature 0 is greedy
     assert sample_from_logits(logits, u, SamplingSettings(top_p=0.5)).tolist() == [0] * 4
-    shuffled = logits[:, [2, 0, 1]]
+    shuffled = logits[:, [2, 0, 1]]  # probs 0.2, 0.5, 0.3
     assert sample_from_logits(shuffled, u, SamplingSettings(temperature=0)).tolist() == [1] * 4
+    # unfiltered: the CDF over the codes in their own order (no sort); filtered: descending
+    assert sample_from_logits(shuffled, u, SamplingSettings()).tolist() == [0, 1, 2, 2]
+    assert sample_from_logits(shuffled, u, SamplingSettings(top_k=2)).tolist() == [1, 1, 2, 2]
+    assert sample_from_logits(shuffled, u, SamplingSettings(top_p=0.99)).tolist() == [1, 2, 0, 0]
+
+
+def test_unfiltered_sampling_draws_each_code_with_its_probability():
+    logits = torch.randn(1, 50).repeat(20_000, 1)
+    u = (torch.arange(20_000) + 0.5) / 20_000  # an even grid of the uniform's quantiles
+    codes = sample_from_logits(logits, u, SamplingSettings(temperature=0.7))
+    freq = torch.bincount(codes, minlength=50) / 20_000
+    torch.testing.assert_close(freq, (logits[0] / 0.7).softmax(-1), rtol=0, atol=1e-4)
 
 
 def test_tokenizer_save_load_round_trip(tmp_path):

@@ -58,22 +58,26 @@ def sample_from_logits(
     """One index per row of `logits` (R, K), by inverse CDF of the filtered distribution.
 
     `uniform` (R,) in [0, 1) is the row's pre-drawn random number: the draw depends only on the
-    row's own logits and number, never on the other rows of the batch.
+    row's own logits and number, never on the other rows of the batch. The CDF runs over the
+    kept codes in descending order under top-k / top-p, and over every code in its own order
+    when nothing is filtered: the same distribution without sorting DALL-E mini's 16,384 codes
+    at every step (31.8 ms a step for 64 rows on 2 CPU threads, against 0.8 ms for the rest).
     """
     if settings.temperature == 0:
         return logits.argmax(-1)
     logits = logits / settings.temperature
+    index = None  # nothing filtered: the codes in their own order, no sort
     if 0 < settings.top_k < logits.shape[-1]:
-        values, index = logits.topk(settings.top_k, dim=-1)  # (R, k), sorted descending
-    else:
-        values, index = logits.sort(dim=-1, descending=True, stable=True)  # (R, K)
-    probs = values.softmax(-1)
+        logits, index = logits.topk(settings.top_k, dim=-1)  # (R, k), sorted descending
+    elif settings.top_p < 1.0:
+        logits, index = logits.sort(dim=-1, descending=True, stable=True)  # (R, K)
+    probs = logits.softmax(-1)
     if settings.top_p < 1.0:  # nucleus: drop tokens once the mass before them reaches top_p
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= settings.top_p, 0.0)
     cdf = probs.cumsum(-1)  # (R, k)
     threshold = uniform.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]  # (R, 1)
     pos = torch.searchsorted(cdf, threshold, right=True).clamp_max(cdf.shape[-1] - 1)
-    return index.gather(-1, pos).squeeze(-1)
+    return (pos if index is None else index.gather(-1, pos)).squeeze(-1)
 
 
 def code_logits(
