@@ -316,21 +316,21 @@ def section() -> str:
 
 
 def expanded(keys: list[str]) -> list[Entry]:
-    """The entries to run for `keys` ("all" = every one), {family} once per registered family."""
+    """The entries to run for `keys` ("all" = every one; "generation" = generation-{family} of
+    every registered family, "generation-seq2seq" that one). SystemExit naming unknown keys."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _families import family_names
 
-    def asked(entry: Entry) -> bool:  # "generation" names generation-{family}
-        prefix = entry.key.removesuffix("-" + FAMILY) if FAMILY in entry.key else None
-        return "all" in keys or entry.key in keys or prefix in keys
-
-    wanted = [e for e in ENTRIES if asked(e)]
-    if any(FAMILY in e.key for e in wanted):
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from _families import family_names
-
-        families = family_names()
-    out = []
-    for entry in wanted:
-        out += [entry.for_family(f) for f in families] if FAMILY in entry.key else [entry]
+    out, known = [], {"all"}
+    for entry in ENTRIES:
+        prefix = entry.key.removesuffix("-" + FAMILY) if FAMILY in entry.key else entry.key
+        concrete = [entry.for_family(f) for f in family_names()] if FAMILY in entry.key else [entry]
+        known |= {prefix, entry.key, *(e.key for e in concrete)}
+        every = "all" in keys or prefix in keys or entry.key in keys
+        out += [e for e in concrete if every or e.key in keys]
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise SystemExit(f"perf_table: unknown benchmark {', '.join(unknown)} (see --list)")
     return out
 
 
