@@ -251,7 +251,7 @@ def report_decoder_speed(
     spec = model.spec
 
     def passes() -> torch.Tensor:
-        memory, mask = model._encode_for_sampling(captions, n, guided=False)
+        memory, mask = model._encode_for_sampling(captions, n, guided=False)  # as seq2seq_runs
         uniform = torch.zeros(len(captions) * n, spec.image_tokens, device=model.device)
         return autoregressive_codes(model.bart, spec, memory, mask, uniform, greedy)
 

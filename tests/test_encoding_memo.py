@@ -1,6 +1,8 @@
 """The autoencoder's encodings of query images, made once for every model that shares it
 (`graybox/encodings.py`): the same features as without it, bit for bit, and never a stale one."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_pipeline import tiny_vae
@@ -13,6 +15,7 @@ from lightning_mia.graybox.encodings import (
     EncodingMemo,
     fingerprint,
     inputs_fingerprint,
+    tokenizer_fingerprint,
 )
 from lightning_mia.models.diffusion import LatentDiffusionModule
 from lightning_mia.models.flow import FlowMatchingModule
@@ -229,3 +232,54 @@ def test_a_flow_models_conditioning_inputs_cover_its_lengths_and_widths(tmp_path
     with torch.no_grad():
         model.text_encoder_2.text_model.final_layer_norm.weight.add_(1)
     assert inputs_fingerprint(model.conditioning_inputs()) != key
+
+
+def test_a_module_that_computes_otherwise_is_hashed_otherwise(models):
+    """The key covers what a module computes with besides its tensors: train mode (dropout),
+    the attention implementation, a diffusers processor, LoRA's scale and state."""
+    from diffusers.models.attention_processor import AttnProcessor
+    from peft import LoraConfig, inject_adapter_in_model
+
+    target, _ = models
+    text, ae = target.denoiser()[1], target.image_autoencoder()
+    key, ae_key = fingerprint(text), fingerprint(ae)
+    text.train()
+    assert fingerprint(text) != key
+    text.eval()
+    assert fingerprint(text) == key
+    text.set_attn_implementation("eager" if text.config._attn_implementation != "eager" else "sdpa")
+    assert fingerprint(text) != key
+    ae.set_attn_processor(AttnProcessor())  # the tiny VAE's mid-block attention
+    assert fingerprint(ae) != ae_key
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]), text)
+    lora, layer = (
+        fingerprint(text),
+        next(m for m in text.modules() if hasattr(m, "merged_adapters")),
+    )
+    layer.scaling["default"] = 1.0  # another alpha, the same tensors
+    assert fingerprint(text) != lora
+    layer.scaling["default"] = 2.0
+    assert fingerprint(text) == lora
+    layer.enable_adapters(False)  # the adapter switched off
+    assert fingerprint(text) != lora
+
+
+class SlowTokenizer:
+    """A tokenizer without a fast backend: what `save_pretrained` writes is all it is."""
+
+    def __init__(self, merges: str) -> None:
+        self.merges = merges
+
+    def __len__(self) -> int:
+        return 10
+
+    def get_vocab(self) -> dict:
+        return {}
+
+    def save_pretrained(self, folder) -> None:
+        (Path(folder) / "merges.txt").write_text(self.merges)
+
+
+def test_a_tokenizer_without_a_fast_backend_is_hashed_by_what_it_saves():
+    a, b, c = SlowTokenizer("a b"), SlowTokenizer("a b"), SlowTokenizer("b a")
+    assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b) != tokenizer_fingerprint(c)

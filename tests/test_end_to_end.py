@@ -51,7 +51,9 @@ def test_attack_command_end_to_end(family, request, tmp_path, capsys, log):
     attacks = {"pixel", "semantic", "text", "combined", "pixel-cc"} | GRAYBOX[family]
     assert set(report["attacks"]) == attacks  # LiRA needs >= 2 shadows (a variance)
     assert any("LiRA skipped: one shadow model gives no variance" in n for n in report["notes"])
-    assert (exp / "queries" / f"{family}-shadow-001" / "row-000" / "COMPLETE.json").is_file()
+    complete = exp / "queries" / f"{family}-shadow-001" / "row-000" / "COMPLETE.json"
+    sampler = json.loads(complete.read_text())["record"]["sampler"]  # its generated images'
+    assert sampler == {"diffusion": "", "seq2seq": "2"}[family]
     done = list(dict.fromkeys(r.getMessage() for r in log.records if "done in" in r.getMessage()))
     reused = [line for line in done if "image encodings reused" in line]  # the target's images,
     assert len(reused) == 1 and "row 0" in reused[0], done  # encoded for the target, again

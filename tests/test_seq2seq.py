@@ -1,5 +1,6 @@
 """Seq2seq family (BART over VQGAN codes): loss, likelihoods, sampling, tokenizer, errors."""
 
+import dataclasses
 import json
 import math
 
@@ -18,7 +19,10 @@ from lightning_mia.models.bart_tokenizer import (
 from lightning_mia.models.seq2seq import Seq2SeqError, Seq2SeqModule
 from lightning_mia.models.seq2seq_presets import bart_config, get_preset
 from lightning_mia.models.seq2seq_sampling import SamplingSettings, sample_from_logits
+from lightning_mia.query.execute import done_sample_ids
+from lightning_mia.query.shards import ShardError, write_shard
 from lightning_mia.registry import UnknownNameError
+from lightning_mia.specs.query import QueryRecord
 
 SOURCE = ShapesSource(num_samples=32, resolution=32, seed=0)
 CAPTIONS = [SOURCE.caption(i) for i in SOURCE.sample_ids()]
@@ -162,6 +166,17 @@ def test_sample_from_logits_inverse_cdf():
     assert sample_from_logits(shuffled, u, SamplingSettings()).tolist() == [0, 1, 2, 2]
     assert sample_from_logits(shuffled, u, SamplingSettings(top_k=2)).tolist() == [1, 1, 2, 2]
     assert sample_from_logits(shuffled, u, SamplingSettings(top_p=0.99)).tolist() == [1, 2, 0, 0]
+
+
+def test_a_query_folder_of_the_previous_sampler_is_refused_naming_it(tmp_path):
+    """Queries record the family's sampler version: seq2seq's images changed with the unsorted
+    draws, so a folder queried before is not resumed into (nor reused)."""
+    old = QueryRecord(run_name="seq2seq-target-000", family="seq2seq")  # written before
+    write_shard(tmp_path / "shard-000.safetensors", torch.arange(3), torch.ones(3), 0, {}, old)
+    new = dataclasses.replace(old, sampler=Seq2SeqModule.sampler_version)
+    with pytest.raises(ShardError, match="sampler: '' vs '2'"):
+        done_sample_ids(tmp_path, new)
+    assert done_sample_ids(tmp_path, old) == {0, 1, 2}
 
 
 def test_unfiltered_sampling_draws_each_code_with_its_probability():

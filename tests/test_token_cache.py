@@ -45,11 +45,24 @@ def test_a_replaced_tokenizer_is_not_read_from_the_cache() -> None:
     before = cache(first, ["ab"], 6)
     del first
     gc.collect()  # its ids go with it, even if the next object takes its address
+    assert len(cache._ids) == 0
     other = char_clip_tokenizer()
     other.add_tokens(["ab"])
     after = cache(other, ["ab"], 6)
     assert after.tolist() == other(["ab"], padding="max_length", max_length=6).input_ids
     assert after.tolist() != before.tolist()
+
+
+def test_a_tokenizer_changed_after_use_is_tokenized_again() -> None:
+    tok, cache = char_clip_tokenizer(), TokenCache()
+    before = cache(tok, ["ab", "ba"], 6)
+    tok.add_tokens(["ab"])  # one token now
+    after = cache(tok, ["ab", "ba"], 6)
+    assert after.tolist() == tok(["ab", "ba"], padding="max_length", max_length=6).input_ids
+    assert after[0].tolist() != before[0].tolist()
+    tok.truncation_side = "left"
+    cut = cache(tok, ["abcdefgh"], 4)
+    assert cut.tolist() == tok(["abcdefgh"], truncation=True, max_length=4).input_ids
 
 
 def test_a_full_cache_starts_afresh_and_still_answers(monkeypatch) -> None:

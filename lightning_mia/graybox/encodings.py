@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
+from pathlib import Path
 from typing import Any, TypeVar
 from weakref import WeakKeyDictionary
 
@@ -74,10 +76,27 @@ def _tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     return chain(module.named_parameters(), module.named_buffers())
 
 
+def _behaviour(module: nn.Module) -> str:
+    """What a module computes with besides its tensors and config: each submodule's train /
+    eval mode (dropout), its attention implementation (transformers' `_attn_implementation`,
+    a diffusers processor) and its peft adapters' scales and states (active, merged, off)."""
+    parts = []
+    for name, m in module.named_modules():
+        part = [name, m.training, type(getattr(m, "processor", None)).__name__]
+        config = getattr(m, "config", None)
+        part.append(getattr(config, "_attn_implementation", None))
+        if isinstance(getattr(m, "scaling", None), dict):  # a peft LoRA layer
+            adapters = ("active_adapters", "merged_adapters", "disable_adapters")
+            part += [sorted(m.scaling.items()), *(getattr(m, a, None) for a in adapters)]
+        parts.append(part)
+    return repr(parts)
+
+
 def fingerprint(module: nn.Module) -> str:
-    """A hash of `module`'s config and tensors. The tensors are hashed again whenever one of
-    them was changed in place (its version counter), cast, moved or replaced (its storage)."""
-    config = f"{type(module).__qualname__}{getattr(module, 'config', '')}"
+    """A hash of `module`'s config, tensors and behaviour (`_behaviour`). The tensors are
+    hashed again whenever one of them was changed in place (its version counter), cast, moved
+    or replaced (its storage)."""
+    config = f"{type(module).__qualname__}{getattr(module, 'config', '')}{_behaviour(module)}"
     state = tuple((n, t.dtype, t.device, t.data_ptr(), t._version) for n, t in _tensors(module))
     known = _FINGERPRINTS.get(module)
     if known is None or known[0] != state:
@@ -90,9 +109,9 @@ def fingerprint(module: nn.Module) -> str:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of a tokenizer: its whole serialised pipeline (vocabulary, merges, normaliser,
-    special tokens; the sorted vocabulary if it has no fast backend) and its settings, hashed
-    again when its size (an added token) or a setting changes."""
+    """A hash of a tokenizer: its whole serialised pipeline (a fast tokenizer's JSON: vocabulary,
+    merges, normaliser, special tokens; else every file `save_pretrained` writes) and its
+    settings, hashed again when its size (an added token) or a setting changes."""
     settings = tuple(
         str(getattr(tokenizer, name, None))
         for name in ("model_max_length", "padding_side", "truncation_side", "pad_token")
@@ -100,14 +119,17 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     state = (type(tokenizer).__qualname__, len(tokenizer), *settings)
     known = _TOKENIZERS.get(tokenizer)
     if known is None or known[0] != state:
+        digest = hashlib.blake2b(digest_size=16)
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        text = (
-            backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items()))
-        )
-        known = _TOKENIZERS[tokenizer] = (
-            state,
-            hashlib.blake2b(text.encode(), digest_size=16).hexdigest(),
-        )
+        if backend is not None:
+            digest.update(backend.to_str().encode())
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                tokenizer.save_pretrained(folder)
+                for path in sorted(Path(folder).rglob("*")):
+                    if path.is_file():
+                        digest.update(path.name.encode() + path.read_bytes())
+        known = _TOKENIZERS[tokenizer] = (state, digest.hexdigest())
     return hashlib.blake2b(f"{state}{known[1]}".encode(), digest_size=16).hexdigest()
 
 
@@ -196,7 +218,8 @@ class CaptionMemo:
     and device, the captions, what): kept for the first MAX_BATCHES batches, for every model
     that conditions alike (LoRA fine-tunes of one pipeline, text encoders never trained).
     Whole batches, as the encodings: a text encoder's floats depend on the batch too. Off with
-    `LIGHTNING_MIA_ENCODING_MEMO_MB=0`."""
+    `LIGHTNING_MIA_ENCODING_MEMO_MB=0`. Each model's text encoders are hashed once per process
+    (about 1 ms per MB of weights: seconds for a T5-XXL), whether or not it can share."""
 
     MAX_BATCHES = 10_000  # of 32 captions: ~30 MB with their keys
 

@@ -88,6 +88,9 @@ class TextToImageModule(StageModule, ABC):
     # the frozen image autoencoder's attribute prefix ("vae." / "vq."): it lives in its own
     # folder, so its weights stay out of every checkpoint and are not expected when loading
     frozen_prefix: ClassVar[str] = ""
+    # set when the family's `generate` starts drawing other images for the same seeds: each
+    # query records it, so a query folder is never resumed or reused across the change
+    sampler_version: ClassVar[str] = ""
 
     def __init__(self, sample_every_n_steps: int = 0, num_preview_images: int = 2) -> None:
         super().__init__()

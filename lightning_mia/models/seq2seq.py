@@ -61,6 +61,7 @@ class Seq2SeqModule(TextToImageModule):
     """BART from caption tokens to VQGAN image codes (DALL-E mini), with batched sampling."""
 
     frozen_prefix, autoencoder_what = "vq.", "VQGAN image tokenizer"
+    sampler_version = "2"  # unfiltered draws over the codes in their own order, not sorted
 
     def __init__(
         self,

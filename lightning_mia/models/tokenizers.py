@@ -17,8 +17,6 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 import torch
-import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 from transformers import CLIPTokenizer
 
 CLIP_BOS = "<|startoftext|>"
@@ -73,10 +71,11 @@ def load_clip_tokenizer(folder: str = "", model_max_length: int = 77) -> CLIPTok
 class TokenCache:
     """Captions' token ids, each caption tokenized once per (tokenizer, length) and padded as
     the tokenizer pads (`padding="max_length"` or `"longest"`, on its `padding_side`). Kept per
-    tokenizer object, weakly: a replaced tokenizer's ids go with it."""
+    tokenizer object, weakly (a replaced tokenizer's ids go with it), and started afresh when
+    the tokenizer changes (an added token, another truncation side)."""
 
     def __init__(self) -> None:
-        self._ids: WeakKeyDictionary[Any, dict[int, dict[str, torch.Tensor]]]
+        self._ids: WeakKeyDictionary[Any, tuple[tuple, dict[int, dict[str, torch.Tensor]]]]
         self._ids = WeakKeyDictionary()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -87,7 +86,10 @@ class TokenCache:
 
     def rows(self, tokenizer: Any, captions: Sequence[str], length: int) -> list[torch.Tensor]:
         """Each caption's ids (L_i,) int64, special tokens added, truncated at `length`."""
-        cache = self._ids.setdefault(tokenizer, {}).setdefault(length, {})
+        state = (len(tokenizer), tokenizer.truncation_side)
+        if tokenizer not in self._ids or self._ids[tokenizer][0] != state:
+            self._ids[tokenizer] = (state, {})
+        cache = self._ids[tokenizer][1].setdefault(length, {})
         missing = [c for c in dict.fromkeys(captions) if c not in cache]
         if len(cache) + len(missing) > MAX_CACHED_CAPTIONS:
             cache.clear()
@@ -111,13 +113,11 @@ class TokenCache:
         if tokenizer.pad_token_id is None:
             raise ValueError(f"{type(tokenizer).__name__} has no padding token to pad with")
         rows = self.rows(tokenizer, captions, length)
-        if not rows:
-            empty = torch.zeros(0, length if to_length else 0, dtype=torch.long)
-            return empty, empty.clone()
-        side = tokenizer.padding_side
-        ones = [torch.ones_like(r) for r in rows]
-        ids = pad_sequence(rows, True, tokenizer.pad_token_id, side)
-        mask = pad_sequence(ones, True, 0, side)
-        extra = length - ids.shape[1] if to_length else 0
-        widths = (extra, 0) if side == "left" else (0, extra)
-        return F.pad(ids, widths, value=tokenizer.pad_token_id), F.pad(mask, widths)
+        width = length if to_length else max((r.numel() for r in rows), default=0)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        left = tokenizer.padding_side == "left"
+        for i, row in enumerate(rows):
+            span = slice(width - row.numel(), width) if left else slice(0, row.numel())
+            ids[i, span], mask[i, span] = row, 1
+        return ids, mask

@@ -158,6 +158,7 @@ class QueryModule(StageModule):
             row=self.hparams.row,
             spec=self.spec,
             signal_queries=signal_queries(self.spec.signals, self.spec.signal_options),
+            sampler=type(self.model).sampler_version,
         )
 
     def configure_model(self) -> None:

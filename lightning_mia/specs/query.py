@@ -203,6 +203,7 @@ class QueryRecord:
         row: the row whose samples were queried (None = the model's own).
         spec: the query, portable (folders relative to the experiment).
         signal_queries: model passes per sample of each gray-box signal.
+        sampler: the family's `sampler_version` ("" = its first): its generated images.
     """
 
     splits_hash: str = ""
@@ -214,6 +215,7 @@ class QueryRecord:
     row: int | None = None
     spec: QuerySpec = field(default_factory=QuerySpec)
     signal_queries: dict[str, int] = field(default_factory=dict)
+    sampler: str = ""
 
     def to_metadata(self) -> dict[str, str]:
         """The safetensors metadata of a shard: this record as one JSON document."""
