@@ -25,7 +25,7 @@ from lightning_mia.card import read_card
 from lightning_mia.errors import UserError
 from lightning_mia.features import FEATURE_GROUPS, FeatureExtractor, encoder_groups
 from lightning_mia.graybox import check_signals, compute_signals, signal_queries, signals_for
-from lightning_mia.models.registry import load_family_module
+from lightning_mia.models.registry import family_class, load_family_module
 from lightning_mia.paths import ExperimentLayout, StagePaths
 from lightning_mia.query.writer import to_uint8
 from lightning_mia.specs.attacks import query_feature_groups
@@ -158,7 +158,7 @@ class QueryModule(StageModule):
             row=self.hparams.row,
             spec=self.spec,
             signal_queries=signal_queries(self.spec.signals, self.spec.signal_options),
-            sampler=type(self.model).sampler_version,
+            sampler=family_class(self.card.family).sampler_version,  # before the model loads
         )
 
     def configure_model(self) -> None:
