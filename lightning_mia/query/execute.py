@@ -37,10 +37,14 @@ from lightning_mia.specs.query import QueryRecord
 EXAMPLES_PER_CLASS = 8  # members and as many non-members keep their images (examples.png)
 
 
+def batches(n: int) -> str:
+    return f"{n} batch's" if n == 1 else f"{n} batches'"
+
+
 def reused_line(images: int, captions: int) -> str:
     """What the query took from earlier models (graybox/encodings.py), for its done-line."""
-    parts = [f"{images} batches' image encodings"] if images else []
-    parts += [f"{captions} batches' word importances (CLiD)"] if captions else []
+    parts = [f"{batches(images)} image encodings"] if images else []
+    parts += [f"{batches(captions)} word importances (CLiD)"] if captions else []
     return f"; {' and '.join(parts)} reused from an earlier model" if parts else ""
 
 
