@@ -42,10 +42,11 @@ def batches(n: int) -> str:
 
 
 def reused_line(images: int, captions: int) -> str:
-    """What the query took from earlier models (graybox/encodings.py), for its done-line."""
+    """What the query took from earlier models or batches (graybox/encodings.py), for its
+    done-line."""
     parts = [f"{batches(images)} image encodings"] if images else []
     parts += [f"{batches(captions)} word importances (CLiD)"] if captions else []
-    return f"; {' and '.join(parts)} reused from an earlier model" if parts else ""
+    return f"; {' and '.join(parts)} reused, made before on the same inputs" if parts else ""
 
 
 def done_sample_ids(folder: Path, record: QueryRecord) -> set[int]:
@@ -120,6 +121,7 @@ def execute_query(module: Any, datamodule: object, trainer: Trainer) -> QueryTab
         module.caption_of = swapped_captions(datamodule, expected, module.spec.seed)
     missing = len(set(expected) - done)
     what = module.run_name + ("" if row is None else f" on row {row}'s samples (for LiRA)")
+    what += "" if module.spec.captions == "ground-truth" else f" ({module.spec.captions})"
     rank_zero_info(f"querying {what}: {missing} of {len(expected)} samples to go")
     start, hits = time.perf_counter(), (MEMO.hits, CAPTION_MEMO.hits)
     writer = ShardWriter(folder, record, example_sample_ids(datamodule, module.card.model_index))
