@@ -218,17 +218,43 @@ def test_models_that_condition_differently_do_not_share_word_importances(models)
     assert inputs_fingerprint(target.conditioning_inputs()) != key
 
 
+def flow_model(folder, transformer_scale=1.0):
+    torch.manual_seed(0)  # one text side for every model built here
+    model = FlowMatchingModule(autoencoder=str(folder), resolution=16, max_caption_length=77)
+    with torch.no_grad():
+        model.transformer.proj_out.weight.mul_(transformer_scale)
+    return model.eval()
+
+
+def test_flow_models_with_one_text_side_share_clids_importances_bit_for_bit(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    save_autoencoder(tiny_vae(), tmp_path / "ae")
+    target, shadow = flow_model(tmp_path / "ae"), flow_model(tmp_path / "ae", 1.1)
+    run = lambda m: compute_signals(m, batch([0, 1]), ["flow_clid"], seed=0)  # noqa: E731
+    monkeypatch.setenv("LIGHTNING_MIA_ENCODING_MEMO_MB", "0")
+    alone = [run(m) for m in (target, shadow)]
+    monkeypatch.delenv("LIGHTNING_MIA_ENCODING_MEMO_MB")
+    hits = CAPTION_MEMO.hits
+    shared = [run(m) for m in (target, shadow)]
+    assert CAPTION_MEMO.hits == hits + 1
+    for got, want in zip(shared, alone):
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(shared[0]["flow_clid/score"], shared[1]["flow_clid/score"])
+
+
 def test_a_flow_models_conditioning_inputs_cover_its_lengths_and_widths(tmp_path):
     torch.manual_seed(0)
     save_autoencoder(tiny_vae(), tmp_path / "ae")
-    model = FlowMatchingModule(
-        autoencoder=str(tmp_path / "ae"), resolution=16, max_caption_length=77
-    ).eval()
+    model = flow_model(tmp_path / "ae")
     key = inputs_fingerprint(model.conditioning_inputs())
     assert inputs_fingerprint(model.conditioning_inputs()) == key
     model.t5_length += 1  # SD3 pads the conditioning with that many rows
     assert inputs_fingerprint(model.conditioning_inputs()) != key
     model.t5_length -= 1
+    model.tokenizer_2.model_max_length = 40  # the second CLIP's tokenizer
+    assert inputs_fingerprint(model.conditioning_inputs()) != key
+    model.tokenizer_2.model_max_length = 77
+    assert inputs_fingerprint(model.conditioning_inputs()) == key
     with torch.no_grad():
         model.text_encoder_2.text_model.final_layer_norm.weight.add_(1)
     assert inputs_fingerprint(model.conditioning_inputs()) != key
