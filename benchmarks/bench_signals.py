@@ -93,17 +93,17 @@ def float32(run: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
     return in_float32
 
 
-def first_model(run: Callable[[], Any], keep_images: bool = False) -> Callable[[], Any]:
-    """`run` as the first model to query its batch: nothing kept from before; `keep_images`:
-    as a later model with a text encoder of its own, the batch's image encodings kept."""
+def kept_only(run: Callable[[], Any], images: bool = False) -> Callable[[], Any]:
+    """`run` with nothing kept from before (as the first model to query its batch) or, with
+    `images`, only the batch's image encodings (as a later model with its own text encoder)."""
 
-    def fresh() -> Any:
-        if not keep_images:
+    def emptied() -> Any:
+        if not images:
             MEMO.clear()
         CAPTION_MEMO.clear()
         return run()
 
-    return fresh
+    return emptied
 
 
 def shares_text(run: Callable[[], Any]) -> bool:
@@ -138,13 +138,13 @@ def bench_family(family: str, args: argparse.Namespace) -> None:
     # each alone, then all in one call (as a query asks: the latents or codes and the caption's
     # conditioning computed once)
     groups = [(n, [n]) for n in names] + ([] if args.signals else [(f"{family}_all", names)])
-    # `signals`: the image encodings kept from an earlier run, as for every model after the
-    # first that queries a batch; `fresh`: nothing kept, as for the first (graybox/encodings.py)
+    # `fresh`: nothing kept, as for the first model to query a batch; `signals`: everything an
+    # earlier run kept (image encodings, CLiD's word importances; graybox/encodings.py)
     signals = {
         name: (lambda group=group: compute_signals(model, batch, group, seed=0, options=options))
         for name, group in groups
     }
-    fresh = {name: first_model(run) for name, run in signals.items()}
+    fresh = {name: kept_only(run) for name, run in signals.items()}
     passes = {name: SIGNALS[name].queries_per_sample(options) for name in names}
     clocks = {}
     for name, run in fresh.items():
@@ -165,7 +165,7 @@ def bench_family(family: str, args: argparse.Namespace) -> None:
         others, skipped = batched_replays(clocks[name][0].other_calls, b)
         others = [float32(o, model.device) for o in others]
         networks_run = lambda q=q, o=others: [forward() for _ in range(q)] + [f() for f in o]  # noqa: E731
-        reused = first_model(run, keep_images=True)
+        reused = kept_only(run, images=True)
         runs = {"model": model_run, "networks": networks_run, "signal": fresh[name]}
         runs |= {"reused": reused} | ({"shared": run} if shares_text(run) else {})
         times = alternate(runs, args.rounds, args.device)

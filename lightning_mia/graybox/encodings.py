@@ -11,8 +11,9 @@ a third of the loss signal's time at ldm-256 (1.5 UNet passes per image), half o
 at SD3's 256 px and more than half of seq2seq's NLL at DALL-E mini (`bench_signals.py`).
 
 A hit is the same computation on the same inputs, never an approximation. The key is a hash of
-the autoencoder (its config and every parameter and buffer, hashed again whenever one of them
-was changed in place, cast, moved or replaced), its device and a hash of the batch's pixels,
+the autoencoder (its config, every parameter and buffer, hashed again whenever one of them was
+changed in place, cast, moved or replaced, and what it computes with besides: train mode, the
+attention implementation, LoRA scales), its device and a hash of the batch's pixels,
 for whole batches only: an encoder's floats depend on the batch it runs in (by ~1e-7 for a KL
 encoder on a CPU), and a report must not depend on which query ran first or whether a stage
 was resumed. The model checks the images (their resolution) on a hit as well. It keeps the
@@ -47,8 +48,9 @@ from torch import nn
 from lightning_mia.graybox.spec import SignalError
 
 MEMO_MB = "LIGHTNING_MIA_ENCODING_MEMO_MB"  # 1 GiB: SD's latents (4x64x64) of ~16k images
-_FINGERPRINTS: WeakKeyDictionary[nn.Module, tuple[tuple, str]] = WeakKeyDictionary()
 T = TypeVar("T")
+# the digests of tensors (per module) and of tokenizer pipelines, with the state they were made at
+_FINGERPRINTS: WeakKeyDictionary[nn.Module, tuple[tuple, str]] = WeakKeyDictionary()
 _TOKENIZERS: WeakKeyDictionary[Any, tuple[tuple, str]] = WeakKeyDictionary()
 
 
@@ -92,20 +94,32 @@ def _behaviour(module: nn.Module) -> str:
     return repr(parts)
 
 
+def _digest_of(cache: WeakKeyDictionary, obj: Any, state: tuple, write: Callable) -> str:
+    """`write(digest)`'s blake2b hex digest for `obj`, made again only when its `state` (what
+    would change it: tensor versions, a tokenizer's size and settings) differs from the kept
+    one's."""
+    known = cache.get(obj)
+    if known is None or known[0] != state:
+        digest = hashlib.blake2b(digest_size=16)
+        write(digest)
+        known = cache[obj] = (state, digest.hexdigest())
+    return known[1]
+
+
 def fingerprint(module: nn.Module) -> str:
     """A hash of `module`'s config, tensors and behaviour (`_behaviour`). The tensors are
     hashed again whenever one of them was changed in place (its version counter), cast, moved
     or replaced (its storage)."""
     config = f"{type(module).__qualname__}{getattr(module, 'config', '')}{_behaviour(module)}"
     state = tuple((n, t.dtype, t.device, t.data_ptr(), t._version) for n, t in _tensors(module))
-    known = _FINGERPRINTS.get(module)
-    if known is None or known[0] != state:
-        digest = hashlib.blake2b(digest_size=16)
+
+    def write(digest: Any) -> None:
         for name, tensor in _tensors(module):
             digest.update(name.encode())
             _update(digest, tensor)
-        known = _FINGERPRINTS[module] = (state, digest.hexdigest())
-    return hashlib.blake2b(f"{config}{known[1]}".encode(), digest_size=16).hexdigest()
+
+    tensors = _digest_of(_FINGERPRINTS, module, state, write)
+    return hashlib.blake2b(f"{config}{tensors}".encode(), digest_size=16).hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -117,20 +131,20 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         for name in ("model_max_length", "padding_side", "truncation_side", "pad_token")
     )
     state = (type(tokenizer).__qualname__, len(tokenizer), *settings)
-    known = _TOKENIZERS.get(tokenizer)
-    if known is None or known[0] != state:
-        digest = hashlib.blake2b(digest_size=16)
+
+    def write(digest: Any) -> None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
             digest.update(backend.to_str().encode())
-        else:
-            with tempfile.TemporaryDirectory() as folder:
-                tokenizer.save_pretrained(folder)
-                for path in sorted(Path(folder).rglob("*")):
-                    if path.is_file():
-                        digest.update(path.name.encode() + path.read_bytes())
-        known = _TOKENIZERS[tokenizer] = (state, digest.hexdigest())
-    return hashlib.blake2b(f"{state}{known[1]}".encode(), digest_size=16).hexdigest()
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            tokenizer.save_pretrained(folder)
+            for path in sorted(Path(folder).rglob("*")):
+                if path.is_file():
+                    digest.update(path.name.encode() + path.read_bytes())
+
+    pipeline = _digest_of(_TOKENIZERS, tokenizer, state, write)
+    return hashlib.blake2b(f"{state}{pipeline}".encode(), digest_size=16).hexdigest()
 
 
 def inputs_fingerprint(inputs: dict[str, Any]) -> str:
