@@ -44,6 +44,33 @@ LONGEST_FIRST = [
 ]
 
 
+def pytest_configure(config):
+    """Warm starts (`tests/warm_python.py`): the controller starts the server that forks the
+    suite's command lines from a process that has imported the libraries once, and every test
+    process runs `sys.executable` through its launcher. Not in the fast tier (it starts no
+    command line), nor with LIGHTNING_MIA_TEST_COLD=1."""
+    import warm_python
+
+    if not hasattr(config, "workerinput"):  # the controller (or the only process)
+        fast = "not slow" in (config.option.markexpr or "")
+        if not fast and os.environ.get("LIGHTNING_MIA_TEST_COLD") != "1":
+            config._warm_server = warm_python.start_server()
+    launcher = os.environ.get("LIGHTNING_MIA_TEST_LAUNCHER")
+    if launcher:
+        import multiprocessing
+
+        multiprocessing.set_executable(warm_python.COLD_PYTHON)  # spawn passes descriptors
+        sys.executable = launcher
+
+
+def pytest_unconfigure(config):
+    server = getattr(config, "_warm_server", None)
+    if server is not None:
+        import warm_python
+
+        warm_python.stop_server(server)
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
 def pytest_collection_modifyitems(items):
     """A test that uses a fixture of SLOW_FIXTURES (a session experiment trained through the

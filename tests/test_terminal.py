@@ -4,12 +4,12 @@ where they arise, the package's own lines stay, and `--verbose` brings everythin
 import logging
 import os
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 from tiny_data import DATA
+from warm_python import COLD_PYTHON
 
 from lightning_mia.terminal import configure_terminal, is_verbose, verbose_requested
 
@@ -77,7 +77,8 @@ def test_verbose_requested(argv, verbose):
 
 
 def _fit_encoder(tmp_path, *extra):
-    """`python -m lightning_mia.cli fit` of a tiny encoder, W&B offline; its whole output."""
+    """`python -m lightning_mia.cli fit` of a tiny encoder, W&B offline; its whole output, from a
+    fresh interpreter (what the imports print is part of it: not warm-started)."""
     env = {
         **os.environ,
         "WANDB_MODE": "offline",
@@ -88,7 +89,7 @@ def _fit_encoder(tmp_path, *extra):
     for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_SILENT"):
         env.pop(var, None)
     cmd = [
-        sys.executable,
+        COLD_PYTHON,
         "-m",
         "lightning_mia.cli",
         "fit",

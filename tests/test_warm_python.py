@@ -1,0 +1,116 @@
+"""The tests' warm starts (`tests/warm_python.py`) run a command line as a fresh interpreter
+would: the same output and exit code, signals passed on, nothing left running when the caller
+is killed, and anything it cannot start warm started cold."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from warm_python import COLD_PYTHON, cold_reason, command, start_server, stop_server
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "argv, kind",
+    [
+        (["train.py", "fit"], "script"),
+        (["-u", "attack.py", "--ckpt", "x"], "script"),
+        (["-m", "lightning_mia.cli", "fit"], "-m"),
+        (["-m", "torch.distributed.run", "--nproc-per-node", "2", "train.py"], "-m"),
+        (["-m", "pip", "install", "x"], None),
+        (["-c", "print(1)"], None),
+        (["-X", "importtime", "train.py"], None),
+        (["tests/conftest.py"], None),
+        (["/usr/lib/python3/dist-packages/some.py"], None),
+    ],
+)
+def test_which_command_lines_start_warm(argv, kind, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    got = command(argv)
+    assert (got and got[0]) == kind
+
+
+def test_an_environment_the_imports_would_read_differently_starts_cold():
+    request = {"argv": ["train.py", "fit"], "env": {"A": "1", "OMP_NUM_THREADS": "1"}}
+    assert cold_reason(request, {"A": "2"}) == ""  # read at run time, taken by the child
+    for name in ("PYTHONPATH", "HF_HOME", "ATEN_CPU_CAPABILITY", "OMP_PROC_BIND"):
+        assert cold_reason({**request, "env": {name: "x"}}, {}) == f"{name} differs"
+    made = {"TORCHINDUCTOR_CACHE_DIR": "/tmp/t"}  # set by the server's imports: a fresh
+    assert cold_reason(request, made, set(made)) == ""  # process's imports set it too
+    quiet = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # what lightning_mia.terminal applies itself
+    assert cold_reason({**request, "env": quiet}, {}) == ""
+    assert cold_reason({**request, "argv": ["-c", "1"]}, {}) == "not a command of the package"
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, folder = start_server(export=False)
+    deadline = time.time() + 120
+    while not (folder / "socket").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert (folder / "socket").exists(), (folder / "server.log").read_text()
+    yield folder
+    stop_server((proc, folder))
+
+
+def _run(python, *args, env=None):
+    return subprocess.run(
+        [str(python), *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+@pytest.mark.slow  # the server imports the libraries (a few seconds)
+def test_a_warm_command_prints_and_exits_as_a_fresh_one(server, tmp_path):
+    bad = tmp_path / "missing.yaml"
+    for args in (["train.py", "fit", "--config", str(bad)], ["-m", "lightning_mia.cli", "--x"]):
+        warm, cold = _run(server / "python", *args), _run(COLD_PYTHON, *args)
+        assert (warm.returncode, warm.stdout, warm.stderr) == (
+            cold.returncode,
+            cold.stdout,
+            cold.stderr,
+        )
+        assert warm.returncode != 0 and warm.stderr.strip()
+    assert (server / "server.log").read_text().count("warm ") == 2  # both ran in its children
+    version = _run(server / "python", "-c", "import sys; print(sys.executable)")
+    assert version.stdout.strip() == COLD_PYTHON  # `-c`: the real interpreter
+
+
+@pytest.mark.slow
+def test_signals_reach_the_child_and_a_killed_caller_leaves_nothing(server, tmp_path):
+    log = server / "server.log"
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        before = log.read_text().count("warm ")
+        args = [
+            "train.py",
+            "fit",
+            "--config",
+            "configs/encoder/tiny.yaml",
+            f"--data.experiment={tmp_path / sig.name}",
+            "--trainer.max_steps=100000",
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen([str(server / "python"), *args], cwd=ROOT, env=env)
+        deadline = time.time() + 60
+        while log.read_text().count("warm ") == before and time.time() < deadline:
+            time.sleep(0.1)
+        pid = int(log.read_text().split("warm ")[-1].split(":")[0])
+        time.sleep(1)
+        proc.send_signal(sig)
+        code = proc.wait(timeout=60)  # the launcher only passes SIGTERM on: the child ends it
+        assert code == -9 if sig == signal.SIGKILL else code != 0
+        deadline = time.time() + 10
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid), sig
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
