@@ -101,13 +101,17 @@ def test_signals_reach_the_child_and_a_killed_caller_leaves_nothing(server, tmp_
         ]
         env = _env(OMP_NUM_THREADS="1")
         proc = subprocess.Popen([str(server / "python"), *args], cwd=ROOT, env=env)
-        deadline = time.time() + 60
-        while log.read_text().count("warm ") == before and time.time() < deadline:
-            time.sleep(0.1)
-        pid = int(log.read_text().split("warm ")[-1].split(":")[0])
-        time.sleep(1)
-        proc.send_signal(sig)
-        code = proc.wait(timeout=60)  # the launcher only passes SIGTERM on: the child ends it
+        try:
+            deadline = time.time() + 60
+            while log.read_text().count("warm ") == before and time.time() < deadline:
+                time.sleep(0.1)
+            assert log.read_text().count("warm ") > before, log.read_text()
+            pid = int(log.read_text().split("warm ")[-1].split(":")[0])
+            time.sleep(1)
+            proc.send_signal(sig)
+            code = proc.wait(timeout=60)  # the launcher only passes SIGTERM on: the child ends
+        finally:
+            proc.kill()  # (a no-op once it has ended)
         assert code == -9 if sig == signal.SIGKILL else code != 0
         deadline = time.time() + 10
         while _alive(pid) and time.time() < deadline:
