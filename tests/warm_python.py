@@ -95,15 +95,14 @@ def _receive(sock: socket.socket) -> tuple[dict | None, list[int]]:
 
 def _open_fds(skip: int) -> list[int]:
     fds = [int(name) for name in os.listdir("/proc/self/fd") if int(name) != skip]
-    return sorted(fd for fd in fds if _is_open(fd))[:MAX_FDS]
+    return sorted(fd for fd in fds if os.path.lexists(f"/proc/self/fd/{fd}"))[:MAX_FDS]
 
 
-def _is_open(fd: int) -> bool:
+def _forward(pid: int, sig: int) -> None:
     try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
+        os.kill(pid, sig)
+    except OSError:  # it has ended: its status is on its way
+        pass
 
 
 def launch(real: str, path: str) -> None:
@@ -125,7 +124,7 @@ def launch(real: str, path: str) -> None:
         os.execv(real, [real, *args])
     pid = reply["pid"]
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, lambda s, _frame: os.kill(pid, s))
+        signal.signal(sig, lambda s, _frame: _forward(pid, s))
     status, _ = _receive(sock)
     if status is None:
         print(f"warm_python: the server ended before {args} did", file=sys.stderr)
@@ -186,7 +185,7 @@ class Server:
         self.selector.register(self.wake_r, selectors.EVENT_READ)
         self.env = dict(os.environ)
         self.set_by_imports = set(self.env) - set(env_before_imports)
-        self.parent = os.getppid()
+        self.parent, self.pid = os.getppid(), os.getpid()
         self.running: dict[int, socket.socket | None] = {}  # child pid -> its launcher
         self.pid_of: dict[socket.socket, int] = {}
 
@@ -334,8 +333,7 @@ def become(request: dict, fds: list[int]) -> None:
 
 
 def _set_threads(env: dict[str, str]) -> None:
-    """torch's intra-op threads as a fresh process would take them (OpenMP read
-    OMP_NUM_THREADS when the server loaded it)."""
+    """torch's threads as a fresh process takes them (OpenMP read the server's environment)."""
     import torch
 
     want = int(env.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
@@ -350,20 +348,13 @@ def main(path: str) -> None:
     env = dict(os.environ)
     for name in PRELOAD:
         importlib.import_module(name)
-    # (idle native pools, OpenBLAS's, may run: they re-create themselves in a forked child, as
-    # under every forking DataLoader; a Python thread would not)
+    # (idle native pools, OpenBLAS's, re-create themselves in a forked child; Python threads not)
     if threading.active_count() != 1:
         print("warm_python: a Python thread after the imports: not serving", flush=True)
         return
-    server = Server(path, env)
-    server.pid = os.getpid()
-    child = server.serve()
+    child = Server(path, env).serve()
     if child is not None:
         become(*child)
-
-
-if __name__ == "__main__":
-    main(sys.argv[2])
 
 
 # --- the test session's side ----------------------------------------------------------------------
@@ -396,10 +387,11 @@ def stop_server(server) -> None:
     import shutil
 
     proc, folder = server
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except Exception:
-        proc.kill()
-    if not os.environ.get("LIGHTNING_MIA_TEST_KEEP_WARM_LOG"):
+    proc.terminate()  # it kills the children still running
+    proc.wait(timeout=60)
+    if not os.environ.get("LIGHTNING_MIA_TEST_KEEP_WARM_LOG"):  # (which commands ran cold, why)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[2])
