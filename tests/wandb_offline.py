@@ -46,6 +46,8 @@ def _chunks(raw: bytes):
             pos += left
             continue
         data, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
+        if len(data) < length:  # the service is still writing it
+            return
         if kind == FULL:
             yield data
         elif kind == FIRST:
@@ -67,7 +69,10 @@ def _records(folder: Path, timeout: float) -> list:
     written it: on a busy machine the file can still be empty or partly written then (this
     read back empty names, groups and job types). Waiting for the `exit` record makes the
     read independent of how fast the service writes; `timeout` only bounds a run that never
-    finished (then the records there are, for the test's assertion to show)."""
+    finished (then the records there are, for the test's assertion to show). A record the
+    service is still writing does not parse: the records before it are read, and the file
+    again until it ends with `exit` (a busy CI machine read one half-written)."""
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2 as pb
 
     deadline = time.monotonic() + timeout
@@ -76,7 +81,10 @@ def _records(folder: Path, timeout: float) -> list:
         for path in folder.glob("run-*.wandb"):
             for data in _chunks(path.read_bytes()):
                 rec = pb.Record()
-                rec.ParseFromString(data)
+                try:
+                    rec.ParseFromString(data)
+                except DecodeError:  # being written: read again
+                    break
                 records.append(rec)
         if any(r.WhichOneof("record_type") == "exit" for r in records):
             return records
