@@ -26,15 +26,15 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The suite's command lines (`python train.py ...`, the stages an experiment starts, the ranks
+# Lightning re-launches) start warm: forked from one process that imported the libraries once
+# (tests/warm_python.py); LIGHTNING_MIA_TEST_COLD=1 starts every one as a fresh interpreter.
 # The tests run one torch thread each: TEST_WORKERS pytest-xdist workers keep the cores busy
 # (a module's tests stay on one worker, the longest modules first: tests/conftest.py; the
 # session's tiny experiments are built once for all). Three workers on two cores: many tests
 # wait on processes they start (DDP rendezvous, a stage killed at a point), and a third worker
 # fills those waits (AVX2 kernels, 2-core Xeon: 392 s with 3 workers, 423 s with 2, 416 s with 4).
 TEST_WORKERS ?= 3
-# The suite's command lines (`python train.py ...`, the stages an experiment starts, the ranks
-# Lightning re-launches) start warm: forked from one process that imported the libraries once
-# (tests/warm_python.py); LIGHTNING_MIA_TEST_COLD=1 starts every one as a fresh interpreter.
 # The fast tier waits on no process: a third worker only adds its own start (each worker
 # imports torch, Lightning and diffusers, ~14 s of one core) to 2 cores (AMD EPYC, AVX2, alone:
 # 103 s with 2 workers, 111 s with 3 in the checkout; 120 s and 137 s in a fresh clone).
