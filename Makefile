@@ -5,19 +5,26 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
+UV = $(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode --constraint $(VENV)/constraints.txt
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test test-fast lint setup clean-demo
 
+# torch comes from pip, which reads the machine's pip configuration (where its CPU wheel lies);
+# everything else from uv, which fetches in parallel: 28 s instead of pip's 89 s here (2-core
+# Xeon; bytecode compiled by both, as some machines set PYTHONDONTWRITEBYTECODE). uv reads no
+# pip configuration, so the torch just installed is its constraint: it never trades it for
+# another build.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet --upgrade pip uv
 	$(VENV)/bin/pip install --quiet $(TORCH)
-	$(VENV)/bin/pip install --quiet -e '.[dev,quality]'
+	$(PY) -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $(VENV)/constraints.txt
+	$(UV) -e '.[dev,quality]'
 	# taming-transformers, without its dependencies (it would pull torchvision and Lightning 1.x):
 	# only the test that checks our taming checkpoint import against taming's own VQGAN uses it
-	$(VENV)/bin/pip install --quiet --no-deps taming-transformers==0.0.1
+	$(UV) --no-deps taming-transformers==0.0.1
 	touch $@
 
 setup: $(VENV)/.installed
