@@ -9,6 +9,7 @@ code (f2: 8x8x4 latents, 16 packed tokens); nothing is downloaded.
 import json
 import logging
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from lightning_mia.models.diffusion import LatentDiffusionModule
 from lightning_mia.models.flow import FlowMatchingModule
 from lightning_mia.models.flow_arch import pack, unpack
 from lightning_mia.models.flow_presets import FLUX_LAYOUT, FlowError
-from lightning_mia.models.lora import LoraError, export_lora, load_lora
+from lightning_mia.models.lora import LORA_WEIGHTS, LoraError, export_lora, load_lora
 from lightning_mia.models.pipeline_folder import (
     PipelineError,
     native_resolution,
@@ -219,6 +220,26 @@ def test_lora_trains_transformer_adapters_only_and_round_trips(folder, tmp_path)
     torch.testing.assert_close(fixed_loss(fresh, batch), fixed_loss(model, batch))
 
 
+def test_an_adapter_holding_less_than_its_config_loads_with_pefts_warning(folder, tmp_path):
+    """peft's warning of targets without weights is held while the load may be refused
+    (test_bad_inputs_give_one_clear_error) and shown when the adapter loads."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = FlowMatchingModule(**folder_settings(folder)).eval()
+    perturb_adapters(model)
+    exported = export_lora(model, tmp_path / "lora") / LORA_WEIGHTS
+    with safe_open(str(exported), "pt") as f:
+        metadata, keys = f.metadata(), [k for k in f.keys() if "single_transformer" not in k]
+        kept = {k: f.get_tensor(k) for k in keys}
+    save_file(kept, str(exported), metadata=metadata)
+    fresh = FlowMatchingModule(**folder_settings(folder, lora_rank=0)).eval()
+    with pytest.warns(RuntimeWarning, match=r"additional target modules: \['single_transformer"):
+        load_lora(fresh, exported)
+    loaded = {n for n, _ in fresh.named_parameters() if ".lora_" in n}
+    assert loaded and not any("single_transformer" in n for n in loaded)
+
+
 def test_a_flux_folders_clip_trains_with_its_text_encoder_switch_and_its_t5_never(folder, tmp_path):
     """`train_text_encoder` on a FLUX folder: its CLIP, in full or with LoRA (diffusers'
     train_dreambooth(_lora)_flux.py `--train_text_encoder`); the T5-XXL stays the folder's and
@@ -367,10 +388,13 @@ def test_bad_inputs_give_one_clear_error(autoencoder, folder, tmp_path):
     level = logger.level
     logger.setLevel(logging.ERROR)  # as DIFFUSERS_VERBOSITY=error
     try:
-        with pytest.raises(
-            LoraError, match=r"\d+ of its weights fit no layer of this FluxPipeline"
-        ):
-            load_lora(flux, sd3_lora)
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            with pytest.raises(
+                LoraError, match=r"\d+ of its weights fit no layer of this FluxPipeline"
+            ):
+                load_lora(flux, sd3_lora)
     finally:
         logger.setLevel(level)
     assert logger.level == level
+    assert [str(w.message) for w in shown] == []  # the refusal is its one line (peft warned)

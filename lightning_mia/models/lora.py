@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -196,14 +197,32 @@ def load_lora(module: nn.Module, path: str | Path) -> None:
     path = Path(path)
     pipe = module.pipeline()  # shares the module's denoiser and text encoders
     where = (path.parent, path.name) if path.is_file() else (path, None)
-    try:
-        with quiet_lora_loading() as unfit:
-            pipe.load_lora_weights(str(where[0]), weight_name=where[1], adapter_name=ADAPTER)
-    except (ValueError, KeyError, RuntimeError, OSError) as err:
+    # peft warns of an adapter that fits badly before the load is refused: held back so that
+    # a refusal is one line, and issued as they were when the adapter loads
+    with warnings.catch_warnings(record=True) as held:
+        warnings.simplefilter("default")
+        try:
+            with quiet_lora_loading() as unfit:
+                pipe.load_lora_weights(str(where[0]), weight_name=where[1], adapter_name=ADAPTER)
+        except (ValueError, KeyError, RuntimeError, OSError) as err:
+            failed: Exception | None = err
+        else:
+            failed = None
+    refuse_unfit(module, path, pipe, unfit, failed)
+    for w in held:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+def refuse_unfit(
+    module: nn.Module, path: Path, pipe: Any, unfit: list[str], failed: Exception | None
+) -> None:
+    """`load_lora`'s one-line refusals: a load that failed, weights that fit no layer, an
+    adapter of which nothing fits."""
+    if failed is not None:
         raise LoraError(
-            f"LoRA adapter {path}: diffusers cannot load it ({first_line(err)}); an adapter "
+            f"LoRA adapter {path}: diffusers cannot load it ({first_line(failed)}); an adapter "
             "made for another model?"
-        ) from err
+        ) from failed
     if unfit:
         raise LoraError(
             f"LoRA adapter {path}: {len(unfit)} of its weights fit no layer of this "
