@@ -34,8 +34,8 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 
 # The suite's command lines (`python train.py ...`, the stages an experiment starts, the ranks
-# Lightning re-launches) start warm: forked from one process that imported the libraries once
-# (tests/warm_python.py); LIGHTNING_MIA_TEST_COLD=1 starts every one as a fresh interpreter.
+# Lightning re-launches or spawns) start warm: forked from one process that imported the
+# libraries once (tests/warm_python.py); LIGHTNING_MIA_TEST_COLD=1 starts every one cold.
 # The tests run one torch thread each: TEST_WORKERS pytest-xdist workers keep the cores busy
 # (a module's tests stay on one worker, the longest modules first: tests/conftest.py; the
 # session's tiny experiments are built once for all). Three workers on two cores: many tests

@@ -59,7 +59,7 @@ def pytest_configure(config):
     if launcher:
         import multiprocessing
 
-        multiprocessing.set_executable(warm_python.COLD_PYTHON)  # spawn passes descriptors
+        multiprocessing.set_executable(launcher)  # ddp_spawn's workers start warm too
         sys.executable = launcher
 
 

@@ -3,6 +3,7 @@ would: the same output and exit code, signals passed on, nothing left running wh
 is killed, and anything it cannot start warm started cold."""
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -84,6 +85,92 @@ def test_a_warm_command_prints_and_exits_as_a_fresh_one(server, tmp_path):
     assert (server / "server.log").read_text().count("warm ") == 2  # both ran in its children
     version = _run(server / "python", "-c", "import sys; print(sys.executable)")
     assert version.stdout.strip() == COLD_PYTHON  # `-c`: the real interpreter
+
+
+CRASH = """import os, sys
+if sys.argv[1] == "fds":  # how many of the descriptors named are open here
+    sys.exit(print(sum(os.path.exists(f"/proc/self/fd/{fd}") for fd in sys.argv[2:])))
+out = open(sys.argv[2], "w")  # left open: Python's exit writes its buffer
+out.write("written before the end")
+def f():
+    raise ValueError("boom")
+if sys.argv[1] == "exit":
+    sys.exit("a message, status 1")
+if sys.argv[1] == "interrupt":
+    raise KeyboardInterrupt
+f()
+"""
+
+
+@pytest.fixture
+def crash_script():
+    """A script in the checkout (a command of the repo, so it starts warm) that ends badly."""
+    folder = ROOT / "runs" / f".warm-test-{os.getpid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "crash.py").write_text(CRASH)
+    yield (folder / "crash.py").relative_to(ROOT)
+    shutil.rmtree(folder)
+
+
+@pytest.mark.slow
+def test_a_warm_command_ends_badly_as_a_fresh_one(server, crash_script, tmp_path):
+    """The child ends without tearing its modules down (tests/warm_child.py): an uncaught
+    exception, sys.exit(message) and KeyboardInterrupt still print and end as `python`, and
+    a file the script left open holds what it wrote."""
+    for how, code in (("raise", 1), ("exit", 1), ("interrupt", -signal.SIGINT)):
+        outs = []
+        for python in (server / "python", COLD_PYTHON):
+            written = tmp_path / f"{how}-{len(outs)}.txt"
+            outs.append(_run(python, str(crash_script), how, str(written)))
+            assert written.read_text() == "written before the end", (how, python)
+        warm, cold = ((o.returncode, o.stdout, o.stderr) for o in outs)
+        assert warm == cold and warm[0] == code, how
+    assert "ValueError: boom" in outs[0].stderr or how != "raise"
+    assert (server / "server.log").read_text().count(str(crash_script)) == 3  # all warm
+
+
+@pytest.mark.slow
+def test_hundreds_of_descriptors_reach_the_child(server, crash_script):
+    """More than one SCM_RIGHTS message holds (a ddp_spawn rank inherits one per tensor)."""
+    pipes = [os.pipe() for _ in range(300)]
+    try:
+        reads = [r for r, _ in pipes]
+        out = subprocess.run(
+            [str(server / "python"), str(crash_script), "fds", *map(str, reads)],
+            cwd=ROOT,
+            env=_env(),
+            pass_fds=reads,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        for fd in (fd for pair in pipes for fd in pair):
+            os.close(fd)
+    assert (out.returncode, out.stdout) == (0, "300\n"), out.stderr[-2000:]
+    log = (server / "server.log").read_text().splitlines()
+    assert any(line.startswith("warm ") and f"{crash_script} fds" in line for line in log)
+
+
+SPAWN = """import multiprocessing as mp, sys
+mp.set_executable(sys.argv[1])
+with mp.get_context("spawn").Pool(2) as pool:
+    print(pool.map(abs, [-1, -2, 3]))
+"""
+
+
+@pytest.mark.slow
+def test_spawned_workers_start_warm_and_return_their_results(server):
+    """multiprocessing's spawn (Lightning's ddp_spawn) runs its workers through the launcher:
+    each starts warm, takes its pipe and the resource tracker's descriptor, and answers."""
+    def spawned():
+        lines = (server / "server.log").read_text().splitlines()
+        return sum(line.startswith("warm ") and "spawn_main(" in line for line in lines)
+
+    before = spawned()
+    out = _run(COLD_PYTHON, "-c", SPAWN, str(server / "python"))
+    assert (out.returncode, out.stdout) == (0, "[1, 2, 3]\n"), out.stderr[-2000:]
+    assert spawned() - before == 2  # the pool's two workers
 
 
 @pytest.mark.slow

@@ -3,13 +3,15 @@
 About half of the suite's CPU time was Python processes importing torch, Lightning and the
 model libraries (3-5 s each, 10+ s on a slow host) before doing a second of work: the command
 lines the tests run (`python train.py fit ...`, `python -m lightning_mia.cli ...`), the stages an
-experiment starts, and the ranks Lightning re-launches under `ddp`. Here one server process
-imports those libraries once and, for each such command, forks a child that becomes it:
+experiment starts, the ranks Lightning re-launches under `ddp` and the workers multiprocessing
+spawns under `ddp_spawn`. Here one server process imports those libraries once and, for each
+such command, forks a child that becomes it (`tests/warm_child.py`):
 
 - the child takes the caller's argv, environment, working folder and every open file descriptor
   (stdin/stdout/stderr, pipes passed with `pass_fds`), runs the script or module as
   `__main__` exactly as `python` would (`runpy`), and ends as a Python process ends (atexit,
-  threads joined, an uncaught exception printed with exit code 1);
+  threads joined, an uncaught exception printed with exit code 1) but for the teardown of
+  every module, which a forked child would pay for what the server imported;
 - the caller is a small launcher (`python -IS`, standard library only) standing where
   `sys.executable` points in the tests: it forwards the signals it gets to the child and exits
   with the child's status (or dies of the child's signal). If it is killed (SIGKILL), the server
@@ -26,6 +28,7 @@ from __future__ import annotations
 import array
 import json
 import os
+import re
 import selectors
 import signal
 import socket
@@ -52,14 +55,22 @@ PRELOAD = (
     "lightning_mia.models.encoder",
     "torch.distributed.run",
 )
+# multiprocessing.spawn.get_command_line (-B: PYTHONDONTWRITEBYTECODE, the server's own value)
+SPAWN = re.compile(
+    r"(-B\0)?-c\0from multiprocessing\.spawn import spawn_main; "
+    r"spawn_main\(tracker_fd=\d+, pipe_handle=\d+\)\0--multiprocessing-fork"
+)
 HEADER = struct.Struct("!I")
-MAX_FDS = 250  # SCM_RIGHTS carries at most 253 descriptors in one message
+MAX_FDS = 250  # SCM_RIGHTS carries at most 253 descriptors in one message (`_send`)
 
 
 # --- the command's side (the launcher) ----------------------------------------------------------
 def command(args: list[str]) -> tuple[str, str, list[str]] | None:
-    """(`-m` or the script, its module or path, its arguments) of a warm-startable command
-    line, or None: `[-u] (-m <module> | <script.py>) args...`."""
+    """(`-m`, the script or "spawn"; its module, path or code; its arguments) of a
+    warm-startable command line, or None: `[-u] (-m <module> | <script.py>) args...`, or a
+    worker that multiprocessing's spawn starts (Lightning's `ddp_spawn` ranks)."""
+    if SPAWN.fullmatch("\0".join(args)):
+        return "spawn", args[-2], args[-1:]
     rest = args[1:] if args[:1] == ["-u"] else args
     if len(rest) >= 2 and rest[0] == "-m" and rest[1].startswith(WARM_MODULES):
         return "-m", rest[1], rest[2:]
@@ -71,8 +82,13 @@ def command(args: list[str]) -> tuple[str, str, list[str]] | None:
 
 
 def _send(sock: socket.socket, message: dict, fds: list[int] = ()) -> None:
+    """One message and its descriptors, MAX_FDS per sendmsg (a ddp_spawn rank inherits one
+    per shared tensor: hundreds): each further batch rides on one byte of JSON whitespace."""
     data = json.dumps(message).encode()
-    sock.sendmsg([HEADER.pack(len(data)) + data], [_rights(fds)] if fds else [])
+    batches = [fds[i : i + MAX_FDS] for i in range(0, len(fds), MAX_FDS)] or [[]]
+    head = HEADER.pack(len(data) + len(batches) - 1) + data
+    for i, batch in enumerate(batches):
+        sock.sendmsg([head if i == 0 else b" "], [_rights(batch)] if batch else [])
 
 
 def _rights(fds: list[int]) -> tuple:
@@ -95,7 +111,7 @@ def _receive(sock: socket.socket) -> tuple[dict | None, list[int]]:
 
 def _open_fds(skip: int) -> list[int]:
     fds = [int(name) for name in os.listdir("/proc/self/fd") if int(name) != skip]
-    return sorted(fd for fd in fds if os.path.lexists(f"/proc/self/fd/{fd}"))[:MAX_FDS]
+    return sorted(fd for fd in fds if os.path.lexists(f"/proc/self/fd/{fd}"))
 
 
 def _forward(pid: int, sig: int) -> None:
@@ -294,53 +310,6 @@ def _kill_group(pid: int) -> None:
             pass
 
 
-def become(request: dict, fds: list[int]) -> None:
-    """In a forked child: take the command's descriptors, folder, environment and argv, and run
-    it as `__main__` (its exceptions and exit code end the process as they would `python`)."""
-    import fcntl
-    import runpy
-
-    os.setpgid(0, 0)  # its own group, which the server kills if the launcher is SIGKILLed
-    targets = request["fds"]
-    low = max(targets, default=2) + 1
-    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, low) for fd in fds]
-    for fd in _open_fds(-1):
-        if fd not in moved:
-            os.close(fd)
-    for target, fd in zip(targets, moved):
-        os.dup2(fd, target)
-        os.close(fd)
-    os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
-    unbuffered = request["argv"][:1] == ["-u"] or bool(os.environ.get("PYTHONUNBUFFERED"))
-    for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
-        if stream is not None and fd in targets:
-            stream.reconfigure(line_buffering=fd == 2 or os.isatty(fd), write_through=unbuffered)
-    _set_threads(request["env"])
-    sys.executable = request["env"].get("LIGHTNING_MIA_TEST_LAUNCHER", sys.executable)
-    kind, target, rest = command(request["argv"])
-    if kind == "-m":
-        sys.argv = ["-m", *rest]
-        sys.path[0] = os.getcwd()
-        for name in (target, f"{target}.__main__"):  # as in a fresh process: run, not imported
-            sys.modules.pop(name, None)
-        runpy._run_module_as_main(target, alter_argv=True)
-    else:
-        sys.argv = [target, *rest]
-        sys.path[0] = os.path.dirname(os.path.abspath(target))
-        runpy.run_path(target, run_name="__main__")
-
-
-def _set_threads(env: dict[str, str]) -> None:
-    """torch's threads as a fresh process takes them (OpenMP read the server's environment)."""
-    import torch
-
-    want = int(env.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
-    if torch.get_num_threads() != want:
-        torch.set_num_threads(want)
-
-
 def main(path: str) -> None:
     import importlib
     import threading
@@ -354,7 +323,9 @@ def main(path: str) -> None:
         return
     child = Server(path, env).serve()
     if child is not None:
-        become(*child)
+        from warm_child import run_as_python
+
+        run_as_python(*child)
 
 
 # --- the test session's side ----------------------------------------------------------------------
