@@ -163,6 +163,7 @@ with mp.get_context("spawn").Pool(2) as pool:
 def test_spawned_workers_start_warm_and_return_their_results(server):
     """multiprocessing's spawn (Lightning's ddp_spawn) runs its workers through the launcher:
     each starts warm, takes its pipe and the resource tracker's descriptor, and answers."""
+
     def spawned():
         lines = (server / "server.log").read_text().splitlines()
         return sum(line.startswith("warm ") and "spawn_main(" in line for line in lines)
