@@ -77,13 +77,17 @@ def end(code: int, sig: int = 0) -> NoReturn:
         sys.exit(code)  # Python's whole exit: the process group's teardown waits for its sends
     threading._shutdown()  # the non-daemon threads, as Python joins them first
     atexit._run_exitfuncs()
-    for kinds in FLUSHED:
-        for obj in gc.get_objects():
-            if type(obj) in kinds and not obj.closed:  # (isinstance: lazy objects would warn)
-                try:
-                    obj.flush()
-                except (OSError, ValueError):  # a pipe closed by its reader, a detached layer
-                    pass
+    layers = [[], []]  # one pass over the heap; (isinstance: lazy objects would warn)
+    for obj in gc.get_objects():
+        for layer, kinds in zip(layers, FLUSHED):
+            if type(obj) in kinds:
+                layer.append(obj)
+    for obj in (*layers[0], *layers[1]):
+        try:
+            if not obj.closed:
+                obj.flush()
+        except (OSError, ValueError):  # a pipe closed by its reader, a detached layer
+            pass
     ctypes.CDLL(None).fflush(None)
     if sig:
         signal.signal(sig, signal.SIG_DFL)
