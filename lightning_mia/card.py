@@ -70,6 +70,29 @@ class RunCard:
         return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
 
 
+def resumed_card(saved: RunCard, current: RunCard | None) -> RunCard:
+    """The card a model keeps when its checkpoint `saved` is loaded: `current`, the one `setup`
+    built from this stage's data, when there is one (a fit resumed with `ckpt_path`: the run
+    now lies in that experiment, wherever the checkpoint was written, so what it writes goes
+    there and not to the folder it was copied or moved from), once `saved` is shown to be of
+    the same splits and row; else `saved` (a model loaded to be queried).
+    CheckpointError when the two are of different experiments or rows."""
+    if current is None:
+        return saved
+    if saved.splits_hash != current.splits_hash:
+        raise CheckpointError(
+            f"checkpoint was trained on splits {saved.splits_hash[:12]} but "
+            f"{Path(current.experiment) / 'splits.json'} has hash {current.splits_hash[:12]}: "
+            "they belong to different experiments"
+        )
+    if saved.model_index != current.model_index:
+        raise CheckpointError(
+            f"checkpoint is model_index {saved.model_index} but data.model_index is "
+            f"{current.model_index}"
+        )
+    return current
+
+
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
     """Load a Lightning checkpoint safely (`weights_only=True`) with one clear error.
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from lightning_mia.card import CheckpointError, RunCard, read_card
+from lightning_mia.card import CheckpointError, RunCard, read_card, resumed_card
 
 
 def _card(**changes) -> RunCard:
@@ -55,3 +55,14 @@ def test_what_is_not_a_card_says_so_in_one_line(tmp_path, write, needle):
     with pytest.raises(CheckpointError, match=needle) as err:
         read_card(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_resumed_fit_keeps_the_card_of_where_it_now_runs():
+    saved = _card(experiment="/old/place")  # the checkpoint, written before the copy
+    here = _card(experiment="/new/place")  # the card setup built from this stage's data
+    assert resumed_card(saved, here) is here  # what it writes goes to /new/place
+    assert resumed_card(saved, None) is saved  # loaded to be queried: the checkpoint's own
+    with pytest.raises(CheckpointError, match=r"splits cdcdcdcdcdcd but /new/place/splits.json"):
+        resumed_card(_card(splits_hash="cd" * 32), here)
+    with pytest.raises(CheckpointError, match="model_index 2 but data.model_index is 0"):
+        resumed_card(_card(model_index=2), here)

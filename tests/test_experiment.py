@@ -10,6 +10,8 @@ import pytest
 import yaml
 from tiny_experiment import STEPS, copy_experiment
 
+from lightning_mia.card import CARD_KEY, load_checkpoint
+from lightning_mia.cli import train_main
 from lightning_mia.experiment import (
     StageConfigs,
     experiment_main,
@@ -17,6 +19,7 @@ from lightning_mia.experiment import (
     stage_arguments,
     train_stages,
 )
+from lightning_mia.models.base import SAMPLES_PNG
 from lightning_mia.paths import done_marker, last_checkpoint
 from lightning_mia.stages import StageError, fit_arguments
 
@@ -64,21 +67,44 @@ def _stages_of(config: Path, steps: int, **changes) -> StageConfigs:
     return StageConfigs(**{**stages, "trainer_args": trainer, **changes})
 
 
-def test_an_interrupted_stage_resumes_from_its_last_checkpoint(diffusion_experiment, tmp_path, log):
+def test_an_interrupted_stage_resumes_from_its_last_checkpoint(
+    diffusion_experiment, tmp_path, log, capsys
+):
     # the experiment's training stages (`train_stages`, which `experiment_main` runs before
     # its queries: test_a_second_run_skips_every_finished_stage) on a copy
     copy = copy_experiment(diffusion_experiment, tmp_path)
     layout = copy.layout
     target = layout.run_dir("diffusion", 0)
     done_marker(target).unlink()  # as if killed after its last checkpoint, before DONE
-    shadow_done = done_marker(layout.run_dir("diffusion", 1)).read_text()
+    shadow = layout.run_dir("diffusion", 1)
+    shadow_done = done_marker(shadow).read_text()
     stages = _stages_of(copy.config, STEPS + 2)
-    train_stages(layout, "diffusion", 2, stages, stage_arguments(layout.root, stages))
+    common = stage_arguments(layout.root, stages)
+    # the shadow's checkpoint is refused as the target's, before any step
+    model = yaml.safe_load(copy.config.read_text())["stages"]["model"]
+    args = [*common, "--data.model_index=0", f"--model.init_args.autoencoder={layout.autoencoder}"]
+    argv = [
+        *fit_arguments(target, model, [*args, *stages.model_args])[:-1],
+        str(last_checkpoint(shadow)),
+    ]
+    kept = last_checkpoint(target).read_bytes()
+    with pytest.raises(SystemExit):
+        train_main(argv)
+    assert "checkpoint is model_index 1 but data.model_index is 0" in capsys.readouterr().err
+    assert last_checkpoint(target).read_bytes() == kept
+    original = diffusion_experiment.root / target.name / SAMPLES_PNG
+    untouched = original.stat().st_mtime_ns
+    train_stages(layout, "diffusion", 2, stages, common)
     err = log.text
     assert f"--ckpt_path {last_checkpoint(target)}" in err
     assert "Restoring states from the checkpoint path" in err
     assert json.loads(done_marker(target).read_text())["global_step"] == STEPS + 2  # 2 more
-    assert done_marker(layout.run_dir("diffusion", 1)).read_text() == shadow_done  # skipped
+    assert done_marker(shadow).read_text() == shadow_done  # skipped
+    # the resumed run writes into the copy, where it now lies, not where it was trained
+    saved = load_checkpoint(last_checkpoint(target))[CARD_KEY]
+    assert saved["experiment"] == str(layout.root)
+    assert (target / SAMPLES_PNG).stat().st_mtime_ns > untouched
+    assert original.stat().st_mtime_ns == untouched
 
 
 def test_parallel_stages_wait_for_the_autoencoder_alone_and_a_failure_stops_no_other(

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lightning_mia.card import CARD_KEY, CheckpointError, RunCard
+from lightning_mia.card import CARD_KEY, CheckpointError, RunCard, resumed_card
 from lightning_mia.data.stage import stage_data
 from lightning_mia.models.augment import augment_images
 from lightning_mia.paths import ExperimentLayout, atomic_write_bytes
@@ -137,18 +137,7 @@ class TextToImageModule(StageModule, ABC):
         data = stage_data(self._trainer)
         if data is None:
             return
-        if self.card is not None and self.card.splits_hash != data.splits_hash:
-            raise CheckpointError(
-                f"checkpoint was trained on splits {self.card.splits_hash[:12]} but "
-                f"{data.layout.splits} has hash {data.splits_hash[:12]}: they belong to different "
-                "experiments"
-            )
-        if self.card is not None and self.card.model_index != data.model_index:
-            raise CheckpointError(
-                f"checkpoint is model_index {self.card.model_index} but data.model_index is "
-                f"{data.model_index}"
-            )
-        self.card = RunCard(
+        card = RunCard(
             family=self.family,
             preset=str(self.hparams.get("preset", "")),
             model_index=data.model_index,
@@ -157,6 +146,9 @@ class TextToImageModule(StageModule, ABC):
             augmentation=self.augmentation_config(),
             **self.card_references(),
         )
+        if self.card is not None:  # loaded from a checkpoint, then trained
+            resumed_card(self.card, card)
+        self.card = card
         self._num_train_samples = data.num_train_samples
         self._preview_captions = list(data.preview_captions)
 
@@ -181,7 +173,8 @@ class TextToImageModule(StageModule, ABC):
         card = RunCard.from_dict(checkpoint[CARD_KEY])
         if card.family != self.family:
             raise CheckpointError(f"checkpoint is of family {card.family!r}, not {self.family!r}")
-        self.card = card
+        # a fit resumed with ckpt_path ran setup first: its card (this experiment) stands
+        self.card = resumed_card(card, self.card)
         self._resume_rng = checkpoint.get(RNG_KEY)
 
     def on_train_start(self) -> None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from lightning_mia.card import CARD_KEY, RunCard
+from lightning_mia.card import CARD_KEY, RunCard, resumed_card
 from lightning_mia.data.stage import stage_data
 from lightning_mia.errors import UserError
 from lightning_mia.models.tokenizers import load_clip_tokenizer
@@ -385,8 +385,9 @@ class EncoderModule(StageModule):
             checkpoint[CARD_KEY] = self.card.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if CARD_KEY in checkpoint:
-            self.card = RunCard.from_dict(checkpoint[CARD_KEY])
+        if CARD_KEY in checkpoint:  # resumed by fit on an experiment's data: setup's card stands
+            ours = self.card if self.card is not None and self.card.experiment else None
+            self.card = resumed_card(RunCard.from_dict(checkpoint[CARD_KEY]), ours)
 
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero:
