@@ -129,13 +129,18 @@ def shared_build(tmp_path_factory, name, build):
     """`build(folder)`'s result, built once per test run: in a folder of the session's own
     under one process, and once for all workers under pytest-xdist (`make test` runs two): the
     first worker to ask builds it in the folder the workers share, under a file lock, and
-    leaves the result pickled beside it for the others."""
+    leaves the result pickled beside it for the others. The folder is read-only to the tests:
+    what it holds is written down beside it (`<folder>.tree.json`) and checked at the end of
+    the run (`pytest_sessionfinish`)."""
     import pickle
 
     from filelock import FileLock
 
     if "PYTEST_XDIST_WORKER" not in os.environ:
-        return build(tmp_path_factory.mktemp(name))
+        folder = tmp_path_factory.mktemp(name)
+        result = build(folder)
+        _write_tree(folder)
+        return result
     shared = tmp_path_factory.getbasetemp().parent  # pytest-of-<user>/pytest-N, all workers
     result = shared / f"{name}.pickle"
     with FileLock(str(shared / f"{name}.lock")):
@@ -143,7 +148,58 @@ def shared_build(tmp_path_factory, name, build):
             folder = shared / name
             folder.mkdir()
             result.write_bytes(pickle.dumps(build(folder)))
+            _write_tree(folder)
     return pickle.loads(result.read_bytes())
+
+
+TREE = ".tree.json"  # beside a shared folder: {path: [size, mtime_ns]} of what it held when built
+
+
+def _tree(folder):
+    """{path inside `folder`: [size, mtime_ns]} of every file and folder in it ([-1, 0]: a
+    folder)."""
+    tree = {}
+    for path in sorted(folder.rglob("*")):
+        stat = path.lstat()
+        tree[str(path.relative_to(folder))] = (
+            [-1, 0] if path.is_dir() else [stat.st_size, stat.st_mtime_ns]
+        )
+    return tree
+
+
+def _write_tree(folder):
+    import json
+
+    (folder.parent / f"{folder.name}{TREE}").write_text(json.dumps(_tree(folder)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The run fails when a test changed a shared folder (`shared_build`) that it should have
+    copied: another worker reading or copying it at the time would see it half-written."""
+    import json
+
+    if hasattr(session.config, "workerinput"):
+        return
+    changed = []
+    for record in sorted(session.config._tmp_path_factory.getbasetemp().glob(f"*{TREE}")):
+        folder = record.with_name(record.name[: -len(TREE)])
+        before, now = json.loads(record.read_text()), _tree(folder)
+        changed += [
+            folder / path
+            for path in sorted(before.keys() | now.keys())
+            if before.get(path) != now.get(path)
+        ]
+    if changed:
+        shown = ", ".join(str(path) for path in changed[:5])
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        reporter.ensure_newline()
+        reporter.write_line(
+            f"error: {len(changed)} path(s) of a shared read-only test folder changed during "
+            f"the run (a test must copy it first: tests/tiny_experiment.py copy_experiment): "
+            f"{shown}",
+            red=True,
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
