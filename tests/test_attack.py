@@ -45,11 +45,12 @@ def test_noise_stays_at_chance(tmp_path):
     assert low < 0.5 < high
 
 
-def test_saved_attack_reloads_with_its_standardiser(tmp_path):
+def test_saved_attack_reloads_with_its_standardiser(tmp_path, log):
     x, y = _rows(300, separation=3.0, seed=4)
     best = _fit(x, y, tmp_path, max_epochs=5)
     path = tmp_path / "best.ckpt"
     assert path.is_file()
+    assert "weights_only" not in log.text  # Lightning's line when the call leaves it unset
     again = AttackModule.load_from_checkpoint(path, weights_only=True)
     assert again.mean[1] == pytest.approx(float(x[:, 1].mean()), rel=0.2)  # fitted, not 0
     assert torch.equal(again.mean, best.mean) and torch.equal(again.std, best.std)

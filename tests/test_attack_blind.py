@@ -56,15 +56,20 @@ def test_blind_features_carry_the_whole_embeddings(blind_rows):
     assert sum(n.startswith("blind/txt_emb_") for n in features) == 64
 
 
-def test_iid_split_sits_near_chance(blind_rows, tmp_path):
+def test_iid_split_sits_near_chance(blind_rows, tmp_path, log):
     features, _ = blind_rows
     member = torch.zeros(N, dtype=torch.bool)
     member[torch.randperm(N, generator=torch.Generator().manual_seed(1))[: N // 2]] = True
-    cv, auc = _diagnose(features, member, tmp_path)
+    cv, auc = _diagnose(features, member, tmp_path / "blind")
     assert auc.low < 0.5 < auc.high and 0.35 < auc.value < 0.65, auc
     assert sorted(cv.sample_id.tolist()) == list(range(N))  # every row scored, out of fold
-    assert (tmp_path / f"shadow-fold{BLIND_FOLDS - 1}.ckpt").is_file()
+    assert (tmp_path / "blind" / f"shadow-fold{BLIND_FOLDS - 1}.ckpt").is_file()
     assert "blind/img_emb_* (64 coordinates -> 8 principal components)" in cv.features
+    # one line for the folds (it was one per fold, for each blind row and caption control)
+    said = {r.getMessage(): 0 for r in log.records if r.getMessage().startswith("attack/")}
+    assert list(said) == [
+        f"attack/blind: {BLIND_FOLDS}-fold cross-validation on {N} rows, 26 features"
+    ]
 
 
 def test_a_real_shift_is_found(blind_rows, tmp_path):

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_mia.attack.data import Rows, stratified_folds
 from lightning_mia.attack.training import FitOptions, fit_on_rows
@@ -101,13 +102,19 @@ def blind_diagnostic(
     components: int = EMBEDDING_COMPONENTS,
 ) -> BlindDiagnostic:
     """Stratified `folds`-fold cross-validation of the blind features `names` on `rows` (the
-    target's); fold k's classifier is `<folder>/<setting>-fold<k>.ckpt`."""
+    target's); fold k's classifier is `<folder>/<setting>-fold<k>.ckpt`, its metrics are logged
+    as `attack/<folder name>/fold<k>/...` (the diagnostic's name: blind, blind-caption)."""
     x, y = rows.matrix(names), rows.labels  # (S, F), (S,)
     fold = stratified_folds(y, folds, seed)
     scores = torch.zeros(len(rows))
     for k in range(folds):
         test, train = fold == k, fold != k
         xa, xb, used = reduce_embeddings(x[train], x[test], names, components)
+        if k == 0:  # one line for the folds (each fold's features are alike in number)
+            rank_zero_info(
+                f"attack/{folder.name}: {folds}-fold cross-validation on {len(rows)} rows, "
+                f"{len(used)} features"
+            )
         model = fit_on_rows(
             xa,
             y[train],
@@ -116,7 +123,8 @@ def blind_diagnostic(
             f"{setting}-fold{k}",
             seed,
             fit,
-            prefix=f"attack/blind/fold{k}",
+            prefix=f"attack/{folder.name}/fold{k}",
+            announce=False,
         )
         scores[test] = model.score(xb)
     details = {

@@ -258,5 +258,7 @@ def _fit(
         trainer.fit(module, datamodule=datamodule)
     if best.restore(module):
         folder.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(path)  # the best epoch's weights, as a Lightning checkpoint
+        # the best epoch's weights, as a Lightning checkpoint (the optimizer's and the callbacks'
+        # states are the last epoch's, not the best one's, and nothing resumes from them)
+        trainer.save_checkpoint(path, weights_only=True)
     return module.eval()

@@ -58,14 +58,17 @@ def fit_on_rows(
     fit: FitOptions,
     strata: torch.Tensor | None = None,
     prefix: str = "attack",
+    announce: bool = True,
 ) -> AttackModule:
     """An AttackModule fitted on rows x (S, F) with labels y (S,) in {0, 1}; its checkpoint is
-    `<folder>/<filename>.ckpt`, its logged metrics `<prefix>/...`."""
+    `<folder>/<filename>.ckpt`, its logged metrics `<prefix>/...`; `announce` says what it is
+    fitted on in one line (a caller fitting many, the folds of one diagnostic, says it once)."""
     keep, held = split_rows(y, seed, strata)
     dm = AttackDataModule((x[keep], y[keep]), (x[held], y[held]), seed=seed)
     lightning.seed_everything(seed, verbose=False)  # initial weights: same seed, same attack
     module = AttackModule(len(names), feature_names=list(names), metric_prefix=prefix)
-    rank_zero_info(f"{prefix}: {len(names)} features, {len(keep)} training rows")
+    if announce:
+        rank_zero_info(f"{prefix}: {len(names)} features, {len(keep)} training rows")
     return fit_attack(
         module,
         dm,
