@@ -111,15 +111,28 @@ def test_scores_file_holds_every_result_and_reads_back_exactly(tmp_path):
     assert header == "sample_id,is_member,model_index,pixel,text,combined,blind"
 
 
-def test_format_table_shows_intervals_and_unresolvable():
+def test_format_table_shows_intervals_and_says_what_no_row_resolves():
     text = R.format_table(_report())
     lines = text.splitlines()
-    assert "TPR@0.1%FPR" in lines[1]
+    # 150 non-members resolve no TPR at 0.1% FPR: a line under the table, not a column of n/r
+    assert "TPR@1%FPR" in lines[1] and "TPR@0.1%FPR" not in lines[1] and "n/r" not in text
+    assert (
+        "TPR@0.1%FPR: not resolvable in any row (an FPR of 0.1% needs 1,000 target "
+        "non-members or more; 150 here)"
+    ) in lines
     pixel = next(line for line in lines if line.startswith("pixel"))
     auc = _report().attacks["pixel"].metrics["auc"]
     assert f"{auc.value:.3f} [{auc.low:.3f}, {auc.high:.3f}]" in pixel
-    assert pixel.split()[-2:] == ["n/r", "-"]  # TPR@0.1%FPR, then no realised cut given
+    assert pixel.split()[-2:] == ["FP)", "-"]  # TPR@1%FPR's false positives, no realised cut
     assert any(line.startswith("blind (baseline)") for line in lines)
+    # one row that resolves it keeps the column; the others show n/r in it
+    report = _report()
+    report.attacks["pixel"] = _result("pixel", 2.0, n=2000)
+    lines = R.format_table(report).splitlines()
+    assert "TPR@0.1%FPR" in lines[1] and not any("not resolvable" in ln for ln in lines)
+    text_row = next(line for line in lines if line.startswith("text"))
+    assert text_row.split()[-2:] == ["n/r", "-"]
+    assert "n/r" in (R.render_markdown(_report()))  # report.md keeps the column
 
 
 def test_failure_writes_nothing(tmp_path):

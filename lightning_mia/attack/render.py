@@ -29,7 +29,7 @@ from lightning_mia.attack.report import (
 )
 from lightning_mia.attack.roc import render_roc_png
 from lightning_mia.attack.scores import SCORES_CSV, render_scores_csv
-from lightning_mia.metrics import METRIC_NAMES
+from lightning_mia.metrics import FPR_BUDGETS, METRIC_NAMES
 from lightning_mia.paths import atomic_write_bytes
 from lightning_mia.setlevel import DatasetInferenceResult, markdown_section, terminal_lines
 from lightning_mia.specs.signals import SignalOptions
@@ -97,12 +97,34 @@ def aligned(rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def unresolved(report: AttackReport) -> list[str]:
+    """The TPR@FPR metrics that no row resolves: the target has fewer non-members than one
+    false positive in the budget needs (`metrics.is_resolvable`)."""
+    results = [r for _, r in report.results()]
+    return [
+        m
+        for m in METRIC_NAMES
+        if any(m in r.metrics for r in results)
+        and all(not r.metrics[m].resolvable for r in results if m in r.metrics)
+    ]
+
+
 def format_table(report: AttackReport) -> str:
-    """The attack x metric table as aligned plain text, for the terminal; then the controls
-    and the set-level audit when the run has them."""
-    lines = aligned([_header(report), *_rows(report)])
+    """The attack x metric table as aligned plain text, for the terminal (a metric no row
+    resolves is left out, in one line under it; report.md keeps its column of n/r); then the
+    controls and the set-level audit when the run has them."""
+    hidden = unresolved(report)
+    columns = [i for i, name in enumerate(["", "", "", *METRIC_NAMES, ""]) if name not in hidden]
+    lines = aligned([[row[i] for i in columns] for row in [_header(report), *_rows(report)]])
     title = f"{report.setting} setting, {report.family}, {report.num_shadows} shadow model(s)"
     title += f", {caption_mode(report)}"
+    non_members = report.test_samples.get("non_members")
+    for m in hidden:
+        lines.append(
+            f"{METRIC_LABELS[m]}: not resolvable in any row (an FPR of {FPR_BUDGETS[m]:.1%} "
+            f"needs {1 / FPR_BUDGETS[m]:,.0f} target non-members or more"
+            + (f"; {non_members} here)" if non_members is not None else ")")
+        )
     extra = []
     if report.controls:
         extra += ["controls: AUC with other captions, and the share of the lift kept"]
@@ -148,9 +170,7 @@ def format_comparison(reports: list[AttackReport], metrics: tuple = ("auc", "tpr
                 ok = result is not None and m in result.metrics
                 cells.append(result.metrics[m].format() if ok else "-")
         rows.append([name, *cells])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = aligned(rows)
     title = f"{reports[0].setting} setting, {reports[0].family}: " + " vs ".join(
         caption_mode(r) for r in reports
     )
