@@ -47,7 +47,7 @@ def test_control_specs_change_only_the_captions():
 
 
 @pytest.mark.slow
-def test_controls_score_the_trained_attacks_on_the_control_queries(world):
+def test_controls_score_the_trained_attacks_on_the_control_queries(world, log):
     layout, target, shadows = world
     trained = {}  # as the attack stage shares it between the main report and its controls
 
@@ -66,6 +66,11 @@ def test_controls_score_the_trained_attacks_on_the_control_queries(world):
     assert set(written) == set(controls) and written["swapped-caption"].captions == (
         "swapped-caption"
     )
+    said = [r.getMessage() for r in log.records if "control:" in r.getMessage()]
+    scored = [r.getMessage() for r in log.records if "scored with" in r.getMessage()]
+    assert scored and all(m.startswith("attacks pixel: scored with the trained") for m in scored)
+    assert said[0].startswith("[attack] fixed-caption control: the same attacks on the target")
+    assert said[-1].endswith("swapped captions (each sample queried with another sample's caption)")
     full = main.attacks["pixel"].metrics["auc"].value
     assert full > 0.9
     # the same features: the whole lift survives; scrambled pairs: none of it

@@ -22,9 +22,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
+from lightning.pytorch.utilities import rank_zero_info
+
 from lightning_mia.attack.report import AttackReport
 from lightning_mia.query.shards import QueryTable
 from lightning_mia.specs.query import CONTROL_MODES, QuerySpec
+
+CONTROL_CAPTIONS = {  # what each control queried the target with, in words
+    "fixed-caption": "one fixed caption for every sample",
+    "swapped-caption": "swapped captions (each sample queried with another sample's caption)",
+}
 
 
 def control_specs(query: QuerySpec) -> dict[str, QuerySpec]:
@@ -53,6 +60,9 @@ def control_aucs(
     control's table, its report written by `write(mode, report)`."""
     out = {}
     for mode, table in tables.items():
+        rank_zero_info(
+            f"[attack] {mode} control: the same attacks on the target, {CONTROL_CAPTIONS[mode]}"
+        )
         report = run(as_main_query(table, main))
         report.captions, report.query = mode, table.record.spec.to_dict()
         write(mode, report)

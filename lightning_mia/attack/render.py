@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from lightning_mia.attack.controls import control_header, control_rows
+from lightning_mia.attack.controls import CONTROL_CAPTIONS, control_header, control_rows
 from lightning_mia.attack.examples import EXAMPLES_PNG, examples_png
 from lightning_mia.attack.report import (
     BACKWARDS,
@@ -139,9 +139,9 @@ def caption_mode(report: AttackReport) -> str:
     what a control query read in their place."""
     if report.captions == "fixed-caption":
         fixed = (report.query or {}).get("fixed_caption")
-        return "one fixed caption for every sample" + (f" ({fixed!r})" if fixed else "")
-    if report.captions == "swapped-caption":
-        return "swapped captions (each sample queried with another sample's caption)"
+        return CONTROL_CAPTIONS[report.captions] + (f" ({fixed!r})" if fixed else "")
+    if report.captions in CONTROL_CAPTIONS:
+        return CONTROL_CAPTIONS[report.captions]
     if report.captions != "captioner":
         return "ground-truth captions"
     c = report.captioner

@@ -208,6 +208,40 @@ def _notes(setting: str, labels: torch.Tensor, n_boot: int, seed: int) -> list[s
     return notes
 
 
+def _train_each(
+    names: Sequence[str],
+    plan: AttackPlan,
+    folder: Any,
+    setting: str,
+    fit: FitOptions,
+    costs: QueryCosts,
+    seed: int,
+    n_boot: int,
+    cache: dict[str, tuple[AttackModule, list[str]]],
+) -> tuple[dict[str, AttackResult], dict[str, tuple[AttackModule, list[str]]]]:
+    """Each attack's result and (model, features): trained, or scored by the model `cache`
+    holds for it (then put there); one line for each trained, one for all those scored."""
+    results: dict[str, AttackResult] = {}
+    models: dict[str, tuple[AttackModule, list[str]]] = {}
+    scored, started = [], time.perf_counter()
+    for name in names:
+        start, spec = time.perf_counter(), ATTACKS[name]
+        model, used, results[spec.learned_row] = _train_one(
+            spec, plan, folder, setting, fit, costs, seed, n_boot, cache.get(name)
+        )
+        if cache.get(name, (None,))[0] is model:
+            scored.append(name)
+        else:
+            rank_zero_info(f"attack {name}: done in {time.perf_counter() - start:.1f} s")
+        models[name] = cache[name] = (model, used)
+    if scored:
+        rank_zero_info(
+            f"attacks {', '.join(scored)}: scored with the trained attacks in "
+            f"{time.perf_counter() - started:.1f} s"
+        )
+    return results, models
+
+
 def run_attacks(
     experiment: ExperimentLayout,
     target: QueryTable,
@@ -258,18 +292,10 @@ def run_attacks(
     context = context or AttackContext.from_tables(target, list(shadows), seed)
     costs = context.costs
     fit = FitOptions(max_epochs, patience, logger, progress)
-    results: dict[str, AttackResult] = {}
-    models: dict[str, tuple[AttackModule, list[str]]] = {}
     cache = trained if trained is not None and setting == "shadow" else {}
-    for name in names:
-        start, spec = time.perf_counter(), ATTACKS[name]
-        model, used, results[spec.learned_row] = _train_one(
-            spec, plan, experiment.attack, setting, fit, costs, seed, n_boot, cache.get(name)
-        )
-        reused = cache.get(name, (None,))[0] is model
-        models[name] = cache[name] = (model, used)
-        done = "scored with the trained attack" if reused else "done"
-        rank_zero_info(f"attack {name}: {done} in {time.perf_counter() - start:.1f} s")
+    results, models = _train_each(
+        names, plan, experiment.attack, setting, fit, costs, seed, n_boot, cache
+    )
     for rows, more in (  # the papers' own statistics; complexity-calibrated scores
         reference_results(plan, names, costs, seed, n_boot),
         complexity_results(plan, names, costs, seed, n_boot),
