@@ -20,6 +20,7 @@ from lightning_mia.experiment import (
     train_stages,
 )
 from lightning_mia.models.base import SAMPLES_PNG
+from lightning_mia.models.encoder import CARD_FILE
 from lightning_mia.paths import done_marker, last_checkpoint
 from lightning_mia.stages import StageError, fit_arguments
 
@@ -75,7 +76,8 @@ def test_an_interrupted_stage_resumes_from_its_last_checkpoint(
     copy = copy_experiment(diffusion_experiment, tmp_path)
     layout = copy.layout
     target = layout.run_dir("diffusion", 0)
-    done_marker(target).unlink()  # as if killed after its last checkpoint, before DONE
+    for stage in (target, layout.encoder):  # as if killed after the last checkpoint, before DONE
+        done_marker(stage).unlink()
     shadow = layout.run_dir("diffusion", 1)
     shadow_done = done_marker(shadow).read_text()
     stages = _stages_of(copy.config, STEPS + 2)
@@ -103,6 +105,8 @@ def test_an_interrupted_stage_resumes_from_its_last_checkpoint(
     # the resumed run writes into the copy, where it now lies, not where it was trained
     saved = load_checkpoint(last_checkpoint(target))[CARD_KEY]
     assert saved["experiment"] == str(layout.root)
+    encoder_card = json.loads((layout.encoder / CARD_FILE).read_text())
+    assert encoder_card["experiment"] == str(layout.root)
     assert (target / SAMPLES_PNG).stat().st_mtime_ns > untouched
     assert original.stat().st_mtime_ns == untouched
 
