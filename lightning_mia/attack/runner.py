@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,52 +58,80 @@ __all__ = ["AttackError", "SETTINGS", "run_attacks"]
 HELD = "held-out training rows"  # where a learned attack's deployed 1%-FPR cut is chosen
 
 
-def _train_one(
-    spec: AttackSpec,
-    plan: AttackPlan,
-    folder: Any,
-    setting: str,
-    fit: FitOptions,
-    costs: QueryCosts,
-    seed: int,
-    n_boot: int,
-    trained: tuple[AttackModule, list[str]] | None = None,
-) -> tuple[AttackModule, list[str], AttackResult]:
-    """Fit one AttackModule on the training rows, or take `trained` (one fitted on these same
-    rows and features); (model, its features, its result: the row `spec.learned_row`, with the
-    1%-FPR cut chosen on the held-out training rows)."""
-    x, y, xt, yt, ids, names = plan.matrices(spec.groups)
-    if trained is not None and trained[1] == names:
-        model = trained[0]
-    else:
-        model = fit_on_rows(
-            x,
-            y,
+@dataclass(frozen=True)
+class _Fitting:
+    """What every learned attack of one report is fitted and scored with."""
+
+    plan: AttackPlan
+    folder: Any  # attack checkpoints: <folder>/<attack>/<setting>.ckpt
+    setting: str
+    fit: FitOptions
+    costs: QueryCosts
+    seed: int
+    n_boot: int
+
+    def one(
+        self, spec: AttackSpec, trained: tuple[AttackModule, list[str]] | None = None
+    ) -> tuple[AttackModule, list[str], AttackResult]:
+        """Fit one AttackModule on the training rows, or take `trained` (one fitted on these
+        same rows and features); (model, its features, its result: the row
+        `spec.learned_row`, with the 1%-FPR cut chosen on the held-out training rows)."""
+        plan, seed = self.plan, self.seed
+        x, y, xt, yt, ids, names = plan.matrices(spec.groups)
+        if trained is not None and trained[1] == names:
+            model = trained[0]
+        else:
+            model = fit_on_rows(
+                x,
+                y,
+                names,
+                self.folder / spec.name,
+                self.setting,
+                seed,
+                self.fit,
+                plan.strata,
+                prefix=f"attack/{spec.name}",
+            )
+        held, scores = held_out(y, seed, plan.strata), model.score(xt)
+        shadow = (model.score(x[held]), y[held].bool())
+        realised = Realised.chosen(shadow, (scores, yt.bool()), HELD)
+        result = AttackResult.from_scores(
+            spec,
+            scores,
+            yt.bool(),
+            ids,
             names,
-            folder / spec.name,
-            setting,
+            0.0,
+            self.costs,
             seed,
-            fit,
-            plan.strata,
-            prefix=f"attack/{spec.name}",
+            self.n_boot,
+            row=spec.learned_row,
+            realised=realised,
         )
-    held, scores = held_out(y, seed, plan.strata), model.score(xt)
-    shadow = (model.score(x[held]), y[held].bool())
-    realised = Realised.chosen(shadow, (scores, yt.bool()), HELD)
-    result = AttackResult.from_scores(
-        spec,
-        scores,
-        yt.bool(),
-        ids,
-        names,
-        0.0,
-        costs,
-        seed,
-        n_boot,
-        row=spec.learned_row,
-        realised=realised,
-    )
-    return model, names, result
+        return model, names, result
+
+    def each(
+        self, names: Sequence[str], cache: dict[str, tuple[AttackModule, list[str]]]
+    ) -> tuple[dict[str, AttackResult], dict[str, tuple[AttackModule, list[str]]]]:
+        """Each attack's result and (model, features): trained, or scored by the model `cache`
+        holds for it (then put there); one line for each trained, one for all those scored."""
+        results: dict[str, AttackResult] = {}
+        models: dict[str, tuple[AttackModule, list[str]]] = {}
+        scored, started = [], time.perf_counter()
+        for name in names:
+            start, spec = time.perf_counter(), ATTACKS[name]
+            model, used, results[spec.learned_row] = self.one(spec, cache.get(name))
+            if cache.get(name, (None,))[0] is model:
+                scored.append(name)
+            else:
+                rank_zero_info(f"attack {name}: done in {time.perf_counter() - start:.1f} s")
+            models[name] = cache[name] = (model, used)
+        if scored:
+            rank_zero_info(
+                f"attacks {', '.join(scored)}: scored with the trained attacks in "
+                f"{time.perf_counter() - started:.1f} s"
+            )
+        return results, models
 
 
 def _threshold_baseline(
@@ -208,40 +237,6 @@ def _notes(setting: str, labels: torch.Tensor, n_boot: int, seed: int) -> list[s
     return notes
 
 
-def _train_each(
-    names: Sequence[str],
-    plan: AttackPlan,
-    folder: Any,
-    setting: str,
-    fit: FitOptions,
-    costs: QueryCosts,
-    seed: int,
-    n_boot: int,
-    cache: dict[str, tuple[AttackModule, list[str]]],
-) -> tuple[dict[str, AttackResult], dict[str, tuple[AttackModule, list[str]]]]:
-    """Each attack's result and (model, features): trained, or scored by the model `cache`
-    holds for it (then put there); one line for each trained, one for all those scored."""
-    results: dict[str, AttackResult] = {}
-    models: dict[str, tuple[AttackModule, list[str]]] = {}
-    scored, started = [], time.perf_counter()
-    for name in names:
-        start, spec = time.perf_counter(), ATTACKS[name]
-        model, used, results[spec.learned_row] = _train_one(
-            spec, plan, folder, setting, fit, costs, seed, n_boot, cache.get(name)
-        )
-        if cache.get(name, (None,))[0] is model:
-            scored.append(name)
-        else:
-            rank_zero_info(f"attack {name}: done in {time.perf_counter() - start:.1f} s")
-        models[name] = cache[name] = (model, used)
-    if scored:
-        rank_zero_info(
-            f"attacks {', '.join(scored)}: scored with the trained attacks in "
-            f"{time.perf_counter() - started:.1f} s"
-        )
-    return results, models
-
-
 def run_attacks(
     experiment: ExperimentLayout,
     target: QueryTable,
@@ -293,9 +288,8 @@ def run_attacks(
     costs = context.costs
     fit = FitOptions(max_epochs, patience, logger, progress)
     cache = trained if trained is not None and setting == "shadow" else {}
-    results, models = _train_each(
-        names, plan, experiment.attack, setting, fit, costs, seed, n_boot, cache
-    )
+    fitting = _Fitting(plan, experiment.attack, setting, fit, costs, seed, n_boot)
+    results, models = fitting.each(names, cache)
     for rows, more in (  # the papers' own statistics; complexity-calibrated scores
         reference_results(plan, names, costs, seed, n_boot),
         complexity_results(plan, names, costs, seed, n_boot),
