@@ -77,13 +77,15 @@ def resumed_card(saved: RunCard, current: RunCard | None) -> RunCard:
     there and not to the folder it was copied or moved from), once `saved` is shown to be of
     the same splits and row; else `saved` (a model loaded to be queried).
     CheckpointError when the two are of different experiments or rows."""
+    from lightning_mia.paths import ExperimentLayout
+
     if current is None:
         return saved
     if saved.splits_hash != current.splits_hash:
         raise CheckpointError(
             f"checkpoint was trained on splits {saved.splits_hash[:12]} but "
-            f"{Path(current.experiment) / 'splits.json'} has hash {current.splits_hash[:12]}: "
-            "they belong to different experiments"
+            f"{ExperimentLayout(current.experiment).splits} has hash "
+            f"{current.splits_hash[:12]}: they belong to different experiments"
         )
     if saved.model_index != current.model_index:
         raise CheckpointError(

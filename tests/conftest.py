@@ -127,7 +127,7 @@ def _no_wandb_run_left_open():
 
 def shared_build(tmp_path_factory, name, build):
     """`build(folder)`'s result, built once per test run: in a folder of the session's own
-    under one process, and once for all workers under pytest-xdist (`make test` runs two): the
+    under one process, and once for all workers under pytest-xdist (`make test` runs three): the
     first worker to ask builds it in the folder the workers share, under a file lock, and
     leaves the result pickled beside it for the others. The folder is read-only to the tests:
     what it holds is written down beside it (`<folder>.tree.json`) and checked at the end of
@@ -147,8 +147,9 @@ def shared_build(tmp_path_factory, name, build):
         if not result.is_file():
             folder = shared / name
             folder.mkdir()
-            result.write_bytes(pickle.dumps(build(folder)))
+            built = build(folder)
             _write_tree(folder)
+            result.write_bytes(pickle.dumps(built))
     return pickle.loads(result.read_bytes())
 
 
