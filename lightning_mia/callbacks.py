@@ -11,6 +11,7 @@ the check of a checkpoint to resume from.
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 
-from lightning_mia.card import CheckpointError, read_card
+from lightning_mia.card import CheckpointError, read_card, resumed_card
 from lightning_mia.paths import (
     CHECKPOINT_DIR,
     ExperimentLayout,
@@ -136,9 +137,11 @@ def import_class(class_path: str) -> Any:
         return None
 
 
-def check_resume_checkpoint(ckpt: str, model_class: Any) -> None:
+def check_resume_checkpoint(ckpt: str, model_class: Any, data: Any = None) -> None:
     """CheckpointError unless `ckpt` is a lightning_mia checkpoint of the configured model's
-    family (resuming a diffusion run from an autoencoder checkpoint, say)."""
+    family (resuming a diffusion run from an autoencoder checkpoint, say) and, with the data
+    config, of its row and splits (a shadow's checkpoint given to the target): refused before
+    the run writes anything (its config.yaml)."""
     card, family = read_card(ckpt), getattr(model_class, "family", "")
     if family and card.family != family:
         raise CheckpointError(
@@ -146,3 +149,15 @@ def check_resume_checkpoint(ckpt: str, model_class: Any) -> None:
             f"{family} model ({model_class.__name__}): resume a run from its own "
             "checkpoints/last.ckpt"
         )
+    if data is None or data.get("experiment") is None or data.get("model_index") is None:
+        return
+    from lightning_mia.data.splits import load_splits
+
+    splits = ExperimentLayout(data.experiment).splits
+    current = replace(card, model_index=int(data.model_index), experiment=str(data.experiment))
+    if splits.is_file():
+        current.splits_hash = load_splits(splits).hash
+    try:
+        resumed_card(card, current)
+    except CheckpointError as err:
+        raise CheckpointError(f"--ckpt_path {ckpt}: {err}") from None

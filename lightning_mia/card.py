@@ -18,6 +18,7 @@ import torch
 from lightning_mia.errors import UserError
 
 CARD_KEY = "lightning_mia"
+MOVING_FOLDERS = ("autoencoder", "tokenizer")  # a model's folders that its experiment holds
 
 
 class CheckpointError(UserError):
@@ -142,7 +143,7 @@ def read_card_and_moves(path: str | os.PathLike) -> tuple[RunCard, dict[str, str
     moves: dict[str, str] = {}
     if holder is not None and holder.resolve() != Path(card.experiment).resolve():
         old, card.experiment = card.experiment, str(holder)
-        for key in ("autoencoder", "tokenizer"):
+        for key in MOVING_FOLDERS:
             before = getattr(card, key)
             after = moved_path(before, old, holder)
             if after != before:
@@ -181,11 +182,27 @@ def moved_path(path: str, old_root: str | os.PathLike, new_root: str | os.PathLi
     moved or copied experiment), else unchanged ("" stays "")."""
     if not path:
         return path
-    try:
+    try:  # relative ones: both to the working folder of the training run, whichever it was
         inside = Path(path).resolve().relative_to(Path(old_root).resolve())
     except ValueError:
         return path
     return str(Path(new_root) / inside)
+
+
+def follow_moved_folders(ckpt: Any, arguments: Any) -> None:
+    """Point a resumed model's folder `arguments` (MOVING_FOLDERS of its `init_args`, which
+    LightningCLI takes from the checkpoint's hyper-parameters: where it was trained) that lay
+    inside the experiment the checkpoint `ckpt` was trained in at the one it now lies in (a moved
+    or copied experiment); nothing when it has not moved."""
+    if not ckpt or arguments is None or not Path(str(ckpt)).is_file():
+        return
+    holder = holding_experiment(str(ckpt))
+    if holder is None:
+        return
+    old = RunCard.from_dict(_card_entry(str(ckpt))).experiment
+    for key in MOVING_FOLDERS:
+        if isinstance(arguments.get(key), str):
+            arguments[key] = moved_path(arguments[key], old, holder)
 
 
 def holding_experiment(path: str | os.PathLike) -> Path | None:

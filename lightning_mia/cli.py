@@ -10,10 +10,9 @@
 `MIACLI` runs any `StageModule` (`lightning_mia.stage_module`) in its experiment folder, where
 the module says it writes, with what every stage needs: `checkpoints/last.ckpt` (every
 `checkpoint_every_n_steps` and at the end of fit, with a DONE marker), a W&B logger (group =
-experiment, job type = role; offline without an API key) with the resolved config, the
-learning rate, and the stage's W&B lineage. The terminal is quiet unless `--verbose`.
-`--config configs/...` paths missing from the working folder are read from the installed
-package (`paths.find_config`). Nothing else happens here: the stages do the work.
+experiment, job type = role; offline without an API key) with the config, the learning rate and
+the stage's lineage; quiet unless `--verbose`; `--config configs/...` missing from the working
+folder read from the installed package (`paths.find_config`). The stages do the work.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from lightning_mia.callbacks import (
     fit_callbacks,
     import_class,
 )
+from lightning_mia.card import follow_moved_folders
 from lightning_mia.data.datamodule import MembershipDataModule
 from lightning_mia.paths import ExperimentLayout, with_found_configs
 from lightning_mia.stage_module import StageModule
@@ -98,19 +98,19 @@ class MIACLI(LightningCLI):
         """Parse, then refuse a `--ckpt_path` of another family before LightningCLI reads the
         checkpoint's hyper-parameters into the config (which would swap the model class)."""
         super().parse_arguments(parser, args)
-        config = self.config[self.config["subcommand"]] if "subcommand" in self.config else None
-        config = config if config is not None else self.config
+        config = self.config.get(self.config.get("subcommand") or "") or self.config
         ckpt, model = config.get("ckpt_path"), config.get("model")
         class_path = getattr(model, "class_path", None)
         if ckpt and Path(str(ckpt)).is_file() and class_path:
             model_class = import_class(str(class_path))
             if model_class is not None:
-                check_resume_checkpoint(str(ckpt), model_class)
+                check_resume_checkpoint(str(ckpt), model_class, config.get("data"))
 
     def before_instantiate_classes(self) -> None:
         """The terminal as asked; a stage completes its data config before anything is built."""
         config = self._section(self.config)
         configure_terminal(bool(config.get("verbose")))
+        follow_moved_folders(config.get("ckpt_path"), config.model.get("init_args"))  # resumed
         model_class = import_class(str(config.model.class_path))
         if isinstance(model_class, type) and issubclass(model_class, StageModule):
             model_class.complete_data_config(config.model.init_args, config.data)

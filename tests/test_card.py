@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from lightning_mia.card import CheckpointError, RunCard, read_card, resumed_card
+from lightning_mia.card import CheckpointError, RunCard, moved_path, read_card, resumed_card
 
 
 def _card(**changes) -> RunCard:
@@ -66,3 +66,13 @@ def test_a_resumed_fit_keeps_the_card_of_where_it_now_runs():
         resumed_card(_card(splits_hash="cd" * 32), here)
     with pytest.raises(CheckpointError, match="model_index 2 but data.model_index is 0"):
         resumed_card(_card(model_index=2), here)
+
+
+def test_a_folder_of_a_moved_experiment_moves_with_it_from_any_working_folder(tmp_path):
+    # as written at training time: relative to where it ran, or absolute
+    assert moved_path("runs/demo/autoencoder", "runs/demo", tmp_path) == str(
+        tmp_path / "autoencoder"
+    )
+    assert moved_path("/old/exp/tok", "/old/exp", "/new/exp") == "/new/exp/tok"
+    assert moved_path("/elsewhere/vae", "/old/exp", "/new/exp") == "/elsewhere/vae"  # not inside
+    assert moved_path("", "/old/exp", "/new/exp") == ""

@@ -89,11 +89,12 @@ def test_an_interrupted_stage_resumes_from_its_last_checkpoint(
         *fit_arguments(target, model, [*args, *stages.model_args])[:-1],
         str(last_checkpoint(shadow)),
     ]
-    kept = last_checkpoint(target).read_bytes()
+    kept = [f.read_bytes() for f in (last_checkpoint(target), target / "config.yaml")]
     with pytest.raises(SystemExit):
         train_main(argv)
-    assert "checkpoint is model_index 1 but data.model_index is 0" in capsys.readouterr().err
-    assert last_checkpoint(target).read_bytes() == kept
+    error = f"--ckpt_path {last_checkpoint(shadow)}: checkpoint is model_index 1 but data."
+    assert error in capsys.readouterr().err
+    assert [f.read_bytes() for f in (last_checkpoint(target), target / "config.yaml")] == kept
     original = diffusion_experiment.root / target.name / SAMPLES_PNG
     untouched = original.stat().st_mtime_ns
     train_stages(layout, "diffusion", 2, stages, common)
@@ -104,7 +105,11 @@ def test_an_interrupted_stage_resumes_from_its_last_checkpoint(
     assert done_marker(shadow).read_text() == shadow_done  # skipped
     # the resumed run writes into the copy, where it now lies, not where it was trained
     saved = load_checkpoint(last_checkpoint(target))[CARD_KEY]
-    assert saved["experiment"] == str(layout.root)
+    # its autoencoder too (LightningCLI takes the folder from the checkpoint's hyper-parameters)
+    assert (saved["experiment"], saved["autoencoder"]) == (
+        str(layout.root),
+        str(layout.autoencoder),
+    )
     encoder_card = json.loads((layout.encoder / CARD_FILE).read_text())
     assert encoder_card["experiment"] == str(layout.root)
     assert (target / SAMPLES_PNG).stat().st_mtime_ns > untouched
