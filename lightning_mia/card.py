@@ -191,18 +191,12 @@ def moved_path(path: str, old_root: str | os.PathLike, new_root: str | os.PathLi
 
 def follow_moved_folders(ckpt: Any, arguments: Any) -> None:
     """Point a resumed model's folder `arguments` (MOVING_FOLDERS of its `init_args`, which
-    LightningCLI takes from the checkpoint's hyper-parameters: where it was trained) that lay
-    inside the experiment the checkpoint `ckpt` was trained in at the one it now lies in (a moved
-    or copied experiment); nothing when it has not moved."""
-    if not ckpt or arguments is None or not Path(str(ckpt)).is_file():
-        return
-    holder = holding_experiment(str(ckpt))
-    if holder is None:
-        return
-    old = RunCard.from_dict(_card_entry(str(ckpt))).experiment
-    for key in MOVING_FOLDERS:
-        if isinstance(arguments.get(key), str):
-            arguments[key] = moved_path(arguments[key], old, holder)
+    LightningCLI takes from the checkpoint's hyper-parameters: where it was trained) at those of
+    the experiment the checkpoint `ckpt` now lies in (`read_card_and_moves`); nothing when it
+    has not moved."""
+    if ckpt and arguments is not None and Path(str(ckpt)).is_file():
+        for key, folder in read_card_and_moves(str(ckpt))[1].items():
+            arguments[key] = folder
 
 
 def holding_experiment(path: str | os.PathLike) -> Path | None:
