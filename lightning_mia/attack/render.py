@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_mia.attack.controls import CONTROL_CAPTIONS, control_header, control_rows
@@ -67,18 +68,18 @@ def label(kind: str, result: AttackResult) -> str:
     return name + (" !" if BACKWARDS in result.flags else "")
 
 
-def _header(report: AttackReport) -> list[str]:
+def _header(report: AttackReport, metrics: Sequence[str] = METRIC_NAMES) -> list[str]:
     labels = dict(METRIC_LABELS)
     if report.accuracy_is_balanced:
         labels["accuracy"] = "balanced accuracy"
-    return ["attack", "access", "queries", *(labels[m] for m in METRIC_NAMES), REALISED_LABEL]
+    return ["attack", "access", "queries", *(labels[m] for m in metrics), REALISED_LABEL]
 
 
-def _rows(report: AttackReport) -> list[list[str]]:
+def _rows(report: AttackReport, metrics: Sequence[str] = METRIC_NAMES) -> list[list[str]]:
     rows = []
     for kind, r in report.results():
         q = "-" if r.queries_per_sample is None else str(r.queries_per_sample)
-        cells = [r.metrics[m].format() if m in r.metrics else "-" for m in METRIC_NAMES]
+        cells = [r.metrics[m].format() if m in r.metrics else "-" for m in metrics]
         realised = r.realised.format() if r.realised else "-"
         rows.append([label(kind, r), r.access, q, *cells, realised])
     return rows
@@ -114,8 +115,8 @@ def format_table(report: AttackReport) -> str:
     resolves is left out, in one line under it; report.md keeps its column of n/r); then the
     controls and the set-level audit when the run has them."""
     hidden = unresolved(report)
-    columns = [i for i, name in enumerate(["", "", "", *METRIC_NAMES, ""]) if name not in hidden]
-    lines = aligned([[row[i] for i in columns] for row in [_header(report), *_rows(report)]])
+    shown = [m for m in METRIC_NAMES if m not in hidden]
+    lines = aligned([_header(report, shown), *_rows(report, shown)])
     title = f"{report.setting} setting, {report.family}, {report.num_shadows} shadow model(s)"
     title += f", {caption_mode(report)}"
     non_members = report.test_samples.get("non_members")
