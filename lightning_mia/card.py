@@ -196,7 +196,8 @@ def follow_moved_folders(ckpt: Any, arguments: Any) -> None:
     has not moved."""
     if ckpt and arguments is not None and Path(str(ckpt)).is_file():
         for key, folder in read_card_and_moves(str(ckpt))[1].items():
-            arguments[key] = folder
+            if isinstance(arguments.get(key), str):  # (the autoencoder stage takes none)
+                arguments[key] = folder
 
 
 def holding_experiment(path: str | os.PathLike) -> Path | None:
